@@ -1,0 +1,86 @@
+# tracefleet: build, test and demo entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+BUILD     := build
+BPF_OUT   := $(BUILD)/bpf
+WL_OUT    := $(BUILD)/workloads
+CLANG     ?= clang
+BPFTOOL   ?= bpftool
+ARCH      := $(shell uname -m | sed 's/x86_64/x86/;s/aarch64/arm64/')
+# vmlinux.h is generated from the build host's BTF (not committed): CO-RE relocates every
+# field access at load time, so objects built on 6.18 load on 7.2 and back.
+VMLINUX_BTF ?= /sys/kernel/btf/vmlinux
+BPF_SRCS  := $(wildcard bpf/*.bpf.c)
+BPF_OBJS  := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRCS))
+BPF_HDRS  := $(wildcard bpf/include/*.h bpf/include/*/*.h)
+WL_SRCS   := $(wildcard tests/workloads/*.c)
+WL_BINS   := $(patsubst tests/workloads/%.c,$(WL_OUT)/%,$(WL_SRCS))
+KERNEL    ?= 7.2
+QUICK     ?=
+
+.PHONY: help deps bpf workloads proto proto-check buf-lint buf-breaking lint \
+        test test-unit test-host test-vm demo bench clean
+
+help: ## this list
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+deps: ## install Debian packages, .venv, buf, and mount tracefs/bpffs (idempotent)
+	@deploy/host/install-deps.sh
+
+$(BUILD)/vmlinux.h: | $(BUILD)
+	$(BPFTOOL) btf dump file $(VMLINUX_BTF) format c > $@.tmp && mv $@.tmp $@
+
+$(BUILD) $(BPF_OUT) $(WL_OUT):
+	mkdir -p $@
+
+$(BPF_OUT)/%.bpf.o: bpf/%.bpf.c $(BPF_HDRS) $(BUILD)/vmlinux.h | $(BPF_OUT)
+	$(CLANG) -g -O2 -target bpf -D__TARGET_ARCH_$(ARCH) -Wall -Werror \
+	  -I$(BUILD) -Ibpf/include -c $< -o $@
+
+bpf: $(BPF_OBJS) ## build the CO-RE BPF objects into build/bpf
+
+$(WL_OUT)/%: tests/workloads/%.c $(wildcard tests/workloads/*.h) | $(WL_OUT)
+	gcc -O1 -g -fPIE -pie -Wall -Werror -o $@ $<
+
+workloads: $(WL_BINS) ## build the C test workloads into build/workloads
+
+proto: ## regenerate the Python code of proto/ (commit the result)
+	@proto/generate.sh
+
+proto-check: ## fail if regenerating proto/ changes the tree
+	@proto/generate.sh --check
+
+buf-lint: ## buf lint (STANDARD) on proto/
+	cd proto && ../$(BUILD)/tools/node_modules/.bin/buf lint
+
+buf-breaking: ## buf breaking against main's proto/ (or BUF_AGAINST)
+	@proto/breaking.sh
+
+lint: ## ruff on all Python
+	$(VENV)/bin/ruff check agent controller proto tests
+	$(VENV)/bin/ruff format --check agent controller tests
+
+test-unit: ## unit tests only (no root needed)
+	$(PY) -m pytest tests/unit -q
+
+test-host: deps bpf workloads ## full suite on this kernel (root for BPF and e2e)
+	$(PY) -m pytest tests -q -rs
+
+test-vm: deps bpf workloads ## BPF and e2e suite inside a Linux $(KERNEL) guest under qemu
+	$(PY) tests/vm/run.py --kernel $(KERNEL)
+
+test: deps lint proto-check buf-lint bpf workloads ## everything CI runs: lint, API checks, host suite, 7.2 suite
+	$(PY) -m pytest tests -q -rs
+	$(PY) tests/vm/run.py --kernel $(KERNEL)
+
+demo: deps bpf workloads ## controller + local agent, live capture demo
+	$(PY) -m tracefleet.agent.demo
+
+bench: deps bpf workloads ## benchmark table vs untraced, bpftrace, strace (QUICK=1 for a smoke run)
+	$(PY) tests/bench/run.py $(if $(QUICK),--quick)
+
+clean: ## remove build outputs
+	rm -rf $(BUILD)/bpf $(BUILD)/workloads $(BUILD)/vmlinux.h

@@ -1,0 +1,1 @@
+"""tracefleet per-host agent."""

@@ -1,0 +1,1 @@
+"""Private implementation modules of the agent; not a public API."""

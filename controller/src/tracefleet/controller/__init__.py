@@ -1,0 +1,1 @@
+"""tracefleet controller and the tracefleet CLI."""

@@ -1,0 +1,1 @@
+"""Private implementation modules of the controller; not a public API."""
