@@ -15,9 +15,11 @@ APT_PACKAGES=(
   qemu-system-x86 busybox-static            # Linux 7.2 guest for the kernel matrix (make test-vm)
   prometheus                                # real Prometheus for the dashboard tests (promtool)
   iproute2 iptables                         # network namespaces for partition tests
-  nodejs npm                                # buf comes from the npm registry
+  nodejs                                    # buf comes from the npm registry (npm below)
   python3-venv
 )
+# nodesource's nodejs bundles npm and conflicts with Debian's npm package
+command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

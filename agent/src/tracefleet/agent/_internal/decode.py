@@ -1,0 +1,170 @@
+"""Ring buffer records -> JSON-ready event dicts.
+
+Output shape (the agent's public event format, also sent to the controller)::
+
+    {"ts_ns", "event_set", "syscall", "pid", "tid", "comm", "ret", "cgroup_id",
+     "latency_ns", "strategy",
+     "args": {name: {"value": ..., "status": "ok|recovered|lost|truncated",
+                     "strategy": "...", "addr": "0x7f...", ["error": "EFAULT"]}}}
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import socket
+import struct
+from typing import Any
+
+from tracefleet.agent._internal.abi import (
+    Kind,
+    Status,
+    Strategy,
+    Syscall,
+    TfBlob,
+    TfEvent,
+    TfExecEvent,
+    TfHdr,
+    TfStr,
+)
+from tracefleet.agent.eventsets import BY_ID, ArgSpec
+
+HDR_SIZE = ctypes.sizeof(TfHdr)
+_SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
+
+
+def _status(code: int) -> str:
+    try:
+        return Status(code).label
+    except ValueError:
+        return f"unknown({code})"
+
+
+def _strategy(code: int) -> str:
+    try:
+        return Strategy(code).label
+    except ValueError:
+        return f"unknown({code})"
+
+
+def _err(value: int) -> str:
+    return errno.errorcode.get(-value, str(value)) if value < 0 else ""
+
+
+def text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def str_arg(s: TfStr) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "value": text(bytes(s.data)[: s.len]) if s.status in (1, 2, 4) else None,
+        "status": _status(s.status),
+        "strategy": _strategy(s.strategy),
+        "addr": hex(s.uptr),
+    }
+    if s.err:
+        out["error"] = _err(s.err)
+    return out
+
+
+def decode_sockaddr(raw: bytes) -> dict[str, Any]:
+    if len(raw) < 2:
+        return {"family": "short", "raw": raw.hex()}
+    family = struct.unpack_from("=H", raw)[0]
+    if family == socket.AF_INET and len(raw) >= 8:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        return {"family": "inet", "address": str(ipaddress.IPv4Address(raw[4:8])), "port": port}
+    if family == socket.AF_INET6 and len(raw) >= 24:
+        port = struct.unpack_from("!H", raw, 2)[0]
+        addr = ipaddress.IPv6Address(raw[8:24])
+        return {"family": "inet6", "address": str(addr), "port": port}
+    if family == socket.AF_UNIX:
+        path = raw[2:]
+        if path[:1] == b"\0":
+            return {"family": "unix", "path": "@" + text(path[1:].rstrip(b"\0"))}
+        return {"family": "unix", "path": text(path.split(b"\0", 1)[0])}
+    return {"family": str(family), "raw": raw.hex()}
+
+
+def decode_open_how(raw: bytes) -> dict[str, Any]:
+    if len(raw) < 24:
+        return {"raw": raw.hex()}
+    flags, mode, resolve = struct.unpack_from("=QQQ", raw)
+    return {"flags": flags, "mode": mode, "resolve": resolve}
+
+
+def blob_arg(b: TfBlob, kind: str) -> dict[str, Any]:
+    value: Any = None
+    if b.status in (1, 2, 4):
+        raw = bytes(b.data)[: b.len]
+        value = decode_sockaddr(raw) if kind == "sockaddr" else decode_open_how(raw)
+    out: dict[str, Any] = {
+        "value": value,
+        "status": _status(b.status),
+        "strategy": _strategy(b.strategy),
+        "addr": hex(b.uptr),
+    }
+    if b.err:
+        out["error"] = _err(b.err)
+    return out
+
+
+def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
+    spec = BY_ID.get(h.event_set)
+    return {
+        "ts_ns": h.ts_ns,
+        "event_set": spec.name if spec else str(h.event_set),
+        "syscall": _SYSCALL_NAMES.get(h.syscall, str(h.syscall)),
+        "pid": h.pid,
+        "tid": h.tid,
+        "comm": text(h.comm),
+        "ret": h.ret,
+        "cgroup_id": h.cgroup_id,
+        "strategy": _strategy(h.strategy),
+        "latency_ns": max(0, now_ns - h.ts_ns),
+    }
+
+
+def _int_args(spec: ArgSpec, iargs: Any) -> dict[str, Any]:
+    return {
+        name: {"value": int(iargs[i]), "status": "ok", "strategy": "register"}
+        for name, i in spec.ints
+    }
+
+
+def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Structure]:
+    """Decode one ring buffer record; returns (event dict, the ctypes struct)."""
+    if len(raw) < HDR_SIZE:
+        raise ValueError(f"record of {len(raw)} bytes is shorter than the header")
+    hdr = TfHdr.from_buffer_copy(raw, 0)
+    ev = _header(hdr, now_ns)
+    set_spec = BY_ID.get(hdr.event_set)
+    arg_spec = set_spec.syscalls.get(ev["syscall"], ArgSpec()) if set_spec else ArgSpec()
+    if hdr.kind == Kind.EXEC:
+        rec = TfExecEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfExecEvent), b"\0"))
+        args = _int_args(arg_spec, rec.iargs)
+        args["filename"] = str_arg(rec.filename)
+        argv: dict[str, Any] = {
+            "value": [text(bytes(rec.argv[i])[: rec.arg_len[i]]) for i in range(rec.argc)]
+            if rec.argv_status in (1, 2, 4)
+            else None,
+            "status": _status(rec.argv_status),
+            "strategy": _strategy(rec.argv_strategy),
+            "addr": hex(rec.argv_uptr),
+        }
+        if rec.argv_err:
+            argv["error"] = _err(rec.argv_err)
+        args["argv"] = argv
+        ev["args"] = args
+        return ev, rec
+    if hdr.kind == Kind.SYSCALL:
+        rec = TfEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfEvent), b"\0"))
+        args = _int_args(arg_spec, rec.iargs)
+        for i, name in enumerate(arg_spec.strs):
+            args[name] = str_arg(rec.str[i])
+        if arg_spec.blob:
+            args[arg_spec.blob] = blob_arg(rec.blob, arg_spec.blob_kind)
+        ev["args"] = args
+        return ev, rec
+    raise ValueError(f"unknown record kind {hdr.kind}")

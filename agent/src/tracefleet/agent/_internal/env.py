@@ -1,0 +1,8 @@
+"""Environment variables the agent reads: their names, in one place."""
+
+BPF_DIR = "TRACEFLEET_BPF_DIR"  # directory holding the built *.bpf.o objects
+CONTROLLER = "TRACEFLEET_CONTROLLER"  # host:port of the controller
+NODE_NAME = "TRACEFLEET_NODE_NAME"  # this node's identity (downward API in Kubernetes)
+NODE_LABELS = "TRACEFLEET_NODE_LABELS"  # k=v,k=v labels announced at registration
+METRICS_LISTEN = "TRACEFLEET_AGENT_METRICS_LISTEN"  # host:port of /metrics
+TLS_DIR = "TRACEFLEET_TLS_DIR"  # ca.crt, tls.crt, tls.key for mTLS to the controller

@@ -1,0 +1,489 @@
+"""BpfEngine: the real capture engine. Loads event sets through the ladder, flips their enable
+bits, consumes the ring buffer, applies the user-space fallback, and keeps aggregates.
+
+Life of an event set: loaded (verified) on first use -> attached when enabled -> bit cleared
+at once when disabled -> detached after ``hold_seconds`` if it stays disabled (an attached
+syscall tracepoint costs every syscall on the host even with its bit off) -> re-attached,
+without a reload, when enabled again.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tracefleet.agent._internal import libbpf
+from tracefleet.agent._internal.abi import (
+    TF_COMM_LEN,
+    TF_FILTER_CGROUPS,
+    TF_FILTER_COMMS,
+    TF_FILTER_PIDS,
+    TF_PREFIX_MAX,
+    TF_SET_MAX,
+    TF_STAT_MAX,
+    Stat,
+    Strategy,
+    TfControl,
+    TfEvent,
+    TfExecEvent,
+)
+from tracefleet.agent._internal.decode import decode_record
+from tracefleet.agent._internal.fallback import UserFallback
+from tracefleet.agent.engine import (
+    Aggregates,
+    EventSetConfig,
+    Filters,
+    SetAggregate,
+    SetStatus,
+)
+from tracefleet.agent.eventsets import EVENT_SETS, EventSetSpec
+from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
+from tracefleet.agent.ladder import (
+    LADDER,
+    Attempt,
+    LadderExhausted,
+    LoadedSet,
+    SharedMaps,
+    load_set,
+)
+
+log = logging.getLogger("tracefleet.agent")
+
+EventSink = Callable[[dict[str, Any]], None]
+
+
+class FilterError(ValueError):
+    pass
+
+
+@dataclass
+class _SetState:
+    spec: EventSetSpec
+    loaded: LoadedSet | None = None
+    enabled: bool = False
+    filters: Filters = Filters()
+    sample_rate: float = 0.0
+    disabled_at: float = 0.0
+    user_fallback: bool = False
+    error: str = ""
+    attempts: list[Attempt] = field(default_factory=list)
+    forced: Strategy | None = None
+
+
+@dataclass
+class EngineOptions:
+    bpf_dir: Path | None = None
+    ring_bytes: int = 8 << 20
+    wakeup_bytes: int = 1 << 20  # batch: wake the consumer at 1 MiB queued, else poll timer
+    poll_ms: int = 20
+    hold_seconds: float = 30.0
+    inflight_entries: int = 4096
+    user_fallback: bool = True
+    strategies: Mapping[str, Strategy] = field(default_factory=dict)  # forced, per set
+    sample_buffer: int = 10000
+
+
+def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
+    if len(items) > limit:
+        raise FilterError(f"at most {limit} {what} per event set (got {len(items)})")
+    return items
+
+
+def build_filter(ctl: TfControl, slot: int, f: Filters) -> None:
+    """Write ``f`` into control slot ``slot``; FilterError if the kernel cannot express it."""
+    k = ctl.filter[slot]
+    pids = _bounded(f.pids, TF_FILTER_PIDS, "pids")
+    comms = _bounded(f.comms, TF_FILTER_COMMS, "comm filters")
+    cgroups = _bounded(f.cgroup_ids, TF_FILTER_CGROUPS, "cgroup filters")
+    prefixes = _bounded(f.path_prefixes, 1, "path prefixes")
+    k.npids = len(pids)
+    for i, p in enumerate(pids):
+        k.pids[i] = p
+    k.ncomms = len(comms)
+    for i, c in enumerate(comms):
+        raw = c.encode()
+        if len(raw) >= TF_COMM_LEN:
+            raise FilterError(f"comm {c!r} is longer than {TF_COMM_LEN - 1} bytes")
+        k.comms[i].value = raw
+    k.ncgroups = len(cgroups)
+    for i, g in enumerate(cgroups):
+        k.cgroups[i] = g
+    if prefixes:
+        raw = prefixes[0].encode()
+        if not raw or len(raw) > TF_PREFIX_MAX:
+            raise FilterError(f"path prefix must be 1..{TF_PREFIX_MAX} bytes")
+        k.prefix = raw
+        k.prefix_len = len(raw)
+
+
+class BpfEngine:
+    """Capture on this host's kernel. Thread-safe: apply() from the control thread, events
+    from the consumer thread started by start()."""
+
+    def __init__(self, options: EngineOptions | None = None, host: HostInfo | None = None):
+        self.opts = options or EngineOptions()
+        self.host = host or check_host()
+        self.bpf_dir = Path(self.opts.bpf_dir or self.host.bpf_dir)
+        self._lock = threading.RLock()
+        self._fds: list[int] = []
+        self.shared = SharedMaps(
+            control=self._create(libbpf.BPF_MAP_TYPE_ARRAY, "tf_control", 4,
+                                 ctypes.sizeof(TfControl), 1),
+            events=self._create(libbpf.BPF_MAP_TYPE_RINGBUF, "tf_events", 0, 0,
+                                self.opts.ring_bytes),
+            stats=self._create(libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, "tf_stats", 4, 8,
+                               TF_SET_MAX * TF_STAT_MAX),
+        )  # fmt: skip
+        self._ncpu = libbpf.num_possible_cpus()
+        self._sets = {name: _SetState(spec) for name, spec in EVENT_SETS.items()}
+        for name, strat in self.opts.strategies.items():
+            self._sets[name].forced = strat
+        self._fallback = UserFallback()
+        self._sinks: list[EventSink] = []
+        self._samples: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=self.opts.sample_buffer
+        )
+        self._agg = self._new_aggregates()
+        self._last_kernel = self._read_stats()
+        self._user_recovered: collections.Counter[str] = collections.Counter()
+        self._decode_errors = 0
+        self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._write_control()
+
+    # ---- setup -------------------------------------------------------------------------
+    def _create(self, mtype: int, name: str, ksz: int, vsz: int, n: int) -> int:
+        fd = libbpf.map_create(mtype, name, ksz, vsz, n)
+        self._fds.append(fd)
+        return fd
+
+    def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
+        return (st.forced,) if st.forced else LADDER
+
+    def ensure_loaded(self, name: str) -> _SetState:
+        """Load a set through the ladder (once). Failure is recorded in the state."""
+        with self._lock:
+            st = self._sets[name]
+            if st.loaded or st.error:
+                return st
+            try:
+                st.loaded = load_set(
+                    st.spec,
+                    self.bpf_dir,
+                    self.shared,
+                    strategies=self._strategies_for(st),
+                    agent_tgid=os.getpid(),
+                    wakeup_bytes=self.opts.wakeup_bytes,
+                    inflight_entries=self.opts.inflight_entries,
+                )
+                st.attempts = st.loaded.attempts
+                kernel = st.loaded.strategy
+                if st.forced:
+                    st.user_fallback = st.forced == Strategy.USER_FALLBACK
+                else:
+                    st.user_fallback = self.opts.user_fallback and kernel in (
+                        Strategy.EXIT_RETRY,
+                        Strategy.NOFAULT,
+                    )
+                st.user_fallback = st.user_fallback and self._fallback.available
+                log.info("event set %s: strategy %s%s", name, kernel.label,
+                         " + user-fallback" if st.user_fallback else "")  # fmt: skip
+            except LadderExhausted as e:
+                st.attempts = e.attempts
+                st.error = str(e)
+                log.error("%s", e)
+            return st
+
+    # ---- control -----------------------------------------------------------------------
+    def _write_control(self) -> None:
+        ctl = TfControl()
+        for st in self._sets.values():
+            if st.enabled and st.loaded and st.loaded.attached:
+                ctl.enabled_bits |= 1 << int(st.spec.set_id)
+            build_filter(ctl, int(st.spec.set_id), st.filters)
+        libbpf.map_update(self.shared.control, ctypes.c_uint32(0), ctl)
+
+    def event_sets(self) -> Sequence[str]:
+        return list(self._sets)
+
+    def apply(self, desired: Mapping[str, EventSetConfig]) -> Sequence[SetStatus]:
+        with self._lock:
+            for name in desired:
+                if name not in self._sets:
+                    log.warning("ignoring unknown event set %r", name)
+            # validate filters first so a bad one changes nothing
+            errors: dict[str, str] = {}
+            for name, cfg in desired.items():
+                if name in self._sets:
+                    try:
+                        build_filter(TfControl(), 0, cfg.filters)
+                    except FilterError as e:
+                        errors[name] = str(e)
+            now = time.monotonic()
+            for name, st in self._sets.items():
+                cfg = desired.get(name)
+                want = bool(cfg and cfg.enabled and name not in errors)
+                if cfg and name not in errors:
+                    st.filters = cfg.filters
+                    st.sample_rate = cfg.sample_rate
+                if want:
+                    self.ensure_loaded(name)
+                    if st.loaded:
+                        try:
+                            st.loaded.attach()
+                            st.enabled = True
+                        except libbpf.LibbpfError as e:
+                            st.error = f"attach failed: {e}"
+                            st.enabled = False
+                elif st.enabled:
+                    st.enabled = False
+                    st.disabled_at = now
+            self._write_control()
+            return [self._status(name, errors.get(name, "")) for name in self._sets]
+
+    def _status(self, name: str, err: str = "") -> SetStatus:
+        st = self._sets[name]
+        strat = st.loaded.strategy.label if st.loaded else "none"
+        if st.user_fallback:
+            strat += "+user-fallback"
+        return SetStatus(
+            name=name,
+            enabled=st.enabled,
+            attached=bool(st.loaded and st.loaded.attached),
+            strategy=strat,
+            error=err or st.error,
+        )
+
+    def statuses(self) -> list[SetStatus]:
+        with self._lock:
+            return [self._status(n) for n in self._sets]
+
+    def detach_idle(self, now: float | None = None) -> list[str]:
+        """Detach sets disabled for longer than the hold time; returns their names."""
+        now = time.monotonic() if now is None else now
+        out = []
+        with self._lock:
+            for name, st in self._sets.items():
+                if st.loaded and st.loaded.attached and not st.enabled:
+                    if now - st.disabled_at >= self.opts.hold_seconds:
+                        st.loaded.detach()
+                        self._clear_inflight(st)
+                        out.append(name)
+        for name in out:
+            log.info("event set %s detached after %.0fs disabled", name, self.opts.hold_seconds)
+        return out
+
+    def _clear_inflight(self, st: _SetState) -> None:
+        """Per-thread state of a detached set can never complete: drop it."""
+        assert st.loaded
+        fd = st.loaded.map_fd(st.spec.inflight_map)
+        for key in list(libbpf.map_keys(fd, ctypes.c_uint32)):
+            libbpf.map_delete(fd, ctypes.c_uint32(key))
+
+    def inflight_count(self, name: str) -> int:
+        st = self._sets[name]
+        if not st.loaded:
+            return 0
+        return sum(1 for _ in libbpf.map_keys(st.loaded.map_fd(st.spec.inflight_map),
+                                              ctypes.c_uint32))  # fmt: skip
+
+    # ---- events ------------------------------------------------------------------------
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks.append(sink)
+
+    def _on_record(self, raw: bytes) -> None:
+        now = time.monotonic_ns()
+        try:
+            ev, rec = decode_record(raw, now)
+        except ValueError:
+            self._decode_errors += 1
+            return
+        name = ev["event_set"]
+        st = self._sets.get(name)
+        if st is not None and st.user_fallback and self._apply_fallback(rec, name):
+            ev, _ = decode_record(bytes(rec), now)  # re-decode with the recovered values
+        agg = self._agg.sets.setdefault(name, SetAggregate())
+        agg.delivered += 1
+        agg.events_by_syscall[ev["syscall"]] = agg.events_by_syscall.get(ev["syscall"], 0) + 1
+        agg.latency.observe(ev["latency_ns"] / 1e9)
+        if st is not None and st.sample_rate > 0:
+            self._samples.append(ev)
+        for sink in self._sinks:
+            sink(ev)
+
+    def _apply_fallback(self, rec: ctypes.Structure, set_name: str) -> bool:
+        fb = self._fallback
+        n = 0
+        if isinstance(rec, TfExecEvent):
+            pid = rec.hdr.tid
+            n += fb.fix_str(pid, rec.filename) if rec.hdr.ret != 0 else 0
+            n += fb.fix_argv(pid, rec)
+        elif isinstance(rec, TfEvent):
+            pid = rec.hdr.tid
+            for s in rec.str:
+                n += fb.fix_str(pid, s)
+            blen = int(rec.iargs[2]) if rec.hdr.syscall in (30, 31) else int(rec.iargs[5])
+            if rec.hdr.syscall == 2:  # openat2: usize
+                blen = int(rec.iargs[3])
+            n += fb.fix_blob(pid, rec.blob, blen)
+        if n:
+            self._user_recovered[set_name] += n
+        return bool(n)
+
+    def poll_once(self, timeout_ms: int | None = None) -> int:
+        return self._rb.poll(self.opts.poll_ms if timeout_ms is None else timeout_ms)
+
+    def drain(self) -> int:
+        return self._rb.consume()
+
+    def start(self) -> None:
+        if self._thread:
+            return
+        self._thread = threading.Thread(target=self._run, name="tf-consumer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("ring buffer consumer")
+            if time.monotonic() - last_tick > 1.0:
+                last_tick = time.monotonic()
+                self.detach_idle()
+
+    # ---- counters ----------------------------------------------------------------------
+    def _read_stats(self) -> list[int]:
+        """Sum over CPUs of every kernel counter, indexed set * TF_STAT_MAX + stat."""
+        vals = (ctypes.c_uint64 * self._ncpu)()
+        out = []
+        for key in range(TF_SET_MAX * TF_STAT_MAX):
+            libbpf.map_lookup(self.shared.stats, ctypes.c_uint32(key), vals)
+            out.append(sum(vals))
+        return out
+
+    def kernel_counters(self, name: str) -> dict[str, int]:
+        sid = int(EVENT_SETS[name].set_id)
+        stats = self._read_stats()
+        return {s.name.lower(): stats[sid * TF_STAT_MAX + int(s)] for s in Stat}
+
+    def _new_aggregates(self) -> Aggregates:
+        now = time.time_ns()
+        return Aggregates(interval_start_ns=now, interval_end_ns=now)
+
+    def collect(self) -> Aggregates:
+        with self._lock:
+            agg, self._agg = self._agg, self._new_aggregates()
+            kernel = self._read_stats()
+            prev, self._last_kernel = self._last_kernel, kernel
+            user, self._user_recovered = self._user_recovered, collections.Counter()
+        agg.interval_end_ns = time.time_ns()
+        for name, st in self._sets.items():
+            sid = int(st.spec.set_id)
+
+            def delta(stat: Stat, sid: int = sid) -> int:
+                i = sid * TF_STAT_MAX + int(stat)
+                return kernel[i] - prev[i]
+
+            d = {s: delta(s) for s in Stat}
+            if not any(d.values()) and name not in agg.sets:
+                continue
+            sa = agg.sets.setdefault(name, SetAggregate())
+            sa.dropped = d[Stat.DROPPED]
+            strat = st.loaded.strategy.label if st.loaded else "none"
+            recovered_user = user.get(name, 0)
+            for stat, outcome in (
+                (Stat.ARG_OK, "ok"),
+                (Stat.ARG_RECOVERED, "recovered"),
+                (Stat.ARG_LOST, "lost"),
+                (Stat.ARG_TRUNCATED, "truncated"),
+            ):
+                n = d[stat] - (recovered_user if stat == Stat.ARG_LOST else 0)
+                if n:
+                    sa.outcomes[(strat, outcome)] = n
+            if recovered_user:
+                sa.outcomes[("user-fallback", "recovered")] = recovered_user
+        return agg
+
+    def sample_events(self, limit: int) -> list[dict[str, Any]]:
+        out = []
+        while self._samples and len(out) < limit:
+            out.append(self._samples.popleft())
+        return out
+
+    # ---- report ------------------------------------------------------------------------
+    def capabilities(self) -> Mapping[str, Any]:
+        """Probe report. Loads every set through the ladder (without enabling it)."""
+        for name in self._sets:
+            self.ensure_loaded(name)
+        sets: dict[str, Any] = {}
+        for name, st in self._sets.items():
+            chosen = st.loaded.strategy.label if st.loaded else None
+            better = [a for a in st.attempts if not a.ok]
+            sets[name] = {
+                "strategy": chosen,
+                "forced": st.forced.label if st.forced else None,
+                "user_fallback": st.user_fallback,
+                "attempts": [a.__dict__ for a in st.attempts],
+                "reason": (
+                    "best strategy available"
+                    if chosen and not better
+                    else "; ".join(f"{a.strategy} unavailable: {a.reason}" for a in better)
+                ),
+                "error": st.error or None,
+                "syscalls": list(st.spec.syscalls),
+            }
+        return {
+            "kernel": self.host.kernel,
+            "arch": self.host.arch,
+            "libbpf": libbpf.version(),
+            "features": {
+                "btf": self.host.btf,
+                "tracefs": self.host.tracefs,
+                "lockdown": self.host.lockdown,
+                "kfunc_bpf_copy_from_user_str": btf_has_name("bpf_copy_from_user_str"),
+                "sleepable_tracepoints": any(
+                    a.strategy == "sleepable" and a.ok
+                    for s in self._sets.values()
+                    for a in s.attempts
+                ),  # fmt: skip
+                "user_fallback": self._fallback.reason,
+                "capabilities": list(self.host.capabilities),
+            },
+            "bpf_dir": str(self.bpf_dir),
+            "event_sets": sets,
+        }
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2)
+        with self._lock:
+            for st in self._sets.values():
+                if st.loaded:
+                    st.loaded.close()
+                    st.loaded = None
+            self._rb.close()
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> BpfEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def enable_all(engine: BpfEngine, names: Iterable[str], filters: Filters | None = None) -> None:
+    engine.apply({n: EventSetConfig(n, True, filters or Filters()) for n in names})

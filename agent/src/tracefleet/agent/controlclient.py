@@ -1,0 +1,527 @@
+"""The agent's side of the controller stream (``tracefleet.v1.AgentService/Connect``).
+
+``run_agent(engine, controller, node_name, labels, stop_event)`` dials the controller,
+registers with the engine's capabilities, applies every DesiredState through
+``engine.apply()`` and acks its generation with the per-set statuses, and sends the engine's
+aggregates every interval (plus sampled events while the controller asks for them).
+
+Failure behaviour:
+
+* fail-static: while the controller is unreachable the engine keeps the last desired state;
+* reconnect with exponential backoff and jitter; on reconnect the agent registers again with
+  the generation it applied, and the controller answers with its current desired state
+  (a state already applied is acked, not applied again);
+* aggregates collected during an outage are buffered up to ``buffer_budget`` intervals and
+  sent on reconnect; beyond that the oldest are discarded and their events are reported as
+  ``dropped`` in the next batch, so counts stay conserved.
+
+The engine is driven only through ``tracefleet.agent.engine.CaptureEngine``.
+``engine.capabilities()`` is read as a mapping with, optionally, ``kernel_version`` (or
+``kernel``) and ``event_sets`` (or ``strategies``): ``{set: {"strategy", "reason",
+"available"}}``; the whole mapping is also forwarded as JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import platform
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, TypeVar
+
+import grpc
+
+from tracefleet.agent.engine import (
+    Aggregates,
+    CaptureEngine,
+    EventSetConfig,
+    Filters,
+    SetStatus,
+)
+from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+
+log = logging.getLogger("tracefleet.agent.controlclient")
+T = TypeVar("T")
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # one connection per agent, even when many simulated agents share a process
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+@dataclass
+class ClientOptions:
+    interval: float = 1.0  # seconds between ResultBatches
+    backoff_initial: float = 0.5  # seconds before the first reconnect attempt
+    backoff_max: float = 30.0
+    buffer_budget: int = 600  # intervals kept while disconnected (10 min at 1 s)
+    # Run engine calls in a worker thread (a real engine may block in the kernel);
+    # the load generator turns this off for its cheap synthetic engines.
+    offload_engine_calls: bool = True
+    agent_version: str = ""
+    default_sample_limit: int = 100
+    # TLS/mTLS to the controller (grpc.ssl_channel_credentials(...)); None = insecure.
+    credentials: grpc.ChannelCredentials | None = None
+
+
+@dataclass
+class _Lease:
+    event_sets: frozenset[str]
+    pids: frozenset[int]
+    rate: float
+    limit: int
+    until: float  # monotonic
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0  # streams that registered
+    applies: int = 0  # engine.apply() calls
+    acks: int = 0
+    batches_sent: int = 0
+    batches_discarded: int = 0  # outage buffer overflow
+    events_sent: int = 0
+
+
+def _agent_version() -> str:
+    try:
+        return metadata.version("tracefleet-agent")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class ControlClient:
+    def __init__(
+        self,
+        engine: CaptureEngine,
+        controller: str,
+        node_name: str,
+        labels: Mapping[str, str] | None = None,
+        options: ClientOptions | None = None,
+    ) -> None:
+        if not node_name:
+            raise ValueError("node_name must not be empty")
+        self.engine = engine
+        self.controller = controller
+        self.node_name = node_name
+        self.labels = dict(labels or {})
+        self.options = options or ClientOptions()
+        self.stats = ClientStats()
+        self.desired: dict[str, EventSetConfig] | None = None  # last desired state received
+        self.applied_generation = 0
+        self.statuses: list[SetStatus] = []
+        self.connected = False
+        self._applied: dict[str, EventSetConfig] | None = None  # what engine.apply() got
+        self._lease: _Lease | None = None
+        self._outbox: deque[agent_pb2.ResultBatch] = deque()
+        self._wake = asyncio.Event()
+        self._engine_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._synced = False
+
+    # public ----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set: collect every interval, keep a stream to the
+        controller."""
+        collector = asyncio.create_task(self._collect_loop(stop))
+        try:
+            await self._connect_loop(stop)
+        finally:
+            collector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await collector
+
+    # engine -----------------------------------------------------------------------------
+
+    async def _engine(self, fn: Callable[..., T], *args: Any) -> T:
+        async with self._engine_lock:
+            if self.options.offload_engine_calls:
+                return await asyncio.to_thread(fn, *args)
+            return fn(*args)
+
+    def _effective(self) -> dict[str, EventSetConfig]:
+        """The desired state plus the sampling lease (which raises sample_rate only)."""
+        desired = dict(self.desired or {})
+        lease = self._lease
+        if lease is None:
+            return desired
+        for name, cfg in desired.items():
+            if cfg.enabled and (not lease.event_sets or name in lease.event_sets):
+                desired[name] = dataclasses.replace(
+                    cfg, sample_rate=max(cfg.sample_rate, lease.rate)
+                )
+        return desired
+
+    async def _reconcile(self) -> None:
+        if self.desired is None:
+            return  # nothing from a controller yet: leave the engine as it is
+        effective = self._effective()
+        if effective == self._applied:
+            return
+        try:
+            statuses = await self._engine(self.engine.apply, effective)
+        except Exception as e:  # the protocol says apply() never raises; report it if it does
+            log.exception("%s: engine.apply() raised", self.node_name)
+            self._applied = None  # retry on the next desired state or lease change
+            self.statuses = [
+                SetStatus(name, cfg.enabled, False, "", f"apply failed: {e}")
+                for name, cfg in sorted(effective.items())
+            ]
+            return
+        self.stats.applies += 1
+        self._applied = effective
+        self.statuses = list(statuses)
+
+    # connection -------------------------------------------------------------------------
+
+    async def _connect_loop(self, stop: asyncio.Event) -> None:
+        attempt = 0
+        while not stop.is_set():
+            self._synced = False
+            creds = self.options.credentials
+            channel = (
+                grpc.aio.secure_channel(self.controller, creds, options=CHANNEL_OPTIONS)
+                if creds is not None
+                else grpc.aio.insecure_channel(self.controller, options=CHANNEL_OPTIONS)
+            )
+            try:
+                await self._session(channel, stop)
+            except grpc.aio.AioRpcError as e:
+                log.log(
+                    logging.INFO if attempt else logging.WARNING,
+                    "%s: controller %s: %s %s",
+                    self.node_name,
+                    self.controller,
+                    e.code().name,
+                    e.details(),
+                )
+            except Exception:
+                log.exception("%s: controller stream failed", self.node_name)
+            finally:
+                self.connected = False
+                await channel.close(grace=None)
+            if stop.is_set():
+                break
+            attempt = 0 if self._synced else attempt + 1
+            ceiling = min(self.options.backoff_max, self.options.backoff_initial * 2**attempt)
+            delay = ceiling * random.uniform(0.5, 1.0)  # jitter spreads a fleet's reconnects
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+
+    async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+        await call.write(agent_pb2.AgentMessage(register=self._register_message()))
+        self.connected = True
+        self.stats.connects += 1
+        tasks = {
+            asyncio.create_task(self._read_loop(call)),
+            asyncio.create_task(self._send_loop(call)),
+            asyncio.create_task(stop.wait()),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            for t in tasks:
+                with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                    await t
+            call.cancel()
+        for t in done:
+            if not t.cancelled() and t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+
+    async def _write(self, call: Any, msg: agent_pb2.AgentMessage) -> None:
+        async with self._write_lock:
+            await call.write(msg)
+
+    async def _read_loop(self, call: Any) -> None:
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                log.info("%s: controller closed the stream", self.node_name)
+                return
+            kind = msg.WhichOneof("kind")
+            if kind == "desired_state":
+                await self._on_desired(call, msg.desired_state)
+            elif kind == "sample_request":
+                await self._on_sample(msg.sample_request)
+
+    async def _on_desired(self, call: Any, ds: agent_pb2.DesiredState) -> None:
+        if ds.generation < self.applied_generation:
+            log.warning(
+                "%s: controller sent generation %d < applied %d; applying it anyway",
+                self.node_name,
+                ds.generation,
+                self.applied_generation,
+            )
+        self.desired = {
+            s.name: EventSetConfig(
+                name=s.name,
+                enabled=s.enabled,
+                filters=Filters(
+                    pids=tuple(s.filters.pids),
+                    comms=tuple(s.filters.comms),
+                    cgroup_ids=tuple(s.filters.cgroup_ids),
+                    path_prefixes=tuple(s.filters.path_prefixes),
+                ),
+                sample_rate=s.sample_rate,
+            )
+            for s in ds.event_sets
+        }
+        await self._reconcile()
+        self.applied_generation = ds.generation
+        await self._write(
+            call,
+            agent_pb2.AgentMessage(
+                ack=agent_pb2.Ack(
+                    generation=ds.generation, statuses=[_status_pb(s) for s in self.statuses]
+                )
+            ),
+        )
+        self.stats.acks += 1
+        self._synced = True
+
+    async def _on_sample(self, req: agent_pb2.SampleRequest) -> None:
+        seconds = req.lease.ToTimedelta().total_seconds()
+        if seconds <= 0:
+            self._lease = None
+        else:
+            self._lease = _Lease(
+                frozenset(req.event_sets),
+                frozenset(req.pids),
+                req.sample_rate if req.sample_rate > 0 else 1.0,
+                req.max_events_per_interval or self.options.default_sample_limit,
+                time.monotonic() + seconds,
+            )
+        await self._reconcile()
+
+    async def _send_loop(self, call: Any) -> None:
+        while True:
+            self._wake.clear()
+            while self._outbox:
+                await self._write(call, agent_pb2.AgentMessage(result_batch=self._outbox[0]))
+                batch = self._outbox.popleft()
+                self.stats.batches_sent += 1
+                self.stats.events_sent += len(batch.events)
+            await self._wake.wait()
+
+    def _register_message(self) -> agent_pb2.Register:
+        caps: Mapping[str, Any] = {}
+        try:
+            caps = self.engine.capabilities()
+        except Exception:
+            log.exception("%s: engine.capabilities() failed", self.node_name)
+        return agent_pb2.Register(
+            node_name=self.node_name,
+            labels=self.labels,
+            kernel_version=str(
+                caps.get("kernel_version") or caps.get("kernel") or platform.release()
+            ),
+            agent_version=self.options.agent_version or _agent_version(),
+            capabilities=_strategies(caps),
+            capabilities_json=json.dumps(caps, sort_keys=True, default=str),
+            event_sets=list(self.engine.event_sets()),
+            applied_generation=self.applied_generation,
+            statuses=[_status_pb(s) for s in self.statuses],
+        )
+
+    # collection -------------------------------------------------------------------------
+
+    async def _collect_loop(self, stop: asyncio.Event) -> None:
+        interval = self.options.interval
+        next_t = time.monotonic()
+        while not stop.is_set():
+            next_t += interval
+            delay = next_t - time.monotonic()
+            if delay < 0:  # fell behind (suspended?): skip ahead rather than burst
+                next_t = time.monotonic()
+                delay = 0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+            if stop.is_set():
+                return
+            try:
+                await self._collect_once()
+            except Exception:
+                log.exception("%s: collecting aggregates failed", self.node_name)
+
+    async def _collect_once(self) -> None:
+        if self._lease is not None and self._lease.until <= time.monotonic():
+            self._lease = None
+            await self._reconcile()
+        agg = await self._engine(self.engine.collect)
+        events: list[dict[str, Any]] = []
+        lease = self._lease
+        configured = any(c.enabled and c.sample_rate > 0 for c in (self.desired or {}).values())
+        if lease is not None or configured:
+            limit = lease.limit if lease is not None else self.options.default_sample_limit
+            events = await self._engine(self.engine.sample_events, limit)
+            if lease is not None and not configured:
+                events = [
+                    e
+                    for e in events
+                    if (not lease.pids or e.get("pid") in lease.pids)
+                    and (not lease.event_sets or e.get("event_set") in lease.event_sets)
+                ]
+        self._enqueue(_batch_pb(agg, events, replayed=not self.connected))
+
+    def _enqueue(self, batch: agent_pb2.ResultBatch) -> None:
+        self._outbox.append(batch)
+        while len(self._outbox) > max(1, self.options.buffer_budget):
+            old = self._outbox.popleft()
+            self.stats.batches_discarded += 1
+            _charge_discarded(self._outbox[-1], old)
+        self._wake.set()
+
+
+# conversions -----------------------------------------------------------------------------
+
+
+def _charge_discarded(into: agent_pb2.ResultBatch, old: agent_pb2.ResultBatch) -> None:
+    """Report the events of a discarded batch as dropped in ``into``."""
+    into.lost_intervals += 1 + old.lost_intervals
+    by_name = {s.event_set: s for s in into.sets}
+    for s in old.sets:
+        target = by_name.get(s.event_set)
+        if target is None:
+            target = into.sets.add(event_set=s.event_set)
+            by_name[s.event_set] = target
+        target.dropped += s.delivered + s.dropped
+
+
+def _strategies(caps: Mapping[str, Any]) -> list[types_pb2.StrategyChoice]:
+    per_set = caps.get("event_sets", caps.get("strategies", {}))
+    items: list[tuple[str, Any]] = []
+    if isinstance(per_set, Mapping):
+        items = list(per_set.items())
+    elif isinstance(per_set, Sequence) and not isinstance(per_set, str):
+        items = [
+            (str(x.get("event_set", x.get("name", ""))), x)
+            for x in per_set
+            if isinstance(x, Mapping)
+        ]
+    out = []
+    for name, info in items:
+        if isinstance(info, Mapping):
+            available = info.get("available")
+            if available is None:  # BpfEngine reports its ladder: [{strategy, ok, ...}]
+                available = [
+                    a.get("strategy")
+                    for a in info.get("attempts") or ()
+                    if isinstance(a, Mapping) and a.get("ok")
+                ]
+            out.append(
+                types_pb2.StrategyChoice(
+                    event_set=str(name),
+                    strategy=str(info.get("strategy") or ""),
+                    reason=str(info.get("reason") or info.get("error") or ""),
+                    available=[str(a) for a in available or () if a],
+                )
+            )
+        elif isinstance(info, str):
+            out.append(types_pb2.StrategyChoice(event_set=str(name), strategy=info))
+    return out
+
+
+def _status_pb(s: SetStatus) -> types_pb2.SetStatus:
+    return types_pb2.SetStatus(
+        name=s.name, enabled=s.enabled, attached=s.attached, strategy=s.strategy, error=s.error
+    )
+
+
+def _event_pb(e: Mapping[str, Any]) -> types_pb2.Event:
+    ev = types_pb2.Event(
+        ts_ns=int(e.get("ts_ns", 0)),
+        event_set=str(e.get("event_set", "")),
+        syscall=str(e.get("syscall", "")),
+        pid=int(e.get("pid", 0)),
+        tid=int(e.get("tid", 0)),
+        comm=str(e.get("comm", "")),
+        ret=int(e.get("ret", 0)),
+    )
+    for name, arg in (e.get("args") or {}).items():
+        if isinstance(arg, Mapping):
+            ev.args[str(name)].CopyFrom(
+                types_pb2.EventArg(
+                    value=str(arg.get("value", "")),
+                    status=str(arg.get("status", "")),
+                    strategy=str(arg.get("strategy", "")),
+                )
+            )
+        else:
+            ev.args[str(name)].value = str(arg)
+    return ev
+
+
+def _batch_pb(
+    agg: Aggregates, events: Sequence[Mapping[str, Any]], replayed: bool
+) -> agent_pb2.ResultBatch:
+    batch = agent_pb2.ResultBatch(
+        interval_start_ns=agg.interval_start_ns,
+        interval_end_ns=agg.interval_end_ns,
+        replayed=replayed,
+    )
+    for name, s in sorted(agg.sets.items()):
+        out = batch.sets.add(
+            event_set=name,
+            delivered=s.delivered,
+            dropped=s.dropped,
+            latency=types_pb2.Histogram(
+                bounds=s.latency.bounds, counts=s.latency.counts, sum=s.latency.total
+            ),
+        )
+        out.events_by_syscall.update(s.events_by_syscall)
+        for (strategy, outcome), count in sorted(s.outcomes.items()):
+            out.outcomes.add(strategy=strategy, outcome=outcome, count=count)
+    batch.events.extend(_event_pb(e) for e in events)
+    return batch
+
+
+# entry point -------------------------------------------------------------------------------
+
+
+def run_agent(
+    engine: CaptureEngine,
+    controller_addr: str,
+    node_name: str,
+    labels: Mapping[str, str] | None = None,
+    stop_event: threading.Event | None = None,
+    options: ClientOptions | None = None,
+) -> ClientStats:
+    """Run the controller client until ``stop_event`` is set (blocking; call it from the
+    agent's main thread, set the event from a signal handler or another thread). The engine
+    is not closed here: its owner closes it. Returns the client's counters."""
+    client = ControlClient(engine, controller_addr, node_name, labels, options)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+
+        async def watch() -> None:
+            while stop_event is not None and not stop_event.is_set():
+                await asyncio.sleep(0.2)
+            if stop_event is not None:
+                stop.set()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            await client.run(stop)
+        finally:
+            watcher.cancel()
+
+    asyncio.run(main())
+    return client.stats

@@ -1,0 +1,124 @@
+"""The event sets: named groups of probes, one BPF object each (bpf/<name>.bpf.c).
+
+Each syscall of a set is built from program variants named ``<variant>_<syscall>`` (see
+bpf/include/tracefleet/syscall_event.bpf.h); the strategy picks which entry variant loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tracefleet.agent._internal.abi import EventSetId, Strategy
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """How to name and decode a syscall's arguments in an event."""
+
+    ints: tuple[tuple[str, int], ...] = ()  # (name, index into iargs)
+    strs: tuple[str, ...] = ()  # names of str[0], str[1]
+    blob: str = ""  # name of the blob argument, if any
+    blob_kind: str = ""  # "open_how" | "sockaddr"
+
+
+@dataclass(frozen=True)
+class EventSetSpec:
+    name: str
+    set_id: EventSetId
+    object_file: str
+    syscalls: dict[str, ArgSpec]
+    extra_programs: tuple[str, ...] = ()  # attached with every strategy (e.g. exec hook)
+    inflight_map: str = "tf_inflight"
+    summary: str = ""
+
+    def entry_program(self, syscall: str, strategy: Strategy) -> str:
+        prefix = {
+            Strategy.SLEEPABLE: "tps_enter",
+            Strategy.FENTRY_SLEEPABLE: "fs_enter",
+            Strategy.EXIT_RETRY: "tp_enter",
+            Strategy.USER_FALLBACK: "tp_enter",
+            Strategy.NOFAULT: "tp_enter",
+        }[strategy]
+        return f"{prefix}_{syscall}"
+
+    def programs(self, strategy: Strategy) -> list[str]:
+        progs = []
+        for sc in self.syscalls:
+            progs += [self.entry_program(sc, strategy), f"tp_exit_{sc}"]
+        return progs + list(self.extra_programs)
+
+
+_DFD = ("dfd", 0)
+
+FILE = EventSetSpec(
+    name="file",
+    set_id=EventSetId.FILE,
+    object_file="file.bpf.o",
+    summary="path-taking file syscalls (open, unlink, rename, mkdir, chmod, stat, ...)",
+    syscalls={
+        "openat": ArgSpec(ints=(_DFD, ("flags", 2), ("mode", 3)), strs=("pathname",)),
+        "openat2": ArgSpec(
+            ints=(_DFD, ("usize", 3)), strs=("pathname",), blob="how", blob_kind="open_how"
+        ),
+        "creat": ArgSpec(ints=(("mode", 1),), strs=("pathname",)),
+        "unlinkat": ArgSpec(ints=(_DFD, ("flags", 2)), strs=("pathname",)),
+        "renameat2": ArgSpec(
+            ints=(("olddfd", 0), ("newdfd", 2), ("flags", 4)), strs=("oldname", "newname")
+        ),
+        "mkdirat": ArgSpec(ints=(_DFD, ("mode", 2)), strs=("pathname",)),
+        "fchmodat": ArgSpec(ints=(_DFD, ("mode", 2)), strs=("pathname",)),
+        "truncate": ArgSpec(ints=(("length", 1),), strs=("pathname",)),
+        "statx": ArgSpec(ints=(_DFD, ("flags", 2), ("mask", 3)), strs=("pathname",)),
+        "readlinkat": ArgSpec(ints=(_DFD, ("bufsiz", 3)), strs=("pathname",)),
+        "chdir": ArgSpec(strs=("pathname",)),
+    },
+)
+
+EXEC = EventSetSpec(
+    name="exec",
+    set_id=EventSetId.EXEC,
+    object_file="exec.bpf.o",
+    summary="execve and execveat with filename and argv",
+    syscalls={
+        "execve": ArgSpec(strs=("filename",)),
+        "execveat": ArgSpec(ints=(_DFD, ("flags", 4)), strs=("filename",)),
+    },
+    extra_programs=("tp_sched_exec",),
+    inflight_map="tf_exec_inflight",
+)
+
+NET = EventSetSpec(
+    name="net",
+    set_id=EventSetId.NET,
+    object_file="net.bpf.o",
+    summary="connect, bind, accept4, sendto with the socket address",
+    syscalls={
+        "connect": ArgSpec(ints=(("fd", 0), ("addrlen", 2)), blob="addr", blob_kind="sockaddr"),
+        "bind": ArgSpec(ints=(("fd", 0), ("addrlen", 2)), blob="addr", blob_kind="sockaddr"),
+        "accept4": ArgSpec(ints=(("fd", 0), ("flags", 3)), blob="peer", blob_kind="sockaddr"),
+        "sendto": ArgSpec(
+            ints=(("fd", 0), ("len", 2), ("flags", 3)), blob="addr", blob_kind="sockaddr"
+        ),
+    },
+)
+
+EVENT_SETS: dict[str, EventSetSpec] = {s.name: s for s in (FILE, EXEC, NET)}
+BY_ID: dict[int, EventSetSpec] = {int(s.set_id): s for s in EVENT_SETS.values()}
+
+
+class UnknownEventSet(ValueError):
+    pass
+
+
+def parse_event_sets(text: str) -> list[EventSetSpec]:
+    """``"file,exec"`` -> specs; unknown names raise UnknownEventSet listing the known ones."""
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise UnknownEventSet(f"no event set given; known: {', '.join(EVENT_SETS)}")
+    out = []
+    for n in names:
+        if n not in EVENT_SETS:
+            raise UnknownEventSet(f"unknown event set {n!r}; known: {', '.join(EVENT_SETS)}")
+        if EVENT_SETS[n] not in out:
+            out.append(EVENT_SETS[n])
+    return out

@@ -1,0 +1,285 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * tracefleet: maps, settings and helpers shared by every event set's programs.
+ *
+ * Shared maps (tf_control, tf_events, tf_stats) are declared identically in every object;
+ * the agent creates them once and hands the same fds to each object before load
+ * (bpf_map__reuse_fd), so one enable word, one ring buffer and one counter table serve all.
+ */
+#ifndef __TRACEFLEET_COMMON_BPF_H
+#define __TRACEFLEET_COMMON_BPF_H
+
+#include "vmlinux.h"
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+#include "tracefleet/events.h"
+
+#ifndef EFAULT
+#define EFAULT 14
+#endif
+
+/* Load-time settings; the agent writes them into .rodata before load, so the verifier
+ * prunes every branch of a strategy this object does not use. */
+const volatile struct tf_config tf_cfg = {};
+
+/* kfunc (Linux 6.12+); only referenced by sleepable programs, which load only where the
+ * kernel has it. */
+extern int bpf_copy_from_user_str(void *dst, __u32 dst__sz, const void *unsafe_ptr__ign,
+				  __u64 flags) __weak __ksym;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tf_control);
+} tf_control SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);
+} tf_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, TF_SET_MAX * TF_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} tf_stats SEC(".maps");
+
+static __always_inline void tf_count(__u32 set, __u32 stat)
+{
+	__u32 key = set * TF_STAT_MAX + stat;
+	__u64 *v = bpf_map_lookup_elem(&tf_stats, &key);
+
+	if (v)
+		*v += 1; /* per-CPU slot: no atomics needed */
+}
+
+static __always_inline void tf_count_status(__u32 set, __u8 status)
+{
+	switch (status) {
+	case TF_ST_OK:
+		tf_count(set, TF_STAT_ARG_OK);
+		break;
+	case TF_ST_RECOVERED:
+		tf_count(set, TF_STAT_ARG_RECOVERED);
+		break;
+	case TF_ST_LOST:
+		tf_count(set, TF_STAT_ARG_LOST);
+		break;
+	case TF_ST_TRUNCATED:
+		tf_count(set, TF_STAT_ARG_TRUNCATED);
+		break;
+	}
+}
+
+static __always_inline bool tf_comm_eq(const char *a, const char *b)
+{
+	for (int i = 0; i < TF_COMM_LEN; i++) {
+		if (a[i] != b[i])
+			return false;
+		if (!a[i])
+			return true;
+	}
+	return true;
+}
+
+/*
+ * The first thing every entry program does: is this set enabled, and does the calling task
+ * pass the set's filters? Returns the control entry, or NULL to skip the syscall.
+ */
+static __always_inline struct tf_control *tf_should_trace(__u32 set, __u32 tgid)
+{
+	__u32 zero = 0;
+	struct tf_control *ctl = bpf_map_lookup_elem(&tf_control, &zero);
+
+	if (!ctl || !(ctl->enabled_bits & (1ULL << set)))
+		return NULL;
+	if (tgid == tf_cfg.agent_tgid)
+		return NULL;
+	if (set >= TF_SET_MAX)
+		return NULL;
+
+	struct tf_filter *f = &ctl->filter[set];
+	if (f->npids) {
+		bool hit = false;
+		for (int i = 0; i < TF_FILTER_PIDS; i++)
+			if (i < f->npids && f->pids[i] == tgid)
+				hit = true;
+		if (!hit)
+			goto filtered;
+	}
+	if (f->ncomms) {
+		char comm[TF_COMM_LEN] = {};
+		bool hit = false;
+
+		bpf_get_current_comm(comm, sizeof(comm));
+		for (int i = 0; i < TF_FILTER_COMMS; i++)
+			if (i < f->ncomms && tf_comm_eq(comm, f->comms[i]))
+				hit = true;
+		if (!hit)
+			goto filtered;
+	}
+	if (f->ncgroups) {
+		__u64 cg = bpf_get_current_cgroup_id();
+		bool hit = false;
+
+		for (int i = 0; i < TF_FILTER_CGROUPS; i++)
+			if (i < f->ncgroups && f->cgroups[i] == cg)
+				hit = true;
+		if (!hit)
+			goto filtered;
+	}
+	return ctl;
+filtered:
+	tf_count(set, TF_STAT_FILTERED);
+	return NULL;
+}
+
+/* Path-prefix filter, applied once the path is captured. */
+static __always_inline bool tf_prefix_ok(__u32 set, const struct tf_str *s)
+{
+	__u32 zero = 0;
+	struct tf_control *ctl = bpf_map_lookup_elem(&tf_control, &zero);
+
+	if (!ctl || set >= TF_SET_MAX)
+		return true;
+	struct tf_filter *f = &ctl->filter[set];
+	if (!f->prefix_len)
+		return true;
+	if (s->status != TF_ST_OK && s->status != TF_ST_RECOVERED && s->status != TF_ST_TRUNCATED)
+		return true; /* unknown path: keep the event rather than hide a failure */
+	for (int i = 0; i < TF_PREFIX_MAX; i++) {
+		if (i >= f->prefix_len)
+			return true;
+		if (s->data[i] != f->prefix[i])
+			return false;
+	}
+	return true;
+}
+
+static __always_inline void tf_fill_hdr(struct tf_hdr *h, __u16 kind, __u32 set, __u16 sc)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	h->ts_ns = bpf_ktime_get_ns();
+	h->pid = id >> 32;
+	h->tid = (__u32)id;
+	h->kind = kind;
+	h->syscall = sc;
+	h->event_set = set;
+	h->strategy = tf_cfg.strategy;
+	h->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(h->comm, sizeof(h->comm));
+}
+
+/* Record a string read result of `n` (helper return: bytes incl. NUL, or -errno). */
+static __always_inline void tf_str_result(struct tf_str *s, long n, __u8 ok_status,
+					  __u8 strategy)
+{
+	s->strategy = strategy;
+	if (n < 0) {
+		s->err = n;
+		s->len = 0;
+		s->status = tf_cfg.strategy == TF_STRAT_EXIT_RETRY ? TF_ST_PENDING : TF_ST_LOST;
+		return;
+	}
+	s->err = 0;
+	s->len = n > 0 ? n - 1 : 0;
+	s->status = ok_status;
+	if (n >= TF_PATH_MAX) {
+		/* The helper stops at the buffer's end: was there more? */
+		char next = 0;
+
+		bpf_probe_read_user(&next, 1, (void *)(s->uptr + TF_PATH_MAX - 1));
+		if (next)
+			s->status = TF_ST_TRUNCATED;
+	}
+}
+
+/* Read a user string at syscall entry with this object's strategy. */
+static __always_inline void tf_read_str_entry(struct tf_str *s, unsigned long uptr, bool sleepable)
+{
+	long n;
+
+	s->uptr = uptr;
+	if (!uptr) {
+		s->status = TF_ST_NONE;
+		return;
+	}
+	if (sleepable)
+		n = bpf_copy_from_user_str(s->data, sizeof(s->data), (void *)uptr, 0);
+	else
+		n = bpf_probe_read_user_str(s->data, sizeof(s->data), (void *)uptr);
+	tf_str_result(s, n, TF_ST_OK, tf_cfg.strategy);
+}
+
+/* Exit retry: the syscall has run, so the kernel has faulted in what it read. */
+static __always_inline void tf_retry_str(struct tf_str *s)
+{
+	if (s->status != TF_ST_PENDING)
+		return;
+	long n = bpf_probe_read_user_str(s->data, sizeof(s->data), (void *)s->uptr);
+
+	if (n < 0) {
+		s->err = n;
+		s->status = TF_ST_LOST;
+		s->strategy = TF_STRAT_EXIT_RETRY;
+		return;
+	}
+	tf_str_result(s, n, TF_ST_RECOVERED, TF_STRAT_EXIT_RETRY);
+}
+
+static __always_inline __u32 tf_blob_len(unsigned long len)
+{
+	if (len > TF_BLOB_MAX)
+		len = TF_BLOB_MAX;
+	return len;
+}
+
+static __always_inline void tf_read_blob(struct tf_blob *b, unsigned long uptr, unsigned long len,
+					 bool sleepable, __u8 ok_status, __u8 strategy)
+{
+	long r;
+	__u32 n = tf_blob_len(len);
+
+	b->uptr = uptr;
+	if (!uptr || !n) {
+		b->status = TF_ST_NONE;
+		return;
+	}
+	if (sleepable)
+		r = bpf_copy_from_user(b->data, n & (2 * TF_BLOB_MAX - 1), (void *)uptr);
+	else
+		r = bpf_probe_read_user(b->data, n & (2 * TF_BLOB_MAX - 1), (void *)uptr);
+	b->strategy = strategy;
+	if (r < 0) {
+		b->err = r;
+		b->status = (ok_status == TF_ST_OK && tf_cfg.strategy == TF_STRAT_EXIT_RETRY)
+				    ? TF_ST_PENDING
+				    : TF_ST_LOST;
+		return;
+	}
+	b->err = 0;
+	b->len = n;
+	b->status = len > TF_BLOB_MAX ? TF_ST_TRUNCATED : ok_status;
+}
+
+/* Hand a finished record to the ring buffer; wake the consumer only in batches. */
+static __always_inline void tf_submit(__u32 set, void *rec, __u64 size)
+{
+	__u64 flags = BPF_RB_NO_WAKEUP;
+
+	if (bpf_ringbuf_query(&tf_events, BPF_RB_AVAIL_DATA) >= tf_cfg.wakeup_bytes)
+		flags = BPF_RB_FORCE_WAKEUP;
+	if (bpf_ringbuf_output(&tf_events, rec, size, flags))
+		tf_count(set, TF_STAT_DROPPED);
+	else
+		tf_count(set, TF_STAT_EVENTS);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+#endif /* __TRACEFLEET_COMMON_BPF_H */

@@ -1,0 +1,170 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * tracefleet: the ABI between the BPF programs and the agent.
+ *
+ * Every struct and constant the agent decodes is defined here, once. The Python mirror lives
+ * in agent/src/tracefleet/agent/_internal/abi.py and tests/bpf/test_abi_layout.py checks it
+ * against the BTF that clang emits for each object (as Tetragon's alignchecker does).
+ * Only fixed-width types; explicit padding; no bitfields.
+ */
+#ifndef __TRACEFLEET_EVENTS_H
+#define __TRACEFLEET_EVENTS_H
+
+#define TF_COMM_LEN 16
+#define TF_PATH_MAX 256          /* bytes of a captured path, NUL included */
+#define TF_BLOB_MAX 128          /* struct open_how, struct sockaddr_storage */
+#define TF_ARGV_COUNT 16         /* argv entries captured per exec */
+#define TF_ARG_MAX 128           /* bytes per argv entry, NUL included */
+#define TF_NSTR 2                /* string arguments per syscall event */
+#define TF_SET_MAX 8             /* event-set slots in the control map */
+#define TF_FILTER_PIDS 8
+#define TF_FILTER_COMMS 4
+#define TF_FILTER_CGROUPS 4
+#define TF_PREFIX_MAX 64
+
+/* Event sets: bit N of tf_control.enabled_bits enables set N. */
+enum tf_event_set {
+	TF_SET_FILE = 0,
+	TF_SET_EXEC = 1,
+	TF_SET_NET = 2,
+	TF_SET_VFS = 3,
+};
+
+/* Status of one captured argument. PENDING never leaves the kernel. */
+enum tf_status {
+	TF_ST_NONE = 0,      /* argument not present (NULL pointer, unused slot) */
+	TF_ST_OK = 1,        /* read at syscall entry */
+	TF_ST_RECOVERED = 2, /* faulted at entry, read later (exit retry, exec hook, user space) */
+	TF_ST_LOST = 3,      /* could not be read; err holds the last error */
+	TF_ST_TRUNCATED = 4, /* read, but longer than the buffer */
+	TF_ST_PENDING = 5,   /* faulted at entry, retry scheduled */
+};
+
+/* Capture strategies, best first. */
+enum tf_strategy {
+	TF_STRAT_NONE = 0,
+	TF_STRAT_SLEEPABLE = 1,        /* sleepable tracepoint, bpf_copy_from_user{,_str} */
+	TF_STRAT_FENTRY_SLEEPABLE = 2, /* fentry.s on the syscall function */
+	TF_STRAT_EXIT_RETRY = 3,       /* nofault read at entry, retried at exit */
+	TF_STRAT_USER_FALLBACK = 4,    /* process_vm_readv from the agent (racy) */
+	TF_STRAT_NOFAULT = 5,          /* nofault read at entry only */
+};
+
+enum tf_syscall {
+	TF_SC_OPENAT = 1,
+	TF_SC_OPENAT2 = 2,
+	TF_SC_CREAT = 3,
+	TF_SC_UNLINKAT = 4,
+	TF_SC_RENAMEAT2 = 5,
+	TF_SC_MKDIRAT = 6,
+	TF_SC_FCHMODAT = 7,
+	TF_SC_TRUNCATE = 8,
+	TF_SC_STATX = 9,
+	TF_SC_READLINKAT = 10,
+	TF_SC_CHDIR = 11,
+	TF_SC_EXECVE = 20,
+	TF_SC_EXECVEAT = 21,
+	TF_SC_CONNECT = 30,
+	TF_SC_BIND = 31,
+	TF_SC_ACCEPT4 = 32,
+	TF_SC_SENDTO = 33,
+};
+
+/* Record kinds in the ring buffer; each record starts with struct tf_hdr. */
+enum tf_kind {
+	TF_KIND_SYSCALL = 1, /* struct tf_event */
+	TF_KIND_EXEC = 2,    /* struct tf_exec_event */
+};
+
+/* Per-set counters in tf_stats (per CPU); index = set * TF_STAT_MAX + stat. */
+enum tf_stat {
+	TF_STAT_EVENTS = 0,        /* records written to the ring buffer */
+	TF_STAT_DROPPED = 1,       /* records lost: ring buffer full */
+	TF_STAT_ARG_OK = 2,
+	TF_STAT_ARG_RECOVERED = 3,
+	TF_STAT_ARG_LOST = 4,
+	TF_STAT_ARG_TRUNCATED = 5,
+	TF_STAT_FILTERED = 6,      /* syscalls skipped by a filter */
+	TF_STAT_INFLIGHT_FULL = 7, /* entries that found no room for per-thread state */
+	TF_STAT_ORPHAN_EXIT = 8,   /* exits with no matching entry (attached mid-syscall) */
+	TF_STAT_MAX = 16,
+};
+
+struct tf_str {
+	__u64 uptr;   /* user address read, kept for the user-space fallback */
+	__s32 err;    /* last read error (negative errno), 0 if none */
+	__u16 len;    /* bytes captured, NUL excluded */
+	__u8 status;  /* enum tf_status */
+	__u8 strategy; /* enum tf_strategy that produced data */
+	char data[TF_PATH_MAX];
+};
+
+struct tf_blob {
+	__u64 uptr;
+	__s32 err;
+	__u16 len;    /* bytes captured */
+	__u8 status;
+	__u8 strategy;
+	__u8 data[TF_BLOB_MAX];
+};
+
+struct tf_hdr {
+	__u64 ts_ns;     /* syscall entry, bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	__u64 exit_ns;   /* syscall exit */
+	__u64 cgroup_id;
+	__s64 ret;
+	__u32 pid;       /* tgid */
+	__u32 tid;
+	__u16 kind;      /* enum tf_kind */
+	__u16 syscall;   /* enum tf_syscall */
+	__u8 event_set;  /* enum tf_event_set */
+	__u8 strategy;   /* strategy of the loaded programs */
+	__u8 _pad[2];
+	char comm[TF_COMM_LEN];
+};
+
+struct tf_event {
+	struct tf_hdr hdr;
+	__s64 iargs[6];  /* raw syscall arguments */
+	struct tf_str str[TF_NSTR];
+	struct tf_blob blob;
+};
+
+struct tf_exec_event {
+	struct tf_hdr hdr;
+	__s64 iargs[6];
+	struct tf_str filename;
+	__u64 argv_uptr;
+	__s32 argv_err;
+	__u16 argc;      /* entries captured */
+	__u8 argv_status;
+	__u8 argv_strategy;
+	__u16 arg_len[TF_ARGV_COUNT];
+	char argv[TF_ARGV_COUNT][TF_ARG_MAX];
+};
+
+struct tf_filter {
+	__u32 npids;
+	__u32 ncomms;
+	__u32 ncgroups;
+	__u32 prefix_len;
+	__u32 pids[TF_FILTER_PIDS];
+	char comms[TF_FILTER_COMMS][TF_COMM_LEN];
+	__u64 cgroups[TF_FILTER_CGROUPS];
+	char prefix[TF_PREFIX_MAX];
+};
+
+/* The single entry of tf_control: written by the agent, read first by every program. */
+struct tf_control {
+	__u64 enabled_bits;
+	struct tf_filter filter[TF_SET_MAX];
+};
+
+/* Load-time settings (.rodata), set by the agent before load. */
+struct tf_config {
+	__u32 agent_tgid;        /* never trace the agent itself */
+	__u32 strategy;          /* enum tf_strategy of this object */
+	__u64 wakeup_bytes;      /* wake the consumer once this much data is queued */
+};
+
+#endif /* __TRACEFLEET_EVENTS_H */

@@ -1,0 +1,141 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * tracefleet: entry/exit pairs that build one struct tf_event per syscall.
+ *
+ * TF_SYSCALL(name, nargs, ...) defines, for one syscall, every program variant the capture ladder
+ * can pick from; the agent enables (autoload) only the variants of the chosen strategy:
+ *   tp_enter_<name>   tracepoint, non-sleepable read       (exit-retry, nofault)
+ *   tps_enter_<name>  tracepoint, sleepable copy           (sleepable; BPF_F_SLEEPABLE set by the agent)
+ *   fs_enter_<name>   fentry.s on the syscall function      (fentry-sleepable)
+ *   tp_exit_<name>    tracepoint at exit: return value, retry, emit (every strategy)
+ * The per-thread record lives in tf_inflight between entry and exit. It is an LRU map, so a
+ * missed exit (detach mid-syscall, a thread that never returns) cannot leak entries.
+ */
+#ifndef __TRACEFLEET_SYSCALL_EVENT_BPF_H
+#define __TRACEFLEET_SYSCALL_EVENT_BPF_H
+
+#include "tracefleet/common.bpf.h"
+#include "tracefleet/args.bpf.h"
+
+#define TF_NOARG (-1)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096); /* resized by the agent */
+	__type(key, __u32); /* tid */
+	__type(value, struct tf_event);
+} tf_inflight SEC(".maps");
+
+/* One all-zero record, the template each entry copies from. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tf_event);
+} tf_zero_event SEC(".maps");
+
+/*
+ * s0, s1: indexes of string arguments; blob/blob_len: index of a struct argument and of its
+ * length; blob_out: the struct is written by the kernel (accept4), read at exit with its
+ * length behind the pointer in blob_len.
+ */
+static __always_inline int tf_sys_enter(const unsigned long *a, __u32 set, __u16 sc, int s0,
+					int s1, int blob, int blob_len, bool blob_out,
+					bool sleepable)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__u32 tid = (__u32)id, zero = 0;
+	struct tf_event *e, *tmpl;
+
+	if (!tf_should_trace(set, id >> 32))
+		return 0;
+	tmpl = bpf_map_lookup_elem(&tf_zero_event, &zero);
+	if (!tmpl)
+		return 0;
+	if (bpf_map_update_elem(&tf_inflight, &tid, tmpl, BPF_ANY)) {
+		tf_count(set, TF_STAT_INFLIGHT_FULL);
+		return 0;
+	}
+	e = bpf_map_lookup_elem(&tf_inflight, &tid);
+	if (!e)
+		return 0;
+	tf_fill_hdr(&e->hdr, TF_KIND_SYSCALL, set, sc);
+	for (int i = 0; i < 6; i++)
+		e->iargs[i] = a[i];
+	if (s0 >= 0)
+		tf_read_str_entry(&e->str[0], a[s0], sleepable);
+	if (s1 >= 0)
+		tf_read_str_entry(&e->str[1], a[s1], sleepable);
+	if (blob >= 0 && !blob_out)
+		tf_read_blob(&e->blob, a[blob], a[blob_len], sleepable, TF_ST_OK, tf_cfg.strategy);
+	return 0;
+}
+
+static __always_inline int tf_sys_exit(long ret, __u32 set, int blob, int blob_len, bool blob_out)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct tf_event *e = bpf_map_lookup_elem(&tf_inflight, &tid);
+
+	if (!e)
+		return 0;
+	e->hdr.ret = ret;
+	e->hdr.exit_ns = bpf_ktime_get_ns();
+	if (tf_cfg.strategy == TF_STRAT_EXIT_RETRY) {
+		tf_retry_str(&e->str[0]);
+		tf_retry_str(&e->str[1]);
+		if (e->blob.status == TF_ST_PENDING)
+			tf_read_blob(&e->blob, e->blob.uptr, e->iargs[blob_len & 7], false,
+				     TF_ST_RECOVERED, TF_STRAT_EXIT_RETRY);
+	}
+	if (blob >= 0 && blob_out && ret >= 0) {
+		/* accept4: the kernel wrote the peer address and its length */
+		int len = 0;
+		unsigned long addr = e->iargs[blob & 7];
+		unsigned long lenp = e->iargs[blob_len & 7];
+
+		if (addr && lenp && !bpf_probe_read_user(&len, sizeof(len), (void *)lenp))
+			tf_read_blob(&e->blob, addr, len < 0 ? 0 : len, false, TF_ST_OK,
+				     tf_cfg.strategy);
+	}
+	if (!tf_prefix_ok(set, &e->str[0])) {
+		tf_count(set, TF_STAT_FILTERED);
+		bpf_map_delete_elem(&tf_inflight, &tid);
+		return 0;
+	}
+	for (int i = 0; i < TF_NSTR; i++)
+		tf_count_status(set, e->str[i].status);
+	tf_count_status(set, e->blob.status);
+	tf_submit(set, e, sizeof(*e));
+	bpf_map_delete_elem(&tf_inflight, &tid);
+	return 0;
+}
+
+#define TF_SYSCALL(name, nargs, set, sc, s0, s1, blob, blob_len, blob_out)                          \
+	SEC("tp/syscalls/sys_enter_" #name)                                                   \
+	int tp_enter_##name(struct trace_event_raw_sys_enter *ctx)                            \
+	{                                                                                     \
+		unsigned long a[6];                                                           \
+		tf_tp_args(a, ctx, nargs);                                                           \
+		return tf_sys_enter(a, set, sc, s0, s1, blob, blob_len, blob_out, false);     \
+	}                                                                                     \
+	SEC("tp/syscalls/sys_enter_" #name)                                                   \
+	int tps_enter_##name(struct trace_event_raw_sys_enter *ctx)                           \
+	{                                                                                     \
+		unsigned long a[6];                                                           \
+		tf_tp_args(a, ctx, nargs);                                                           \
+		return tf_sys_enter(a, set, sc, s0, s1, blob, blob_len, blob_out, true);      \
+	}                                                                                     \
+	SEC("fentry.s/" TF_SYSCALL_FN(name))                                                  \
+	int BPF_PROG(fs_enter_##name, struct pt_regs *regs)                                   \
+	{                                                                                     \
+		unsigned long a[6];                                                           \
+		tf_regs_args(a, regs);                                                        \
+		return tf_sys_enter(a, set, sc, s0, s1, blob, blob_len, blob_out, true);      \
+	}                                                                                     \
+	SEC("tp/syscalls/sys_exit_" #name)                                                    \
+	int tp_exit_##name(struct trace_event_raw_sys_exit *ctx)                              \
+	{                                                                                     \
+		return tf_sys_exit(ctx->ret, set, blob, blob_len, blob_out);                  \
+	}
+
+#endif /* __TRACEFLEET_SYSCALL_EVENT_BPF_H */

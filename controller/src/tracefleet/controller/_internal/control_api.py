@@ -1,0 +1,219 @@
+"""ControlService: the operator API behind the tracefleet CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
+from tracefleet.controller._internal.controller import ConfigError, Controller
+from tracefleet.controller._internal.events import Follower
+from tracefleet.controller._internal.fleet import State
+from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
+
+log = logging.getLogger("tracefleet.controller.control")
+
+_STATES = {
+    State.CONNECTED: control_pb2.NODE_STATE_CONNECTED,
+    State.DISCONNECTED: control_pb2.NODE_STATE_DISCONNECTED,
+    State.STALE: control_pb2.NODE_STATE_STALE,
+}
+
+
+def _ts(unix: float | None) -> timestamp_pb2.Timestamp | None:
+    if unix is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(unix * 1e9))
+    return ts
+
+
+def _filters_pb(f: FilterSpec) -> types_pb2.Filters:
+    return types_pb2.Filters(
+        pids=f.pids, comms=f.comms, cgroup_ids=f.cgroup_ids, path_prefixes=f.path_prefixes
+    )
+
+
+def _hist_pb(h: Hist) -> types_pb2.Histogram:
+    return types_pb2.Histogram(bounds=h.bounds, counts=h.counts, sum=h.sum)
+
+
+class ControlService(control_pb2_grpc.ControlServiceServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.ctl = controller
+
+    async def ConfigureEventSet(
+        self,
+        request: control_pb2.ConfigureEventSetRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> control_pb2.ConfigureEventSetResponse:
+        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 0.0
+        f = request.filters
+        try:
+            res = self.ctl.configure(
+                request.event_set,
+                request.enabled,
+                request.selector,
+                ttl,
+                FilterSpec(
+                    tuple(f.pids), tuple(f.comms), tuple(f.cgroup_ids), tuple(f.path_prefixes)
+                ),
+                request.canary_percent,
+                request.sample_rate,
+            )
+        except ConfigError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise AssertionError("unreachable") from None
+        return control_pb2.ConfigureEventSetResponse(
+            generation=res.generation,
+            changed=res.changed,
+            matched_nodes=res.matched_nodes,
+            selected_count=res.selected_count,
+            expires_at=_ts(res.rule.expires_at),
+        )
+
+    async def GetStatus(
+        self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.GetStatusResponse:
+        try:
+            selector = sel.parse(request.selector)
+        except sel.SelectorError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise AssertionError("unreachable") from None
+        ctl = self.ctl
+        now = time.time()
+        nodes = []
+        for name in sorted(ctl.fleet.nodes):
+            n = ctl.fleet.nodes[name]
+            if not selector.matches(n.name, n.labels):
+                continue
+            rates = n.window.rates()
+            nodes.append(
+                control_pb2.NodeStatus(
+                    name=n.name,
+                    labels=n.labels,
+                    kernel_version=n.kernel_version,
+                    agent_version=n.agent_version,
+                    strategies=[
+                        types_pb2.StrategyChoice(**s) for s in n.info.get("strategies", [])
+                    ],
+                    state=_STATES[ctl.fleet.state(n, now)],
+                    applied_generation=n.applied_generation,
+                    desired_generation=ctl.generation,
+                    pending=n.applied_generation < ctl.generation,
+                    last_seen=_ts(n.last_seen) if n.last_seen else None,
+                    statuses=[types_pb2.SetStatus(**s) for s in n.info.get("statuses", [])],
+                    events_per_second=sum(r.events_per_second for r in rates.values()),
+                    faults_per_second=sum(r.faults_per_second for r in rates.values()),
+                    drops_per_second=sum(r.drops_per_second for r in rates.values()),
+                )
+            )
+        return control_pb2.GetStatusResponse(
+            generation=ctl.generation,
+            nodes=nodes,
+            rules=[self._rule_pb(r) for r in sorted(ctl.rules.values(), key=lambda r: r.event_set)],
+            known_event_sets=ctl.known_event_sets(),
+        )
+
+    def _rule_pb(self, r: Rule) -> control_pb2.Rule:
+        matched, _ = self.ctl.matched_nodes(r)
+        return control_pb2.Rule(
+            event_set=r.event_set,
+            enabled=r.enabled,
+            selector=r.selector,
+            filters=_filters_pb(r.filters),
+            canary_percent=r.canary_percent,
+            sample_rate=r.sample_rate,
+            expires_at=_ts(r.expires_at),
+            expired=r.expired,
+            generation=r.generation,
+            matched_nodes=matched if r.active else [],
+        )
+
+    async def StreamEvents(
+        self,
+        request: control_pb2.StreamEventsRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[control_pb2.StreamEventsResponse]:
+        rate = request.sample_rate or 1.0
+        if not 0.0 < rate <= 1.0:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"sample rate must be in (0, 1], got {rate}"
+            )
+        known = self.ctl.known_event_sets()
+        unknown = sorted(set(request.event_sets) - set(known))
+        if unknown:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown event set {', '.join(unknown)}; known event sets: {', '.join(known)}",
+            )
+        follower = Follower(
+            nodes=frozenset(request.nodes),
+            event_sets=frozenset(request.event_sets),
+            pids=frozenset(request.pids),
+            sample_rate=rate,
+        )
+        self.ctl.hub.add(follower)
+        try:
+            while True:
+                ev = await follower.queue.get()
+                missed, follower.missed = follower.missed, 0
+                yield control_pb2.StreamEventsResponse(event=ev, missed=missed)
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self.ctl.hub.remove(follower)
+
+    async def GetTop(
+        self, request: control_pb2.GetTopRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.GetTopResponse:
+        ctl = self.ctl
+        limit = request.limit or 20
+        rows: list[control_pb2.TopRow] = []
+        summaries: dict[str, control_pb2.SetSummary] = {}
+        hists: dict[str, Hist] = {}
+        for name in sorted(ctl.fleet.nodes):
+            if request.node and name != request.node:
+                continue
+            for set_name, r in sorted(ctl.fleet.nodes[name].window.rates().items()):
+                if request.event_set and set_name != request.event_set:
+                    continue
+                s = summaries.setdefault(set_name, control_pb2.SetSummary(event_set=set_name))
+                s.nodes += 1
+                s.events_per_second += r.events_per_second
+                s.drops_per_second += r.drops_per_second
+                s.faults_per_second += r.faults_per_second
+                if r.latency is not None:
+                    if set_name not in hists:
+                        hists[set_name] = Hist(r.latency.bounds, list(r.latency.counts), 0.0)
+                        hists[set_name].sum = r.latency.sum
+                    else:
+                        try:
+                            hists[set_name].add(r.latency)
+                        except HistogramMismatch as e:
+                            log.warning("top: %s left out of %s latency: %s", name, set_name, e)
+                for syscall, eps in r.syscalls_per_second.items():
+                    rows.append(
+                        control_pb2.TopRow(
+                            node=name, event_set=set_name, syscall=syscall, events_per_second=eps
+                        )
+                    )
+        rows.sort(key=lambda row: (-row.events_per_second, row.node, row.event_set, row.syscall))
+        for set_name, h in hists.items():
+            s = summaries[set_name]
+            s.latency.CopyFrom(_hist_pb(h))
+            s.latency_p50_seconds = h.quantile(0.5)
+            s.latency_p99_seconds = h.quantile(0.99)
+        return control_pb2.GetTopResponse(
+            window=duration_pb2.Duration(seconds=int(ctl.fleet.window)),
+            rows=rows[:limit],
+            sets=[summaries[k] for k in sorted(summaries)],
+        )

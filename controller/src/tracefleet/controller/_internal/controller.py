@@ -1,0 +1,371 @@
+"""The controller's state machine: rules -> generation -> desired state per node, and what
+agents report back. Runs on one asyncio loop; the gRPC services are thin adapters over it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from google.protobuf import duration_pb2
+
+from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.aggregate import (
+    FAULT_OUTCOMES,
+    Hist,
+    HistogramMismatch,
+    SetSample,
+)
+from tracefleet.controller._internal.events import EventHub
+from tracefleet.controller._internal.fleet import Connection, Fleet, Node
+from tracefleet.controller._internal.rules import (
+    KNOWN_EVENT_SETS,
+    FilterSpec,
+    Rule,
+    desired_for_node,
+)
+from tracefleet.controller._internal.store import Store
+from tracefleet.v1 import agent_pb2, types_pb2
+
+log = logging.getLogger("tracefleet.controller")
+
+
+class ConfigError(ValueError):
+    """The request is malformed or names something unknown (-> INVALID_ARGUMENT)."""
+
+
+@dataclass(frozen=True)
+class ConfigureResult:
+    generation: int
+    changed: bool
+    rule: Rule
+    matched_nodes: list[str]
+    selected_count: int
+
+
+@dataclass
+class Timings:
+    expiry_check: float = 0.2  # seconds between TTL checks
+    flush: float = 1.0  # seconds between writes of node records
+    sample_renew: float = 2.0  # seconds between SampleRequest renewals
+    sample_lease: float = 6.0  # lease of one SampleRequest
+    max_sampled_events_per_interval: int = 200
+
+
+class Controller:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        stale_after: float = 10.0,
+        window: float = 10.0,
+        timings: Timings | None = None,
+    ) -> None:
+        self.store = store
+        self.timings = timings or Timings()
+        self.fleet = Fleet(stale_after=stale_after, window=window)
+        self.fleet.load(store.nodes())
+        self.hub = EventHub()
+        self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
+        self.generation = store.generation()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._warned_hist: set[str] = set()
+
+    # lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.expire(time.time())
+        self._tasks = [
+            asyncio.create_task(self._every(self.timings.expiry_check, self._expiry_tick)),
+            asyncio.create_task(self._every(self.timings.flush, self.flush)),
+            asyncio.create_task(self._sampling_loop()),
+        ]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for node in self.fleet.connected():
+            if node.conn is not None:
+                node.conn.close()
+        self.flush()
+
+    async def _every(self, period: float, fn: object) -> None:
+        assert callable(fn)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                fn()
+            except Exception:
+                log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+
+    def _expiry_tick(self) -> None:
+        self.expire(time.time())
+
+    def flush(self) -> None:
+        records = self.fleet.take_dirty()
+        if records:
+            self.store.put_nodes(records)
+
+    # rules ------------------------------------------------------------------------------
+
+    def known_event_sets(self) -> list[str]:
+        return sorted(set(KNOWN_EVENT_SETS) | self.fleet.registered_event_sets())
+
+    def configure(
+        self,
+        event_set: str,
+        enabled: bool,
+        selector: str = "",
+        ttl: float = 0.0,
+        filters: FilterSpec | None = None,
+        canary_percent: int = 0,
+        sample_rate: float = 0.0,
+        now: float | None = None,
+    ) -> ConfigureResult:
+        now = time.time() if now is None else now
+        known = self.known_event_sets()
+        if event_set not in known:
+            raise ConfigError(
+                f"unknown event set {event_set!r}; known event sets: {', '.join(known)}"
+            )
+        try:
+            parsed = sel.parse(selector)
+        except sel.SelectorError as e:
+            raise ConfigError(str(e)) from None
+        if not 0 <= canary_percent <= 100:
+            raise ConfigError(f"canary percent must be 0..100, got {canary_percent}")
+        if not (0.0 <= sample_rate <= 1.0) or math.isnan(sample_rate):
+            raise ConfigError(f"sample rate must be 0..1, got {sample_rate}")
+        if ttl < 0 or math.isnan(ttl):
+            raise ConfigError(f"ttl must not be negative, got {ttl}")
+        filters = filters or FilterSpec()
+        if any(p <= 0 for p in filters.pids):
+            raise ConfigError(f"pids must be positive, got {list(filters.pids)}")
+        expires_at = now + ttl if ttl > 0 and enabled else None
+        new = Rule(
+            event_set,
+            enabled,
+            str(parsed),
+            filters,
+            canary_percent,
+            sample_rate,
+            expires_at,
+        )
+        old = self.rules.get(event_set)
+        if old is not None and old.same_intent(new):
+            rule = old
+            if old.active and old.expires_at != expires_at:
+                self.store.update_expiry(event_set, expires_at)
+                rule = self.rules[event_set] = old.with_changes(expires_at=expires_at)
+            changed = False
+        else:
+            gen, (rule,) = self.store.put_rules([new])
+            self.rules[event_set] = rule
+            self.generation = gen
+            changed = True
+            log.info(
+                "generation %d: %s %s on %s%s",
+                gen,
+                "enable" if enabled else "disable",
+                event_set,
+                rule.selector,
+                f" (canary {canary_percent}%)" if canary_percent not in (0, 100) else "",
+            )
+            self.push_all()
+        matched, selected = self.matched_nodes(rule)
+        return ConfigureResult(rule.generation, changed, rule, matched, selected)
+
+    def matched_nodes(self, rule: Rule) -> tuple[list[str], int]:
+        """Known nodes the rule enables the set on (all nodes for a disabled rule), and how
+        many its selector selects."""
+        names = sorted(self.fleet.nodes)
+        if not rule.active:
+            return names, len(names)
+        selected = [n for n in names if rule.selects(n, self.fleet.nodes[n].labels)]
+        matched = [n for n in selected if rule.applies_to(n, self.fleet.nodes[n].labels)]
+        return matched, len(selected)
+
+    def expire(self, now: float) -> list[str]:
+        """Switch off rules whose TTL ran out, under one new generation."""
+        due = [
+            r
+            for r in self.rules.values()
+            if r.active and r.expires_at is not None and r.expires_at <= now
+        ]
+        if not due:
+            return []
+        gen, stored = self.store.put_rules(r.with_changes(expired=True) for r in due)
+        for r in stored:
+            self.rules[r.event_set] = r
+        self.generation = gen
+        log.info("generation %d: TTL expired for %s", gen, ", ".join(r.event_set for r in due))
+        self.push_all()
+        return [r.event_set for r in due]
+
+    # downstream -------------------------------------------------------------------------
+
+    def desired_message(self, node: Node) -> agent_pb2.ControllerMessage:
+        specs = [
+            types_pb2.EventSetSpec(
+                name=s.name,
+                enabled=s.enabled,
+                filters=types_pb2.Filters(
+                    pids=s.filters.pids,
+                    comms=s.filters.comms,
+                    cgroup_ids=s.filters.cgroup_ids,
+                    path_prefixes=s.filters.path_prefixes,
+                ),
+                sample_rate=s.sample_rate,
+            )
+            for s in desired_for_node(self.rules.values(), node.name, node.labels)
+        ]
+        return agent_pb2.ControllerMessage(
+            desired_state=agent_pb2.DesiredState(generation=self.generation, event_sets=specs)
+        )
+
+    def push_all(self) -> None:
+        for node in self.fleet.connected():
+            assert node.conn is not None
+            node.conn.send(self.desired_message(node))
+
+    def sample_message(self, node: Node) -> agent_pb2.ControllerMessage | None:
+        spec = self.hub.sample_spec(node.name)
+        if spec is None:
+            return None
+        return agent_pb2.ControllerMessage(
+            sample_request=agent_pb2.SampleRequest(
+                event_sets=spec.event_sets,
+                pids=spec.pids,
+                sample_rate=spec.sample_rate,
+                max_events_per_interval=self.timings.max_sampled_events_per_interval,
+                lease=duration_pb2.Duration(seconds=math.ceil(self.timings.sample_lease)),
+            )
+        )
+
+    def refresh_sampling(self) -> None:
+        for node in self.fleet.connected():
+            conn = node.conn
+            assert conn is not None
+            msg = self.sample_message(node)
+            if msg is not None:
+                conn.send(msg)
+                conn.sampling = True
+            elif conn.sampling:
+                conn.send(
+                    agent_pb2.ControllerMessage(
+                        sample_request=agent_pb2.SampleRequest(lease=duration_pb2.Duration())
+                    )
+                )
+                conn.sampling = False
+
+    async def _sampling_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hub.changed.wait(), self.timings.sample_renew)
+            self.hub.changed.clear()
+            try:
+                self.refresh_sampling()
+            except Exception:
+                log.exception("sampling refresh failed")
+
+    # upstream ---------------------------------------------------------------------------
+
+    def on_register(self, reg: agent_pb2.Register, conn: Connection) -> Node:
+        node = self.fleet.attach(reg.node_name, conn)
+        node.labels = dict(reg.labels)
+        node.kernel_version = reg.kernel_version
+        node.agent_version = reg.agent_version
+        node.applied_generation = reg.applied_generation
+        node.info = {
+            "strategies": [
+                {
+                    "event_set": c.event_set,
+                    "strategy": c.strategy,
+                    "reason": c.reason,
+                    "available": list(c.available),
+                }
+                for c in reg.capabilities
+            ],
+            "event_sets": sorted(reg.event_sets),
+            "statuses": [_status_dict(s) for s in reg.statuses],
+            "capabilities_json": reg.capabilities_json,
+        }
+        self.fleet.mark_dirty(node)
+        if reg.applied_generation > self.generation:
+            # The agent applied a generation this controller never issued (its database was
+            # replaced): move past it so every agent converges on this controller's state.
+            self.generation = self.store.ensure_generation_above(reg.applied_generation)
+            log.warning(
+                "node %s applied generation %d > ours; generation is now %d",
+                node.name,
+                reg.applied_generation,
+                self.generation,
+            )
+            self.push_all()
+        else:
+            conn.send(self.desired_message(node))
+        sample = self.sample_message(node)
+        if sample is not None:
+            conn.send(sample)
+            conn.sampling = True
+        return node
+
+    def on_ack(self, node: Node, ack: agent_pb2.Ack) -> None:
+        self.fleet.seen(node)
+        node.applied_generation = ack.generation
+        node.info["statuses"] = [_status_dict(s) for s in ack.statuses]
+        self.fleet.mark_dirty(node)
+
+    def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> None:
+        self.fleet.seen(node)
+        if not batch.replayed:
+            samples = []
+            for s in batch.sets:
+                latency = None
+                if s.HasField("latency") and s.latency.counts:
+                    try:
+                        h = s.latency
+                        latency = Hist(tuple(h.bounds), list(h.counts), h.sum)
+                    except HistogramMismatch as e:
+                        self._warn_hist(node.name, str(e))
+                samples.append(
+                    SetSample(
+                        s.event_set,
+                        dict(s.events_by_syscall),
+                        s.delivered,
+                        s.dropped,
+                        sum(o.count for o in s.outcomes if o.outcome in FAULT_OUTCOMES),
+                        latency,
+                    )
+                )
+            duration = (batch.interval_end_ns - batch.interval_start_ns) / 1e9
+            node.window.add(duration, samples)
+        if batch.events:
+            for ev in batch.events:
+                ev.node = node.name
+            self.hub.dispatch(node.name, batch.events)
+
+    def _warn_hist(self, node: str, why: str) -> None:
+        if node not in self._warned_hist:
+            self._warned_hist.add(node)
+            log.warning("node %s sent a histogram that cannot be merged: %s", node, why)
+
+    def on_disconnect(self, node: Node, conn: Connection) -> None:
+        if self.fleet.detach(node, conn):
+            log.info("node %s disconnected", node.name)
+
+
+def _status_dict(s: types_pb2.SetStatus) -> dict[str, object]:
+    return {
+        "name": s.name,
+        "enabled": s.enabled,
+        "attached": s.attached,
+        "strategy": s.strategy,
+        "error": s.error,
+    }

@@ -1,0 +1,30 @@
+"""Human durations for the CLI: 90, 45s, 10m, 1h30m, 500ms, 2d."""
+
+from __future__ import annotations
+
+import re
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds; ValueError with an example on bad input."""
+    t = text.strip().lower()
+    try:
+        value = float(t)
+    except ValueError:
+        pass
+    else:
+        if value < 0:
+            raise ValueError(f"negative duration {text!r}")
+        return value
+    pos, total = 0, 0.0
+    for m in _PART.finditer(t):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not t or pos != len(t):
+        raise ValueError(f"bad duration {text!r}: use e.g. 30s, 10m, 1h30m or plain seconds")
+    return total

@@ -1,0 +1,211 @@
+"""Durable desired state: the fleet generation, the rules, and what nodes last reported.
+
+SQLite (one file, WAL). Every rule change bumps the generation in the same transaction, so the
+generation is monotonic across restarts and a rule is never seen without its generation.
+``:memory:`` gives a throw-away store for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tracefleet.controller._internal.rules import FilterSpec, Rule
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rules (
+    event_set TEXT PRIMARY KEY,
+    enabled INTEGER NOT NULL,
+    selector TEXT NOT NULL,
+    filters TEXT NOT NULL,
+    canary_percent INTEGER NOT NULL,
+    sample_rate REAL NOT NULL,
+    expires_at REAL,
+    expired INTEGER NOT NULL,
+    generation INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name TEXT PRIMARY KEY,
+    labels TEXT NOT NULL,
+    kernel_version TEXT NOT NULL,
+    agent_version TEXT NOT NULL,
+    info TEXT NOT NULL,
+    applied_generation INTEGER NOT NULL,
+    last_seen REAL NOT NULL
+);
+"""
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    kernel_version: str = ""
+    agent_version: str = ""
+    # strategies, event sets, statuses: what the node last reported, JSON-ready
+    info: dict[str, Any] = field(default_factory=dict)
+    applied_generation: int = 0
+    last_seen: float = 0.0  # unix seconds
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        if path != ":memory:":
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create {parent} for the database: {e}") from e
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the database {path}: {e}") from e
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        elif version != _SCHEMA_VERSION:
+            raise StoreError(
+                f"{path} has schema version {version}, this controller knows {_SCHEMA_VERSION}"
+            )
+        self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # generation -------------------------------------------------------------------------
+
+    def generation(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()[0])
+
+    def _bump(self) -> int:
+        self._db.execute("UPDATE meta SET value = value + 1 WHERE key='generation'")
+        return self.generation()
+
+    def ensure_generation_above(self, n: int) -> int:
+        """Make the generation > n (an agent applied n from a controller whose database was
+        lost); returns the generation."""
+        with self._tx():
+            if self.generation() <= n:
+                self._db.execute("UPDATE meta SET value = ? WHERE key='generation'", (n + 1,))
+            return self.generation()
+
+    # rules ------------------------------------------------------------------------------
+
+    def put_rules(self, rules: Iterable[Rule]) -> tuple[int, list[Rule]]:
+        """Store rules under one new generation; returns it and the stored rules."""
+        with self._tx():
+            gen = self._bump()
+            stored = [r.with_changes(generation=gen) for r in rules]
+            for r in stored:
+                self._write_rule(r)
+        return gen, stored
+
+    def update_expiry(self, event_set: str, expires_at: float | None) -> None:
+        """Restart a rule's TTL without changing any node's desired state (no new
+        generation)."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE rules SET expires_at = ? WHERE event_set = ?", (expires_at, event_set)
+            )
+
+    def rules(self) -> list[Rule]:
+        rows = self._db.execute(
+            "SELECT event_set, enabled, selector, filters, canary_percent, sample_rate,"
+            " expires_at, expired, generation FROM rules ORDER BY event_set"
+        ).fetchall()
+        return [
+            Rule(
+                event_set=row[0],
+                enabled=bool(row[1]),
+                selector=row[2],
+                filters=FilterSpec.from_dict(json.loads(row[3])),
+                canary_percent=int(row[4]),
+                sample_rate=float(row[5]),
+                expires_at=row[6],
+                expired=bool(row[7]),
+                generation=int(row[8]),
+            )
+            for row in rows
+        ]
+
+    def _write_rule(self, r: Rule) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO rules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                r.event_set,
+                int(r.enabled),
+                r.selector,
+                json.dumps(r.filters.to_dict(), sort_keys=True),
+                r.canary_percent,
+                r.sample_rate,
+                r.expires_at,
+                int(r.expired),
+                r.generation,
+            ),
+        )
+
+    # nodes ------------------------------------------------------------------------------
+
+    def put_nodes(self, nodes: Iterable[NodeRecord]) -> None:
+        with self._tx():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        n.name,
+                        json.dumps(n.labels, sort_keys=True),
+                        n.kernel_version,
+                        n.agent_version,
+                        json.dumps(n.info, sort_keys=True),
+                        n.applied_generation,
+                        n.last_seen,
+                    )
+                    for n in nodes
+                ],
+            )
+
+    def nodes(self) -> list[NodeRecord]:
+        rows = self._db.execute(
+            "SELECT name, labels, kernel_version, agent_version, info, applied_generation,"
+            " last_seen FROM nodes ORDER BY name"
+        ).fetchall()
+        return [
+            NodeRecord(
+                name=row[0],
+                labels=json.loads(row[1]),
+                kernel_version=row[2],
+                agent_version=row[3],
+                info=json.loads(row[4]),
+                applied_generation=int(row[5]),
+                last_seen=float(row[6]),
+            )
+            for row in rows
+        ]
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,635 @@
+"""tracefleet: the operator CLI of the tracefleet controller."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TextIO
+
+import grpc
+from google.protobuf import duration_pb2
+
+from tracefleet.controller._internal import env, render
+from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.durations import parse_duration
+from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
+
+EXIT_OK = 0
+EXIT_USAGE = 2  # bad arguments or input (also argparse's own code)
+EXIT_UNREACHABLE = 3  # the controller could not be reached or did not answer in time
+EXIT_REJECTED = 4  # the controller refused the request (unknown event set, ...)
+EXIT_NOT_CONVERGED = 5  # --wait: nodes did not apply in time, or reported errors
+
+EXIT_CODES = """\
+exit codes:
+  0  ok
+  2  usage error or bad input (malformed selector, duration, ...)
+  3  controller unreachable (or no answer within --timeout)
+  4  rejected by the controller (e.g. unknown event set)
+  5  --wait: not every node applied the change in time, or a node reported an error
+"""
+
+EPILOG = f"""\
+controller address:
+  --controller HOST:PORT, else ${env.CONTROLLER}, else {env.DEFAULT_CONTROLLER}
+
+{EXIT_CODES}
+examples:
+  tracefleet enable file --selector role=db --ttl 10m --wait
+  tracefleet enable exec --selector role=web --canary 10 --pid 4242
+  tracefleet enable file --node db-1 --node db-2 --path-prefix /etc --comm postgres
+  tracefleet disable file
+  tracefleet status --output json
+  tracefleet events --follow --event-set file --pid 4242
+  tracefleet top --event-set file
+"""
+
+
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(code: int, message: str) -> NoReturn:
+    raise CliError(code, message)
+
+
+# argument parsing ----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return v
+
+
+def _percent(text: str) -> int:
+    try:
+        v = int(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r} (use 1..100)") from None
+    if not 1 <= v <= 100:
+        raise argparse.ArgumentTypeError(f"canary must be 1..100, got {v}")
+    return v
+
+
+def _share(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (use 0..1)") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {v}")
+    return v
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _selector(text: str) -> str:
+    try:
+        return str(sel.parse(text))
+    except sel.SelectorError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line on bad usage (cause and where to look), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # Global options work before or after the command: `tracefleet status -o json` too.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--controller",
+        default=argparse.SUPPRESS,
+        metavar="HOST:PORT",
+        help=f"controller address (default: ${env.CONTROLLER} or {env.DEFAULT_CONTROLLER})",
+    )
+    common.add_argument(
+        "-o", "--output", choices=render.FORMATS, default=argparse.SUPPRESS,
+        help="output format (default: table)",
+    )  # fmt: skip
+    common.add_argument(
+        "--timeout", type=_duration, default=argparse.SUPPRESS, metavar="DURATION",
+        help="deadline of each call to the controller (default: 10s)",
+    )  # fmt: skip
+
+    p = _Parser(
+        prog="tracefleet",
+        description="Configure and observe syscall tracing across the fleet through the "
+        "tracefleet controller.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name: str, help_: str, epilog: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=f"{epilog}\n\n{EXIT_CODES}",
+            parents=[common],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    en = add(
+        "enable",
+        "enable an event set on the nodes a selector matches",
+        "examples:\n"
+        "  tracefleet enable file --selector role=db --ttl 10m --wait\n"
+        "  tracefleet enable file --selector 'role=db,zone=a' --canary 10\n"
+        "  tracefleet enable exec --node web-1 --pid 4242 --comm nginx\n"
+        "  tracefleet enable file --path-prefix /etc --path-prefix /root\n\n"
+        "selectors: all (default), key=value, key!=value, key=a|b, node=NAME; comma = and.\n"
+        "Repeating enable for a set replaces its previous rule; repeating it unchanged\n"
+        "is a no-op (a --ttl is restarted).",
+    )
+    en.add_argument("event_set", metavar="EVENT_SET", help="e.g. file, exec, net, vfs")
+    en.add_argument(
+        "-s", "--selector", type=_selector, default=None,
+        help="nodes to enable on (default: all)",
+    )  # fmt: skip
+    en.add_argument(
+        "--node", action="append", default=[], metavar="NAME",
+        help="node name (repeatable); added to --selector as node=A|B",
+    )  # fmt: skip
+    en.add_argument(
+        "--ttl", type=_duration, default=0.0, metavar="DURATION",
+        help="switch the set off again after this long, e.g. 10m (default: never)",
+    )  # fmt: skip
+    en.add_argument(
+        "--canary", type=_percent, default=0, metavar="PERCENT",
+        help="enable on a deterministic PERCENT of the selected nodes only",
+    )  # fmt: skip
+    en.add_argument(
+        "--pid", type=_positive_int, action="append", default=[],
+        help="capture only this process (repeatable)",
+    )  # fmt: skip
+    en.add_argument(
+        "--comm", action="append", default=[], help="capture only this command name (repeatable)"
+    )
+    en.add_argument(
+        "--path-prefix", action="append", default=[], metavar="PATH",
+        help="capture only paths under PATH (repeatable)",
+    )  # fmt: skip
+    en.add_argument(
+        "--cgroup-id", type=_positive_int, action="append", default=[], metavar="ID",
+        help="capture only this cgroup (repeatable)",
+    )  # fmt: skip
+    en.add_argument(
+        "--sample-rate", type=_share, default=0.0, metavar="SHARE",
+        help="share 0..1 of raw events always forwarded to the controller (default: 0)",
+    )  # fmt: skip
+    _add_wait(en)
+
+    dis = add(
+        "disable",
+        "disable an event set on every node",
+        "examples:\n  tracefleet disable file\n  tracefleet disable file --wait",
+    )
+    dis.add_argument("event_set", metavar="EVENT_SET")
+    _add_wait(dis)
+
+    st = add(
+        "status",
+        "nodes, their applied vs desired generation and rates, and the rules in force",
+        "examples:\n  tracefleet status\n  tracefleet status --selector role=db -o json",
+    )
+    st.add_argument("-s", "--selector", type=_selector, default="", help="nodes to list")
+
+    ev = add(
+        "events",
+        "sampled raw events (the controller asks matching agents to sample while you watch)",
+        "examples:\n"
+        "  tracefleet events --follow\n"
+        "  tracefleet events --follow --node db-1 --event-set file --pid 4242\n"
+        "  tracefleet events --count 20 -o json",
+    )
+    ev.add_argument("-f", "--follow", action="store_true", help="stream until interrupted")
+    ev.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
+    ev.add_argument(
+        "--event-set", action="append", default=[], help="only this event set (repeatable)"
+    )
+    ev.add_argument(
+        "--pid", type=_positive_int, action="append", default=[],
+        help="only this process (repeatable)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--count", type=_positive_int, default=None,
+        help="stop after N events (default without --follow: 50)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--duration", type=_duration, default=None, metavar="DURATION",
+        help="stop after this long (default without --follow: 5s)",
+    )  # fmt: skip
+    ev.add_argument(
+        "--sample-rate", type=_share, default=1.0, metavar="SHARE",
+        help="share of raw events the agents sample (default: 1)",
+    )  # fmt: skip
+
+    top = add(
+        "top",
+        "highest event rates per node, event set and syscall over the controller's window",
+        "examples:\n  tracefleet top\n  tracefleet top --event-set file --limit 5",
+    )
+    top.add_argument("--node", default="", help="only this node")
+    top.add_argument("--event-set", default="", help="only this event set")
+    top.add_argument("--limit", type=_positive_int, default=20, help="rows (default: 20)")
+    return p
+
+
+def _add_wait(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--wait", action="store_true",
+        help="wait until every connected matched node applied the change (progress on stderr)",
+    )  # fmt: skip
+    p.add_argument(
+        "--wait-timeout", type=_duration, default=60.0, metavar="DURATION",
+        help="give up waiting after this long, exit 5 (default: 60s)",
+    )  # fmt: skip
+
+
+# commands ------------------------------------------------------------------------------------
+
+
+class Ctx:
+    def __init__(self, args: argparse.Namespace, out: TextIO, err: TextIO) -> None:
+        self.args = args
+        self.out = out
+        self.err = err
+        self.address: str = getattr(args, "controller", None) or os.environ.get(
+            env.CONTROLLER, env.DEFAULT_CONTROLLER
+        )
+        self.output: str = getattr(args, "output", "table")
+        self.timeout: float = getattr(args, "timeout", 10.0)
+        # status of a large fleet is big: allow up to 256 MiB answers
+        self.channel = grpc.insecure_channel(
+            self.address, options=[("grpc.max_receive_message_length", 256 << 20)]
+        )
+        self.stub = control_pb2_grpc.ControlServiceStub(self.channel)
+
+    def call(self, method: Callable[..., Any], request: Any) -> Any:
+        try:
+            return method(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise rpc_error(e, self.address, self.timeout) from None
+
+    def emit(self, data: Any, table_text: Callable[[], str]) -> None:
+        text = table_text() if self.output == "table" else render.dump(data, self.output)
+        if text:
+            print(text, file=self.out, flush=True)
+
+    def progress(self, text: str) -> None:
+        print(f"tracefleet: {text}", file=self.err, flush=True)
+
+
+def rpc_error(e: grpc.RpcError, address: str, timeout: float) -> CliError:
+    code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
+    details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        why = "connection refused" if "refused" in details.lower() else details[:160]
+        return CliError(
+            EXIT_UNREACHABLE,
+            f"cannot reach the controller at {address} ({why}); "
+            f"start tracefleet-controller there or pass --controller HOST:PORT "
+            f"(or set {env.CONTROLLER})",
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CliError(
+            EXIT_UNREACHABLE,
+            f"the controller at {address} did not answer within {timeout:g}s; check that it "
+            f"is running and responsive, or raise --timeout",
+        )
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return CliError(EXIT_REJECTED, f"rejected by the controller: {details}")
+    return CliError(EXIT_REJECTED, f"the controller failed the request: {code.name}: {details}")
+
+
+def cmd_configure(ctx: Ctx, enabled: bool) -> int:
+    a = ctx.args
+    selector = ""
+    filters = types_pb2.Filters()
+    req = control_pb2.ConfigureEventSetRequest(event_set=a.event_set, enabled=enabled)
+    if enabled:
+        selector = a.selector or ""
+        if a.node:
+            try:
+                nodes = str(sel.parse("node=" + "|".join(a.node)))
+            except sel.SelectorError as e:
+                fail(EXIT_USAGE, f"bad --node: {e}")
+            selector = nodes if selector in ("", "all") else f"{selector},{nodes}"
+        filters = types_pb2.Filters(
+            pids=a.pid, comms=a.comm, cgroup_ids=a.cgroup_id, path_prefixes=a.path_prefix
+        )
+        req.selector = selector
+        req.filters.CopyFrom(filters)
+        req.canary_percent = a.canary
+        req.sample_rate = a.sample_rate
+        if a.ttl:
+            ttl = duration_pb2.Duration()
+            ttl.FromNanoseconds(int(a.ttl * 1e9))
+            req.ttl.CopyFrom(ttl)
+    resp = ctx.call(ctx.stub.ConfigureEventSet, req)
+    result = render.to_data(resp)
+    result["event_set"] = a.event_set
+    result["enabled"] = enabled
+    code = EXIT_OK
+    if a.wait:
+        waited, code = wait_applied(ctx, resp.generation, list(resp.matched_nodes), a)
+        result["wait"] = waited
+
+    def text() -> str:
+        verb = "enabled" if enabled else "disabled"
+        nodes = list(resp.matched_nodes)
+        head = f"{a.event_set}: {verb} on {len(nodes)} node(s), generation {resp.generation}" + (
+            "" if resp.changed else " (unchanged)"
+        )
+        if enabled and a.canary:
+            head += f", canary {a.canary}% of {resp.selected_count} selected"
+        if resp.HasField("expires_at"):
+            head += f", expires {render.timestamp_text(resp.expires_at)}"
+        shown = ", ".join(nodes[:20]) + (
+            f", ... ({len(nodes) - 20} more)" if len(nodes) > 20 else ""
+        )
+        return head + (f"\n  nodes: {shown}" if nodes else "")
+
+    ctx.emit(result, text)
+    if enabled and not resp.matched_nodes:
+        ctx.progress(
+            "warning: no known node matches; the rule applies to matching nodes when they "
+            "connect (check labels with 'tracefleet status')"
+        )
+    return code
+
+
+def wait_applied(
+    ctx: Ctx, generation: int, nodes: Sequence[str], a: argparse.Namespace
+) -> tuple[dict[str, Any], int]:
+    """Poll status until every connected node of ``nodes`` applied ``generation``."""
+    deadline = time.monotonic() + a.wait_timeout
+    wanted = set(nodes)
+    last = ""
+    while True:
+        st = ctx.call(ctx.stub.GetStatus, control_pb2.GetStatusRequest())
+        applied, pending, unreachable, errors = [], [], [], []
+        for n in st.nodes:
+            if n.name not in wanted:
+                continue
+            if n.state != control_pb2.NODE_STATE_CONNECTED:
+                unreachable.append(n.name)
+            elif n.applied_generation >= generation:
+                applied.append(n.name)
+                errors += [
+                    f"{n.name}: {s.name}: {s.error}"
+                    for s in n.statuses
+                    if s.error and s.name == a.event_set
+                ]
+            else:
+                pending.append(n.name)
+        line = (
+            f"generation {generation}: {len(applied)}/{len(applied) + len(pending)} connected "
+            f"node(s) applied" + (f", {len(unreachable)} not connected" if unreachable else "")
+        )
+        if line != last:
+            ctx.progress(line)
+            last = line
+        summary = {
+            "generation": generation,
+            "applied": sorted(applied),
+            "pending": sorted(pending),
+            "not_connected": sorted(unreachable),
+            "errors": errors,
+        }
+        if not pending:
+            for e in errors:
+                ctx.progress(f"error: {e}")
+            if unreachable:
+                ctx.progress(
+                    f"not connected (they apply it when they reconnect): {', '.join(unreachable)}"
+                )
+            return summary, EXIT_NOT_CONVERGED if errors else EXIT_OK
+        if time.monotonic() >= deadline:
+            ctx.progress(
+                f"timed out after {a.wait_timeout:g}s; still pending: {', '.join(pending[:10])}"
+                + (" ..." if len(pending) > 10 else "")
+                + " (see 'tracefleet status')"
+            )
+            return summary, EXIT_NOT_CONVERGED
+        time.sleep(0.3)
+
+
+STATUS_HEADERS = [
+    "NODE", "STATE", "LABELS", "KERNEL", "GEN", "PENDING", "LAST SEEN", "EV/S", "FAULT/S",
+    "DROP/S", "ENABLED SETS",
+]  # fmt: skip
+
+
+def cmd_status(ctx: Ctx) -> int:
+    st = ctx.call(ctx.stub.GetStatus, control_pb2.GetStatusRequest(selector=ctx.args.selector))
+    now = time.time()
+
+    def text() -> str:
+        rows = []
+        for n in st.nodes:
+            enabled = [s for s in n.statuses if s.enabled]
+            sets = ",".join(
+                f"{s.name}({s.strategy or '?'}{'' if not s.error else ' ERR'})" for s in enabled
+            )
+            rows.append(
+                [
+                    n.name,
+                    render.to_data(n)["state"],
+                    ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())) or "-",
+                    n.kernel_version or "-",
+                    f"{n.applied_generation}/{n.desired_generation}",
+                    "yes" if n.pending else "no",
+                    render.ago(n.last_seen, now),
+                    render.rate(n.events_per_second),
+                    render.rate(n.faults_per_second),
+                    render.rate(n.drops_per_second),
+                    sets or "-",
+                ]
+            )
+        out = [
+            f"generation {st.generation}, {len(st.nodes)} node(s), known event sets: "
+            f"{', '.join(st.known_event_sets)}",
+            "",
+            render.table(STATUS_HEADERS, rows),
+        ]
+        errors = [
+            f"  {n.name}: {s.name}: {s.error}" for n in st.nodes for s in n.statuses if s.error
+        ]
+        if errors:
+            out += ["", "errors:", *errors]
+        if st.rules:
+            rule_rows = []
+            for r in st.rules:
+                state = "expired" if r.expired else ("on" if r.enabled else "off")
+                flt = render.to_data(r.filters)
+                flt_text = " ".join(f"{k}={','.join(map(str, v))}" for k, v in flt.items() if v)
+                rule_rows.append(
+                    [
+                        r.event_set,
+                        state,
+                        r.selector if r.enabled else "-",
+                        f"{r.canary_percent}%" if r.canary_percent not in (0, 100) else "-",
+                        render.timestamp_text(r.expires_at) if r.HasField("expires_at") else "-",
+                        flt_text or "-",
+                        len(r.matched_nodes),
+                        r.generation,
+                    ]
+                )
+            out += [
+                "",
+                render.table(
+                    ["SET", "RULE", "SELECTOR", "CANARY", "EXPIRES", "FILTERS", "NODES", "GEN"],
+                    rule_rows,
+                ),
+            ]
+        return "\n".join(out)
+
+    ctx.emit(render.to_data(st), text)
+    return EXIT_OK
+
+
+def cmd_events(ctx: Ctx) -> int:
+    a = ctx.args
+    count = a.count if (a.count or a.follow) else 50
+    duration = a.duration if (a.duration or a.follow) else 5.0
+    req = control_pb2.StreamEventsRequest(
+        nodes=a.node, event_sets=a.event_set, pids=a.pid, sample_rate=a.sample_rate
+    )
+    try:
+        stream = ctx.stub.StreamEvents(req, timeout=duration or None)
+    except grpc.RpcError as e:
+        raise rpc_error(e, ctx.address, ctx.timeout) from None
+    if ctx.output == "table":
+        print("TIME (UTC)       NODE  SET  SYSCALL  PID  COMM  RET  ARGS", file=ctx.out, flush=True)
+    seen = 0
+    try:
+        for resp in stream:
+            if resp.missed:
+                ctx.progress(f"missed {resp.missed} event(s): reading too slowly")
+            e = resp.event
+            data = render.to_data(e)
+            if ctx.output == "table":
+                ts = time.strftime("%H:%M:%S", time.gmtime(e.ts_ns / 1e9))
+                ts += f".{e.ts_ns % 1_000_000_000 // 1000:06d}"
+                args = " ".join(
+                    f"{k}={v.value!r}" + ("" if v.status in ("", "ok") else f"[{v.status}]")
+                    for k, v in sorted(e.args.items())
+                )
+                print(
+                    f"{ts}  {e.node}  {e.event_set}  {e.syscall}  {e.pid}  {e.comm}  {e.ret}  "
+                    f"{args}",
+                    file=ctx.out,
+                    flush=True,
+                )
+            elif ctx.output == "json":
+                print(json.dumps(data), file=ctx.out, flush=True)
+            else:
+                print("---\n" + render.dump(data, "yaml"), file=ctx.out, flush=True)
+            seen += 1
+            if count and seen >= count:
+                stream.cancel()
+                break
+    except grpc.RpcError as e:
+        code = e.code() if isinstance(e, grpc.Call) else None
+        if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+            raise rpc_error(e, ctx.address, ctx.timeout) from None
+    except KeyboardInterrupt:
+        stream.cancel()
+    if seen == 0:
+        ctx.progress(
+            "no events: is the event set enabled on the matching nodes? "
+            "(tracefleet status; tracefleet enable SET)"
+        )
+    return EXIT_OK
+
+
+def cmd_top(ctx: Ctx) -> int:
+    a = ctx.args
+    resp = ctx.call(
+        ctx.stub.GetTop,
+        control_pb2.GetTopRequest(node=a.node, event_set=a.event_set, limit=a.limit),
+    )
+
+    def text() -> str:
+        window = resp.window.ToTimedelta().total_seconds()
+        sets = render.table(
+            ["SET", "NODES", "EV/S", "DROP/S", "FAULT/S", "P50", "P99"],
+            [
+                [
+                    s.event_set,
+                    s.nodes,
+                    render.rate(s.events_per_second),
+                    render.rate(s.drops_per_second),
+                    render.rate(s.faults_per_second),
+                    render.seconds_text(s.latency_p50_seconds),
+                    render.seconds_text(s.latency_p99_seconds),
+                ]
+                for s in resp.sets
+            ],
+        )
+        rows = render.table(
+            ["NODE", "SET", "SYSCALL", "EV/S"],
+            [[r.node, r.event_set, r.syscall, render.rate(r.events_per_second)] for r in resp.rows],
+        )
+        if not resp.sets:
+            return f"no events in the last {window:g}s (is an event set enabled?)"
+        return f"last {window:g}s, fleet-wide:\n{sets}\n\n{rows}"
+
+    ctx.emit(render.to_data(resp), text)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[Ctx], int]] = {
+    "enable": lambda c: cmd_configure(c, True),
+    "disable": lambda c: cmd_configure(c, False),
+    "status": cmd_status,
+    "events": cmd_events,
+    "top": cmd_top,
+}
+
+
+def main(
+    argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    args = build_parser().parse_args(argv)
+    ctx = Ctx(args, out, err)
+    try:
+        return COMMANDS[args.command](ctx)
+    except CliError as e:
+        print(f"tracefleet: {e}", file=err)
+        return e.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    finally:
+        ctx.channel.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Fixtures of the BPF suite: real kernel, real programs, no mocks.
+
+Every test here needs root. Strategies the running kernel lacks are skipped with the
+kernel's own reason (e.g. the verifier's "can be sleepable" refusal), never passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BPF_DIR, WORKLOADS, require_root
+
+pytestmark = pytest.mark.bpf
+
+_probe_cache: dict[str, Any] = {}
+
+
+def _check_host() -> None:
+    require_root()
+    from tracefleet.agent.hostcheck import HostCheckError, check_host
+
+    if not (BPF_DIR / "file.bpf.o").exists():
+        pytest.skip("BPF objects not built: run `make bpf`")
+    try:
+        check_host()
+    except HostCheckError as e:
+        pytest.skip(f"host cannot run BPF capture: {e.cause}")
+
+
+def ladder_report() -> dict[str, Any]:
+    """What each rung of the ladder does on this kernel, per event set (probed once)."""
+    if not _probe_cache:
+        from tracefleet.agent._internal.abi import Strategy
+        from tracefleet.agent.capture import BpfEngine, EngineOptions
+
+        for strat in ("sleepable", "fentry-sleepable", "exit-retry", "user-fallback", "nofault"):
+            forced = {n: Strategy.from_label(strat) for n in ("file", "exec", "net")}
+            with BpfEngine(EngineOptions(strategies=forced, bpf_dir=BPF_DIR)) as eng:
+                caps = eng.capabilities()
+            _probe_cache[strat] = {
+                name: (s["strategy"] is not None, s["reason"])
+                for name, s in caps["event_sets"].items()
+            }
+    return _probe_cache
+
+
+@pytest.fixture(scope="session")
+def host() -> None:
+    _check_host()
+
+
+def need_strategy(strategy: str, event_set: str) -> None:
+    ok, reason = ladder_report()[strategy][event_set]
+    if not ok:
+        pytest.skip(f"{strategy} not available on {os.uname().release} for {event_set}: {reason}")
+
+
+class Capture:
+    """A running BpfEngine collecting events into a list."""
+
+    def __init__(self, engine: Any):
+        self.engine = engine
+        self.events: list[dict[str, Any]] = []
+        engine.add_sink(self.events.append)
+        # consume in the background, as the agent does: the user-space fallback must read a
+        # process while it still lives
+        engine.start()
+
+    def wait_for(self, pred: Callable[[dict[str, Any]], bool], n: int = 1,
+                 timeout: float = 5.0) -> list[dict[str, Any]]:  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while True:
+            time.sleep(0.02)
+            got = [e for e in list(self.events) if pred(e)]
+            if len(got) >= n or time.monotonic() > deadline:
+                return got
+
+    def for_pid(self, pid: int, n: int = 1, timeout: float = 5.0) -> list[dict[str, Any]]:
+        return self.wait_for(lambda e: e["pid"] == pid, n, timeout)
+
+
+@pytest.fixture
+def capture(host: None) -> Iterator[Callable[..., Capture]]:
+    from tracefleet.agent._internal.abi import Strategy
+    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.engine import EventSetConfig, Filters
+
+    engines: list[Any] = []
+
+    def start(sets: list[str], strategy: str | None = None, filters: Filters | None = None,
+              **opts: Any) -> Capture:  # fmt: skip
+        forced = {n: Strategy.from_label(strategy) for n in sets} if strategy else {}
+        eng = BpfEngine(EngineOptions(strategies=forced, bpf_dir=BPF_DIR, **opts))
+        engines.append(eng)
+        cap = Capture(eng)
+        statuses = eng.apply({n: EventSetConfig(n, True, filters or Filters()) for n in sets})
+        for st in statuses:
+            if st.name in sets:
+                assert st.enabled and st.attached, st
+        return cap
+
+    yield start
+    for eng in engines:
+        eng.close()
+
+
+def run_workload(name: str, *args: str, hold_ms: int = 0) -> dict[str, Any]:
+    cmd = [str(WORKLOADS / name), *args]
+    if hold_ms:
+        cmd += ["--hold-ms", str(hold_ms)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def workload_bin() -> Path:
+    if not (WORKLOADS / "cold_rodata").exists():
+        pytest.skip("test workloads not built: run `make workloads`")
+    return WORKLOADS

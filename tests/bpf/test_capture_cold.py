@@ -1,0 +1,164 @@
+"""Capture of arguments from non-resident pages, per strategy, on the running kernel.
+
+Each case runs a workload from tests/workloads whose argument sits in a page that is not
+mapped at syscall entry (the workload checks this itself via pagemap), and asserts the
+exact value and status tracefleet reports. What each strategy must achieve:
+
+  sleepable, fentry-sleepable  ok, every case (the copy helpers fault the page in)
+  exit-retry                   recovered where the kernel reads the argument, lost where
+                               the syscall fails before reading it (EINVAL-early)
+  user-fallback                recovered by process_vm_readv while the process lives
+                               (the workload holds for a moment), except after a
+                               successful exec, whose old memory is gone
+  nofault                      lost (what bpftrace and every non-sleepable tracer get)
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from tests.bpf.conftest import need_strategy, run_workload
+
+pytestmark = pytest.mark.bpf
+
+STRATEGIES = ["sleepable", "fentry-sleepable", "exit-retry", "user-fallback", "nofault"]
+SLEEPABLE = {"sleepable", "fentry-sleepable"}
+HOLD_MS = 400  # keeps the workload's memory alive for the user-space fallback
+
+
+def expected(strategy: str, kernel_reads: bool, exec_ok: bool = False) -> tuple[str, str]:
+    """(status, strategy) a cold argument must get."""
+    if strategy in SLEEPABLE:
+        return "ok", strategy
+    if strategy == "exit-retry":
+        return ("recovered", "exit-retry") if kernel_reads else ("lost", "exit-retry")
+    if strategy == "user-fallback":
+        return ("lost", "nofault") if exec_ok else ("recovered", "user-fallback")
+    return "lost", "nofault"
+
+
+def check_arg(arg: dict[str, Any], want: tuple[str, str], value: Any) -> None:
+    assert (arg["status"], arg["strategy"]) == want, arg
+    if want[0] in ("ok", "recovered"):
+        assert arg["value"] == value, arg
+    else:
+        assert arg["value"] is None, arg
+
+
+def by_addr(events: list[dict[str, Any]], syscall: str, arg: str, call: dict[str, Any]
+            ) -> list[dict[str, Any]]:  # fmt: skip
+    """The workload's own call, told apart from the dynamic loader's by the address."""
+    return [e for e in events if e["syscall"] == syscall
+            and int(e["args"][arg]["addr"], 16) == int(call["addr"], 16)]  # fmt: skip
+
+
+def assert_cold(call: dict[str, Any]) -> None:
+    # the workload read its own page tables just before the call
+    if call["pte_present"] is not None:
+        assert not all(call["pte_present"]), f"argument was resident, test is void: {call}"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mode,kernel_reads", [("openat", True), ("einval", False)])
+def test_rodata_path_of_fresh_exec(capture, workload_bin, strategy, mode, kernel_reads):
+    """A freshly exec'd PIE opens a .rodata literal the kernel has not faulted in yet."""
+    need_strategy(strategy, "file")
+    cap = capture(["file"], strategy)
+    w = run_workload("cold_rodata", mode, hold_ms=HOLD_MS)
+    call = w["calls"][0]
+    assert_cold(call)
+    [ev] = by_addr(cap.for_pid(w["pid"]), "openat", "pathname", call)
+    assert ev["ret"] == -call["errno"]
+    check_arg(ev["args"]["pathname"], expected(strategy, kernel_reads), call["expect"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_openat2_path_and_open_how(capture, workload_bin, strategy):
+    need_strategy(strategy, "file")
+    cap = capture(["file"], strategy)
+    w = run_workload("cold_rodata", "openat2", hold_ms=HOLD_MS)
+    path_call, how_call = w["calls"]
+    [ev] = by_addr(cap.for_pid(w["pid"]), "openat2", "pathname", path_call)
+    want = expected(strategy, True)
+    check_arg(ev["args"]["pathname"], want, path_call["expect"])
+    how = bytes.fromhex(how_call["expect"])
+    flags, mode, resolve = (int.from_bytes(how[i : i + 8], "little") for i in (0, 8, 16))
+    check_arg(ev["args"]["how"], want, {"flags": flags, "mode": mode, "resolve": resolve})
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("mode", ["connect", "connect6", "connect_unix"])
+def test_sockaddr_of_connect(capture, workload_bin, strategy, mode):
+    need_strategy(strategy, "net")
+    cap = capture(["net"], strategy)
+    w = run_workload("cold_rodata", mode, hold_ms=HOLD_MS)
+    call = w["calls"][0]
+    assert_cold(call)
+    [ev] = by_addr(cap.for_pid(w["pid"]), "connect", "addr", call)
+    raw = bytes.fromhex(call["expect"])
+    family = int.from_bytes(raw[:2], "little")
+    if family == socket.AF_INET:
+        value = {"family": "inet", "address": "127.0.0.1", "port": 9}
+    elif family == socket.AF_INET6:
+        value = {"family": "inet6", "address": "::1", "port": 9}
+    else:
+        value = {"family": "unix", "path": raw[2:].split(b"\0")[0].decode()}
+    check_arg(ev["args"]["addr"], expected(strategy, True), value)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_exec_filename_and_argv(capture, workload_bin, strategy):
+    """At sys_exit of a successful execve the old memory is gone: the non-sleepable rung
+    recovers from sched_process_exec (the kernel's copies) instead."""
+    need_strategy(strategy, "exec")
+    cap = capture(["exec"], strategy)
+    w = run_workload("cold_rodata", "exec")
+    calls = {c["arg"]: c for c in w["calls"]}
+    [ev] = by_addr(cap.for_pid(w["pid"]), "execve", "filename", calls["filename"])
+    assert ev["ret"] == 0
+    want = expected(strategy, True, exec_ok=True)
+    check_arg(ev["args"]["filename"], want, calls["filename"]["expect"])
+    argv = [calls[f"argv[{i}]"]["expect"] for i in range(3)]
+    check_arg(ev["args"]["argv"], want, argv)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_file_mapping_after_cache_drop(capture, workload_bin, strategy):
+    """30 paths 64 KiB apart in a private file mapping whose page cache was dropped."""
+    need_strategy(strategy, "file")
+    cap = capture(["file"], strategy)
+    w = run_workload("cold_filemap", hold_ms=HOLD_MS)
+    calls = w["calls"]
+    assert len(calls) == 30
+    evs = cap.for_pid(w["pid"], n=len(calls) + 5)
+    want = expected(strategy, True)
+    for c in calls:
+        [ev] = by_addr(evs, "openat", "pathname", c)
+        check_arg(ev["args"]["pathname"], want, c["expect"])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_string_crossing_into_cold_page(capture, workload_bin, strategy):
+    need_strategy(strategy, "file")
+    cap = capture(["file"], strategy)
+    w = run_workload("cold_cross", hold_ms=HOLD_MS)
+    call = w["calls"][0]
+    assert call["pte_present"] in (None, [True, False])
+    [ev] = by_addr(cap.for_pid(w["pid"]), "openat", "pathname", call)
+    check_arg(ev["args"]["pathname"], expected(strategy, True), call["expect"])
+
+
+@pytest.mark.parametrize("strategy", ["exit-retry", "nofault"])
+def test_warm_control_is_ok_everywhere(capture, workload_bin, strategy):
+    """Resident arguments are read at entry with status ok, whatever the strategy."""
+    need_strategy(strategy, "file")
+    cap = capture(["file"], strategy)
+    w = run_workload("warm", "openat")
+    [ev] = by_addr(cap.for_pid(w["pid"]), "openat", "pathname", w["calls"][0])
+    assert (ev["args"]["pathname"]["status"], ev["args"]["pathname"]["strategy"]) == (
+        "ok",
+        "nofault" if strategy == "nofault" else "exit-retry",
+    )

@@ -1,0 +1,135 @@
+"""Real processes on loopback: a tracefleet-controller, simulated agents (SyntheticEngine via
+the load generator), and the tracefleet CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(fn: Callable[[], Any], timeout: float = 30.0, what: str = "", every: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = fn()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(every)
+
+
+class ControllerProc:
+    def __init__(self, tmp: Path, port: int | None = None, stale_after: float = 2.0) -> None:
+        self.db = tmp / "controller.db"
+        self.log = tmp / "controller.log"
+        self.port = port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.stale_after = stale_after
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ControllerProc:
+        offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    PY, "-m", "tracefleet.controller.server", "--listen", self.address,
+                    "--db", str(self.db), "--stale-after", str(self.stale_after),
+                    "--window", "5",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+        def ready() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            return "listening on" in self.log.read_text()[offset:]
+
+        wait_until(ready, 30, "controller to listen")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=30)
+
+
+class AgentProc:
+    """One or more simulated agents in one load-generator process."""
+
+    def __init__(
+        self, tmp: Path, controller: str, name: str, labels: str = "", agents: int = 1, roles=""
+    ) -> None:
+        self.name = name
+        self.stats_file = tmp / f"agent-{name}.json"
+        self.log = tmp / f"agent-{name}.log"
+        self.cmd = [
+            PY, "-m", "tracefleet.agent._internal.loadgen", "--controller", controller,
+            "--agents", str(agents), "--name", name, "--labels", labels, "--roles", roles,
+            "--interval", "0.2", "--backoff-max", "1", "--rate", "200",
+            "--stats-file", str(self.stats_file), "--log-level", "INFO",
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProc:
+        if self.stats_file.exists():
+            self.stats_file.unlink()
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    def stats(self) -> list[dict[str, Any]]:
+        try:
+            return json.loads(self.stats_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=30)
+
+
+def cli(controller: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PY, "-m", "tracefleet.controller.cli", "--controller", controller, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def cli_json(controller: str, *args: str) -> Any:
+    r = cli(controller, *args, "-o", "json")
+    assert r.returncode == 0, f"tracefleet {' '.join(args)}: rc={r.returncode} {r.stderr}"
+    return json.loads(r.stdout)
+
+
+def status(controller: str) -> dict[str, Any]:
+    return cli_json(controller, "status")
+
+
+def nodes_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in st["nodes"]}
+
+
+def enabled_sets(node: dict[str, Any]) -> set[str]:
+    return {s["name"] for s in node["statuses"] if s["enabled"] and s["attached"]}

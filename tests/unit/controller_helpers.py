@@ -1,0 +1,76 @@
+"""An in-process controller on a free loopback port, served from a background thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+
+from tracefleet.controller._internal.agent_api import AgentService
+from tracefleet.controller._internal.control_api import ControlService
+from tracefleet.controller._internal.controller import Controller, Timings
+from tracefleet.controller._internal.store import Store
+from tracefleet.v1 import agent_pb2_grpc, control_pb2_grpc
+
+
+class InProcessController:
+    def __init__(self, db: str = ":memory:", port: int = 0, stale_after: float = 10.0) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.store = Store(db)
+        self.controller = Controller(
+            self.store, stale_after=stale_after, timings=Timings(sample_renew=0.5)
+        )
+        self.port = self._run(self._start(port))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    async def _start(self, port: int) -> int:
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentService(self.controller), self.server
+        )
+        control_pb2_grpc.add_ControlServiceServicer_to_server(
+            ControlService(self.controller), self.server
+        )
+        bound = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        await self.controller.start()
+        await self.server.start()
+        return bound
+
+    def call(self, fn, *args):
+        """Run fn(*args) on the controller's loop (its state is not thread-safe)."""
+
+        async def wrapper():
+            return fn(*args)
+
+        return self._run(wrapper())
+
+    def stop(self) -> None:
+        if not self.thread.is_alive():
+            return
+
+        async def _stop():
+            await self.controller.stop()
+            await self.server.stop(grace=0)
+
+        self._run(_stop())
+        self.store.close()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=5)
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        time.sleep(interval)

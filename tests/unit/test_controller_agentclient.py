@@ -1,0 +1,185 @@
+"""The agent's controller client against an in-process controller, with SyntheticEngine."""
+
+import threading
+import time
+
+import pytest
+
+from tests.unit.controller_helpers import InProcessController, wait_until
+from tracefleet.agent._internal.loadgen import SyntheticEngine
+from tracefleet.agent.controlclient import (
+    ClientOptions,
+    ControlClient,
+    _batch_pb,
+    _strategies,
+    run_agent,
+)
+from tracefleet.agent.engine import Aggregates, EventSetConfig, SetAggregate
+
+FAST = ClientOptions(interval=0.1, backoff_initial=0.05, backoff_max=0.3, agent_version="test")
+
+
+@pytest.fixture
+def controller():
+    c = InProcessController()
+    yield c
+    c.stop()
+
+
+def start_agent(address, name, labels, engine):
+    stop = threading.Event()
+    result = {}
+
+    def target():
+        result["stats"] = run_agent(engine, address, name, labels, stop, FAST)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return stop, t, result
+
+
+def test_agent_applies_acks_reports_and_stays_static_without_controller(controller):
+    engine = SyntheticEngine(rate=200, seed=1)
+    stop, t, result = start_agent(controller.address, "db-1", {"role": "db"}, engine)
+    try:
+        node = wait_until(lambda: controller.controller.fleet.nodes.get("db-1"), what="register")
+        assert node.labels == {"role": "db"}
+        assert [s["strategy"] for s in node.info["strategies"]] == ["synthetic"] * 4
+        res = controller.call(controller.controller.configure, "file", True, "role=db")
+        wait_until(lambda: node.applied_generation == res.generation, what="ack")
+        assert engine.enabled() == ["file"]
+        assert any(s["name"] == "file" and s["attached"] for s in node.info["statuses"])
+        wait_until(
+            lambda: (
+                node.window.rates().get("file") and node.window.rates()["file"].events_per_second
+            ),
+            what="aggregates",
+        )
+        applies = engine.apply_calls
+        controller.stop()  # controller gone: the engine keeps the last desired state
+        time.sleep(0.5)  # several collect intervals without a controller
+        assert engine.enabled() == ["file"]
+        assert engine.apply_calls == applies
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert not t.is_alive()
+    assert result["stats"].acks >= 1
+
+
+def test_capabilities_of_the_bpf_engine_shape():
+    caps = {
+        "kernel": "6.18.0",
+        "event_sets": {
+            "file": {
+                "strategy": "sleepable",
+                "reason": "best strategy available",
+                "attempts": [
+                    {"strategy": "sleepable", "ok": True},
+                    {"strategy": "nofault", "ok": True},
+                    {"strategy": "exit-retry", "ok": False},
+                ],
+            },
+            "exec": {"strategy": None, "reason": "", "error": "no BTF"},
+        },
+    }
+    file, exec_ = _strategies(caps)
+    assert (file.event_set, file.strategy, list(file.available)) == (
+        "file",
+        "sleepable",
+        ["sleepable", "nofault"],
+    )
+    assert (exec_.strategy, exec_.reason) == ("", "no BTF")
+
+
+def test_outage_buffer_is_bounded_and_reports_the_shortfall_as_dropped():
+    c = ControlClient(SyntheticEngine(), "127.0.0.1:1", "n", options=ClientOptions(buffer_budget=3))
+    for i in range(5):
+        agg = Aggregates(i, i + 1, {"file": SetAggregate(delivered=10, dropped=1)})
+        c._enqueue(_batch_pb(agg, [], replayed=True))
+    batches = list(c._outbox)
+    assert len(batches) == 3
+    assert [b.interval_start_ns for b in batches] == [2, 3, 4]
+    assert sum(b.lost_intervals for b in batches) == 2
+    total = sum(s.delivered + s.dropped for b in batches for s in b.sets)
+    assert total == 5 * 11  # every event is either delivered or counted as dropped
+    assert c.stats.batches_discarded == 2
+
+
+def test_synthetic_engine_honours_filters_and_apply():
+    from tracefleet.agent.engine import Filters
+
+    e = SyntheticEngine(rate=1000, seed=3, fail_sets=["net"])
+    st = {
+        s.name: s
+        for s in e.apply(
+            {
+                "file": EventSetConfig("file", True, Filters(pids=(42,)), sample_rate=1.0),
+                "net": EventSetConfig("net", True),
+                "bogus": EventSetConfig("bogus", True),
+            }
+        )
+    }
+    assert st["file"].attached and not st["net"].attached and st["net"].error
+    assert st["bogus"].error == "unknown event set"
+    agg = e.collect()
+    assert list(agg.sets) == ["file"]
+    s = agg.sets["file"]
+    assert sum(s.events_by_syscall.values()) == s.delivered == s.latency.count
+    assert sum(s.outcomes.values()) == s.delivered
+    events = e.sample_events(5)
+    assert events and all(ev["pid"] == 42 and ev["event_set"] == "file" for ev in events)
+
+
+class RaisingEngine(SyntheticEngine):
+    def apply(self, desired):
+        raise RuntimeError("kernel said no")
+
+
+def test_an_engine_that_raises_is_reported_not_fatal(controller):
+    engine = RaisingEngine()
+    stop, t, _ = start_agent(controller.address, "bad-1", {}, engine)
+    try:
+        node = wait_until(lambda: controller.controller.fleet.nodes.get("bad-1"), what="register")
+        res = controller.call(controller.controller.configure, "file", True)
+        wait_until(lambda: node.applied_generation == res.generation, what="ack")
+        (st,) = node.info["statuses"]
+        assert st["name"] == "file" and not st["attached"]
+        assert st["error"] == "apply failed: kernel said no"
+        assert node.conn is not None  # still connected
+    finally:
+        stop.set()
+        t.join(timeout=10)
+
+
+def test_status_by_selector_and_failed_sets_surface(controller):
+    stop, t, _ = start_agent(
+        controller.address, "db-9", {"role": "db"}, SyntheticEngine(fail_sets=["exec"])
+    )
+    try:
+        node = wait_until(lambda: controller.controller.fleet.nodes.get("db-9"), what="register")
+        res = controller.call(controller.controller.configure, "exec", True, "role=db")
+        wait_until(lambda: node.applied_generation == res.generation, what="ack")
+        import io
+        import json
+
+        from tracefleet.controller import cli
+
+        out, err = io.StringIO(), io.StringIO()
+        code = cli.main(
+            ["--controller", controller.address, "status", "-s", "role=db", "-o", "json"], out, err
+        )
+        assert code == 0
+        (n,) = json.loads(out.getvalue())["nodes"]
+        assert n["name"] == "db-9"
+        assert {s["name"]: s["error"] for s in n["statuses"]}["exec"].startswith(
+            "synthetic failure"
+        )
+        out = io.StringIO()
+        code = cli.main(["--controller", controller.address, "enable", "exec", "-s", "role=db",
+                         "--wait", "--wait-timeout", "5s"], out, err)  # fmt: skip
+        assert code == cli.EXIT_NOT_CONVERGED  # applied, but the node reported an error
+        assert "db-9: exec: synthetic failure" in err.getvalue()
+    finally:
+        stop.set()
+        t.join(timeout=10)

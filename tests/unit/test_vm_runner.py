@@ -1,0 +1,400 @@
+"""Unit tests for the pure parts of tests/vm/run.py (no root, no qemu)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import shlex
+import struct
+import sys
+import textwrap
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "vm" / "run.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("tfvm_run", RUN_PY)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["tfvm_run"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+vm = _load()
+
+NONCE = "0123456789abcdef"
+JUNIT = b"""<?xml version="1.0" encoding="utf-8"?><testsuites name="pytest tests"><testsuite
+ name="pytest" errors="1" failures="1" skipped="2" tests="5" time="1.0">
+<testcase classname="tests.bpf.test_capture" name="test_openat" time="0.5" />
+<testcase classname="tests.bpf.test_capture" name="test_exit_retry[cold]" time="0.1">
+  <failure message="AssertionError: lost 3 events&#10;assert 97 == 100">trace</failure>
+</testcase>
+<testcase classname="tests.e2e.test_agent" name="test_fentry" time="0.0">
+  <skipped type="pytest.skip" message="fentry refused: EPERM">tests/e2e/test_agent.py:9:
+  fentry refused: EPERM</skipped>
+</testcase>
+<testcase classname="tests.e2e.test_agent" name="test_known_bug" time="0.0">
+  <skipped type="pytest.xfail" message="issue 12" />
+</testcase>
+<testcase classname="tests.e2e.test_agent" name="test_setup" time="0.0">
+  <error message="failed on setup with &quot;OSError: boom&quot;">...</error>
+</testcase>
+</testsuite></testsuites>"""
+
+
+def m(text: str) -> str:
+    return f"@@TFVM {NONCE} {text}@@"
+
+
+def junit_block(data: bytes, width: int = 76) -> list[str]:
+    b64 = base64.b64encode(data).decode()
+    digest = hashlib.sha256(data).hexdigest()
+    lines = [m(f"BEGIN junit bytes={len(data)} sha256={digest}")]
+    lines += [b64[i : i + width] for i in range(0, len(b64), width)]
+    lines.append(m("END junit"))
+    return lines
+
+
+# --- console parsing ---------------------------------------------------------------------
+
+
+def test_parse_console_happy_path() -> None:
+    lines = [
+        "[    0.000000] Linux version 7.2.13+deb14-amd64",
+        m("STAGE init uptime=5.10"),
+        m("INFO kernel=7.2.13+deb14-amd64"),
+        m("STAGE pytest-start uptime=8.25"),
+        "tests/bpf/test_capture.py::test_openat PASSED",
+        m("STAGE pytest-end uptime=20.5"),
+        *junit_block(JUNIT),
+        m("STATUS 1"),
+        "[   21.000000] reboot: Power down",
+    ]
+    rep = vm.parse_console(lines, NONCE)
+    assert rep.status == 1
+    assert rep.junit == JUNIT
+    assert rep.junit_error is None
+    assert rep.info == {"kernel": "7.2.13+deb14-amd64"}
+    assert rep.stages == {"init": 5.10, "pytest-start": 8.25, "pytest-end": 20.5}
+    assert rep.errors == []
+
+
+def test_parse_console_tolerates_cr_and_kernel_messages_in_block() -> None:
+    block = junit_block(JUNIT)
+    garbled = [block[0] + "\r"]
+    for i, line in enumerate(block[1:-1]):
+        if i == 1:
+            # a kernel message spliced into the middle of a base64 line
+            cut = len(line) // 2
+            garbled += [line[:cut] + "[   12.345678] virtio_fs: something happened", line[cut:]]
+        elif i == 2:
+            garbled += ["[   13.000000] random: crng init done\r", line + "\r"]
+        else:
+            garbled.append(line + "\r")
+    garbled.append(block[-1])
+    rep = vm.parse_console([*garbled, m("STATUS 0")], NONCE)
+    assert rep.junit == JUNIT, rep.junit_error
+    assert rep.status == 0
+
+
+def test_parse_console_detects_corruption() -> None:
+    block = junit_block(JUNIT)
+    block[2] = block[2][:-4] + "AAAA"  # same length, wrong bytes
+    rep = vm.parse_console([*block, m("STATUS 0")], NONCE)
+    assert rep.junit is None
+    assert "sha256" in (rep.junit_error or "")
+    assert rep.status == 0
+
+
+def test_parse_console_garbage_line_in_block_fails_checksum_not_crash() -> None:
+    block = junit_block(JUNIT)
+    block.insert(3, "Oops: general protection fault ### not base64 ###")
+    del block[4]  # and a line went missing
+    rep = vm.parse_console(block, NONCE)
+    assert rep.junit is None and rep.junit_error
+    assert rep.status is None
+
+
+def test_parse_console_cut_off_block() -> None:
+    rep = vm.parse_console(junit_block(JUNIT)[:-1], NONCE)
+    assert rep.junit is None
+    assert "cut off" in (rep.junit_error or "")
+
+
+def test_parse_console_ignores_other_nonces_and_unmarked_text() -> None:
+    lines = [
+        "@@TFVM ffffffffffffffff STATUS 0@@",  # a stale or echoed marker from another run
+        "echo '@@TFVM $NONCE STATUS 0@@'",
+        "STATUS 0",
+        "@@TFVM " + NONCE + " STATUS 7",  # no closing @@
+    ]
+    rep = vm.parse_console(lines, NONCE)
+    assert rep.status is None
+
+
+def test_parse_console_marker_inside_noisy_line() -> None:
+    rep = vm.parse_console(["garbage\x00\x1b[0m" + m("STATUS 5") + " trailing"], NONCE)
+    assert rep.status == 5
+
+
+def test_parse_console_errors_warnings_nojunit() -> None:
+    lines = [m("WARN could not mount: tracefs"), m("NOJUNIT"), m("ERROR python missing")]
+    rep = vm.parse_console(lines, NONCE)
+    assert rep.warnings == ["could not mount: tracefs"]
+    assert rep.errors == ["python missing"]
+    assert rep.junit is None and rep.junit_error
+    assert rep.status is None
+
+
+def test_parse_console_malformed_status() -> None:
+    rep = vm.parse_console([m("STATUS notanumber")], NONCE)
+    assert rep.status is None
+    assert rep.errors
+
+
+def test_marker_then_b64_on_same_line_before_end() -> None:
+    block = junit_block(JUNIT)
+    merged = [*block[:-2], block[-2] + block[-1]]  # last base64 fragment glued to END
+    rep = vm.parse_console(merged, NONCE)
+    assert rep.junit == JUNIT
+
+
+def test_init_script_markers_match_parser() -> None:
+    """init.sh prints `@@TFVM $NONCE KIND ...@@`; keep the two sides in step."""
+    text = (RUN_PY.parent / "init.sh").read_text()
+    assert 'marker() { echo "@@TFVM $NONCE $*@@"; }' in text
+    for kind in ("BEGIN junit", "END junit", "NOJUNIT", "STATUS", "ERROR", "STAGE pytest-start"):
+        assert f'marker "{kind}' in text or f"marker '{kind}" in text, kind
+
+
+# --- junit -------------------------------------------------------------------------------
+
+
+def test_parse_junit_outcomes_and_messages() -> None:
+    res = {r.nodeid: r for r in vm.parse_junit(JUNIT)}
+    assert res["tests.bpf.test_capture::test_openat"].outcome == "passed"
+    failed = res["tests.bpf.test_capture::test_exit_retry[cold]"]
+    assert (failed.outcome, failed.message) == ("failed", "AssertionError: lost 3 events")
+    skipped = res["tests.e2e.test_agent::test_fentry"]
+    assert (skipped.outcome, skipped.message) == ("skipped", "fentry refused: EPERM")
+    assert res["tests.e2e.test_agent::test_known_bug"].message == "xfail: issue 12"
+    assert res["tests.e2e.test_agent::test_setup"].outcome == "error"
+
+
+def test_parse_junit_single_testsuite_root_and_skip_text_only() -> None:
+    data = b"""<testsuite><testcase classname="" name="t" time="x">
+    <skipped>only text reason</skipped></testcase></testsuite>"""
+    (r,) = vm.parse_junit(data)
+    assert (r.nodeid, r.outcome, r.message, r.seconds) == ("t", "skipped", "only text reason", 0)
+
+
+def test_format_summary() -> None:
+    lines = vm.format_summary(vm.parse_junit(JUNIT))
+    assert lines[0] == "PASS  tests.bpf.test_capture::test_openat"
+    assert "SKIP  tests.e2e.test_agent::test_fentry  -- fentry refused: EPERM" in lines
+    assert lines[-1] == "1 passed, 1 failed, 1 errors, 2 skipped"
+
+
+# --- kernel resolution -------------------------------------------------------------------
+
+DEB = "linux-binary-7.2.13+deb14-amd64_7.2.13-1_amd64.deb"
+
+
+def test_deb_upstream_version() -> None:
+    assert vm.deb_upstream_version(DEB) == "7.2.13"
+    assert vm.deb_upstream_version("linux-image-6.1.0-9-amd64_6.1.27-1_amd64.deb") == "6.1.27"
+    assert vm.deb_upstream_version("pkg_1:7.2~rc3-1_amd64.deb") == "7.2"
+    assert vm.deb_upstream_version("vmlinuz") is None
+
+
+@pytest.mark.parametrize(
+    ("want", "have", "ok"),
+    [("7.2", "7.2.13", True), ("7.2", "7.2", True), ("7.2.13", "7.2.13", True),
+     ("7.2", "7.20.1", False), ("7.2", "7.1.9", False), ("7.2.1", "7.2.13", False)],
+)  # fmt: skip
+def test_version_matches(want: str, have: str, ok: bool) -> None:
+    assert vm.version_matches(want, have) is ok
+
+
+def test_resolve_kernel_version_picks_newest_match(tmp_path: Path) -> None:
+    for name in (DEB, "linux-binary-7.2.9+deb14-amd64_7.2.9-1_amd64.deb",
+                 "linux-binary-7.20.1_7.20.1-1_amd64.deb", "notes.txt"):  # fmt: skip
+        (tmp_path / name).write_bytes(b"")
+    k = vm.resolve_kernel("7.2", tmp_path)
+    assert (k.kind, k.path.name, k.label) == ("deb", DEB, "7.2")
+    assert vm.resolve_kernel("7.20", tmp_path).path.name.startswith("linux-binary-7.20.1")
+
+
+def test_resolve_kernel_missing_version_lists_available(tmp_path: Path) -> None:
+    (tmp_path / DEB).write_bytes(b"")
+    with pytest.raises(vm.RunnerError) as e:
+        vm.resolve_kernel("6.6", tmp_path)
+    assert e.value.status == vm.EXIT_UNAVAILABLE
+    assert "7.2.13" in str(e.value)
+    with pytest.raises(vm.RunnerError):
+        vm.resolve_kernel("7.2", tmp_path / "nope")
+
+
+def _bzimage(release: str) -> bytes:
+    img = bytearray(0x4000)
+    img[0x202:0x206] = b"HdrS"
+    struct.pack_into("<H", img, 0x20E, 0x1000)
+    ver = f"{release} (debian-kernel@lists.debian.org) #1 SMP".encode()
+    img[0x1200 : 0x1200 + len(ver)] = ver
+    return bytes(img)
+
+
+def test_resolve_kernel_paths(tmp_path: Path) -> None:
+    deb = tmp_path / DEB
+    deb.write_bytes(b"")
+    k = vm.resolve_kernel(str(deb), tmp_path / "elsewhere")
+    assert (k.kind, k.label) == ("deb", "7.2.13")
+    img = tmp_path / "vmlinuz"
+    img.write_bytes(_bzimage("7.2.13+deb14-amd64"))
+    k = vm.resolve_kernel(str(img), tmp_path)
+    assert (k.kind, k.path, k.label) == ("vmlinuz", img, "7.2.13+deb14-amd64")
+    assert vm.bzimage_release(img) == "7.2.13+deb14-amd64"
+    junk = tmp_path / "bzImage custom"
+    junk.write_bytes(b"not a kernel")
+    assert vm.bzimage_release(junk) is None
+    assert vm.resolve_kernel(str(junk), tmp_path).label == "bzImage_custom"
+    with pytest.raises(vm.RunnerError):
+        vm.resolve_kernel(str(tmp_path / "missing-vmlinuz"), tmp_path)
+
+
+def test_find_vmlinuz(tmp_path: Path) -> None:
+    mod = tmp_path / "usr/lib/modules/7.2.13+deb14-amd64"
+    mod.mkdir(parents=True)
+    (mod / "vmlinuz").write_bytes(b"x")
+    assert vm.find_vmlinuz(tmp_path) == (mod / "vmlinuz", "7.2.13+deb14-amd64")
+    with pytest.raises(vm.RunnerError):
+        vm.find_vmlinuz(tmp_path / "empty")
+
+
+def test_real_shared_kernel_resolves_if_present() -> None:
+    kdir = vm.default_kernels_dir()
+    if not any(kdir.glob("*7.2*.deb")):
+        pytest.skip(f"no 7.2 kernel package in {kdir}")
+    assert vm.resolve_kernel("7.2", kdir).kind == "deb"
+
+
+# --- arguments, mounts, guest config -----------------------------------------------------
+
+
+def test_split_passthrough() -> None:
+    assert vm.split_passthrough(["--kernel", "7.2", "--", "-k", "x", "--"]) == (
+        ["--kernel", "7.2"],
+        ["-k", "x", "--"],
+    )
+    assert vm.split_passthrough(["--kernel", "7.2"]) == (["--kernel", "7.2"], [])
+
+
+def test_pytest_argv_defaults_and_explicit_paths(tmp_path: Path) -> None:
+    (tmp_path / "tests/bpf").mkdir(parents=True)
+    (tmp_path / "tests/bpf/test_a.py").write_text("")
+    base = vm.pytest_argv(["-k", "openat"], None, tmp_path)
+    assert base[-2:] == ["tests/bpf", "tests/e2e"] and "-rs" in base and "-k" in base
+    named = vm.pytest_argv(["tests/bpf/test_a.py::test_x"], None, tmp_path)
+    assert "tests/e2e" not in named
+    chosen = vm.pytest_argv([], ["/abs/test_smoke.py"], tmp_path)
+    assert chosen[-1] == "/abs/test_smoke.py" and "tests/bpf" not in chosen
+
+
+def test_mentions_hypothesis(tmp_path: Path) -> None:
+    (tmp_path / "tests/bpf").mkdir(parents=True)
+    (tmp_path / "tests/bpf/test_a.py").write_text("import os\n")
+    paths = vm.selected_paths(vm.pytest_argv([], None, tmp_path), tmp_path)
+    assert not vm.mentions_hypothesis(paths, tmp_path)
+    (tmp_path / "tests/conftest.py").write_text("from hypothesis import settings\n")
+    assert vm.mentions_hypothesis(paths, tmp_path)
+
+
+MOUNTINFO = textwrap.dedent(
+    """\
+    22 27 0:21 / /proc rw,relatime - proc proc rw
+    23 27 0:22 / /sys rw,relatime - sysfs sysfs rw
+    24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw
+    27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+    28 27 0:25 / /mnt/stuff ro,nosuid - tmpfs none ro
+    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+    50 27 254:1 / /work rw,relatime - ext4 /dev/vdb rw
+    51 27 254:2 / /home/my\\040dir rw shared:1 - xfs /dev/vdc rw
+    52 27 0:40 / /tmp rw - tmpfs tmpfs rw
+    53 27 0:41 / /run rw - tmpfs tmpfs rw
+    54 27 0:42 / /proc/sys/fs/binfmt_misc rw - binfmt_misc binfmt_misc rw
+    55 50 254:1 / /work rw,relatime - ext4 /dev/vdb rw
+    """
+)
+
+
+def test_view_submounts() -> None:
+    assert vm.view_submounts(MOUNTINFO) == ["/work", "/home/my dir", "/tmp"]
+
+
+def test_needs_host_tmp() -> None:
+    assert vm.needs_host_tmp(["/work/main", "/tmp/vmtest"])
+    assert not vm.needs_host_tmp(["/work/main", "/tmpfoo/x", "/root/.pyenv/bin/python3"])
+
+
+def test_guest_config_quotes_everything(tmp_path: Path) -> None:
+    cfg = vm.guest_config(
+        repo_root=Path("/work/main"),
+        python="/work/main/.venv/bin/python",
+        pytest_args=["-k", "a and not b's", "tests/bpf"],
+        tmp_tmpfs=True,
+        env={"TRACEFLEET_X": "v w", "Y": "$(reboot)"},
+    )
+    assert "TFVM_TMP_TMPFS=1" in cfg
+    assert "export Y='$(reboot)'" in cfg
+    line = next(ln for ln in cfg.splitlines() if "-m pytest" in ln)
+    assert shlex.split(line.split('--junitxml="$1"', 1)[1]) == ["-k", "a and not b's", "tests/bpf"]
+
+
+def test_passthrough_env() -> None:
+    env = vm.passthrough_env(
+        {"TRACEFLEET_DEBUG": "1", "TRACEFLEET_IN_VM": "0", "PATH": "/x"}, ["A=b=c"]
+    )
+    assert env == {"TRACEFLEET_DEBUG": "1", "A": "b=c"}
+    with pytest.raises(vm.RunnerError):
+        vm.passthrough_env({}, ["no-equals"])
+
+
+@pytest.mark.parametrize(("text", "out"), [("1G", "1G"), ("1536M", "1536M"), ("2048", "2048M"),
+                                           ("2g", "2G"), ("1GiB", "1G")])  # fmt: skip
+def test_parse_memory(text: str, out: str) -> None:
+    assert vm.parse_memory(text) == out
+
+
+@pytest.mark.parametrize("text", ["", "0", "1T", "lots", "-1G"])
+def test_parse_memory_rejects(text: str) -> None:
+    with pytest.raises(vm.argparse.ArgumentTypeError):
+        vm.parse_memory(text)
+
+
+def test_kernel_cmdline_and_qemu_argv() -> None:
+    cmd = vm.kernel_cmdline(Path("/r/tests/vm/init.sh"), NONCE, Path("/r/build/vm/x/g.sh"), "")
+    assert "rootfstype=virtiofs root=rootfs ro init=/bin/sh panic=-1" in cmd
+    assert cmd.endswith(f"-- /r/tests/vm/init.sh {NONCE} /r/build/vm/x/g.sh")
+    with pytest.raises(vm.RunnerError):
+        vm.kernel_cmdline(Path("/a b/init.sh"), NONCE, Path("/c"), "")
+    argv = vm.qemu_argv(
+        kernel=Path("/k"), socket=Path("/s"), cmdline=cmd, memory="1G", cpus=2, accel="tcg"
+    )
+    joined = " ".join(argv)
+    assert "-machine q35,accel=tcg -cpu max -smp 2 -m 1G" in joined
+    assert "memory-backend-memfd,id=mem,size=1G,share=on" in joined
+    assert "-no-reboot" in argv and "-nodefaults" in argv
+
+
+def test_view_script_is_read_only_and_private() -> None:
+    script = vm.view_script(Path("/tmp/v"), ["/work"], "/usr/lib/qemu/virtiofsd", Path("/s"))
+    assert "mount --bind -o ro / /tmp/v" in script
+    assert "mount --bind -o ro /work /tmp/v/work" in script
+    assert "-o sandbox=chroot" in script and "-o source=/tmp/v" in script
+    assert "rw" not in script.replace("--rlimit", "")
