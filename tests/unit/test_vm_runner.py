@@ -201,6 +201,35 @@ def test_format_summary() -> None:
     assert lines[-1] == "1 passed, 1 failed, 1 errors, 2 skipped"
 
 
+def test_parse_progress_from_verbose_lines() -> None:
+    lines = [
+        "collected 4 items",
+        "",
+        "tests/bpf/test_a.py::test_one[x-1] PASSED                  [ 25%]",
+        "tests/bpf/test_a.py::test_two SKIPPED (no fentry here)    [ 50%]",
+        "tests/bpf/test_a.py::test_three FAILED                    [ 75%]",
+        "tests/bpf/test_a.py::test_four XFAIL (known)              [ 90%]",
+        "tests/bpf/test_a.py::test_four ERROR                      [ 90%]",  # teardown error
+        "FAILED tests/bpf/test_a.py::test_three - AssertionError",
+    ]
+    results, running = vm.parse_progress(lines, "tests/e2e/test_b.py::test_slow ")
+    got = {r.nodeid: (r.outcome, r.message) for r in results}
+    assert got == {
+        "tests/bpf/test_a.py::test_one[x-1]": ("passed", ""),
+        "tests/bpf/test_a.py::test_two": ("skipped", "no fentry here"),
+        "tests/bpf/test_a.py::test_three": ("failed", ""),
+        "tests/bpf/test_a.py::test_four": ("error", ""),
+    }
+    assert running == "tests/e2e/test_b.py::test_slow"
+
+
+def test_parse_progress_running_test_with_output_and_finished() -> None:
+    _, running = vm.parse_progress(["t.py::test_x some output it printed"], "")
+    assert running == "t.py::test_x"
+    _, running = vm.parse_progress(["t.py::test_x PASSED [100%]"], "")
+    assert running is None
+
+
 # --- kernel resolution -------------------------------------------------------------------
 
 DEB = "linux-binary-7.2.13+deb14-amd64_7.2.13-1_amd64.deb"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import codecs
 import contextlib
 import ctypes
 import hashlib
@@ -373,6 +374,40 @@ def parse_junit(data: bytes) -> list[TestResult]:
     return results
 
 
+_PROGRESS = re.compile(
+    r"^(?P<nodeid>\S+::\S+?)\s+(?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b"
+    r"(?:\s+\((?P<reason>.*)\))?"
+)
+_PROGRESS_OUTCOME = {
+    "PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "error",
+    "SKIPPED": "skipped", "XFAIL": "skipped",
+}  # fmt: skip
+
+
+def parse_progress(lines: Iterable[str], partial: str = "") -> tuple[list[TestResult], str | None]:
+    """Per-test results from pytest -v's console lines, for when no junit arrived (timeout,
+    panic), and the test that was running: the unfinished last line, or a nodeid line with
+    no outcome yet. Setup errors repeat a nodeid; the last outcome of each wins."""
+    results: dict[str, TestResult] = {}
+    running: str | None = None
+    for line in [*lines, partial]:
+        line = line.strip()
+        m = _PROGRESS.match(line)
+        if m:
+            outcome = _PROGRESS_OUTCOME[m.group("outcome")]
+            if m.group("outcome") == "XFAIL":
+                reason = f"xfail: {m.group('reason') or ''}".rstrip(": ")
+            else:
+                reason = m.group("reason") or ""
+            results[m.group("nodeid")] = TestResult(m.group("nodeid"), outcome, reason)
+            running = None
+        elif re.match(r"^\S+::\S+\s*$", line) or re.match(r"^\S+::\S+ ", line):
+            running = line.split()[0]
+    if running in results:
+        running = None
+    return list(results.values()), running
+
+
 _TAGS = {"passed": "PASS", "failed": "FAIL", "error": "ERROR", "skipped": "SKIP"}
 
 
@@ -622,7 +657,7 @@ def preflight(repo_root: Path) -> tuple[str, str]:
         missing.append("virtiofsd (/usr/lib/qemu/virtiofsd from qemu-system-x86)")
     if not os.access("/bin/busybox", os.X_OK):
         missing.append("/bin/busybox (busybox-static)")
-    if missing:
+    if missing or virtiofsd is None:
         raise RunnerError(f"missing: {', '.join(missing)}; {FIX_HINT}", EXIT_UNAVAILABLE)
     if os.geteuid() != 0:
         raise RunnerError(
@@ -667,6 +702,7 @@ class Console:
         self.lines: list[str] = []
         self.stage_times: dict[str, float] = {}  # stage -> host monotonic time
         self.status_seen = threading.Event()
+        self.partial = ""  # the console's last, unfinished line
         self._stream, self._prefix, self._echo = stream, prefix, echo
         self._log = log.open("wb")  # written and closed by the thread only
         self._rx = marker_regex(nonce)
@@ -680,21 +716,49 @@ class Console:
             self._log.close()
 
     def _read(self) -> None:
-        for raw in iter(self._stream.readline, b""):
-            self._log.write(raw)
+        # Raw chunks, not lines: a test's name shows as soon as pytest starts it, and the
+        # unfinished last line (the test running at a timeout) stays in self.partial.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        fd = self._stream.fileno()
+        at_line_start = True
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            final = not data
+            self._log.write(data)
             self._log.flush()
-            line = raw.decode("utf-8", "replace").rstrip("\r\n").replace("\r", "")
-            self.lines.append(line)
-            m = self._rx.search(line)
-            if m:
-                kind, rest = m.group("kind"), m.group("rest") or ""
-                if kind == "STAGE":
-                    self.stage_times[rest.split(" ", 1)[0]] = time.monotonic()
-                elif kind == "STATUS" or (kind == "ERROR" and not self.status_seen.is_set()):
-                    self.status_seen.set()
-            if self._echo:
-                sys.stderr.write(f"{self._prefix}{line}\n")
+            text = decoder.decode(data, final).replace("\r", "")
+            *complete, self.partial = (self.partial + text).split("\n")
+            if final and self.partial:
+                complete.append(self.partial)
+                self.partial = ""
+            for line in complete:
+                self._line(line)
+            if self._echo and text:
+                parts = text.split("\n")
+                for i, part in enumerate(parts):
+                    if part and at_line_start:
+                        sys.stderr.write(self._prefix)
+                        at_line_start = False
+                    sys.stderr.write(part)
+                    if i < len(parts) - 1:
+                        sys.stderr.write("\n")
+                        at_line_start = True
                 sys.stderr.flush()
+            if final:
+                return
+
+    def _line(self, line: str) -> None:
+        self.lines.append(line)
+        m = self._rx.search(line)
+        if m:
+            kind, rest = m.group("kind"), m.group("rest") or ""
+            if kind == "STAGE":
+                self.stage_times[rest.split(" ", 1)[0]] = time.monotonic()
+            elif kind == "STATUS" or (kind == "ERROR" and not self.status_seen.is_set()):
+                self.status_seen.set()
 
     def join(self, timeout: float) -> None:
         """Wait for EOF (qemu gone) and the log to be closed."""
@@ -882,6 +946,8 @@ class Outcome:
     label: str
     console_path: Path
     junit_path: Path
+    from_console: bool = False  # results parsed from pytest -v lines (no junit arrived)
+    running: str | None = None  # the test that was running when the guest stopped
 
 
 def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
@@ -996,6 +1062,10 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
             results = parse_junit(report.junit)
         except ET.ParseError as e:
             report.junit_error = f"junit XML does not parse: {e}"
+    from_console, running = False, None
+    if report.junit is None:
+        results, running = parse_progress(console.lines, console.partial)
+        from_console = bool(results) or running is not None
     st = console.stage_times
     boot_s = st["pytest-start"] - t_boot if "pytest-start" in st else None
     both = {"pytest-start", "pytest-end"} <= st.keys()
@@ -1021,7 +1091,17 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
     else:
         status = report.status
     return Outcome(
-        status, report, results, boot_s, pytest_s, wall, spec.label, console_path, junit_path
+        status,
+        report,
+        results,
+        boot_s,
+        pytest_s,
+        wall,
+        spec.label,
+        console_path,
+        junit_path,
+        from_console,
+        running if status in (EXIT_TIMEOUT, EXIT_GUEST_FAILED, EXIT_INTERRUPTED) else None,
     )
 
 
@@ -1049,9 +1129,13 @@ def print_outcome(out: Outcome) -> None:
         print(f"WARNING: guest: {w}")
     for p in rep.kernel_problems:
         print(f"KERNEL: {p}")
+    if out.from_console:
+        print("(no junit report arrived: results below are read from pytest's console lines)")
     if out.results:
         for line in format_summary(out.results):
             print(line)
+    if out.running:
+        print(f"RUNNING when the guest stopped: {out.running}")
     if rep.junit_error:
         print(f"WARNING: {rep.junit_error}")
     if rep.errors:
@@ -1061,14 +1145,19 @@ def print_outcome(out: Outcome) -> None:
             print(f"-- last {len(tail)} console lines ({console_path}):")
             for line in tail:
                 print(f"   | {line}")
-    fmt = lambda s: f"{s:.1f} s" if s is not None else "n/a"  # noqa: E731
-    print(f"boot-to-pytest: {fmt(out.boot_s)}, pytest: {fmt(out.pytest_s)}, "
-          f"total wall: {fmt(out.wall_s)}")  # fmt: skip
+    print(
+        f"boot-to-pytest: {_secs(out.boot_s)}, pytest: {_secs(out.pytest_s)}, "
+        f"total wall: {_secs(out.wall_s)}"
+    )
     if rep.junit is not None:
         print(f"junit: {junit_path}")
     print(f"console: {console_path}")
     who = "guest pytest" if rep.status is not None and out.status == rep.status else "runner"
     print(f"exit status: {out.status} ({who})", flush=True)
+
+
+def _secs(s: float | None) -> str:
+    return f"{s:.1f} s" if s is not None else "n/a"
 
 
 def _console_tail(path: Path, n: int) -> list[str]:

@@ -1,3 +1,5 @@
-from tracefleet.agent.cli import main
 import sys
+
+from tracefleet.agent.cli import main
+
 sys.exit(main())

@@ -69,7 +69,7 @@ class _SetState:
     spec: EventSetSpec
     loaded: LoadedSet | None = None
     enabled: bool = False
-    filters: Filters = Filters()
+    filters: Filters = field(default_factory=Filters)
     sample_rate: float = 0.0
     disabled_at: float = 0.0
     user_fallback: bool = False
@@ -273,11 +273,12 @@ class BpfEngine:
         out = []
         with self._lock:
             for name, st in self._sets.items():
-                if st.loaded and st.loaded.attached and not st.enabled:
-                    if now - st.disabled_at >= self.opts.hold_seconds:
-                        st.loaded.detach()
-                        self._clear_inflight(st)
-                        out.append(name)
+                idle = st.loaded and st.loaded.attached and not st.enabled
+                if idle and now - st.disabled_at >= self.opts.hold_seconds:
+                    assert st.loaded
+                    st.loaded.detach()
+                    self._clear_inflight(st)
+                    out.append(name)
         for name in out:
             log.info("event set %s detached after %.0fs disabled", name, self.opts.hold_seconds)
         return out
@@ -452,17 +453,18 @@ class BpfEngine:
                 "tracefs": self.host.tracefs,
                 "lockdown": self.host.lockdown,
                 "kfunc_bpf_copy_from_user_str": btf_has_name("bpf_copy_from_user_str"),
-                "sleepable_tracepoints": any(
-                    a.strategy == "sleepable" and a.ok
-                    for s in self._sets.values()
-                    for a in s.attempts
-                ),  # fmt: skip
+                "sleepable_tracepoints": self._sleepable_seen(),
                 "user_fallback": self._fallback.reason,
                 "capabilities": list(self.host.capabilities),
             },
             "bpf_dir": str(self.bpf_dir),
             "event_sets": sets,
         }
+
+    def _sleepable_seen(self) -> bool:
+        return any(
+            a.strategy == "sleepable" and a.ok for st in self._sets.values() for a in st.attempts
+        )
 
     def close(self) -> None:
         self._stop.set()

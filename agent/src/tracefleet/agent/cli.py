@@ -19,7 +19,14 @@ from tracefleet.agent.eventsets import EVENT_SETS, UnknownEventSet, parse_event_
 from tracefleet.agent.hostcheck import HostCheckError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
-STRATEGY_CHOICES = ("auto", "sleepable", "fentry-sleepable", "exit-retry", "user-fallback", "nofault")
+STRATEGY_CHOICES = (
+    "auto",
+    "sleepable",
+    "fentry-sleepable",
+    "exit-retry",
+    "user-fallback",
+    "nofault",
+)
 
 EPILOG = """\
 examples:

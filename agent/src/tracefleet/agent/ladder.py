@@ -159,10 +159,8 @@ def load_set(
     so the caller decides when it runs). Raises LadderExhausted with every reason."""
     attempts: list[Attempt] = []
     for strategy in strategies:
-        if strategy == Strategy.USER_FALLBACK:
-            kernel = Strategy.NOFAULT  # the fallback rung runs nofault programs under it
-        else:
-            kernel = strategy
+        # the user-fallback rung runs nofault programs under it
+        kernel = Strategy.NOFAULT if strategy == Strategy.USER_FALLBACK else strategy
         obj = None
         try:
             obj = open_configured(

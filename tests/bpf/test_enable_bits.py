@@ -1,0 +1,69 @@
+"""Enable bits: flipping one takes effect on the next syscall, with no reload; a set that
+stays off is detached after the hold time, and re-attached (still without a reload) when
+enabled again. Checked in the kernel's own view (bpftool), not only through the agent."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.bpf.conftest import run_workload
+from tests.bpf.kernel_view import enabled_bits, linked_prog_ids
+from tracefleet.agent._internal import libbpf
+from tracefleet.agent.engine import EventSetConfig
+
+pytestmark = pytest.mark.bpf
+
+
+def prog_ids(engine, name: str) -> set[int]:
+    fds = engine._sets[name].loaded.program_fds()
+    return {libbpf.prog_stats(fd)[0] for fd in fds.values()}
+
+
+def opened(cap, w) -> bool:
+    evs = cap.for_pid(w["pid"], timeout=1.0)
+    return any(e["args"]["pathname"]["value"] == w["calls"][0]["expect"] for e in evs)
+
+
+def test_bit_toggles_without_reload_and_detach_after_hold(capture, workload_bin):
+    cap = capture(["file"], hold_seconds=0.5)
+    eng = cap.engine
+    ids = prog_ids(eng, "file")
+    some = next(iter(ids))
+    assert ids <= linked_prog_ids()
+    assert enabled_bits(some) & 1
+
+    assert opened(cap, run_workload("warm", "openat"))
+
+    # off: the bit clears at once, programs stay attached (same ids: no reload)
+    eng.apply({"file": EventSetConfig("file", False)})
+    assert enabled_bits(some) & 1 == 0
+    assert ids <= linked_prog_ids()
+    assert not opened(cap, run_workload("warm", "openat"))
+
+    # on again within the hold time: same programs, events flow on the next syscall
+    eng.apply({"file": EventSetConfig("file", True)})
+    assert prog_ids(eng, "file") == ids
+    assert opened(cap, run_workload("warm", "openat"))
+
+    # off past the hold time: detached in the kernel's view
+    eng.apply({"file": EventSetConfig("file", False)})
+    time.sleep(0.6)
+    assert eng.detach_idle() == ["file"]
+    assert not (ids & linked_prog_ids())
+    assert eng.inflight_count("file") == 0
+
+    # enabled again: re-attached without a reload (the verified programs are kept)
+    eng.apply({"file": EventSetConfig("file", True)})
+    assert prog_ids(eng, "file") == ids
+    assert ids <= linked_prog_ids()
+    assert opened(cap, run_workload("warm", "openat"))
+
+
+def test_close_leaves_nothing_attached(capture, workload_bin):
+    cap = capture(["file", "net"])
+    ids = prog_ids(cap.engine, "file") | prog_ids(cap.engine, "net")
+    assert ids <= linked_prog_ids()
+    cap.engine.close()
+    assert not (ids & linked_prog_ids())

@@ -1,0 +1,99 @@
+"""Decoding of ring buffer records and filter limits, on synthetic records."""
+
+from __future__ import annotations
+
+import ctypes
+import socket
+import struct
+
+import pytest
+
+from tracefleet.agent._internal.abi import Kind, Status, Strategy, Syscall, TfControl, TfEvent
+from tracefleet.agent._internal.decode import decode_record, decode_sockaddr
+from tracefleet.agent.capture import FilterError, build_filter
+from tracefleet.agent.engine import Filters, Histogram
+from tracefleet.agent.eventsets import UnknownEventSet, parse_event_sets
+
+
+def make_event(path: bytes, status: Status, strategy: Strategy) -> bytes:
+    e = TfEvent()
+    e.hdr.ts_ns = 1000
+    e.hdr.pid, e.hdr.tid = 42, 43
+    e.hdr.kind = Kind.SYSCALL
+    e.hdr.syscall = Syscall.OPENAT
+    e.hdr.event_set = 0
+    e.hdr.strategy = Strategy.EXIT_RETRY
+    e.hdr.comm = b"cat"
+    e.hdr.ret = -2
+    e.iargs[2] = 0o100
+    s = e.str[0]
+    s.uptr = 0x7000
+    s.status, s.strategy = status, strategy
+    if status in (Status.OK, Status.RECOVERED):
+        ctypes.memmove(ctypes.addressof(s) + type(s).data.offset, path, len(path))
+        s.len = len(path)
+    else:
+        s.err = -14
+    return bytes(e)
+
+
+def test_openat_record_decodes_to_the_documented_shape():
+    ev, _ = decode_record(make_event(b"/etc/passwd", Status.RECOVERED, Strategy.EXIT_RETRY), 5000)
+    assert ev["syscall"] == "openat" and ev["event_set"] == "file"
+    assert ev["pid"] == 42 and ev["tid"] == 43 and ev["comm"] == "cat" and ev["ret"] == -2
+    assert ev["latency_ns"] == 4000
+    assert ev["args"]["pathname"] == {"value": "/etc/passwd", "status": "recovered",
+                                      "strategy": "exit-retry", "addr": "0x7000"}  # fmt: skip
+    assert ev["args"]["flags"]["value"] == 0o100
+
+
+def test_lost_argument_has_no_value_and_names_the_error():
+    ev, _ = decode_record(make_event(b"", Status.LOST, Strategy.NOFAULT), 5000)
+    assert ev["args"]["pathname"]["value"] is None
+    assert ev["args"]["pathname"]["status"] == "lost"
+    assert ev["args"]["pathname"]["error"] == "EFAULT"
+
+
+def test_short_record_is_rejected():
+    with pytest.raises(ValueError):
+        decode_record(b"\0" * 10, 0)
+
+
+def test_sockaddr_families():
+    v4 = struct.pack("=H", socket.AF_INET) + struct.pack("!H", 80) + socket.inet_aton("10.1.2.3")
+    assert decode_sockaddr(v4) == {"family": "inet", "address": "10.1.2.3", "port": 80}
+    v6 = (struct.pack("=H", socket.AF_INET6) + struct.pack("!H", 443) + b"\0" * 4
+          + socket.inet_pton(socket.AF_INET6, "::1") + b"\0" * 4)  # fmt: skip
+    assert decode_sockaddr(v6) == {"family": "inet6", "address": "::1", "port": 443}
+    un = struct.pack("=H", socket.AF_UNIX) + b"/run/x.sock\0"
+    assert decode_sockaddr(un) == {"family": "unix", "path": "/run/x.sock"}
+    abstract = struct.pack("=H", socket.AF_UNIX) + b"\0name"
+    assert decode_sockaddr(abstract) == {"family": "unix", "path": "@name"}
+
+
+def test_filters_beyond_kernel_limits_are_refused():
+    ctl = TfControl()
+    with pytest.raises(FilterError, match="at most 8 pids"):
+        build_filter(ctl, 0, Filters(pids=tuple(range(9))))
+    with pytest.raises(FilterError, match="longer than 15"):
+        build_filter(ctl, 0, Filters(comms=("x" * 16,)))
+    with pytest.raises(FilterError, match="path prefix"):
+        build_filter(ctl, 0, Filters(path_prefixes=("/" * 65,)))
+    build_filter(ctl, 2, Filters(pids=(1, 2), comms=("nginx",), path_prefixes=("/etc",)))
+    f = ctl.filter[2]
+    assert (f.npids, list(f.pids[:2]), f.ncomms, f.prefix_len) == (2, [1, 2], 1, 4)
+    assert f.comms[0].value == b"nginx" and f.prefix == b"/etc"
+
+
+def test_event_set_parsing():
+    assert [s.name for s in parse_event_sets("file, exec,file")] == ["file", "exec"]
+    with pytest.raises(UnknownEventSet, match="known: file, exec, net"):
+        parse_event_sets("files")
+
+
+def test_histogram_buckets():
+    h = Histogram()
+    for v in (5e-7, 1e-6, 3e-3, 100.0):
+        h.observe(v)
+    assert h.count == 4
+    assert h.counts[0] == 2 and h.counts[-1] == 1
