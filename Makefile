@@ -77,7 +77,7 @@ test: deps lint proto-check buf-lint bpf workloads ## everything CI runs: lint, 
 	$(PY) tests/vm/run.py --kernel $(KERNEL)
 
 demo: deps bpf workloads ## controller + local agent, live capture demo
-	$(PY) -m tracefleet.agent.demo
+	$(PY) deploy/host/demo.py
 
 bench: deps bpf workloads ## benchmark table vs untraced, bpftrace, strace (QUICK=1 for a smoke run)
 	$(PY) tests/bench/run.py $(if $(QUICK),--quick)

@@ -91,7 +91,7 @@ def percentile(values: Sequence[float], p: float) -> float:
     v = sorted(values)
     if not v:
         return 0.0
-    k = max(0, min(len(v) - 1, int(round(p / 100 * len(v) + 0.5)) - 1))
+    k = max(0, min(len(v) - 1, round(p / 100 * len(v) + 0.5) - 1))
     return v[k]
 
 

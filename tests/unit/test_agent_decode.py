@@ -25,6 +25,7 @@ def make_event(path: bytes, status: Status, strategy: Strategy) -> bytes:
     e.hdr.strategy = Strategy.EXIT_RETRY
     e.hdr.comm = b"cat"
     e.hdr.ret = -2
+    e.iargs[0] = 0xFFFFFF9C  # AT_FDCWD as the register holds it
     e.iargs[2] = 0o100
     s = e.str[0]
     s.uptr = 0x7000
@@ -45,6 +46,7 @@ def test_openat_record_decodes_to_the_documented_shape():
     assert ev["args"]["pathname"] == {"value": "/etc/passwd", "status": "recovered",
                                       "strategy": "exit-retry", "addr": "0x7000"}  # fmt: skip
     assert ev["args"]["flags"]["value"] == 0o100
+    assert ev["args"]["dfd"]["value"] == -100
 
 
 def test_lost_argument_has_no_value_and_names_the_error():

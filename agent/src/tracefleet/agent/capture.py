@@ -37,6 +37,7 @@ from tracefleet.agent._internal.abi import (
 )
 from tracefleet.agent._internal.decode import decode_record
 from tracefleet.agent._internal.fallback import UserFallback
+from tracefleet.agent._internal.metrics import add_events
 from tracefleet.agent.engine import (
     Aggregates,
     EventSetConfig,
@@ -154,6 +155,12 @@ class BpfEngine:
         self._agg = self._new_aggregates()
         self._last_kernel = self._read_stats()
         self._user_recovered: collections.Counter[str] = collections.Counter()
+        # cumulative totals for the metrics endpoint (collect() hands out deltas):
+        # intervals settled, the last interval collect() returned, user recoveries so far
+        self._cum: dict[str, SetAggregate] = {}
+        self._pending = self._new_aggregates()
+        self._cum_user: collections.Counter[str] = collections.Counter()
+        self._stats_fd: int | None = None
         self._decode_errors = 0
         self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
         self._stop = threading.Event()
@@ -388,6 +395,12 @@ class BpfEngine:
             kernel = self._read_stats()
             prev, self._last_kernel = self._last_kernel, kernel
             user, self._user_recovered = self._user_recovered, collections.Counter()
+            # the consumer thread may still add to the interval just swapped out: it moves
+            # into the settled totals one collect() later
+            for name, sa in list(self._pending.sets.items()):
+                add_events(self._cum.setdefault(name, SetAggregate()), sa)
+            self._pending = agg
+            self._cum_user.update(user)
         agg.interval_end_ns = time.time_ns()
         for name, st in self._sets.items():
             sid = int(st.spec.set_id)
@@ -415,6 +428,65 @@ class BpfEngine:
             if recovered_user:
                 sa.outcomes[("user-fallback", "recovered")] = recovered_user
         return agg
+
+    def totals(self) -> dict[str, SetAggregate]:
+        """Cumulative aggregates since the engine started (collect() returns deltas and is
+        consumed by the controller client; the metrics endpoint reads this). Drops and
+        argument outcomes are the kernel's counters, read now."""
+        with self._lock:
+            kernel = self._read_stats()
+            out: dict[str, SetAggregate] = {}
+            for src in (self._cum, self._pending.sets, self._agg.sets):
+                for name, sa in list(src.items()):
+                    add_events(out.setdefault(name, SetAggregate()), sa)
+            user = self._cum_user + self._user_recovered
+        for name, st in self._sets.items():
+            sid = int(st.spec.set_id)
+            k = {s: kernel[sid * TF_STAT_MAX + int(s)] for s in Stat}
+            if not st.loaded and not any(k.values()) and name not in out:
+                continue
+            sa = out.setdefault(name, SetAggregate())
+            sa.dropped = k[Stat.DROPPED]
+            strat = st.loaded.strategy.label if st.loaded else "none"
+            recovered_user = user.get(name, 0)
+            sa.outcomes = {
+                (strat, "ok"): k[Stat.ARG_OK],
+                (strat, "recovered"): k[Stat.ARG_RECOVERED],
+                (strat, "lost"): max(0, k[Stat.ARG_LOST] - recovered_user),
+                (strat, "truncated"): k[Stat.ARG_TRUNCATED],
+            }
+            if recovered_user or st.user_fallback:
+                sa.outcomes[("user-fallback", "recovered")] = recovered_user
+        return out
+
+    def enable_run_stats(self) -> bool:
+        """Turn on the kernel's BPF run-time statistics (run_time_ns, run_cnt per program)
+        until close(). System-wide: every BPF program on the host then pays two clock reads
+        per run. False (logged) if the kernel refuses."""
+        with self._lock:
+            if self._stats_fd is None:
+                try:
+                    self._stats_fd = libbpf.enable_stats()
+                except libbpf.LibbpfError as e:
+                    log.warning("cannot enable BPF run-time stats: %s", e)
+                    return False
+            return True
+
+    @property
+    def bpf_stats_enabled(self) -> bool:
+        return self._stats_fd is not None
+
+    def program_stats(self) -> list[tuple[str, str, int, int]]:
+        """(event set, program, run time ns, run count) of every loaded program; the
+        kernel counts only while BPF stats are on (enable_run_stats())."""
+        out = []
+        with self._lock:
+            for name, st in self._sets.items():
+                if st.loaded:
+                    for prog, fd in sorted(st.loaded.program_fds().items()):
+                        _, run_ns, runs = libbpf.prog_stats(fd)
+                        out.append((name, prog, run_ns, runs))
+        return out
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         out = []
@@ -476,6 +548,9 @@ class BpfEngine:
                     st.loaded.close()
                     st.loaded = None
             self._rb.close()
+            if self._stats_fd is not None:
+                os.close(self._stats_fd)
+                self._stats_fd = None
             for fd in self._fds:
                 os.close(fd)
             self._fds.clear()

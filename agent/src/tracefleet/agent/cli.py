@@ -111,10 +111,28 @@ def _table_row(ev: dict[str, Any]) -> str:
     )
 
 
+def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any = None) -> Any:
+    """Start /metrics if --metrics-listen is set (not "" or "off"); None otherwise."""
+    address = (args.metrics_listen or "").strip()
+    if not address or address == "off":
+        return None
+    from tracefleet.agent._internal import metrics
+
+    server = metrics.serve(engine, node, address, client)
+    print(f"tracefleet-agent: metrics on http://{address}/metrics", file=sys.stderr)
+    return server
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     specs = parse_event_sets(args.event_set)
     names = [s.name for s in specs]
     engine = _make_engine(args, names)
+    try:
+        metrics_server = _serve_metrics(args, engine, os.uname().nodename)
+    except Exception as e:
+        engine.close()
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_ERROR
     out: TextIO = sys.stdout
     stop = threading.Event()
     lock = threading.Lock()
@@ -157,6 +175,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         out.flush()
         _summary(engine, names)
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         engine.close()
     return EXIT_OK
 
@@ -176,7 +196,9 @@ def _summary(engine: Any, names: list[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from tracefleet.agent.controlclient import run_agent
+    import asyncio
+
+    from tracefleet.agent.controlclient import ControlClient
 
     if not args.controller:
         print(f"tracefleet-agent: no controller: pass --controller or set {env.CONTROLLER}",
@@ -191,13 +213,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         k, v = item.split("=", 1)
         labels[k.strip()] = v.strip()
     engine = _make_engine(args, list(EVENT_SETS))
-    stop = threading.Event()
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # run_agent() without its wrapper: the metrics endpoint reads the client's state
+    client = ControlClient(engine, args.controller, args.node, labels)
+    try:
+        metrics_server = _serve_metrics(args, engine, args.node, client)
+    except Exception as e:
+        engine.close()
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_ERROR
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await client.run(stop)
+
     engine.start()
     try:
-        run_agent(engine, args.controller, args.node, labels, stop)
+        asyncio.run(main())
     finally:
+        if metrics_server is not None:
+            metrics_server.close()
         engine.close()
     return EXIT_OK
 
@@ -234,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="force one capture strategy instead of the best available")  # fmt: skip
     sc.add_argument("--no-user-fallback", action="store_true",
                     help="never read traced processes' memory from user space")  # fmt: skip
+    sc.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                    help="serve Prometheus metrics while capturing (default: off)")  # fmt: skip
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
 
@@ -245,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--labels", default=os.environ.get(env.NODE_LABELS, ""),
                     help=f"k=v,k=v labels (env {env.NODE_LABELS})")  # fmt: skip
     sr.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
+    sr.add_argument("--metrics-listen", metavar="HOST:PORT",
+                    default=os.environ.get(env.METRICS_LISTEN, "0.0.0.0:9091"),
+                    help=f"serve Prometheus metrics here; 'off' for none "
+                    f"(env {env.METRICS_LISTEN}; default: %(default)s)")  # fmt: skip
     sr.add_argument("--hold-seconds", type=float, default=30.0,
                     help="detach an event set after it stays disabled this long")  # fmt: skip
     sr.set_defaults(func=cmd_run)

@@ -84,12 +84,14 @@ class ResultBatch(_message.Message):
     def __init__(self, interval_start_ns: _Optional[int] = ..., interval_end_ns: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[_types_pb2.SetAggregate, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., lost_intervals: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("generation", "event_sets")
+    __slots__ = ("generation", "event_sets", "redact_patterns")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EVENT_SETS_FIELD_NUMBER: _ClassVar[int]
+    REDACT_PATTERNS_FIELD_NUMBER: _ClassVar[int]
     generation: int
     event_sets: _containers.RepeatedCompositeFieldContainer[_types_pb2.EventSetSpec]
-    def __init__(self, generation: _Optional[int] = ..., event_sets: _Optional[_Iterable[_Union[_types_pb2.EventSetSpec, _Mapping]]] = ...) -> None: ...
+    redact_patterns: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, generation: _Optional[int] = ..., event_sets: _Optional[_Iterable[_Union[_types_pb2.EventSetSpec, _Mapping]]] = ..., redact_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("event_sets", "pids", "sample_rate", "max_events_per_interval", "lease")

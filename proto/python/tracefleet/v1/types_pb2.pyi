@@ -100,14 +100,16 @@ class SetAggregate(_message.Message):
     def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
 
 class EventArg(_message.Message):
-    __slots__ = ("value", "status", "strategy")
+    __slots__ = ("value", "status", "strategy", "redacted")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    REDACTED_FIELD_NUMBER: _ClassVar[int]
     value: str
     status: str
     strategy: str
-    def __init__(self, value: _Optional[str] = ..., status: _Optional[str] = ..., strategy: _Optional[str] = ...) -> None: ...
+    redacted: bool
+    def __init__(self, value: _Optional[str] = ..., status: _Optional[str] = ..., strategy: _Optional[str] = ..., redacted: _Optional[bool] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args")

@@ -126,9 +126,20 @@ def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
     }
 
 
+# Arguments declared `int` in the kernel: the register's upper half is not part of them.
+_INT32_ARGS = frozenset({"dfd", "olddfd", "newdfd", "fd"})
+
+
+def _int_arg(name: str, raw: int) -> int:
+    if name in _INT32_ARGS:
+        raw &= 0xFFFFFFFF
+        return raw - (1 << 32) if raw & 0x80000000 else raw
+    return raw
+
+
 def _int_args(spec: ArgSpec, iargs: Any) -> dict[str, Any]:
     return {
-        name: {"value": int(iargs[i]), "status": "ok", "strategy": "register"}
+        name: {"value": _int_arg(name, int(iargs[i])), "status": "ok", "strategy": "register"}
         for name, i in spec.ints
     }
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from tracefleet.agent._internal.metrics import add_all
 from tracefleet.agent.controlclient import ClientOptions, ControlClient
 from tracefleet.agent.engine import (
     LATENCY_BUCKETS_SECONDS,
@@ -72,6 +73,7 @@ class SyntheticEngine:
         self._last_sample = time.monotonic()
         self.apply_calls = 0
         self.closed = False
+        self._totals: dict[str, SetAggregate] = {}  # cumulative, for the metrics endpoint
 
     # CaptureEngine ----------------------------------------------------------------------
 
@@ -116,7 +118,15 @@ class SyntheticEngine:
         for name in self.enabled():
             n = self._count(self.rate * elapsed)
             agg.sets[name] = self._aggregate(name, n)
+            add_all(self._totals.setdefault(name, SetAggregate()), agg.sets[name])
         return agg
+
+    def totals(self) -> dict[str, SetAggregate]:
+        """Everything collect() has reported so far (cumulative; events are invented there)."""
+        out: dict[str, SetAggregate] = {}
+        for name, sa in list(self._totals.items()):
+            add_all(out.setdefault(name, SetAggregate()), sa)
+        return out
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         now = time.monotonic()

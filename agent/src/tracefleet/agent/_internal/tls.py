@@ -1,0 +1,62 @@
+"""Client-side mTLS of the agent: channel credentials read fresh from TRACEFLEET_TLS_DIR.
+
+The control client calls ``AgentTLS.credentials()`` for every new channel, so certificates
+renewed on disk (cert-manager, kubelet's Secret refresh, ``tracefleet certs``) are used at the
+next reconnect; ``changed()`` lets the client reconnect on its own when the files change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import grpc
+
+CA_CERT, TLS_CERT, TLS_KEY = "ca.crt", "tls.crt", "tls.key"
+
+
+class AgentTLSError(Exception):
+    pass
+
+
+class AgentTLS:
+    def __init__(self, tls_dir: str | os.PathLike[str], server_name: str = "") -> None:
+        self.tls_dir = Path(tls_dir)
+        self.server_name = server_name
+        self._digest = ""
+        self.read()  # fail early on a missing file
+
+    def read(self) -> tuple[bytes, bytes, bytes]:
+        out = []
+        for name in (CA_CERT, TLS_CERT, TLS_KEY):
+            try:
+                out.append((self.tls_dir / name).read_bytes())
+            except OSError as e:
+                raise AgentTLSError(
+                    f"cannot read {self.tls_dir / name}: {e.strerror} (the TLS directory "
+                    f"holds {CA_CERT}, {TLS_CERT}, {TLS_KEY}; make them with 'tracefleet "
+                    "certs agent --node NAME')"
+                ) from None
+        return out[0], out[1], out[2]
+
+    @staticmethod
+    def _hash(files: tuple[bytes, bytes, bytes]) -> str:
+        return hashlib.sha256(b"\0".join(files)).hexdigest()
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        ca, cert, key = self.read()
+        self._digest = self._hash((ca, cert, key))
+        return grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+
+    def channel_options(self) -> list[tuple[str, str]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def changed(self) -> bool:
+        """True if the files differ from those of the last ``credentials()``."""
+        try:
+            return self._hash(self.read()) != self._digest
+        except AgentTLSError:
+            return False  # mid-rotation: keep the current connection

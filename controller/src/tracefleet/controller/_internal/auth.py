@@ -1,0 +1,306 @@
+"""Who is calling: agents (certificate ``OU=agent``, ``CN``/SAN = node name) and operators
+(certificate ``OU=admin|read`` or a bearer token from ``--tokens-file``), and what they may do.
+
+* AgentService/Connect: with TLS on, the peer must present an agent certificate whose CN or
+  a DNS SAN equals the node name it registers as. Operator certificates are refused.
+* ControlService: ``read`` may call GetStatus, StreamEvents and GetTop; only ``admin`` may
+  call ConfigureEventSet. A bearer token (``authorization: Bearer T``) decides the identity
+  when present; otherwise the operator certificate does. Agent certificates are refused.
+* No TLS and no tokens file (the loopback demo): everyone is admin.
+
+Refusals are logged (WARNING) and counted by reason in ``REFUSALS`` (and, when
+prometheus_client is installed, ``tracefleet_controller_refused_total{kind,reason}``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tracefleet.controller._internal.certs import OU_AGENT, OU_CONTROLLER, ROLE_ADMIN, ROLES
+
+log = logging.getLogger("tracefleet.controller.auth")
+
+TOKENS_FILE_ENV = "TRACEFLEET_TOKENS_FILE"
+
+READ_METHODS = frozenset({"GetStatus", "StreamEvents", "GetTop"})
+ADMIN_METHODS = frozenset({"ConfigureEventSet"})
+
+try:  # the metrics endpoint (another module) serves the default registry
+    from prometheus_client import Counter as _PromCounter
+
+    _PROM: Any = _PromCounter(
+        "tracefleet_controller_refused",
+        "Clients the controller refused, by kind (agent, operator, tls) and reason",
+        ["kind", "reason"],
+    )
+except Exception:  # pragma: no cover - prometheus_client missing or registered twice
+    _PROM = None
+
+
+class Refusals:
+    """Counter of refused clients by reason; thread-safe (grpc threads count TLS rejects)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def refuse(self, reason: str, peer: str, detail: str, *, log_it: bool = True) -> None:
+        kind = reason.split("_", 1)[0] if reason.startswith(("agent_", "operator_", "tls_")) else ""
+        with self._lock:
+            self.counts[reason] += 1
+            n = self.counts[reason]
+        if _PROM is not None:
+            _PROM.labels(kind or "other", reason).inc()
+        if log_it:
+            log.warning("refused %s (%s): %s [%d so far]", peer or "client", reason, detail, n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+REFUSALS = Refusals()
+
+
+@dataclass(frozen=True)
+class Identity:
+    kind: str  # "agent", "operator", "controller", "unknown"
+    name: str
+    role: str = ""  # operators: admin | read
+    names: tuple[str, ...] = ()  # CN and DNS SANs (agents)
+    via: str = "certificate"  # or "token", "insecure"
+
+
+def _attr(name: x509.Name, oid: x509.ObjectIdentifier) -> list[str]:
+    return [str(a.value) for a in name.get_attributes_for_oid(oid)]
+
+
+def identity_from_pem(pem: bytes) -> Identity:
+    cert = x509.load_pem_x509_certificate(pem)
+    cns = _attr(cert.subject, NameOID.COMMON_NAME)
+    ous = _attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    try:
+        sans = tuple(
+            cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            .get_values_for_type(x509.DNSName)
+        )  # fmt: skip
+    except x509.ExtensionNotFound:
+        sans = ()
+    cn = cns[0] if cns else ""
+    if len(ous) != 1:  # a certificate is one kind of thing, or none
+        return Identity("unknown", cn, names=(*cns, *sans))
+    ou = ous[0]
+    if ou == OU_AGENT:
+        return Identity("agent", cn, names=tuple(dict.fromkeys((*cns, *sans))))
+    if ou in ROLES:
+        return Identity("operator", cn, role=ou)
+    if ou == OU_CONTROLLER:
+        return Identity("controller", cn)
+    return Identity("unknown", cn)
+
+
+def peer_identity(context: Any) -> Identity | None:
+    """The identity in the peer's client certificate, or None without TLS / certificate."""
+    try:
+        ac = context.auth_context() or {}
+    except Exception:
+        return None
+    pems = ac.get("x509_pem_cert") or []
+    if pems:
+        try:
+            return identity_from_pem(pems[0])
+        except ValueError:
+            return Identity("unknown", "")
+    cns = ac.get("x509_common_name") or []
+    if cns:  # no PEM (older grpc): the CN alone says nothing about the kind
+        return Identity("unknown", cns[0].decode(errors="replace"))
+    return None
+
+
+# tokens ----------------------------------------------------------------------------------
+
+
+class TokensError(Exception):
+    pass
+
+
+def load_tokens(path: str | Path) -> dict[str, Identity]:
+    """``{sha256(token) hex: {name, role}}`` in YAML or JSON -> {digest: Identity}."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise TokensError(f"cannot read tokens file {p}: {e.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as e:
+        raise TokensError(f"tokens file {p} is not valid YAML/JSON: {e}") from None
+    if isinstance(data, Mapping) and "tokens" in data and isinstance(data["tokens"], Mapping):
+        data = data["tokens"]
+    if not isinstance(data, Mapping):
+        raise TokensError(
+            f"tokens file {p}: expected a mapping of sha256 hex digest -> {{name, role}}"
+        )
+    out = {}
+    for digest, entry in data.items():
+        d = str(digest).lower().removeprefix("sha256:")
+        if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+            raise TokensError(
+                f"tokens file {p}: key {str(digest)[:16]!r}... is not a sha256 hex digest "
+                "(store sha256(token), e.g. printf %s TOKEN | sha256sum)"
+            )
+        if not isinstance(entry, Mapping) or entry.get("role") not in ROLES:
+            raise TokensError(
+                f"tokens file {p}: entry {d[:12]}... needs name and role ({'|'.join(ROLES)})"
+            )
+        out[d] = Identity("operator", str(entry.get("name") or d[:12]), str(entry["role"]),
+                          via="token")  # fmt: skip
+    return out
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _bearer(context: Any) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            v = value.decode() if isinstance(value, bytes) else str(value)
+            scheme, _, token = v.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return ""
+    return None
+
+
+# policy decisions ------------------------------------------------------------------------
+
+
+class Authorizer:
+    """Operator authentication and authorization, and the agent identity check."""
+
+    def __init__(
+        self,
+        *,
+        tls: bool,
+        tokens: Mapping[str, Identity] | None = None,
+        refusals: Refusals | None = None,
+    ) -> None:
+        self.tls = tls
+        self.tokens = dict(tokens or {})
+        self.token_mode = tokens is not None
+        self.refusals = refusals or REFUSALS
+
+    @property
+    def open(self) -> bool:
+        return not self.tls and not self.token_mode
+
+    def operator(self, context: Any, method: str) -> tuple[Identity | None, grpc.StatusCode, str]:
+        """(identity, code, message); identity None means refused with that code."""
+        peer = context.peer()
+        cert = peer_identity(context) if self.tls else None
+        if cert is not None and cert.kind == "agent":
+            return self._deny(
+                "operator_agent_certificate", peer, grpc.StatusCode.PERMISSION_DENIED,
+                f"agent certificate ({cert.name}) cannot be used as operator credentials",
+            )  # fmt: skip
+        who: Identity | None = None
+        token = _bearer(context) if self.token_mode else None
+        if token is not None:
+            found = None
+            digest = token_digest(token)
+            for d, ident in self.tokens.items():
+                if hmac.compare_digest(d, digest):
+                    found = ident
+            if found is None:
+                return self._deny(
+                    "operator_bad_token", peer, grpc.StatusCode.UNAUTHENTICATED,
+                    "unknown bearer token: check --token / TRACEFLEET_TOKEN",
+                )  # fmt: skip
+            who = found
+        elif cert is not None:
+            if cert.kind != "operator":
+                return self._deny(
+                    "operator_not_operator_certificate", peer, grpc.StatusCode.PERMISSION_DENIED,
+                    f"certificate {cert.name!r} is not an operator certificate "
+                    f"(needs OU=admin or OU=read; issue one with 'tracefleet certs operator')",
+                )  # fmt: skip
+            who = cert
+        elif self.open:
+            return Identity("operator", "anonymous", ROLE_ADMIN, via="insecure"), grpc.StatusCode.OK, ""
+        else:
+            return self._deny(
+                "operator_no_credentials", peer, grpc.StatusCode.UNAUTHENTICATED,
+                "credentials required: pass --token (or TRACEFLEET_TOKEN) or an operator "
+                "certificate with --tls-dir",
+            )  # fmt: skip
+        if method in ADMIN_METHODS and who.role != ROLE_ADMIN:
+            return self._deny(
+                "operator_forbidden", peer, grpc.StatusCode.PERMISSION_DENIED,
+                f"{who.name} (role {who.role}, via {who.via}) may not call {method}: "
+                f"it needs role admin",
+            )  # fmt: skip
+        if method not in ADMIN_METHODS | READ_METHODS:
+            return self._deny(
+                "operator_unknown_method", peer, grpc.StatusCode.PERMISSION_DENIED,
+                f"{method} is not authorized for any role",
+            )  # fmt: skip
+        return who, grpc.StatusCode.OK, ""
+
+    def agent(self, context: Any, node_name: str) -> tuple[bool, grpc.StatusCode, str]:
+        if not self.tls:
+            return True, grpc.StatusCode.OK, ""
+        peer = context.peer()
+        cert = peer_identity(context)
+        if cert is None:
+            _, code, msg = self._deny(
+                "agent_no_certificate", peer, grpc.StatusCode.UNAUTHENTICATED,
+                f"node {node_name!r}: no client certificate",
+            )  # fmt: skip
+            return False, code, msg
+        if cert.kind != "agent":
+            _, code, msg = self._deny(
+                "agent_not_agent_certificate", peer, grpc.StatusCode.PERMISSION_DENIED,
+                f"node {node_name!r}: certificate {cert.name!r} ({cert.kind}) is not an agent "
+                f"certificate (needs OU=agent; issue one with 'tracefleet certs agent')",
+            )  # fmt: skip
+            return False, code, msg
+        if node_name not in cert.names:
+            _, code, msg = self._deny(
+                "agent_identity_mismatch", peer, grpc.StatusCode.PERMISSION_DENIED,
+                f"registers as node {node_name!r} but its certificate is for "
+                f"{', '.join(cert.names) or '?'}",
+            )  # fmt: skip
+            return False, code, msg
+        return True, grpc.StatusCode.OK, ""
+
+    def _deny(
+        self, reason: str, peer: str, code: grpc.StatusCode, message: str
+    ) -> tuple[None, grpc.StatusCode, str]:
+        self.refusals.refuse(reason, peer, message)
+        return None, code, message
+
+
+async def require_operator(auth: Authorizer | None, context: Any, method: str) -> Identity | None:
+    """Abort the RPC unless the caller may call ``method``."""
+    if auth is None:
+        return None
+    who, code, message = auth.operator(context, method)
+    if who is None:
+        await context.abort(code, message)
+        raise AssertionError("unreachable")
+    return who
