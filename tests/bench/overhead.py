@@ -179,7 +179,8 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                 log(f"overhead: {wl.name}: skipped (no {wl.event_set} event set)")
                 continue
             log(f"overhead: {wl.name}: {rounds} rounds x {len(CONDITIONS)} conditions")
-            samples: dict[str, list[float]] = {c: [] for c in CONDITIONS}
+            samples: dict[str, list[float]] = {c: [] for c in CONDITIONS}  # CPU ns/iter
+            wall: dict[str, list[float]] = {c: [] for c in CONDITIONS}  # wall ns/iter
             delivery: dict[str, list[int]] = {"iters": [], "events": [], "dropped": [],
                                               "delivered": [], "bpftrace_lines": [],
                                               "bpftrace_lost": []}  # fmt: skip
@@ -236,10 +237,13 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                     else:
                         res = loop(("strace", "-f", "-qq", "-e", f"trace={wl.strace_filter}",
                                     "-o", "/dev/null"))  # fmt: skip
-                    samples[cond].append(float(res["ns_per_iter"]))
+                    samples[cond].append(float(res["cpu_ns"]) / float(res["iters"]))
+                    wall[cond].append(float(res["ns_per_iter"]))
                 log(f"overhead: {wl.name}: round {r + 1}/{rounds}: " + ", ".join(
                     f"{c} {samples[c][-1]:.0f}" for c in CONDITIONS))  # fmt: skip
             stats = {c: summary(v) for c, v in samples.items()}
+            for c, v in wall.items():
+                stats[c]["wall_median"] = summary(v)["median"]
             unt = stats["untraced"]["median"]
             flo = stats["floor"]["median"]
             for st in stats.values():
@@ -249,7 +253,10 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                 "event_set": wl.event_set,
                 "strategy": strategy,
                 "ns_per_iter": stats,
+                "metric": "CPU time of the loop process per iteration (ns); wall_median is "
+                "elapsed time, which also counts time the loop was preempted",
                 "samples": samples,
+                "samples_wall": wall,
                 "capture_delivery": {
                     "iterations": sum(delivery["iters"]),
                     "kernel_written": sum(delivery["events"]),

@@ -35,7 +35,16 @@ def test_health_and_reflection(tmp_path):
 
 def test_loud_warning_when_listening_insecurely_beyond_loopback(tmp_path):
     proc = subprocess.Popen(
-        [PY, "-m", "tracefleet.controller.server", "--listen", "0.0.0.0:0", "--db", ":memory:"],
+        [
+            PY,
+            "-m",
+            "tracefleet.controller.server",
+            "--listen",
+            "0.0.0.0:0",
+            "--db",
+            ":memory:",
+            "--insecure",
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )

@@ -427,3 +427,10 @@ def test_view_script_is_read_only_and_private() -> None:
     assert "mount --bind -o ro /work /tmp/v/work" in script
     assert "-o sandbox=chroot" in script and "-o source=/tmp/v" in script
     assert "rw" not in script.replace("--rlimit", "")
+
+
+def test_under_any() -> None:
+    assert vm.under_any("/run/x", ("/run",))
+    assert vm.under_any("/run", ("/run/",))
+    assert not vm.under_any("/runner/x", ("/run",))
+    assert not vm.under_any("/work/main", ("/proc", "/sys"))

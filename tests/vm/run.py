@@ -43,7 +43,8 @@ from typing import IO, NoReturn
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INIT_SCRIPT = Path(__file__).resolve().parent / "init.sh"
 DEFAULT_TESTS = ("tests/bpf", "tests/e2e")
-DEFAULT_TIMEOUT_S = 20 * 60
+# The BPF suite alone takes ~25 min under TCG (2026-11: 55 tests, ~25 s each): 20 min is short.
+DEFAULT_TIMEOUT_S = 45 * 60
 POWEROFF_GRACE_S = 30.0
 VIRTIOFSD_CANDIDATES = ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd", "virtiofsd")
 QEMU = "qemu-system-x86_64"
@@ -432,6 +433,11 @@ def _unescape_mountinfo(field_text: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
 
 
+def under_any(path: str, prefixes: Iterable[str]) -> bool:
+    """Whether path is one of prefixes or below one (`/run/x` is under `/run`, `/runner` not)."""
+    return any(path in (p, p.rstrip("/")) or path.startswith(p.rstrip("/") + "/") for p in prefixes)
+
+
 def view_submounts(mountinfo: str) -> list[str]:
     """Host mount points (besides /) to bind read-only into the exported view, in mount order:
     real file systems, not the kernel's pseudo file systems nor /proc, /sys, /dev, /run, /mnt,
@@ -448,7 +454,7 @@ def view_submounts(mountinfo: str) -> list[str]:
         fstype = post.split()[0] if post.split() else ""
         if mountpoint == "/" or fstype in PSEUDO_FSTYPES:
             continue
-        if any(mountpoint == p or mountpoint.startswith(p + "/") for p in EXCLUDED_MOUNT_PREFIXES):
+        if under_any(mountpoint, EXCLUDED_MOUNT_PREFIXES):
             continue
         if mountpoint not in out:
             out.append(mountpoint)
@@ -458,7 +464,7 @@ def view_submounts(mountinfo: str) -> list[str]:
 def needs_host_tmp(paths: Iterable[str]) -> bool:
     """Whether something the guest needs lives under /tmp (then the guest keeps the host's
     /tmp visible, read-only, and uses a tmpfs under /run as its TMPDIR instead)."""
-    return any(p == "/tmp" or p.startswith("/tmp/") for p in paths)
+    return any(under_any(p, ("/tmp",)) for p in paths)
 
 
 def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -561,7 +567,13 @@ def passthrough_env(environ: dict[str, str], extra: Sequence[str]) -> dict[str, 
         k: v
         for k, v in environ.items()
         if k.startswith("TRACEFLEET_")
-        and k not in ("TRACEFLEET_IN_VM", "TRACEFLEET_KERNEL", "TRACEFLEET_KERNELS_DIR")
+        and k
+        not in (
+            "TRACEFLEET_IN_VM",
+            "TRACEFLEET_KERNEL",
+            "TRACEFLEET_KERNELS_DIR",
+            "TRACEFLEET_VM_TIMEOUT",
+        )
     }
     for item in extra:
         key, sep, value = item.partition("=")
@@ -703,6 +715,7 @@ class Console:
         self.stage_times: dict[str, float] = {}  # stage -> host monotonic time
         self.status_seen = threading.Event()
         self.partial = ""  # the console's last, unfinished line
+        self.done = 0  # finished tests seen (quiet mode progress)
         self._stream, self._prefix, self._echo = stream, prefix, echo
         self._log = log.open("wb")  # written and closed by the thread only
         self._rx = marker_regex(nonce)
@@ -736,7 +749,10 @@ class Console:
                 self.partial = ""
             for line in complete:
                 self._line(line)
-            if self._echo and text:
+            if not self._echo:
+                for line in complete:
+                    self._progress(line)
+            elif text:
                 parts = text.split("\n")
                 for i, part in enumerate(parts):
                     if part and at_line_start:
@@ -749,6 +765,19 @@ class Console:
                 sys.stderr.flush()
             if final:
                 return
+
+    def _progress(self, line: str) -> None:
+        """Quiet mode: one line per finished test and the guest's stages (CI sees life)."""
+        m = _PROGRESS.match(line.strip())
+        if m:
+            self.done += 1
+            text = f"{m.group('outcome'):7} {m.group('nodeid')} ({self.done} done)"
+        elif self._rx.search(line) and ("STAGE" in line or "ERROR" in line):
+            text = line[line.index("@@TFVM") :]
+        else:
+            return
+        sys.stderr.write(f"{self._prefix}{text}\n")
+        sys.stderr.flush()
 
     def _line(self, line: str) -> None:
         self.lines.append(line)
@@ -879,9 +908,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT_S,
+        default=float(os.environ.get("TRACEFLEET_VM_TIMEOUT", DEFAULT_TIMEOUT_S)),
         metavar="SECONDS",
-        help=f"overall limit for the guest, boot included (default {DEFAULT_TIMEOUT_S})",
+        help="overall limit for the guest, boot included (default $TRACEFLEET_VM_TIMEOUT "
+        f"or {DEFAULT_TIMEOUT_S})",
     )
     p.add_argument("--memory", type=parse_memory, default="1G", help="guest RAM (default 1G)")
     p.add_argument("--cpus", type=int, default=2, help="guest vCPUs (default 2)")
@@ -956,13 +986,6 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
     build_dir: Path = args.build_dir.resolve()
     kernels_dir = args.kernels_dir or default_kernels_dir(repo_root)
     virtiofsd, python = preflight(repo_root)
-    spec = resolve_kernel(args.kernel, kernels_dir)
-    if spec.kind == "deb":
-        vmlinuz, release = unpack_deb(spec.path, build_dir / "kernels")
-    else:
-        vmlinuz, release = spec.path, bzimage_release(spec.path) or "unknown"
-    log(f"kernel {release} ({vmlinuz})")
-
     tests = [str(Path(t).resolve()) for t in args.tests] if args.tests else None
     for t in tests or []:
         if not Path(t.split("::", 1)[0]).exists():
@@ -974,7 +997,21 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
         and not mentions_hypothesis(selected_paths(pytest_args, repo_root), repo_root)
     ):
         pytest_args = ["-p", "no:hypothesispytest", *pytest_args]
-    guest_paths = [str(repo_root), str(Path(python).resolve()), *(tests or [])]
+    guest_paths = [str(repo_root), str(Path(python).resolve()), str(build_dir), *(tests or [])]
+    hidden = [p for p in guest_paths if under_any(p, EXCLUDED_MOUNT_PREFIXES)]
+    if hidden:
+        raise RunnerError(
+            f"the guest cannot see {', '.join(hidden)} (it has its own /proc, /sys, /dev, /run "
+            "and no /mnt, /media): move it, or pass --build-dir",
+            2,
+        )
+    spec = resolve_kernel(args.kernel, kernels_dir)
+    if spec.kind == "deb":
+        vmlinuz, release = unpack_deb(spec.path, build_dir / "kernels")
+    else:
+        vmlinuz, release = spec.path, bzimage_release(spec.path) or "unknown"
+    log(f"kernel {release} ({vmlinuz})")
+
     env = passthrough_env(dict(os.environ), args.env)
 
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -1007,6 +1044,7 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
     vfs: subprocess.Popen[bytes] | None = None
     qemu: subprocess.Popen[bytes] | None = None
     console: Console | None = None
+    interrupted: str | None = None
     restore = _install_signal_handlers()
     try:
         with vfs_log_path.open("wb") as vfs_log:  # the child keeps its own descriptor
@@ -1042,6 +1080,10 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
         assert qemu.stdout is not None
         console = Console(qemu.stdout, console_path, nonce, f"[vm {spec.label}] ", not args.quiet)
         timed_out = _wait_guest(qemu, console, t0 + args.timeout)
+    except Interrupted as e:
+        if console is None:
+            raise  # before boot: nothing to report
+        interrupted, timed_out = str(e), False
     finally:
         _stop(qemu)
         if console is not None:
@@ -1054,6 +1096,7 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
             with contextlib.suppress(OSError):
                 shutil.copyfile(console_path, args.keep_console)
 
+    assert console is not None and qemu is not None  # else the exception propagated
     report = parse_console(console.lines, nonce)
     results: list[TestResult] = []
     if report.junit is not None:
@@ -1072,7 +1115,10 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
     pytest_s = st["pytest-end"] - st["pytest-start"] if both else None
     wall = time.monotonic() - t0
 
-    if timed_out:
+    if interrupted:
+        status = EXIT_INTERRUPTED
+        report.errors.append(f"interrupted ({interrupted}); qemu and virtiofsd stopped")
+    elif timed_out:
         status = EXIT_TIMEOUT
         report.errors.append(f"timed out after {args.timeout:.0f} s (--timeout)")
     elif report.status is None:
@@ -1178,8 +1224,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RunnerError as e:
         print(f"[test-vm] FAILED: {e}", file=sys.stderr, flush=True)
         return e.status
-    except Interrupted as e:
-        print(f"[test-vm] interrupted ({e}); qemu and virtiofsd stopped", file=sys.stderr)
+    except (Interrupted, KeyboardInterrupt) as e:
+        print(
+            f"[test-vm] interrupted ({e or 'SIGINT'}); qemu and virtiofsd stopped", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     print_outcome(out)
     return out.status

@@ -195,6 +195,34 @@ def _summary(engine: Any, names: list[str]) -> None:
         )
 
 
+def _tls_options(args: argparse.Namespace) -> Any:
+    """ClientOptions with mTLS from --tls-dir; None (after printing why) if refused."""
+    import ipaddress
+
+    from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
+    from tracefleet.agent.controlclient import ClientOptions
+
+    if not args.tls_dir:
+        host = args.controller.rpartition(":")[0].strip("[]")
+        try:
+            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback and not args.insecure:
+            print(f"tracefleet-agent: refusing to talk to {args.controller} without TLS: pass "
+                  f"--tls-dir DIR (or set {env.TLS_DIR}), or --insecure on a trusted network",
+                  file=sys.stderr)  # fmt: skip
+            return None
+        print(f"tracefleet-agent: WARNING: connecting to {args.controller} WITHOUT TLS "
+              "(captured arguments travel in clear text)", file=sys.stderr)  # fmt: skip
+        return ClientOptions()
+    try:
+        return ClientOptions(tls=AgentTLS(args.tls_dir, args.tls_server_name))
+    except AgentTLSError as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -212,9 +240,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         k, v = item.split("=", 1)
         labels[k.strip()] = v.strip()
+    options = _tls_options(args)
+    if options is None:
+        return EXIT_USAGE
     engine = _make_engine(args, list(EVENT_SETS))
     # run_agent() without its wrapper: the metrics endpoint reads the client's state
-    client = ControlClient(engine, args.controller, args.node, labels)
+    client = ControlClient(engine, args.controller, args.node, labels, options)
     try:
         metrics_server = _serve_metrics(args, engine, args.node, client)
     except Exception as e:
@@ -290,6 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(env {env.METRICS_LISTEN}; default: %(default)s)")  # fmt: skip
     sr.add_argument("--hold-seconds", type=float, default=30.0,
                     help="detach an event set after it stays disabled this long")  # fmt: skip
+    sr.add_argument("--tls-dir", default=os.environ.get(env.TLS_DIR, ""), metavar="DIR",
+                    help=f"mTLS to the controller with DIR/ca.crt, tls.crt, tls.key, re-read "
+                    f"on every reconnect (env {env.TLS_DIR})")  # fmt: skip
+    sr.add_argument("--tls-server-name", default="", metavar="NAME",
+                    help="expect this name in the controller's certificate (default: the host "
+                    "of --controller)")  # fmt: skip
+    sr.add_argument("--insecure", action="store_true",
+                    help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)
     return p
 

@@ -40,6 +40,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tracefleet.agent._internal.redact import Redactor
 from tracefleet.agent.engine import (
     Aggregates,
     CaptureEngine,
@@ -75,6 +76,10 @@ class ClientOptions:
     default_sample_limit: int = 100
     # TLS/mTLS to the controller (grpc.ssl_channel_credentials(...)); None = insecure.
     credentials: grpc.ChannelCredentials | None = None
+    # mTLS from files (tracefleet.agent._internal.tls.AgentTLS): read afresh for every new
+    # channel, and the stream is re-established when the files change. Wins over credentials.
+    tls: Any = None
+    tls_check_interval: float = 10.0  # seconds between checks of the TLS files
 
 
 @dataclass
@@ -131,6 +136,7 @@ class ControlClient:
         self._engine_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._synced = False
+        self._redactor = Redactor()
 
     # public ----------------------------------------------------------------------------
 
@@ -192,9 +198,18 @@ class ControlClient:
         attempt = 0
         while not stop.is_set():
             self._synced = False
-            creds = self.options.credentials
+            tls = self.options.tls
+            try:
+                creds = tls.credentials() if tls is not None else self.options.credentials
+            except Exception as e:  # files missing mid-rotation: retry with backoff
+                log.warning("%s: TLS credentials: %s", self.node_name, e)
+                creds, attempt = None, attempt + 1
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), self.options.backoff_initial)
+                continue
+            extra = tls.channel_options() if tls is not None else []
             channel = (
-                grpc.aio.secure_channel(self.controller, creds, options=CHANNEL_OPTIONS)
+                grpc.aio.secure_channel(self.controller, creds, options=CHANNEL_OPTIONS + extra)
                 if creds is not None
                 else grpc.aio.insecure_channel(self.controller, options=CHANNEL_OPTIONS)
             )
@@ -232,6 +247,8 @@ class ControlClient:
             asyncio.create_task(self._send_loop(call)),
             asyncio.create_task(stop.wait()),
         }
+        if self.options.tls is not None:
+            tasks.add(asyncio.create_task(self._tls_watch()))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -244,6 +261,15 @@ class ControlClient:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
+
+    async def _tls_watch(self) -> None:
+        """Return (ending the session, so the client reconnects with the new files) once the
+        TLS files changed on disk."""
+        while True:
+            await asyncio.sleep(self.options.tls_check_interval)
+            if self.options.tls.changed():
+                log.info("%s: TLS files changed; reconnecting with them", self.node_name)
+                return
 
     async def _write(self, call: Any, msg: agent_pb2.AgentMessage) -> None:
         async with self._write_lock:
@@ -283,6 +309,11 @@ class ControlClient:
             )
             for s in ds.event_sets
         }
+        if tuple(ds.redact_patterns) != self._redactor.patterns:
+            self._redactor = Redactor(ds.redact_patterns)
+            for err in self._redactor.errors:
+                log.error("%s: bad redaction pattern %s: redacting every string argument",
+                          self.node_name, err)  # fmt: skip
         await self._reconcile()
         self.applied_generation = ds.generation
         await self._write(
@@ -378,6 +409,8 @@ class ControlClient:
                     if (not lease.pids or e.get("pid") in lease.pids)
                     and (not lease.event_sets or e.get("event_set") in lease.event_sets)
                 ]
+        if self._redactor and events:  # before anything leaves the node
+            events = [dict(self._redactor.event(e)) for e in events]
         self._enqueue(_batch_pb(agg, events, replayed=not self.connected))
 
     def _enqueue(self, batch: agent_pb2.ResultBatch) -> None:
@@ -461,6 +494,7 @@ def _event_pb(e: Mapping[str, Any]) -> types_pb2.Event:
                     value=str(arg.get("value", "")),
                     status=str(arg.get("status", "")),
                     strategy=str(arg.get("strategy", "")),
+                    redacted=bool(arg.get("redacted", False)),
                 )
             )
         else:

@@ -71,6 +71,15 @@ FILE = EventSetSpec(
         "statx": ArgSpec(ints=(_DFD, ("flags", 2), ("mask", 3)), strs=("pathname",)),
         "readlinkat": ArgSpec(ints=(_DFD, ("bufsiz", 3)), strs=("pathname",)),
         "chdir": ArgSpec(strs=("pathname",)),
+        # legacy x86-64 entry points that glibc still uses
+        "open": ArgSpec(ints=(("flags", 1), ("mode", 2)), strs=("pathname",)),
+        "mkdir": ArgSpec(ints=(("mode", 1),), strs=("pathname",)),
+        "unlink": ArgSpec(strs=("pathname",)),
+        "rmdir": ArgSpec(strs=("pathname",)),
+        "rename": ArgSpec(strs=("oldname", "newname")),
+        "chmod": ArgSpec(ints=(("mode", 1),), strs=("pathname",)),
+        "newfstatat": ArgSpec(ints=(_DFD, ("flags", 3)), strs=("pathname",)),
+        "readlink": ArgSpec(ints=(("bufsiz", 2),), strs=("pathname",)),
     },
 )
 

@@ -21,21 +21,30 @@ from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 EXIT_OK = 0
 EXIT_USAGE = 2  # bad arguments or input (also argparse's own code)
 EXIT_UNREACHABLE = 3  # the controller could not be reached or did not answer in time
-EXIT_REJECTED = 4  # the controller refused the request (unknown event set, ...)
+EXIT_REJECTED = 4  # the controller refused the request (unknown event set, forbidden, ...)
 EXIT_NOT_CONVERGED = 5  # --wait: nodes did not apply in time, or reported errors
+
+TLS_DIR_ENV = "TRACEFLEET_TLS_DIR"
+TOKEN_ENV = "TRACEFLEET_TOKEN"
+TLS_SERVER_NAME_ENV = "TRACEFLEET_TLS_SERVER_NAME"
 
 EXIT_CODES = """\
 exit codes:
   0  ok
   2  usage error or bad input (malformed selector, duration, ...)
   3  controller unreachable (or no answer within --timeout)
-  4  rejected by the controller (e.g. unknown event set)
+  4  rejected by the controller (e.g. unknown event set, permission denied)
   5  --wait: not every node applied the change in time, or a node reported an error
 """
 
 EPILOG = f"""\
 controller address:
   --controller HOST:PORT, else ${env.CONTROLLER}, else {env.DEFAULT_CONTROLLER}
+
+credentials (needed when the controller uses mTLS or a tokens file):
+  --tls-dir DIR, else ${TLS_DIR_ENV}: operator certificate (ca.crt, tls.crt, tls.key)
+  --token TOKEN, else ${TOKEN_ENV}: bearer token (role from the controller's tokens file)
+  certificates: tracefleet certs --help
 
 {EXIT_CODES}
 examples:
@@ -129,6 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--timeout", type=_duration, default=argparse.SUPPRESS, metavar="DURATION",
         help="deadline of each call to the controller (default: 10s)",
+    )  # fmt: skip
+    common.add_argument(
+        "--tls-dir", default=argparse.SUPPRESS, metavar="DIR",
+        help=f"mTLS with the operator certificate in DIR (default: ${TLS_DIR_ENV})",
+    )  # fmt: skip
+    common.add_argument(
+        "--tls-server-name", default=argparse.SUPPRESS, metavar="NAME",
+        help="name to expect in the controller's certificate, e.g. when port-forwarding "
+        f"(default: ${TLS_SERVER_NAME_ENV} or the --controller host)",
+    )  # fmt: skip
+    common.add_argument(
+        "--token", default=argparse.SUPPRESS,
+        help=f"bearer token (default: ${TOKEN_ENV}); prefer the variable: argv is visible",
     )  # fmt: skip
 
     p = _Parser(
@@ -254,7 +276,91 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--node", default="", help="only this node")
     top.add_argument("--event-set", default="", help="only this event set")
     top.add_argument("--limit", type=_positive_int, default=20, help="rows (default: 20)")
+    _add_certs(sub)
     return p
+
+
+CERTS_EPILOG = """\
+examples:
+  tracefleet certs init --out pki                                  # pki/ca.crt, pki/ca.key
+  tracefleet certs controller --ca-dir pki --out pki/controller \\
+      --dns tracefleet-controller.tracefleet.svc --ip 127.0.0.1
+  tracefleet certs agent --ca-dir pki --node web-1 --out pki/agent-web-1
+  tracefleet certs operator --ca-dir pki --name alice --role read --out pki/alice
+
+Every leaf directory holds ca.crt, tls.crt, tls.key (the TRACEFLEET_TLS_DIR layout and a
+Kubernetes TLS Secret's keys). Agent certificates carry the node name (CN and DNS SAN,
+OU=agent) and are accepted only for that node; operator certificates carry the role in OU
+(admin or read). Keep ca.key offline.
+"""
+
+
+def _add_certs(sub: Any) -> None:
+    c = sub.add_parser(
+        "certs",
+        help="make a private CA and the mTLS certificates (controller, agents, operators)",
+        description="Make a private CA and the mTLS certificates of tracefleet (ECDSA P-256).",
+        epilog=CERTS_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cs = c.add_subparsers(dest="certs_command", metavar="KIND", required=True)
+
+    def leaf(name: str, help_: str) -> argparse.ArgumentParser:
+        p = cs.add_parser(name, help=help_, description=help_, epilog=CERTS_EPILOG,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p.add_argument("--ca-dir", default=".", metavar="DIR",
+                       help="directory with ca.crt and ca.key (default: .)")  # fmt: skip
+        p.add_argument("--out", default=None, metavar="DIR",
+                       help="output directory (default: ./NAME)")  # fmt: skip
+        p.add_argument("--days", type=_positive_int, default=90,
+                       help="validity in days (default: 90)")  # fmt: skip
+        return p
+
+    i = cs.add_parser("init", help="create the CA (ca.crt, ca.key)")
+    i.add_argument("--out", default=".", metavar="DIR", help="directory (default: .)")
+    i.add_argument("--days", type=_positive_int, default=3650, help="validity (default: 3650)")
+    i.add_argument("--force", action="store_true", help="replace an existing CA")
+    ctl = leaf("controller", "the controller's server certificate")
+    ctl.add_argument("--dns", action="append", default=[], help="DNS name (repeatable)")
+    ctl.add_argument("--ip", action="append", default=[], help="IP address (repeatable)")
+    ag = leaf("agent", "an agent's client certificate for one node")
+    ag.add_argument("--node", required=True, help="the node name the agent registers as")
+    op = leaf("operator", "an operator's client certificate for the CLI")
+    op.add_argument("--name", required=True, help="who (shown in the controller's log)")
+    op.add_argument("--role", required=True, choices=("read", "admin"),
+                    help="read: status, events, top; admin: also enable/disable")  # fmt: skip
+
+
+def cmd_certs(args: argparse.Namespace, out: TextIO) -> int:
+    from pathlib import Path
+
+    from tracefleet.controller._internal import certs
+
+    kind = args.certs_command
+    try:
+        if kind == "init":
+            res = certs.init_ca(Path(args.out), days=args.days, force=args.force)
+            print(f"CA {res.subject} in {res.directory}/ca.crt (key: ca.key, keep it "
+                  f"offline), valid until {res.not_after:%Y-%m-%d}", file=out)  # fmt: skip
+            return EXIT_OK
+        ca = Path(args.ca_dir)
+        if kind == "controller":
+            res = certs.issue_controller(
+                ca, Path(args.out or "controller"), args.dns, args.ip, args.days
+            )
+        elif kind == "agent":
+            res = certs.issue_agent(ca, Path(args.out or f"agent-{args.node}"), args.node,
+                                    args.days)  # fmt: skip
+        else:
+            res = certs.issue_operator(ca, Path(args.out or f"operator-{args.name}"), args.name,
+                                       args.role, args.days)  # fmt: skip
+    except certs.CertError as e:
+        fail(EXIT_USAGE, str(e))
+    except OSError as e:
+        fail(EXIT_USAGE, f"cannot write certificates: {e}")
+    print(f"{kind} certificate {res.subject} in {res.directory}/ (ca.crt, tls.crt, tls.key), "
+          f"valid until {res.not_after:%Y-%m-%d}", file=out)  # fmt: skip
+    return EXIT_OK
 
 
 def _add_wait(p: argparse.ArgumentParser) -> None:
@@ -281,15 +387,26 @@ class Ctx:
         )
         self.output: str = getattr(args, "output", "table")
         self.timeout: float = getattr(args, "timeout", 10.0)
-        # status of a large fleet is big: allow up to 256 MiB answers
-        self.channel = grpc.insecure_channel(
-            self.address, options=[("grpc.max_receive_message_length", 256 << 20)]
+        token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV, "")
+        self.metadata: list[tuple[str, str]] = (
+            [("authorization", f"Bearer {token}")] if token else []
         )
+        # status of a large fleet is big: allow up to 256 MiB answers
+        options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 256 << 20)]
+        tls_dir = getattr(args, "tls_dir", None) or os.environ.get(TLS_DIR_ENV, "")
+        if tls_dir:
+            creds = _operator_credentials(tls_dir)
+            name = getattr(args, "tls_server_name", None) or os.environ.get(TLS_SERVER_NAME_ENV)
+            if name:
+                options.append(("grpc.ssl_target_name_override", name))
+            self.channel = grpc.secure_channel(self.address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(self.address, options=options)
         self.stub = control_pb2_grpc.ControlServiceStub(self.channel)
 
     def call(self, method: Callable[..., Any], request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return method(request, timeout=self.timeout, metadata=self.metadata or None)
         except grpc.RpcError as e:
             raise rpc_error(e, self.address, self.timeout) from None
 
@@ -300,6 +417,19 @@ class Ctx:
 
     def progress(self, text: str) -> None:
         print(f"tracefleet: {text}", file=self.err, flush=True)
+
+
+def _operator_credentials(tls_dir: str) -> grpc.ChannelCredentials:
+    files = []
+    for name in ("ca.crt", "tls.crt", "tls.key"):
+        path = os.path.join(tls_dir, name)
+        try:
+            with open(path, "rb") as f:
+                files.append(f.read())
+        except OSError as e:
+            fail(EXIT_USAGE, f"cannot read {path}: {e.strerror} (make an operator certificate "
+                             "with 'tracefleet certs operator', or unset --tls-dir)")  # fmt: skip
+    return grpc.ssl_channel_credentials(files[0], files[2], files[1])
 
 
 def rpc_error(e: grpc.RpcError, address: str, timeout: float) -> CliError:
@@ -321,6 +451,13 @@ def rpc_error(e: grpc.RpcError, address: str, timeout: float) -> CliError:
         )
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return CliError(EXIT_REJECTED, f"rejected by the controller: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return CliError(EXIT_REJECTED, f"permission denied: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return CliError(
+            EXIT_REJECTED,
+            f"not authenticated: {details} (--token / ${TOKEN_ENV}, --tls-dir / ${TLS_DIR_ENV})",
+        )
     return CliError(EXIT_REJECTED, f"the controller failed the request: {code.name}: {details}")
 
 
@@ -519,7 +656,7 @@ def cmd_events(ctx: Ctx) -> int:
         nodes=a.node, event_sets=a.event_set, pids=a.pid, sample_rate=a.sample_rate
     )
     try:
-        stream = ctx.stub.StreamEvents(req, timeout=duration or None)
+        stream = ctx.stub.StreamEvents(req, timeout=duration or None, metadata=ctx.metadata or None)
     except grpc.RpcError as e:
         raise rpc_error(e, ctx.address, ctx.timeout) from None
     if ctx.output == "table":
@@ -617,7 +754,17 @@ def main(
     out = out or sys.stdout
     err = err or sys.stderr
     args = build_parser().parse_args(argv)
-    ctx = Ctx(args, out, err)
+    if args.command == "certs":
+        try:
+            return cmd_certs(args, out)
+        except CliError as e:
+            print(f"tracefleet: {e}", file=err)
+            return e.code
+    try:
+        ctx = Ctx(args, out, err)
+    except CliError as e:
+        print(f"tracefleet: {e}", file=err)
+        return e.code
     try:
         return COMMANDS[args.command](ctx)
     except CliError as e:

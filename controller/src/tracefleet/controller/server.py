@@ -14,7 +14,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tracefleet.controller._internal import auth as authz
 from tracefleet.controller._internal import env
+from tracefleet.controller._internal import policy as pol
+from tracefleet.controller._internal import tls as tlsmod
 from tracefleet.controller._internal.agent_api import AgentService
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller
@@ -38,10 +41,14 @@ EPILOG = f"""\
 environment:
   {env.CONTROLLER_LISTEN}   default of --listen ({env.DEFAULT_LISTEN})
   {env.CONTROLLER_DB}       default of --db ({env.DEFAULT_DB})
+  {tlsmod.TLS_DIR_ENV}         default of --tls-dir
+  {authz.TOKENS_FILE_ENV}     default of --tokens-file
+  {pol.POLICY_FILE_ENV}     default of --policy
 
 examples:
   tracefleet-controller --listen 127.0.0.1:7070 --db /var/lib/tracefleet/controller.db
   tracefleet-controller --listen 127.0.0.1:0 --db :memory:    # any free port, no persistence
+  tracefleet-controller --listen 0.0.0.0:7070 --tls-dir /etc/tracefleet/tls --policy policy.yaml
 """
 
 
@@ -57,7 +64,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--listen",
         default=os.environ.get(env.CONTROLLER_LISTEN, env.DEFAULT_LISTEN),
         help="host:port to serve on; port 0 picks a free one (default: %(default)s). "
-        "No TLS yet: keep it on loopback or a trusted network.",
+        "A non-loopback address needs --tls-dir (or --insecure).",
+    )
+    p.add_argument(
+        "--tls-dir",
+        default=os.environ.get(tlsmod.TLS_DIR_ENV, ""),
+        metavar="DIR",
+        help="mTLS: DIR/ca.crt (CA of agents and operators), tls.crt, tls.key (this server); "
+        "files are reloaded when they change. Make them with 'tracefleet certs'.",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="serve without TLS on a non-loopback address (anyone who reaches the port "
+        "controls tracing)",
+    )
+    p.add_argument(
+        "--tokens-file",
+        default=os.environ.get(authz.TOKENS_FILE_ENV, ""),
+        metavar="FILE",
+        help="operator bearer tokens, YAML/JSON: {sha256(token): {name, role: admin|read}}",
+    )
+    p.add_argument(
+        "--policy",
+        default=os.environ.get(pol.POLICY_FILE_ENV, ""),
+        metavar="FILE",
+        help="policy: which event sets may be enabled where, argv redaction patterns "
+        "(deploy/README.md)",
     )
     p.add_argument(
         "--db",
@@ -82,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         default="",
         metavar="HOST:PORT",
-        help="serve Prometheus metrics here (not implemented yet; accepted)",
+        help="serve Prometheus metrics (/metrics) on host:port (default: off)",
     )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
@@ -100,10 +133,21 @@ async def serve(args: argparse.Namespace) -> int:
         hint = f"pass --db PATH or set {env.CONTROLLER_DB}"
         print(f"tracefleet-controller: {e} ({hint})", file=sys.stderr)
         return 2
+    try:
+        security = _security(args, host)
+    except (tlsmod.TLSConfigError, authz.TokensError, pol.PolicyError, ValueError) as e:
+        print(f"tracefleet-controller: {e}", file=sys.stderr)
+        store.close()
+        return 2
+    server_tls, authorizer, policy = security
     controller = Controller(store, stale_after=args.stale_after, window=args.window)
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(controller), server)
-    control_pb2_grpc.add_ControlServiceServicer_to_server(ControlService(controller), server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentService(controller, authorizer, policy.redact), server
+    )
+    control_pb2_grpc.add_ControlServiceServicer_to_server(
+        ControlService(controller, authorizer, policy), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
@@ -114,7 +158,11 @@ async def serve(args: argparse.Namespace) -> int:
     ]
     reflection.enable_server_reflection(services, server)
     try:
-        port = server.add_insecure_port(args.listen)
+        port = (
+            server.add_secure_port(args.listen, server_tls.credentials())
+            if server_tls is not None
+            else server.add_insecure_port(args.listen)
+        )
     except RuntimeError as e:
         print(f"tracefleet-controller: cannot listen on {args.listen}: {e}", file=sys.stderr)
         store.close()
@@ -127,13 +175,20 @@ async def serve(args: argparse.Namespace) -> int:
         )
         store.close()
         return 1
-    if not is_loopback(host):
+    if server_tls is None and not is_loopback(host):
         banner = "!" * 78
         print(
-            f"{banner}\nWARNING: serving WITHOUT TLS OR AUTHENTICATION on {args.listen}.\n"
+            f"{banner}\nWARNING: --insecure: serving WITHOUT TLS OR AUTHENTICATION on "
+            f"{args.listen}.\n"
             "Anyone who can reach this port can reconfigure tracing on every node and read "
-            "captured\nsyscall arguments. Listen on 127.0.0.1 or put it behind a trusted "
-            f"network until TLS lands.\n{banner}",
+            "captured\nsyscall arguments, and any client can claim any node name. Use "
+            f"--tls-dir (see 'tracefleet certs').\n{banner}",
+            file=sys.stderr,
+        )
+    elif server_tls is None:
+        print(
+            "tracefleet-controller: WARNING: no TLS (loopback only; agents are not "
+            "authenticated" + ("" if authorizer.token_mode else ", operators neither") + ")",
             file=sys.stderr,
         )
     await controller.start()
@@ -145,7 +200,8 @@ async def serve(args: argparse.Namespace) -> int:
         start_metrics(args.metrics_listen, controller)
     shown = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     print(
-        f"tracefleet-controller: listening on {shown} (insecure), db {args.db}, "
+        f"tracefleet-controller: listening on {shown} "
+        f"({'mTLS' if server_tls is not None else 'insecure'}), db {args.db}, "
         f"generation {controller.generation}",
         file=sys.stderr,
         flush=True,
@@ -162,6 +218,34 @@ async def serve(args: argparse.Namespace) -> int:
     await server.stop(grace=2.0)
     store.close()
     return 0
+
+
+def _security(
+    args: argparse.Namespace, host: str
+) -> tuple[tlsmod.ServerTLS | None, authz.Authorizer, pol.Policy]:
+    """TLS, operator auth and policy from the flags; raises with a one-line cause."""
+    server_tls = None
+    if args.tls_dir:
+        server_tls = tlsmod.ServerTLS(args.tls_dir)
+        # grpc reports rejected handshakes only on stderr: count them from there
+        tlsmod.HandshakeLogWatcher().start()
+    elif not is_loopback(host) and not args.insecure:
+        raise ValueError(
+            f"refusing to serve {args.listen} without TLS: pass --tls-dir DIR (or set "
+            f"{tlsmod.TLS_DIR_ENV}; make the files with 'tracefleet certs'), or --insecure "
+            "on a trusted network"
+        )
+    tokens = authz.load_tokens(args.tokens_file) if args.tokens_file else None
+    authorizer = authz.Authorizer(tls=server_tls is not None, tokens=tokens)
+    policy = pol.load_policy(args.policy) if args.policy else pol.Policy()
+    if args.policy:
+        log.info(
+            "policy %s: %s allow entries, %d redaction pattern(s)",
+            args.policy,
+            "no" if policy.allow is None else len(policy.allow),
+            len(policy.redact),
+        )
+    return server_tls, authorizer, policy
 
 
 def main(argv: list[str] | None = None) -> int:

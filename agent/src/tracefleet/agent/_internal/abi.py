@@ -74,6 +74,14 @@ class Syscall(enum.IntEnum):
     STATX = 9
     READLINKAT = 10
     CHDIR = 11
+    OPEN = 12
+    MKDIR = 13
+    UNLINK = 14
+    RMDIR = 15
+    RENAME = 16
+    CHMOD = 17
+    NEWFSTATAT = 18
+    READLINK = 19
     EXECVE = 20
     EXECVEAT = 21
     CONNECT = 30

@@ -9,16 +9,24 @@ from typing import Any
 
 import grpc
 
+from tracefleet.controller._internal.auth import Authorizer
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.fleet import Connection, Node
-from tracefleet.v1 import agent_pb2_grpc
+from tracefleet.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller.agents")
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        auth: Authorizer | None = None,
+        redact_patterns: tuple[str, ...] = (),
+    ) -> None:
         self.ctl = controller
+        self.auth = auth  # None: no identity check (in-process tests)
+        self.redact_patterns = tuple(redact_patterns)  # sent in every DesiredState
 
     async def Connect(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -32,6 +40,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 "the first message of Connect must be a Register with a node_name",
             )
             return
+        if self.auth is not None:
+            ok, code, message = self.auth.agent(context, first.register.node_name)
+            if not ok:
+                await context.abort(code, message)
+                return
         conn = Connection()
         node = self.ctl.on_register(first.register, conn)
         log.info(
@@ -46,6 +59,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 msg = await conn.outbox.get()
                 if msg is None:
                     break
+                if self.redact_patterns and msg.WhichOneof("kind") == "desired_state":
+                    out = agent_pb2.ControllerMessage()
+                    out.CopyFrom(msg)
+                    out.desired_state.redact_patterns[:] = self.redact_patterns
+                    msg = out
                 await context.write(msg)
         finally:
             reader.cancel()

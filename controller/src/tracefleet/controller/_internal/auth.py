@@ -241,7 +241,11 @@ class Authorizer:
                 )  # fmt: skip
             who = cert
         elif self.open:
-            return Identity("operator", "anonymous", ROLE_ADMIN, via="insecure"), grpc.StatusCode.OK, ""
+            return (
+                Identity("operator", "anonymous", ROLE_ADMIN, via="insecure"),
+                grpc.StatusCode.OK,
+                "",
+            )
         else:
             return self._deny(
                 "operator_no_credentials", peer, grpc.StatusCode.UNAUTHENTICATED,

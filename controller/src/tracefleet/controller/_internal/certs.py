@@ -31,7 +31,9 @@ TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
 OU_CONTROLLER, OU_AGENT = "controller", "agent"
 ROLE_ADMIN, ROLE_READ = "admin", "read"
 ROLES = (ROLE_ADMIN, ROLE_READ)
-_DNS = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$")
+_DNS = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
 
 
 class CertError(Exception):

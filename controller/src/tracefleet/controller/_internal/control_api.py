@@ -13,9 +13,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
+from tracefleet.controller._internal.auth import Authorizer, require_operator
 from tracefleet.controller._internal.controller import ConfigError, Controller
 from tracefleet.controller._internal.events import Follower
 from tracefleet.controller._internal.fleet import State
+from tracefleet.controller._internal.policy import Policy
 from tracefleet.controller._internal.rules import FilterSpec, Rule
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
@@ -47,14 +49,31 @@ def _hist_pb(h: Hist) -> types_pb2.Histogram:
 
 
 class ControlService(control_pb2_grpc.ControlServiceServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(
+        self,
+        controller: Controller,
+        auth: Authorizer | None = None,
+        policy: Policy | None = None,
+    ) -> None:
         self.ctl = controller
+        self.auth = auth  # None: everyone may do everything (in-process tests)
+        self.policy = policy
 
     async def ConfigureEventSet(
         self,
         request: control_pb2.ConfigureEventSetRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> control_pb2.ConfigureEventSetResponse:
+        who = await require_operator(self.auth, context, "ConfigureEventSet")
+        if self.policy is not None:
+            reason = self.policy.check(request.event_set, request.enabled, request.selector)
+            if reason is not None:
+                log.warning(
+                    "refused ConfigureEventSet %s by %s: %s",
+                    request.event_set, who.name if who else context.peer(), reason,
+                )  # fmt: skip
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
+                raise AssertionError("unreachable")
         ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 0.0
         f = request.filters
         try:
@@ -83,6 +102,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
     async def GetStatus(
         self, request: control_pb2.GetStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.GetStatusResponse:
+        await require_operator(self.auth, context, "GetStatus")
         try:
             selector = sel.parse(request.selector)
         except sel.SelectorError as e:
@@ -143,6 +163,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         request: control_pb2.StreamEventsRequest,
         context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[control_pb2.StreamEventsResponse]:
+        await require_operator(self.auth, context, "StreamEvents")
         rate = request.sample_rate or 1.0
         if not 0.0 < rate <= 1.0:
             await context.abort(
@@ -175,6 +196,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
     async def GetTop(
         self, request: control_pb2.GetTopRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.GetTopResponse:
+        await require_operator(self.auth, context, "GetTop")
         ctl = self.ctl
         limit = request.limit or 20
         rows: list[control_pb2.TopRow] = []

@@ -9,6 +9,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from google.protobuf import duration_pb2
 
@@ -73,6 +74,16 @@ class Controller:
         self.generation = store.generation()
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
+        # Observers (the metrics endpoint): on_generation(gen), on_ack(node, ack, previous
+        # applied generation), on_batch(node, batch). Called on this loop; must not block.
+        self.observers: list[Any] = []
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for o in self.observers:
+            try:
+                getattr(o, event)(*args)
+            except Exception:
+                log.exception("observer %s.%s failed", type(o).__name__, event)
 
     # lifecycle --------------------------------------------------------------------------
 
@@ -230,6 +241,7 @@ class Controller:
         )
 
     def push_all(self) -> None:
+        self._notify("on_generation", self.generation)
         for node in self.fleet.connected():
             assert node.conn is not None
             node.conn.send(self.desired_message(node))
@@ -318,12 +330,14 @@ class Controller:
 
     def on_ack(self, node: Node, ack: agent_pb2.Ack) -> None:
         self.fleet.seen(node)
+        self._notify("on_ack", node, ack, node.applied_generation)
         node.applied_generation = ack.generation
         node.info["statuses"] = [_status_dict(s) for s in ack.statuses]
         self.fleet.mark_dirty(node)
 
     def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> None:
         self.fleet.seen(node)
+        self._notify("on_batch", node, batch)
         if not batch.replayed:
             samples = []
             for s in batch.sets:

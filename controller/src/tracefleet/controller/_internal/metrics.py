@@ -1,19 +1,372 @@
-"""Hook for the controller's Prometheus endpoint (--metrics-listen).
+"""The controller's Prometheus endpoint (--metrics-listen): every metric name, in one place.
 
-Metrics are a separate issue: this module is the one place that will start the exporter. Until
-then it only says that the flag is accepted but not served.
+Names are ``tracefleet_controller_<name>_<unit>`` in base units (seconds), ``_total`` on
+counters. Labels come only from {node, event_set, syscall, strategy, outcome}: node names are
+the fleet's nodes, the rest are bounded enumerations. Never a pid, path, comm or pod.
+
+Fleet-wide counts are merged exactly from the agents' ResultBatches (histograms bucket by
+bucket, the way ``aggregate.Hist`` adds them) into cumulative totals per node and event set;
+replayed batches (sent after an outage) are counted too. Fleet state (connections, staleness,
+generations, pending acks) is read from the Controller on every scrape (a custom collector).
+The Controller calls this module through ``Controller.observers`` (on_generation, on_ack,
+on_batch) on its asyncio loop; scrapes run on the HTTP server's thread, hence the lock.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.controller import Controller
+from tracefleet.controller._internal.fleet import State
+from tracefleet.controller._internal.netaddr import split_host_port
 
 log = logging.getLogger("tracefleet.controller.metrics")
 
+ALLOWED_LABELS = frozenset({"node", "event_set", "syscall", "strategy", "outcome"})
+OUTCOMES = ("ok", "recovered", "lost", "truncated")
 
-def start_metrics(address: str, controller: Controller) -> None:
-    """Serve /metrics on ``address`` (host:port) for ``controller``. Not implemented yet."""
-    del controller
-    log.warning("--metrics-listen %s: metrics are not implemented yet; ignoring", address)
+# Batch arrival and enable-to-applied latencies: milliseconds (loopback) to minutes (outage).
+ARRIVAL_BUCKETS_SECONDS: tuple[float, ...] = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    120.0, 300.0,
+)  # fmt: skip
+APPLY_BUCKETS_SECONDS = ARRIVAL_BUCKETS_SECONDS
+
+# name -> (type, labels, help)
+METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "tracefleet_controller_capture_latency_seconds": (
+        "histogram",
+        ("node", "event_set"),
+        "Syscall entry to decoded in the agent, as reported by the agents (merged exactly).",
+    ),
+    "tracefleet_controller_arrival_latency_seconds": (
+        "histogram",
+        ("node",),
+        "Age of a result batch when the controller receives it: end of the agent's interval "
+        "(agent wall clock) to receipt; the batch's events are older by up to one interval. "
+        "Replayed batches count with their real age.",
+    ),
+    "tracefleet_controller_arguments_total": (
+        "counter",
+        ("node", "event_set", "strategy", "outcome"),
+        "Captured arguments reported by the agents, by capture strategy and outcome.",
+    ),
+    "tracefleet_controller_events_delivered_total": (
+        "counter",
+        ("node", "event_set"),
+        "Events the agents decoded, as reported.",
+    ),
+    "tracefleet_controller_events_dropped_total": (
+        "counter",
+        ("node", "event_set"),
+        "Events lost in the kernel or in an agent's outage buffer, as reported.",
+    ),
+    "tracefleet_controller_syscall_events_total": (
+        "counter",
+        ("node", "event_set", "syscall"),
+        "Events the agents decoded, per syscall.",
+    ),
+    "tracefleet_controller_batches_total": (
+        "counter",
+        ("node",),
+        "Result batches received.",
+    ),
+    "tracefleet_controller_agents_connected": (
+        "gauge",
+        (),
+        "Agents with an open stream.",
+    ),
+    "tracefleet_controller_agents_disconnected": (
+        "gauge",
+        (),
+        "Known agents whose stream closed recently (not stale yet).",
+    ),
+    "tracefleet_controller_agents_stale": (
+        "gauge",
+        (),
+        "Known agents not heard from for longer than --stale-after.",
+    ),
+    "tracefleet_controller_agent_connected": (
+        "gauge",
+        ("node",),
+        "1 if the node's agent has an open stream, else 0.",
+    ),
+    "tracefleet_controller_agent_stale": (
+        "gauge",
+        ("node",),
+        "1 if the node was not heard from for longer than --stale-after, else 0.",
+    ),
+    "tracefleet_controller_agent_last_seen_timestamp_seconds": (
+        "gauge",
+        ("node",),
+        "Unix time the controller last heard from the node.",
+    ),
+    "tracefleet_controller_agent_applied_generation": (
+        "gauge",
+        ("node",),
+        "Generation the node's agent acknowledged last.",
+    ),
+    "tracefleet_controller_strategy_info": (
+        "gauge",
+        ("node", "event_set", "strategy"),
+        "Capture strategy an agent reports per event set (always 1; the label carries it).",
+    ),
+    "tracefleet_controller_desired_generation": (
+        "gauge",
+        (),
+        "Generation of the fleet's desired state.",
+    ),
+    "tracefleet_controller_pending_acks": (
+        "gauge",
+        (),
+        "Connected agents that have not acknowledged the desired generation yet.",
+    ),
+    "tracefleet_controller_enable_to_applied_seconds": (
+        "histogram",
+        (),
+        "A new generation (enable, disable, expiry) to its acknowledgement by an agent, once "
+        "per agent and generation issued by this controller process.",
+    ),
+}
+
+
+def _family(name: str) -> Metric:
+    kind, labels, doc = METRICS[name]
+    if kind == "counter":
+        return CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
+    if kind == "gauge":
+        return GaugeMetricFamily(name, doc, labels=labels)
+    return HistogramMetricFamily(name, doc, labels=labels)
+
+
+def buckets(h: Hist) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets, ending with +Inf, of a non-cumulative Hist."""
+    out = []
+    acc = 0
+    for bound, c in zip((*h.bounds, float("inf")), h.counts, strict=True):
+        acc += c
+        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(acc)))
+    return out
+
+
+def _observe(h: Hist, value: float) -> None:
+    i = 0
+    while i < len(h.bounds) and value > h.bounds[i]:
+        i += 1
+    h.counts[i] += 1
+    h.sum += value
+
+
+@dataclass
+class SetTotals:
+    delivered: int = 0
+    dropped: int = 0
+    syscalls: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[tuple[str, str], int] = field(default_factory=dict)  # (strategy, outcome)
+    latency: Hist | None = None
+
+
+class FleetTotals:
+    """Cumulative counts per node and event set, merged from batches; a Controller observer."""
+
+    def __init__(self, clock: Any = time.time) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.sets: dict[tuple[str, str], SetTotals] = {}
+        self.batches: dict[str, int] = {}
+        self.arrival: dict[str, Hist] = {}
+        self.apply_latency = Hist.empty(APPLY_BUCKETS_SECONDS)
+        self._issued: dict[int, float] = {}  # generation -> unix time it was issued
+
+    # Controller observer ---------------------------------------------------------------
+
+    def on_generation(self, generation: int) -> None:
+        with self._lock:
+            self._issued.setdefault(generation, self._clock())
+            for g in sorted(self._issued)[:-64]:  # keep the recent ones only
+                del self._issued[g]
+
+    def on_ack(self, node: Any, ack: Any, previous_generation: int) -> None:
+        with self._lock:
+            issued = self._issued.get(ack.generation)
+            if issued is None or ack.generation <= previous_generation:
+                return  # not issued by this process, or a re-ack after a reconnect
+            _observe(self.apply_latency, max(0.0, self._clock() - issued))
+
+    def on_batch(self, node: Any, batch: Any) -> None:
+        now = self._clock()
+        name = node.name
+        with self._lock:
+            self.batches[name] = self.batches.get(name, 0) + 1
+            if batch.interval_end_ns:
+                arrival = self.arrival.setdefault(name, Hist.empty(ARRIVAL_BUCKETS_SECONDS))
+                _observe(arrival, max(0.0, now - batch.interval_end_ns / 1e9))
+            for s in batch.sets:
+                t = self.sets.setdefault((name, s.event_set), SetTotals())
+                t.delivered += s.delivered
+                t.dropped += s.dropped
+                for sc, n in s.events_by_syscall.items():
+                    t.syscalls[sc] = t.syscalls.get(sc, 0) + n
+                for o in s.outcomes:
+                    key = (o.strategy, o.outcome)
+                    t.outcomes[key] = t.outcomes.get(key, 0) + o.count
+                if s.HasField("latency") and s.latency.counts:
+                    try:
+                        h = Hist(tuple(s.latency.bounds), list(s.latency.counts), s.latency.sum)
+                        if t.latency is None:
+                            t.latency = Hist.empty(h.bounds)
+                        t.latency.add(h)
+                    except HistogramMismatch:
+                        pass  # the controller warns about it once per node
+
+    # snapshot for the collector --------------------------------------------------------
+
+    def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict[str, int], dict, Hist]:
+        with self._lock:
+            sets = {
+                k: SetTotals(
+                    v.delivered,
+                    v.dropped,
+                    dict(v.syscalls),
+                    dict(v.outcomes),
+                    Hist(v.latency.bounds, list(v.latency.counts), v.latency.sum)
+                    if v.latency
+                    else None,
+                )
+                for k, v in self.sets.items()
+            }
+            arrival = {n: Hist(h.bounds, list(h.counts), h.sum) for n, h in self.arrival.items()}
+            apply = Hist(self.apply_latency.bounds, list(self.apply_latency.counts),
+                         self.apply_latency.sum)  # fmt: skip
+            return sets, dict(self.batches), arrival, apply
+
+
+class ControllerCollector(Collector):
+    def __init__(self, controller: Controller, totals: FleetTotals) -> None:
+        self.ctl = controller
+        self.totals = totals
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        fams = {name: _family(name) for name in METRICS}
+        sets, batches, arrival, apply = self.totals.snapshot()
+        for (node, event_set), t in sorted(sets.items()):
+            if t.latency is not None:
+                fams["tracefleet_controller_capture_latency_seconds"].add_metric(
+                    [node, event_set], buckets(t.latency), t.latency.sum
+                )
+            fams["tracefleet_controller_events_delivered_total"].add_metric(
+                [node, event_set], t.delivered
+            )
+            fams["tracefleet_controller_events_dropped_total"].add_metric(
+                [node, event_set], t.dropped
+            )
+            for sc, n in sorted(t.syscalls.items()):
+                fams["tracefleet_controller_syscall_events_total"].add_metric(
+                    [node, event_set, sc], n
+                )
+            outcomes = dict(t.outcomes)
+            for strategy in {s for s, _ in outcomes}:  # zeros too: ratios exist from the start
+                for outcome in OUTCOMES:
+                    outcomes.setdefault((strategy, outcome), 0)
+            for (strategy, outcome), n in sorted(outcomes.items()):
+                fams["tracefleet_controller_arguments_total"].add_metric(
+                    [node, event_set, strategy, outcome], n
+                )
+        for node, n in sorted(batches.items()):
+            fams["tracefleet_controller_batches_total"].add_metric([node], n)
+        for node, h in sorted(arrival.items()):
+            fams["tracefleet_controller_arrival_latency_seconds"].add_metric(
+                [node], buckets(h), h.sum
+            )
+        fams["tracefleet_controller_enable_to_applied_seconds"].add_metric(
+            [], buckets(apply), apply.sum
+        )
+        self._fleet(fams)
+        return [f for f in fams.values() if f.samples]
+
+    def _fleet(self, fams: dict[str, Metric]) -> None:
+        ctl = self.ctl
+        fleet = ctl.fleet
+        now = time.time()
+        generation = ctl.generation
+        counts = dict.fromkeys(State, 0)
+        pending = 0
+        for node in sorted(list(fleet.nodes.values()), key=lambda n: n.name):
+            state = fleet.state(node, now)
+            counts[state] += 1
+            connected = node.conn is not None
+            if connected and node.applied_generation < generation:
+                pending += 1
+            fams["tracefleet_controller_agent_connected"].add_metric([node.name], int(connected))
+            fams["tracefleet_controller_agent_stale"].add_metric(
+                [node.name], int(state is State.STALE)
+            )
+            fams["tracefleet_controller_agent_last_seen_timestamp_seconds"].add_metric(
+                [node.name], node.last_seen
+            )
+            fams["tracefleet_controller_agent_applied_generation"].add_metric(
+                [node.name], node.applied_generation
+            )
+            for st in _statuses(node.info):
+                if st.get("strategy") and st["strategy"] != "none":
+                    fams["tracefleet_controller_strategy_info"].add_metric(
+                        [node.name, str(st["name"]), str(st["strategy"])], 1
+                    )
+        fams["tracefleet_controller_agents_connected"].add_metric([], counts[State.CONNECTED])
+        fams["tracefleet_controller_agents_disconnected"].add_metric([], counts[State.DISCONNECTED])
+        fams["tracefleet_controller_agents_stale"].add_metric([], counts[State.STALE])
+        fams["tracefleet_controller_desired_generation"].add_metric([], generation)
+        fams["tracefleet_controller_pending_acks"].add_metric([], pending)
+
+
+def _statuses(info: dict[str, Any]) -> Sequence[dict[str, Any]]:
+    statuses = info.get("statuses") or ()
+    return [s for s in list(statuses) if isinstance(s, dict) and s.get("name")]
+
+
+class MetricsServer:
+    def __init__(self, controller: Controller, address: str) -> None:
+        from prometheus_client import start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+
+        self.totals = FleetTotals()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ControllerCollector(controller, self.totals))
+        ProcessCollector(registry=self.registry)  # process_*: standard names, no prefix
+        host, port = split_host_port(address)
+        self._server, self._thread = start_http_server(port, host or "0.0.0.0", self.registry)
+        self.port = self._server.server_port
+        controller.observers.append(self.totals)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def start_metrics(address: str, controller: Controller) -> MetricsServer:
+    """Serve /metrics on ``address`` (host:port) for ``controller`` from a daemon thread.
+    Exits the process with a clear message if the address cannot be served."""
+    try:
+        server = MetricsServer(controller, address)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"tracefleet-controller: cannot serve metrics on {address}: {e}") from e
+    log.info("metrics on http://%s/metrics", address)
+    return server

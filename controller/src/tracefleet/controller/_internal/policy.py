@@ -91,14 +91,16 @@ def parse_policy(data: object, source: str = "") -> Policy:
         raise PolicyError(f"policy {source}: expected a mapping with 'allow' and/or 'redact'")
     unknown = set(data) - {"allow", "redact"}
     if unknown:
-        raise PolicyError(f"policy {source}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
-                          "use allow and redact")  # fmt: skip
+        keys = ", ".join(sorted(map(str, unknown)))
+        raise PolicyError(f"policy {source}: unknown key(s) {keys}; use allow and redact")
     allow: tuple[AllowEntry, ...] | None = None
     if "allow" in data:
         entries = []
         for i, item in enumerate(data["allow"] or []):
             if not isinstance(item, Mapping) or not item.get("event_set"):
-                raise PolicyError(f"policy {source}: allow[{i}] needs event_set (and optionally selector)")
+                raise PolicyError(
+                    f"policy {source}: allow[{i}] needs event_set (and optionally selector)"
+                )
             try:
                 s = sel.parse(str(item.get("selector") or ""))
             except sel.SelectorError as e:
@@ -109,7 +111,9 @@ def parse_policy(data: object, source: str = "") -> Policy:
     for i, item in enumerate(data.get("redact") or []):
         pattern = item.get("pattern") if isinstance(item, Mapping) else item
         if not isinstance(pattern, str) or not pattern:
-            raise PolicyError(f"policy {source}: redact[{i}] must be a regex string or {{pattern: ...}}")
+            raise PolicyError(
+                f"policy {source}: redact[{i}] must be a regex string or {{pattern: ...}}"
+            )
         try:
             re.compile(pattern)
         except re.error as e:

@@ -14,6 +14,7 @@ that is all that can be said about such a client.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -132,13 +133,16 @@ def _digest(files: tuple[bytes, ...]) -> str:
 # handshakes rejected inside grpc -------------------------------------------------------------
 
 _HANDSHAKE_FAILED = re.compile(r"Handshake failed[^\n]*")
-_REASONS = (
-    ("expired", re.compile(r"expired", re.I)),
-    ("not_yet_valid", re.compile(r"not yet valid", re.I)),
-    ("no_client_certificate", re.compile(r"PEER_DID_NOT_RETURN_A_CERTIFICATE|CERTIFICATE_REQUIRED", re.I)),
-    ("unknown_ca", re.compile(r"unable to get local issuer|self.signed|CERTIFICATE_VERIFY_FAILED", re.I)),
-    ("not_tls", re.compile(r"WRONG_VERSION_NUMBER|HTTP_REQUEST|PACKET_LENGTH", re.I)),
-)  # fmt: skip
+_REASONS = tuple(
+    (reason, re.compile(pattern, re.I))
+    for reason, pattern in (
+        ("expired", r"expired"),
+        ("not_yet_valid", r"not yet valid"),
+        ("no_client_certificate", r"PEER_DID_NOT_RETURN_A_CERTIFICATE|CERTIFICATE_REQUIRED"),
+        ("unknown_ca", r"unable to get local issuer|self.signed|CERTIFICATE_VERIFY_FAILED"),
+        ("not_tls", r"WRONG_VERSION_NUMBER|HTTP_REQUEST|PACKET_LENGTH"),
+    )
+)
 
 
 def handshake_reason(line: str) -> str:
@@ -176,10 +180,8 @@ class HandshakeLogWatcher:
                 return
             if not chunk:
                 return
-            try:
+            with contextlib.suppress(OSError):
                 os.write(self._orig, chunk)
-            except OSError:
-                pass
             try:
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
@@ -202,7 +204,5 @@ class HandshakeLogWatcher:
             f"refused a TLS client ({reason}): {m.group(0) if m else line.strip()} "
             f"[{self.counts[reason]} so far]\n"
         )
-        try:
+        with contextlib.suppress(OSError):
             os.write(self._orig, msg.encode())
-        except OSError:
-            pass

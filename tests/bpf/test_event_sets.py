@@ -1,0 +1,137 @@
+"""Each event set reports the syscalls a user's programs make, with decoded arguments, and
+the in-kernel filters keep out what they should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tracefleet.agent.engine import EventSetConfig, Filters
+
+pytestmark = pytest.mark.bpf
+
+
+def spawn(script: str) -> subprocess.Popen[str]:
+    """A child that waits for a line on stdin, then runs ``script`` (so filters can name its
+    pid before it acts)."""
+    code = "import sys; sys.stdin.readline()\n" + textwrap.dedent(script)
+    return subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
+
+
+def go(proc: subprocess.Popen[str]) -> None:
+    proc.communicate("go\n", timeout=30)
+    assert proc.returncode == 0
+
+
+def test_file_syscalls_with_their_paths(capture, tmp_path: Path):
+    cap = capture(["file"])
+    d = tmp_path / "d"
+    proc = spawn(f"""
+        import os
+        d = {str(d)!r}
+        os.mkdir(d)                                   # mkdir
+        fd = os.open(d + "/a", os.O_CREAT | os.O_WRONLY, 0o600)  # openat
+        os.close(fd)
+        os.rename(d + "/a", d + "/b")                 # rename
+        os.chmod(d + "/b", 0o644)                     # chmod
+        os.truncate(d + "/b", 10)                     # truncate
+        os.stat(d + "/b")                             # newfstatat
+        os.symlink(d + "/b", d + "/l")
+        os.readlink(d + "/l")                         # readlink
+        os.unlink(d + "/l")                           # unlink
+        os.unlink(d + "/b")
+        os.rmdir(d)                                   # rmdir
+    """)
+    cap.engine.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+    go(proc)
+    evs = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "rmdir")
+    assert evs
+    seen = {(e["syscall"], tuple(a["value"] for k, a in e["args"].items()
+                                 if a["strategy"] != "register")) for e in cap.events
+            if e["pid"] == proc.pid}  # fmt: skip
+    d_ = str(d)
+    for want in [
+        ("mkdir", (d_,)),
+        ("openat", (d_ + "/a",)),
+        ("rename", (d_ + "/a", d_ + "/b")),
+        ("chmod", (d_ + "/b",)),
+        ("truncate", (d_ + "/b",)),
+        ("newfstatat", (d_ + "/b",)),
+        ("readlink", (d_ + "/l",)),
+        ("unlink", (d_ + "/b",)),
+        ("rmdir", (d_,)),
+    ]:
+        assert want in seen, f"{want} missing from {sorted(seen)}"
+    assert all(e["pid"] == proc.pid for e in cap.events), "pid filter let others through"
+
+
+def test_net_syscalls_with_decoded_addresses(capture):
+    cap = capture(["net"])
+    proc = spawn("""
+        import socket
+        srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
+        port = srv.getsockname()[1]
+        c = socket.socket(); c.connect(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        u.sendto(b"x", ("::1", 9))
+        print(port, c.getsockname()[1], file=open("/dev/null", "w"))
+    """)
+    cap.engine.apply({"net": EventSetConfig("net", True, Filters(pids=(proc.pid,)))})
+    go(proc)
+    evs = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "sendto")
+    assert evs
+    mine = [e for e in cap.events if e["pid"] == proc.pid]
+    by = {e["syscall"]: e for e in mine}
+    assert by["bind"]["args"]["addr"]["value"] == {"family": "inet", "address": "127.0.0.1",
+                                                   "port": 0}  # fmt: skip
+    conn = by["connect"]["args"]["addr"]["value"]
+    assert conn["family"] == "inet" and conn["address"] == "127.0.0.1" and conn["port"] > 0
+    peer = by["accept4"]["args"]["peer"]  # written by the kernel, read at exit
+    assert peer["status"] == "ok" and peer["value"]["address"] == "127.0.0.1"
+    assert peer["value"]["port"] not in (0, conn["port"])
+    assert by["sendto"]["args"]["addr"]["value"] == {"family": "inet6", "address": "::1",
+                                                     "port": 9}  # fmt: skip
+
+
+def test_exec_argv_and_truncation_marked(capture):
+    cap = capture(["exec"])
+    long_arg = "y" * 300
+    proc = spawn(f"""
+        import os
+        os.execv("/bin/true", ["/bin/true", "short", {long_arg!r}] + ["n"] * 20)
+    """)
+    cap.engine.apply({"exec": EventSetConfig("exec", True, Filters(pids=(proc.pid,)))})
+    go(proc)
+    [ev] = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "execve"
+                        and e["args"]["filename"]["value"] == "/bin/true")  # fmt: skip
+    assert ev["args"]["filename"]["value"] == "/bin/true"
+    argv = ev["args"]["argv"]
+    assert argv["status"] == "truncated"
+    assert argv["value"][:2] == ["/bin/true", "short"]
+    assert argv["value"][2] == "y" * 127  # TF_ARG_MAX - 1
+    assert len(argv["value"]) == 16  # TF_ARGV_COUNT
+
+
+def test_path_prefix_and_comm_filters_in_kernel(capture, tmp_path: Path):
+    cap = capture(["file"], filters=Filters(comms=("tf-filter-yes",), path_prefixes=("/tmp/tfp-",)))
+    script = """
+        import ctypes, os
+        ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)  # PR_SET_NAME
+        for p in ("/tmp/tfp-in", "/tmp/other-out"):
+            try: os.stat(p)
+            except OSError: pass
+    """
+    yes = spawn(script.format(name=b"tf-filter-yes"))
+    no = spawn(script.format(name=b"tf-filter-no"))
+    go(yes)
+    go(no)
+    evs = cap.wait_for(lambda e: e["pid"] == yes.pid, timeout=2.0)
+    paths = {e["args"]["pathname"]["value"] for e in evs}
+    assert paths == {"/tmp/tfp-in"}
+    assert not [e for e in cap.events if e["pid"] == no.pid]
+    assert cap.engine.kernel_counters("file")["filtered"] > 0

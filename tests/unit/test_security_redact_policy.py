@@ -1,0 +1,116 @@
+"""Pure parts of the security layer: argv redaction (agent) and the policy file (controller)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tracefleet.agent._internal.redact import MASK, Redactor
+from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.policy import PolicyError, parse_policy, within
+
+
+def _exec_event(*argv: str) -> dict:
+    return {
+        "event_set": "exec",
+        "syscall": "execve",
+        "pid": 1,
+        "args": {
+            "filename": {"value": "/usr/bin/psql", "status": "ok", "strategy": "s"},
+            "argv": {"value": list(argv), "status": "ok", "strategy": "s"},
+        },
+    }
+
+
+def test_group_pattern_masks_only_the_group_and_marks_the_arg() -> None:
+    r = Redactor([r"--password=(\S+)"])
+    ev = _exec_event("psql", "--password=hunter2", "-h", "db")
+    out = r.event(ev)
+    assert out["args"]["argv"]["value"] == ["psql", f"--password={MASK}", "-h", "db"]
+    assert out["args"]["argv"]["redacted"] is True
+    assert "redacted" not in out["args"]["filename"]
+    assert ev["args"]["argv"]["value"][1] == "--password=hunter2"  # input left alone
+
+
+def test_pattern_without_group_masks_the_match_in_string_and_mapping_values() -> None:
+    r = Redactor([r"(?i)bearer [A-Za-z0-9]+"])
+    ev = {"args": {"cmd": "curl -H Bearer abc123 x", "env": {"value": {"H": "bearer zz"}}}}
+    out = r.event(ev)
+    assert out["args"]["cmd"] == {"value": f"curl -H {MASK} x", "status": "ok", "redacted": True}
+    assert out["args"]["env"]["value"] == {"H": MASK}
+
+
+def test_no_patterns_or_no_match_returns_the_event_unchanged() -> None:
+    ev = _exec_event("ls", "-l")
+    assert Redactor().event(ev) is ev
+    assert Redactor([r"--password=(\S+)"]).event(ev) is ev
+
+
+def test_bad_pattern_fails_closed() -> None:
+    r = Redactor(["(unclosed"])
+    assert r.fail_closed and r.errors
+    out = r.event(_exec_event("psql", "--password=hunter2"))
+    assert out["args"]["argv"]["value"] == [MASK, MASK]
+    assert out["args"]["filename"]["value"] == MASK
+
+
+def test_several_patterns_and_groups() -> None:
+    r = Redactor([r"--password=(\S+)", r"token=(\w+)&key=(\w+)"])
+    assert (
+        r.text("a --password=x token=t1&key=k2") == f"a --password={MASK} token={MASK}&key={MASK}"
+    )
+
+
+# policy -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("wanted", "allowed", "ok"),
+    [
+        ("role=db", "role=db", True),
+        ("role=db,zone=a", "role=db", True),
+        ("all", "role=db", False),
+        ("role=db|web", "role=db", False),
+        ("role=db", "role=db|cache", True),
+        ("node=db-1", "role=db", False),
+        ("zone!=a|b", "zone!=a", True),
+        ("zone=c", "zone!=a", True),
+        ("zone=a", "zone!=a", False),
+        ("anything=1", "all", True),
+    ],
+)
+def test_selector_within(wanted: str, allowed: str, ok: bool) -> None:
+    assert within(sel.parse(wanted), sel.parse(allowed)) is ok
+
+
+def test_policy_allows_only_listed_sets_on_their_nodes() -> None:
+    p = parse_policy(
+        {"allow": [{"event_set": "exec", "selector": "role=db"}, {"event_set": "file"}],
+         "redact": [r"--password=(\S+)", {"pattern": "x"}]}
+    )  # fmt: skip
+    assert p.redact == (r"--password=(\S+)", "x")
+    assert p.check("exec", True, "role=db,zone=a") is None
+    assert p.check("file", True, "") is None
+    reason = p.check("exec", True, "all")
+    assert reason and "role=db" in reason and "\n" not in reason
+    assert "net" in (p.check("net", True, "role=db") or "")
+    assert p.check("net", False, "") is None  # disabling is always allowed
+
+
+def test_policy_without_allow_allows_everything() -> None:
+    assert parse_policy({"redact": ["a"]}).check("exec", True, "all") is None
+    assert parse_policy(None).check("exec", True, "all") is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"allow": [{"selector": "role=db"}]},
+        {"allow": [{"event_set": "exec", "selector": "role="}]},
+        {"redact": ["(bad"]},
+        {"deny": []},
+        ["allow"],
+    ],
+)
+def test_bad_policies_are_rejected(data: object) -> None:
+    with pytest.raises(PolicyError):
+        parse_policy(data, "p.yaml")
