@@ -4,6 +4,7 @@ statistics, /proc sampling, host and tool versions."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -147,8 +148,10 @@ def pinned(cpus: set[int]) -> Iterator[None]:
         os.sched_setaffinity(0, old)
 
 
+@functools.cache
 def cpus() -> tuple[int, int]:
-    """(cpu for the agent/tracer, cpu for the measured loop)."""
+    """(cpu for the agent/tracer, cpu for the measured loop), from the affinity at the first
+    call (run.py calls it before pinning anything)."""
     avail = sorted(os.sched_getaffinity(0))
     if len(avail) == 1:
         return avail[0], avail[0]
@@ -221,3 +224,32 @@ def _meminfo(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def busy_processes(interval: float = 1.0, threshold: float = 10.0) -> list[dict[str, Any]]:
+    """Processes using more than ``threshold`` % of a core over ``interval`` seconds: on a
+    shared machine, the neighbours the measurements compete with."""
+
+    def snap() -> dict[int, tuple[str, float]]:
+        out = {}
+        for d in os.listdir("/proc"):
+            if not d.isdigit():
+                continue
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{d}/stat") as f:
+                    s = f.read()
+                comm = s[s.index("(") + 1 : s.rindex(")")]
+                fields = s[s.rindex(")") + 2 :].split()
+                out[int(d)] = (comm, (int(fields[11]) + int(fields[12])) / CLK_TCK)
+        return out
+
+    a = snap()
+    time.sleep(interval)
+    b = snap()
+    busy = []
+    for pid, (comm, cpu) in b.items():
+        if pid in a:
+            pct = 100.0 * (cpu - a[pid][1]) / interval
+            if pct >= threshold:
+                busy.append({"pid": pid, "comm": comm, "cpu_percent": round(pct, 1)})
+    return sorted(busy, key=lambda x: -float(x["cpu_percent"]))

@@ -196,7 +196,7 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
 
 
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
-    rounds = 3 if quick else 10
+    rounds = 2 if quick else 10
     sims = (50,) if quick else (100, 1000)
     port = _free_port()
     addr = f"127.0.0.1:{port}"
@@ -238,9 +238,9 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 with _proc(sim_cmd, tmp / f"loadgen-{n}.log") as lg:
                     took = fleet.wait_connected(f"bench=sim{n}", n, 180)
                     log(f"control:   {n} connected in {took:.1f}s")
-                    time.sleep(2.0)
+                    time.sleep(1.0 if quick else 2.0)
                     c0, l0 = proc_sample(ctl.pid), proc_sample(lg.pid)
-                    time.sleep(5.0)
+                    time.sleep(2.0 if quick else 5.0)
                     c1, l1 = proc_sample(ctl.pid), proc_sample(lg.pid)
                     res = _rounds(fleet, f"bench=sim{n}", n, rounds, f"sim{n}-0000", ctl.pid)
                     res["connect_all_s"] = took

@@ -27,7 +27,7 @@ MISSING = "/dev/shm/tf-bench-missing/footprint"
 
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     tracer_cpu, loop_cpu = cpus()
-    seconds = 2.0 if quick else 5.0
+    seconds = 1.0 if quick else 5.0
     ready = tmp / "agent.ready"
     errlog = tmp / "agent-footprint.err"
     cmd = ["taskset", "-c", str(tracer_cpu), *AGENT_CLI, "capture", "-e", "file", "--comm",

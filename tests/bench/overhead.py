@@ -30,11 +30,27 @@ CONDITIONS = (
     "tf-capture",
     "tf-bit-off",
     "tf-detached",
+    "tf-capture-nowake",
     "bpftrace",
     "strace",
 )
+# Conditions that must run in this order (one engine's life: on, bit off, detached) form one
+# block; the blocks rotate from round to round so no condition always runs first (right after
+# strace exits, say) -- position effects spread over all of them.
+BLOCKS: tuple[tuple[str, ...], ...] = (
+    ("untraced",),
+    ("floor",),
+    ("tf-capture", "tf-bit-off", "tf-detached"),
+    ("tf-capture-nowake",),
+    ("bpftrace",),
+    ("strace",),
+)
+# strace stops the loop at every syscall: its cost is not in the loop's CPU time, only in
+# elapsed time, so strace is judged on wall time.
+WALL_ONLY = ("strace",)
 BPFTRACE_READY = "TF-BENCH-READY"
 RING_BYTES = 512 << 20
+BPFTRACE_PAGES = 16384
 
 
 @dataclass(frozen=True)
@@ -51,22 +67,35 @@ class Workload:
 def workloads(tmpfs: Path) -> list[Workload]:
     return [
         Workload(
-            "openat+close (tmpfs)", "openat", str(tmpfs / f"tf-bench-{os.getpid()}"), "file",
+            "openat+close (tmpfs)",
+            "openat",
+            str(tmpfs / f"tf-bench-{os.getpid()}"),
+            "file",
             ("sys_enter_openat", "sys_exit_openat"),
             'tracepoint:syscalls:sys_enter_openat /comm == "%s"/ '
             '{ printf("%%s\\n", str(args->filename)); }',
             "openat",
         ),
         Workload(
-            "connect (UDP, loopback)", "connect", "9", "net",
+            "connect (UDP, loopback)",
+            "connect",
+            "9",
+            "net",
             ("sys_enter_connect", "sys_exit_connect"),
             'tracepoint:syscalls:sys_enter_connect /comm == "%s"/ '
             '{ printf("%%r\\n", buf(args->uservaddr, args->addrlen)); }',
             "connect",
         ),
         # Hook for the `vfs` event set (kprobes on vfs_*): measured once the agent has it.
-        Workload("vfs (hook)", "openat", str(tmpfs / f"tf-bench-vfs-{os.getpid()}"), "vfs",
-                 (), "", "openat"),
+        Workload(
+            "vfs (hook)",
+            "openat",
+            str(tmpfs / f"tf-bench-vfs-{os.getpid()}"),
+            "vfs",
+            (),
+            "",
+            "openat",
+        ),
     ]
 
 
@@ -115,7 +144,10 @@ def bpftrace(script: str, outdir: Path) -> Iterator[Path]:
     out = outdir / f"bpftrace-{time.monotonic_ns()}.out"
     full = f'BEGIN {{ printf("{BPFTRACE_READY}\\n"); }} {script}'
     with open(out, "w") as f:
-        p = subprocess.Popen(["bpftrace", "-e", full], stdout=f, stderr=subprocess.STDOUT)
+        # 64 MiB of perf buffer per CPU: a whole measurement fits, as for tracefleet's ring
+        env = dict(os.environ, BPFTRACE_PERF_RB_PAGES=str(BPFTRACE_PAGES))
+        p = subprocess.Popen(["bpftrace", "-e", full], stdout=f, stderr=subprocess.STDOUT,
+                             env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
         while BPFTRACE_READY not in out.read_text(errors="replace"):
@@ -152,6 +184,7 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
 
     tracer_cpu, loop_cpu = cpus()
     result: dict[str, Any] = {
+        "bpftrace_perf_rb_pages": BPFTRACE_PAGES,
         "rounds": rounds,
         "seconds_per_measurement": seconds,
         "loop_cpu": loop_cpu,
@@ -162,6 +195,7 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
     floor = Floor()
     floor.load()
     counter = Counter()
+    counter2 = Counter()
     with pinned({tracer_cpu}):
         # The ring holds a whole measurement (800-byte records), so no record is dropped while
         # the agent decodes concurrently on the other CPU: the cost measured is the cost
@@ -169,6 +203,13 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
         engine = BpfEngine(EngineOptions(hold_seconds=3600.0, ring_bytes=RING_BYTES))
         engine.add_sink(counter)
         engine.start()
+        # Same, but the producer never forces a wakeup (threshold = half the ring): the
+        # consumer runs on its poll timer only. Shows what a forced wakeup per record costs
+        # once the backlog passes wakeup_bytes (the default engine when its consumer lags).
+        nowake = BpfEngine(EngineOptions(hold_seconds=3600.0, ring_bytes=RING_BYTES,
+                                         wakeup_bytes=RING_BYTES // 2))  # fmt: skip
+        nowake.add_sink(counter2)
+        nowake.start()
     try:
         for wl in workloads(tmpfs):
             if wl.event_set not in EVENT_SETS:
@@ -181,13 +222,13 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
             log(f"overhead: {wl.name}: {rounds} rounds x {len(CONDITIONS)} conditions")
             samples: dict[str, list[float]] = {c: [] for c in CONDITIONS}  # CPU ns/iter
             wall: dict[str, list[float]] = {c: [] for c in CONDITIONS}  # wall ns/iter
-            delivery: dict[str, list[int]] = {"iters": [], "events": [], "dropped": [],
-                                              "delivered": [], "bpftrace_lines": [],
-                                              "bpftrace_lost": []}  # fmt: skip
+            keys = ("iters", "events", "dropped", "delivered", "bpftrace_lines",
+                    "bpftrace_lost", "nowake_dropped")  # fmt: skip
+            delivery: dict[str, list[int]] = {k: [] for k in keys}
             flt = Filters(comms=(LOOP_COMM,))
 
-            def tf_on(wl: Workload = wl, flt: Filters = flt) -> None:
-                st = engine.apply({wl.event_set: EventSetConfig(wl.event_set, True, flt)})
+            def tf_on(eng: Any = engine, wl: Workload = wl, flt: Filters = flt) -> None:
+                st = eng.apply({wl.event_set: EventSetConfig(wl.event_set, True, flt)})
                 err = [s.error for s in st if s.name == wl.event_set and s.error]
                 if err:
                     raise RuntimeError(f"enable {wl.event_set}: {err[0]}")
@@ -197,7 +238,9 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
 
             strategy = ""
             for r in range(rounds):
-                for cond in CONDITIONS:
+                order = [c for b in BLOCKS[r % len(BLOCKS) :] + BLOCKS[: r % len(BLOCKS)]
+                         for c in b]  # fmt: skip
+                for cond in order:
                     res: dict[str, Any]
                     if cond == "untraced":
                         res = loop()
@@ -227,6 +270,18 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                     elif cond == "tf-detached":
                         engine.detach_idle(now=time.monotonic() + 1e9)
                         res = loop()
+                    elif cond == "tf-capture-nowake":
+                        tf_on(nowake)
+                        k0 = nowake.kernel_counters(wl.event_set)
+                        c0 = counter2.n
+                        try:
+                            res = loop()
+                            _wait_drained(nowake, wl.event_set, k0, counter2, c0)
+                        finally:
+                            nowake.apply({})
+                            nowake.detach_idle(now=time.monotonic() + 1e9)
+                        k1 = nowake.kernel_counters(wl.event_set)
+                        delivery["nowake_dropped"].append(k1["dropped"] - k0["dropped"])
                     elif cond == "bpftrace":
                         with bpftrace(wl.bpftrace_action % LOOP_COMM, tmp) as out:
                             res = loop()
@@ -237,7 +292,8 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                     else:
                         res = loop(("strace", "-f", "-qq", "-e", f"trace={wl.strace_filter}",
                                     "-o", "/dev/null"))  # fmt: skip
-                    samples[cond].append(float(res["cpu_ns"]) / float(res["iters"]))
+                    cpu_ns = float(res["ns"] if cond in WALL_ONLY else res["cpu_ns"])
+                    samples[cond].append(cpu_ns / float(res["iters"]))
                     wall[cond].append(float(res["ns_per_iter"]))
                 log(f"overhead: {wl.name}: round {r + 1}/{rounds}: " + ", ".join(
                     f"{c} {samples[c][-1]:.0f}" for c in CONDITIONS))  # fmt: skip
@@ -253,8 +309,9 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                 "event_set": wl.event_set,
                 "strategy": strategy,
                 "ns_per_iter": stats,
-                "metric": "CPU time of the loop process per iteration (ns); wall_median is "
-                "elapsed time, which also counts time the loop was preempted",
+                "metric": "CPU time of the loop process per iteration (ns), except strace: "
+                "elapsed time (the tracee is stopped, not running, while strace works); "
+                "wall_median is elapsed time, which also counts time the loop was preempted",
                 "samples": samples,
                 "samples_wall": wall,
                 "capture_delivery": {
@@ -264,10 +321,12 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
                     "decoded_by_agent": sum(delivery["delivered"]),
                     "bpftrace_lines": sum(delivery["bpftrace_lines"]),
                     "bpftrace_lost": sum(delivery["bpftrace_lost"]),
+                    "nowake_dropped": sum(delivery["nowake_dropped"]),
                 },
             }
     finally:
         engine.close()
+        nowake.close()
         floor.close()
     return result
 
@@ -289,4 +348,3 @@ def _wait_drained(engine: Any, name: str, k0: dict[str, int], counter: Counter, 
         elif time.monotonic() - since > 1.0:
             return
         time.sleep(0.02)
-

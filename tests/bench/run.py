@@ -74,12 +74,21 @@ def _ms(s: dict[str, float]) -> str:
 
 
 def render_overhead(r: dict[str, Any]) -> str:
-    out = [f"loop pinned on CPU {r['loop_cpu']}, tracers on CPU {r['tracer_cpu']}; "
-           f"{r['rounds']} interleaved rounds x {r['seconds_per_measurement']:g} s; "
-           "ns = CPU time of the loop per iteration, median [min-max]; wall = elapsed median"]
+    out = [
+        f"loop pinned on CPU {r['loop_cpu']}, tracers on CPU {r['tracer_cpu']}; "
+        f"{r['rounds']} interleaved rounds x {r['seconds_per_measurement']:g} s; "
+        "ns = CPU time of the loop per iteration (strace: elapsed), median [min-max]; "
+        "wall = elapsed median; bpftrace with a 64 MiB perf buffer per CPU"
+    ]
     for name, w in r["workloads"].items():
-        out.append(f"\n{name}" + (f": skipped: {w['skipped']}" if "skipped" in w else
-                                  f"  (event set {w['event_set']}, strategy {w['strategy']})"))
+        out.append(
+            f"\n{name}"
+            + (
+                f": skipped: {w['skipped']}"
+                if "skipped" in w
+                else f"  (event set {w['event_set']}, strategy {w['strategy']})"
+            )
+        )
         if "skipped" in w:
             continue
         rows = []
@@ -93,7 +102,8 @@ def render_overhead(r: dict[str, Any]) -> str:
         out.append(f"tf-capture delivery: {d['iterations']} calls, {d['kernel_written']} "
                    f"records written, {d['kernel_dropped']} dropped, {d['decoded_by_agent']} "
                    f"decoded by the agent; bpftrace printed {d['bpftrace_lines']} lines, "
-                   f"reported {d['bpftrace_lost']} lost")  # fmt: skip
+                   f"reported {d['bpftrace_lost']} lost; tf-capture-nowake dropped "
+                   f"{d.get('nowake_dropped', 0)}")  # fmt: skip
     return "\n".join(out)
 
 
@@ -120,8 +130,10 @@ def render_completeness(r: dict[str, Any]) -> str:
 
 
 def render_delivery(r: dict[str, Any]) -> str:
-    out = [f"paced openat (ENOENT) loop, {r['seconds_per_point']:g} s per point; the agent "
-           "decodes every record (BpfEngine, this process, other CPU)"]
+    out = [
+        f"paced openat (ENOENT) loop, {r['seconds_per_point']:g} s per point; the agent "
+        "decodes every record (BpfEngine, this process, other CPU)"
+    ]
     rows = []
     for c in r["configs"]:
         for p in c["points"]:
@@ -152,10 +164,25 @@ def render_control(r: dict[str, Any]) -> str:
             f"{f['controller_cpu_percent_during_rounds']:.1f}%",
             f"{f['controller_rss_kb'] / 1024:.0f}",
         ])  # fmt: skip
-    out = [f"gRPC ConfigureEventSet then GetStatus every {next(iter(r['fleets'].values()))['status_poll_ms']:g} ms;"  # noqa: E501
-           " first event = StreamEvents follower on one matched node; ms median [min-max]"]
-    out.append(_fmt_table(["fleet", "enable->all acked", "p99", "node p99", "enable->1st event",
-                           "disable->acked", "ctl CPU steady/rounds", "ctl RSS MiB"], rows))
+    out = [
+        f"gRPC ConfigureEventSet then GetStatus every {next(iter(r['fleets'].values()))['status_poll_ms']:g} ms;"  # noqa: E501
+        " first event = StreamEvents follower on one matched node; ms median [min-max]"
+    ]
+    out.append(
+        _fmt_table(
+            [
+                "fleet",
+                "enable->all acked",
+                "p99",
+                "node p99",
+                "enable->1st event",
+                "disable->acked",
+                "ctl CPU steady/rounds",
+                "ctl RSS MiB",
+            ],
+            rows,
+        )
+    )
     return "\n".join(out)
 
 
@@ -163,8 +190,10 @@ def render_footprint(r: dict[str, Any]) -> str:
     rows = [[n, f"{p['offered_rate']:.0f}", f"{p['cpu_percent']:.1f}%",
              f"{p['rss_kb'] / 1024:.1f}", f"{p['hwm_kb'] / 1024:.1f}"]
             for n, p in r["phases"].items()]  # fmt: skip
-    out = [f"tracefleet-agent capture -e file --output jsonl > /dev/null; startup "
-           f"{r['startup_s']:.1f} s; CPU in % of one core"]
+    out = [
+        f"tracefleet-agent capture -e file --output jsonl > /dev/null; startup "
+        f"{r['startup_s']:.1f} s; CPU in % of one core"
+    ]
     out.append(_fmt_table(["phase", "events/s offered", "agent CPU", "RSS MiB", "peak MiB"], rows))
     if "agent_summary" in r:
         s = r["agent_summary"]
@@ -210,7 +239,8 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             "enabled-bit check + control map lookup cost above the empty program")  # fmt: skip
         lo, hi = s["untraced"]["min"], s["untraced"]["max"]
         add(f"{wname}: after detach nothing measurable",
-            f"{det / unt:.2f}x untraced ({det:.0f} vs {unt:.0f}, untraced spread {lo:.0f}-{hi:.0f})",
+            f"{det / unt:.2f}x untraced ({det:.0f} vs {unt:.0f}, "
+            f"untraced spread {lo:.0f}-{hi:.0f})",
             det <= max(unt * tol, hi), "" if det <= max(unt * tol, hi) else
             "detached median above the untraced spread")  # fmt: skip
     dl = res.get("delivery", {}).get("configs", [])
@@ -218,12 +248,16 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         best = max(dl, key=lambda c: c["max_decoded_per_s"])
         acc = all(c["all_accounted"] for c in dl)
         v = best["max_decoded_per_s"]
-        add(">= 500k events/s delivered, drops accounted",
-            f"{v:.0f}/s decoded ({best['name']}); accounted: {acc}", v >= 500_000 and acc,
-            "" if v >= 500_000 else
-            "the agent decodes each record in Python (ctypes copy + dict per event) on one "
+        add(
+            ">= 500k events/s delivered, drops accounted",
+            f"{v:.0f}/s decoded ({best['name']}); accounted: {acc}",
+            v >= 500_000 and acc,
+            ""
+            if v >= 500_000
+            else "the agent decodes each record in Python (ctypes copy + dict per event) on one "
             "core; one producer core itself tops out near "
-            f"{max(p['achieved_rate'] for c in dl for p in c['points']):.0f} calls/s here")
+            f"{max(p['achieved_rate'] for c in dl for p in c['points']):.0f} calls/s here",
+        )
     fl = res.get("control", {}).get("fleets", {})
     sims = [k for k in fl if "simulated" in k]
     if sims:
@@ -234,8 +268,12 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         note = ""
         if n < 1000:
             met, note = None, f"not judged: only {n} simulated agents (quick run)"
-        add("enable->all acked p99 < 200 ms at 1,000 simulated agents", f"{p99:.0f} ms at {n}",
-            met, note)
+        add(
+            "enable->all acked p99 < 200 ms at 1,000 simulated agents",
+            f"{p99:.0f} ms at {n}",
+            met,
+            note,
+        )
     return out
 
 
@@ -266,8 +304,9 @@ def _clean(x: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run (< 2 min, small N)")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results directory")
     ap.add_argument("--only", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -282,12 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     common.build()
+    common.cpus()  # fix the CPU split before any section pins this process
     results: dict[str, Any] = {
         "meta": {
             "timestamp": stamp,
             "quick": a.quick,
             "host": common.host_info(),
             "loadavg_start": os.getloadavg(),
+            "busy_processes_start": common.busy_processes(),
             "sections": only,
         }
     }
@@ -318,13 +359,17 @@ def main(argv: list[str] | None = None) -> int:
     results["errors"] = errors
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_end"] = os.getloadavg()
+    results["meta"]["busy_processes_end"] = common.busy_processes()
     # table
     h = results["meta"]["host"]
     print(f"tracefleet benchmarks {stamp}{' (QUICK)' if a.quick else ''}: Linux {h['kernel']}, "
           f"{h['cpu_count']} x {h['cpu_model']}; " + ", ".join(
               f"{k} {v}" for k, v in h["tools"].items()))  # fmt: skip
-    print(f"load average at start {results['meta']['loadavg_start'][0]:.2f} (the machine may be "
-          "shared: compare within this run)")  # fmt: skip
+    busy = results["meta"]["busy_processes_start"] + results["meta"]["busy_processes_end"]
+    print(f"load average at start {results['meta']['loadavg_start'][0]:.2f}, end "
+          f"{results['meta']['loadavg_end'][0]:.2f}; other busy processes (start/end): "
+          + (", ".join(f"{b['comm']}[{b['pid']}] {b['cpu_percent']:.0f}%" for b in busy) or "none")
+          + " -- the machine is shared: compare within this run")  # fmt: skip
     for sec in SECTIONS:
         if sec not in only:
             continue
@@ -350,14 +395,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _overhead(quick: bool, tmpfs: Path, tmp: Path) -> dict[str, Any]:
     from tests.bench import overhead
+    from tests.bench.common import cpus, pinned
 
-    return overhead.measure(3 if quick else 7, 0.2 if quick else 0.5, tmpfs, tmp)
+    with pinned({cpus()[0]}):  # tracers, bpftrace, strace off the loop's CPU
+        return overhead.measure(2 if quick else 5, 0.1 if quick else 0.3, tmpfs, tmp)
 
 
 def _completeness(quick: bool, tmp: Path) -> dict[str, Any]:
     from tests.bench import completeness
 
-    return completeness.measure(1 if quick else 10, quick, tmp)
+    return completeness.measure(1 if quick else 6, quick, tmp)
 
 
 def _delivery(quick: bool) -> dict[str, Any]:

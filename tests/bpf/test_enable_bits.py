@@ -62,7 +62,7 @@ def test_bit_toggles_without_reload_and_detach_after_hold(capture, workload_bin)
 
 
 def test_close_leaves_nothing_attached(capture, workload_bin):
-    cap = capture(["file", "net"])
+    cap = capture(["file", "net"], poll_ms=20)  # a private engine: this test closes it
     ids = prog_ids(cap.engine, "file") | prog_ids(cap.engine, "net")
     assert ids <= linked_prog_ids()
     cap.engine.close()

@@ -88,6 +88,8 @@ def procs(tmp_path: Path) -> Iterator[Procs]:
         yield ps
     finally:
         ps.stop_all()
+        for name, _ in ps.procs:  # captured: pytest shows it when the test fails
+            print(f"----- {name} log (tail) -----\n{ps.log(name)}")
 
 
 def _prereqs() -> None:
@@ -250,23 +252,28 @@ def test_dashboards_and_rules_on_real_prometheus(procs: Procs, tmp_path: Path) -
         ready = [
             "increase(tracefleet_controller_events_delivered_total[1m])",
             "increase(tracefleet_controller_capture_latency_seconds_count[1m])",
-            'increase(tracefleet_controller_arguments_total{outcome="recovered"}[1m])',
+            "increase(tracefleet_controller_arguments_total[1m])",
             "increase(tracefleet_controller_enable_to_applied_seconds_count[1m])",
             "increase(tracefleet_controller_arrival_latency_seconds_count[1m])",
             "increase(tracefleet_agent_capture_latency_seconds_count[1m])",
             "increase(tracefleet_agent_bpf_program_runs_total[1m])",
-            'increase(tracefleet_agent_arguments_total{outcome="recovered"}[1m])',
+            "increase(tracefleet_agent_arguments_total[1m])",
             "tracefleet_agent_event_set_enabled",
             "tracefleet_agent_applied_generation",
         ]
         for q in ready:
             wait_until(
                 lambda q=q: procs.alive("agent") and prom.positive(q),
-                40,
+                60,
                 f"data for {q}",
                 every=0.5,
             )
 
+        # cold_rodata faults on kernels without sleepable capture; with it, nothing faults
+        # and a recovery rate (recovered / faulted) is rightly NaN
+        faulted = prom.positive(
+            'sum(increase(tracefleet_controller_arguments_total{outcome=~"recovered|lost"}[1m]))'
+        )
         failures = []
         queries = _panel_queries()
         for dashboard, panel, expr in queries:
@@ -277,7 +284,9 @@ def test_dashboards_and_rules_on_real_prometheus(procs: Procs, tmp_path: Path) -
             vals = prom.values(expr)
             if not vals:
                 failures.append(f"{dashboard} / {panel}: no data: {expr}")
-            elif not any(math.isfinite(v) for v in vals):
+            elif not any(math.isfinite(v) for v in vals) and (
+                faulted or "recover" not in panel.lower()
+            ):
                 failures.append(f"{dashboard} / {panel}: only NaN/Inf {vals}: {expr}")
         assert not failures, "\n".join(failures)
         assert len(queries) >= 30

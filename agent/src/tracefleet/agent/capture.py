@@ -306,7 +306,10 @@ class BpfEngine:
 
     # ---- events ------------------------------------------------------------------------
     def add_sink(self, sink: EventSink) -> None:
-        self._sinks.append(sink)
+        self._sinks = [*self._sinks, sink]  # copy on write: the consumer thread iterates it
+
+    def remove_sink(self, sink: EventSink) -> None:
+        self._sinks = [s for s in self._sinks if s is not sink]
 
     def _on_record(self, raw: bytes) -> None:
         now = time.monotonic_ns()

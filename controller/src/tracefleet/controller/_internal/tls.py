@@ -14,11 +14,13 @@ that is all that can be said about such a client.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import logging
 import os
 import re
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -170,6 +172,17 @@ class HandshakeLogWatcher:
             target=self._pump, args=(r,), name="tls-handshake-log", daemon=True
         )
         self._thread.start()
+        atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Put the original stderr back and let the tee drain what is left in the pipe."""
+        if self._thread is None:
+            return
+        with contextlib.suppress(OSError):
+            sys.stderr.flush()
+            os.dup2(self._orig, 2)  # closes the pipe's only write end: the reader sees EOF
+        self._thread.join(timeout=2)
+        self._thread = None
 
     def _pump(self, r: int) -> None:
         pending = b""
