@@ -13,6 +13,8 @@ import collections
 import ctypes
 import logging
 import os
+import random
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -29,11 +31,17 @@ from tracefleet.agent._internal.abi import (
     TF_PREFIX_MAX,
     TF_SET_MAX,
     TF_STAT_MAX,
+    Kind,
     Stat,
+    Status,
     Strategy,
+    Syscall,
+    TfBlob,
     TfControl,
     TfEvent,
     TfExecEvent,
+    TfHdr,
+    TfStr,
 )
 from tracefleet.agent._internal.decode import decode_record
 from tracefleet.agent._internal.fallback import UserFallback
@@ -45,7 +53,7 @@ from tracefleet.agent.engine import (
     SetAggregate,
     SetStatus,
 )
-from tracefleet.agent.eventsets import EVENT_SETS, EventSetSpec
+from tracefleet.agent.eventsets import BY_ID, EVENT_SETS, EventSetSpec
 from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.ladder import (
     LADDER,
@@ -57,6 +65,33 @@ from tracefleet.agent.ladder import (
 )
 
 log = logging.getLogger("tracefleet.agent")
+
+_HDR_SIZE = ctypes.sizeof(TfHdr)
+_HDR = struct.Struct("=Q24x8xHHB")  # ts_ns, (exit_ns, cgroup_id, ret, pid, tid), kind, syscall, set
+_SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
+_ST_LOST = int(Status.LOST)
+# offsets of every argument's status byte, per record kind
+_LOST_OFFSETS = {
+    int(Kind.SYSCALL): [
+        TfEvent.str.offset + i * ctypes.sizeof(TfStr) + TfStr.status.offset for i in range(2)
+    ]
+    + [TfEvent.blob.offset + TfBlob.status.offset],
+    int(Kind.EXEC): [
+        TfExecEvent.filename.offset + TfStr.status.offset,
+        TfExecEvent.argv_status.offset,
+    ],
+}
+
+
+def _peek_header(raw: bytes) -> tuple[int, int, int]:
+    ts_ns, _kind, syscall, set_id = _HDR.unpack_from(raw)
+    return set_id, syscall, ts_ns
+
+
+def _has_lost_arg(raw: bytes) -> bool:
+    kind = int.from_bytes(raw[TfHdr.kind.offset : TfHdr.kind.offset + 2], "little")
+    return any(off < len(raw) and raw[off] == _ST_LOST for off in _LOST_OFFSETS.get(kind, ()))
+
 
 EventSink = Callable[[dict[str, Any]], None]
 
@@ -312,21 +347,39 @@ class BpfEngine:
         self._sinks = [s for s in self._sinks if s is not sink]
 
     def _on_record(self, raw: bytes) -> None:
+        """Per record: aggregates from the header alone (cheap); the full decode only when
+        someone reads the event (a sink, a sample) or an argument is left for the fallback."""
         now = time.monotonic_ns()
+        if len(raw) < _HDR_SIZE:
+            self._decode_errors += 1
+            return
+        set_id, syscall, ts_ns = _peek_header(raw)
+        spec = BY_ID.get(set_id)
+        name = spec.name if spec else str(set_id)
+        st = self._sets.get(name)
+        agg = self._agg.sets.get(name)
+        if agg is None:
+            agg = self._agg.sets[name] = SetAggregate()
+        agg.delivered += 1
+        sc = _SYSCALL_NAMES.get(syscall, str(syscall))
+        agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
+        agg.latency.observe(max(0, now - ts_ns) / 1e9)
+        fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
+        sample = (
+            st is not None
+            and st.sample_rate > 0
+            and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
+        )
+        if not (self._sinks or sample or fallback):
+            return
         try:
             ev, rec = decode_record(raw, now)
         except ValueError:
             self._decode_errors += 1
             return
-        name = ev["event_set"]
-        st = self._sets.get(name)
-        if st is not None and st.user_fallback and self._apply_fallback(rec, name):
+        if fallback and self._apply_fallback(rec, name):
             ev, _ = decode_record(bytes(rec), now)  # re-decode with the recovered values
-        agg = self._agg.sets.setdefault(name, SetAggregate())
-        agg.delivered += 1
-        agg.events_by_syscall[ev["syscall"]] = agg.events_by_syscall.get(ev["syscall"], 0) + 1
-        agg.latency.observe(ev["latency_ns"] / 1e9)
-        if st is not None and st.sample_rate > 0:
+        if sample:
             self._samples.append(ev)
         for sink in self._sinks:
             sink(ev)
