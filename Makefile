@@ -20,9 +20,14 @@ WL_SRCS   := $(wildcard tests/workloads/*.c)
 WL_BINS   := $(patsubst tests/workloads/%.c,$(WL_OUT)/%,$(WL_SRCS))
 KERNEL    ?= 7.2
 QUICK     ?=
+# In the guest (TCG, ~10x slower): the BPF suite and the end-to-end tests that use the
+# kernel (real agents). Kernel-independent e2e tests (synthetic fleets, TLS, Prometheus)
+# run on the host only.
+VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
+VM_ARGS   ?=
 
 .PHONY: help deps bpf workloads proto proto-check buf-lint buf-breaking lint \
-        test test-unit test-host test-vm demo bench clean
+        test test-unit test-host test-vm demo bench images dashboards clean
 
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -70,14 +75,20 @@ test-host: deps bpf workloads ## full suite on this kernel (root for BPF and e2e
 	$(PY) -m pytest tests -q -rs
 
 test-vm: deps bpf workloads ## BPF and e2e suite inside a Linux $(KERNEL) guest under qemu
-	$(PY) tests/vm/run.py --kernel $(KERNEL)
+	$(PY) tests/vm/run.py --kernel $(KERNEL) -q --tests $(VM_TESTS) $(VM_ARGS)
 
-test: deps lint proto-check buf-lint bpf workloads ## everything CI runs: lint, API checks, host suite, 7.2 suite
+test: deps lint proto-check buf-lint buf-breaking bpf workloads ## everything CI runs: lint, API checks, host suite, 7.2 suite
 	$(PY) -m pytest tests -q -rs
-	$(PY) tests/vm/run.py --kernel $(KERNEL)
+	$(PY) tests/vm/run.py --kernel $(KERNEL) -q --tests $(VM_TESTS) $(VM_ARGS)
 
 demo: deps bpf workloads ## controller + local agent, live capture demo
 	$(PY) deploy/host/demo.py
+
+images: ## build the agent and controller images with buildah (base made with debootstrap)
+	deploy/images/build-base.sh && deploy/images/build.sh
+
+dashboards: ## regenerate deploy/grafana/*.json from deploy/grafana/generate.py
+	$(PY) deploy/grafana/generate.py
 
 bench: deps bpf workloads ## benchmark table vs untraced, bpftrace, strace (QUICK=1 for a smoke run)
 	$(PY) tests/bench/run.py $(if $(QUICK),--quick)

@@ -64,6 +64,7 @@ class Fleet:
         self.pb = control_pb2
         self.channel = grpc.insecure_channel(address)
         self.stub = control_pb2_grpc.ControlServiceStub(self.channel)
+        self.call_s: list[float] = []
 
     def nodes(self, selector: str = "") -> list[Any]:
         st = self.stub.GetStatus(self.pb.GetStatusRequest(selector=selector), timeout=30)
@@ -90,10 +91,14 @@ class Fleet:
 
     def wait_acked(self, selector: str, gen: int, names: set[str], t0: float,
                    timeout: float) -> tuple[float, dict[str, float]]:  # fmt: skip
-        """Seconds from t0 until every node of ``names`` applied ``gen``; per-node times."""
+        """Seconds from t0 until every node of ``names`` applied ``gen``; per-node times.
+        The duration of each GetStatus call (the resolution of the per-node times, and load
+        this measurement adds to the controller) is kept in ``self.call_s``."""
         acked: dict[str, float] = {}
         while True:
+            c0 = time.monotonic()
             nodes = self.nodes(selector)
+            self.call_s.append(time.monotonic() - c0)
             now = time.monotonic() - t0
             for n in nodes:
                 if n.name in names and n.name not in acked and n.applied_generation >= gen:
@@ -156,6 +161,7 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     disable_acked: list[float] = []
     timeout = 60.0
     s0 = proc_sample(ctl_pid)
+    fleet.call_s.clear()
     try:
         for r in range(rounds):
             gen, matched, t0 = fleet.configure(selector, True)
@@ -189,6 +195,7 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "not_converged": len(all_acked) - len(ok),
         "disable_to_all_acked_ms": summary([x * 1e3 for x in disable_acked if x == x]),
         "status_poll_ms": POLL_S * 1e3,
+        "status_call_ms": summary([x * 1e3 for x in fleet.call_s]),
         "controller_cpu_percent_during_rounds": cpu_percent(s0, s1),
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,

@@ -30,6 +30,7 @@ CONFIGS = (
 )
 RATES = (10_000, 20_000, 40_000, 60_000, 80_000, 120_000, 160_000, 240_000)
 MISSING = "/dev/shm/tf-bench-missing/x"
+SUSTAIN_DRAIN = 0.25
 
 
 class _Count:
@@ -76,7 +77,7 @@ def _one(engine: Any, counter: _Count, rate: float, seconds: float, loop_cpu: in
         "delivered_per_s": decoded / loop_s,
         "decode_per_s": decoded / total_s,
         "drain_s": total_s - loop_s,
-        "agent_cpu_percent": 100.0 * cpu / total_s,
+        "agent_cpu_percent": 100.0 * cpu / total_s,  # the whole bench process (consumer)
     }
 
 
@@ -119,6 +120,10 @@ def measure(quick: bool) -> dict[str, Any]:
             engine.close()
         clean = [p for p in points if p["kernel_dropped"] == 0 and p["accounted"]]
         best = max(clean, key=lambda p: p["achieved_rate"], default=None)
+        # sustained: no drop AND the consumer kept pace (the ring did not merely absorb the
+        # burst: what was left to decode after the loop stopped took < 1/4 of its duration)
+        kept = [p for p in clean if p["drain_s"] <= SUSTAIN_DRAIN * seconds]
+        sustained = max(kept, key=lambda p: p["achieved_rate"], default=None)
         above = [p for p in points if best is None or p["achieved_rate"] > best["achieved_rate"]]
         out["configs"].append({
             "name": cfg.name,
@@ -127,6 +132,7 @@ def measure(quick: bool) -> dict[str, Any]:
             "poll_ms": cfg.poll_ms,
             "points": points,
             "max_rate_no_drop": best["achieved_rate"] if best else 0.0,
+            "max_rate_sustained": sustained["achieved_rate"] if sustained else 0.0,
             "drop_share_above": [(p["achieved_rate"], p["drop_share"]) for p in above],
             "max_decoded_per_s": max(p["delivered_per_s"] for p in points),
             "all_accounted": all(p["accounted"] for p in points),

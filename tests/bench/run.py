@@ -143,13 +143,19 @@ def render_delivery(r: dict[str, Any]) -> str:
                 f"{p['achieved_rate']:.0f}", f"{p['kernel_written']}", f"{p['kernel_dropped']}",
                 f"{p['drop_share']:.1%}", f"{p['delivered_per_s']:.0f}",
                 f"{p['drain_s']:.2f}", f"{p['agent_cpu_percent']:.0f}%",
-                "yes" if p["accounted"] else "NO",
+                "yes" if p["accounted"] else "NO", f"{p['loop_cpu_share']:.0%}",
             ])  # fmt: skip
     out.append(_fmt_table(["config", "offered/s", "achieved/s", "written", "dropped", "drop",
-                           "decoded/s", "drain s", "agent CPU", "accounted"], rows))  # fmt: skip
+                           "decoded/s", "drain s", "agent CPU", "accounted", "loop CPU"],
+                          rows))  # fmt: skip
     for c in r["configs"]:
-        out.append(f"{c['name']}: highest rate with no drop {c['max_rate_no_drop']:.0f}/s; "
-                   f"max decoded {c['max_decoded_per_s']:.0f}/s")  # fmt: skip
+        out.append(
+            f"{c['name']}: highest rate with no drop {c['max_rate_no_drop']:.0f}/s "
+            f"(sustained, consumer keeping pace: {c['max_rate_sustained']:.0f}/s); drop "
+            "above: "
+            + (", ".join(f"{r:.0f}/s {d:.0%}" for r, d in c["drop_share_above"]) or "-")
+            + f"; max decoded {c['max_decoded_per_s']:.0f}/s"
+        )
     return "\n".join(out)
 
 
@@ -160,8 +166,9 @@ def render_control(r: dict[str, Any]) -> str:
             name, _ms(f["enable_to_all_acked_ms"]), f"{f['enable_to_all_acked_p99_ms']:.0f}",
             f"{f['enable_to_node_acked_p99_ms']:.0f}", _ms(f["enable_to_first_event_ms"]),
             _ms(f["disable_to_all_acked_ms"]),
-            f"{f.get('controller_cpu_percent_steady', float('nan')):.1f}% / "
-            f"{f['controller_cpu_percent_during_rounds']:.1f}%",
+            (f"{f['controller_cpu_percent_steady']:.1f}%" if "controller_cpu_percent_steady" in f
+             else "-") + f" / {f['controller_cpu_percent_during_rounds']:.1f}%",
+            _ms(f["status_call_ms"]),
             f"{f['controller_rss_kb'] / 1024:.0f}",
         ])  # fmt: skip
     out = [
@@ -227,8 +234,10 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             "" if r <= 1.25 else f"capture adds {cap - flo:.0f} ns over the floor "
             "(argument copy + 800-byte ring record + exit program)")  # fmt: skip
         rt, ra = bt / cap, (bt - unt) / max(1.0, cap - unt)
+        rw = s["bpftrace"]["wall_median"] / max(1.0, s["tf-capture"]["wall_median"])
         lost = d["bpftrace_lost"]
-        add(f"{wname}: >= 4x cheaper than bpftrace", f"{rt:.2f}x per call, {ra:.2f}x added cost",
+        add(f"{wname}: >= 4x cheaper than bpftrace",
+            f"{rt:.2f}x per call (CPU), {ra:.2f}x added cost, {rw:.2f}x wall",
             rt >= 4.0,
             (f"bpftrace lost {lost} events (its printing cost is partly skipped), " if lost
              else "") + ("judged on the per-call ratio" if rt >= 4.0 else
@@ -318,6 +327,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tracefleet.agent.libbpf").setLevel(logging.CRITICAL)
     logging.getLogger("tracefleet.agent").setLevel(logging.CRITICAL)
     only = [s for s in a.only.split(",") if s] or list(SECTIONS)
+    # The machine may be shared: run (and let children inherit) a higher CFS weight so
+    # neighbours take less of the measured loop's and the consumer's CPU. Neighbours still run.
+    with contextlib.suppress(OSError):
+        os.nice(-10)
     started = time.monotonic()
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%SZ")
     common.build()
@@ -330,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_start": os.getloadavg(),
             "busy_processes_start": common.busy_processes(),
             "sections": only,
+            "nice": os.getpriority(os.PRIO_PROCESS, 0),
         }
     }
     tmp = Path(tempfile.mkdtemp(prefix="tf-bench-"))
@@ -398,13 +412,13 @@ def _overhead(quick: bool, tmpfs: Path, tmp: Path) -> dict[str, Any]:
     from tests.bench.common import cpus, pinned
 
     with pinned({cpus()[0]}):  # tracers, bpftrace, strace off the loop's CPU
-        return overhead.measure(2 if quick else 5, 0.1 if quick else 0.3, tmpfs, tmp)
+        return overhead.measure(2 if quick else 7, 0.1 if quick else 0.3, tmpfs, tmp)
 
 
 def _completeness(quick: bool, tmp: Path) -> dict[str, Any]:
     from tests.bench import completeness
 
-    return completeness.measure(1 if quick else 6, quick, tmp)
+    return completeness.measure(1 if quick else 10, quick, tmp)
 
 
 def _delivery(quick: bool) -> dict[str, Any]:

@@ -110,9 +110,11 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
                                   text=True, check=True).stdout)  # fmt: skip
     out, err = events.communicate(timeout=60)
     assert events.returncode == 0, err
-    evs = json.loads(out) if out.strip().startswith("[") else [
-        json.loads(line) for line in out.splitlines() if line.strip()
-    ]
+    evs = (
+        json.loads(out)
+        if out.strip().startswith("[")
+        else [json.loads(line) for line in out.splitlines() if line.strip()]
+    )
     mine = [e for e in evs if e.get("pid") == w["pid"]]
     assert mine, f"no event of the workload among {len(evs)}"
     assert {e["node"] for e in evs} == {"db-1"}

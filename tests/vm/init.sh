@@ -92,6 +92,7 @@ TRACEFLEET_KERNEL=$(uname -r)
 PATH="$TFVM_REPO/.venv/bin:$PATH"
 export HOME TMPDIR PATH TRACEFLEET_IN_VM TRACEFLEET_KERNEL
 export PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PY_COLORS=0 LANG=C.UTF-8 TERM=dumb
+export COLUMNS=160   # the console is a tty of 80 columns: pytest -v would cut skip reasons
 export XDG_CACHE_HOME="$HOME/.cache" XDG_CONFIG_HOME="$HOME/.config" XDG_RUNTIME_DIR=/run/tfvm
 export HYPOTHESIS_STORAGE_DIRECTORY="$HOME/.hypothesis"   # not ./.hypothesis: read-only
 tfvm_env 2>/dev/null || true   # extra variables from run.py (--env, TRACEFLEET_* of the host)

@@ -828,7 +828,7 @@ def _wait_for_socket(
 def _remove_run_dir(d: Path) -> None:
     """Remove a run directory file by known file: never a recursive delete next to a mount
     point (the view is only ever mounted inside virtiofsd's private namespace, but still)."""
-    for name in ("guest.sh", "pid", "vfs.sock"):
+    for name in ("guest.sh", "console.log", "pid", "vfs.sock"):
         with contextlib.suppress(OSError):
             (d / name).unlink()
     for sub in (d / "view", d):
@@ -1027,7 +1027,7 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
     host_dir = Path(tempfile.mkdtemp(prefix="tfvm-"))
     for d in (run_dir, host_dir):
         (d / "pid").write_text(f"{os.getpid()}\n")
-    config = run_dir / "guest.sh"
+    config, live_console = run_dir / "guest.sh", run_dir / "console.log"
     config.write_text(
         guest_config(
             repo_root=repo_root,
@@ -1078,7 +1078,7 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
             preexec_fn=_die_with_parent,
         )
         assert qemu.stdout is not None
-        console = Console(qemu.stdout, console_path, nonce, f"[vm {spec.label}] ", not args.quiet)
+        console = Console(qemu.stdout, live_console, nonce, f"[vm {spec.label}] ", not args.quiet)
         timed_out = _wait_guest(qemu, console, t0 + args.timeout)
     except Interrupted as e:
         if console is None:
@@ -1090,17 +1090,22 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
             console.join(10.0)
         _stop(vfs)
         restore()
+        # Concurrent runs of one kernel each stream into their own run directory; the
+        # finished log replaces console-<kernel>.log atomically.
+        with contextlib.suppress(OSError):
+            if args.keep_console and live_console.exists():
+                shutil.copyfile(live_console, args.keep_console)
+            os.replace(live_console, console_path)
         _remove_run_dir(run_dir)
         _remove_run_dir(host_dir)
-        if args.keep_console and console_path.exists():
-            with contextlib.suppress(OSError):
-                shutil.copyfile(console_path, args.keep_console)
 
     assert console is not None and qemu is not None  # else the exception propagated
     report = parse_console(console.lines, nonce)
     results: list[TestResult] = []
     if report.junit is not None:
-        junit_path.write_bytes(report.junit)
+        tmp_junit = run_dir.with_name(run_dir.name + ".junit.xml")
+        tmp_junit.write_bytes(report.junit)
+        os.replace(tmp_junit, junit_path)
         try:
             results = parse_junit(report.junit)
         except ET.ParseError as e:
