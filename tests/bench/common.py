@@ -253,3 +253,21 @@ def busy_processes(interval: float = 1.0, threshold: float = 10.0) -> list[dict[
             if pct >= threshold:
                 busy.append({"pid": pid, "comm": comm, "cpu_percent": round(pct, 1)})
     return sorted(busy, key=lambda x: -float(x["cpu_percent"]))
+
+
+def stop(p: subprocess.Popen[Any], grace: float = 10.0) -> None:
+    """SIGINT, then SIGTERM, then SIGKILL (a tracer started from a background job may have
+    SIGINT ignored)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if p.poll() is not None:
+            return
+        p.send_signal(sig)
+        try:
+            p.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            log(f"pid {p.pid} ignored {sig.name} for {grace:g}s")
+    p.kill()
+    p.wait()

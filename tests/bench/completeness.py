@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -16,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tests.bench.common import WORKLOADS, log
+from tests.bench.common import WORKLOADS, log, stop
 
 MODES = ("openat", "einval", "openat2", "connect", "connect6", "connect_unix", "exec")
 CASES: list[tuple[str, list[str]]] = (
@@ -180,12 +179,7 @@ def measure_bpftrace(n: int, cases: list[tuple[str, list[str]]], tmp: Path) -> d
         expected, skipped = run_cases(n, cases)
         time.sleep(0.5)
     finally:
-        bt.send_signal(signal.SIGINT)
-        try:
-            bt.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            bt.kill()
-            bt.wait()
+        stop(bt)
     seen: dict[tuple[int, str, str], list[str]] = defaultdict(list)
     for line in out.read_text(errors="replace").splitlines():
         m = re.match(r"TF (\d+) (\S+) (\S+) ([SB]) ?(.*)$", line)
@@ -209,8 +203,9 @@ def measure(n: int, quick: bool, tmp: Path) -> dict[str, Any]:
         return {"skipped": "workloads not built (make workloads)"}
     tools: dict[str, Any] = {}
     labels = ["sleepable", "fentry-sleepable", "exit-retry", "user-fallback", "nofault"]
-    if quick:
-        labels.remove("user-fallback")  # time: one engine load less
+    if quick:  # time: two engine loads less (bpftrace shows what a nofault read gets)
+        labels.remove("user-fallback")
+        labels.remove("nofault")
     for label in labels:
         log(f"completeness: tracefleet {label}, {len(cases)} cases x {n}")
         try:

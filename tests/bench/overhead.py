@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from tests.bench.common import (
     log,
     pinned,
     run_loop,
+    stop,
     summary,
 )
 
@@ -156,12 +156,7 @@ def bpftrace(script: str, outdir: Path) -> Iterator[Path]:
             time.sleep(0.05)
         yield out
     finally:
-        p.send_signal(signal.SIGINT)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        stop(p)
 
 
 def bpftrace_lines(out: Path) -> tuple[int, int]:

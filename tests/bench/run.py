@@ -185,6 +185,7 @@ def render_control(r: dict[str, Any]) -> str:
                 "enable->1st event",
                 "disable->acked",
                 "ctl CPU steady/rounds",
+                "GetStatus call",
                 "ctl RSS MiB",
             ],
             rows,
@@ -374,6 +375,11 @@ def main(argv: list[str] | None = None) -> int:
     results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_end"] = os.getloadavg()
     results["meta"]["busy_processes_end"] = common.busy_processes()
+    a.out.mkdir(parents=True, exist_ok=True)
+    path = a.out / f"bench-{stamp}.json"
+    data = json.dumps(_clean(results), indent=1, sort_keys=False)
+    path.write_text(data + "\n")
+    (a.out / "latest.json").write_text(data + "\n")
     # table
     h = results["meta"]["host"]
     print(f"tracefleet benchmarks {stamp}{' (QUICK)' if a.quick else ''}: Linux {h['kernel']}, "
@@ -383,23 +389,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start {results['meta']['loadavg_start'][0]:.2f}, end "
           f"{results['meta']['loadavg_end'][0]:.2f}; other busy processes (start/end): "
           + (", ".join(f"{b['comm']}[{b['pid']}] {b['cpu_percent']:.0f}%" for b in busy) or "none")
-          + " -- the machine is shared: compare within this run")  # fmt: skip
+          + f"; bench at nice {results['meta']['nice']} -- the machine is shared: compare "
+          "within this run")  # fmt: skip
     for sec in SECTIONS:
         if sec not in only:
             continue
         print(f"\n== {TITLES[sec]} ==")
         if sec in results:
-            print(RENDER[sec](results[sec]))
+            try:
+                print(RENDER[sec](results[sec]))
+            except Exception as e:
+                errors[f"render {sec}"] = f"{type(e).__name__}: {e}"
+                print(f"(table failed: {e}; see the JSON)")
         else:
             print(f"FAILED: {errors.get(sec, '?')}")
     print(f"\n== {TITLES['targets']} ==")
     print(render_targets(results["targets"]))
     print(f"\ntotal {results['meta']['duration_s']:.0f} s")
-    a.out.mkdir(parents=True, exist_ok=True)
-    path = a.out / f"bench-{stamp}.json"
-    data = json.dumps(_clean(results), indent=1, sort_keys=False)
-    path.write_text(data + "\n")
-    (a.out / "latest.json").write_text(data + "\n")
     print(f"results: {path} (and {a.out / 'latest.json'})")
     with contextlib.suppress(OSError):
         for f in (tmpfs / f"tf-bench-{os.getpid()}",):

@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import random
+import resource
 import struct
 import threading
 import time
@@ -81,6 +82,21 @@ _LOST_OFFSETS = {
         TfExecEvent.argv_status.offset,
     ],
 }
+
+
+def raise_fd_limit(want: int = 65536) -> int:
+    """Every program, link and perf event is an fd (about 5 per syscall of a set): lift the
+    soft RLIMIT_NOFILE to the hard one, and the hard one too where we may (CAP_SYS_RESOURCE).
+    Returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else max(hard, min(want, hard))
+    for new in ((max(soft, want), max(hard, want)), (max(soft, target), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, new)
+            return new[0]
+        except (ValueError, OSError):
+            continue
+    return soft
 
 
 def _peek_header(raw: bytes) -> tuple[int, int, int]:
@@ -168,6 +184,7 @@ class BpfEngine:
         self.opts = options or EngineOptions()
         self.host = host or check_host()
         self.bpf_dir = Path(self.opts.bpf_dir or self.host.bpf_dir)
+        self.fd_limit = raise_fd_limit()
         self._lock = threading.RLock()
         self._fds: list[int] = []
         self.shared = SharedMaps(
