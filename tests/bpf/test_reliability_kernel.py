@@ -58,8 +58,9 @@ def _start_capture(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes]
     with open(log, "wb") as f:
         proc = subprocess.Popen(
             [*AGENT, "capture", *extra, "--ready-file", str(ready)],
-            stdout=subprocess.DEVNULL, stderr=f,
-        )  # fmt: skip
+            stdout=subprocess.DEVNULL,
+            stderr=f,
+        )
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert proc.poll() is None, log.read_text()
@@ -79,8 +80,9 @@ def test_sigkilled_agent_leaves_no_program_link_or_map(host, tmp_path: Path):
         assert progs and links, f"agent holds no BPF program/link fds: {log.read_text()}"
         assert progs <= k_progs and links <= k_links
         # attached through fd-owned links only: nothing of ours is pinned in bpffs
-        pinned = subprocess.run(["grep", "-rl", "tracefleet", "/sys/fs/bpf"],
-                                capture_output=True, text=True).stdout  # fmt: skip
+        pinned = subprocess.run(
+            ["grep", "-rl", "tracefleet", "/sys/fs/bpf"], capture_output=True, text=True
+        ).stdout
         assert not pinned.strip(), pinned
     finally:
         t0 = time.monotonic()
@@ -96,10 +98,12 @@ def test_sigkilled_agent_leaves_no_program_link_or_map(host, tmp_path: Path):
             break
         time.sleep(0.02)
     gone = time.monotonic() - t0
-    print(f"\nRELIABILITY sigkill: agent held {len(progs)} programs, {len(links)} links, "
-          f"{len(maps)} maps; process reaped in {reaped * 1000:.0f} ms; all released by the "
-          f"kernel {gone * 1000:.0f} ms after SIGKILL; left: progs={len(left[0])} "
-          f"links={len(left[1])} maps={len(left[2])}")  # fmt: skip
+    print(
+        f"\nRELIABILITY sigkill: agent held {len(progs)} programs, {len(links)} links, "
+        f"{len(maps)} maps; process reaped in {reaped * 1000:.0f} ms; all released by the "
+        f"kernel {gone * 1000:.0f} ms after SIGKILL; left: progs={len(left[0])} "
+        f"links={len(left[1])} maps={len(left[2])}"
+    )
     assert not left[1], f"links still attached after SIGKILL: {sorted(left[1])}"
     assert not left[0], f"programs still loaded after SIGKILL: {sorted(left[0])}"
     assert not left[2], f"maps still alive after SIGKILL: {sorted(left[2])}"
@@ -179,8 +183,9 @@ def test_fork_exec_exit_and_kill_mid_syscall_leave_no_inflight_entry(capture, tm
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", CHURN, str(fifo), "400"],
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", CHURN, str(fifo), "400"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     procs = int(out.stdout.split()[-1])
     churn_s = time.monotonic() - t0
@@ -193,12 +198,14 @@ def test_fork_exec_exit_and_kill_mid_syscall_leave_no_inflight_entry(capture, tm
         time.sleep(0.1)
     after = {n: eng.inflight_count(n) for n in ("file", "exec")}
     k = {n: eng.kernel_counters(n) for n in ("file", "exec")}
-    print(f"\nRELIABILITY churn: {procs} processes forked/exec'd/killed in {churn_s:.1f}s; "
-          f"inflight before={before} after={after} (live threads blocked in syscalls "
-          f"elsewhere on the host are legitimate); entries of dead threads: "
-          f"{ {n: len(v) for n, v in leaked.items()} }; exec events={k['exec']['events']} "
-          f"orphan_exit={k['exec']['orphan_exit']} inflight_full={k['exec']['inflight_full']}; "
-          f"file orphan_exit={k['file']['orphan_exit']} inflight_full={k['file']['inflight_full']}")  # fmt: skip
+    print(
+        f"\nRELIABILITY churn: {procs} processes forked/exec'd/killed in {churn_s:.1f}s; "
+        f"inflight before={before} after={after} (live threads blocked in syscalls "
+        f"elsewhere on the host are legitimate); entries of dead threads: "
+        f"{ {n: len(v) for n, v in leaked.items()} }; exec events={k['exec']['events']} "
+        f"orphan_exit={k['exec']['orphan_exit']} inflight_full={k['exec']['inflight_full']}; "
+        f"file orphan_exit={k['file']['orphan_exit']} inflight_full={k['file']['inflight_full']}"
+    )
     assert not leaked["exec"], f"exec inflight entries of dead threads: {sorted(leaked['exec'])}"
     assert not leaked["file"], f"file inflight entries of dead threads: {sorted(leaked['file'])}"
     assert k["exec"]["inflight_full"] == 0 and k["file"]["inflight_full"] == 0, k
@@ -212,8 +219,11 @@ SUMMARY = re.compile(r"^\s+file: events=(\d+) dropped=(\d+) filtered=(\d+)", re.
 
 def _opens(sh: Path, n: int) -> float:
     t = time.monotonic()
-    subprocess.run([str(sh), "-c", f"i=0; while [ $i -lt {n} ]; do : < /etc/hostname; "
-                    "i=$((i+1)); done"], check=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [str(sh), "-c", f"i=0; while [ $i -lt {n} ]; do : < /etc/hostname; i=$((i+1)); done"],
+        check=True,
+        timeout=120,
+    )
     return time.monotonic() - t
 
 
@@ -260,12 +270,14 @@ def test_stopped_consumer_drops_are_counted_exactly(host, tmp_path: Path):
     m = SUMMARY.search(text)
     assert m, text
     events, dropped, _filtered = map(int, m.groups())
-    print(f"\nRELIABILITY consumer stall: {OPENS} opens while the agent was SIGSTOPped: "
-          f"{k2['dropped'] - k1['dropped']} dropped (counted in the kernel), "
-          f"{k2['events'] - k1['events']} kept in the ring; with the consumer running "
-          f"{k1['dropped']} dropped; agent summary events={events} dropped={dropped}; "
-          f"traced loop {base_run:.2f}s with consumer vs {stopped_run:.2f}s stopped "
-          f"({stopped_run / base_run:.2f}x); shell startup opens={startup}")  # fmt: skip
+    print(
+        f"\nRELIABILITY consumer stall: {OPENS} opens while the agent was SIGSTOPped: "
+        f"{k2['dropped'] - k1['dropped']} dropped (counted in the kernel), "
+        f"{k2['events'] - k1['events']} kept in the ring; with the consumer running "
+        f"{k1['dropped']} dropped; agent summary events={events} dropped={dropped}; "
+        f"traced loop {base_run:.2f}s with consumer vs {stopped_run:.2f}s stopped "
+        f"({stopped_run / base_run:.2f}x); shell startup opens={startup}"
+    )
     assert k1["events"] + k1["dropped"] == 2 * startup + OPENS, (startup, k1)
     assert k2["events"] + k2["dropped"] == 3 * startup + 2 * OPENS, (startup, k2)
     assert k2["dropped"] > k1["dropped"], (k1, k2)

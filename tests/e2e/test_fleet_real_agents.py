@@ -99,28 +99,38 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
     assert control_bits(agents["web-1"].pid) == 0
     assert control_bits(agents["web-2"].pid) == 0
 
-    # a cold-page open comes back through the controller, from the db node only
+    # a cold-page open comes back through the controller, from the db node only. Under the
+    # emulated 7.2 guest every process start takes seconds: give the stream a longer window.
+    window = 30 if os.environ.get("TRACEFLEET_IN_VM") else 10
     events = subprocess.Popen(
         [sys.executable, "-m", "tracefleet.controller.cli", "--controller", addr, "-o", "json",
-         "events", "--event-set", "file", "--duration", "8s", "--count", "100000"],
+         "events", "--event-set", "file", "--duration", f"{window}s", "--count", "1000000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    time.sleep(3)  # the controller grants the agents a sampling lease
-    w = json.loads(subprocess.run([str(WORKLOADS / "cold_rodata"), "openat"], capture_output=True,
-                                  text=True, check=True).stdout)  # fmt: skip
-    out, err = events.communicate(timeout=60)
+    runs: list[dict] = []
+    time.sleep(window / 4)  # the controller grants the agents a sampling lease
+    while events.poll() is None and len(runs) < 20:
+        out = subprocess.run([str(WORKLOADS / "cold_rodata"), "openat"], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+        runs.append(json.loads(out))
+        time.sleep(window / 10)
+    out, err = events.communicate(timeout=120)
     assert events.returncode == 0, err
     evs = (
         json.loads(out)
         if out.strip().startswith("[")
         else [json.loads(line) for line in out.splitlines() if line.strip()]
     )
-    mine = [e for e in evs if e.get("pid") == w["pid"]]
-    assert mine, f"no event of the workload among {len(evs)}"
+    assert evs, f"no events at all in {window}s: {err}"
     assert {e["node"] for e in evs} == {"db-1"}
-    opened = [e for e in mine if e["syscall"] == "openat"
-              and e["args"]["pathname"]["value"] == w["calls"][0]["expect"]]  # fmt: skip
-    assert opened and opened[0]["args"]["pathname"]["status"] in ("ok", "recovered")
+    expect = {w["pid"]: w["calls"][0]["expect"] for w in runs}
+    mine = [e for e in evs if e["pid"] in expect and e["syscall"] == "openat"]
+    assert mine, f"no open of the {len(runs)} workload runs among {len(evs)} events"
+    # the controller's events carry no user addresses: the workload's open is its only
+    # path under /tmp/tf-nonexistent-dir/
+    opened = [e for e in mine if e["args"]["pathname"]["value"] == expect[e["pid"]]]
+    assert opened, [e["args"]["pathname"] for e in mine]
+    assert all(e["args"]["pathname"]["status"] in ("ok", "recovered") for e in opened)
 
     # TTL: the controller switches the set off by itself; the kernel bit follows
     wait_until(lambda: control_bits(agents["db-1"].pid) == 0, timeout=60,

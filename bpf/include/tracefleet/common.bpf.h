@@ -267,12 +267,17 @@ static __always_inline void tf_read_blob(struct tf_blob *b, unsigned long uptr, 
 	b->status = len > TF_BLOB_MAX ? TF_ST_TRUNCATED : ok_status;
 }
 
-/* Hand a finished record to the ring buffer; wake the consumer only in batches. */
+/*
+ * Hand a finished record to the ring buffer, waking the consumer only in batches: once, when
+ * the unread data crosses wakeup_bytes (not on every record above it, which would be a
+ * wakeup per event whenever the consumer lags). The agent's poll timer collects the rest.
+ */
 static __always_inline void tf_submit(__u32 set, void *rec, __u64 size)
 {
+	__u64 avail = bpf_ringbuf_query(&tf_events, BPF_RB_AVAIL_DATA);
 	__u64 flags = BPF_RB_NO_WAKEUP;
 
-	if (bpf_ringbuf_query(&tf_events, BPF_RB_AVAIL_DATA) >= tf_cfg.wakeup_bytes)
+	if (avail < tf_cfg.wakeup_bytes && avail + size >= tf_cfg.wakeup_bytes)
 		flags = BPF_RB_FORCE_WAKEUP;
 	if (bpf_ringbuf_output(&tf_events, rec, size, flags))
 		tf_count(set, TF_STAT_DROPPED);
