@@ -34,6 +34,26 @@ def test_probe_reports_kernel_features_and_strategy_per_set(host):
             assert a["strategy"] in s["reason"]
 
 
+def _release() -> tuple[int, int]:
+    major, minor = os.uname().release.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def test_sleepable_is_chosen_where_the_kernel_has_sleepable_tracepoints(host):
+    """On Linux 7.2+ every event set must run the best rung; elsewhere the report must say
+    why it did not (the kernel's refusal of a sleepable tracepoint program)."""
+    out = subprocess.run([*AGENT, "probe"], capture_output=True, text=True, timeout=300)
+    report = json.loads(out.stdout)
+    chosen = {name: s["strategy"] for name, s in report["event_sets"].items()}
+    if _release() >= (7, 2):
+        assert chosen == {"file": "sleepable", "exec": "sleepable", "net": "sleepable"}
+        assert report["features"]["sleepable_tracepoints"] is True
+    else:
+        assert "sleepable" not in chosen.values()
+        for s in report["event_sets"].values():
+            assert s["attempts"][0]["strategy"] == "sleepable" and not s["attempts"][0]["ok"]
+
+
 def test_capture_jsonl_has_the_documented_fields(host, workload_bin, tmp_path: Path):
     ready = tmp_path / "ready"
     proc = subprocess.Popen(

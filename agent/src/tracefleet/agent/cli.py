@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -49,6 +50,35 @@ capture strategies (best first; `auto` takes the best the kernel accepts):
 
 exit codes: 0 ok, 1 runtime error, 2 bad usage, 3 host cannot run BPF capture (cause printed)
 """
+
+
+def _seconds(text: str) -> float:
+    """A finite number of seconds >= 0 (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {text!r}")
+    return value
+
+
+def check_address(text: str, *, listen: bool = False) -> str:
+    """host:port (or [v6]:port; port 0 only to listen on); ValueError naming the fix."""
+    host, sep, port = text.strip().rpartition(":")
+    lowest = 0 if listen else 1
+    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError(f"bad address {text!r}: use host:port, e.g. 127.0.0.1:7070")
+    return text.strip()
+
+
+def _address_or_off(text: str) -> str:
+    if text.strip() in ("", "off"):
+        return text.strip()
+    try:
+        return check_address(text, listen=True)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _epilog() -> str:
@@ -232,9 +262,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"tracefleet-agent: no controller: pass --controller or set {env.CONTROLLER}",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
+    try:
+        check_address(args.controller)
+    except ValueError as e:
+        print(f"tracefleet-agent: controller: {e} (--controller or ${env.CONTROLLER})",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_USAGE
     labels = {}
     for item in filter(None, (args.labels or "").split(",")):
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             print(f"tracefleet-agent: bad label {item!r}: use key=value[,key=value]",
                   file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
@@ -292,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sc.add_argument("-e", "--event-set", required=True, help="comma-separated: file,exec,net")
-    sc.add_argument("-d", "--duration", type=float, default=0, help="seconds (default: until ^C)")
+    sc.add_argument(
+        "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
+    )
     sc.add_argument("-o", "--output", choices=("jsonl", "table"), default="jsonl")
     sc.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
     sc.add_argument("--comm", action="append", help="only this command name (repeatable)")
@@ -303,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--no-user-fallback", action="store_true",
                     help="never read traced processes' memory from user space")  # fmt: skip
     sc.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
+                    type=_address_or_off,
                     help="serve Prometheus metrics while capturing (default: off)")  # fmt: skip
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
@@ -315,11 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--labels", default=os.environ.get(env.NODE_LABELS, ""),
                     help=f"k=v,k=v labels (env {env.NODE_LABELS})")  # fmt: skip
     sr.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto")
-    sr.add_argument("--metrics-listen", metavar="HOST:PORT",
+    sr.add_argument("--metrics-listen", metavar="HOST:PORT", type=_address_or_off,
                     default=os.environ.get(env.METRICS_LISTEN, "0.0.0.0:9091"),
                     help=f"serve Prometheus metrics here; 'off' for none "
                     f"(env {env.METRICS_LISTEN}; default: %(default)s)")  # fmt: skip
-    sr.add_argument("--hold-seconds", type=float, default=30.0,
+    sr.add_argument("--hold-seconds", type=_seconds, default=30.0,
                     help="detach an event set after it stays disabled this long")  # fmt: skip
     sr.add_argument("--tls-dir", default=os.environ.get(env.TLS_DIR, ""), metavar="DIR",
                     help=f"mTLS to the controller with DIR/ca.crt, tls.crt, tls.key, re-read "

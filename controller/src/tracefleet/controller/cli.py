@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2
 from tracefleet.controller._internal import env, render
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.durations import parse_duration
+from tracefleet.controller._internal.netaddr import split_host_port
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 EXIT_OK = 0
@@ -385,6 +386,10 @@ class Ctx:
         self.address: str = getattr(args, "controller", None) or os.environ.get(
             env.CONTROLLER, env.DEFAULT_CONTROLLER
         )
+        try:
+            split_host_port(self.address)
+        except ValueError as e:
+            fail(EXIT_USAGE, f"controller address: {e} (--controller or ${env.CONTROLLER})")
         self.output: str = getattr(args, "output", "table")
         self.timeout: float = getattr(args, "timeout", 10.0)
         token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV, "")

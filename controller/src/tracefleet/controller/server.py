@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -50,6 +51,28 @@ examples:
   tracefleet-controller --listen 127.0.0.1:0 --db :memory:    # any free port, no persistence
   tracefleet-controller --listen 0.0.0.0:7070 --tls-dir /etc/tracefleet/tls --policy policy.yaml
 """
+
+
+def _seconds(text: str) -> float:
+    """A positive, finite number of seconds (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _address_or_off(text: str) -> str:
+    """host:port, or '' / 'off' for none (argparse type)."""
+    if text.strip() in ("", "off"):
+        return ""
+    try:
+        split_host_port(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,14 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stale-after",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="a node not heard from for this long is reported stale (default: %(default)s)",
     )
     p.add_argument(
         "--window",
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar="SECONDS",
         help="window of the rates in status and top (default: %(default)s)",
@@ -114,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-listen",
         default="",
+        type=_address_or_off,
         metavar="HOST:PORT",
         help="serve Prometheus metrics (/metrics) on host:port (default: off)",
     )
