@@ -93,7 +93,10 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
     for node, proc in agents.items():
         assert control_bits(proc.pid) == 0, node
 
-    r = cli(addr, "enable", "file", "--selector", "role=db", "--ttl", "20s", "--wait")
+    # the kernel-side comm filter keeps the sampled stream to the workload, so the host's
+    # own file activity cannot crowd it out of the sample
+    r = cli(addr, "enable", "file", "--selector", "role=db", "--comm", "cold_rodata",
+            "--ttl", "20s", "--wait")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert control_bits(agents["db-1"].pid) & 1
     assert control_bits(agents["web-1"].pid) == 0
@@ -123,6 +126,7 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
     )
     assert evs, f"no events at all in {window}s: {err}"
     assert {e["node"] for e in evs} == {"db-1"}
+    assert {e["comm"] for e in evs} == {"cold_rodata"}
     expect = {w["pid"]: w["calls"][0]["expect"] for w in runs}
     mine = [e for e in evs if e["pid"] in expect and e["syscall"] == "openat"]
     assert mine, f"no open of the {len(runs)} workload runs among {len(evs)} events"
