@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracefleet.agent.engine import EventSetConfig, Filters
+from tracefleet.agent.engine import Filters
 
 pytestmark = pytest.mark.bpf
 
@@ -28,7 +28,6 @@ def go(proc: subprocess.Popen[str]) -> None:
 
 
 def test_file_syscalls_with_their_paths(capture, tmp_path: Path):
-    cap = capture(["file"])
     d = tmp_path / "d"
     proc = spawn(f"""
         import os
@@ -46,7 +45,7 @@ def test_file_syscalls_with_their_paths(capture, tmp_path: Path):
         os.unlink(d + "/b")
         os.rmdir(d)                                   # rmdir
     """)
-    cap.engine.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+    cap = capture(["file"], filters=Filters(pids=(proc.pid,)))
     go(proc)
     evs = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "rmdir")
     assert evs
@@ -70,7 +69,6 @@ def test_file_syscalls_with_their_paths(capture, tmp_path: Path):
 
 
 def test_net_syscalls_with_decoded_addresses(capture):
-    cap = capture(["net"])
     proc = spawn("""
         import socket
         srv = socket.socket(); srv.bind(("127.0.0.1", 0)); srv.listen()
@@ -81,7 +79,7 @@ def test_net_syscalls_with_decoded_addresses(capture):
         u.sendto(b"x", ("::1", 9))
         print(port, c.getsockname()[1], file=open("/dev/null", "w"))
     """)
-    cap.engine.apply({"net": EventSetConfig("net", True, Filters(pids=(proc.pid,)))})
+    cap = capture(["net"], filters=Filters(pids=(proc.pid,)))
     go(proc)
     evs = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "sendto")
     assert evs
@@ -99,13 +97,12 @@ def test_net_syscalls_with_decoded_addresses(capture):
 
 
 def test_exec_argv_and_truncation_marked(capture):
-    cap = capture(["exec"])
     long_arg = "y" * 300
     proc = spawn(f"""
         import os
         os.execv("/bin/true", ["/bin/true", "short", {long_arg!r}] + ["n"] * 20)
     """)
-    cap.engine.apply({"exec": EventSetConfig("exec", True, Filters(pids=(proc.pid,)))})
+    cap = capture(["exec"], filters=Filters(pids=(proc.pid,)))
     go(proc)
     [ev] = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "execve"
                         and e["args"]["filename"]["value"] == "/bin/true")  # fmt: skip

@@ -17,6 +17,28 @@ from tracefleet.v1 import agent_pb2, agent_pb2_grpc
 log = logging.getLogger("tracefleet.controller.agents")
 
 
+# Generations are stored as SQLite INTEGER (signed 64-bit), and the controller moves past a
+# generation an agent reports from the future: keep far below the limit. Node names and
+# labels end up in logs, status tables and metric labels, so they are bounded too.
+MAX_GENERATION = 2**62
+MAX_NAME = 253  # a Kubernetes node name
+MAX_LABELS = 64
+
+
+def register_problem(reg: agent_pb2.Register) -> str:
+    """Why a Register cannot be accepted, or "" if it can."""
+    if len(reg.node_name) > MAX_NAME or any(c in reg.node_name for c in "\0\n\r"):
+        return f"node_name must be 1..{MAX_NAME} printable characters"
+    if reg.applied_generation > MAX_GENERATION:
+        return f"applied_generation {reg.applied_generation} is out of range"
+    if len(reg.labels) > MAX_LABELS:
+        return f"at most {MAX_LABELS} labels"
+    for k, v in reg.labels.items():
+        if not k or len(k) > MAX_NAME or len(v) > MAX_NAME:
+            return f"label {k[:40]!r}: keys 1..{MAX_NAME} and values up to {MAX_NAME} characters"
+    return ""
+
+
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     def __init__(
         self,
@@ -39,6 +61,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "the first message of Connect must be a Register with a node_name",
             )
+            return
+        problem = register_problem(first.register)
+        if problem:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             return
         if self.auth is not None:
             ok, code, message = self.auth.agent(context, first.register.node_name)
@@ -83,6 +109,10 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 if kind == "result_batch":
                     self.ctl.on_batch(node, msg.result_batch)
                 elif kind == "ack":
+                    if msg.ack.generation > MAX_GENERATION:
+                        log.warning("node %s acked generation %d, out of range: dropping "
+                                    "its stream", node.name, msg.ack.generation)  # fmt: skip
+                        break
                     self.ctl.on_ack(node, msg.ack)
                 elif kind == "register":
                     log.warning("node %s sent Register twice on one stream", node.name)

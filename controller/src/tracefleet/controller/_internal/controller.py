@@ -34,6 +34,11 @@ from tracefleet.v1 import agent_pb2, types_pb2
 log = logging.getLogger("tracefleet.controller")
 
 
+# Longest TTL a rule may have: far enough for any real use, near enough that the expiry
+# time stays representable everywhere (datetime, protobuf Timestamp).
+MAX_TTL_SECONDS = 366 * 86400
+
+
 class ConfigError(ValueError):
     """The request is malformed or names something unknown (-> INVALID_ARGUMENT)."""
 
@@ -155,6 +160,11 @@ class Controller:
             raise ConfigError(f"sample rate must be 0..1, got {sample_rate}")
         if ttl < 0 or math.isnan(ttl):
             raise ConfigError(f"ttl must not be negative, got {ttl}")
+        if ttl > MAX_TTL_SECONDS:
+            raise ConfigError(
+                f"ttl {ttl:.0f}s is beyond the limit of {MAX_TTL_SECONDS // 86400} days; "
+                "omit the ttl for a rule that never expires"
+            )
         filters = filters or FilterSpec()
         if any(p <= 0 for p in filters.pids):
             raise ConfigError(f"pids must be positive, got {list(filters.pids)}")
