@@ -24,7 +24,7 @@ QUICK     ?=
 # kernel (real agents). Kernel-independent e2e tests (synthetic fleets, TLS, Prometheus)
 # run on the host only.
 VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
-VM_ARGS   ?=
+VM_ARGS   ?= --memory 3G
 
 .PHONY: help deps bpf workloads proto proto-check buf-lint buf-breaking lint \
         test test-unit test-host test-vm demo bench images dashboards clean
