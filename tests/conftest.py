@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build"
 WORKLOADS = BUILD / "workloads"
 BPF_DIR = BUILD / "bpf"
+
+
+def wait_until(fn: Callable[[], Any], timeout: float = 30.0, what: str = "", every: float = 0.1):
+    """Poll ``fn`` until it returns something true, and return that; fail after ``timeout``
+    seconds naming ``what`` and the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = fn()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        time.sleep(every)
 
 
 def require_root() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.bench.common import WORKLOADS, log, stop
+from tests.workloads import measure_bpftrace as bpftrace_probes
 
 MODES = ("openat", "einval", "openat2", "connect", "connect6", "connect_unix", "exec")
 CASES: list[tuple[str, list[str]]] = (
@@ -28,28 +29,8 @@ QUICK_CASES = {"cold_rodata openat", "cold_rodata einval", "cold_rodata exec", "
 COMMS = ("cold_rodata", "cold_filemap", "cold_cross", "cold_anon_swap", "warm")
 HOLD_MS = 100  # lets the user-space fallback read the target before the workload exits
 
-# Same probes as tests/workloads/measure_bpftrace.py (kept in sync by hand).
-BPFTRACE_SCRIPT = r"""
-tracepoint:syscalls:sys_enter_openat /@want[comm]/ {
-  printf("TF %d openat pathname S %s\n", pid, str(args->filename));
-}
-tracepoint:syscalls:sys_enter_openat2 /@want[comm]/ {
-  printf("TF %d openat2 pathname S %s\n", pid, str(args->filename));
-  printf("TF %d openat2 how B %r\n", pid, buf(args->how, 24));
-}
-tracepoint:syscalls:sys_enter_connect /@want[comm]/ {
-  printf("TF %d connect uservaddr B %r\n", pid, buf(args->uservaddr, args->addrlen));
-}
-tracepoint:syscalls:sys_enter_execve /@want[comm]/ {
-  printf("TF %d execve filename S %s\n", pid, str(args->filename));
-  printf("TF %d execve argv[0] S %s\n", pid, str(args->argv[0]));
-  printf("TF %d execve argv[1] S %s\n", pid, str(args->argv[1]));
-  printf("TF %d execve argv[2] S %s\n", pid, str(args->argv[2]));
-}
-BEGIN { @want["cold_rodata"] = 1; @want["cold_filemap"] = 1; @want["cold_cross"] = 1;
-        @want["cold_anon_swap"] = 1; @want["warm"] = 1; printf("TF-READY\n"); }
-END { clear(@want); }
-"""
+# bpftrace's side of the comparison: the probes tests/workloads/README.md measured with.
+BPFTRACE_SCRIPT = bpftrace_probes.SCRIPT
 
 Expect = tuple[str, int, str, str, str, str]  # case, pid, syscall, arg, encoding, expect
 

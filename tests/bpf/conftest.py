@@ -11,7 +11,6 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -148,10 +147,3 @@ def run_workload(name: str, *args: str, hold_ms: int = 0) -> dict[str, Any]:
         cmd += ["--hold-ms", str(hold_ms)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-@pytest.fixture(scope="session")
-def workload_bin() -> Path:
-    if not (WORKLOADS / "cold_rodata").exists():
-        pytest.skip("test workloads not built: run `make workloads`")
-    return WORKLOADS

@@ -54,7 +54,7 @@ def test_sleepable_is_chosen_where_the_kernel_has_sleepable_tracepoints(host):
             assert s["attempts"][0]["strategy"] == "sleepable" and not s["attempts"][0]["ok"]
 
 
-def test_capture_jsonl_has_the_documented_fields(host, workload_bin, tmp_path: Path):
+def test_capture_jsonl_has_the_documented_fields(host, workloads, tmp_path: Path):
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
         [*AGENT, "capture", "-e", "file", "--duration", "4", "--comm", "cold_rodata",

@@ -63,7 +63,7 @@ def assert_cold(call: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mode,kernel_reads", [("openat", True), ("einval", False)])
-def test_rodata_path_of_fresh_exec(capture, workload_bin, strategy, mode, kernel_reads):
+def test_rodata_path_of_fresh_exec(capture, workloads, strategy, mode, kernel_reads):
     """A freshly exec'd PIE opens a .rodata literal the kernel has not faulted in yet."""
     need_strategy(strategy, "file")
     cap = capture(["file"], strategy)
@@ -76,7 +76,7 @@ def test_rodata_path_of_fresh_exec(capture, workload_bin, strategy, mode, kernel
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_openat2_path_and_open_how(capture, workload_bin, strategy):
+def test_openat2_path_and_open_how(capture, workloads, strategy):
     need_strategy(strategy, "file")
     cap = capture(["file"], strategy)
     w = run_workload("cold_rodata", "openat2", hold_ms=HOLD_MS)
@@ -91,7 +91,7 @@ def test_openat2_path_and_open_how(capture, workload_bin, strategy):
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("mode", ["connect", "connect6", "connect_unix"])
-def test_sockaddr_of_connect(capture, workload_bin, strategy, mode):
+def test_sockaddr_of_connect(capture, workloads, strategy, mode):
     need_strategy(strategy, "net")
     cap = capture(["net"], strategy)
     w = run_workload("cold_rodata", mode, hold_ms=HOLD_MS)
@@ -110,7 +110,7 @@ def test_sockaddr_of_connect(capture, workload_bin, strategy, mode):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_exec_filename_and_argv(capture, workload_bin, strategy):
+def test_exec_filename_and_argv(capture, workloads, strategy):
     """At sys_exit of a successful execve the old memory is gone: the non-sleepable rung
     recovers from sched_process_exec (the kernel's copies) instead."""
     need_strategy(strategy, "exec")
@@ -126,7 +126,7 @@ def test_exec_filename_and_argv(capture, workload_bin, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_file_mapping_after_cache_drop(capture, workload_bin, strategy):
+def test_file_mapping_after_cache_drop(capture, workloads, strategy):
     """30 paths 64 KiB apart in a private file mapping whose page cache was dropped."""
     need_strategy(strategy, "file")
     cap = capture(["file"], strategy)
@@ -141,7 +141,7 @@ def test_file_mapping_after_cache_drop(capture, workload_bin, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_string_crossing_into_cold_page(capture, workload_bin, strategy):
+def test_string_crossing_into_cold_page(capture, workloads, strategy):
     need_strategy(strategy, "file")
     cap = capture(["file"], strategy)
     w = run_workload("cold_cross", hold_ms=HOLD_MS)
@@ -152,7 +152,7 @@ def test_string_crossing_into_cold_page(capture, workload_bin, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["exit-retry", "nofault"])
-def test_warm_control_is_ok_everywhere(capture, workload_bin, strategy):
+def test_warm_control_is_ok_everywhere(capture, workloads, strategy):
     """Resident arguments are read at entry with status ok, whatever the strategy."""
     need_strategy(strategy, "file")
     cap = capture(["file"], strategy)

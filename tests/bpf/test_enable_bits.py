@@ -31,7 +31,7 @@ def opened(cap, w, timeout: float = 10.0) -> bool:
     return bool(evs)
 
 
-def test_bit_toggles_without_reload_and_detach_after_hold(capture, workload_bin):
+def test_bit_toggles_without_reload_and_detach_after_hold(capture, workloads):
     cap = capture(["file"], hold_seconds=0.5)
     eng = cap.engine
     ids = prog_ids(eng, "file")
@@ -66,7 +66,7 @@ def test_bit_toggles_without_reload_and_detach_after_hold(capture, workload_bin)
     assert opened(cap, run_workload("warm", "openat"))
 
 
-def test_close_leaves_nothing_attached(capture, workload_bin):
+def test_close_leaves_nothing_attached(capture, workloads):
     cap = capture(["file", "net"], poll_ms=20)  # a private engine: this test closes it
     ids = prog_ids(cap.engine, "file") | prog_ids(cap.engine, "net")
     assert ids <= linked_prog_ids()

@@ -16,33 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.bpf.kernel_view import bpftool
+from tests.bpf.kernel_view import bpftool, fd_bpf_ids, process_map_id, u64
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
-
-
-def _fd_bpf_ids(pid: int) -> tuple[set[int], set[int], set[int]]:
-    """(program ids, link ids, map ids) of the BPF fds process ``pid`` holds."""
-    progs: set[int] = set()
-    links: set[int] = set()
-    maps: set[int] = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        if "link_id" in fields:
-            links.add(int(fields["link_id"]))
-            if "prog_id" in fields:
-                progs.add(int(fields["prog_id"]))
-        elif "prog_id" in fields:
-            progs.add(int(fields["prog_id"]))
-        elif "map_id" in fields:
-            maps.add(int(fields["map_id"]))
-    return progs, links, maps
 
 
 def _kernel_ids() -> tuple[set[int], set[int], set[int]]:
@@ -75,7 +52,7 @@ def _start_capture(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes]
 def test_sigkilled_agent_leaves_no_program_link_or_map(host, tmp_path: Path):
     proc, log = _start_capture(tmp_path, "-e", "file,exec,net", "--metrics-listen", "off")
     try:
-        progs, links, maps = _fd_bpf_ids(proc.pid)
+        progs, links, maps = fd_bpf_ids(proc.pid)
         k_progs, k_links, _ = _kernel_ids()
         assert progs and links, f"agent holds no BPF program/link fds: {log.read_text()}"
         assert progs <= k_progs and links <= k_links
@@ -233,19 +210,13 @@ def _tf_stats(pid: int, set_name: str) -> dict[str, int]:
     from tracefleet.agent.eventsets import EVENT_SETS
 
     sid = int(EVENT_SETS[set_name].set_id)
-    for mid in _fd_bpf_ids(pid)[2]:
-        if bpftool("map", "show", "id", str(mid)).get("name") != "tf_stats":
-            continue
-        out = {}
-        for s in (Stat.EVENTS, Stat.DROPPED, Stat.FILTERED):
-            key = (sid * TF_STAT_MAX + int(s)).to_bytes(4, "little")
-            entry = bpftool("map", "lookup", "id", str(mid), "key", *map(str, key))
-            total = 0
-            for v in entry["values"]:
-                total += int.from_bytes(bytes(int(b, 16) for b in v["value"][:8]), "little")
-            out[s.name.lower()] = total
-        return out
-    raise LookupError(f"process {pid} holds no tf_stats map")
+    mid = process_map_id(pid, "tf_stats")
+    out = {}
+    for s in (Stat.EVENTS, Stat.DROPPED, Stat.FILTERED):
+        key = (sid * TF_STAT_MAX + int(s)).to_bytes(4, "little")
+        entry = bpftool("map", "lookup", "id", str(mid), "key", *map(str, key))
+        out[s.name.lower()] = sum(u64(v["value"]) for v in entry["values"])
+    return out
 
 
 def test_stopped_consumer_drops_are_counted_exactly(host, tmp_path: Path):

@@ -15,36 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.bpf.kernel_view import process_enabled_bits as control_bits
 from tests.conftest import BPF_DIR, WORKLOADS, require_root
 from tests.e2e.fleet_helpers import ControllerProc, nodes_by_name, status, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
 NODES = {"db-1": "role=db", "web-1": "role=web", "web-2": "role=web"}
-
-
-def bpftool(*args: str):
-    out = subprocess.run(["bpftool", "-j", *args], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
-
-
-def control_bits(pid: int) -> int:
-    """enabled_bits of the tf_control map that process ``pid`` holds, as the kernel has it:
-    its map fds are found in /proc/PID/fdinfo, the value read with bpftool."""
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-        except OSError:
-            continue
-        fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
-        if "map_id" not in fields:
-            continue
-        mid = fields["map_id"].strip()
-        if bpftool("map", "show", "id", mid).get("name") != "tf_control":
-            continue
-        value = bpftool("map", "lookup", "id", mid, "key", "0", "0", "0", "0")["value"]
-        return int.from_bytes(bytes(int(b, 16) for b in value[:8]), "little")
-    raise LookupError(f"process {pid} holds no tf_control map")
 
 
 @pytest.fixture

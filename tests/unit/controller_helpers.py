@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 
 import grpc
 
+from tests.conftest import wait_until as _wait_until
 from tracefleet.controller._internal.agent_api import AgentService
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller, Timings
@@ -66,11 +66,5 @@ class InProcessController:
 
 
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.05, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or predicate}")
-        time.sleep(interval)
+    """tests.conftest.wait_until with this module's faster polling for in-process tests."""
+    return _wait_until(predicate, timeout, what or str(predicate), every=interval)

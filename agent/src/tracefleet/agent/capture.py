@@ -18,7 +18,7 @@ import resource
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,6 @@ from tracefleet.agent._internal.abi import (
     Stat,
     Status,
     Strategy,
-    Syscall,
     TfBlob,
     TfControl,
     TfEvent,
@@ -44,7 +43,7 @@ from tracefleet.agent._internal.abi import (
     TfHdr,
     TfStr,
 )
-from tracefleet.agent._internal.decode import decode_record
+from tracefleet.agent._internal.decode import SYSCALL_NAMES, decode_record
 from tracefleet.agent._internal.fallback import UserFallback
 from tracefleet.agent._internal.metrics import add_events
 from tracefleet.agent.engine import (
@@ -54,7 +53,7 @@ from tracefleet.agent.engine import (
     SetAggregate,
     SetStatus,
 )
-from tracefleet.agent.eventsets import BY_ID, EVENT_SETS, EventSetSpec
+from tracefleet.agent.eventsets import BY_ID, EVENT_SETS, EventSetSpec, arg_spec
 from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.ladder import (
     LADDER,
@@ -69,7 +68,6 @@ log = logging.getLogger("tracefleet.agent")
 
 _HDR_SIZE = ctypes.sizeof(TfHdr)
 _HDR = struct.Struct("=Q24x8xHHB")  # ts_ns, (exit_ns, cgroup_id, ret, pid, tid), kind, syscall, set
-_SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
 _ST_LOST = int(Status.LOST)
 # offsets of every argument's status byte, per record kind
 _LOST_OFFSETS = {
@@ -378,7 +376,7 @@ class BpfEngine:
         if agg is None:
             agg = self._agg.sets[name] = SetAggregate()
         agg.delivered += 1
-        sc = _SYSCALL_NAMES.get(syscall, str(syscall))
+        sc = SYSCALL_NAMES.get(syscall, str(syscall))
         agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
         agg.latency.observe(max(0, now - ts_ns) / 1e9)
         fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
@@ -412,10 +410,9 @@ class BpfEngine:
             pid = rec.hdr.tid
             for s in rec.str:
                 n += fb.fix_str(pid, s)
-            blen = int(rec.iargs[2]) if rec.hdr.syscall in (30, 31) else int(rec.iargs[5])
-            if rec.hdr.syscall == 2:  # openat2: usize
-                blen = int(rec.iargs[3])
-            n += fb.fix_blob(pid, rec.blob, blen)
+            spec = arg_spec(rec.hdr.event_set, SYSCALL_NAMES.get(rec.hdr.syscall, ""))
+            if spec.blob_len >= 0:  # a length behind a pointer (accept4) is not re-read
+                n += fb.fix_blob(pid, rec.blob, int(rec.iargs[spec.blob_len]))
         if n:
             self._user_recovered[set_name] += n
         return bool(n)
@@ -633,7 +630,3 @@ class BpfEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def enable_all(engine: BpfEngine, names: Iterable[str], filters: Filters | None = None) -> None:
-    engine.apply({n: EventSetConfig(n, True, filters or Filters()) for n in names})

@@ -19,6 +19,9 @@ class ArgSpec:
     strs: tuple[str, ...] = ()  # names of str[0], str[1]
     blob: str = ""  # name of the blob argument, if any
     blob_kind: str = ""  # "open_how" | "sockaddr"
+    # index of the argument holding the blob's length; -1 when it is not an argument value
+    # (accept4 passes a pointer to it), as in the TF_SYSCALL table of the .bpf.c
+    blob_len: int = -1
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,11 @@ FILE = EventSetSpec(
     syscalls={
         "openat": ArgSpec(ints=(_DFD, ("flags", 2), ("mode", 3)), strs=("pathname",)),
         "openat2": ArgSpec(
-            ints=(_DFD, ("usize", 3)), strs=("pathname",), blob="how", blob_kind="open_how"
+            ints=(_DFD, ("usize", 3)),
+            strs=("pathname",),
+            blob="how",
+            blob_kind="open_how",
+            blob_len=3,
         ),
         "creat": ArgSpec(ints=(("mode", 1),), strs=("pathname",)),
         "unlinkat": ArgSpec(ints=(_DFD, ("flags", 2)), strs=("pathname",)),
@@ -102,17 +109,30 @@ NET = EventSetSpec(
     object_file="net.bpf.o",
     summary="connect, bind, accept4, sendto with the socket address",
     syscalls={
-        "connect": ArgSpec(ints=(("fd", 0), ("addrlen", 2)), blob="addr", blob_kind="sockaddr"),
-        "bind": ArgSpec(ints=(("fd", 0), ("addrlen", 2)), blob="addr", blob_kind="sockaddr"),
+        "connect": ArgSpec(
+            ints=(("fd", 0), ("addrlen", 2)), blob="addr", blob_kind="sockaddr", blob_len=2
+        ),
+        "bind": ArgSpec(
+            ints=(("fd", 0), ("addrlen", 2)), blob="addr", blob_kind="sockaddr", blob_len=2
+        ),
         "accept4": ArgSpec(ints=(("fd", 0), ("flags", 3)), blob="peer", blob_kind="sockaddr"),
         "sendto": ArgSpec(
-            ints=(("fd", 0), ("len", 2), ("flags", 3)), blob="addr", blob_kind="sockaddr"
+            ints=(("fd", 0), ("len", 2), ("flags", 3)),
+            blob="addr",
+            blob_kind="sockaddr",
+            blob_len=5,
         ),
     },
 )
 
 EVENT_SETS: dict[str, EventSetSpec] = {s.name: s for s in (FILE, EXEC, NET)}
 BY_ID: dict[int, EventSetSpec] = {int(s.set_id): s for s in EVENT_SETS.values()}
+
+
+def arg_spec(set_id: int, syscall: str) -> ArgSpec:
+    """How to read the arguments of ``syscall`` in event set ``set_id`` (empty if unknown)."""
+    spec = BY_ID.get(set_id)
+    return spec.syscalls.get(syscall, ArgSpec()) if spec else ArgSpec()
 
 
 class UnknownEventSet(ValueError):

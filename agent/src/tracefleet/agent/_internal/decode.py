@@ -17,6 +17,7 @@ import socket
 import struct
 from typing import Any
 
+from tracefleet.agent import eventsets
 from tracefleet.agent._internal.abi import (
     Kind,
     Status,
@@ -31,7 +32,7 @@ from tracefleet.agent._internal.abi import (
 from tracefleet.agent.eventsets import BY_ID, ArgSpec
 
 HDR_SIZE = ctypes.sizeof(TfHdr)
-_SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
+SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
 
 
 def _status(code: int) -> str:
@@ -115,7 +116,7 @@ def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
     return {
         "ts_ns": h.ts_ns,
         "event_set": spec.name if spec else str(h.event_set),
-        "syscall": _SYSCALL_NAMES.get(h.syscall, str(h.syscall)),
+        "syscall": SYSCALL_NAMES.get(h.syscall, str(h.syscall)),
         "pid": h.pid,
         "tid": h.tid,
         "comm": text(h.comm),
@@ -150,8 +151,7 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
         raise ValueError(f"record of {len(raw)} bytes is shorter than the header")
     hdr = TfHdr.from_buffer_copy(raw, 0)
     ev = _header(hdr, now_ns)
-    set_spec = BY_ID.get(hdr.event_set)
-    arg_spec = set_spec.syscalls.get(ev["syscall"], ArgSpec()) if set_spec else ArgSpec()
+    arg_spec = eventsets.arg_spec(hdr.event_set, ev["syscall"])
     if hdr.kind == Kind.EXEC:
         rec = TfExecEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfExecEvent), b"\0"))
         args = _int_args(arg_spec, rec.iargs)
