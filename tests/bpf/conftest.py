@@ -47,7 +47,11 @@ def shared_engine(strategy: str | None) -> Any:
         from tracefleet.agent.capture import BpfEngine, EngineOptions
 
         forced = {n: Strategy.from_label(strategy) for n in ALL_SETS} if strategy else {}
-        eng = BpfEngine(EngineOptions(strategies=forced, bpf_dir=BPF_DIR, hold_seconds=3600))
+        # a forced capture strategy means nothing to the vfs set (its rungs are hooks):
+        # only the ladder's engine offers it
+        sets = ALL_SETS if strategy else ()
+        eng = BpfEngine(EngineOptions(strategies=forced, bpf_dir=BPF_DIR, hold_seconds=3600,
+                                      sets=sets))  # fmt: skip
         eng.capabilities()  # loads every set through the (forced) ladder
         eng.start()
         _engines[strategy] = eng

@@ -72,6 +72,9 @@ static __always_inline void tf_count_status(__u32 set, __u8 status)
 	case TF_ST_TRUNCATED:
 		tf_count(set, TF_STAT_ARG_TRUNCATED);
 		break;
+	case TF_ST_TORN:
+		tf_count(set, TF_STAT_ARG_TORN);
+		break;
 	}
 }
 

@@ -38,6 +38,8 @@ enum tf_status {
 	TF_ST_LOST = 3,      /* could not be read; err holds the last error */
 	TF_ST_TRUNCATED = 4, /* read, but longer than the buffer */
 	TF_ST_PENDING = 5,   /* faulted at entry, retry scheduled */
+	TF_ST_TORN = 6,      /* a kernel name changed while it was read (concurrent rename):
+			      * the value may mix two names and is not to be trusted */
 };
 
 /* Capture strategies, best first. */
@@ -48,6 +50,9 @@ enum tf_strategy {
 	TF_STRAT_EXIT_RETRY = 3,       /* nofault read at entry, retried at exit */
 	TF_STRAT_USER_FALLBACK = 4,    /* process_vm_readv from the agent (racy) */
 	TF_STRAT_NOFAULT = 5,          /* nofault read at entry only */
+	/* hooks of the vfs set (it reads kernel objects, not user memory) */
+	TF_STRAT_FENTRY = 6,           /* fentry/fexit on the vfs_* functions (BPF trampolines) */
+	TF_STRAT_TRACEPOINT = 7,       /* syscall tracepoints, fds resolved to files at exit */
 };
 
 enum tf_syscall {
@@ -76,12 +81,24 @@ enum tf_syscall {
 	TF_SC_BIND = 31,
 	TF_SC_ACCEPT4 = 32,
 	TF_SC_SENDTO = 33,
+	/* vfs set: operations, whichever hook observed them */
+	TF_VFS_OPEN = 40,
+	TF_VFS_CLOSE = 41,    /* carries the reads and writes since open, aggregated in the kernel */
+	TF_VFS_TRUNCATE = 42,
+	TF_VFS_UNLINK = 43,
+	TF_VFS_RENAME = 44,
+	TF_VFS_MKDIR = 45,
+	TF_VFS_RMDIR = 46,
+	TF_VFS_LINK = 47,
+	TF_VFS_SYMLINK = 48,
+	TF_VFS_SETATTR = 49,
 };
 
 /* Record kinds in the ring buffer; each record starts with struct tf_hdr. */
 enum tf_kind {
 	TF_KIND_SYSCALL = 1, /* struct tf_event */
 	TF_KIND_EXEC = 2,    /* struct tf_exec_event */
+	TF_KIND_VFS = 3,     /* struct tf_vfs_event */
 };
 
 /* Per-set counters in tf_stats (per CPU); index = set * TF_STAT_MAX + stat. */
@@ -95,6 +112,7 @@ enum tf_stat {
 	TF_STAT_FILTERED = 6,      /* syscalls skipped by a filter */
 	TF_STAT_INFLIGHT_FULL = 7, /* entries that found no room for per-thread state */
 	TF_STAT_ORPHAN_EXIT = 8,   /* exits with no matching entry (attached mid-syscall) */
+	TF_STAT_ARG_TORN = 9,      /* names changed while read (concurrent rename) */
 	TF_STAT_MAX = 16,
 };
 
@@ -149,6 +167,38 @@ struct tf_exec_event {
 	__u8 argv_strategy;
 	__u16 arg_len[TF_ARGV_COUNT];
 	char argv[TF_ARGV_COUNT][TF_ARG_MAX];
+};
+
+/* How a vfs event's path was obtained. */
+enum tf_path_kind {
+	TF_PATH_NONE = 0,
+	TF_PATH_D_PATH = 1,    /* bpf_d_path: full path, resolved by the kernel under its locks */
+	TF_PATH_WALK = 2,      /* full path, dentries and mounts walked up to the task's root */
+	TF_PATH_MOUNT_REL = 3, /* only a dentry was at hand: path from the file system's root */
+	TF_PATH_USER = 4,      /* the name the process passed (joined to its directory fd) */
+};
+
+/*
+ * One file-system operation. Read and write are not an event per call: bytes, calls and the
+ * last position are added up per open file in the kernel and reported with its close.
+ */
+struct tf_vfs_event {
+	struct tf_hdr hdr;      /* syscall = enum tf_syscall TF_VFS_* */
+	__u64 ino;              /* 0: not known at this hook (e.g. a path op seen at a syscall) */
+	__u64 bytes_read;
+	__u64 bytes_written;
+	__u64 pos;              /* file position after the last read or write */
+	__u64 arg;              /* open: f_flags; truncate: length; mkdir: mode; setattr: ia_valid
+				 * (fentry) or the new mode/owner argument (tracepoint) */
+	__u32 dev;              /* kernel dev_t of the file system (major << 20 | minor) */
+	__u32 reads;
+	__u32 writes;
+	__u8 path_kind;         /* enum tf_path_kind of path */
+	__u8 path2_kind;
+	__u8 _pad[2];
+	char fstype[16];
+	struct tf_str path;     /* the file (rename: the old name; link: the existing file) */
+	struct tf_str path2;    /* rename: the new name; link: the new name; symlink: target */
 };
 
 struct tf_filter {

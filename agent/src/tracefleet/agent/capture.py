@@ -139,6 +139,7 @@ class EngineOptions:
     user_fallback: bool = True
     strategies: Mapping[str, Strategy] = field(default_factory=dict)  # forced, per set
     sample_buffer: int = 10000
+    sets: tuple[str, ...] = ()  # event sets this engine offers (default: all)
 
 
 def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
@@ -194,7 +195,11 @@ class BpfEngine:
                                TF_SET_MAX * TF_STAT_MAX),
         )  # fmt: skip
         self._ncpu = libbpf.num_possible_cpus()
-        self._sets = {name: _SetState(spec) for name, spec in EVENT_SETS.items()}
+        self._sets = {
+            name: _SetState(spec)
+            for name, spec in EVENT_SETS.items()
+            if not self.opts.sets or name in self.opts.sets
+        }
         for name, strat in self.opts.strategies.items():
             self._sets[name].forced = strat
         self._fallback = UserFallback()
@@ -224,7 +229,7 @@ class BpfEngine:
         return fd
 
     def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
-        return (st.forced,) if st.forced else LADDER
+        return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
 
     def ensure_loaded(self, name: str) -> _SetState:
         """Load a set through the ladder (once). Failure is recorded in the state."""
@@ -491,6 +496,7 @@ class BpfEngine:
                 (Stat.ARG_RECOVERED, "recovered"),
                 (Stat.ARG_LOST, "lost"),
                 (Stat.ARG_TRUNCATED, "truncated"),
+                (Stat.ARG_TORN, "torn"),
             ):
                 n = d[stat] - (recovered_user if stat == Stat.ARG_LOST else 0)
                 if n:
@@ -525,6 +531,8 @@ class BpfEngine:
                 (strat, "lost"): max(0, k[Stat.ARG_LOST] - recovered_user),
                 (strat, "truncated"): k[Stat.ARG_TRUNCATED],
             }
+            if k[Stat.ARG_TORN]:
+                sa.outcomes[(strat, "torn")] = k[Stat.ARG_TORN]
             if recovered_user or st.user_fallback:
                 sa.outcomes[("user-fallback", "recovered")] = recovered_user
         return out

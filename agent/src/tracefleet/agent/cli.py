@@ -27,6 +27,8 @@ STRATEGY_CHOICES = (
     "exit-retry",
     "user-fallback",
     "nofault",
+    "fentry",  # vfs hooks
+    "tracepoint",
 )
 
 EPILOG = """\
@@ -36,6 +38,7 @@ examples:
   tracefleet-agent capture -e file,exec,net --duration 10 --output table
   tracefleet-agent capture -e file --pid 1234 --path-prefix /etc
   tracefleet-agent capture -e file --strategy exit-retry   # force one rung of the ladder
+  tracefleet-agent capture -e vfs --path-prefix /var/lib/postgresql   # any file system
   tracefleet-agent run --controller 10.0.0.5:7070 --node $(hostname) --labels role=db
 
 event sets:
@@ -97,10 +100,14 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
     from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.ladder import KERNEL_STRATEGIES
 
     forced = {}
     if getattr(args, "strategy", "auto") != "auto":
-        forced = {n: Strategy.from_label(args.strategy) for n in names}
+        # a rung applies to the sets whose ladder has it (vfs: hooks; others: capture)
+        strat = Strategy.from_label(args.strategy)
+        forced = {n: strat for n in names
+                  if strat in (EVENT_SETS[n].ladder or KERNEL_STRATEGIES)}  # fmt: skip
     return BpfEngine(
         EngineOptions(
             strategies=forced,
@@ -327,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sc.add_argument("-e", "--event-set", required=True, help="comma-separated: file,exec,net")
+    sc.add_argument("-e", "--event-set", required=True,
+                    help="comma-separated: " + ",".join(EVENT_SETS))  # fmt: skip
     sc.add_argument(
         "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
     )
@@ -337,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--cgroup-id", type=int, action="append", help="only this cgroup id")
     sc.add_argument("--path-prefix", help="only paths starting with this (file, exec)")
     sc.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
-                    help="force one capture strategy instead of the best available")  # fmt: skip
+                    help="force one rung instead of the best available "
+                         "(vfs: fentry or tracepoint)")  # fmt: skip
     sc.add_argument("--no-user-fallback", action="store_true",
                     help="never read traced processes' memory from user space")  # fmt: skip
     sc.add_argument("--metrics-listen", default="", metavar="HOST:PORT",

@@ -25,6 +25,19 @@ class ArgSpec:
 
 
 @dataclass(frozen=True)
+class KernelHook:
+    """Programs of one operation that attach to a kernel function (fentry/fexit) and read
+    its parameters by position: loaded only if the running kernel's BTF has the function
+    with those parameter names at those positions, so a changed signature is skipped with
+    its reason instead of read wrong."""
+
+    op: str
+    function: str
+    programs: tuple[str, ...]
+    params: tuple[tuple[int, str], ...]
+
+
+@dataclass(frozen=True)
 class EventSetSpec:
     name: str
     set_id: EventSetId
@@ -33,6 +46,11 @@ class EventSetSpec:
     extra_programs: tuple[str, ...] = ()  # attached with every strategy (e.g. exec hook)
     inflight_map: str = "tf_inflight"
     summary: str = ""
+    # sets whose rungs are hooks rather than ways to read user memory (vfs): the rungs,
+    # best first, and the programs of each
+    ladder: tuple[Strategy, ...] = ()
+    hook_programs: dict[Strategy, tuple[str, ...]] | None = None
+    kernel_hooks: tuple[KernelHook, ...] = ()
 
     def entry_program(self, syscall: str, strategy: Strategy) -> str:
         prefix = {
@@ -45,6 +63,8 @@ class EventSetSpec:
         return f"{prefix}_{syscall}"
 
     def programs(self, strategy: Strategy) -> list[str]:
+        if self.hook_programs is not None:
+            return list(self.hook_programs.get(strategy, ()))
         progs = []
         for sc in self.syscalls:
             progs += [self.entry_program(sc, strategy), f"tp_exit_{sc}"]
@@ -125,7 +145,55 @@ NET = EventSetSpec(
     },
 )
 
-EVENT_SETS: dict[str, EventSetSpec] = {s.name: s for s in (FILE, EXEC, NET)}
+# vfs: one operation per record, whichever hook saw it (bpf/vfs.bpf.c)
+_VFS_HOOKS = (
+    KernelHook("open (bpf_d_path)", "security_file_open", ("vf_open_lsm",), ((0, "file"),)),
+    KernelHook("open", "vfs_open", ("vf_open",), ((0, "path"), (1, "file"))),
+    KernelHook("read", "vfs_read", ("vf_read",), ((0, "file"), (3, "pos"))),
+    KernelHook("write", "vfs_write", ("vf_write",), ((0, "file"), (3, "pos"))),
+    KernelHook("readv", "vfs_readv", ("vf_readv",), ((0, "file"), (3, "pos"))),
+    KernelHook("writev", "vfs_writev", ("vf_writev",), ((0, "file"), (3, "pos"))),
+    KernelHook("close", "filp_flush", ("vf_close",), ((0, "filp"),)),
+    KernelHook("truncate", "vfs_truncate", ("vf_truncate",), ((0, "path"), (1, "length"))),
+    KernelHook("ftruncate", "do_ftruncate", ("vf_ftruncate",), ((0, "file"), (1, "length"))),
+    KernelHook("unlink", "vfs_unlink", ("vf_unlink_enter", "vf_unlink"), ((2, "dentry"),)),
+    KernelHook("rmdir", "vfs_rmdir", ("vf_rmdir_enter", "vf_rmdir"), ((2, "dentry"),)),
+    KernelHook("rename", "vfs_rename", ("vf_rename_enter", "vf_rename"), ((0, "rd"),)),
+    KernelHook("mkdir", "vfs_mkdir", ("vf_mkdir",), ((2, "dentry"), (3, "mode"))),
+    KernelHook("symlink", "vfs_symlink", ("vf_symlink",), ((2, "dentry"), (3, "oldname"))),
+    KernelHook("link", "vfs_link", ("vf_link",), ((0, "old_dentry"), (3, "new_dentry"))),
+    KernelHook("setattr", "notify_change", ("vf_setattr",), ((1, "dentry"), (2, "attr"))),
+)
+_VFS_OPS = ("open", "close", "truncate", "unlink", "rename", "mkdir", "rmdir", "link",
+            "symlink", "setattr")  # fmt: skip
+# syscalls of the tracepoint hook, as in the TF_VFS_SC* table of bpf/vfs.bpf.c
+_VFS_SYSCALLS = (
+    "openat", "openat2", "read", "pread64", "readv", "preadv", "preadv2", "write",
+    "pwrite64", "writev", "pwritev", "pwritev2", "ftruncate", "truncate", "unlinkat",
+    "renameat", "renameat2", "mkdirat", "linkat", "symlinkat", "fchmod", "fchmodat", "fchown",
+    "fchownat", "utimensat",
+    # legacy x86-64 entry points
+    "open", "creat", "unlink", "rmdir", "rename", "mkdir", "link", "symlink", "chmod", "chown",
+    "lchown",
+)  # fmt: skip
+
+VFS = EventSetSpec(
+    name="vfs",
+    set_id=EventSetId.VFS,
+    object_file="vfs.bpf.o",
+    summary="file activity on any file system: open, close (with bytes read and written), "
+    "truncate, unlink, rename, mkdir, rmdir, link, symlink, setattr",
+    syscalls={f"vfs_{op}": ArgSpec() for op in _VFS_OPS},
+    inflight_map="tf_vfs_inflight",
+    ladder=(Strategy.FENTRY, Strategy.TRACEPOINT),
+    hook_programs={
+        Strategy.FENTRY: tuple(p for h in _VFS_HOOKS for p in h.programs),
+        Strategy.TRACEPOINT: (*(f"vt_{sc}" for sc in _VFS_SYSCALLS), "vt_close_enter", "vt_close"),
+    },
+    kernel_hooks=_VFS_HOOKS,
+)
+
+EVENT_SETS: dict[str, EventSetSpec] = {s.name: s for s in (FILE, EXEC, NET, VFS)}
 BY_ID: dict[int, EventSetSpec] = {int(s.set_id): s for s in EVENT_SETS.values()}
 
 

@@ -59,6 +59,12 @@ class LoadedSet:
     strategy: Strategy
     attempts: list[Attempt]
     links: list[libbpf.Link] = field(default_factory=list)
+    programs: list[str] = field(default_factory=list)  # loaded (default: the strategy's)
+    skipped: dict[str, str] = field(default_factory=dict)  # operation -> why not hooked
+
+    def __post_init__(self) -> None:
+        if not self.programs:
+            self.programs = self.spec.programs(self.strategy)
 
     @property
     def attached(self) -> bool:
@@ -69,7 +75,7 @@ class LoadedSet:
             return
         links: list[libbpf.Link] = []
         try:
-            for name in self.spec.programs(self.strategy):
+            for name in self.programs:
                 links.append(self.obj.programs[name].attach())
         except BaseException:
             for link in links:
@@ -86,7 +92,7 @@ class LoadedSet:
         return self.obj.maps[name].fd
 
     def program_fds(self) -> dict[str, int]:
-        return {n: self.obj.programs[n].fd for n in self.spec.programs(self.strategy)}
+        return {n: self.obj.programs[n].fd for n in self.programs}
 
     def close(self) -> None:
         self.detach()
@@ -111,6 +117,37 @@ def explain(err: libbpf.LibbpfError) -> str:
     return f"{err.strerror}" + (f" ({pick[:200]})" if pick else "")
 
 
+def unhookable(spec: EventSetSpec, strategy: Strategy) -> dict[str, str]:
+    """Programs of ``strategy`` this kernel cannot take, with why: their kernel function is
+    missing, or its parameters are not where the programs read them (a changed signature).
+    Only rungs that attach to kernel functions (fentry) have any."""
+    if strategy != Strategy.FENTRY or not spec.kernel_hooks:
+        return {}
+    out: dict[str, str] = {}
+    try:
+        btf = libbpf.KernelBtf()
+    except libbpf.LibbpfError as e:
+        return {p: f"kernel BTF unreadable: {e}" for h in spec.kernel_hooks for p in h.programs}
+    with btf:
+        for hook in spec.kernel_hooks:
+            params = btf.func_params(hook.function)
+            if params is None:
+                why = f"{hook.function}() is not in this kernel"
+            else:
+                wrong = [
+                    f"parameter {i} is {params[i] if i < len(params) else 'absent'!r}, "
+                    f"expected {name!r}"
+                    for i, name in hook.params
+                    if i >= len(params) or params[i] != name
+                ]
+                if not wrong:
+                    continue
+                why = f"{hook.function}() has another signature ({'; '.join(wrong)})"
+            for prog in hook.programs:
+                out[prog] = f"{hook.op}: {why}"
+    return out
+
+
 def open_configured(
     spec: EventSetSpec,
     bpf_dir: Path,
@@ -120,11 +157,12 @@ def open_configured(
     agent_tgid: int,
     wakeup_bytes: int,
     inflight_entries: int,
+    skip: Sequence[str] = (),
 ) -> libbpf.BpfObject:
     """Open the set's object with only ``strategy``'s programs enabled and settings in place."""
     obj = libbpf.BpfObject(str(bpf_dir / spec.object_file))
     try:
-        wanted = set(spec.programs(strategy))
+        wanted = set(spec.programs(strategy)) - set(skip)
         missing = wanted - set(obj.programs)
         if missing:
             raise libbpf.LibbpfError(2, f"{spec.object_file} lacks programs {sorted(missing)}")
@@ -162,6 +200,12 @@ def load_set(
         # the user-fallback rung runs nofault programs under it
         kernel = Strategy.NOFAULT if strategy == Strategy.USER_FALLBACK else strategy
         obj = None
+        skipped = unhookable(spec, kernel)
+        programs = [p for p in spec.programs(kernel) if p not in skipped]
+        if not programs:
+            reasons = sorted(set(skipped.values()))
+            attempts.append(Attempt(strategy.label, False, "; ".join(reasons) or "no programs"))
+            continue
         try:
             obj = open_configured(
                 spec,
@@ -171,12 +215,15 @@ def load_set(
                 agent_tgid=agent_tgid,
                 wakeup_bytes=wakeup_bytes,
                 inflight_entries=inflight_entries,
+                skip=list(skipped),
             )
             obj.load()
-            loaded = LoadedSet(spec, obj, kernel, attempts)
+            by_op = {why.split(":", 1)[0]: why.split(": ", 1)[1] for why in skipped.values()}
+            loaded = LoadedSet(spec, obj, kernel, attempts, programs=programs, skipped=by_op)
             loaded.attach()  # proves the kernel lets these programs run here
             loaded.detach()
-            attempts.append(Attempt(strategy.label, True, "loaded and attached"))
+            note = "".join(f"; {op} not hooked: {why}" for op, why in sorted(by_op.items()))
+            attempts.append(Attempt(strategy.label, True, "loaded and attached" + note))
             return loaded
         except libbpf.LibbpfError as e:
             attempts.append(Attempt(strategy.label, False, explain(e)))

@@ -39,6 +39,7 @@ class Status(enum.IntEnum):
     LOST = 3
     TRUNCATED = 4
     PENDING = 5
+    TORN = 6
 
     @property
     def label(self) -> str:
@@ -52,6 +53,8 @@ class Strategy(enum.IntEnum):
     EXIT_RETRY = 3
     USER_FALLBACK = 4
     NOFAULT = 5
+    FENTRY = 6  # vfs set: fentry/fexit on the vfs_* functions
+    TRACEPOINT = 7  # vfs set: syscall tracepoints, fds resolved at exit
 
     @property
     def label(self) -> str:
@@ -88,11 +91,22 @@ class Syscall(enum.IntEnum):
     BIND = 31
     ACCEPT4 = 32
     SENDTO = 33
+    VFS_OPEN = 40
+    VFS_CLOSE = 41
+    VFS_TRUNCATE = 42
+    VFS_UNLINK = 43
+    VFS_RENAME = 44
+    VFS_MKDIR = 45
+    VFS_RMDIR = 46
+    VFS_LINK = 47
+    VFS_SYMLINK = 48
+    VFS_SETATTR = 49
 
 
 class Kind(enum.IntEnum):
     SYSCALL = 1
     EXEC = 2
+    VFS = 3
 
 
 class Stat(enum.IntEnum):
@@ -105,6 +119,19 @@ class Stat(enum.IntEnum):
     FILTERED = 6
     INFLIGHT_FULL = 7
     ORPHAN_EXIT = 8
+    ARG_TORN = 9
+
+
+class PathKind(enum.IntEnum):
+    NONE = 0
+    D_PATH = 1
+    WALK = 2
+    MOUNT_REL = 3
+    USER = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
 
 
 TF_STAT_MAX = 16
@@ -173,6 +200,26 @@ class TfExecEvent(ctypes.Structure):
     ]
 
 
+class TfVfsEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", TfHdr),
+        ("ino", u64),
+        ("bytes_read", u64),
+        ("bytes_written", u64),
+        ("pos", u64),
+        ("arg", u64),
+        ("dev", u32),
+        ("reads", u32),
+        ("writes", u32),
+        ("path_kind", u8),
+        ("path2_kind", u8),
+        ("_pad", u8 * 2),
+        ("fstype", ctypes.c_char * 16),
+        ("path", TfStr),
+        ("path2", TfStr),
+    ]
+
+
 class TfFilter(ctypes.Structure):
     _fields_ = [
         ("npids", u32),
@@ -208,6 +255,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tf_hdr": TfHdr,
     "tf_event": TfEvent,
     "tf_exec_event": TfExecEvent,
+    "tf_vfs_event": TfVfsEvent,
     "tf_filter": TfFilter,
     "tf_control": TfControl,
     "tf_config": TfConfig,

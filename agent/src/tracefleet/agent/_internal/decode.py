@@ -20,6 +20,7 @@ from typing import Any
 from tracefleet.agent import eventsets
 from tracefleet.agent._internal.abi import (
     Kind,
+    PathKind,
     Status,
     Strategy,
     Syscall,
@@ -28,7 +29,9 @@ from tracefleet.agent._internal.abi import (
     TfExecEvent,
     TfHdr,
     TfStr,
+    TfVfsEvent,
 )
+from tracefleet.agent._internal.mounts import MountTable, dev_label, dev_of_dir
 from tracefleet.agent.eventsets import BY_ID, ArgSpec
 
 HDR_SIZE = ctypes.sizeof(TfHdr)
@@ -57,9 +60,13 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
+# statuses whose bytes are shown (a torn name is shown too, marked, never as the truth)
+_SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED), int(Status.TORN))
+
+
 def str_arg(s: TfStr) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "value": text(bytes(s.data)[: s.len]) if s.status in (1, 2, 4) else None,
+        "value": text(bytes(s.data)[: s.len]) if s.status in _SHOWN else None,
         "status": _status(s.status),
         "strategy": _strategy(s.strategy),
         "addr": hex(s.uptr),
@@ -145,6 +152,60 @@ def _int_args(spec: ArgSpec, iargs: Any) -> dict[str, Any]:
     }
 
 
+_MOUNTS = MountTable()
+_PATH_KINDS = {PathKind.D_PATH: "d_path", PathKind.WALK: "walk",
+               PathKind.MOUNT_REL: "mount-relative", PathKind.USER: "as-passed"}  # fmt: skip
+# what `arg` holds, per operation
+_VFS_ARG = {"vfs_open": "flags", "vfs_truncate": "length", "vfs_mkdir": "mode",
+            "vfs_setattr": "attr"}  # fmt: skip
+_VFS_PATH2 = {"vfs_rename": "new_path", "vfs_link": "new_path", "vfs_symlink": "target"}
+
+
+def _plain(value: Any) -> dict[str, Any]:
+    return {"value": value, "status": "ok", "strategy": "kernel"}
+
+
+def vfs_path_arg(s: TfStr, kind: int, dev: int) -> dict[str, Any]:
+    out = str_arg(s)
+    out.pop("addr", None)
+    out["kind"] = _PATH_KINDS.get(PathKind(kind) if kind in PathKind._value2member_map_ else 0,
+                                  "none")  # fmt: skip
+    if kind == PathKind.MOUNT_REL and out["value"] is not None:
+        # only a dentry was at hand: prefix the mount point when it is unambiguous
+        mp = _MOUNTS.mount_point(dev)
+        out["mount_relative"] = out["value"]
+        if mp is not None:
+            out["mount"] = mp
+            out["value"] = mp.rstrip("/") + out["value"] if out["value"] != "/" else mp
+    return out
+
+
+def _vfs_args(rec: TfVfsEvent, op: str) -> dict[str, Any]:
+    args: dict[str, Any] = {"path": vfs_path_arg(rec.path, rec.path_kind, rec.dev)}
+    if op in _VFS_PATH2:
+        args[_VFS_PATH2[op]] = vfs_path_arg(rec.path2, rec.path2_kind, rec.dev)
+    args["inode"] = _plain(rec.ino or None)
+    dev, fstype = rec.dev, text(rec.fstype)
+    if not dev and args["path"]["value"]:
+        # an absolute path seen at a syscall: the kernel did not look it up, so find the
+        # file system from its directory, as the process sees it
+        dev = dev_of_dir(rec.hdr.pid, args["path"]["value"])
+        fstype = _MOUNTS.fstype(dev) if dev else ""
+        args["dev"] = {"value": dev_label(dev) if dev else None, "status": "ok" if dev else
+                       "lost", "strategy": "user-space"}  # fmt: skip
+        args["fstype"] = {"value": fstype or None, "status": "ok" if fstype else "lost",
+                          "strategy": "user-space"}  # fmt: skip
+    else:
+        args["dev"] = _plain(dev_label(dev))
+        args["fstype"] = _plain(fstype)
+    if op in _VFS_ARG:
+        args[_VFS_ARG[op]] = _plain(rec.arg)
+    if op == "vfs_close":
+        for name in ("bytes_read", "bytes_written", "reads", "writes", "pos"):
+            args[name] = _plain(int(getattr(rec, name)))
+    return args
+
+
 def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Structure]:
     """Decode one ring buffer record; returns (event dict, the ctypes struct)."""
     if len(raw) < HDR_SIZE:
@@ -178,4 +239,8 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
             args[arg_spec.blob] = blob_arg(rec.blob, arg_spec.blob_kind)
         ev["args"] = args
         return ev, rec
+    if hdr.kind == Kind.VFS:
+        vrec = TfVfsEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfVfsEvent), b"\0"))
+        ev["args"] = _vfs_args(vrec, ev["syscall"])
+        return ev, vrec
     raise ValueError(f"unknown record kind {hdr.kind}")

@@ -132,6 +132,11 @@ def lib() -> ctypes.CDLL:
             _vp,
             ctypes.POINTER(ctypes.c_uint32),
         )
+        _sig(L.btf__load_vmlinux_btf, _vp)
+        _sig(L.btf__free, None, _vp)
+        _sig(L.btf__find_by_name_kind, ctypes.c_int32, _vp, _cp, ctypes.c_uint32)
+        _sig(L.btf__type_by_id, _vp, _vp, ctypes.c_uint32)
+        _sig(L.btf__name_by_offset, _cp, _vp, ctypes.c_uint32)
         _sig(L.ring_buffer__new, _vp, ctypes.c_int, _vp, _vp, _vp)
         _sig(L.ring_buffer__poll, ctypes.c_int, _vp, ctypes.c_int)
         _sig(L.ring_buffer__consume, ctypes.c_int, _vp)
@@ -350,6 +355,52 @@ def map_keys(fd: int, key_type: type[ctypes._SimpleCData]) -> Iterator[Any]:
             return
         yield nxt.value
         cur = key_type(nxt.value)
+
+
+BTF_KIND_FUNC = 12
+
+
+class _BtfType(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("info", ctypes.c_uint32),
+                ("type", ctypes.c_uint32)]  # fmt: skip
+
+
+class _BtfParam(ctypes.Structure):
+    _fields_ = [("name_off", ctypes.c_uint32), ("type", ctypes.c_uint32)]
+
+
+class KernelBtf:
+    """The running kernel's BTF (/sys/kernel/btf/vmlinux), for questions asked before load:
+    does a function exist, and what are its parameters called."""
+
+    def __init__(self) -> None:
+        self._ptr = lib().btf__load_vmlinux_btf()
+        if not self._ptr:
+            raise LibbpfError(_errno(), "load the kernel's BTF")
+
+    def func_params(self, name: str) -> list[str] | None:
+        """Parameter names of kernel function ``name``, or None if the kernel has none."""
+        L = lib()
+        fid = L.btf__find_by_name_kind(self._ptr, name.encode(), BTF_KIND_FUNC)
+        if fid < 0:
+            return None
+        func = _BtfType.from_address(L.btf__type_by_id(self._ptr, fid))
+        proto_ptr = L.btf__type_by_id(self._ptr, func.type)
+        proto = _BtfType.from_address(proto_ptr)
+        vlen = proto.info & 0xFFFF
+        params = (_BtfParam * vlen).from_address(proto_ptr + ctypes.sizeof(_BtfType))
+        return [(L.btf__name_by_offset(self._ptr, p.name_off) or b"").decode() for p in params]
+
+    def close(self) -> None:
+        if self._ptr:
+            lib().btf__free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> KernelBtf:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def enable_stats() -> int:

@@ -38,7 +38,7 @@ from tracefleet.controller._internal.netaddr import split_host_port
 log = logging.getLogger("tracefleet.controller.metrics")
 
 ALLOWED_LABELS = frozenset({"node", "event_set", "syscall", "strategy", "outcome"})
-OUTCOMES = ("ok", "recovered", "lost", "truncated")
+OUTCOMES = ("ok", "recovered", "lost", "truncated", "torn")
 
 # Batch arrival and enable-to-applied latencies: milliseconds (loopback) to minutes (outage).
 ARRIVAL_BUCKETS_SECONDS: tuple[float, ...] = (

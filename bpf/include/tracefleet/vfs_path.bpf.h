@@ -1,0 +1,312 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * tracefleet: names of kernel file objects, read without trusting what a rename can change.
+ *
+ * A dentry's name (d_name.name, d_name.len) and parent are rewritten by a concurrent rename:
+ * short names live inside the dentry and are copied over in place, so a reader can see half
+ * of one name and half of another, or a length that does not match the bytes. Every name is
+ * therefore read bounded by its NUL (bpf_probe_read_kernel_str, never d_name.len alone), and
+ * the dentry's d_seq seqcount, which __d_move bumps around the change, is read before and
+ * after: an odd or changed count, a changed parent, or a length that disagrees with the
+ * bytes marks the path TF_ST_TORN instead of passing it off as true. bpf_d_path, where a
+ * hook allows it, resolves under the kernel's own locks and needs none of this.
+ */
+#ifndef __TRACEFLEET_VFS_PATH_BPF_H
+#define __TRACEFLEET_VFS_PATH_BPF_H
+
+#include "tracefleet/common.bpf.h"
+
+#define TF_WALK_MAX 32    /* dentries and mount crossings per path */
+#define TF_SCRATCH 512    /* power of two; a path is built backwards in [0, TF_SCRATCH) */
+#define TF_NAME_MAX 256   /* NAME_MAX + NUL */
+#define TF_AT_FDCWD (-100)
+#define TF_SB_NOUSER (1U << 31) /* pseudo file systems: pipes, sockets, anon inodes */
+/* hide a value from clang's range analysis, so a mask after it stays for the verifier */
+#define tf_barrier_var(v) asm volatile("" : "+r"(v))
+
+struct tf_vfs_scratch {
+	char walk[2 * TF_SCRATCH];
+	char join[2 * TF_SCRATCH];
+	char name[TF_NAME_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tf_vfs_scratch);
+} tf_vfs_scratch SEC(".maps");
+
+static __always_inline struct tf_vfs_scratch *tf_scratch(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&tf_vfs_scratch, &zero);
+}
+
+/* dev_t, file-system type and inode of a dentry. */
+static __always_inline void tf_fill_inode(struct tf_vfs_event *e, struct dentry *d)
+{
+	struct super_block *sb = BPF_CORE_READ(d, d_sb);
+	const char *fst = BPF_CORE_READ(sb, s_type, name);
+	struct inode *ino = BPF_CORE_READ(d, d_inode);
+
+	e->dev = BPF_CORE_READ(sb, s_dev);
+	if (ino)
+		e->ino = BPF_CORE_READ(ino, i_ino);
+	bpf_probe_read_kernel_str(e->fstype, sizeof(e->fstype), fst);
+}
+
+static __always_inline bool tf_pseudo_fs(struct dentry *d)
+{
+	return BPF_CORE_READ(d, d_sb, s_flags) & TF_SB_NOUSER;
+}
+
+/*
+ * Read one dentry's name into s->name; returns its length (NUL excluded) or -errno, and sets
+ * *torn when a rename may have changed it during the read.
+ */
+static __always_inline long tf_dentry_name(struct tf_vfs_scratch *s, struct dentry *d,
+					   struct dentry **parent, bool *torn)
+{
+	unsigned int seq1 = BPF_CORE_READ(d, d_seq.seqcount.sequence);
+	struct dentry *p1 = BPF_CORE_READ(d, d_parent);
+	const unsigned char *name = BPF_CORE_READ(d, d_name.name);
+	__u32 len = BPF_CORE_READ(d, d_name.len);
+	long n = bpf_probe_read_kernel_str(s->name, sizeof(s->name), name);
+	unsigned int seq2 = BPF_CORE_READ(d, d_seq.seqcount.sequence);
+	struct dentry *p2 = BPF_CORE_READ(d, d_parent);
+
+	*parent = p1;
+	if (n <= 0)
+		return n < 0 ? n : -EFAULT;
+	if ((seq1 & 1) || seq1 != seq2 || p1 != p2 || (__u32)(n - 1) != len)
+		*torn = true;
+	return n - 1;
+}
+
+/* Set status, length and error of a path produced by the walk or d_path. */
+static __always_inline void tf_path_result(struct tf_str *out, long len, long err, bool torn,
+					   bool truncated)
+{
+	out->strategy = tf_cfg.strategy;
+	out->uptr = 0;
+	if (err < 0) {
+		out->err = err;
+		out->len = 0;
+		out->status = TF_ST_LOST;
+		return;
+	}
+	out->err = 0;
+	out->len = len;
+	out->status = torn ? TF_ST_TORN : truncated ? TF_ST_TRUNCATED : TF_ST_OK;
+}
+
+/* State of one walk, shared with the bpf_loop callback that takes one step. */
+struct tf_walk {
+	__u64 d;      /* struct dentry * being named */
+	__u64 vmnt;   /* struct vfsmount * it is seen through, 0 if unknown */
+	__u64 m;      /* the struct mount around vmnt */
+	__u64 root_d; /* the task's root, where a full path ends */
+	__u64 root_m;
+	__u32 off;    /* start of the path built so far in scratch->walk */
+	__s32 err;
+	__u8 torn;
+	__u8 truncated;
+	__u8 done;
+};
+
+/* One step up: name the dentry and move to its parent, or cross to the mount below. */
+static long tf_walk_step(__u32 i, struct tf_walk *w)
+{
+	struct tf_vfs_scratch *s = tf_scratch();
+	struct dentry *d = (struct dentry *)w->d, *top, *p = NULL;
+	struct vfsmount *vmnt = (struct vfsmount *)w->vmnt;
+	bool torn = false;
+	__u32 off = w->off;
+	long n;
+
+	if (!s)
+		return 1;
+	if (vmnt && w->d == w->root_d && w->vmnt == w->root_m)
+		goto done;
+	top = vmnt ? BPF_CORE_READ(vmnt, mnt_root) : BPF_CORE_READ(d, d_sb, s_root);
+	if (d == top) {
+		struct mount *m = (struct mount *)w->m, *up;
+
+		if (!m)
+			goto done;
+		up = BPF_CORE_READ(m, mnt_parent);
+		if (!up || up == m)
+			goto done;
+		w->d = (__u64)BPF_CORE_READ(m, mnt_mountpoint);
+		w->m = (__u64)up;
+		w->vmnt = (__u64)up + bpf_core_field_offset(struct mount, mnt);
+		return 0;
+	}
+	n = tf_dentry_name(s, d, &p, &torn);
+	if (torn)
+		w->torn = 1;
+	if (n < 0) {
+		w->err = n;
+		goto done;
+	}
+	if (off < (__u32)n + 1 || off > TF_SCRATCH - 1) {
+		w->truncated = 1;
+		goto done;
+	}
+	off -= n;
+	bpf_probe_read_kernel(&s->walk[off & (TF_SCRATCH - 1)], n & (TF_NAME_MAX - 1), s->name);
+	off -= 1;
+	s->walk[off & (TF_SCRATCH - 1)] = '/';
+	w->off = off;
+	if (!p || p == d)
+		goto done;
+	w->d = (__u64)p;
+	return 0;
+done:
+	w->done = 1;
+	return 1;
+}
+
+/*
+ * Walk from dentry d up to the task's root, crossing mounts when vmnt is known (full path,
+ * TF_PATH_WALK), or up to the file system's root when it is not (TF_PATH_MOUNT_REL). A path
+ * longer than the buffer keeps its last components and is marked truncated. bpf_loop keeps
+ * the verifier's work to one step, however deep the path.
+ */
+static __noinline int tf_walk_path(struct tf_str *out, struct dentry *d, struct vfsmount *vmnt)
+{
+	struct tf_vfs_scratch *s = tf_scratch();
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct tf_walk w = {};
+	__u32 len, start, off;
+
+	if (!s || !d || !out)
+		return TF_PATH_NONE;
+	w.d = (__u64)d;
+	w.off = TF_SCRATCH - 1;
+	if (vmnt) {
+		w.vmnt = (__u64)vmnt;
+		w.m = (__u64)vmnt - bpf_core_field_offset(struct mount, mnt);
+		w.root_d = (__u64)BPF_CORE_READ(task, fs, root.dentry);
+		w.root_m = (__u64)BPF_CORE_READ(task, fs, root.mnt);
+	}
+	s->walk[TF_SCRATCH - 1] = 0;
+	bpf_loop(TF_WALK_MAX, tf_walk_step, &w, 0);
+	if (!w.done)
+		w.truncated = 1;
+	off = w.off;
+	if (off >= TF_SCRATCH - 1) { /* the root itself */
+		off = TF_SCRATCH - 2;
+		s->walk[off] = '/';
+	}
+	len = TF_SCRATCH - 1 - off;
+	start = off;
+	if (len > TF_PATH_MAX - 1) {
+		w.truncated = 1;
+		start = TF_SCRATCH - TF_PATH_MAX;
+		len = TF_PATH_MAX - 1;
+	}
+	/* a fixed-size copy (walk has room past TF_SCRATCH); the NUL at walk[TF_SCRATCH - 1]
+	 * ends it, or the one written after the clamp */
+	bpf_probe_read_kernel(out->data, sizeof(out->data), &s->walk[start & (TF_SCRATCH - 1)]);
+	tf_barrier_var(len);
+	out->data[len & (TF_PATH_MAX - 1)] = 0;
+	tf_path_result(out, len, w.err, w.torn, w.truncated);
+	return vmnt ? TF_PATH_WALK : TF_PATH_MOUNT_REL;
+}
+
+/* The file behind descriptor fd of the current task, or NULL. */
+static __always_inline struct file *tf_fd_file(int fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *f = NULL;
+
+	if (fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return NULL;
+	bpf_probe_read_kernel(&f, sizeof(f), &fds[fd]);
+	return f;
+}
+
+/*
+ * A name the process passed (user memory, read after the syscall ran, so the kernel has
+ * faulted it in), made absolute with the directory it is relative to (dirfd, or the cwd).
+ */
+static __noinline int tf_user_path(struct tf_str *out, unsigned long uptr, int dfd,
+				   struct tf_vfs_event *e)
+{
+	struct tf_vfs_scratch *s = tf_scratch();
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct dentry *dir_d;
+	struct vfsmount *dir_m;
+	char first = 0;
+	long n;
+	__u32 dlen, total;
+
+	if (!s)
+		return TF_PATH_NONE;
+	out->uptr = uptr;
+	out->strategy = tf_cfg.strategy;
+	if (!uptr) {
+		out->status = TF_ST_NONE;
+		return TF_PATH_NONE;
+	}
+	if (bpf_probe_read_user(&first, 1, (void *)uptr) < 0 || first == '/') {
+		n = bpf_probe_read_user_str(out->data, sizeof(out->data), (void *)uptr);
+		/* the file system is not known without a lookup: dev stays 0 (the agent fills it
+		 * from the directory in the process's root) */
+		tf_str_result(out, n, TF_ST_OK, tf_cfg.strategy);
+		return TF_PATH_USER;
+	}
+	if (dfd == TF_AT_FDCWD) {
+		dir_d = BPF_CORE_READ(task, fs, pwd.dentry);
+		dir_m = BPF_CORE_READ(task, fs, pwd.mnt);
+	} else {
+		struct file *f = tf_fd_file(dfd);
+
+		if (!f) {
+			out->status = TF_ST_LOST;
+			out->err = -9; /* EBADF */
+			return TF_PATH_USER;
+		}
+		dir_d = BPF_CORE_READ(f, f_path.dentry);
+		dir_m = BPF_CORE_READ(f, f_path.mnt);
+	}
+	if (e && !e->dev) {
+		tf_fill_inode(e, dir_d);
+		e->ino = 0; /* the directory's, not the file's */
+	}
+	tf_walk_path(out, dir_d, dir_m);
+	if (out->status == TF_ST_LOST)
+		return TF_PATH_USER;
+	/* join: "<dir>/<name>" built in scratch, then copied back */
+	dlen = out->len & (TF_PATH_MAX - 1);
+	bpf_probe_read_kernel(s->join, sizeof(out->data), out->data);
+	if (dlen == 1) /* the root: "/" + name */
+		dlen = 0;
+	s->join[dlen & (TF_SCRATCH - 1)] = '/';
+	n = bpf_probe_read_user_str(&s->join[(dlen + 1) & (TF_SCRATCH - 1)], TF_SCRATCH,
+				    (void *)uptr);
+	if (n <= 0) {
+		out->err = n < 0 ? n : -EFAULT;
+		out->status = TF_ST_LOST;
+		out->len = 0;
+		return TF_PATH_USER;
+	}
+	total = dlen + n; /* "/" + name, NUL excluded */
+	if (total > TF_PATH_MAX - 1) {
+		total = TF_PATH_MAX - 1;
+		if (out->status == TF_ST_OK)
+			out->status = TF_ST_TRUNCATED;
+	}
+	bpf_probe_read_kernel(out->data, sizeof(out->data), s->join);
+	tf_barrier_var(total);
+	out->data[total & (TF_PATH_MAX - 1)] = 0;
+	out->len = total;
+	return TF_PATH_USER;
+}
+
+#endif /* __TRACEFLEET_VFS_PATH_BPF_H */

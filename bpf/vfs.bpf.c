@@ -1,0 +1,714 @@
+// SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * tracefleet event set `vfs`: file activity on any file system, one record per operation
+ * (open, close with the reads and writes of the open file added up, truncate, unlink, rename,
+ * mkdir, rmdir, link, symlink, setattr), with path, inode, device and file-system type.
+ *
+ * Two hooks; the agent loads the best one the kernel allows (tf_cfg.strategy):
+ *   fentry      fentry/fexit on the vfs_* functions (BPF trampolines). Paths from bpf_d_path
+ *               where the kernel allows it for the hook (security_file_open, vfs_truncate),
+ *               else walked from the dentry (and mount, when the hook has one).
+ *   tracepoint  syscall tracepoints, where trampolines are refused: at exit, the syscall's
+ *               arguments are read back from its saved registers, fds are resolved to files
+ *               and paths the process passed are joined to their directory.
+ * Names are read safely: see tracefleet/vfs_path.bpf.h.
+ */
+#include "tracefleet/vfs_path.bpf.h"
+
+#define SET TF_SET_VFS
+#define TF_ATTR_SIZE (1U << 3)
+#define TF_AT_REMOVEDIR 0x200
+#define TF_MAX_ERRNO 4095
+
+/* Reads and writes of one open file, keyed by its struct file; reported with its close. */
+struct tf_vfs_io {
+	__u64 bytes_read;
+	__u64 bytes_written;
+	__u64 pos;
+	__u32 reads;
+	__u32 writes;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct tf_vfs_io);
+} tf_vfs_io SEC(".maps");
+
+/* Per-thread record between the two halves of an operation (entry/exit). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096); /* resized by the agent */
+	__type(key, __u32);
+	__type(value, struct tf_vfs_event);
+} tf_vfs_inflight SEC(".maps");
+
+/* Record built and sent within one program run. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tf_vfs_event);
+} tf_vfs_rec SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tf_vfs_event);
+} tf_vfs_zero SEC(".maps");
+
+static __always_inline void tf_vfs_init(struct tf_vfs_event *e, __u16 op)
+{
+	tf_fill_hdr(&e->hdr, TF_KIND_VFS, SET, op);
+}
+
+/* A zeroed record for this run (per CPU), or NULL. */
+static __always_inline struct tf_vfs_event *tf_vfs_new(__u16 op)
+{
+	__u32 zero = 0;
+	struct tf_vfs_event *tmpl = bpf_map_lookup_elem(&tf_vfs_zero, &zero), *e;
+
+	if (!tmpl || bpf_map_update_elem(&tf_vfs_rec, &zero, tmpl, BPF_ANY))
+		return NULL;
+	e = bpf_map_lookup_elem(&tf_vfs_rec, &zero);
+	if (e)
+		tf_vfs_init(e, op);
+	return e;
+}
+
+/* A zeroed record kept for this thread until the operation returns, or NULL. */
+static __always_inline struct tf_vfs_event *tf_vfs_stash(__u16 op)
+{
+	__u32 zero = 0, tid = (__u32)bpf_get_current_pid_tgid();
+	struct tf_vfs_event *tmpl = bpf_map_lookup_elem(&tf_vfs_zero, &zero), *e;
+
+	if (!tmpl)
+		return NULL;
+	if (bpf_map_update_elem(&tf_vfs_inflight, &tid, tmpl, BPF_ANY)) {
+		tf_count(SET, TF_STAT_INFLIGHT_FULL);
+		return NULL;
+	}
+	e = bpf_map_lookup_elem(&tf_vfs_inflight, &tid);
+	if (e)
+		tf_vfs_init(e, op);
+	return e;
+}
+
+static __always_inline struct tf_vfs_event *tf_vfs_stashed(__u16 op)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct tf_vfs_event *e = bpf_map_lookup_elem(&tf_vfs_inflight, &tid);
+
+	return e && e->hdr.syscall == op ? e : NULL;
+}
+
+static __always_inline void tf_vfs_unstash(void)
+{
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+
+	bpf_map_delete_elem(&tf_vfs_inflight, &tid);
+}
+
+static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
+{
+	e->hdr.ret = ret;
+	e->hdr.exit_ns = bpf_ktime_get_ns();
+	if (!tf_prefix_ok(SET, &e->path)) {
+		tf_count(SET, TF_STAT_FILTERED);
+		return;
+	}
+	tf_count_status(SET, e->path.status);
+	tf_count_status(SET, e->path2.status);
+	tf_submit(SET, e, sizeof(*e));
+}
+
+static __always_inline bool tf_vfs_on(void)
+{
+	return tf_should_trace(SET, bpf_get_current_pid_tgid() >> 32);
+}
+
+/* Reads and writes: add to the open file's totals. */
+static __always_inline void tf_vfs_account(struct file *f, long ret, bool write, __u64 pos)
+{
+	__u64 key = (__u64)f;
+	struct tf_vfs_io *io, zero = {};
+
+	if (ret <= 0 || !f || !tf_vfs_on() || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+		return;
+	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	if (!io) {
+		bpf_map_update_elem(&tf_vfs_io, &key, &zero, BPF_NOEXIST);
+		io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+		if (!io)
+			return;
+	}
+	if (write) {
+		__sync_fetch_and_add(&io->bytes_written, ret);
+		__sync_fetch_and_add(&io->writes, 1);
+	} else {
+		__sync_fetch_and_add(&io->bytes_read, ret);
+		__sync_fetch_and_add(&io->reads, 1);
+	}
+	io->pos = pos;
+}
+
+/* A file's identity and path, and, for a close, what was read and written through it. */
+static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, bool take_io)
+{
+	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
+	__u64 key = (__u64)f;
+	struct tf_vfs_io *io;
+
+	tf_fill_inode(e, d);
+	e->path_kind = tf_walk_path(&e->path, d, BPF_CORE_READ(f, f_path.mnt));
+	if (!take_io)
+		return;
+	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	if (io) {
+		e->bytes_read = io->bytes_read;
+		e->bytes_written = io->bytes_written;
+		e->reads = io->reads;
+		e->writes = io->writes;
+		e->pos = io->pos;
+		bpf_map_delete_elem(&tf_vfs_io, &key);
+	}
+}
+
+/* A dentry-only operation: mount-relative path (the hook has no mount). */
+static __always_inline void tf_vfs_dentry(struct tf_vfs_event *e, struct dentry *d)
+{
+	tf_fill_inode(e, d);
+	e->path_kind = tf_walk_path(&e->path, d, NULL);
+}
+
+static __always_inline long tf_func_ret(void *ctx)
+{
+	__u64 ret = 0;
+
+	bpf_get_func_ret(ctx, &ret);
+	return (long)ret;
+}
+
+/* ---- hook `fentry`: the vfs_* functions --------------------------------------------- */
+
+/* open: bpf_d_path is allowed here; the result comes at vfs_open's exit */
+SEC("fentry/security_file_open")
+int BPF_PROG(vf_open_lsm, struct file *file)
+{
+	struct tf_vfs_event *e;
+	long n;
+
+	if (!tf_vfs_on() || tf_pseudo_fs(file->f_path.dentry))
+		return 0;
+	e = tf_vfs_stash(TF_VFS_OPEN);
+	if (!e)
+		return 0;
+	tf_fill_inode(e, file->f_path.dentry);
+	e->arg = file->f_flags;
+	n = bpf_d_path((struct path *)&file->f_path, e->path.data, sizeof(e->path.data));
+	if (n > 0) {
+		tf_path_result(&e->path, n - 1, 0, false, false);
+		e->path_kind = TF_PATH_D_PATH;
+	} else { /* too long for the buffer: walk, keeping the last components */
+		e->path_kind = tf_walk_path(&e->path, file->f_path.dentry, file->f_path.mnt);
+	}
+	return 0;
+}
+
+SEC("fexit/vfs_open")
+int BPF_PROG(vf_open, const struct path *path, struct file *file)
+{
+	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_OPEN);
+	long ret = tf_func_ret(ctx);
+
+	if (e) {
+		tf_vfs_emit(e, ret);
+		tf_vfs_unstash();
+		return 0;
+	}
+	/* failed before the LSM hook, or no LSM: walk */
+	if (!tf_vfs_on() || tf_pseudo_fs(path->dentry))
+		return 0;
+	e = tf_vfs_new(TF_VFS_OPEN);
+	if (!e)
+		return 0;
+	tf_fill_inode(e, path->dentry);
+	e->arg = file->f_flags;
+	e->path_kind = tf_walk_path(&e->path, path->dentry, path->mnt);
+	tf_vfs_emit(e, ret);
+	return 0;
+}
+
+static __always_inline __u64 tf_kpos(struct file *file, loff_t *pos)
+{
+	loff_t v = 0;
+
+	if (pos && !bpf_probe_read_kernel(&v, sizeof(v), pos))
+		return v;
+	return BPF_CORE_READ(file, f_pos);
+}
+
+SEC("fexit/vfs_read")
+int BPF_PROG(vf_read, struct file *file, char *buf, size_t count, loff_t *pos)
+{
+	tf_vfs_account(file, tf_func_ret(ctx), false, tf_kpos(file, pos));
+	return 0;
+}
+
+SEC("fexit/vfs_write")
+int BPF_PROG(vf_write, struct file *file, const char *buf, size_t count, loff_t *pos)
+{
+	tf_vfs_account(file, tf_func_ret(ctx), true, tf_kpos(file, pos));
+	return 0;
+}
+
+SEC("fexit/vfs_readv")
+int BPF_PROG(vf_readv, struct file *file, const struct iovec *vec, unsigned long vlen, loff_t *pos)
+{
+	tf_vfs_account(file, tf_func_ret(ctx), false, tf_kpos(file, pos));
+	return 0;
+}
+
+SEC("fexit/vfs_writev")
+int BPF_PROG(vf_writev, struct file *file, const struct iovec *vec, unsigned long vlen,
+	     loff_t *pos)
+{
+	tf_vfs_account(file, tf_func_ret(ctx), true, tf_kpos(file, pos));
+	return 0;
+}
+
+/* close(2) and the closes at exit both flush the file */
+SEC("fexit/filp_flush")
+int BPF_PROG(vf_close, struct file *filp)
+{
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on() || tf_pseudo_fs(filp->f_path.dentry))
+		return 0;
+	e = tf_vfs_new(TF_VFS_CLOSE);
+	if (!e)
+		return 0;
+	tf_vfs_file(e, filp, true);
+	tf_vfs_emit(e, tf_func_ret(ctx));
+	return 0;
+}
+
+SEC("fexit/vfs_truncate")
+int BPF_PROG(vf_truncate, const struct path *path, loff_t length)
+{
+	struct tf_vfs_event *e;
+	long n;
+
+	if (!tf_vfs_on())
+		return 0;
+	e = tf_vfs_new(TF_VFS_TRUNCATE);
+	if (!e)
+		return 0;
+	tf_fill_inode(e, path->dentry);
+	e->arg = length;
+	n = bpf_d_path((struct path *)path, e->path.data, sizeof(e->path.data));
+	if (n > 0) {
+		tf_path_result(&e->path, n - 1, 0, false, false);
+		e->path_kind = TF_PATH_D_PATH;
+	} else {
+		e->path_kind = tf_walk_path(&e->path, path->dentry, path->mnt);
+	}
+	tf_vfs_emit(e, tf_func_ret(ctx));
+	return 0;
+}
+
+SEC("fexit/do_ftruncate")
+int BPF_PROG(vf_ftruncate, struct file *file, loff_t length)
+{
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on())
+		return 0;
+	e = tf_vfs_new(TF_VFS_TRUNCATE);
+	if (!e)
+		return 0;
+	tf_vfs_file(e, file, false);
+	e->arg = length;
+	tf_vfs_emit(e, tf_func_ret(ctx));
+	return 0;
+}
+
+/* unlink, rmdir, rename: names and inode before the operation changes them */
+SEC("fentry/vfs_unlink")
+int BPF_PROG(vf_unlink_enter, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+{
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on() || !(e = tf_vfs_stash(TF_VFS_UNLINK)))
+		return 0;
+	tf_vfs_dentry(e, dentry);
+	return 0;
+}
+
+SEC("fexit/vfs_unlink")
+int BPF_PROG(vf_unlink, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+{
+	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_UNLINK);
+
+	if (e) {
+		tf_vfs_emit(e, tf_func_ret(ctx));
+		tf_vfs_unstash();
+	}
+	return 0;
+}
+
+SEC("fentry/vfs_rmdir")
+int BPF_PROG(vf_rmdir_enter, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+{
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on() || !(e = tf_vfs_stash(TF_VFS_RMDIR)))
+		return 0;
+	tf_vfs_dentry(e, dentry);
+	return 0;
+}
+
+SEC("fexit/vfs_rmdir")
+int BPF_PROG(vf_rmdir, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+{
+	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_RMDIR);
+
+	if (e) {
+		tf_vfs_emit(e, tf_func_ret(ctx));
+		tf_vfs_unstash();
+	}
+	return 0;
+}
+
+SEC("fentry/vfs_rename")
+int BPF_PROG(vf_rename_enter, struct renamedata *rd)
+{
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on() || !(e = tf_vfs_stash(TF_VFS_RENAME)))
+		return 0;
+	tf_vfs_dentry(e, BPF_CORE_READ(rd, old_dentry));
+	e->path2_kind = tf_walk_path(&e->path2, BPF_CORE_READ(rd, new_dentry), NULL);
+	return 0;
+}
+
+SEC("fexit/vfs_rename")
+int BPF_PROG(vf_rename, struct renamedata *rd)
+{
+	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_RENAME);
+
+	if (e) {
+		tf_vfs_emit(e, tf_func_ret(ctx));
+		tf_vfs_unstash();
+	}
+	return 0;
+}
+
+/* mkdir, symlink, link, setattr: after the fact, the new names are in place */
+SEC("fexit/vfs_mkdir")
+int BPF_PROG(vf_mkdir, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry,
+	     umode_t mode)
+{
+	struct tf_vfs_event *e;
+	long ret = tf_func_ret(ctx);
+
+	if (!tf_vfs_on() || !(e = tf_vfs_new(TF_VFS_MKDIR)))
+		return 0;
+	/* returns the new dentry (which may differ from the argument) or an ERR_PTR */
+	if ((unsigned long)ret >= (unsigned long)-TF_MAX_ERRNO) {
+		tf_vfs_dentry(e, dentry);
+	} else {
+		tf_vfs_dentry(e, ret ? (struct dentry *)ret : dentry);
+		ret = 0;
+	}
+	e->arg = mode;
+	tf_vfs_emit(e, ret);
+	return 0;
+}
+
+SEC("fexit/vfs_symlink")
+int BPF_PROG(vf_symlink, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry,
+	     const char *oldname)
+{
+	struct tf_vfs_event *e;
+	long n;
+
+	if (!tf_vfs_on() || !(e = tf_vfs_new(TF_VFS_SYMLINK)))
+		return 0;
+	tf_vfs_dentry(e, dentry);
+	n = bpf_probe_read_kernel_str(e->path2.data, sizeof(e->path2.data), oldname);
+	tf_path_result(&e->path2, n > 0 ? n - 1 : 0, n > 0 ? 0 : -EFAULT, false,
+		       n >= (long)sizeof(e->path2.data));
+	e->path2_kind = TF_PATH_USER;
+	tf_vfs_emit(e, tf_func_ret(ctx));
+	return 0;
+}
+
+SEC("fexit/vfs_link")
+int BPF_PROG(vf_link, struct dentry *old_dentry, struct mnt_idmap *idmap, struct inode *dir,
+	     struct dentry *new_dentry)
+{
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on() || !(e = tf_vfs_new(TF_VFS_LINK)))
+		return 0;
+	tf_vfs_dentry(e, old_dentry);
+	e->path2_kind = tf_walk_path(&e->path2, new_dentry, NULL);
+	tf_vfs_emit(e, tf_func_ret(ctx));
+	return 0;
+}
+
+SEC("fexit/notify_change")
+int BPF_PROG(vf_setattr, struct mnt_idmap *idmap, struct dentry *dentry, struct iattr *attr)
+{
+	struct tf_vfs_event *e;
+	unsigned int valid = BPF_CORE_READ(attr, ia_valid);
+
+	/* size changes are reported as truncate (vfs_truncate, do_ftruncate) or in open flags */
+	if (valid & TF_ATTR_SIZE)
+		return 0;
+	if (!tf_vfs_on() || !(e = tf_vfs_new(TF_VFS_SETATTR)))
+		return 0;
+	tf_vfs_dentry(e, dentry);
+	e->arg = valid;
+	tf_vfs_emit(e, tf_func_ret(ctx));
+	return 0;
+}
+
+/* ---- hook `tracepoint`: syscalls, resolved at exit ----------------------------------- */
+
+#define NO (-1)
+
+static __always_inline unsigned long tf_sc_arg(struct pt_regs *regs, int i)
+{
+	switch (i) {
+	case 0:
+		return PT_REGS_PARM1_CORE_SYSCALL(regs);
+	case 1:
+		return PT_REGS_PARM2_CORE_SYSCALL(regs);
+	case 2:
+		return PT_REGS_PARM3_CORE_SYSCALL(regs);
+	case 3:
+		return PT_REGS_PARM4_CORE_SYSCALL(regs);
+	case 4:
+		return PT_REGS_PARM5_CORE_SYSCALL(regs);
+	}
+	return 0;
+}
+
+static __always_inline struct pt_regs *tf_sc_regs(void)
+{
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+/* A raw string the process passed (a symlink's target): kept as is, not joined. */
+static __always_inline void tf_user_str(struct tf_str *out, unsigned long uptr)
+{
+	out->uptr = uptr;
+	if (!uptr) {
+		out->status = TF_ST_NONE;
+		return;
+	}
+	tf_str_result(out, bpf_probe_read_user_str(out->data, sizeof(out->data), (void *)uptr),
+		      TF_ST_OK, tf_cfg.strategy);
+}
+
+/*
+ * One syscall that names files. fd: index of an fd argument (the file itself); dfd/p and
+ * dfd2/p2: a directory fd and a path relative to it; a: an argument to report as `arg`.
+ * AT_FDCWD is implied when dfd is NO.
+ */
+static __always_inline int tf_vfs_sc(long ret, __u16 op, int fd, int dfd, int p, int dfd2,
+				     int p2, int a)
+{
+	struct pt_regs *regs;
+	struct tf_vfs_event *e;
+	unsigned long path;
+
+	if (!tf_vfs_on())
+		return 0;
+	regs = tf_sc_regs();
+	path = p >= 0 ? tf_sc_arg(regs, p) : 0;
+	if (op == TF_VFS_UNLINK && a >= 0 && (tf_sc_arg(regs, a) & TF_AT_REMOVEDIR))
+		op = TF_VFS_RMDIR;
+	if (!(e = tf_vfs_new(op)))
+		return 0;
+	if (a >= 0 && op != TF_VFS_RMDIR && op != TF_VFS_UNLINK)
+		e->arg = tf_sc_arg(regs, a);
+	if (fd >= 0 || (p >= 0 && !path && dfd >= 0)) { /* an fd, or utimensat(fd, NULL, ...) */
+		struct file *f = tf_fd_file(tf_sc_arg(regs, fd >= 0 ? fd : dfd));
+
+		if (!f)
+			return 0;
+		if (tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+			return 0;
+		tf_vfs_file(e, f, false);
+	} else if (p >= 0) {
+		int d = dfd >= 0 ? (int)tf_sc_arg(regs, dfd) : TF_AT_FDCWD;
+
+		e->path_kind = tf_user_path(&e->path, path, d, e);
+	}
+	if (p2 >= 0) {
+		unsigned long path2 = tf_sc_arg(regs, p2);
+
+		if (op == TF_VFS_SYMLINK) {
+			tf_user_str(&e->path2, path2);
+			e->path2_kind = TF_PATH_USER;
+		} else {
+			int d2 = dfd2 >= 0 ? (int)tf_sc_arg(regs, dfd2) : TF_AT_FDCWD;
+
+			e->path2_kind = tf_user_path(&e->path2, path2, d2, NULL);
+		}
+	}
+	tf_vfs_emit(e, ret);
+	return 0;
+}
+
+/* open: on success the new fd is resolved to the file the kernel opened */
+static __always_inline int tf_vfs_sc_open(long ret, int dfd, int p, int flags)
+{
+	struct pt_regs *regs;
+	struct tf_vfs_event *e;
+
+	if (!tf_vfs_on())
+		return 0;
+	regs = tf_sc_regs();
+	if (ret >= 0) {
+		struct file *f = tf_fd_file(ret);
+
+		if (!f || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+			return 0;
+		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
+			return 0;
+		tf_vfs_file(e, f, false);
+		e->arg = BPF_CORE_READ(f, f_flags);
+	} else {
+		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
+			return 0;
+		e->path_kind = tf_user_path(&e->path, tf_sc_arg(regs, p),
+					    dfd >= 0 ? (int)tf_sc_arg(regs, dfd) : TF_AT_FDCWD, e);
+		if (flags >= 0)
+			e->arg = tf_sc_arg(regs, flags);
+	}
+	tf_vfs_emit(e, ret);
+	return 0;
+}
+
+/* read and write: pos is the offset argument of the p-variants, else the file position */
+static __always_inline int tf_vfs_sc_io(long ret, bool write, int pos_arg)
+{
+	struct pt_regs *regs;
+	struct file *f;
+	__u64 pos;
+
+	if (ret <= 0)
+		return 0;
+	regs = tf_sc_regs();
+	f = tf_fd_file(tf_sc_arg(regs, 0));
+	if (!f)
+		return 0;
+	pos = pos_arg >= 0 ? tf_sc_arg(regs, pos_arg) : (__u64)-1;
+	if (pos == (__u64)-1) /* no offset, or preadv2's -1: the file position moved */
+		pos = BPF_CORE_READ(f, f_pos);
+	else
+		pos += ret;
+	tf_vfs_account(f, ret, write, pos);
+	return 0;
+}
+
+#define TF_VFS_SC(name, op, fd, dfd, p, dfd2, p2, a)                                           \
+	SEC("tp/syscalls/sys_exit_" #name)                                                    \
+	int vt_##name(struct trace_event_raw_sys_exit *ctx)                                   \
+	{                                                                                     \
+		return tf_vfs_sc(ctx->ret, op, fd, dfd, p, dfd2, p2, a);                       \
+	}
+
+#define TF_VFS_SC_OPEN(name, dfd, p, flags)                                                    \
+	SEC("tp/syscalls/sys_exit_" #name)                                                    \
+	int vt_##name(struct trace_event_raw_sys_exit *ctx)                                   \
+	{                                                                                     \
+		return tf_vfs_sc_open(ctx->ret, dfd, p, flags);                                \
+	}
+
+#define TF_VFS_SC_IO(name, write, pos)                                                         \
+	SEC("tp/syscalls/sys_exit_" #name)                                                    \
+	int vt_##name(struct trace_event_raw_sys_exit *ctx)                                   \
+	{                                                                                     \
+		return tf_vfs_sc_io(ctx->ret, write, pos);                                     \
+	}
+
+/*             name        dfd  path flags */
+TF_VFS_SC_OPEN(openat,     0,   1,   2)
+TF_VFS_SC_OPEN(openat2,    0,   1,   NO)
+/*           name       write  pos */
+TF_VFS_SC_IO(read,      false, NO)
+TF_VFS_SC_IO(pread64,   false, 3)
+TF_VFS_SC_IO(readv,     false, NO)
+TF_VFS_SC_IO(preadv,    false, 3)
+TF_VFS_SC_IO(preadv2,   false, 3)
+TF_VFS_SC_IO(write,     true,  NO)
+TF_VFS_SC_IO(pwrite64,  true,  3)
+TF_VFS_SC_IO(writev,    true,  NO)
+TF_VFS_SC_IO(pwritev,   true,  3)
+TF_VFS_SC_IO(pwritev2,  true,  3)
+/*        name        op               fd  dfd  path dfd2 path2 arg */
+TF_VFS_SC(ftruncate,  TF_VFS_TRUNCATE, 0,  NO,  NO,  NO,  NO,   1)
+TF_VFS_SC(truncate,   TF_VFS_TRUNCATE, NO, NO,  0,   NO,  NO,   1)
+TF_VFS_SC(unlinkat,   TF_VFS_UNLINK,   NO, 0,   1,   NO,  NO,   2)
+TF_VFS_SC(renameat,   TF_VFS_RENAME,   NO, 0,   1,   2,   3,    NO)
+TF_VFS_SC(renameat2,  TF_VFS_RENAME,   NO, 0,   1,   2,   3,    4)
+TF_VFS_SC(mkdirat,    TF_VFS_MKDIR,    NO, 0,   1,   NO,  NO,   2)
+TF_VFS_SC(linkat,     TF_VFS_LINK,     NO, 0,   1,   2,   3,    NO)
+TF_VFS_SC(symlinkat,  TF_VFS_SYMLINK,  NO, 1,   2,   NO,  0,    NO)
+TF_VFS_SC(fchmod,     TF_VFS_SETATTR,  0,  NO,  NO,  NO,  NO,   1)
+TF_VFS_SC(fchmodat,   TF_VFS_SETATTR,  NO, 0,   1,   NO,  NO,   2)
+TF_VFS_SC(fchown,     TF_VFS_SETATTR,  0,  NO,  NO,  NO,  NO,   1)
+TF_VFS_SC(fchownat,   TF_VFS_SETATTR,  NO, 0,   1,   NO,  NO,   2)
+TF_VFS_SC(utimensat,  TF_VFS_SETATTR,  NO, 0,   1,   NO,  NO,   NO)
+
+#if defined(__TARGET_ARCH_x86)
+/* legacy x86-64 entry points that glibc still uses */
+TF_VFS_SC_OPEN(open,       NO,  0,   1)
+TF_VFS_SC_OPEN(creat,      NO,  0,   NO)
+TF_VFS_SC(unlink,     TF_VFS_UNLINK,   NO, NO,  0,   NO,  NO,   NO)
+TF_VFS_SC(rmdir,      TF_VFS_RMDIR,    NO, NO,  0,   NO,  NO,   NO)
+TF_VFS_SC(rename,     TF_VFS_RENAME,   NO, NO,  0,   NO,  1,    NO)
+TF_VFS_SC(mkdir,      TF_VFS_MKDIR,    NO, NO,  0,   NO,  NO,   1)
+TF_VFS_SC(link,       TF_VFS_LINK,     NO, NO,  0,   NO,  1,    NO)
+TF_VFS_SC(symlink,    TF_VFS_SYMLINK,  NO, NO,  1,   NO,  0,    NO)
+TF_VFS_SC(chmod,      TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
+TF_VFS_SC(chown,      TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
+TF_VFS_SC(lchown,     TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
+#endif
+
+/* close: the fd is gone at exit, so the file is looked up at entry */
+SEC("tp/syscalls/sys_enter_close")
+int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	struct tf_vfs_event *e;
+	struct file *f;
+
+	if (!tf_vfs_on())
+		return 0;
+	f = tf_fd_file(ctx->args[0]);
+	if (!f || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+		return 0;
+	if (!(e = tf_vfs_stash(TF_VFS_CLOSE)))
+		return 0;
+	tf_vfs_file(e, f, true);
+	return 0;
+}
+
+SEC("tp/syscalls/sys_exit_close")
+int vt_close(struct trace_event_raw_sys_exit *ctx)
+{
+	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_CLOSE);
+
+	if (e) {
+		tf_vfs_emit(e, ctx->ret);
+		tf_vfs_unstash();
+	}
+	return 0;
+}
