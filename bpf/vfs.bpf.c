@@ -115,7 +115,9 @@ static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
 {
 	e->hdr.ret = ret;
 	e->hdr.exit_ns = bpf_ktime_get_ns();
-	if (!tf_prefix_ok(SET, &e->path)) {
+	/* a mount-relative path cannot be matched here: the agent matches it once it has
+	 * prefixed the mount point */
+	if (e->path_kind != TF_PATH_MOUNT_REL && !tf_prefix_ok(SET, &e->path)) {
 		tf_count(SET, TF_STAT_FILTERED);
 		return;
 	}

@@ -86,15 +86,18 @@ def workloads(tmpfs: Path) -> list[Workload]:
             '{ printf("%%r\\n", buf(args->uservaddr, args->addrlen)); }',
             "connect",
         ),
-        # Hook for the `vfs` event set (kprobes on vfs_*): measured once the agent has it.
+        # The `vfs` set on the same file-heavy loop: two records per iteration (open, and
+        # close with the bytes added up). Its hook is the kernel's choice (fentry where
+        # trampolines load, else the syscall tracepoints below, which the floor attaches).
         Workload(
-            "vfs (hook)",
+            "vfs open+close (tmpfs)",
             "openat",
             str(tmpfs / f"tf-bench-vfs-{os.getpid()}"),
             "vfs",
-            (),
-            "",
-            "openat",
+            ("sys_exit_openat", "sys_enter_close", "sys_exit_close"),
+            'tracepoint:syscalls:sys_enter_openat /comm == "%s"/ '
+            '{ printf("%%s\\n", str(args->filename)); }',
+            "openat,close",
         ),
     ]
 

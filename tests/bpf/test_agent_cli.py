@@ -23,11 +23,14 @@ def test_probe_reports_kernel_features_and_strategy_per_set(host):
     report = json.loads(out.stdout)
     assert report["kernel"] == os.uname().release
     assert report["features"]["btf"] is True
-    assert set(report["event_sets"]) >= {"file", "exec", "net"}
+    assert set(report["event_sets"]) >= {"file", "exec", "net", "vfs"}
     for name, s in report["event_sets"].items():
-        assert s["strategy"] in ("sleepable", "fentry-sleepable", "exit-retry", "nofault"), name
-        assert s["attempts"][-1] == {"strategy": s["strategy"], "ok": True,
-                                     "reason": "loaded and attached"}  # fmt: skip
+        rungs = ("fentry", "tracepoint") if name == "vfs" else (
+            "sleepable", "fentry-sleepable", "exit-retry", "nofault")  # fmt: skip
+        assert s["strategy"] in rungs, name
+        last = s["attempts"][-1]
+        assert (last["strategy"], last["ok"]) == (s["strategy"], True)
+        assert last["reason"].startswith("loaded and attached")
         # every better rung that was refused says why
         for a in s["attempts"][:-1]:
             assert not a["ok"] and a["reason"]
@@ -45,13 +48,16 @@ def test_sleepable_is_chosen_where_the_kernel_has_sleepable_tracepoints(host):
     out = subprocess.run([*AGENT, "probe"], capture_output=True, text=True, timeout=300)
     report = json.loads(out.stdout)
     chosen = {name: s["strategy"] for name, s in report["event_sets"].items()}
+    # vfs's rungs are hooks, not ways to read user memory: on 7.2 trampolines load too
     if _release() >= (7, 2):
-        assert chosen == {"file": "sleepable", "exec": "sleepable", "net": "sleepable"}
+        assert chosen == {"file": "sleepable", "exec": "sleepable", "net": "sleepable",
+                          "vfs": "fentry"}  # fmt: skip
         assert report["features"]["sleepable_tracepoints"] is True
     else:
         assert "sleepable" not in chosen.values()
-        for s in report["event_sets"].values():
-            assert s["attempts"][0]["strategy"] == "sleepable" and not s["attempts"][0]["ok"]
+        for name, s in report["event_sets"].items():
+            first = "fentry" if name == "vfs" else "sleepable"
+            assert s["attempts"][0]["strategy"] == first and not s["attempts"][0]["ok"]
 
 
 def test_capture_jsonl_has_the_documented_fields(host, workloads, tmp_path: Path):

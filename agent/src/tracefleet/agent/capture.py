@@ -110,6 +110,15 @@ def _has_lost_arg(raw: bytes) -> bool:
 EventSink = Callable[[dict[str, Any]], None]
 
 
+def _prefix_ok(ev: dict[str, Any], f: Filters) -> bool:
+    """The path-prefix filter for paths the kernel could not match: a vfs hook that only had
+    a dentry sends the path relative to its file system, and the mount point is known here."""
+    path = ev["args"].get("path", {})
+    if path.get("kind") != "mount-relative" or path.get("value") is None:
+        return True
+    return any(str(path["value"]).startswith(p) for p in f.path_prefixes)
+
+
 class FilterError(ValueError):
     pass
 
@@ -399,6 +408,8 @@ class BpfEngine:
             return
         if fallback and self._apply_fallback(rec, name):
             ev, _ = decode_record(bytes(rec), now)  # re-decode with the recovered values
+        if st is not None and st.filters.path_prefixes and not _prefix_ok(ev, st.filters):
+            return
         if sample:
             self._samples.append(ev)
         for sink in self._sinks:
