@@ -165,14 +165,14 @@ def _plain(value: Any) -> dict[str, Any]:
     return {"value": value, "status": "ok", "strategy": "kernel"}
 
 
-def vfs_path_arg(s: TfStr, kind: int, dev: int) -> dict[str, Any]:
+def vfs_path_arg(s: TfStr, kind: int, dev: int, pid: int) -> dict[str, Any]:
     out = str_arg(s)
     out.pop("addr", None)
     out["kind"] = _PATH_KINDS.get(PathKind(kind) if kind in PathKind._value2member_map_ else 0,
                                   "none")  # fmt: skip
     if kind == PathKind.MOUNT_REL and out["value"] is not None:
         # only a dentry was at hand: prefix the mount point when it is unambiguous
-        mp = _MOUNTS.mount_point(dev)
+        mp = _MOUNTS.mount_point(dev, pid)
         out["mount_relative"] = out["value"]
         if mp is not None:
             out["mount"] = mp
@@ -181,16 +181,17 @@ def vfs_path_arg(s: TfStr, kind: int, dev: int) -> dict[str, Any]:
 
 
 def _vfs_args(rec: TfVfsEvent, op: str) -> dict[str, Any]:
-    args: dict[str, Any] = {"path": vfs_path_arg(rec.path, rec.path_kind, rec.dev)}
+    pid = rec.hdr.pid
+    args: dict[str, Any] = {"path": vfs_path_arg(rec.path, rec.path_kind, rec.dev, pid)}
     if op in _VFS_PATH2:
-        args[_VFS_PATH2[op]] = vfs_path_arg(rec.path2, rec.path2_kind, rec.dev)
+        args[_VFS_PATH2[op]] = vfs_path_arg(rec.path2, rec.path2_kind, rec.dev, pid)
     args["inode"] = _plain(rec.ino or None)
     dev, fstype = rec.dev, text(rec.fstype)
     if not dev and args["path"]["value"]:
         # an absolute path seen at a syscall: the kernel did not look it up, so find the
         # file system from its directory, as the process sees it
         dev = dev_of_dir(rec.hdr.pid, args["path"]["value"])
-        fstype = _MOUNTS.fstype(dev) if dev else ""
+        fstype = _MOUNTS.fstype(dev, rec.hdr.pid) if dev else ""
         args["dev"] = {"value": dev_label(dev) if dev else None, "status": "ok" if dev else
                        "lost", "strategy": "user-space"}  # fmt: skip
         args["fstype"] = {"value": fstype or None, "status": "ok" if fstype else "lost",

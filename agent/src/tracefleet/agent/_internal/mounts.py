@@ -54,38 +54,50 @@ def parse_mountinfo(text: str) -> dict[int, list[tuple[str, str, str]]]:
 
 
 class MountTable:
-    """Cached view of the mount table; re-read at most every couple of seconds, and when a
-    device is not found (a file system mounted since)."""
+    """Mount tables as processes see them, one per mount namespace, cached: re-read at most
+    every couple of seconds, and when a device is not found (mounted since). A process's own
+    table comes first (a container's mounts are not the host's); the host's (pid 1, when the
+    agent shares the host's PID namespace) and the agent's own are the fallbacks."""
 
     def __init__(self, sources: tuple[Path, ...] = MOUNTINFO):
         self._sources = sources
         self._lock = threading.Lock()
-        self._by_dev: dict[int, list[tuple[str, str, str]]] = {}
-        self._read_at = 0.0
+        self._tables: dict[str, tuple[float, dict[int, list[tuple[str, str, str]]]]] = {}
 
-    def _refresh(self) -> None:
-        for src in self._sources:
+    def _table(self, src: Path, dev: int) -> dict[int, list[tuple[str, str, str]]] | None:
+        try:
+            key = f"{os.stat(src.parent / 'ns' / 'mnt').st_ino}"
+        except OSError:
+            key = str(src)
+        read_at, table = self._tables.get(key, (0.0, {}))
+        age = time.monotonic() - read_at
+        if age > _REFRESH_SECONDS or (dev not in table and age > 0.1):
             try:
-                self._by_dev = parse_mountinfo(src.read_text())
-                break
+                table = parse_mountinfo(src.read_text())
             except OSError:
-                continue
-        self._read_at = time.monotonic()
+                return None
+            if len(self._tables) > 256:
+                self._tables.clear()
+            self._tables[key] = (time.monotonic(), table)
+        return table
 
-    def _mounts(self, dev: int) -> list[tuple[str, str, str]]:
+    def _mounts(self, dev: int, pid: int = 0) -> list[tuple[str, str, str]]:
+        sources = ((Path(f"/proc/{pid}/mountinfo"),) if pid else ()) + self._sources
         with self._lock:
-            age = time.monotonic() - self._read_at
-            if age > _REFRESH_SECONDS or (dev not in self._by_dev and age > 0.1):
-                self._refresh()
-            return list(self._by_dev.get(dev, []))
+            for src in sources:
+                table = self._table(src, dev)
+                if table is not None and dev in table:
+                    return list(table[dev])
+        return []
 
-    def mount_point(self, dev: int) -> str | None:
-        """Where the file system ``dev`` is mounted with its root, if at exactly one place."""
-        whole = [mp for root, mp, _ in self._mounts(dev) if root == "/"]
+    def mount_point(self, dev: int, pid: int = 0) -> str | None:
+        """Where the file system ``dev`` is mounted with its root, as process ``pid`` sees
+        it, if at exactly one place."""
+        whole = [mp for root, mp, _ in self._mounts(dev, pid) if root == "/"]
         return whole[0] if len(whole) == 1 else None
 
-    def fstype(self, dev: int) -> str:
-        types = {t for _, _, t in self._mounts(dev)}
+    def fstype(self, dev: int, pid: int = 0) -> str:
+        types = {t for _, _, t in self._mounts(dev, pid)}
         return types.pop() if len(types) == 1 else ""
 
 
