@@ -10,8 +10,10 @@ deploy/README.md, with the capability allow-list kept in deploy/kubernetes/capab
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -22,6 +24,16 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import NameOID
+
+from tracefleet.agent._internal import env as agent_env
+from tracefleet.controller._internal import env as controller_env
+from tracefleet.controller._internal import kubetoken
+from tracefleet.controller._internal.auth import identity_from_pem
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"
@@ -119,6 +131,8 @@ def test_renders_expected_objects():
             "ServiceAccount/tracefleet-controller",
             "ClusterRole/tracefleet-agent",
             "ClusterRoleBinding/tracefleet-agent",
+            "ClusterRole/tracefleet-controller",
+            "ClusterRoleBinding/tracefleet-controller",
             "DaemonSet/tracefleet-agent",
             "Deployment/tracefleet-controller",
             "Service/tracefleet-controller",
@@ -257,12 +271,57 @@ def test_resources_on_every_container():
                 )
 
 
-def test_resource_estimates_are_explained():
-    """Requests/limits carry their basis in a comment, flagged as estimates."""
-    for path in (K8S / "agent" / "daemonset.yaml", K8S / "controller" / "deployment.yaml"):
-        text = path.read_text()
-        assert re.search(r"#\s*ESTIMATES pending `make bench`", text), path
-        assert "TODO" not in text, path
+def _mebibytes(q: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(Ki|Mi|Gi)?", q)
+    assert m, f"unexpected memory quantity {q!r}"
+    return float(m.group(1)) * {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, None: 1 / 2**20}[m.group(2)]
+
+
+def _millicores(q: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(m)?", q)
+    assert m, f"unexpected cpu quantity {q!r}"
+    return float(m.group(1)) * (1 if m.group(2) else 1000)
+
+
+# The figures `make bench` measured (deploy/README.md "Resources"), which the manifests' comments
+# must cite and the requests must cover: (file, kind/name, [cited texts], memory MiB, cpu m).
+MEASURED = [
+    ("agent/daemonset.yaml", ("DaemonSet", "tracefleet-agent"),
+     ["158 MiB", "0.6%", "33%", "10k events/s"], 158, 6),
+    ("controller/deployment.yaml", ("Deployment", "tracefleet-controller"),
+     ["129 MiB", "24%", "1,000 agents"], 129, 240),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "obj", "cited", "rss_mib", "cpu_m"), MEASURED)
+def test_resources_cite_the_measured_figures(path, obj, cited, rss_mib, cpu_m):
+    """Requests/limits carry their basis, the benchmark's measurements, in a comment, and the
+    requests cover what was measured (limits above the requests)."""
+    text = (K8S / path).read_text()
+    block = re.search(r"\n\s+resources:\n((?:\s+#.*\n)+)", text)
+    assert block, f"{path}: no comment block under resources:"
+    comment = block.group(1)
+    assert "MEASURED by `make bench`" in comment, path
+    for figure in cited:
+        assert figure in comment, f"{path}: the resources comment does not cite {figure!r}"
+    assert "ESTIMATE" not in text and "TODO" not in text, path
+    (c,) = containers(get(*obj))
+    req, lim = c["resources"]["requests"], c["resources"]["limits"]
+    assert _mebibytes(req["memory"]) >= rss_mib, f"{path}: memory request below measured RSS"
+    assert _millicores(req["cpu"]) >= cpu_m, f"{path}: cpu request below measured steady CPU"
+    assert _mebibytes(lim["memory"]) >= 2 * _mebibytes(req["memory"]) * 0.99, path
+    assert _millicores(lim["cpu"]) > _millicores(req["cpu"]), path
+
+
+def test_readme_resources_table_matches_manifests():
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    for name, obj in (("agent", ("DaemonSet", "tracefleet-agent")),
+                      ("controller", ("Deployment", "tracefleet-controller"))):  # fmt: skip
+        (c,) = containers(get(*obj))
+        req, lim = c["resources"]["requests"], c["resources"]["limits"]
+        row = (f"| {name} | {req['cpu']}, {req['memory']} | {lim['cpu']} CPU, "
+               f"{lim['memory']} |")  # fmt: skip
+        assert row in readme, f"deploy/README.md Resources table lacks {row!r}"
 
 
 def test_host_namespaces_only_on_agent():
@@ -303,14 +362,20 @@ def test_images_pinned_and_not_latest():
 def test_rbac_minimal():
     role = get("ClusterRole", "tracefleet-agent")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    # the controller's one API call: TokenReview of the agents' ServiceAccount tokens
+    role = get("ClusterRole", "tracefleet-controller")
+    assert role["rules"] == [
+        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+    ]
     kinds = {o["kind"] for o in render("base")}
-    assert not kinds & {"Role", "RoleBinding"}, "the controller needs no API access"
-    (subject,) = get("ClusterRoleBinding", "tracefleet-agent")["subjects"]
-    assert subject == {
-        "kind": "ServiceAccount",
-        "name": "tracefleet-agent",
-        "namespace": "tracefleet",
-    }
+    assert not kinds & {"Role", "RoleBinding"}, "nothing namespaced is granted"
+    for name in ("tracefleet-agent", "tracefleet-controller"):
+        binding = get("ClusterRoleBinding", name)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name
+        }  # fmt: skip
+        (subject,) = binding["subjects"]
+        assert subject == {"kind": "ServiceAccount", "name": name, "namespace": "tracefleet"}
 
 
 def test_network_policy():
@@ -390,3 +455,131 @@ def test_containerfiles_runtime_stage():
             assert user.split(":")[0] not in ("0", "root")
         else:
             assert "libbpf1" in runtime
+
+
+# ---------------------------------------------------------------- cert-manager install
+
+
+def _cert_manager_install() -> tuple[dict, ...]:
+    """What the documented cert-manager install applies: the base, then the add-on."""
+    return render("base") + render("cert-manager")
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_agents_prove_their_node_with_a_projected_token():
+    """Every agent mounts the same certificate, so the install wires the node binding: the
+    DaemonSet mounts a pod-bound projected ServiceAccount token for the audience the
+    controller checks, the controller runs --agent-identity=k8s-token with API credentials,
+    and may create TokenReviews."""
+    objs = {obj_id(o): o for o in _cert_manager_install()}
+    ds = objs["DaemonSet/tracefleet-agent"]
+    (agent,) = containers(ds)
+    token_file = _env(agent)[agent_env.TOKEN_FILE]["value"]
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    mount = mounts[posixpath.dirname(token_file)]
+    assert mount["readOnly"] is True
+    volumes = {v["name"]: v for v in pod_spec(ds)["volumes"]}
+    (source,) = volumes[mount["name"]]["projected"]["sources"]
+    sat = source["serviceAccountToken"]
+    assert sat["path"] == posixpath.basename(token_file)
+    assert 600 <= sat["expirationSeconds"] <= 3600, "short-lived (600 s is the API minimum)"
+    assert pod_spec(ds)["serviceAccountName"] == kubetoken.DEFAULT_AGENT_SERVICE_ACCOUNT
+
+    dep = objs["Deployment/tracefleet-controller"]
+    (ctl,) = containers(dep)
+    env = _env(ctl)
+    assert env[controller_env.AGENT_IDENTITY]["value"] == kubetoken.MODE_K8S_TOKEN
+    audience = env.get(controller_env.AGENT_TOKEN_AUDIENCE, {}).get(
+        "value", kubetoken.DEFAULT_AUDIENCE
+    )
+    assert sat["audience"] == audience, "the agents' token must be for the controller's audience"
+    assert audience != "" and not audience.startswith("https://kubernetes")
+    # the controller's own API credentials at the in-cluster path it reads by default
+    cmounts = {m["mountPath"]: m for m in ctl["volumeMounts"]}
+    api = cmounts[kubetoken.SERVICEACCOUNT_DIR]
+    assert api["readOnly"] is True
+    cvolumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    paths = set()
+    for src in cvolumes[api["name"]]["projected"]["sources"]:
+        if "serviceAccountToken" in src:
+            assert "audience" not in src["serviceAccountToken"], "must be valid for the API"
+            paths.add(src["serviceAccountToken"]["path"])
+        for item in (src.get("configMap") or src.get("downwardAPI") or {}).get("items", []):
+            paths.add(item["path"])
+    assert paths == {"token", "ca.crt", "namespace"}
+    role = objs["ClusterRole/tracefleet-controller"]
+    assert {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"],
+            "verbs": ["create"]} in role["rules"]  # fmt: skip
+    (subject,) = objs["ClusterRoleBinding/tracefleet-controller"]["subjects"]
+    assert subject["name"] == pod_spec(dep)["serviceAccountName"]
+
+
+@pytest.fixture(scope="module")
+def private_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Name]:
+    return ec.generate_private_key(ec.SECP256R1()), x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, "test-ca")]
+    )
+
+
+def _issue_like_cert_manager(spec: dict, ca) -> bytes:
+    """A certificate with the subject and SANs a cert-manager Certificate spec asks for."""
+    ca_key, ca_name = ca
+    subject = spec.get("subject", {})
+    attrs = [
+        x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in subject.get("organizations", [])
+    ]
+    attrs += [
+        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, ou)
+        for ou in subject.get("organizationalUnits", [])
+    ]
+    if spec.get("commonName"):
+        attrs.append(x509.NameAttribute(NameOID.COMMON_NAME, spec["commonName"]))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name(attrs))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(hours=1))
+    )
+    if spec.get("dnsNames"):
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(d) for d in spec["dnsNames"]]), False
+        )
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(Encoding.PEM)
+
+
+def test_cert_manager_subjects_carry_what_the_controller_checks(private_ca):
+    """Each Certificate of the add-on, issued as specified, is read by the controller's
+    identity check as what it is for: the controller, an agent, an admin and a read-only
+    operator. (Without subject.organizationalUnits the controller refuses them all.)"""
+    certs = {
+        o["spec"]["secretName"]: o["spec"]
+        for o in render("cert-manager")
+        if o["kind"] == "Certificate" and not o["spec"].get("isCA")
+    }
+    seen = {}
+    for secret, spec in certs.items():
+        ident = identity_from_pem(_issue_like_cert_manager(spec, private_ca))
+        seen[secret] = (ident.kind, ident.role)
+        assert ident.kind != "unknown", f"{secret}: the controller cannot tell what it is"
+    assert seen == {
+        "tracefleet-controller-tls": ("controller", ""),
+        "tracefleet-agent-tls": ("agent", ""),
+        "tracefleet-operator-admin-tls": ("operator", "admin"),
+        "tracefleet-operator-read-tls": ("operator", "read"),
+    }
+    assert "server auth" in certs["tracefleet-controller-tls"]["usages"]
+    for secret in seen.keys() - {"tracefleet-controller-tls"}:
+        assert "client auth" in certs[secret]["usages"], secret
+        assert "server auth" not in certs[secret]["usages"], secret
+    # the agent in the DaemonSet dials this name, which must be in the server certificate
+    (agent,) = containers(get("DaemonSet", "tracefleet-agent"))
+    host = _env(agent)["TRACEFLEET_CONTROLLER"]["value"].rpartition(":")[0]
+    assert host in certs["tracefleet-controller-tls"]["dnsNames"]

@@ -260,6 +260,23 @@ def _tls_options(args: argparse.Namespace) -> Any:
         return None
 
 
+def _client_options(args: argparse.Namespace) -> Any:
+    """ClientOptions with mTLS and the ServiceAccount token; None (after printing why) if
+    refused."""
+    from tracefleet.agent._internal.satoken import AgentTokenError, read_token
+
+    options = _tls_options(args)
+    if options is None or not args.token_file:
+        return options
+    try:
+        read_token(args.token_file)  # fail early; re-read for every connection
+    except AgentTokenError as e:
+        print(f"tracefleet-agent: {e} (--token-file / {env.TOKEN_FILE})", file=sys.stderr)
+        return None
+    options.token_file = args.token_file
+    return options
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -283,7 +300,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         k, v = item.split("=", 1)
         labels[k.strip()] = v.strip()
-    options = _tls_options(args)
+    options = _client_options(args)
     if options is None:
         return EXIT_USAGE
     engine = _make_engine(args, list(EVENT_SETS))
@@ -375,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--tls-server-name", default="", metavar="NAME",
                     help="expect this name in the controller's certificate (default: the host "
                     "of --controller)")  # fmt: skip
+    sr.add_argument("--token-file", default=os.environ.get(env.TOKEN_FILE, ""), metavar="FILE",
+                    help="Kubernetes: projected ServiceAccount token sent to the controller "
+                    "(re-read on every reconnect) so that it can tell this agent's node "
+                    f"(env {env.TOKEN_FILE})")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)

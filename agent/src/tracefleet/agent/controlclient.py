@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tracefleet.agent._internal.redact import Redactor
+from tracefleet.agent._internal.satoken import AgentTokenError, token_metadata
 from tracefleet.agent.engine import (
     Aggregates,
     CaptureEngine,
@@ -80,6 +81,10 @@ class ClientOptions:
     # channel, and the stream is re-established when the files change. Wins over credentials.
     tls: Any = None
     tls_check_interval: float = 10.0  # seconds between checks of the TLS files
+    # Kubernetes ServiceAccount token file (tracefleet.agent._internal.satoken): read for
+    # every new connection and sent as 'authorization: Bearer' metadata of Connect, which a
+    # controller in k8s-token mode checks for this node. "" = send none.
+    token_file: str = ""
 
 
 @dataclass
@@ -207,6 +212,16 @@ class ControlClient:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), self.options.backoff_initial)
                 continue
+            metadata: tuple[tuple[str, str], ...] = ()
+            if self.options.token_file:
+                try:
+                    metadata = token_metadata(self.options.token_file)
+                except AgentTokenError as e:  # mid-rotation or not mounted: retry
+                    log.warning("%s: %s", self.node_name, e)
+                    attempt += 1
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), self.options.backoff_initial)
+                    continue
             extra = tls.channel_options() if tls is not None else []
             channel = (
                 grpc.aio.secure_channel(self.controller, creds, options=CHANNEL_OPTIONS + extra)
@@ -214,7 +229,7 @@ class ControlClient:
                 else grpc.aio.insecure_channel(self.controller, options=CHANNEL_OPTIONS)
             )
             try:
-                await self._session(channel, stop)
+                await self._session(channel, stop, metadata)
             except grpc.aio.AioRpcError as e:
                 log.log(
                     logging.INFO if attempt else logging.WARNING,
@@ -237,8 +252,13 @@ class ControlClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), delay)
 
-    async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
-        call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+    async def _session(
+        self,
+        channel: grpc.aio.Channel,
+        stop: asyncio.Event,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        call = agent_pb2_grpc.AgentServiceStub(channel).Connect(metadata=metadata or None)
         await call.write(agent_pb2.AgentMessage(register=self._register_message()))
         self.connected = True
         self.stats.connects += 1

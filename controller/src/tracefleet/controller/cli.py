@@ -25,9 +25,9 @@ EXIT_UNREACHABLE = 3  # the controller could not be reached or did not answer in
 EXIT_REJECTED = 4  # the controller refused the request (unknown event set, forbidden, ...)
 EXIT_NOT_CONVERGED = 5  # --wait: nodes did not apply in time, or reported errors
 
-TLS_DIR_ENV = "TRACEFLEET_TLS_DIR"
-TOKEN_ENV = "TRACEFLEET_TOKEN"
-TLS_SERVER_NAME_ENV = "TRACEFLEET_TLS_SERVER_NAME"
+TLS_DIR_ENV = env.TLS_DIR
+TOKEN_ENV = env.TOKEN
+TLS_SERVER_NAME_ENV = env.TLS_SERVER_NAME
 
 EXIT_CODES = """\
 exit codes:

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tracefleet.controller._internal import auth as authz
 from tracefleet.controller._internal import env
+from tracefleet.controller._internal import kubetoken as kt
 from tracefleet.controller._internal import policy as pol
 from tracefleet.controller._internal import tls as tlsmod
 from tracefleet.controller._internal.agent_api import AgentService
@@ -45,11 +46,18 @@ environment:
   {tlsmod.TLS_DIR_ENV}         default of --tls-dir
   {authz.TOKENS_FILE_ENV}     default of --tokens-file
   {pol.POLICY_FILE_ENV}     default of --policy
+  {env.AGENT_IDENTITY}  default of --agent-identity ({kt.MODE_CERTIFICATE})
+  {env.AGENT_TOKEN_AUDIENCE}  default of --agent-token-audience ({kt.DEFAULT_AUDIENCE})
+  {env.AGENT_SERVICE_ACCOUNT}  default of --agent-service-account
+  {env.KUBERNETES_SERVICE_HOST}, {env.KUBERNETES_SERVICE_PORT}  default of --kube-api
 
 examples:
   tracefleet-controller --listen 127.0.0.1:7070 --db /var/lib/tracefleet/controller.db
   tracefleet-controller --listen 127.0.0.1:0 --db :memory:    # any free port, no persistence
   tracefleet-controller --listen 0.0.0.0:7070 --tls-dir /etc/tracefleet/tls --policy policy.yaml
+  # in a Kubernetes pod, agents sharing one certificate (deploy/kubernetes does this):
+  tracefleet-controller --listen 0.0.0.0:7070 --tls-dir /etc/tracefleet/tls \\
+      --agent-identity k8s-token
 """
 
 
@@ -116,6 +124,42 @@ def build_parser() -> argparse.ArgumentParser:
         "(deploy/README.md)",
     )
     p.add_argument(
+        "--agent-identity",
+        choices=kt.MODES,
+        default=os.environ.get(env.AGENT_IDENTITY, kt.MODE_CERTIFICATE),
+        help="how an agent proves the node it registers as: 'certificate' (its client "
+        "certificate names the node: 'tracefleet certs agent --node N') or 'k8s-token' (a "
+        "projected ServiceAccount token whose TokenReview names the node; for a DaemonSet "
+        "sharing one agent certificate) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--agent-token-audience",
+        default=os.environ.get(env.AGENT_TOKEN_AUDIENCE, kt.DEFAULT_AUDIENCE),
+        metavar="AUDIENCE",
+        help="k8s-token: audience of the agents' projected tokens (default: %(default)s)",
+    )
+    p.add_argument(
+        "--agent-service-account",
+        default=os.environ.get(env.AGENT_SERVICE_ACCOUNT, ""),
+        metavar="NAMESPACE/NAME",
+        help="k8s-token: the agents' ServiceAccount (default: "
+        f"<this pod's namespace>/{kt.DEFAULT_AGENT_SERVICE_ACCOUNT})",
+    )
+    p.add_argument(
+        "--kube-api",
+        default="",
+        metavar="URL",
+        help="k8s-token: API server for TokenReview (default: "
+        f"https://${env.KUBERNETES_SERVICE_HOST}:${env.KUBERNETES_SERVICE_PORT})",
+    )
+    p.add_argument(
+        "--kube-credentials",
+        default=kt.SERVICEACCOUNT_DIR,
+        metavar="DIR",
+        help="k8s-token: DIR/ca.crt (the API server's CA), DIR/token (this controller's "
+        "ServiceAccount token, re-read per review), DIR/namespace (default: %(default)s)",
+    )
+    p.add_argument(
         "--db",
         default=os.environ.get(env.CONTROLLER_DB, env.DEFAULT_DB),
         help="SQLite file of the desired state, ':memory:' for none (default: %(default)s)",
@@ -159,7 +203,13 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         security = _security(args, host)
-    except (tlsmod.TLSConfigError, authz.TokensError, pol.PolicyError, ValueError) as e:
+    except (
+        tlsmod.TLSConfigError,
+        authz.TokensError,
+        pol.PolicyError,
+        kt.KubeConfigError,
+        ValueError,
+    ) as e:
         print(f"tracefleet-controller: {e}", file=sys.stderr)
         store.close()
         return 2
@@ -225,7 +275,8 @@ async def serve(args: argparse.Namespace) -> int:
     shown = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     print(
         f"tracefleet-controller: listening on {shown} "
-        f"({'mTLS' if server_tls is not None else 'insecure'}), db {args.db}, "
+        f"({'mTLS' if server_tls is not None else 'insecure'}), agent identity "
+        f"{args.agent_identity}, db {args.db}, "
         f"generation {controller.generation}",
         file=sys.stderr,
         flush=True,
@@ -260,7 +311,9 @@ def _security(
             "on a trusted network"
         )
     tokens = authz.load_tokens(args.tokens_file) if args.tokens_file else None
-    authorizer = authz.Authorizer(tls=server_tls is not None, tokens=tokens)
+    authorizer = authz.Authorizer(
+        tls=server_tls is not None, tokens=tokens, agent_tokens=_agent_tokens(args)
+    )
     policy = pol.load_policy(args.policy) if args.policy else pol.Policy()
     if args.policy:
         log.info(
@@ -270,6 +323,38 @@ def _security(
             len(policy.redact),
         )
     return server_tls, authorizer, policy
+
+
+def _agent_tokens(args: argparse.Namespace) -> kt.AgentTokenVerifier | None:
+    """The TokenReview verifier of --agent-identity=k8s-token, None in certificate mode;
+    raises KubeConfigError naming the fix."""
+    if args.agent_identity not in kt.MODES:  # argparse does not check defaults from the env
+        raise kt.KubeConfigError(
+            f"{env.AGENT_IDENTITY}={args.agent_identity!r}: use one of {', '.join(kt.MODES)}"
+        )
+    if args.agent_identity != kt.MODE_K8S_TOKEN:
+        return None
+    api = kt.in_cluster(args.kube_api, args.kube_credentials)
+    account = args.agent_service_account
+    if not account:
+        namespace = kt.own_namespace(args.kube_credentials)
+        if not namespace:
+            raise kt.KubeConfigError(
+                f"cannot tell the agents' ServiceAccount: no {args.kube_credentials}/namespace; "
+                f"pass --agent-service-account NAMESPACE/NAME (or set {env.AGENT_SERVICE_ACCOUNT})"
+            )
+        account = f"{namespace}/{kt.DEFAULT_AGENT_SERVICE_ACCOUNT}"
+    username = kt.service_account_username(account)
+    if not args.agent_token_audience.strip():
+        raise kt.KubeConfigError("--agent-token-audience must not be empty")
+    reviewer = kt.TokenReviewer(api, args.agent_token_audience.strip())
+    log.info(
+        "agent identity: ServiceAccount tokens of %s for audience %r, reviewed by %s",
+        username,
+        reviewer.audience,
+        api.url,
+    )
+    return kt.AgentTokenVerifier(reviewer, username=username)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,3 +6,5 @@ NODE_NAME = "TRACEFLEET_NODE_NAME"  # this node's identity (downward API in Kube
 NODE_LABELS = "TRACEFLEET_NODE_LABELS"  # k=v,k=v labels announced at registration
 METRICS_LISTEN = "TRACEFLEET_AGENT_METRICS_LISTEN"  # host:port of /metrics
 TLS_DIR = "TRACEFLEET_TLS_DIR"  # ca.crt, tls.crt, tls.key for mTLS to the controller
+# Projected ServiceAccount token proving this node to a controller in k8s-token mode
+TOKEN_FILE = "TRACEFLEET_AGENT_TOKEN_FILE"

@@ -67,7 +67,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             return
         if self.auth is not None:
-            ok, code, message = self.auth.agent(context, first.register.node_name)
+            ok, code, message = await self.auth.agent(context, first.register.node_name)
             if not ok:
                 await context.abort(code, message)
                 return

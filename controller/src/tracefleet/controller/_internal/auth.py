@@ -1,15 +1,24 @@
-"""Who is calling: agents (certificate ``OU=agent``, ``CN``/SAN = node name) and operators
-(certificate ``OU=admin|read`` or a bearer token from ``--tokens-file``), and what they may do.
+"""Who is calling: agents (certificate ``OU=agent``, node from the certificate or from a
+Kubernetes ServiceAccount token) and operators (certificate ``OU=admin|read`` or a bearer
+token from ``--tokens-file``), and what they may do.
 
-* AgentService/Connect: with TLS on, the peer must present an agent certificate whose CN or
-  a DNS SAN equals the node name it registers as. Operator certificates are refused.
+* AgentService/Connect: with TLS on, the peer must present an agent certificate
+  (``OU=agent``); operator certificates are refused. The node it registers as must then be
+  proven, by ``--agent-identity``:
+
+  - ``certificate`` (default; ``tracefleet certs agent --node N``): the certificate's CN or a
+    DNS SAN equals the node name;
+  - ``k8s-token`` (Kubernetes, one agent certificate shared by the DaemonSet): a projected
+    ServiceAccount token, verified with TokenReview, names the node (``kubetoken``). This
+    check applies with or without TLS.
 * ControlService: ``read`` may call GetStatus, StreamEvents and GetTop; only ``admin`` may
   call ConfigureEventSet. A bearer token (``authorization: Bearer T``) decides the identity
   when present; otherwise the operator certificate does. Agent certificates are refused.
 * No TLS and no tokens file (the loopback demo): everyone is admin.
 
-Refusals are logged (WARNING) and counted by reason in ``REFUSALS`` (and, when
-prometheus_client is installed, ``tracefleet_controller_refused_total{kind,reason}``).
+Refusals are logged (WARNING) and counted by reason in ``REFUSALS``, which the metrics
+endpoint serves as ``tracefleet_controller_refused_total{kind,reason}`` (``REASONS`` lists
+every reason, so each series exists from the start).
 """
 
 from __future__ import annotations
@@ -30,25 +39,43 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from tracefleet.controller._internal import env
 from tracefleet.controller._internal.certs import OU_AGENT, OU_CONTROLLER, ROLE_ADMIN, ROLES
+from tracefleet.controller._internal.kubetoken import TOKEN_REASONS, AgentTokenVerifier
 
 log = logging.getLogger("tracefleet.controller.auth")
 
-TOKENS_FILE_ENV = "TRACEFLEET_TOKENS_FILE"
+TOKENS_FILE_ENV = env.TOKENS_FILE
 
 READ_METHODS = frozenset({"GetStatus", "StreamEvents", "GetTop"})
 ADMIN_METHODS = frozenset({"ConfigureEventSet"})
 
-try:  # the metrics endpoint (another module) serves the default registry
-    from prometheus_client import Counter as _PromCounter
+# Every reason Authorizer refuses for (TLS handshake reasons are in tls.HANDSHAKE_REASONS).
+REASONS = (
+    "agent_no_certificate",
+    "agent_not_agent_certificate",
+    "agent_identity_mismatch",
+    *(f"agent_{r}" for r in TOKEN_REASONS),
+    "operator_agent_certificate",
+    "operator_bad_token",
+    "operator_not_operator_certificate",
+    "operator_no_credentials",
+    "operator_forbidden",
+    "operator_unknown_method",
+)
+# grpc status of a refused agent, by reason (PERMISSION_DENIED otherwise)
+_AGENT_CODES = {
+    "agent_no_certificate": grpc.StatusCode.UNAUTHENTICATED,
+    "agent_token_missing": grpc.StatusCode.UNAUTHENTICATED,
+    "agent_token_unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "agent_token_review_failed": grpc.StatusCode.UNAVAILABLE,  # fail closed; agent retries
+}
 
-    _PROM: Any = _PromCounter(
-        "tracefleet_controller_refused",
-        "Clients the controller refused, by kind (agent, operator, tls) and reason",
-        ["kind", "reason"],
-    )
-except Exception:  # pragma: no cover - prometheus_client missing or registered twice
-    _PROM = None
+
+def refusal_kind(reason: str) -> str:
+    """agent, operator, tls, or other: the ``kind`` label of a refusal reason."""
+    kind = reason.split("_", 1)[0]
+    return kind if kind in ("agent", "operator", "tls") else "other"
 
 
 class Refusals:
@@ -59,12 +86,9 @@ class Refusals:
         self.counts: Counter[str] = Counter()
 
     def refuse(self, reason: str, peer: str, detail: str, *, log_it: bool = True) -> None:
-        kind = reason.split("_", 1)[0] if reason.startswith(("agent_", "operator_", "tls_")) else ""
         with self._lock:
             self.counts[reason] += 1
             n = self.counts[reason]
-        if _PROM is not None:
-            _PROM.labels(kind or "other", reason).inc()
         if log_it:
             log.warning("refused %s (%s): %s [%d so far]", peer or "client", reason, detail, n)
 
@@ -199,11 +223,15 @@ class Authorizer:
         tls: bool,
         tokens: Mapping[str, Identity] | None = None,
         refusals: Refusals | None = None,
+        agent_tokens: AgentTokenVerifier | None = None,
     ) -> None:
         self.tls = tls
         self.tokens = dict(tokens or {})
         self.token_mode = tokens is not None
         self.refusals = refusals or REFUSALS
+        # k8s-token mode: agents prove their node with a ServiceAccount token, not the
+        # certificate (shared by every agent of the DaemonSet)
+        self.agent_tokens = agent_tokens
 
     @property
     def open(self) -> bool:
@@ -265,32 +293,41 @@ class Authorizer:
             )  # fmt: skip
         return who, grpc.StatusCode.OK, ""
 
-    def agent(self, context: Any, node_name: str) -> tuple[bool, grpc.StatusCode, str]:
-        if not self.tls:
-            return True, grpc.StatusCode.OK, ""
+    async def agent(self, context: Any, node_name: str) -> tuple[bool, grpc.StatusCode, str]:
+        """(accepted, code, message) for an agent registering as ``node_name``."""
         peer = context.peer()
-        cert = peer_identity(context)
-        if cert is None:
-            _, code, msg = self._deny(
-                "agent_no_certificate", peer, grpc.StatusCode.UNAUTHENTICATED,
-                f"node {node_name!r}: no client certificate",
-            )  # fmt: skip
-            return False, code, msg
-        if cert.kind != "agent":
-            _, code, msg = self._deny(
-                "agent_not_agent_certificate", peer, grpc.StatusCode.PERMISSION_DENIED,
-                f"node {node_name!r}: certificate {cert.name!r} ({cert.kind}) is not an agent "
-                f"certificate (needs OU=agent; issue one with 'tracefleet certs agent')",
-            )  # fmt: skip
-            return False, code, msg
-        if node_name not in cert.names:
-            _, code, msg = self._deny(
-                "agent_identity_mismatch", peer, grpc.StatusCode.PERMISSION_DENIED,
-                f"registers as node {node_name!r} but its certificate is for "
-                f"{', '.join(cert.names) or '?'}",
-            )  # fmt: skip
-            return False, code, msg
+        if self.tls:
+            cert = peer_identity(context)
+            if cert is None:
+                return self._deny_agent(
+                    "agent_no_certificate", peer, f"node {node_name!r}: no client certificate"
+                )
+            if cert.kind != "agent":
+                return self._deny_agent(
+                    "agent_not_agent_certificate", peer,
+                    f"node {node_name!r}: certificate {cert.name!r} ({cert.kind}) is not an "
+                    f"agent certificate (needs OU=agent; issue one with 'tracefleet certs "
+                    f"agent', or subject.organizationalUnits: [agent] with cert-manager)",
+                )  # fmt: skip
+            if self.agent_tokens is None and node_name not in cert.names:
+                return self._deny_agent(
+                    "agent_identity_mismatch", peer,
+                    f"registers as node {node_name!r} but its certificate is for "
+                    f"{', '.join(cert.names) or '?'}",
+                )  # fmt: skip
+        if self.agent_tokens is not None:
+            token = _bearer(context)
+            reason, message = await self.agent_tokens.verify(token, node_name)
+            if reason:
+                return self._deny_agent(f"agent_{reason}", peer, message)
         return True, grpc.StatusCode.OK, ""
+
+    def _deny_agent(
+        self, reason: str, peer: str, message: str
+    ) -> tuple[bool, grpc.StatusCode, str]:
+        code = _AGENT_CODES.get(reason, grpc.StatusCode.PERMISSION_DENIED)
+        self._deny(reason, peer, code, message)
+        return False, code, message
 
     def _deny(
         self, reason: str, peer: str, code: grpc.StatusCode, message: str

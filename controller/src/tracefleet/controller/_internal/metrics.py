@@ -1,8 +1,9 @@
 """The controller's Prometheus endpoint (--metrics-listen): every metric name, in one place.
 
 Names are ``tracefleet_controller_<name>_<unit>`` in base units (seconds), ``_total`` on
-counters. Labels come only from {node, event_set, syscall, strategy, outcome}: node names are
-the fleet's nodes, the rest are bounded enumerations. Never a pid, path, comm or pod.
+counters. Labels come only from {node, event_set, syscall, strategy, outcome, kind, reason}:
+node names are the fleet's nodes, the rest are bounded enumerations (refusal reasons:
+``auth.REASONS`` and ``tls.HANDSHAKE_REASONS``). Never a pid, path, comm or pod.
 
 Fleet-wide counts are merged exactly from the agents' ResultBatches (histograms bucket by
 bucket, the way ``aggregate.Hist`` adds them) into cumulative totals per node and event set;
@@ -31,13 +32,18 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
+from tracefleet.controller._internal.auth import REASONS, REFUSALS, Refusals, refusal_kind
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.fleet import State
 from tracefleet.controller._internal.netaddr import split_host_port
+from tracefleet.controller._internal.tls import HANDSHAKE_REASONS
 
 log = logging.getLogger("tracefleet.controller.metrics")
 
-ALLOWED_LABELS = frozenset({"node", "event_set", "syscall", "strategy", "outcome"})
+ALLOWED_LABELS = frozenset(
+    {"node", "event_set", "syscall", "strategy", "outcome", "kind", "reason"}
+)
+REFUSAL_REASONS = (*REASONS, *(f"tls_{r}" for r in HANDSHAKE_REASONS))
 OUTCOMES = ("ok", "recovered", "lost", "truncated", "torn")
 
 # Batch arrival and enable-to-applied latencies: milliseconds (loopback) to minutes (outage).
@@ -135,6 +141,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         (),
         "Connected agents that have not acknowledged the desired generation yet.",
+    ),
+    "tracefleet_controller_refused_total": (
+        "counter",
+        ("kind", "reason"),
+        "Clients the controller refused, by kind (agent, operator, tls) and reason: agent "
+        "identity (certificate or ServiceAccount token), operator credentials and roles, TLS "
+        "handshakes grpc rejected.",
     ),
     "tracefleet_controller_enable_to_applied_seconds": (
         "histogram",
@@ -257,9 +270,12 @@ class FleetTotals:
 
 
 class ControllerCollector(Collector):
-    def __init__(self, controller: Controller, totals: FleetTotals) -> None:
+    def __init__(
+        self, controller: Controller, totals: FleetTotals, refusals: Refusals = REFUSALS
+    ) -> None:
         self.ctl = controller
         self.totals = totals
+        self.refusals = refusals
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -299,6 +315,10 @@ class ControllerCollector(Collector):
         fams["tracefleet_controller_enable_to_applied_seconds"].add_metric(
             [], buckets(apply), apply.sum
         )
+        refused = dict.fromkeys(REFUSAL_REASONS, 0) | self.refusals.snapshot()
+        fam = fams["tracefleet_controller_refused_total"]
+        for reason, n in sorted(refused.items()):
+            fam.add_metric([refusal_kind(reason), reason], n)
         self._fleet(fams)
         return [f for f in fams.values() if f.samples]
 

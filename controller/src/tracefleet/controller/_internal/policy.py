@@ -25,9 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from tracefleet.controller._internal import env
 from tracefleet.controller._internal import selector as sel
 
-POLICY_FILE_ENV = "TRACEFLEET_POLICY_FILE"
+POLICY_FILE_ENV = env.POLICY_FILE
 
 
 class PolicyError(Exception):

@@ -29,13 +29,12 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tracefleet.controller._internal import env
 from tracefleet.controller._internal.certs import CA_CERT, TLS_CERT, TLS_KEY
 
 log = logging.getLogger("tracefleet.controller.tls")
 
-# Environment: directory with ca.crt, tls.crt, tls.key (the controller's server certificate,
-# or the CLI's operator certificate); --tls-dir wins.
-TLS_DIR_ENV = "TRACEFLEET_TLS_DIR"
+TLS_DIR_ENV = env.TLS_DIR
 
 
 class TLSConfigError(Exception):
@@ -145,6 +144,10 @@ _REASONS = tuple(
         ("not_tls", r"WRONG_VERSION_NUMBER|HTTP_REQUEST|PACKET_LENGTH"),
     )
 )
+
+
+# every reason handshake_reason() returns (refusal reasons tls_<reason>)
+HANDSHAKE_REASONS = (*(reason for reason, _ in _REASONS), "other")
 
 
 def handshake_reason(line: str) -> str:
