@@ -138,12 +138,13 @@ WORKLOAD = textwrap.dedent(
     os.mkdir(p("sub"))
     sub = os.stat(p("sub")).st_ino
     os.symlink("b.txt", p("ln"))
+    ln = os.lstat(p("ln")).st_ino
     os.link(p("b.txt"), p("hard"))
     os.unlink(p("ln"))
     os.unlink(p("hard"))
     os.unlink(p("b.txt"))
     os.rmdir(p("sub"))
-    print(json.dumps({"ino": ino, "sub": sub}))
+    print(json.dumps({"ino": ino, "sub": sub, "ln": ln}))
     """
 )
 
@@ -199,8 +200,13 @@ def test_workload_gives_exactly_the_expected_events(hook: str, fs: str, tmp_path
         assert args["fstype"]["value"] == fs, e
         assert args["dev"]["value"] == dev, e
         assert e["strategy"] == hook
-        if args["inode"]["value"] is not None:  # the tracepoint hook cannot know it for path ops
-            assert args["inode"]["value"] in (out["ino"], out["sub"]), e
+    # the inode each operation names: the file, the directory, or the symlink itself
+    inodes = [out["ino"]] * 7 + [out["sub"], out["ln"], out["ino"], out["ln"], out["ino"],
+                                 out["ino"], out["sub"]]  # fmt: skip
+    for e, want in zip(got, inodes, strict=True):
+        # the tracepoint hook cannot know it for a path operation (no lookup at a syscall)
+        if e["args"]["inode"]["value"] is not None or hook == "fentry":
+            assert e["args"]["inode"]["value"] == want, e
     opens = [e for e in got if e["syscall"] == "vfs_open"]
     assert [o["ret"] >= 0 for o in opens] == [True, True]
     # the file's f_flags: the kernel keeps the access mode (creation flags are consumed)
@@ -315,6 +321,8 @@ def test_file_heavy_loop_is_counted_exactly_and_its_cost_reported(
     off and on: every iteration is two records (open, close) written or counted as dropped,
     exactly; the cost per iteration and the delivered rate are printed for the issue's note
     (no timing threshold: the 7.2 guest runs under emulation)."""
+    from tracefleet.agent.engine import EventSetConfig, Filters
+
     eng = _engine(hook)
     loop = tmp_path / "tf_bench_loop"
     src = Path(__file__).resolve().parents[1] / "bench" / "loop.c"
@@ -333,10 +341,15 @@ def test_file_heavy_loop_is_counted_exactly_and_its_cost_reported(
             return res, k1["events"] - k0["events"], k1["dropped"] - k0["dropped"]
 
         off, _, _ = run()
-        with vfs_capture(hook, "tf_bench_loop"):
+        # enabled without an event reader, as an agent that only sends aggregates runs
+        st = eng.apply({"vfs": EventSetConfig("vfs", True, Filters(comms=("tf_bench_loop",)))})
+        assert [s for s in st if s.name == "vfs" and s.enabled], st
+        try:
             # a run of no iterations: what the loop's start (dynamic loader, O_CREAT) opens
             idle, setup, setup_dropped = run("0")
             on, written, dropped = run()
+        finally:
+            eng.apply({})
     assert idle["iters"] == 0 and setup + setup_dropped > 0
     assert written + dropped - (setup + setup_dropped) == 2 * on["iters"], (on, written, dropped)
     ns_off = off["cpu_ns"] / off["iters"]
