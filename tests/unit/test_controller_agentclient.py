@@ -92,18 +92,22 @@ def test_capabilities_of_the_bpf_engine_shape():
     assert (exec_.strategy, exec_.reason) == ("", "no BTF")
 
 
-def test_outage_buffer_is_bounded_and_reports_the_shortfall_as_dropped():
+def test_outage_buffer_is_bounded_and_reports_the_shortfall_as_discarded():
     c = ControlClient(SyntheticEngine(), "127.0.0.1:1", "n", options=ClientOptions(buffer_budget=3))
     for i in range(5):
         agg = Aggregates(i, i + 1, {"file": SetAggregate(delivered=10, dropped=1)})
         c._enqueue(_batch_pb(agg, [], replayed=True))
-    batches = list(c._outbox)
+    batches = c._outbox.batches()
     assert len(batches) == 3
+    # nothing was ever sent: the oldest are discarded (seqs 1 and 2 are never sent)
     assert [b.interval_start_ns for b in batches] == [2, 3, 4]
+    assert [b.seq for b in batches] == [3, 4, 5]
+    assert {b.instance_id for b in batches} == {c.instance_id}
     assert sum(b.lost_intervals for b in batches) == 2
-    total = sum(s.delivered + s.dropped for b in batches for s in b.sets)
-    assert total == 5 * 11  # every event is either delivered or counted as dropped
-    assert c.stats.batches_discarded == 2
+    kept = sum(s.delivered + s.dropped for b in batches for s in b.sets)
+    discarded = sum(s.discarded for b in batches for s in b.sets)
+    assert kept == 3 * 11 and discarded == 2 * 11  # every event kept or reported discarded
+    assert (c.stats.batches_discarded, c.stats.events_discarded) == (2, 22)
 
 
 def test_synthetic_engine_honours_filters_and_apply():
