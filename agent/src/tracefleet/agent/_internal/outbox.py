@@ -13,7 +13,8 @@ batch that was written may have been applied by the controller before the stream
 discarding it could count its events twice (applied and reported discarded); at most
 ``window`` of those exist. If the new batch still does not fit, it is discarded itself.
 A discarded batch was never sent (its seq, if it had one, is a gap the controller never
-sees); its events (delivered + dropped, per event set) and the number of batches are carried into the next batch that is kept (``SetAggregate.discarded``,
+sees); its events (delivered + dropped, per event set) and the number of batches are
+carried into the next batch that is kept (``SetAggregate.discarded``,
 ``ResultBatch.lost_intervals``), so that for every event the agent produced the controller
 receives exactly one of: the event counted, or the event counted as discarded.
 """
