@@ -189,9 +189,9 @@ def check_host(*, need_bpf_objects: bool = True, mount_tracefs: bool = False) ->
             ),
             "Use a kernel with CONFIG_BPF_SYSCALL=y"
             if built == "n"
-            else "Allow bpf() in the process's seccomp profile (Kubernetes: "
-            "securityContext.seccompProfile.type: Unconfined; docker run --security-opt "
-            "seccomp=unconfined)",
+            else "Allow bpf() in the process's seccomp profile (Kubernetes: a Localhost "
+            "seccompProfile that adds bpf and perf_event_open, or Unconfined; docker run "
+            "--security-opt seccomp=unconfined)",
         )
     if err:
         raise HostCheckError(
@@ -199,9 +199,9 @@ def check_host(*, need_bpf_objects: bool = True, mount_tracefs: bool = False) ->
             f"{os.strerror(err)}) although this process has {', '.join(sorted(caps))}: a "
             "seccomp filter (container runtimes' default profiles block bpf()) or a security "
             "module (SELinux, AppArmor, BPF LSM) denies it",
-            "Run the agent with a seccomp profile that allows bpf() (Kubernetes: "
-            "securityContext.seccompProfile.type: Unconfined; docker run --security-opt "
-            "seccomp=unconfined) and allow it in the security module's policy",
+            "Run the agent with a seccomp profile that allows bpf() (Kubernetes: a Localhost "
+            "seccompProfile that adds bpf and perf_event_open, or Unconfined; docker run "
+            "--security-opt seccomp=unconfined) and allow it in the security module's policy",
         )
     if not BTF_PATH.exists():
         built = kernel_config("CONFIG_DEBUG_INFO_BTF")
