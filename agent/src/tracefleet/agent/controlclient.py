@@ -154,6 +154,10 @@ class ControlClient:
         self._engine_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._synced = False
+        # per stream: the controller acknowledges batches (it sent a BatchAck before its
+        # first DesiredState); a controller that never does gets at-most-once delivery
+        self._acks_seen = False
+        self._legacy_controller = False
         self._redactor = Redactor()
 
     # public ----------------------------------------------------------------------------
@@ -257,6 +261,7 @@ class ControlClient:
 
     async def _session(self, channel: grpc.aio.Channel, stop: asyncio.Event) -> None:
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
+        self._acks_seen = self._legacy_controller = False
         await call.write(agent_pb2.AgentMessage(register=self._register_message()))
         self.connected = True
         self.stats.connects += 1
@@ -301,6 +306,16 @@ class ControlClient:
                 return
             kind = msg.WhichOneof("kind")
             if kind == "desired_state":
+                if not self._acks_seen and not self._legacy_controller:
+                    log.warning(
+                        "%s: controller %s does not acknowledge result batches (an older "
+                        "version): a batch written when the stream breaks may be lost",
+                        self.node_name,
+                        self.controller,
+                    )
+                    self._legacy_controller = True
+                    self._outbox.ack(self.instance_id, self._outbox.written)
+                    self._wake.set()
                 await self._on_desired(call, msg.desired_state)
             elif kind == "sample_request":
                 await self._on_sample(msg.sample_request)
@@ -308,6 +323,7 @@ class ControlClient:
                 self._on_batch_ack(msg.batch_ack)
 
     def _on_batch_ack(self, ack: agent_pb2.BatchAck) -> None:
+        self._acks_seen = True
         n = self._outbox.ack(ack.instance_id, ack.seq)
         if n:
             self.stats.batches_acked += n
@@ -382,6 +398,8 @@ class ControlClient:
                 await self._write(call, msg)
                 self.stats.batches_sent += 1
                 self.stats.events_sent += len(batch.events)
+                if self._legacy_controller:  # nothing will acknowledge it: written is done
+                    self.stats.batches_acked += self._outbox.ack(self.instance_id, batch.seq)
             await self._wake.wait()
 
     def _register_message(self) -> agent_pb2.Register:

@@ -347,6 +347,11 @@ class Controller:
     # upstream ---------------------------------------------------------------------------
 
     def on_register(self, reg: agent_pb2.Register, conn: Connection) -> Node:
+        if reg.instance_id:
+            # first message of the stream: tells the agent this controller acknowledges
+            # batches (seq 0: none of this instance applied yet)
+            seq = self.ledger.committed_seq(reg.node_name, reg.instance_id)
+            conn.send(_batch_ack(reg.instance_id, seq))
         node = self.fleet.attach(reg.node_name, conn)
         node.labels = dict(reg.labels)
         node.kernel_version = reg.kernel_version
@@ -384,10 +389,6 @@ class Controller:
         if sample is not None:
             conn.send(sample)
             conn.sampling = True
-        if reg.instance_id:  # what this agent instance sent before is already applied
-            seq = self.ledger.committed_seq(node.name, reg.instance_id)
-            if seq:
-                conn.send(_batch_ack(reg.instance_id, seq))
         return node
 
     def on_ack(self, node: Node, ack: agent_pb2.Ack) -> None:
