@@ -252,6 +252,7 @@ def run_soak(cfg: SoakConfig, tmp: Path, progress: Any = None) -> SoakResult:
     """Start the daemons, wait for every agent, enable file on role=db, sample for
     cfg.duration seconds, stop everything; raises if a daemon dies."""
     say = progress or (lambda _msg: None)
+    started = time.gmtime()
     tmp.mkdir(parents=True, exist_ok=True)
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -327,14 +328,15 @@ def run_soak(cfg: SoakConfig, tmp: Path, progress: Any = None) -> SoakResult:
             opener.kill()
             opener.wait()
     verdicts = {name: judge(s, cfg.warmup) for name, s in series.items()}
-    return SoakResult(cfg, series, verdicts, fleet, header=_header(cfg))
+    return SoakResult(cfg, series, verdicts, fleet, header=_header(cfg, started))
 
 
-def _header(cfg: SoakConfig) -> str:
+def _header(cfg: SoakConfig, started: time.struct_time) -> str:
     load = os.getloadavg()
     return (
-        f"soak {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} on "
-        f"{os.uname().release}, {os.cpu_count()} CPUs, loadavg {load[0]:.2f}: controller + "
+        f"soak started {time.strftime('%Y-%m-%d %H:%M:%S UTC', started)} on "
+        f"{os.uname().release}, {os.cpu_count()} CPUs, loadavg at the end {load[0]:.2f}: "
+        f"controller + "
         f"{cfg.simulated} simulated agents (one process, {cfg.interval:g}s batches, "
         f"{cfg.rate:g} events/s per enabled set) + {cfg.real} real agents; file enabled on "
         f"role=db (comm {COMM}, {cfg.opens:g} opens/s); {cfg.duration:g}s sampled every "
