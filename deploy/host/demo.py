@@ -110,7 +110,8 @@ def main() -> int:
             say("streaming events; running cold-page workloads (args in non-resident pages)")
             follow = subprocess.Popen(
                 [str(BIN / "tracefleet"), "--controller", addr, "events", "--follow"],
-                stdout=None, stderr=subprocess.DEVNULL,
+                stdout=None,
+                stderr=subprocess.DEVNULL,
             )
             time.sleep(2.5)  # the controller grants the agents a sampling lease
             end = time.monotonic() + args.seconds

@@ -88,14 +88,31 @@ agent_messages = st.one_of(
         st.integers(0, 2**64 - 1),
     ),
     st.builds(
-        lambda a, b, lost: agent_pb2.AgentMessage(
+        lambda a, b, lost, inst, seq, sets: agent_pb2.AgentMessage(
             result_batch=agent_pb2.ResultBatch(
-                interval_start_ns=a, interval_end_ns=b, lost_intervals=lost
+                interval_start_ns=a,
+                interval_end_ns=b,
+                lost_intervals=lost,
+                instance_id=inst,
+                seq=seq,
+                sets=sets,
             )
         ),
         st.integers(-(2**63), 2**63 - 1),
         st.integers(-(2**63), 2**63 - 1),
         st.integers(0, 2**32 - 1),
+        st.one_of(st.just(""), st.sampled_from(["i1", "i2"]), texts),
+        st.one_of(st.integers(0, 5), st.integers(0, 2**64 - 1)),
+        st.lists(
+            st.builds(
+                types_pb2.SetAggregate,
+                event_set=st.one_of(st.sampled_from(["file", "net"]), texts),
+                delivered=st.integers(0, 2**64 - 1),
+                dropped=st.integers(0, 2**64 - 1),
+                discarded=st.integers(0, 2**64 - 1),
+            ),
+            max_size=3,
+        ),
     ),
 )
 

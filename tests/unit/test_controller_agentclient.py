@@ -15,6 +15,7 @@ from tracefleet.agent.controlclient import (
     run_agent,
 )
 from tracefleet.agent.engine import Aggregates, EventSetConfig, SetAggregate
+from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 FAST = ClientOptions(interval=0.1, backoff_initial=0.05, backoff_max=0.3, agent_version="test")
 
@@ -92,18 +93,22 @@ def test_capabilities_of_the_bpf_engine_shape():
     assert (exec_.strategy, exec_.reason) == ("", "no BTF")
 
 
-def test_outage_buffer_is_bounded_and_reports_the_shortfall_as_dropped():
+def test_outage_buffer_is_bounded_and_reports_the_shortfall_as_discarded():
     c = ControlClient(SyntheticEngine(), "127.0.0.1:1", "n", options=ClientOptions(buffer_budget=3))
     for i in range(5):
         agg = Aggregates(i, i + 1, {"file": SetAggregate(delivered=10, dropped=1)})
         c._enqueue(_batch_pb(agg, [], replayed=True))
-    batches = list(c._outbox)
+    batches = c._outbox.batches()
     assert len(batches) == 3
+    # nothing was ever sent: the oldest are discarded (seqs 1 and 2 are never sent)
     assert [b.interval_start_ns for b in batches] == [2, 3, 4]
+    assert [b.seq for b in batches] == [3, 4, 5]
+    assert {b.instance_id for b in batches} == {c.instance_id}
     assert sum(b.lost_intervals for b in batches) == 2
-    total = sum(s.delivered + s.dropped for b in batches for s in b.sets)
-    assert total == 5 * 11  # every event is either delivered or counted as dropped
-    assert c.stats.batches_discarded == 2
+    kept = sum(s.delivered + s.dropped for b in batches for s in b.sets)
+    discarded = sum(s.discarded for b in batches for s in b.sets)
+    assert kept == 3 * 11 and discarded == 2 * 11  # every event kept or reported discarded
+    assert (c.stats.batches_discarded, c.stats.events_discarded) == (2, 22)
 
 
 def test_synthetic_engine_honours_filters_and_apply():
@@ -183,3 +188,45 @@ def test_status_by_selector_and_failed_sets_surface(controller):
     finally:
         stop.set()
         t.join(timeout=10)
+
+
+class OlderController(agent_pb2_grpc.AgentServiceServicer):
+    """A controller from before BatchAck: desired state, then it only reads."""
+
+    def __init__(self) -> None:
+        self.batches: list = []
+
+    def Connect(self, request_iterator, context):
+        next(request_iterator)  # Register
+        yield agent_pb2.ControllerMessage(
+            desired_state=agent_pb2.DesiredState(
+                generation=1, event_sets=[types_pb2.EventSetSpec(name="file", enabled=True)]
+            )
+        )
+        for msg in request_iterator:
+            if msg.WhichOneof("kind") == "result_batch":
+                self.batches.append(msg.result_batch)
+
+
+def test_agent_keeps_delivering_to_a_controller_that_never_acknowledges():
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    svc = OlderController()
+    server = grpc.server(ThreadPoolExecutor(4))
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(svc, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    engine = SyntheticEngine(rate=1000, seed=5)
+    stop, t, result = start_agent(f"127.0.0.1:{port}", "old-1", {}, engine)
+    try:
+        # more than the send window (32): the agent did not stall waiting for acks
+        wait_until(lambda: len(svc.batches) >= 40, what="batches beyond the window")
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        server.stop(0)
+    seqs = [b.seq for b in svc.batches]
+    assert seqs == list(range(1, len(seqs) + 1))  # in order, none twice, none missing
+    assert result["stats"].batches_discarded == 0

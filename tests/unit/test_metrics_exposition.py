@@ -40,6 +40,7 @@ UNITS = (
     "_disconnected",
     "_stale",
     "_enabled",
+    "_batches",
 )
 
 
@@ -60,7 +61,11 @@ class FakeProgramsEngine(SyntheticEngine):
 
 def _client() -> Any:
     return SimpleNamespace(
-        applied_generation=7, connected=True, stats=SimpleNamespace(connects=2), statuses=[]
+        applied_generation=7,
+        connected=True,
+        stats=SimpleNamespace(connects=2, batches_discarded=3, events_discarded=1200),
+        statuses=[],
+        outbox_state=lambda: (5, 4096),
     )
 
 
@@ -303,7 +308,7 @@ def test_controller_apply_latency_counts_first_ack_only():
     t.on_ack(node, SimpleNamespace(generation=5), 4)  # applied at 102.5
     t.on_ack(node, SimpleNamespace(generation=5), 5)  # re-ack after a reconnect: ignored
     t.on_ack(node, SimpleNamespace(generation=3), 2)  # not issued by this process: ignored
-    _, _, _, apply = t.snapshot()
+    _, _, apply = t.snapshot()
     assert apply.count == 1 and apply.sum == 2.5
     assert apply.counts[cm.APPLY_BUCKETS_SECONDS.index(2.5)] == 1  # 1 < 2.5 <= 2.5
 

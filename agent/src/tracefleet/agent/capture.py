@@ -149,6 +149,9 @@ class EngineOptions:
     strategies: Mapping[str, Strategy] = field(default_factory=dict)  # forced, per set
     sample_buffer: int = 10000
     sets: tuple[str, ...] = ()  # event sets this engine offers (default: all)
+    # tracefs not mounted: mount it in a mount namespace of this process rather than fail
+    # (hostcheck.mount_tracefs_privately; the CLI turns it on, in-process users do not)
+    mount_tracefs: bool = False
 
 
 def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
@@ -190,7 +193,7 @@ class BpfEngine:
 
     def __init__(self, options: EngineOptions | None = None, host: HostInfo | None = None):
         self.opts = options or EngineOptions()
-        self.host = host or check_host()
+        self.host = host or check_host(mount_tracefs=self.opts.mount_tracefs)
         self.bpf_dir = Path(self.opts.bpf_dir or self.host.bpf_dir)
         self.fd_limit = raise_fd_limit()
         self._lock = threading.RLock()
@@ -612,6 +615,7 @@ class BpfEngine:
             "features": {
                 "btf": self.host.btf,
                 "tracefs": self.host.tracefs,
+                "tracefs_mounted_by_agent": self.host.tracefs_mounted_by_agent,
                 "lockdown": self.host.lockdown,
                 "kfunc_bpf_copy_from_user_str": btf_has_name("bpf_copy_from_user_str"),
                 "sleepable_tracepoints": self._sleepable_seen(),

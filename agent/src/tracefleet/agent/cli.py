@@ -17,7 +17,7 @@ from tracefleet.agent._internal import env
 from tracefleet.agent._internal.abi import Strategy
 from tracefleet.agent.engine import EventSetConfig, Filters
 from tracefleet.agent.eventsets import EVENT_SETS, UnknownEventSet, parse_event_sets
-from tracefleet.agent.hostcheck import HostCheckError
+from tracefleet.agent.hostcheck import TRACEFS_NOTE, HostCheckError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
 STRATEGY_CHOICES = (
@@ -108,13 +108,18 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
         strat = Strategy.from_label(args.strategy)
         forced = {n: strat for n in names
                   if strat in (EVENT_SETS[n].ladder or KERNEL_STRATEGIES)}  # fmt: skip
-    return BpfEngine(
+    engine = BpfEngine(
         EngineOptions(
             strategies=forced,
             user_fallback=not getattr(args, "no_user_fallback", False),
             hold_seconds=getattr(args, "hold_seconds", 30.0),
+            mount_tracefs=True,
         )
     )
+    if engine.host.tracefs_mounted_by_agent:
+        note = TRACEFS_NOTE.format(path=engine.host.tracefs)
+        print(f"tracefleet-agent: degraded: {note}", file=sys.stderr)
+    return engine
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
@@ -416,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     except HostCheckError as e:
-        print(f"tracefleet-agent: {e.cause}.\n  fix: {e.fix}", file=sys.stderr)
+        print(f"tracefleet-agent: {e.cause}.\n  fix: {e.fix}\n  degradation: {e.degradation}",
+              file=sys.stderr)  # fmt: skip
         return EXIT_HOST
     except BrokenPipeError:
         return EXIT_OK

@@ -11,9 +11,14 @@ Failure behaviour:
 * reconnect with exponential backoff and jitter; on reconnect the agent registers again with
   the generation it applied, and the controller answers with its current desired state
   (a state already applied is acked, not applied again);
-* aggregates collected during an outage are buffered up to ``buffer_budget`` intervals and
-  sent on reconnect; beyond that the oldest are discarded and their events are reported as
-  ``dropped`` in the next batch, so counts stay conserved.
+* every ResultBatch is numbered (``instance_id`` chosen at start, ``seq``) and kept in the
+  outbox (``tracefleet.agent._internal.outbox``) until the controller acknowledges it with a
+  BatchAck, which it sends once the batch is durably applied; after a reconnect the batches
+  not acknowledged are sent again and the controller ignores those it had already applied,
+  so every batch is counted exactly once;
+* the outbox is bounded (``buffer_budget`` batches, ``buffer_bytes`` serialized bytes); past
+  that the oldest batches never sent are discarded, and their events are reported as
+  ``discarded`` in the next batch kept, so counts stay conserved.
 
 The engine is driven only through ``tracefleet.agent.engine.CaptureEngine``.
 ``engine.capabilities()`` is read as a mapping with, optionally, ``kernel_version`` (or
@@ -30,9 +35,9 @@ import json
 import logging
 import platform
 import random
+import secrets
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -40,6 +45,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tracefleet.agent._internal.outbox import Outbox
 from tracefleet.agent._internal.redact import Redactor
 from tracefleet.agent._internal.satoken import AgentTokenError, token_metadata
 from tracefleet.agent.engine import (
@@ -69,7 +75,9 @@ class ClientOptions:
     interval: float = 1.0  # seconds between ResultBatches
     backoff_initial: float = 0.5  # seconds before the first reconnect attempt
     backoff_max: float = 30.0
-    buffer_budget: int = 600  # intervals kept while disconnected (10 min at 1 s)
+    buffer_budget: int = 600  # batches kept unacknowledged (10 min of outage at 1 s)
+    buffer_bytes: int = 32 << 20  # serialized bytes of those batches
+    send_window: int = 32  # batches written and not acknowledged yet, at most
     # Run engine calls in a worker thread (a real engine may block in the kernel);
     # the load generator turns this off for its cheap synthetic engines.
     offload_engine_calls: bool = True
@@ -101,9 +109,12 @@ class ClientStats:
     connects: int = 0  # streams that registered
     applies: int = 0  # engine.apply() calls
     acks: int = 0
-    batches_sent: int = 0
-    batches_discarded: int = 0  # outage buffer overflow
-    events_sent: int = 0
+    batches_sent: int = 0  # writes, resends included
+    batches_resent: int = 0  # written again after a reconnect (not acknowledged before)
+    batches_acked: int = 0  # acknowledged by the controller (applied durably)
+    batches_discarded: int = 0  # outbox over its budget: never sent
+    events_discarded: int = 0  # delivered + dropped events of those batches
+    events_sent: int = 0  # sampled events written
 
 
 def _agent_version() -> str:
@@ -136,11 +147,22 @@ class ControlClient:
         self.connected = False
         self._applied: dict[str, EventSetConfig] | None = None  # what engine.apply() got
         self._lease: _Lease | None = None
-        self._outbox: deque[agent_pb2.ResultBatch] = deque()
+        # one incarnation of this agent: names the sequence numbers of its batches
+        self.instance_id = secrets.token_hex(8)
+        self._outbox = Outbox(
+            self.instance_id,
+            self.options.buffer_budget,
+            self.options.buffer_bytes,
+            self.options.send_window,
+        )
         self._wake = asyncio.Event()
         self._engine_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._synced = False
+        # per stream: the controller acknowledges batches (it sent a BatchAck before its
+        # first DesiredState); a controller that never does gets at-most-once delivery
+        self._acks_seen = False
+        self._legacy_controller = False
         self._redactor = Redactor()
 
     # public ----------------------------------------------------------------------------
@@ -259,6 +281,7 @@ class ControlClient:
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect(metadata=metadata or None)
+        self._acks_seen = self._legacy_controller = False
         await call.write(agent_pb2.AgentMessage(register=self._register_message()))
         self.connected = True
         self.stats.connects += 1
@@ -303,9 +326,28 @@ class ControlClient:
                 return
             kind = msg.WhichOneof("kind")
             if kind == "desired_state":
+                if not self._acks_seen and not self._legacy_controller:
+                    log.warning(
+                        "%s: controller %s does not acknowledge result batches (an older "
+                        "version): a batch written when the stream breaks may be lost",
+                        self.node_name,
+                        self.controller,
+                    )
+                    self._legacy_controller = True
+                    self._outbox.ack(self.instance_id, self._outbox.written)
+                    self._wake.set()
                 await self._on_desired(call, msg.desired_state)
             elif kind == "sample_request":
                 await self._on_sample(msg.sample_request)
+            elif kind == "batch_ack":
+                self._on_batch_ack(msg.batch_ack)
+
+    def _on_batch_ack(self, ack: agent_pb2.BatchAck) -> None:
+        self._acks_seen = True
+        n = self._outbox.ack(ack.instance_id, ack.seq)
+        if n:
+            self.stats.batches_acked += n
+            self._wake.set()  # the window has room again
 
     async def _on_desired(self, call: Any, ds: agent_pb2.DesiredState) -> None:
         if ds.generation < self.applied_generation:
@@ -362,13 +404,22 @@ class ControlClient:
         await self._reconcile()
 
     async def _send_loop(self, call: Any) -> None:
+        """Write the outbox's batches in seq order, at most send_window ahead of the
+        acknowledgements; from the oldest one not acknowledged on every new stream."""
+        cursor = 0  # last seq written on this stream
         while True:
             self._wake.clear()
-            while self._outbox:
-                await self._write(call, agent_pb2.AgentMessage(result_batch=self._outbox[0]))
-                batch = self._outbox.popleft()
+            while (batch := self._outbox.next_to_send(cursor)) is not None:
+                cursor = batch.seq
+                msg = agent_pb2.AgentMessage(result_batch=batch)
+                if self._outbox.mark_written(batch.seq):
+                    msg.result_batch.replayed = True  # a copy: the kept batch is unchanged
+                    self.stats.batches_resent += 1
+                await self._write(call, msg)
                 self.stats.batches_sent += 1
                 self.stats.events_sent += len(batch.events)
+                if self._legacy_controller:  # nothing will acknowledge it: written is done
+                    self.stats.batches_acked += self._outbox.ack(self.instance_id, batch.seq)
             await self._wake.wait()
 
     def _register_message(self) -> agent_pb2.Register:
@@ -389,6 +440,7 @@ class ControlClient:
             event_sets=list(self.engine.event_sets()),
             applied_generation=self.applied_generation,
             statuses=[_status_pb(s) for s in self.statuses],
+            instance_id=self.instance_id,
         )
 
     # collection -------------------------------------------------------------------------
@@ -434,27 +486,27 @@ class ControlClient:
         self._enqueue(_batch_pb(agg, events, replayed=not self.connected))
 
     def _enqueue(self, batch: agent_pb2.ResultBatch) -> None:
-        self._outbox.append(batch)
-        while len(self._outbox) > max(1, self.options.buffer_budget):
-            old = self._outbox.popleft()
-            self.stats.batches_discarded += 1
-            _charge_discarded(self._outbox[-1], old)
+        before = self._outbox.discarded_batches
+        self._outbox.add(batch)
+        if self._outbox.discarded_batches != before:
+            if not before:
+                log.warning(
+                    "%s: outbox over its budget (%d batches, %d bytes): discarding the oldest "
+                    "batches not sent yet; their events are reported as discarded",
+                    self.node_name,
+                    self._outbox.max_batches,
+                    self._outbox.max_bytes,
+                )
+            self.stats.batches_discarded = self._outbox.discarded_batches
+            self.stats.events_discarded = self._outbox.discarded_events
         self._wake.set()
+
+    def outbox_state(self) -> tuple[int, int]:
+        """(batches, serialized bytes) kept and not acknowledged yet."""
+        return len(self._outbox), self._outbox.bytes
 
 
 # conversions -----------------------------------------------------------------------------
-
-
-def _charge_discarded(into: agent_pb2.ResultBatch, old: agent_pb2.ResultBatch) -> None:
-    """Report the events of a discarded batch as dropped in ``into``."""
-    into.lost_intervals += 1 + old.lost_intervals
-    by_name = {s.event_set: s for s in into.sets}
-    for s in old.sets:
-        target = by_name.get(s.event_set)
-        if target is None:
-            target = into.sets.add(event_set=s.event_set)
-            by_name[s.event_set] = target
-        target.dropped += s.delivered + s.dropped
 
 
 def _strategies(caps: Mapping[str, Any]) -> list[types_pb2.StrategyChoice]:

@@ -622,6 +622,15 @@ def cmd_status(ctx: Ctx) -> int:
         ]
         if errors:
             out += ["", "errors:", *errors]
+        short = [
+            f"  {n.name}: {n.batches_discarded} batch(es), "
+            f"{sum(t.discarded for t in n.totals)} event(s)"
+            for n in st.nodes
+            if n.batches_discarded or any(t.discarded for t in n.totals)
+        ]
+        if short:
+            out += ["", "discarded by agents (outbox over its memory budget, never delivered):",
+                    *short]  # fmt: skip
         if st.rules:
             rule_rows = []
             for r in st.rules:

@@ -21,17 +21,19 @@ class AgentMessage(_message.Message):
     def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., result_batch: _Optional[_Union[ResultBatch, _Mapping]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
-    __slots__ = ("desired_state", "sample_request", "heartbeat")
+    __slots__ = ("desired_state", "sample_request", "heartbeat", "batch_ack")
     DESIRED_STATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_REQUEST_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ACK_FIELD_NUMBER: _ClassVar[int]
     desired_state: DesiredState
     sample_request: SampleRequest
     heartbeat: Heartbeat
-    def __init__(self, desired_state: _Optional[_Union[DesiredState, _Mapping]] = ..., sample_request: _Optional[_Union[SampleRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    batch_ack: BatchAck
+    def __init__(self, desired_state: _Optional[_Union[DesiredState, _Mapping]] = ..., sample_request: _Optional[_Union[SampleRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node_name", "labels", "kernel_version", "agent_version", "capabilities", "capabilities_json", "event_sets", "applied_generation", "statuses")
+    __slots__ = ("node_name", "labels", "kernel_version", "agent_version", "capabilities", "capabilities_json", "event_sets", "applied_generation", "statuses", "instance_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +50,7 @@ class Register(_message.Message):
     EVENT_SETS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     labels: _containers.ScalarMap[str, str]
     kernel_version: str
@@ -57,7 +60,8 @@ class Register(_message.Message):
     event_sets: _containers.RepeatedScalarFieldContainer[str]
     applied_generation: int
     statuses: _containers.RepeatedCompositeFieldContainer[_types_pb2.SetStatus]
-    def __init__(self, node_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., capabilities_json: _Optional[str] = ..., event_sets: _Optional[_Iterable[str]] = ..., applied_generation: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ...) -> None: ...
+    instance_id: str
+    def __init__(self, node_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., capabilities_json: _Optional[str] = ..., event_sets: _Optional[_Iterable[str]] = ..., applied_generation: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("generation", "statuses")
@@ -68,20 +72,24 @@ class Ack(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ...) -> None: ...
 
 class ResultBatch(_message.Message):
-    __slots__ = ("interval_start_ns", "interval_end_ns", "sets", "events", "lost_intervals", "replayed")
+    __slots__ = ("interval_start_ns", "interval_end_ns", "sets", "events", "lost_intervals", "replayed", "instance_id", "seq")
     INTERVAL_START_NS_FIELD_NUMBER: _ClassVar[int]
     INTERVAL_END_NS_FIELD_NUMBER: _ClassVar[int]
     SETS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     LOST_INTERVALS_FIELD_NUMBER: _ClassVar[int]
     REPLAYED_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     interval_start_ns: int
     interval_end_ns: int
     sets: _containers.RepeatedCompositeFieldContainer[_types_pb2.SetAggregate]
     events: _containers.RepeatedCompositeFieldContainer[_types_pb2.Event]
     lost_intervals: int
     replayed: bool
-    def __init__(self, interval_start_ns: _Optional[int] = ..., interval_end_ns: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[_types_pb2.SetAggregate, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., lost_intervals: _Optional[int] = ..., replayed: _Optional[bool] = ...) -> None: ...
+    instance_id: str
+    seq: int
+    def __init__(self, interval_start_ns: _Optional[int] = ..., interval_end_ns: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[_types_pb2.SetAggregate, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., lost_intervals: _Optional[int] = ..., replayed: _Optional[bool] = ..., instance_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("generation", "event_sets", "redact_patterns")
@@ -106,6 +114,14 @@ class SampleRequest(_message.Message):
     max_events_per_interval: int
     lease: _duration_pb2.Duration
     def __init__(self, event_sets: _Optional[_Iterable[str]] = ..., pids: _Optional[_Iterable[int]] = ..., sample_rate: _Optional[float] = ..., max_events_per_interval: _Optional[int] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class BatchAck(_message.Message):
+    __slots__ = ("instance_id", "seq")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    seq: int
+    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("generation",)

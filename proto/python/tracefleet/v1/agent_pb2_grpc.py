@@ -32,6 +32,11 @@ class AgentServiceStub:
     CLI client follows events. On reconnect the agent registers again with the generation it
     has applied; the controller answers with its current DesiredState, so nothing is applied
     twice or lost.
+
+    Result batches are delivered exactly once: each carries (instance_id, seq), the agent
+    keeps a batch until a BatchAck covers it and sends it again after a reconnect, and the
+    controller applies a batch only if its seq is above the last one it applied for that
+    instance, committing its totals and that seq in one transaction before acknowledging.
     """
 
     def __init__(self, channel):
@@ -54,6 +59,11 @@ class AgentServiceServicer:
     CLI client follows events. On reconnect the agent registers again with the generation it
     has applied; the controller answers with its current DesiredState, so nothing is applied
     twice or lost.
+
+    Result batches are delivered exactly once: each carries (instance_id, seq), the agent
+    keeps a batch until a BatchAck covers it and sends it again after a reconnect, and the
+    controller applies a batch only if its seq is above the last one it applied for that
+    instance, committing its totals and that seq in one transaction before acknowledging.
     """
 
     def Connect(self, request_iterator, context):
@@ -88,6 +98,11 @@ class AgentService:
     CLI client follows events. On reconnect the agent registers again with the generation it
     has applied; the controller answers with its current DesiredState, so nothing is applied
     twice or lost.
+
+    Result batches are delivered exactly once: each carries (instance_id, seq), the agent
+    keeps a batch until a BatchAck covers it and sends it again after a reconnect, and the
+    controller applies a batch only if its seq is above the last one it applied for that
+    instance, committing its totals and that seq in one transaction before acknowledging.
     """
 
     @staticmethod

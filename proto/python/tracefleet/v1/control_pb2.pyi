@@ -62,7 +62,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, selector: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "labels", "kernel_version", "agent_version", "strategies", "state", "applied_generation", "desired_generation", "pending", "last_seen", "statuses", "events_per_second", "faults_per_second", "drops_per_second")
+    __slots__ = ("name", "labels", "kernel_version", "agent_version", "strategies", "state", "applied_generation", "desired_generation", "pending", "last_seen", "statuses", "events_per_second", "faults_per_second", "drops_per_second", "totals", "batches_applied", "batches_duplicate", "batches_discarded")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,10 @@ class NodeStatus(_message.Message):
     EVENTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     FAULTS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     DROPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    BATCHES_DISCARDED_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.ScalarMap[str, str]
     kernel_version: str
@@ -98,7 +102,23 @@ class NodeStatus(_message.Message):
     events_per_second: float
     faults_per_second: float
     drops_per_second: float
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., strategies: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., state: _Optional[_Union[NodeState, str]] = ..., applied_generation: _Optional[int] = ..., desired_generation: _Optional[int] = ..., pending: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., events_per_second: _Optional[float] = ..., faults_per_second: _Optional[float] = ..., drops_per_second: _Optional[float] = ...) -> None: ...
+    totals: _containers.RepeatedCompositeFieldContainer[SetTotals]
+    batches_applied: int
+    batches_duplicate: int
+    batches_discarded: int
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., strategies: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., state: _Optional[_Union[NodeState, str]] = ..., applied_generation: _Optional[int] = ..., desired_generation: _Optional[int] = ..., pending: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., events_per_second: _Optional[float] = ..., faults_per_second: _Optional[float] = ..., drops_per_second: _Optional[float] = ..., totals: _Optional[_Iterable[_Union[SetTotals, _Mapping]]] = ..., batches_applied: _Optional[int] = ..., batches_duplicate: _Optional[int] = ..., batches_discarded: _Optional[int] = ...) -> None: ...
+
+class SetTotals(_message.Message):
+    __slots__ = ("event_set", "delivered", "dropped", "discarded")
+    EVENT_SET_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    event_set: str
+    delivered: int
+    dropped: int
+    discarded: int
+    def __init__(self, event_set: _Optional[str] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., discarded: _Optional[int] = ...) -> None: ...
 
 class Rule(_message.Message):
     __slots__ = ("event_set", "enabled", "selector", "filters", "canary_percent", "sample_rate", "expires_at", "expired", "generation", "matched_nodes")

@@ -77,7 +77,7 @@ class OutcomeCount(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., outcome: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SetAggregate(_message.Message):
-    __slots__ = ("event_set", "events_by_syscall", "outcomes", "delivered", "dropped", "latency")
+    __slots__ = ("event_set", "events_by_syscall", "outcomes", "delivered", "dropped", "latency", "discarded")
     class EventsBySyscallEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -91,13 +91,15 @@ class SetAggregate(_message.Message):
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_FIELD_NUMBER: _ClassVar[int]
     event_set: str
     events_by_syscall: _containers.ScalarMap[str, int]
     outcomes: _containers.RepeatedCompositeFieldContainer[OutcomeCount]
     delivered: int
     dropped: int
     latency: Histogram
-    def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ...) -> None: ...
+    discarded: int
+    def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ..., discarded: _Optional[int] = ...) -> None: ...
 
 class EventArg(_message.Message):
     __slots__ = ("value", "status", "strategy", "redacted")

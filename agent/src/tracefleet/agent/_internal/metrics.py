@@ -109,6 +109,27 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node",),
         "Streams to the controller that registered (reconnects included).",
     ),
+    "tracefleet_agent_outbox_batches": (
+        "gauge",
+        ("node",),
+        "Result batches kept until the controller acknowledges them (grows during an outage).",
+    ),
+    "tracefleet_agent_outbox_bytes": (
+        "gauge",
+        ("node",),
+        "Serialized size of the result batches kept in the outbox.",
+    ),
+    "tracefleet_agent_outbox_discarded_batches_total": (
+        "counter",
+        ("node",),
+        "Result batches discarded, never sent, because the outbox exceeded its memory budget.",
+    ),
+    "tracefleet_agent_outbox_discarded_events_total": (
+        "counter",
+        ("node",),
+        "Events (delivered + dropped) of the discarded result batches; the controller is told "
+        "their number and counts them as discarded.",
+    ),
 }
 
 
@@ -173,7 +194,7 @@ class AgentCollector(Collector):
     Optional engine methods: ``totals()`` (cumulative ``{set: SetAggregate}``),
     ``program_stats()`` ([(event_set, program, run_time_ns, run_count)]), ``statuses()``,
     ``bpf_stats_enabled``. The controller client is read for applied_generation, connected,
-    stats.connects and statuses."""
+    stats (connects, batches_discarded, events_discarded), outbox_state() and statuses."""
 
     def __init__(self, engine: Any, node: str, client: Any = None) -> None:
         self.engine = engine
@@ -227,6 +248,15 @@ class AgentCollector(Collector):
             )
             fams["tracefleet_agent_controller_connects_total"].add_metric(
                 [node], client.stats.connects
+            )
+            batches, size = client.outbox_state()
+            fams["tracefleet_agent_outbox_batches"].add_metric([node], batches)
+            fams["tracefleet_agent_outbox_bytes"].add_metric([node], size)
+            fams["tracefleet_agent_outbox_discarded_batches_total"].add_metric(
+                [node], client.stats.batches_discarded
+            )
+            fams["tracefleet_agent_outbox_discarded_events_total"].add_metric(
+                [node], client.stats.events_discarded
             )
         return [f for f in fams.values() if f.samples]
 

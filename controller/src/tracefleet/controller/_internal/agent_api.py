@@ -12,6 +12,7 @@ import grpc
 from tracefleet.controller._internal.auth import Authorizer
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.fleet import Connection, Node
+from tracefleet.controller._internal.ledger import MAX_INSTANCE_ID, batch_problem
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller.agents")
@@ -31,6 +32,8 @@ def register_problem(reg: agent_pb2.Register) -> str:
         return f"node_name must be 1..{MAX_NAME} printable characters"
     if reg.applied_generation > MAX_GENERATION:
         return f"applied_generation {reg.applied_generation} is out of range"
+    if len(reg.instance_id) > MAX_INSTANCE_ID:
+        return f"instance_id must be at most {MAX_INSTANCE_ID} characters"
     if len(reg.labels) > MAX_LABELS:
         return f"at most {MAX_LABELS} labels"
     for k, v in reg.labels.items():
@@ -107,6 +110,11 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     break
                 kind = msg.WhichOneof("kind")
                 if kind == "result_batch":
+                    problem = batch_problem(msg.result_batch)
+                    if problem:
+                        log.warning("node %s sent a result batch that cannot be applied (%s): "
+                                    "dropping its stream", node.name, problem)  # fmt: skip
+                        break
                     self.ctl.on_batch(node, msg.result_batch)
                 elif kind == "ack":
                     if msg.ack.generation > MAX_GENERATION:

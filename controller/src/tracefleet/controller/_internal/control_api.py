@@ -110,12 +110,14 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             raise AssertionError("unreachable") from None
         ctl = self.ctl
         now = time.time()
+        ledger = ctl.ledger.snapshot()
         nodes = []
         for name in sorted(ctl.fleet.nodes):
             n = ctl.fleet.nodes[name]
             if not selector.matches(n.name, n.labels):
                 continue
             rates = n.window.rates()
+            counts = ledger.get(n.name)
             nodes.append(
                 control_pb2.NodeStatus(
                     name=n.name,
@@ -134,6 +136,20 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     events_per_second=sum(r.events_per_second for r in rates.values()),
                     faults_per_second=sum(r.faults_per_second for r in rates.values()),
                     drops_per_second=sum(r.drops_per_second for r in rates.values()),
+                    totals=[
+                        control_pb2.SetTotals(
+                            event_set=k,
+                            delivered=c.delivered,
+                            dropped=c.dropped,
+                            discarded=c.discarded,
+                        )
+                        for k, c in sorted(counts.sets.items())
+                    ]
+                    if counts
+                    else [],
+                    batches_applied=counts.applied if counts else 0,
+                    batches_duplicate=counts.duplicate if counts else 0,
+                    batches_discarded=counts.discarded if counts else 0,
                 )
             )
         return control_pb2.GetStatusResponse(

@@ -1,5 +1,9 @@
 """The controller's state machine: rules -> generation -> desired state per node, and what
-agents report back. Runs on one asyncio loop; the gRPC services are thin adapters over it."""
+agents report back. Runs on one asyncio loop; the gRPC services are thin adapters over it.
+
+Result batches go through the ledger (``ledger.Ledger``): applied at most once per (node,
+agent instance, seq), and group-committed to SQLite every ``Timings.commit`` seconds with the
+seqs they include; the BatchAcks are sent after the commit returns."""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from tracefleet.controller._internal.aggregate import (
 )
 from tracefleet.controller._internal.events import EventHub
 from tracefleet.controller._internal.fleet import Connection, Fleet, Node
+from tracefleet.controller._internal.ledger import Ledger, Outcome
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
     FilterSpec,
@@ -59,6 +64,9 @@ class Timings:
     sample_renew: float = 2.0  # seconds between SampleRequest renewals
     sample_lease: float = 6.0  # lease of one SampleRequest
     max_sampled_events_per_interval: int = 200
+    # seconds a result batch may wait for the group commit of the ledger (and so for its
+    # acknowledgement): one fsync per commit, not per batch
+    commit: float = 0.05
 
 
 class Controller:
@@ -77,16 +85,25 @@ class Controller:
         self.hub = EventHub()
         self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
         self.generation = store.generation()
+        self.ledger = Ledger(store.ledger())
+        self._commit_wanted = asyncio.Event()
+        self.commit_seconds = 0.0  # time spent in ledger commits (all of them)
+        self.commits = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
         # Observers (the metrics endpoint): on_generation(gen), on_ack(node, ack, previous
-        # applied generation), on_batch(node, batch). Called on this loop; must not block.
+        # applied generation), on_batch(node, batch) for every batch applied, and
+        # on_duplicate(node, batch) for a resent batch ignored. Called on this loop; must not
+        # block; an observer may leave any of them out.
         self.observers: list[Any] = []
 
     def _notify(self, event: str, *args: Any) -> None:
         for o in self.observers:
+            fn = getattr(o, event, None)
+            if fn is None:
+                continue
             try:
-                getattr(o, event)(*args)
+                fn(*args)
             except Exception:
                 log.exception("observer %s.%s failed", type(o).__name__, event)
 
@@ -98,6 +115,7 @@ class Controller:
             asyncio.create_task(self._every(self.timings.expiry_check, self._expiry_tick)),
             asyncio.create_task(self._every(self.timings.flush, self.flush)),
             asyncio.create_task(self._sampling_loop()),
+            asyncio.create_task(self._commit_loop()),
         ]
 
     async def stop(self) -> None:
@@ -106,6 +124,7 @@ class Controller:
         for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        self.commit()
         for node in self.fleet.connected():
             if node.conn is not None:
                 node.conn.close()
@@ -127,6 +146,35 @@ class Controller:
         records = self.fleet.take_dirty()
         if records:
             self.store.put_nodes(records)
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._commit_wanted.wait()
+            await asyncio.sleep(self.timings.commit)  # gather the batches of many agents
+            self._commit_wanted.clear()
+            try:
+                self.commit()
+            except Exception:  # e.g. disk full: nothing is acknowledged, retried next time
+                log.exception("committing result batches failed")
+                self._commit_wanted.set()
+                await asyncio.sleep(1.0)
+
+    def commit(self) -> int:
+        """Write the batches applied since the last commit (one transaction), then
+        acknowledge them; returns the number of acknowledgements sent."""
+        if not self.ledger.dirty:
+            return 0
+        t0 = time.monotonic()
+        rows = self.ledger.changes()
+        self.store.put_ledger(rows)
+        acks = self.ledger.committed(rows)
+        self.commit_seconds += time.monotonic() - t0
+        self.commits += 1
+        for name, instance, seq in acks:
+            node = self.fleet.nodes.get(name)
+            if node is not None and node.conn is not None:
+                node.conn.send(_batch_ack(instance, seq))
+        return len(acks)
 
     # rules ------------------------------------------------------------------------------
 
@@ -299,6 +347,11 @@ class Controller:
     # upstream ---------------------------------------------------------------------------
 
     def on_register(self, reg: agent_pb2.Register, conn: Connection) -> Node:
+        if reg.instance_id:
+            # first message of the stream: tells the agent this controller acknowledges
+            # batches (seq 0: none of this instance applied yet)
+            seq = self.ledger.committed_seq(reg.node_name, reg.instance_id)
+            conn.send(_batch_ack(reg.instance_id, seq))
         node = self.fleet.attach(reg.node_name, conn)
         node.labels = dict(reg.labels)
         node.kernel_version = reg.kernel_version
@@ -345,8 +398,17 @@ class Controller:
         node.info["statuses"] = [_status_dict(s) for s in ack.statuses]
         self.fleet.mark_dirty(node)
 
-    def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> None:
+    def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> Outcome:
+        """Apply a batch (check ledger.batch_problem() first)."""
         self.fleet.seen(node)
+        outcome = self.ledger.apply(node.name, batch)
+        if outcome is Outcome.DUPLICATE:
+            seq = self.ledger.committed_seq(node.name, batch.instance_id)
+            if seq >= batch.seq and node.conn is not None:
+                node.conn.send(_batch_ack(batch.instance_id, seq))  # its ack was lost
+            self._notify("on_duplicate", node, batch)
+            return outcome
+        self._commit_wanted.set()
         self._notify("on_batch", node, batch)
         if not batch.replayed:
             samples = []
@@ -374,6 +436,7 @@ class Controller:
             for ev in batch.events:
                 ev.node = node.name
             self.hub.dispatch(node.name, batch.events)
+        return outcome
 
     def _warn_hist(self, node: str, why: str) -> None:
         if node not in self._warned_hist:
@@ -383,6 +446,10 @@ class Controller:
     def on_disconnect(self, node: Node, conn: Connection) -> None:
         if self.fleet.detach(node, conn):
             log.info("node %s disconnected", node.name)
+
+
+def _batch_ack(instance: str, seq: int) -> agent_pb2.ControllerMessage:
+    return agent_pb2.ControllerMessage(batch_ack=agent_pb2.BatchAck(instance_id=instance, seq=seq))
 
 
 def _status_dict(s: types_pb2.SetStatus) -> dict[str, object]:

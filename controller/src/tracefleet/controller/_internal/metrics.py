@@ -7,10 +7,14 @@ node names are the fleet's nodes, the rest are bounded enumerations (refusal rea
 
 Fleet-wide counts are merged exactly from the agents' ResultBatches (histograms bucket by
 bucket, the way ``aggregate.Hist`` adds them) into cumulative totals per node and event set;
-replayed batches (sent after an outage) are counted too. Fleet state (connections, staleness,
-generations, pending acks) is read from the Controller on every scrape (a custom collector).
-The Controller calls this module through ``Controller.observers`` (on_generation, on_ack,
-on_batch) on its asyncio loop; scrapes run on the HTTP server's thread, hence the lock.
+replayed batches (sent after an outage) are counted too, batches resent after a reconnect
+that were already applied are not. Event and batch counts (delivered, dropped, discarded,
+batches) are the controller's ledger, persisted in its database: they continue across
+restarts. Per-syscall, per-outcome and latency counts live in this process only. Fleet
+state (connections, staleness, generations, pending acks) is read from the Controller on
+every scrape (a custom collector). The Controller calls this module through
+``Controller.observers`` (on_generation, on_ack, on_batch) on its asyncio loop; scrapes run
+on the HTTP server's thread, hence the lock.
 """
 
 from __future__ import annotations
@@ -80,7 +84,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tracefleet_controller_events_dropped_total": (
         "counter",
         ("node", "event_set"),
-        "Events lost in the kernel or in an agent's outage buffer, as reported.",
+        "Events lost in the kernel (ring buffer full, consumer lag), as reported.",
+    ),
+    "tracefleet_controller_events_discarded_total": (
+        "counter",
+        ("node", "event_set"),
+        "Events of result batches an agent discarded (its outbox exceeded its memory budget "
+        "during an outage), as reported by the agent: the shortfall of the delivered counts.",
     ),
     "tracefleet_controller_syscall_events_total": (
         "counter",
@@ -90,7 +100,27 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tracefleet_controller_batches_total": (
         "counter",
         ("node",),
-        "Result batches received.",
+        "Result batches applied (each counted once).",
+    ),
+    "tracefleet_controller_batches_duplicate_total": (
+        "counter",
+        ("node",),
+        "Result batches received again after a reconnect that had already been applied (ignored).",
+    ),
+    "tracefleet_controller_batches_discarded_total": (
+        "counter",
+        ("node",),
+        "Result batches an agent reported it discarded (outbox over its memory budget).",
+    ),
+    "tracefleet_controller_ledger_commits_total": (
+        "counter",
+        (),
+        "Transactions writing applied result batches (and their seqs) to the database.",
+    ),
+    "tracefleet_controller_ledger_commit_seconds_total": (
+        "counter",
+        (),
+        "Time spent in those transactions (the event loop waits for them).",
     ),
     "tracefleet_controller_agents_connected": (
         "gauge",
@@ -187,8 +217,6 @@ def _observe(h: Hist, value: float) -> None:
 
 @dataclass
 class SetTotals:
-    delivered: int = 0
-    dropped: int = 0
     syscalls: dict[str, int] = field(default_factory=dict)
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)  # (strategy, outcome)
     latency: Hist | None = None
@@ -201,7 +229,6 @@ class FleetTotals:
         self._clock = clock
         self._lock = threading.Lock()
         self.sets: dict[tuple[str, str], SetTotals] = {}
-        self.batches: dict[str, int] = {}
         self.arrival: dict[str, Hist] = {}
         self.apply_latency = Hist.empty(APPLY_BUCKETS_SECONDS)
         self._issued: dict[int, float] = {}  # generation -> unix time it was issued
@@ -225,14 +252,11 @@ class FleetTotals:
         now = self._clock()
         name = node.name
         with self._lock:
-            self.batches[name] = self.batches.get(name, 0) + 1
             if batch.interval_end_ns:
                 arrival = self.arrival.setdefault(name, Hist.empty(ARRIVAL_BUCKETS_SECONDS))
                 _observe(arrival, max(0.0, now - batch.interval_end_ns / 1e9))
             for s in batch.sets:
                 t = self.sets.setdefault((name, s.event_set), SetTotals())
-                t.delivered += s.delivered
-                t.dropped += s.dropped
                 for sc, n in s.events_by_syscall.items():
                     t.syscalls[sc] = t.syscalls.get(sc, 0) + n
                 for o in s.outcomes:
@@ -249,12 +273,10 @@ class FleetTotals:
 
     # snapshot for the collector --------------------------------------------------------
 
-    def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict[str, int], dict, Hist]:
+    def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict, Hist]:
         with self._lock:
             sets = {
                 k: SetTotals(
-                    v.delivered,
-                    v.dropped,
                     dict(v.syscalls),
                     dict(v.outcomes),
                     Hist(v.latency.bounds, list(v.latency.counts), v.latency.sum)
@@ -266,7 +288,7 @@ class FleetTotals:
             arrival = {n: Hist(h.bounds, list(h.counts), h.sum) for n, h in self.arrival.items()}
             apply = Hist(self.apply_latency.bounds, list(self.apply_latency.counts),
                          self.apply_latency.sum)  # fmt: skip
-            return sets, dict(self.batches), arrival, apply
+            return sets, arrival, apply
 
 
 class ControllerCollector(Collector):
@@ -282,18 +304,25 @@ class ControllerCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         fams = {name: _family(name) for name in METRICS}
-        sets, batches, arrival, apply = self.totals.snapshot()
+        sets, arrival, apply = self.totals.snapshot()
+        for node, n in sorted(self.ctl.ledger.snapshot().items()):
+            for event_set, c in sorted(n.sets.items()):
+                labels = [node, event_set]
+                fams["tracefleet_controller_events_delivered_total"].add_metric(labels, c.delivered)
+                fams["tracefleet_controller_events_dropped_total"].add_metric(labels, c.dropped)
+                fams["tracefleet_controller_events_discarded_total"].add_metric(labels, c.discarded)
+            fams["tracefleet_controller_batches_total"].add_metric([node], n.applied)
+            fams["tracefleet_controller_batches_duplicate_total"].add_metric([node], n.duplicate)
+            fams["tracefleet_controller_batches_discarded_total"].add_metric([node], n.discarded)
+        fams["tracefleet_controller_ledger_commits_total"].add_metric([], self.ctl.commits)
+        fams["tracefleet_controller_ledger_commit_seconds_total"].add_metric(
+            [], self.ctl.commit_seconds
+        )
         for (node, event_set), t in sorted(sets.items()):
             if t.latency is not None:
                 fams["tracefleet_controller_capture_latency_seconds"].add_metric(
                     [node, event_set], buckets(t.latency), t.latency.sum
                 )
-            fams["tracefleet_controller_events_delivered_total"].add_metric(
-                [node, event_set], t.delivered
-            )
-            fams["tracefleet_controller_events_dropped_total"].add_metric(
-                [node, event_set], t.dropped
-            )
             for sc, n in sorted(t.syscalls.items()):
                 fams["tracefleet_controller_syscall_events_total"].add_metric(
                     [node, event_set, sc], n
@@ -306,8 +335,6 @@ class ControllerCollector(Collector):
                 fams["tracefleet_controller_arguments_total"].add_metric(
                     [node, event_set, strategy, outcome], n
                 )
-        for node, n in sorted(batches.items()):
-            fams["tracefleet_controller_batches_total"].add_metric([node], n)
         for node, h in sorted(arrival.items()):
             fams["tracefleet_controller_arrival_latency_seconds"].add_metric(
                 [node], buckets(h), h.sum

@@ -1,8 +1,11 @@
-"""Durable desired state: the fleet generation, the rules, and what nodes last reported.
+"""Durable desired state: the fleet generation, the rules, and what nodes last reported;
+and the ledger of result batches: totals per node and event set, and the last batch applied
+per agent instance, written in one transaction so a batch is counted exactly once.
 
 SQLite (one file, WAL). Every rule change bumps the generation in the same transaction, so the
 generation is monotonic across restarts and a rule is never seen without its generation.
-``:memory:`` gives a throw-away store for tests.
+``:memory:`` gives a throw-away store for tests. Schema 1 (before the ledger) is upgraded in
+place.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from typing import Any
 
 from tracefleet.controller._internal.rules import FilterSpec, Rule
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (
@@ -39,6 +42,27 @@ CREATE TABLE IF NOT EXISTS nodes (
     applied_generation INTEGER NOT NULL,
     last_seen REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS set_totals (
+    node TEXT NOT NULL,
+    event_set TEXT NOT NULL,
+    delivered INTEGER NOT NULL,
+    dropped INTEGER NOT NULL,
+    discarded INTEGER NOT NULL,
+    PRIMARY KEY (node, event_set)
+);
+CREATE TABLE IF NOT EXISTS node_batches (
+    node TEXT PRIMARY KEY,
+    applied INTEGER NOT NULL,
+    duplicate INTEGER NOT NULL,
+    discarded INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_cursors (
+    node TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    updated REAL NOT NULL,
+    PRIMARY KEY (node, instance)
+);
 """
 
 
@@ -52,6 +76,20 @@ class NodeRecord:
     info: dict[str, Any] = field(default_factory=dict)
     applied_generation: int = 0
     last_seen: float = 0.0  # unix seconds
+
+
+@dataclass
+class LedgerRows:
+    """What the ledger writes in one transaction (absolute values, not increments)."""
+
+    # (node, event_set, delivered, dropped, discarded)
+    set_totals: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    # (node, applied, duplicate, discarded batches)
+    node_batches: list[tuple[str, int, int, int]] = field(default_factory=list)
+    # (node, instance, seq, updated)
+    cursors: list[tuple[str, str, int, float]] = field(default_factory=list)
+    # (node, instance) no longer kept
+    dropped_cursors: list[tuple[str, str]] = field(default_factory=list)
 
 
 class StoreError(RuntimeError):
@@ -75,7 +113,7 @@ class Store:
         except sqlite3.Error as e:
             raise StoreError(f"cannot open the database {path}: {e}") from e
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0:
+        if version in (0, 1):  # new, or before the ledger (its tables were just created)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
         elif version != _SCHEMA_VERSION:
             raise StoreError(
@@ -195,6 +233,34 @@ class Store:
             )
             for row in rows
         ]
+
+    # ledger -----------------------------------------------------------------------------
+
+    def put_ledger(self, rows: LedgerRows) -> None:
+        """Write the ledger's changed rows in one transaction (durable on return)."""
+        db = self._db
+        with self._tx():
+            db.executemany(
+                "INSERT OR REPLACE INTO set_totals VALUES (?, ?, ?, ?, ?)", rows.set_totals
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO node_batches VALUES (?, ?, ?, ?)", rows.node_batches
+            )
+            db.executemany("INSERT OR REPLACE INTO batch_cursors VALUES (?, ?, ?, ?)", rows.cursors)
+            db.executemany(
+                "DELETE FROM batch_cursors WHERE node = ? AND instance = ?", rows.dropped_cursors
+            )
+
+    def ledger(self) -> LedgerRows:
+        q = self._db.execute
+        totals = q("SELECT node, event_set, delivered, dropped, discarded FROM set_totals")
+        batches = q("SELECT node, applied, duplicate, discarded FROM node_batches")
+        cursors = q("SELECT node, instance, seq, updated FROM batch_cursors")
+        return LedgerRows(
+            set_totals=[(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in totals],
+            node_batches=[(r[0], int(r[1]), int(r[2]), int(r[3])) for r in batches],
+            cursors=[(r[0], r[1], int(r[2]), float(r[3])) for r in cursors],
+        )
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
