@@ -126,6 +126,18 @@ static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
 	tf_submit(SET, e, sizeof(*e));
 }
 
+/* The second half of an operation whose record was stashed by the first: send it. */
+static __always_inline int tf_vfs_finish(__u16 op, long ret)
+{
+	struct tf_vfs_event *e = tf_vfs_stashed(op);
+
+	if (e) {
+		tf_vfs_emit(e, ret);
+		tf_vfs_unstash();
+	}
+	return 0;
+}
+
 static __always_inline bool tf_vfs_on(void)
 {
 	return tf_should_trace(SET, bpf_get_current_pid_tgid() >> 32);
@@ -222,14 +234,11 @@ int BPF_PROG(vf_open_lsm, struct file *file)
 SEC("fexit/vfs_open")
 int BPF_PROG(vf_open, const struct path *path, struct file *file)
 {
-	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_OPEN);
+	struct tf_vfs_event *e;
 	long ret = tf_func_ret(ctx);
 
-	if (e) {
-		tf_vfs_emit(e, ret);
-		tf_vfs_unstash();
-		return 0;
-	}
+	if (tf_vfs_stashed(TF_VFS_OPEN))
+		return tf_vfs_finish(TF_VFS_OPEN, ret);
 	/* failed before the LSM hook, or no LSM: walk */
 	if (!tf_vfs_on() || tf_pseudo_fs(path->dentry))
 		return 0;
@@ -338,50 +347,37 @@ int BPF_PROG(vf_ftruncate, struct file *file, loff_t length)
 }
 
 /* unlink, rmdir, rename: names and inode before the operation changes them */
-SEC("fentry/vfs_unlink")
-int BPF_PROG(vf_unlink_enter, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+static __always_inline int tf_vfs_begin(__u16 op, struct dentry *dentry)
 {
 	struct tf_vfs_event *e;
 
-	if (!tf_vfs_on() || !(e = tf_vfs_stash(TF_VFS_UNLINK)))
-		return 0;
-	tf_vfs_dentry(e, dentry);
+	if (tf_vfs_on() && (e = tf_vfs_stash(op)))
+		tf_vfs_dentry(e, dentry);
 	return 0;
 }
 
-SEC("fexit/vfs_unlink")
-int BPF_PROG(vf_unlink, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+SEC("fentry/vfs_unlink")
+int BPF_PROG(vf_unlink_enter, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
 {
-	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_UNLINK);
+	return tf_vfs_begin(TF_VFS_UNLINK, dentry);
+}
 
-	if (e) {
-		tf_vfs_emit(e, tf_func_ret(ctx));
-		tf_vfs_unstash();
-	}
-	return 0;
+SEC("fexit/vfs_unlink")
+int BPF_PROG(vf_unlink)
+{
+	return tf_vfs_finish(TF_VFS_UNLINK, tf_func_ret(ctx));
 }
 
 SEC("fentry/vfs_rmdir")
 int BPF_PROG(vf_rmdir_enter, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
 {
-	struct tf_vfs_event *e;
-
-	if (!tf_vfs_on() || !(e = tf_vfs_stash(TF_VFS_RMDIR)))
-		return 0;
-	tf_vfs_dentry(e, dentry);
-	return 0;
+	return tf_vfs_begin(TF_VFS_RMDIR, dentry);
 }
 
 SEC("fexit/vfs_rmdir")
-int BPF_PROG(vf_rmdir, struct mnt_idmap *idmap, struct inode *dir, struct dentry *dentry)
+int BPF_PROG(vf_rmdir)
 {
-	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_RMDIR);
-
-	if (e) {
-		tf_vfs_emit(e, tf_func_ret(ctx));
-		tf_vfs_unstash();
-	}
-	return 0;
+	return tf_vfs_finish(TF_VFS_RMDIR, tf_func_ret(ctx));
 }
 
 SEC("fentry/vfs_rename")
@@ -397,15 +393,9 @@ int BPF_PROG(vf_rename_enter, struct renamedata *rd)
 }
 
 SEC("fexit/vfs_rename")
-int BPF_PROG(vf_rename, struct renamedata *rd)
+int BPF_PROG(vf_rename)
 {
-	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_RENAME);
-
-	if (e) {
-		tf_vfs_emit(e, tf_func_ret(ctx));
-		tf_vfs_unstash();
-	}
-	return 0;
+	return tf_vfs_finish(TF_VFS_RENAME, tf_func_ret(ctx));
 }
 
 /* mkdir, symlink, link, setattr: after the fact, the new names are in place */
@@ -706,11 +696,5 @@ int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 SEC("tp/syscalls/sys_exit_close")
 int vt_close(struct trace_event_raw_sys_exit *ctx)
 {
-	struct tf_vfs_event *e = tf_vfs_stashed(TF_VFS_CLOSE);
-
-	if (e) {
-		tf_vfs_emit(e, ctx->ret);
-		tf_vfs_unstash();
-	}
-	return 0;
+	return tf_vfs_finish(TF_VFS_CLOSE, ctx->ret);
 }
