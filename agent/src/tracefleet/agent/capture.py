@@ -633,14 +633,20 @@ class BpfEngine:
 
     def close(self) -> None:
         self._stop.set()
+        self._rb.abort()  # a drain in progress stops at its next record
+        alive = False
         if self._thread:
-            self._thread.join(timeout=2)
+            self._thread.join(timeout=30)
+            alive = self._thread.is_alive()
+            if alive:
+                log.error("ring buffer consumer did not stop in 30 s; leaving its ring mapped")
         with self._lock:
             for st in self._sets.values():
                 if st.loaded:
                     st.loaded.close()
                     st.loaded = None
-            self._rb.close()
+            if not alive:  # never unmap the ring under a running consumer
+                self._rb.close()
             if self._stats_fd is not None:
                 os.close(self._stats_fd)
                 self._stats_fd = None

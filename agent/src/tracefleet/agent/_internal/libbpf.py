@@ -454,7 +454,11 @@ class RingBuffer:
         self._user_cb = callback
         self._errors: list[BaseException] = []
 
+        self.aborted = False
+
         def _cb(_ctx: int, data: int, size: int) -> int:
+            if self.aborted:
+                return -1  # stops ring_buffer__consume/poll at once
             try:
                 callback(ctypes.string_at(data, size))
             except BaseException as e:  # never unwind through C
@@ -478,6 +482,8 @@ class RingBuffer:
         """Wait up to timeout_ms for a wakeup, then consume everything queued."""
         assert self._ptr
         n = lib().ring_buffer__poll(self._ptr, timeout_ms)
+        if self.aborted:
+            return 0
         self._raise_pending()
         if n < 0 and n != -errno.EINTR:
             raise LibbpfError(n, "ring buffer poll")
@@ -491,6 +497,11 @@ class RingBuffer:
         n = lib().ring_buffer__consume(self._ptr)
         self._raise_pending()
         return max(n, 0)
+
+    def abort(self) -> None:
+        """Make a poll or consume in progress (in another thread) return at its next record,
+        before close(): freeing the ring under a running consumer unmaps what it reads."""
+        self.aborted = True
 
     def close(self) -> None:
         if self._ptr:
