@@ -229,6 +229,7 @@ class BpfEngine:
         self._cum_user: collections.Counter[str] = collections.Counter()
         self._stats_fd: int | None = None
         self._decode_errors = 0
+        self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -364,6 +365,28 @@ class BpfEngine:
         for key in list(libbpf.map_keys(fd, ctypes.c_uint32)):
             libbpf.map_delete(fd, ctypes.c_uint32(key))
 
+    def reap_inflight(self) -> dict[str, int]:
+        """Drop the per-thread entries of threads that no longer exist; returns how many per
+        set (also added to ``self.reaped``). The kernel deletes an entry at the syscall's exit;
+        a thread that dies without one (on the 7.2 guest, a thread killed by a sibling's exec
+        while blocked in a syscall left one) would otherwise hold its slot until the LRU
+        evicts it. Tids are the kernel's (init PID namespace): the agent runs with hostPID,
+        as its own-pid filter already requires."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for name, st in self._sets.items():
+                if not st.loaded:
+                    continue
+                fd = st.loaded.map_fd(st.spec.inflight_map)
+                for tid in list(libbpf.map_keys(fd, ctypes.c_uint32)):
+                    if not os.path.exists(f"/proc/{tid}") and libbpf.map_delete(
+                            fd, ctypes.c_uint32(tid)):  # fmt: skip
+                        out[name] = out.get(name, 0) + 1
+        for name, n in out.items():
+            self.reaped[name] += n
+            log.debug("event set %s: dropped %d in-flight entries of dead threads", name, n)
+        return out
+
     def inflight_count(self, name: str) -> int:
         st = self._sets[name]
         if not st.loaded:
@@ -458,6 +481,7 @@ class BpfEngine:
             if time.monotonic() - last_tick > 1.0:
                 last_tick = time.monotonic()
                 self.detach_idle()
+                self.reap_inflight()
 
     # ---- counters ----------------------------------------------------------------------
     def _read_stats(self) -> list[int]:
