@@ -121,3 +121,36 @@ def nodes_by_name(st: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def enabled_sets(node: dict[str, Any]) -> set[str]:
     return {s["name"] for s in node["statuses"] if s["enabled"] and s["attached"]}
+
+
+class ClientThread:
+    """A ControlClient running in a thread of the test process until stop()."""
+
+    def __init__(self, client: Any) -> None:
+        import threading
+
+        self.client = client
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        import asyncio
+
+        async def main() -> None:
+            stop = asyncio.Event()
+
+            async def watch() -> None:
+                while not self.stop_event.is_set():
+                    await asyncio.sleep(0.1)
+                stop.set()
+
+            w = asyncio.create_task(watch())
+            await self.client.run(stop)
+            w.cancel()
+
+        asyncio.run(main())
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(timeout=10)

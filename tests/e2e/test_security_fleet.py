@@ -8,12 +8,11 @@ import datetime as dt
 import json
 import os
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.fleet_helpers import PY, free_port, wait_until
+from tests.e2e.fleet_helpers import PY, ClientThread, free_port, wait_until
 from tracefleet.agent._internal.loadgen import SyntheticEngine
 from tracefleet.agent._internal.tls import AgentTLS
 from tracefleet.agent.controlclient import ClientOptions, ControlClient
@@ -105,36 +104,12 @@ class Controller:
             self.proc.wait(timeout=30)
 
 
-class Agent:
+class Agent(ClientThread):
     def __init__(self, address: str, node: str, tls_dir: Path, labels: dict[str, str]) -> None:
-        self.stop_event = threading.Event()
         opts = ClientOptions(interval=0.2, backoff_initial=0.2, backoff_max=1.0,
                              offload_engine_calls=False, agent_version="test",
                              tls=AgentTLS(tls_dir))  # fmt: skip
-        self.client = ControlClient(ExecEngine(200, seed=1), address, node, labels, opts)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        import asyncio
-
-        async def main() -> None:
-            stop = asyncio.Event()
-
-            async def watch() -> None:
-                while not self.stop_event.is_set():
-                    await asyncio.sleep(0.1)
-                stop.set()
-
-            w = asyncio.create_task(watch())
-            await self.client.run(stop)
-            w.cancel()
-
-        asyncio.run(main())
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=10)
+        super().__init__(ControlClient(ExecEngine(200, seed=1), address, node, labels, opts))
 
 
 @pytest.fixture

@@ -6,17 +6,15 @@ add-on issues it, and prove their node with a ServiceAccount token file."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
-import threading
 import urllib.request
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.fleet_helpers import PY, free_port, wait_until
+from tests.e2e.fleet_helpers import PY, ClientThread, free_port, wait_until
 from tests.fake_kube_api import (
     AGENT_USER,
     API_AUDIENCE,
@@ -96,40 +94,18 @@ class ControllerProc:
             self.proc.wait(timeout=30)
 
 
-class Agent:
+class Agent(ClientThread):
     """A control client with the shared agent certificate and a token file."""
 
     def __init__(self, address: str, node: str, tls_dir: Path, token_file: Path | None) -> None:
-        self.stop_event = threading.Event()
         opts = ClientOptions(interval=0.2, backoff_initial=0.2, backoff_max=1.0,
                              offload_engine_calls=False, agent_version="test",
                              tls=AgentTLS(tls_dir),
                              token_file=str(token_file) if token_file else "")  # fmt: skip
-        self.client = ControlClient(SyntheticEngine(50, seed=1), address, node, {}, opts)
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        async def main() -> None:
-            stop = asyncio.Event()
-
-            async def watch() -> None:
-                while not self.stop_event.is_set():
-                    await asyncio.sleep(0.1)
-                stop.set()
-
-            w = asyncio.create_task(watch())
-            await self.client.run(stop)
-            w.cancel()
-
-        asyncio.run(main())
+        super().__init__(ControlClient(SyntheticEngine(50, seed=1), address, node, {}, opts))
 
     def accepted(self) -> bool:
-        return self.client.stats.acks > 0
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(timeout=10)
+        return bool(self.client.stats.acks > 0)
 
 
 @pytest.fixture(scope="module")
