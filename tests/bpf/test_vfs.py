@@ -358,5 +358,5 @@ def test_file_heavy_loop_is_counted_exactly_and_its_cost_reported(
         f"\nVFS cost {hook} on {os.uname().release}: open+close untraced {ns_off:.0f} ns, "
         f"with vfs {ns_on:.0f} ns ({ns_on / ns_off:.2f}x, +{(ns_on - ns_off) / 2:.0f} ns per "
         f"syscall); {written / (on['ns'] / 1e9):.0f} records/s written, {dropped} dropped "
-        f"(ring full: the consumer decodes in Python)"
+        f"(ring full: the Python consumer drains slower than the loop writes)"
     )
