@@ -35,20 +35,6 @@ BPFTRACE_SCRIPT = bpftrace_probes.SCRIPT
 Expect = tuple[str, int, str, str, str, str]  # case, pid, syscall, arg, encoding, expect
 
 
-def decode_bpftrace_buf(text: str) -> str:
-    """bpftrace %r: printable bytes as-is, others as \\xNN; returns hex."""
-    out = bytearray()
-    i = 0
-    while i < len(text):
-        if text.startswith("\\x", i) and re.fullmatch(r"[0-9a-fA-F]{2}", text[i + 2 : i + 4]):
-            out.append(int(text[i + 2 : i + 4], 16))
-            i += 4
-        else:
-            out += text[i].encode()
-            i += 1
-    return out.hex()
-
-
 def run_cases(n: int, cases: list[tuple[str, list[str]]]) -> tuple[list[Expect], dict[str, str]]:
     """Run every case n times; returns the expected captures and the skipped cases."""
     expected: list[Expect] = []
@@ -166,7 +152,8 @@ def measure_bpftrace(n: int, cases: list[tuple[str, list[str]]], tmp: Path) -> d
         m = re.match(r"TF (\d+) (\S+) (\S+) ([SB]) ?(.*)$", line)
         if m:
             pid, sc, arg, kind, val = m.groups()
-            seen[(int(pid), sc, arg)].append(decode_bpftrace_buf(val) if kind == "B" else val)
+            value = bpftrace_probes.decode_buf(val) if kind == "B" else val
+            seen[(int(pid), sc, arg)].append(value)
     ok = {
         i
         for i, (_label, pid, sc, arg, _enc, exp) in enumerate(expected)
