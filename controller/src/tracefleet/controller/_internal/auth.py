@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import threading
 from collections import Counter
@@ -35,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tracefleet.controller._internal import env
 from tracefleet.controller._internal.certs import OU_AGENT, OU_CONTROLLER, ROLE_ADMIN, ROLES
+from tracefleet.controller._internal.configfile import load_yaml_or_json
 from tracefleet.controller._internal.kubetoken import TOKEN_REASONS, AgentTokenVerifier
 
 log = logging.getLogger("tracefleet.controller.auth")
@@ -165,14 +164,7 @@ class TokensError(Exception):
 def load_tokens(path: str | Path) -> dict[str, Identity]:
     """``{sha256(token) hex: {name, role}}`` in YAML or JSON -> {digest: Identity}."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise TokensError(f"cannot read tokens file {p}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise TokensError(f"tokens file {p} is not valid YAML/JSON: {e}") from None
+    data = load_yaml_or_json(p, "tokens file", TokensError)
     if isinstance(data, Mapping) and "tokens" in data and isinstance(data["tokens"], Mapping):
         data = data["tokens"]
     if not isinstance(data, Mapping):

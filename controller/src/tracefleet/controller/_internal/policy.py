@@ -17,16 +17,14 @@ Without an ``allow`` key every enable is allowed.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from tracefleet.controller._internal import env
 from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.configfile import load_yaml_or_json
 
 POLICY_FILE_ENV = env.POLICY_FILE
 
@@ -124,13 +122,4 @@ def parse_policy(data: object, source: str = "") -> Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise PolicyError(f"cannot read policy file {p}: {e.strerror}") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise PolicyError(f"policy file {p} is not valid YAML/JSON: {e}") from None
-    return parse_policy(data, str(p))
+    return parse_policy(load_yaml_or_json(path, "policy file", PolicyError), str(path))
