@@ -30,15 +30,18 @@ class InProcessController:
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
 
+    def _services(self) -> tuple[AgentService, ControlService]:
+        return AgentService(self.controller), ControlService(self.controller)
+
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        return server.add_insecure_port(f"127.0.0.1:{port}")
+
     async def _start(self, port: int) -> int:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentService(self.controller), self.server
-        )
-        control_pb2_grpc.add_ControlServiceServicer_to_server(
-            ControlService(self.controller), self.server
-        )
-        bound = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        agent, control = self._services()
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, self.server)
+        control_pb2_grpc.add_ControlServiceServicer_to_server(control, self.server)
+        bound = self._bind(self.server, port)
         await self.controller.start()
         await self.server.start()
         return bound

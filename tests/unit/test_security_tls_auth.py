@@ -3,14 +3,13 @@ identity, operator roles and tokens, certificate rotation without restart."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
-import threading
 from pathlib import Path
 
 import grpc
 import pytest
 
+from tests.unit.controller_helpers import InProcessController
 from tracefleet.controller._internal import certs
 from tracefleet.controller._internal.agent_api import AgentService
 from tracefleet.controller._internal.auth import (
@@ -20,9 +19,7 @@ from tracefleet.controller._internal.auth import (
     token_digest,
 )
 from tracefleet.controller._internal.control_api import ControlService
-from tracefleet.controller._internal.controller import Controller, Timings
 from tracefleet.controller._internal.policy import parse_policy
-from tracefleet.controller._internal.store import Store
 from tracefleet.controller._internal.tls import ServerTLS, handshake_reason
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
@@ -43,45 +40,22 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
-class TLSController:
+class TLSController(InProcessController):
+    """The in-process controller serving TLS, with operator tokens and a policy."""
+
     def __init__(self, tls_dir: Path, tokens: dict | None = None, policy: dict | None = None):
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.store = Store(":memory:")
         self.refusals = Refusals()
         self.tls = ServerTLS(tls_dir)
         self.auth = Authorizer(tls=True, tokens=tokens, refusals=self.refusals)
         self.policy = parse_policy(policy or {})
-        self.controller = Controller(self.store, timings=Timings(sample_renew=0.5))
-        self.port = self._run(self._start())
-        self.address = f"127.0.0.1:{self.port}"
+        super().__init__()
 
-    def _run(self, coro):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+    def _services(self) -> tuple[AgentService, ControlService]:
+        return (AgentService(self.controller, self.auth, self.policy.redact),
+                ControlService(self.controller, self.auth, self.policy))  # fmt: skip
 
-    async def _start(self) -> int:
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(
-            AgentService(self.controller, self.auth, self.policy.redact), self.server
-        )
-        control_pb2_grpc.add_ControlServiceServicer_to_server(
-            ControlService(self.controller, self.auth, self.policy), self.server
-        )
-        port = self.server.add_secure_port("127.0.0.1:0", self.tls.credentials())
-        await self.controller.start()
-        await self.server.start()
-        return port
-
-    def stop(self) -> None:
-        async def _stop():
-            await self.controller.stop()
-            await self.server.stop(grace=0)
-
-        self._run(_stop())
-        self.store.close()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=5)
+    def _bind(self, server: grpc.aio.Server, port: int) -> int:
+        return server.add_secure_port(f"127.0.0.1:{port}", self.tls.credentials())
 
 
 @pytest.fixture
