@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tracefleet.agent._internal import libbpf
 from tracefleet.agent._internal.abi import Strategy, TfConfig
-from tracefleet.agent.eventsets import EventSetSpec
+from tracefleet.agent.eventsets import EventSetSpec, KernelHook
 
 LADDER: tuple[Strategy, ...] = (
     Strategy.SLEEPABLE,
@@ -117,17 +117,17 @@ def explain(err: libbpf.LibbpfError) -> str:
     return f"{err.strerror}" + (f" ({pick[:200]})" if pick else "")
 
 
-def unhookable(spec: EventSetSpec, strategy: Strategy) -> dict[str, str]:
-    """Programs of ``strategy`` this kernel cannot take, with why: their kernel function is
+def unhookable(spec: EventSetSpec, strategy: Strategy) -> dict[KernelHook, str]:
+    """Kernel hooks of ``strategy`` this kernel cannot take, with why: the function is
     missing, or its parameters are not where the programs read them (a changed signature).
     Only rungs that attach to kernel functions (fentry) have any."""
     if strategy != Strategy.FENTRY or not spec.kernel_hooks:
         return {}
-    out: dict[str, str] = {}
+    out: dict[KernelHook, str] = {}
     try:
         btf = libbpf.KernelBtf()
     except libbpf.LibbpfError as e:
-        return {p: f"kernel BTF unreadable: {e}" for h in spec.kernel_hooks for p in h.programs}
+        return {h: f"kernel BTF unreadable: {e}" for h in spec.kernel_hooks}
     with btf:
         for hook in spec.kernel_hooks:
             params = btf.func_params(hook.function)
@@ -143,8 +143,7 @@ def unhookable(spec: EventSetSpec, strategy: Strategy) -> dict[str, str]:
                 if not wrong:
                     continue
                 why = f"{hook.function}() has another signature ({'; '.join(wrong)})"
-            for prog in hook.programs:
-                out[prog] = f"{hook.op}: {why}"
+            out[hook] = why
     return out
 
 
@@ -200,10 +199,12 @@ def load_set(
         # the user-fallback rung runs nofault programs under it
         kernel = Strategy.NOFAULT if strategy == Strategy.USER_FALLBACK else strategy
         obj = None
-        skipped = unhookable(spec, kernel)
-        programs = [p for p in spec.programs(kernel) if p not in skipped]
+        hooks = unhookable(spec, kernel)
+        by_op = {h.op: why for h, why in hooks.items()}
+        skip = {p for h in hooks for p in h.programs}
+        programs = [p for p in spec.programs(kernel) if p not in skip]
         if not programs:
-            reasons = sorted(set(skipped.values()))
+            reasons = sorted(f"{op}: {why}" for op, why in by_op.items())
             attempts.append(Attempt(strategy.label, False, "; ".join(reasons) or "no programs"))
             continue
         try:
@@ -215,10 +216,9 @@ def load_set(
                 agent_tgid=agent_tgid,
                 wakeup_bytes=wakeup_bytes,
                 inflight_entries=inflight_entries,
-                skip=list(skipped),
+                skip=sorted(skip),
             )
             obj.load()
-            by_op = {why.split(":", 1)[0]: why.split(": ", 1)[1] for why in skipped.values()}
             loaded = LoadedSet(spec, obj, kernel, attempts, programs=programs, skipped=by_op)
             loaded.attach()  # proves the kernel lets these programs run here
             loaded.detach()

@@ -168,8 +168,7 @@ def _plain(value: Any) -> dict[str, Any]:
 def vfs_path_arg(s: TfStr, kind: int, dev: int, pid: int) -> dict[str, Any]:
     out = str_arg(s)
     out.pop("addr", None)
-    out["kind"] = _PATH_KINDS.get(PathKind(kind) if kind in PathKind._value2member_map_ else 0,
-                                  "none")  # fmt: skip
+    out["kind"] = _PATH_KINDS.get(kind, "none")  # IntEnum keys match the raw byte
     if kind == PathKind.MOUNT_REL and out["value"] is not None:
         # only a dentry was at hand: prefix the mount point when it is unambiguous
         mp = _MOUNTS.mount_point(dev, pid)
