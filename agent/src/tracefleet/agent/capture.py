@@ -358,12 +358,20 @@ class BpfEngine:
             log.info("event set %s detached after %.0fs disabled", name, self.opts.hold_seconds)
         return out
 
-    def _clear_inflight(self, st: _SetState) -> None:
-        """Per-thread state of a detached set can never complete: drop it."""
+    def _drop_inflight(self, st: _SetState, only: Callable[[int], bool] | None = None) -> int:
+        """Delete the set's per-thread entries (those whose tid passes ``only``, else all);
+        returns how many were deleted."""
         assert st.loaded
         fd = st.loaded.map_fd(st.spec.inflight_map)
-        for key in list(libbpf.map_keys(fd, ctypes.c_uint32)):
-            libbpf.map_delete(fd, ctypes.c_uint32(key))
+        n = 0
+        for tid in list(libbpf.map_keys(fd, ctypes.c_uint32)):
+            if (only is None or only(tid)) and libbpf.map_delete(fd, ctypes.c_uint32(tid)):
+                n += 1
+        return n
+
+    def _clear_inflight(self, st: _SetState) -> None:
+        """Per-thread state of a detached set can never complete: drop it."""
+        self._drop_inflight(st)
 
     def reap_inflight(self) -> dict[str, int]:
         """Drop the per-thread entries of threads that no longer exist; returns how many per
@@ -377,11 +385,9 @@ class BpfEngine:
             for name, st in self._sets.items():
                 if not st.loaded:
                     continue
-                fd = st.loaded.map_fd(st.spec.inflight_map)
-                for tid in list(libbpf.map_keys(fd, ctypes.c_uint32)):
-                    if not os.path.exists(f"/proc/{tid}") and libbpf.map_delete(
-                            fd, ctypes.c_uint32(tid)):  # fmt: skip
-                        out[name] = out.get(name, 0) + 1
+                n = self._drop_inflight(st, lambda tid: not os.path.exists(f"/proc/{tid}"))
+                if n:
+                    out[name] = n
         for name, n in out.items():
             self.reaped[name] += n
             log.debug("event set %s: dropped %d in-flight entries of dead threads", name, n)
