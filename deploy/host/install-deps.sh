@@ -15,6 +15,7 @@ APT_PACKAGES=(
   qemu-system-x86 busybox-static            # Linux 7.2 guest for the kernel matrix (make test-vm)
   prometheus                                # real Prometheus for the dashboard tests (promtool)
   iproute2 iptables                         # network namespaces for partition tests
+  e2fsprogs mount util-linux                # vfs tests: mkfs.ext4, loop mounts, taskset
   nodejs                                    # buf comes from the npm registry (npm below)
   python3-venv
 )
