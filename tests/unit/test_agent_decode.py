@@ -42,7 +42,7 @@ def test_openat_record_decodes_to_the_documented_shape():
     ev, _ = decode_record(make_event(b"/etc/passwd", Status.RECOVERED, Strategy.EXIT_RETRY), 5000)
     assert ev["syscall"] == "openat" and ev["event_set"] == "file"
     assert ev["pid"] == 42 and ev["tid"] == 43 and ev["comm"] == "cat" and ev["ret"] == -2
-    assert ev["latency_ns"] == 4000
+    assert ev["delivery_latency_ns"] == 4000
     assert ev["args"]["pathname"] == {"value": "/etc/passwd", "status": "recovered",
                                       "strategy": "exit-retry", "addr": "0x7000"}  # fmt: skip
     assert ev["args"]["flags"]["value"] == 0o100
