@@ -161,6 +161,9 @@ def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
         "ret": h.ret,
         "cgroup_id": h.cgroup_id,
         "strategy": _strategy(h.strategy),
+        "ppid": h.ppid if h.ctx_ok else None,
+        "uid": h.uid if h.ctx_ok else None,
+        "gid": h.gid if h.ctx_ok else None,
     }
 
 
