@@ -5,19 +5,22 @@ event from an older agent (no oneof, no enums) is read back from those strings."
 from __future__ import annotations
 
 import json
+from typing import cast
 
 from tracefleet.model.event import Arg, ArgValue, Event, FlagSet, OpenHow, SocketAddress
 from tracefleet.v1 import types_pb2
 
-_STATUS_CODE: dict[str, types_pb2.ArgStatus.ValueType] = {
+_STATUS_CODE: dict[str, types_pb2.ArgStatus] = {
     "ok": types_pb2.ARG_STATUS_OK,
     "recovered": types_pb2.ARG_STATUS_RECOVERED,
     "lost": types_pb2.ARG_STATUS_LOST,
     "truncated": types_pb2.ARG_STATUS_TRUNCATED,
     "torn": types_pb2.ARG_STATUS_TORN,
 }
-_STRATEGY_CODE: dict[str, types_pb2.Strategy.ValueType] = {
-    name.removeprefix("STRATEGY_").lower().replace("_", "-"): types_pb2.Strategy.Value(name)
+_STRATEGY_CODE: dict[str, types_pb2.Strategy] = {
+    name.removeprefix("STRATEGY_").lower().replace("_", "-"): cast(
+        types_pb2.Strategy, types_pb2.Strategy.Value(name)
+    )
     for name in types_pb2.Strategy.keys()
     if name != "STRATEGY_UNSPECIFIED"
 }
