@@ -112,11 +112,16 @@ class Arg:
         return out
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], *, blob: str = "") -> Arg:
+    def from_json(cls, d: Mapping[str, Any]) -> Arg:
         raw = d.get("value")
         value: ArgValue
-        if "names" in d and isinstance(raw, int):
-            value = FlagSet(raw, tuple(str(n) for n in d["names"]))
+        if raw is None or type(raw) is str:
+            value = raw
+        elif type(raw) is int:
+            names = d.get("names")
+            value = raw if names is None else FlagSet(raw, tuple(str(n) for n in names))
+        elif isinstance(raw, list):
+            value = [str(x) for x in raw]
         elif isinstance(raw, Mapping):
             if "family" in raw:
                 value = SocketAddress.from_json(raw)
@@ -125,24 +130,26 @@ class Arg:
                                 int(raw.get("resolve", 0)))  # fmt: skip
             else:
                 value = str(dict(raw))
-        elif isinstance(raw, list):
-            value = [str(x) for x in raw]
-        elif raw is None or isinstance(raw, int | str):
-            value = raw
+        elif isinstance(raw, int):  # bool, int subclasses
+            value = int(raw)
         else:
             value = str(raw)
         addr = d.get("addr")
-        known = {"value", "status", "strategy", "addr", "error", "names", "kind", "redacted"}
+        extra = {k: v for k, v in d.items() if k not in _ARG_KEYS} if len(d) > 3 else {}
         return cls(
-            value=value,
-            status=str(d.get("status", "ok")),
-            strategy=str(d.get("strategy", "")),
-            error=str(d.get("error", "")),
-            addr=int(addr, 16) if isinstance(addr, str) and addr else None,
-            redacted=bool(d.get("redacted", False)),
-            path_kind=str(d.get("kind", "")),
-            extra={k: v for k, v in d.items() if k not in known},
+            value,
+            d.get("status", "ok"),
+            d.get("strategy", ""),
+            d.get("error", ""),
+            int(addr, 16) if addr else None,
+            d.get("redacted", False),
+            d.get("kind", ""),
+            extra,
         )
+
+
+_ARG_KEYS = frozenset({"value", "status", "strategy", "addr", "error", "names", "kind",
+                       "redacted"})  # fmt: skip
 
 
 def time_text(time_ns: int) -> str | None:

@@ -40,17 +40,26 @@ def _legacy_text(v: ArgValue) -> str:
 
 
 def arg_to_pb(a: Arg) -> types_pb2.EventArg:
-    pb = types_pb2.EventArg(
-        value=_legacy_text(a.value),
-        status=a.status,
-        strategy=a.strategy,
-        redacted=a.redacted,
-        status_code=_STATUS_CODE.get(a.status, types_pb2.ARG_STATUS_UNSPECIFIED),
-        strategy_code=_STRATEGY_CODE.get(a.strategy, types_pb2.STRATEGY_UNSPECIFIED),
-        error=a.error,
-        addr=a.addr or 0,
-        path_kind=a.path_kind,
-    )
+    pb = types_pb2.EventArg()
+    _fill_arg(pb, a)
+    return pb
+
+
+def _fill_arg(pb: types_pb2.EventArg, a: Arg) -> None:
+    # fields set in place (no intermediate messages): this runs per forwarded event
+    pb.value = _legacy_text(a.value)
+    pb.status = a.status
+    pb.strategy = a.strategy
+    if a.redacted:
+        pb.redacted = True
+    pb.status_code = _STATUS_CODE.get(a.status, types_pb2.ARG_STATUS_UNSPECIFIED)
+    pb.strategy_code = _STRATEGY_CODE.get(a.strategy, types_pb2.STRATEGY_UNSPECIFIED)
+    if a.error:
+        pb.error = a.error
+    if a.addr:
+        pb.addr = a.addr
+    if a.path_kind:
+        pb.path_kind = a.path_kind
     v = a.value
     if isinstance(v, bool):  # not a kind of the API: keep it as text
         pb.string_value = str(v)
@@ -61,16 +70,15 @@ def arg_to_pb(a: Arg) -> types_pb2.EventArg:
     elif isinstance(v, list):
         pb.string_list.values.extend(v)
     elif isinstance(v, SocketAddress):
-        pb.socket_address.CopyFrom(
-            types_pb2.SocketAddress(
-                family=v.family, address=v.address, port=v.port, path=v.path, raw=v.raw
-            )
-        )
+        sa = pb.socket_address
+        sa.family, sa.address, sa.port, sa.path, sa.raw = (
+            v.family, v.address, v.port, v.path, v.raw
+        )  # fmt: skip
     elif isinstance(v, OpenHow):
-        pb.open_how.CopyFrom(types_pb2.OpenHow(flags=v.flags, mode=v.mode, resolve=v.resolve))
+        pb.open_how.flags, pb.open_how.mode, pb.open_how.resolve = v.flags, v.mode, v.resolve
     elif isinstance(v, FlagSet):
-        pb.flag_set.CopyFrom(types_pb2.FlagSet(raw=v.raw & ((1 << 64) - 1), names=v.names))
-    return pb
+        pb.flag_set.raw = v.raw & ((1 << 64) - 1)
+        pb.flag_set.names.extend(v.names)
 
 
 def _s64(u: int) -> int:
@@ -137,7 +145,7 @@ def event_to_pb(e: Event) -> types_pb2.Event:
     if e.time_ns:
         pb.time.FromNanoseconds(e.time_ns)
     for name, a in e.args.items():
-        pb.args[name].CopyFrom(arg_to_pb(a))
+        _fill_arg(pb.args[name], a)
     return pb
 
 
