@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
+import time
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_openat_record_decodes_to_the_documented_shape():
     ev, _ = decode_record(make_event(b"/etc/passwd", Status.RECOVERED, Strategy.EXIT_RETRY), 5000)
     assert ev["syscall"] == "openat" and ev["event_set"] == "file"
     assert ev["pid"] == 42 and ev["tid"] == 43 and ev["comm"] == "cat" and ev["ret"] == -2
-    assert ev["latency_ns"] == 4000
+    assert ev["delivery_latency_ns"] == 4000
     assert ev["args"]["pathname"] == {"value": "/etc/passwd", "status": "recovered",
                                       "strategy": "exit-retry", "addr": "0x7000"}  # fmt: skip
     assert ev["args"]["flags"]["value"] == 0o100
@@ -99,3 +100,19 @@ def test_histogram_buckets():
         h.observe(v)
     assert h.count == 4
     assert h.counts[0] == 2 and h.counts[-1] == 1
+
+
+def test_time_duration_and_process_context():
+    raw = TfEvent.from_buffer_copy(make_event(b"/x", Status.OK, Strategy.EXIT_RETRY))
+    raw.hdr.exit_ns = 1000 + 12_345
+    raw.hdr.ppid, raw.hdr.uid, raw.hdr.gid, raw.hdr.ctx_ok = 7, 1000, 100, 1
+    ev, _ = decode_record(bytes(raw), 5000)
+    assert ev["duration_ns"] == 12_345 and ev["delivery_latency_ns"] == 4000
+    assert (ev["ppid"], ev["uid"], ev["gid"]) == (7, 1000, 100)
+    # the wall clock is the monotonic entry time moved by this host's realtime offset
+    offset = time.time_ns() - time.monotonic_ns()
+    assert abs(ev["time_ns"] - (1000 + offset)) < 1_000_000_000
+    assert ev["args"]["flags"]["names"] == ["O_RDONLY", "O_CREAT"]
+    raw.hdr.ctx_ok = 0  # not read: unknown, never uid 0 (root)
+    ev, _ = decode_record(bytes(raw), 5000)
+    assert ev["uid"] is None and ev["ppid"] is None

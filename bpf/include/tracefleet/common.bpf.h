@@ -163,6 +163,18 @@ static __always_inline bool tf_prefix_ok(__u32 set, const struct tf_str *s)
 	return true;
 }
 
+/* ppid, uid, gid: what users expect next to pid and comm */
+static __always_inline void tf_fill_ctx(struct tf_hdr *h)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	__u64 ug = bpf_get_current_uid_gid();
+
+	h->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	h->uid = (__u32)ug;
+	h->gid = ug >> 32;
+	h->ctx_ok = 1;
+}
+
 static __always_inline void tf_fill_hdr(struct tf_hdr *h, __u16 kind, __u32 set, __u16 sc)
 {
 	__u64 id = bpf_get_current_pid_tgid();
@@ -176,6 +188,7 @@ static __always_inline void tf_fill_hdr(struct tf_hdr *h, __u16 kind, __u32 set,
 	h->strategy = tf_cfg.strategy;
 	h->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(h->comm, sizeof(h->comm));
+	tf_fill_ctx(h);
 }
 
 /* Record a string read result of `n` (helper return: bytes incl. NUL, or -errno). */

@@ -147,6 +147,11 @@ struct tf_hdr {
 	__u8 strategy;   /* strategy of the loaded programs */
 	__u8 _pad[2];
 	char comm[TF_COMM_LEN];
+	/* process context at syscall entry */
+	__u32 ppid;      /* tgid of real_parent */
+	__u32 uid;       /* real uid, gid (bpf_get_current_uid_gid) */
+	__u32 gid;
+	__u32 ctx_ok;    /* 1 when ppid/uid/gid were read (0 = unknown, not root) */
 };
 
 struct tf_event {

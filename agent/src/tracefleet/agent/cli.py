@@ -18,6 +18,7 @@ from tracefleet.agent._internal.abi import Strategy
 from tracefleet.agent.engine import EventSetConfig, Filters
 from tracefleet.agent.eventsets import EVENT_SETS, UnknownEventSet, parse_event_sets
 from tracefleet.agent.hostcheck import TRACEFS_NOTE, HostCheckError
+from tracefleet.model import Event, human
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
 STRATEGY_CHOICES = (
@@ -133,26 +134,6 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK if all(s["strategy"] for s in report["event_sets"].values()) else EXIT_ERROR
 
 
-def _fmt_arg(a: dict[str, Any]) -> str:
-    v = a["value"]
-    if isinstance(v, dict):
-        v = ",".join(f"{k}={x}" for k, x in v.items())
-    elif isinstance(v, list):
-        v = " ".join(v)
-    mark = "" if a["status"] == "ok" else f"[{a['status']}:{a['strategy']}]"
-    return f"{v}{mark}" if v is not None else f"<{a['status']}:{a.get('error', '')}>"
-
-
-def _table_row(ev: dict[str, Any]) -> str:
-    captured = [
-        f"{k}={_fmt_arg(a)}" for k, a in ev["args"].items() if a.get("strategy") != "register"
-    ]
-    return (
-        f"{ev['pid']:>7} {ev['comm']:<16} {ev['event_set']:<5} {ev['syscall']:<11} "
-        f"{ev['ret']:>5}  {' '.join(captured)}"
-    )
-
-
 def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any = None) -> Any:
     """Start /metrics if --metrics-listen is set (not "" or "off"); None otherwise."""
     address = (args.metrics_listen or "").strip()
@@ -181,10 +162,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     def sink(ev: dict[str, Any]) -> None:
         with lock:
+            event = Event.from_json(ev)
             if args.output == "jsonl":
-                out.write(json.dumps(ev, separators=(",", ":")) + "\n")
-            else:
-                out.write(_table_row(ev) + "\n")
+                out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
+            else:  # strace-like, control characters escaped
+                out.write(human.line(event) + "\n")
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -206,7 +188,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             with open(args.ready_file, "w") as f:
                 f.write(str(os.getpid()))
         if args.output == "table":
-            out.write(f"{'PID':>7} {'COMM':<16} {'SET':<5} {'SYSCALL':<11} {'RET':>5}  ARGS\n")
+            out.write(human.header() + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set():
             engine.poll_once()

@@ -55,6 +55,7 @@ from tracefleet.agent.engine import (
     Filters,
     SetStatus,
 )
+from tracefleet.model import Event, wire
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("tracefleet.agent.controlclient")
@@ -550,28 +551,8 @@ def _status_pb(s: SetStatus) -> types_pb2.SetStatus:
 
 
 def _event_pb(e: Mapping[str, Any]) -> types_pb2.Event:
-    ev = types_pb2.Event(
-        ts_ns=int(e.get("ts_ns", 0)),
-        event_set=str(e.get("event_set", "")),
-        syscall=str(e.get("syscall", "")),
-        pid=int(e.get("pid", 0)),
-        tid=int(e.get("tid", 0)),
-        comm=str(e.get("comm", "")),
-        ret=int(e.get("ret", 0)),
-    )
-    for name, arg in (e.get("args") or {}).items():
-        if isinstance(arg, Mapping):
-            ev.args[str(name)].CopyFrom(
-                types_pb2.EventArg(
-                    value=str(arg.get("value", "")),
-                    status=str(arg.get("status", "")),
-                    strategy=str(arg.get("strategy", "")),
-                    redacted=bool(arg.get("redacted", False)),
-                )
-            )
-        else:
-            ev.args[str(name)].value = str(arg)
-    return ev
+    # the agent's event dict is tracefleet.model's JSON shape: one conversion to the wire
+    return wire.event_to_pb(Event.from_json(e))
 
 
 def _batch_pb(

@@ -17,6 +17,7 @@ from tracefleet.controller._internal import env, render
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.durations import parse_duration
 from tracefleet.controller._internal.netaddr import split_host_port
+from tracefleet.model import human, wire
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 EXIT_OK = 0
@@ -673,32 +674,21 @@ def cmd_events(ctx: Ctx) -> int:
         stream = ctx.stub.StreamEvents(req, timeout=duration or None, metadata=ctx.metadata or None)
     except grpc.RpcError as e:
         raise rpc_error(e, ctx.address, ctx.timeout) from None
+    node_width = max([12, *(len(n) for n in a.node)])
     if ctx.output == "table":
-        print("TIME (UTC)       NODE  SET  SYSCALL  PID  COMM  RET  ARGS", file=ctx.out, flush=True)
+        print(human.header(node_width), file=ctx.out, flush=True)
     seen = 0
     try:
         for resp in stream:
             if resp.missed:
                 ctx.progress(f"missed {resp.missed} event(s): reading too slowly")
-            e = resp.event
-            data = render.to_data(e)
-            if ctx.output == "table":
-                ts = time.strftime("%H:%M:%S", time.gmtime(e.ts_ns / 1e9))
-                ts += f".{e.ts_ns % 1_000_000_000 // 1000:06d}"
-                args = " ".join(
-                    f"{k}={v.value!r}" + ("" if v.status in ("", "ok") else f"[{v.status}]")
-                    for k, v in sorted(e.args.items())
-                )
-                print(
-                    f"{ts}  {e.node}  {e.event_set}  {e.syscall}  {e.pid}  {e.comm}  {e.ret}  "
-                    f"{args}",
-                    file=ctx.out,
-                    flush=True,
-                )
-            elif ctx.output == "json":
-                print(json.dumps(data), file=ctx.out, flush=True)
+            event = wire.event_from_pb(resp.event)
+            if ctx.output == "table":  # strace-like, control characters escaped
+                print(human.line(event, node_width), file=ctx.out, flush=True)
+            elif ctx.output == "json":  # the agent's jsonl shape, exact (not escaped)
+                print(json.dumps(event.to_json()), file=ctx.out, flush=True)
             else:
-                print("---\n" + render.dump(data, "yaml"), file=ctx.out, flush=True)
+                print("---\n" + render.dump(event.to_json(), "yaml"), file=ctx.out, flush=True)
             seen += 1
             if count and seen >= count:
                 stream.cancel()
@@ -727,7 +717,7 @@ def cmd_top(ctx: Ctx) -> int:
     def text() -> str:
         window = resp.window.ToTimedelta().total_seconds()
         sets = render.table(
-            ["SET", "NODES", "EV/S", "DROP/S", "FAULT/S", "P50", "P99"],
+            ["SET", "NODES", "EV/S", "DROP/S", "FAULT/S", "DELIVERY P50", "DELIVERY P99"],
             [
                 [
                     s.event_set,

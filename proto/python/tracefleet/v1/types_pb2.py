@@ -22,9 +22,10 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tracefleet/v1/types.proto\x12\rtracefleet.v1\"Q\n\x07\x46ilters\x12\x0c\n\x04pids\x18\x01 \x03(\x05\x12\r\n\x05\x63omms\x18\x02 \x03(\t\x12\x12\n\ncgroup_ids\x18\x03 \x03(\x04\x12\x15\n\rpath_prefixes\x18\x04 \x03(\t\"k\n\x0c\x45ventSetSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\'\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x01\"]\n\tSetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08\x61ttached\x18\x03 \x01(\x08\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"X\n\x0eStrategyChoice\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x03(\t\"8\n\tHistogram\x12\x0e\n\x06\x62ounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x01\"@\n\x0cOutcomeCount\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xb7\x02\n\x0cSetAggregate\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12K\n\x11\x65vents_by_syscall\x18\x02 \x03(\x0b\x32\x30.tracefleet.v1.SetAggregate.EventsBySyscallEntry\x12-\n\x08outcomes\x18\x03 \x03(\x0b\x32\x1b.tracefleet.v1.OutcomeCount\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x04\x12)\n\x07latency\x18\x06 \x01(\x0b\x32\x18.tracefleet.v1.Histogram\x12\x11\n\tdiscarded\x18\x07 \x01(\x04\x1a\x36\n\x14\x45ventsBySyscallEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"M\n\x08\x45ventArg\x12\r\n\x05value\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08redacted\x18\x04 \x01(\x08\"\xf1\x01\n\x05\x45vent\x12\r\n\x05ts_ns\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tevent_set\x18\x03 \x01(\t\x12\x0f\n\x07syscall\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0b\n\x03tid\x18\x06 \x01(\x05\x12\x0c\n\x04\x63omm\x18\x07 \x01(\t\x12\x0b\n\x03ret\x18\x08 \x01(\x03\x12,\n\x04\x61rgs\x18\t \x03(\x0b\x32\x1e.tracefleet.v1.Event.ArgsEntry\x1a\x44\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.tracefleet.v1.EventArg:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tracefleet/v1/types.proto\x12\rtracefleet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"Q\n\x07\x46ilters\x12\x0c\n\x04pids\x18\x01 \x03(\x05\x12\r\n\x05\x63omms\x18\x02 \x03(\t\x12\x12\n\ncgroup_ids\x18\x03 \x03(\x04\x12\x15\n\rpath_prefixes\x18\x04 \x03(\t\"k\n\x0c\x45ventSetSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\'\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x01\"]\n\tSetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08\x61ttached\x18\x03 \x01(\x08\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"X\n\x0eStrategyChoice\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x03(\t\"8\n\tHistogram\x12\x0e\n\x06\x62ounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x01\"@\n\x0cOutcomeCount\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xb7\x02\n\x0cSetAggregate\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12K\n\x11\x65vents_by_syscall\x18\x02 \x03(\x0b\x32\x30.tracefleet.v1.SetAggregate.EventsBySyscallEntry\x12-\n\x08outcomes\x18\x03 \x03(\x0b\x32\x1b.tracefleet.v1.OutcomeCount\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x04\x12)\n\x07latency\x18\x06 \x01(\x0b\x32\x18.tracefleet.v1.Histogram\x12\x11\n\tdiscarded\x18\x07 \x01(\x04\x1a\x36\n\x14\x45ventsBySyscallEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1c\n\nStringList\x12\x0e\n\x06values\x18\x01 \x03(\t\"Y\n\rSocketAddress\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04path\x18\x04 \x01(\t\x12\x0b\n\x03raw\x18\x05 \x01(\x0c\"7\n\x07OpenHow\x12\r\n\x05\x66lags\x18\x01 \x01(\x04\x12\x0c\n\x04mode\x18\x02 \x01(\x04\x12\x0f\n\x07resolve\x18\x03 \x01(\x04\"%\n\x07\x46lagSet\x12\x0b\n\x03raw\x18\x01 \x01(\x04\x12\r\n\x05names\x18\x02 \x03(\t\"\xd4\x03\n\x08\x45ventArg\x12\r\n\x05value\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08redacted\x18\x04 \x01(\x08\x12-\n\x0bstatus_code\x18\x05 \x01(\x0e\x32\x18.tracefleet.v1.ArgStatus\x12.\n\rstrategy_code\x18\x06 \x01(\x0e\x32\x17.tracefleet.v1.Strategy\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x0c\n\x04\x61\x64\x64r\x18\x08 \x01(\x04\x12\x11\n\tpath_kind\x18\t \x01(\t\x12\x13\n\tint_value\x18\n \x01(\x03H\x00\x12\x16\n\x0cstring_value\x18\x0b \x01(\tH\x00\x12\x30\n\x0bstring_list\x18\x0c \x01(\x0b\x32\x19.tracefleet.v1.StringListH\x00\x12\x36\n\x0esocket_address\x18\r \x01(\x0b\x32\x1c.tracefleet.v1.SocketAddressH\x00\x12*\n\x08open_how\x18\x0e \x01(\x0b\x32\x16.tracefleet.v1.OpenHowH\x00\x12*\n\x08\x66lag_set\x18\x0f \x01(\x0b\x32\x16.tracefleet.v1.FlagSetH\x00\x42\x07\n\x05typed\"\xc2\x03\n\x05\x45vent\x12\r\n\x05ts_ns\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tevent_set\x18\x03 \x01(\t\x12\x0f\n\x07syscall\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0b\n\x03tid\x18\x06 \x01(\x05\x12\x0c\n\x04\x63omm\x18\x07 \x01(\t\x12\x0b\n\x03ret\x18\x08 \x01(\x03\x12,\n\x04\x61rgs\x18\t \x03(\x0b\x32\x1e.tracefleet.v1.Event.ArgsEntry\x12(\n\x04time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64uration_ns\x18\x0b \x01(\x03\x12\x1b\n\x13\x64\x65livery_latency_ns\x18\x0c \x01(\x03\x12\x11\n\tcgroup_id\x18\r \x01(\x04\x12\x11\n\x04ppid\x18\x0e \x01(\x05H\x00\x88\x01\x01\x12\x10\n\x03uid\x18\x0f \x01(\rH\x01\x88\x01\x01\x12\x10\n\x03gid\x18\x10 \x01(\rH\x02\x88\x01\x01\x12\x10\n\x08strategy\x18\x11 \x01(\t\x1a\x44\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.tracefleet.v1.EventArg:\x02\x38\x01\x42\x07\n\x05_ppidB\x06\n\x04_uidB\x06\n\x04_gid*\x98\x01\n\tArgStatus\x12\x1a\n\x16\x41RG_STATUS_UNSPECIFIED\x10\x00\x12\x11\n\rARG_STATUS_OK\x10\x01\x12\x18\n\x14\x41RG_STATUS_RECOVERED\x10\x02\x12\x13\n\x0f\x41RG_STATUS_LOST\x10\x03\x12\x18\n\x14\x41RG_STATUS_TRUNCATED\x10\x04\x12\x13\n\x0f\x41RG_STATUS_TORN\x10\x05*\xb1\x02\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x16\n\x12STRATEGY_SLEEPABLE\x10\x01\x12\x1d\n\x19STRATEGY_FENTRY_SLEEPABLE\x10\x02\x12\x17\n\x13STRATEGY_EXIT_RETRY\x10\x03\x12\x1a\n\x16STRATEGY_USER_FALLBACK\x10\x04\x12\x14\n\x10STRATEGY_NOFAULT\x10\x05\x12\x13\n\x0fSTRATEGY_FENTRY\x10\x06\x12\x17\n\x13STRATEGY_TRACEPOINT\x10\x07\x12\x15\n\x11STRATEGY_REGISTER\x10\x08\x12\x13\n\x0fSTRATEGY_KERNEL\x10\t\x12\x17\n\x13STRATEGY_USER_SPACE\x10\n\x12\x16\n\x12STRATEGY_SYNTHETIC\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,26 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_options = b'8\001'
   _globals['_EVENT_ARGSENTRY']._loaded_options = None
   _globals['_EVENT_ARGSENTRY']._serialized_options = b'8\001'
-  _globals['_FILTERS']._serialized_start=44
-  _globals['_FILTERS']._serialized_end=125
-  _globals['_EVENTSETSPEC']._serialized_start=127
-  _globals['_EVENTSETSPEC']._serialized_end=234
-  _globals['_SETSTATUS']._serialized_start=236
-  _globals['_SETSTATUS']._serialized_end=329
-  _globals['_STRATEGYCHOICE']._serialized_start=331
-  _globals['_STRATEGYCHOICE']._serialized_end=419
-  _globals['_HISTOGRAM']._serialized_start=421
-  _globals['_HISTOGRAM']._serialized_end=477
-  _globals['_OUTCOMECOUNT']._serialized_start=479
-  _globals['_OUTCOMECOUNT']._serialized_end=543
-  _globals['_SETAGGREGATE']._serialized_start=546
-  _globals['_SETAGGREGATE']._serialized_end=857
-  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_start=803
-  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_end=857
-  _globals['_EVENTARG']._serialized_start=859
-  _globals['_EVENTARG']._serialized_end=936
-  _globals['_EVENT']._serialized_start=939
-  _globals['_EVENT']._serialized_end=1180
-  _globals['_EVENT_ARGSENTRY']._serialized_start=1112
-  _globals['_EVENT_ARGSENTRY']._serialized_end=1180
+  _globals['_ARGSTATUS']._serialized_start=2034
+  _globals['_ARGSTATUS']._serialized_end=2186
+  _globals['_STRATEGY']._serialized_start=2189
+  _globals['_STRATEGY']._serialized_end=2494
+  _globals['_FILTERS']._serialized_start=77
+  _globals['_FILTERS']._serialized_end=158
+  _globals['_EVENTSETSPEC']._serialized_start=160
+  _globals['_EVENTSETSPEC']._serialized_end=267
+  _globals['_SETSTATUS']._serialized_start=269
+  _globals['_SETSTATUS']._serialized_end=362
+  _globals['_STRATEGYCHOICE']._serialized_start=364
+  _globals['_STRATEGYCHOICE']._serialized_end=452
+  _globals['_HISTOGRAM']._serialized_start=454
+  _globals['_HISTOGRAM']._serialized_end=510
+  _globals['_OUTCOMECOUNT']._serialized_start=512
+  _globals['_OUTCOMECOUNT']._serialized_end=576
+  _globals['_SETAGGREGATE']._serialized_start=579
+  _globals['_SETAGGREGATE']._serialized_end=890
+  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_start=836
+  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_end=890
+  _globals['_STRINGLIST']._serialized_start=892
+  _globals['_STRINGLIST']._serialized_end=920
+  _globals['_SOCKETADDRESS']._serialized_start=922
+  _globals['_SOCKETADDRESS']._serialized_end=1011
+  _globals['_OPENHOW']._serialized_start=1013
+  _globals['_OPENHOW']._serialized_end=1068
+  _globals['_FLAGSET']._serialized_start=1070
+  _globals['_FLAGSET']._serialized_end=1107
+  _globals['_EVENTARG']._serialized_start=1110
+  _globals['_EVENTARG']._serialized_end=1578
+  _globals['_EVENT']._serialized_start=1581
+  _globals['_EVENT']._serialized_end=2031
+  _globals['_EVENT_ARGSENTRY']._serialized_start=1938
+  _globals['_EVENT_ARGSENTRY']._serialized_end=2006
 # @@protoc_insertion_point(module_scope)

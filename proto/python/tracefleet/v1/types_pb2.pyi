@@ -1,10 +1,56 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class ArgStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARG_STATUS_UNSPECIFIED: _ClassVar[ArgStatus]
+    ARG_STATUS_OK: _ClassVar[ArgStatus]
+    ARG_STATUS_RECOVERED: _ClassVar[ArgStatus]
+    ARG_STATUS_LOST: _ClassVar[ArgStatus]
+    ARG_STATUS_TRUNCATED: _ClassVar[ArgStatus]
+    ARG_STATUS_TORN: _ClassVar[ArgStatus]
+
+class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STRATEGY_UNSPECIFIED: _ClassVar[Strategy]
+    STRATEGY_SLEEPABLE: _ClassVar[Strategy]
+    STRATEGY_FENTRY_SLEEPABLE: _ClassVar[Strategy]
+    STRATEGY_EXIT_RETRY: _ClassVar[Strategy]
+    STRATEGY_USER_FALLBACK: _ClassVar[Strategy]
+    STRATEGY_NOFAULT: _ClassVar[Strategy]
+    STRATEGY_FENTRY: _ClassVar[Strategy]
+    STRATEGY_TRACEPOINT: _ClassVar[Strategy]
+    STRATEGY_REGISTER: _ClassVar[Strategy]
+    STRATEGY_KERNEL: _ClassVar[Strategy]
+    STRATEGY_USER_SPACE: _ClassVar[Strategy]
+    STRATEGY_SYNTHETIC: _ClassVar[Strategy]
+ARG_STATUS_UNSPECIFIED: ArgStatus
+ARG_STATUS_OK: ArgStatus
+ARG_STATUS_RECOVERED: ArgStatus
+ARG_STATUS_LOST: ArgStatus
+ARG_STATUS_TRUNCATED: ArgStatus
+ARG_STATUS_TORN: ArgStatus
+STRATEGY_UNSPECIFIED: Strategy
+STRATEGY_SLEEPABLE: Strategy
+STRATEGY_FENTRY_SLEEPABLE: Strategy
+STRATEGY_EXIT_RETRY: Strategy
+STRATEGY_USER_FALLBACK: Strategy
+STRATEGY_NOFAULT: Strategy
+STRATEGY_FENTRY: Strategy
+STRATEGY_TRACEPOINT: Strategy
+STRATEGY_REGISTER: Strategy
+STRATEGY_KERNEL: Strategy
+STRATEGY_USER_SPACE: Strategy
+STRATEGY_SYNTHETIC: Strategy
 
 class Filters(_message.Message):
     __slots__ = ("pids", "comms", "cgroup_ids", "path_prefixes")
@@ -101,20 +147,80 @@ class SetAggregate(_message.Message):
     discarded: int
     def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ..., discarded: _Optional[int] = ...) -> None: ...
 
+class StringList(_message.Message):
+    __slots__ = ("values",)
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    values: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, values: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SocketAddress(_message.Message):
+    __slots__ = ("family", "address", "port", "path", "raw")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    address: str
+    port: int
+    path: str
+    raw: bytes
+    def __init__(self, family: _Optional[str] = ..., address: _Optional[str] = ..., port: _Optional[int] = ..., path: _Optional[str] = ..., raw: _Optional[bytes] = ...) -> None: ...
+
+class OpenHow(_message.Message):
+    __slots__ = ("flags", "mode", "resolve")
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    RESOLVE_FIELD_NUMBER: _ClassVar[int]
+    flags: int
+    mode: int
+    resolve: int
+    def __init__(self, flags: _Optional[int] = ..., mode: _Optional[int] = ..., resolve: _Optional[int] = ...) -> None: ...
+
+class FlagSet(_message.Message):
+    __slots__ = ("raw", "names")
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    raw: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, raw: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class EventArg(_message.Message):
-    __slots__ = ("value", "status", "strategy", "redacted")
+    __slots__ = ("value", "status", "strategy", "redacted", "status_code", "strategy_code", "error", "addr", "path_kind", "int_value", "string_value", "string_list", "socket_address", "open_how", "flag_set")
     VALUE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     REDACTED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ADDR_FIELD_NUMBER: _ClassVar[int]
+    PATH_KIND_FIELD_NUMBER: _ClassVar[int]
+    INT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
+    STRING_LIST_FIELD_NUMBER: _ClassVar[int]
+    SOCKET_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_HOW_FIELD_NUMBER: _ClassVar[int]
+    FLAG_SET_FIELD_NUMBER: _ClassVar[int]
     value: str
     status: str
     strategy: str
     redacted: bool
-    def __init__(self, value: _Optional[str] = ..., status: _Optional[str] = ..., strategy: _Optional[str] = ..., redacted: _Optional[bool] = ...) -> None: ...
+    status_code: ArgStatus
+    strategy_code: Strategy
+    error: str
+    addr: int
+    path_kind: str
+    int_value: int
+    string_value: str
+    string_list: StringList
+    socket_address: SocketAddress
+    open_how: OpenHow
+    flag_set: FlagSet
+    def __init__(self, value: _Optional[str] = ..., status: _Optional[str] = ..., strategy: _Optional[str] = ..., redacted: _Optional[bool] = ..., status_code: _Optional[_Union[ArgStatus, str]] = ..., strategy_code: _Optional[_Union[Strategy, str]] = ..., error: _Optional[str] = ..., addr: _Optional[int] = ..., path_kind: _Optional[str] = ..., int_value: _Optional[int] = ..., string_value: _Optional[str] = ..., string_list: _Optional[_Union[StringList, _Mapping]] = ..., socket_address: _Optional[_Union[SocketAddress, _Mapping]] = ..., open_how: _Optional[_Union[OpenHow, _Mapping]] = ..., flag_set: _Optional[_Union[FlagSet, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args")
+    __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args", "time", "duration_ns", "delivery_latency_ns", "cgroup_id", "ppid", "uid", "gid", "strategy")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +237,14 @@ class Event(_message.Message):
     COMM_FIELD_NUMBER: _ClassVar[int]
     RET_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    DURATION_NS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_LATENCY_NS_FIELD_NUMBER: _ClassVar[int]
+    CGROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    PPID_FIELD_NUMBER: _ClassVar[int]
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     ts_ns: int
     node: str
     event_set: str
@@ -140,4 +254,12 @@ class Event(_message.Message):
     comm: str
     ret: int
     args: _containers.MessageMap[str, EventArg]
-    def __init__(self, ts_ns: _Optional[int] = ..., node: _Optional[str] = ..., event_set: _Optional[str] = ..., syscall: _Optional[str] = ..., pid: _Optional[int] = ..., tid: _Optional[int] = ..., comm: _Optional[str] = ..., ret: _Optional[int] = ..., args: _Optional[_Mapping[str, EventArg]] = ...) -> None: ...
+    time: _timestamp_pb2.Timestamp
+    duration_ns: int
+    delivery_latency_ns: int
+    cgroup_id: int
+    ppid: int
+    uid: int
+    gid: int
+    strategy: str
+    def __init__(self, ts_ns: _Optional[int] = ..., node: _Optional[str] = ..., event_set: _Optional[str] = ..., syscall: _Optional[str] = ..., pid: _Optional[int] = ..., tid: _Optional[int] = ..., comm: _Optional[str] = ..., ret: _Optional[int] = ..., args: _Optional[_Mapping[str, EventArg]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ns: _Optional[int] = ..., delivery_latency_ns: _Optional[int] = ..., cgroup_id: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., strategy: _Optional[str] = ...) -> None: ...

@@ -173,6 +173,10 @@ class TfHdr(ctypes.Structure):
         ("strategy", u8),
         ("_pad", u8 * 2),
         ("comm", ctypes.c_char * TF_COMM_LEN),
+        ("ppid", u32),
+        ("uid", u32),
+        ("gid", u32),
+        ("ctx_ok", u32),
     ]
 
 

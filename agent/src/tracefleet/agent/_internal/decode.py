@@ -2,10 +2,9 @@
 
 Output shape (the agent's public event format, also sent to the controller)::
 
-    {"ts_ns", "event_set", "syscall", "pid", "tid", "comm", "ret", "cgroup_id",
-     "latency_ns", "strategy",
-     "args": {name: {"value": ..., "status": "ok|recovered|lost|truncated",
-                     "strategy": "...", "addr": "0x7f...", ["error": "EFAULT"]}}}
+    tracefleet.model.Event.to_json(): the JSON shape is defined there, once, for the
+    agent's jsonl and the controller's API; this module builds it straight from the record
+    (no intermediate objects on the hot path).
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import errno
 import ipaddress
 import socket
 import struct
+import time
 from typing import Any
 
 from tracefleet.agent import eventsets
@@ -33,6 +33,7 @@ from tracefleet.agent._internal.abi import (
 )
 from tracefleet.agent._internal.mounts import MountTable, dev_label, dev_of_dir
 from tracefleet.agent.eventsets import BY_ID, ArgSpec
+from tracefleet.model import flag_names
 
 HDR_SIZE = ctypes.sizeof(TfHdr)
 SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
@@ -118,10 +119,40 @@ def blob_arg(b: TfBlob, kind: str) -> dict[str, Any]:
     return out
 
 
+class _WallClock:
+    """CLOCK_REALTIME - CLOCK_MONOTONIC (bpf_ktime_get_ns is CLOCK_MONOTONIC), re-read every
+    second so NTP steps and slews are followed."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+        self.read_at = -(1 << 62)
+
+    def offset_at(self, now_ns: int) -> int:
+        if now_ns - self.read_at >= 1_000_000_000:
+            # the narrowest of three bracketing reads: a preemption between them is not
+            # counted into the offset
+            best = None
+            for _ in range(3):
+                m0 = time.monotonic_ns()
+                r = time.time_ns()
+                m1 = time.monotonic_ns()
+                if best is None or m1 - m0 < best[0]:
+                    best = (m1 - m0, r - (m0 + m1) // 2)
+            assert best is not None
+            self.offset, self.read_at = best[1], now_ns
+        return self.offset
+
+
+WALL_CLOCK = _WallClock()
+
+
 def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
     spec = BY_ID.get(h.event_set)
     return {
         "ts_ns": h.ts_ns,
+        "time_ns": h.ts_ns + WALL_CLOCK.offset_at(now_ns),
+        "duration_ns": max(0, h.exit_ns - h.ts_ns) if h.exit_ns else 0,
+        "delivery_latency_ns": max(0, now_ns - h.ts_ns),
         "event_set": spec.name if spec else str(h.event_set),
         "syscall": SYSCALL_NAMES.get(h.syscall, str(h.syscall)),
         "pid": h.pid,
@@ -130,7 +161,9 @@ def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
         "ret": h.ret,
         "cgroup_id": h.cgroup_id,
         "strategy": _strategy(h.strategy),
-        "latency_ns": max(0, now_ns - h.ts_ns),
+        "ppid": h.ppid if h.ctx_ok else None,
+        "uid": h.uid if h.ctx_ok else None,
+        "gid": h.gid if h.ctx_ok else None,
     }
 
 
@@ -145,11 +178,15 @@ def _int_arg(name: str, raw: int) -> int:
     return raw
 
 
-def _int_args(spec: ArgSpec, iargs: Any) -> dict[str, Any]:
-    return {
-        name: {"value": _int_arg(name, int(iargs[i])), "status": "ok", "strategy": "register"}
-        for name, i in spec.ints
-    }
+def _int_args(spec: ArgSpec, iargs: Any, syscall: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, i in spec.ints:
+        value = _int_arg(name, int(iargs[i]))
+        out[name] = {"value": value, "status": "ok", "strategy": "register"}
+        names = flag_names(syscall, name, value)
+        if names is not None:  # a flag set: raw value kept, names added
+            out[name]["names"] = list(names)
+    return out
 
 
 _MOUNTS = MountTable()
@@ -200,6 +237,9 @@ def _vfs_args(rec: TfVfsEvent, op: str) -> dict[str, Any]:
         args["fstype"] = _plain(fstype)
     if op in _VFS_ARG:
         args[_VFS_ARG[op]] = _plain(rec.arg)
+        names = flag_names(op, _VFS_ARG[op], rec.arg)
+        if names is not None:
+            args[_VFS_ARG[op]]["names"] = list(names)
     if op == "vfs_close":
         for name in ("bytes_read", "bytes_written", "reads", "writes", "pos"):
             args[name] = _plain(int(getattr(rec, name)))
@@ -215,7 +255,7 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
     arg_spec = eventsets.arg_spec(hdr.event_set, ev["syscall"])
     if hdr.kind == Kind.EXEC:
         rec = TfExecEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfExecEvent), b"\0"))
-        args = _int_args(arg_spec, rec.iargs)
+        args = _int_args(arg_spec, rec.iargs, ev["syscall"])
         args["filename"] = str_arg(rec.filename)
         argv: dict[str, Any] = {
             "value": [text(bytes(rec.argv[i])[: rec.arg_len[i]]) for i in range(rec.argc)]
@@ -232,7 +272,7 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
         return ev, rec
     if hdr.kind == Kind.SYSCALL:
         rec = TfEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfEvent), b"\0"))
-        args = _int_args(arg_spec, rec.iargs)
+        args = _int_args(arg_spec, rec.iargs, ev["syscall"])
         for i, name in enumerate(arg_spec.strs):
             args[name] = str_arg(rec.str[i])
         if arg_spec.blob:

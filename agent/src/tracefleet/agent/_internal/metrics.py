@@ -44,7 +44,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tracefleet_agent_capture_latency_seconds": (
         "histogram",
         ("node", "event_set"),
-        "Syscall entry (kernel timestamp) to the event decoded in the agent.",
+        "Delivery latency: syscall entry (kernel timestamp) to the event decoded in the agent.",
     ),
     "tracefleet_agent_arguments_total": (
         "counter",

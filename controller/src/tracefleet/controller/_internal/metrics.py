@@ -62,7 +62,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
     "tracefleet_controller_capture_latency_seconds": (
         "histogram",
         ("node", "event_set"),
-        "Syscall entry to decoded in the agent, as reported by the agents (merged exactly).",
+        "Delivery latency: syscall entry to decoded in the agent, as reported by the agents "
+        "(merged exactly).",
     ),
     "tracefleet_controller_arrival_latency_seconds": (
         "histogram",

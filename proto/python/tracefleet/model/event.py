@@ -1,0 +1,310 @@
+"""Typed event: what the agent decodes from one ring buffer record.
+
+JSON shape (one object per event; the agent's ``capture -o jsonl`` and the controller CLI's
+``events -o json`` print exactly this)::
+
+    {"ts_ns", "time", "time_ns", "duration_ns", "delivery_latency_ns", "event_set",
+     "syscall", "pid", "tid", "ppid", "uid", "gid", "comm", "ret", "cgroup_id", "strategy",
+     ["node"],
+     "args": {name: {"value": ..., "status": "ok|recovered|lost|truncated|torn",
+                     "strategy": "...", ["addr": "0x7f..."], ["error": "EFAULT"],
+                     ["names": ["O_RDONLY", ...]], ["kind": "d_path|..."], ...}}}
+
+``value`` is an int, a string, a list of strings (argv), an object (socket address,
+open_how) or null when nothing was captured; a flag set keeps its raw int in ``value`` and
+adds its ``names``. ``ppid``/``uid``/``gid`` are null when the record did not carry them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+STATUSES = ("ok", "recovered", "lost", "truncated", "torn")
+
+
+@dataclass(frozen=True, slots=True)
+class SocketAddress:
+    family: str  # inet, inet6, unix, or the number as text
+    address: str = ""
+    port: int = 0
+    path: str = ""
+    raw: bytes = b""
+
+    def to_json(self) -> dict[str, Any]:
+        if self.family in ("inet", "inet6"):
+            return {"family": self.family, "address": self.address, "port": self.port}
+        if self.family == "unix":
+            return {"family": "unix", "path": self.path}
+        return {"family": self.family, "raw": self.raw.hex()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SocketAddress:
+        return cls(
+            family=str(d.get("family", "")),
+            address=str(d.get("address", "")),
+            port=int(d.get("port", 0)),
+            path=str(d.get("path", "")),
+            raw=bytes.fromhex(str(d.get("raw", ""))),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OpenHow:
+    flags: int
+    mode: int
+    resolve: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"flags": self.flags, "mode": self.mode, "resolve": self.resolve}
+
+
+@dataclass(frozen=True, slots=True)
+class FlagSet:
+    """An integer argument made of flags: the raw value and its names."""
+
+    raw: int
+    names: tuple[str, ...]
+
+
+ArgValue = int | str | list[str] | SocketAddress | OpenHow | FlagSet | None
+
+
+@dataclass(slots=True)
+class Arg:
+    value: ArgValue
+    status: str = "ok"
+    strategy: str = ""
+    error: str = ""  # errno name of the failed read
+    addr: int | None = None  # user address read; None for registers and kernel values
+    redacted: bool = False
+    path_kind: str = ""  # vfs paths: d_path, walk, mount-relative, as-passed
+    # JSON-only details the API does not carry (vfs mount, mount_relative)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.value
+        out: dict[str, Any] = {}
+        if isinstance(v, FlagSet):
+            out["value"] = v.raw
+        elif isinstance(v, SocketAddress | OpenHow):
+            out["value"] = v.to_json()
+        elif isinstance(v, list):
+            out["value"] = list(v)
+        else:
+            out["value"] = v
+        out["status"] = self.status
+        out["strategy"] = self.strategy
+        if self.addr is not None:
+            out["addr"] = hex(self.addr)
+        if self.error:
+            out["error"] = self.error
+        if isinstance(v, FlagSet):
+            out["names"] = list(v.names)
+        if self.path_kind:
+            out["kind"] = self.path_kind
+        if self.redacted:
+            out["redacted"] = True
+        out.update(self.extra)
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Arg:
+        raw = d.get("value")
+        value: ArgValue
+        if raw is None or type(raw) is str:
+            value = raw
+        elif type(raw) is int:
+            names = d.get("names")
+            value = raw if names is None else FlagSet(raw, tuple(str(n) for n in names))
+        elif isinstance(raw, list):
+            value = [str(x) for x in raw]
+        elif isinstance(raw, Mapping):
+            if "family" in raw:
+                value = SocketAddress.from_json(raw)
+            elif "flags" in raw:
+                value = OpenHow(int(raw["flags"]), int(raw.get("mode", 0)),
+                                int(raw.get("resolve", 0)))  # fmt: skip
+            else:
+                value = str(dict(raw))
+        elif isinstance(raw, int):  # bool, int subclasses
+            value = int(raw)
+        else:
+            value = str(raw)
+        addr = d.get("addr")
+        extra = {k: v for k, v in d.items() if k not in _ARG_KEYS} if len(d) > 3 else {}
+        return cls(
+            value,
+            d.get("status", "ok"),
+            d.get("strategy", ""),
+            d.get("error", ""),
+            int(addr, 16) if addr else None,
+            d.get("redacted", False),
+            d.get("kind", ""),
+            extra,
+        )
+
+
+_ARG_KEYS = frozenset({"value", "status", "strategy", "addr", "error", "names", "kind",
+                       "redacted"})  # fmt: skip
+
+
+def time_text(time_ns: int) -> str | None:
+    """RFC 3339 UTC with microseconds; None when unknown (0)."""
+    if not time_ns:
+        return None
+    t = dt.datetime.fromtimestamp(time_ns // 1_000_000_000, tz=dt.UTC)
+    t = t.replace(microsecond=time_ns % 1_000_000_000 // 1000)
+    return t.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(slots=True)
+class Event:
+    ts_ns: int  # syscall entry, CLOCK_MONOTONIC of the node
+    event_set: str
+    syscall: str
+    pid: int
+    tid: int
+    comm: str
+    ret: int
+    args: dict[str, Arg] = field(default_factory=dict)
+    time_ns: int = 0  # syscall entry, wall clock (Unix ns); 0 = unknown (older agent)
+    duration_ns: int = 0  # syscall entry -> exit
+    delivery_latency_ns: int = 0  # syscall entry -> decoded in the agent
+    cgroup_id: int = 0
+    strategy: str = ""  # strategy of the set's loaded programs
+    ppid: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    node: str = ""  # set by the controller
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ts_ns": self.ts_ns,
+            "time": time_text(self.time_ns),
+            "time_ns": self.time_ns,
+            "duration_ns": self.duration_ns,
+            "delivery_latency_ns": self.delivery_latency_ns,
+            "event_set": self.event_set,
+            "syscall": self.syscall,
+            "pid": self.pid,
+            "tid": self.tid,
+            "ppid": self.ppid,
+            "uid": self.uid,
+            "gid": self.gid,
+            "comm": self.comm,
+            "ret": self.ret,
+            "cgroup_id": self.cgroup_id,
+            "strategy": self.strategy,
+        }
+        if self.node:
+            out["node"] = self.node
+        out["args"] = {k: a.to_json() for k, a in self.args.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Event:
+        def opt(k: str) -> int | None:
+            v = d.get(k)
+            return None if v is None else int(v)
+
+        return cls(
+            ts_ns=int(d.get("ts_ns", 0)),
+            event_set=str(d.get("event_set", "")),
+            syscall=str(d.get("syscall", "")),
+            pid=int(d.get("pid", 0)),
+            tid=int(d.get("tid", 0)),
+            comm=str(d.get("comm", "")),
+            ret=int(d.get("ret", 0)),
+            args={
+                str(k): Arg.from_json(a) if isinstance(a, Mapping) else Arg(value=str(a))
+                for k, a in (d.get("args") or {}).items()
+            },
+            time_ns=int(d.get("time_ns", 0)),
+            duration_ns=int(d.get("duration_ns", 0)),
+            delivery_latency_ns=int(d.get("delivery_latency_ns", 0)),
+            cgroup_id=int(d.get("cgroup_id", 0)),
+            strategy=str(d.get("strategy", "")),
+            ppid=opt("ppid"),
+            uid=opt("uid"),
+            gid=opt("gid"),
+            node=str(d.get("node", "")),
+        )
+
+
+# ---- flag names ----------------------------------------------------------------------------
+# Decided where the event is decoded (the agent's host: O_* values differ between
+# architectures), shipped as names.
+
+
+def _consts(*names: str) -> tuple[tuple[str, int], ...]:
+    return tuple((n, int(getattr(os, n))) for n in names if hasattr(os, n))
+
+
+_O_BITS = _consts(
+    "O_CREAT", "O_EXCL", "O_NOCTTY", "O_TRUNC", "O_APPEND", "O_NONBLOCK", "O_DSYNC",
+    "O_DIRECT", "O_LARGEFILE", "O_DIRECTORY", "O_NOFOLLOW", "O_NOATIME", "O_CLOEXEC",
+    "O_PATH",
+)  # fmt: skip
+_O_SYNC = getattr(os, "O_SYNC", 0)
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_AT_BITS = (
+    ("AT_SYMLINK_NOFOLLOW", 0x100), ("AT_REMOVEDIR", 0x200), ("AT_SYMLINK_FOLLOW", 0x400),
+    ("AT_NO_AUTOMOUNT", 0x800), ("AT_EMPTY_PATH", 0x1000), ("AT_STATX_FORCE_SYNC", 0x2000),
+    ("AT_STATX_DONT_SYNC", 0x4000),
+)  # fmt: skip
+_RENAME_BITS = (("RENAME_NOREPLACE", 1), ("RENAME_EXCHANGE", 2), ("RENAME_WHITEOUT", 4))
+_SOCK_BITS = (("SOCK_NONBLOCK", 0o4000), ("SOCK_CLOEXEC", 0o2000000))
+_MSG_BITS = (
+    ("MSG_OOB", 1), ("MSG_PEEK", 2), ("MSG_DONTROUTE", 4), ("MSG_DONTWAIT", 0x40),
+    ("MSG_EOR", 0x80), ("MSG_CONFIRM", 0x800), ("MSG_NOSIGNAL", 0x4000), ("MSG_MORE", 0x8000),
+)  # fmt: skip
+
+
+def _bits(raw: int, table: tuple[tuple[str, int], ...], out: list[str]) -> list[str]:
+    rest = raw
+    for name, bit in table:
+        if bit and rest & bit == bit:
+            out.append(name)
+            rest &= ~bit
+    if rest:
+        out.append(hex(rest))
+    return out
+
+
+def _open_flags(raw: int) -> list[str]:
+    acc = raw & 3
+    out = [{0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR"}.get(acc, "O_ACCMODE")]
+    rest = raw & ~3
+    if _O_TMPFILE and rest & _O_TMPFILE == _O_TMPFILE:
+        out.append("O_TMPFILE")
+        rest &= ~_O_TMPFILE
+    if _O_SYNC and rest & _O_SYNC == _O_SYNC:
+        out.append("O_SYNC")
+        rest &= ~_O_SYNC
+    return _bits(rest, _O_BITS, out)
+
+
+_OPEN_CALLS = frozenset({"open", "openat", "vfs_open"})
+_AT_CALLS = frozenset({"unlinkat", "newfstatat", "statx", "execveat", "fchmodat"})
+
+
+def flag_names(syscall: str, arg: str, raw: int) -> tuple[str, ...] | None:
+    """Names of a flags argument, or None if this argument is not a flag set."""
+    if arg != "flags":
+        return None
+    raw &= (1 << 64) - 1
+    if syscall in _OPEN_CALLS:
+        return tuple(_open_flags(raw))
+    if syscall in _AT_CALLS:
+        return tuple(_bits(raw, _AT_BITS, []))
+    if syscall == "renameat2":
+        return tuple(_bits(raw, _RENAME_BITS, []))
+    if syscall == "accept4":
+        return tuple(_bits(raw, _SOCK_BITS, []))
+    if syscall == "sendto":
+        return tuple(_bits(raw, _MSG_BITS, []))
+    return None
