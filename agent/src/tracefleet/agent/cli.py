@@ -181,10 +181,13 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     def sink(ev: dict[str, Any]) -> None:
         with lock:
-            if args.output == "jsonl":
-                out.write(json.dumps(ev, separators=(",", ":")) + "\n")
-            else:
-                out.write(_table_row(ev) + "\n")
+            try:
+                if args.output == "jsonl":
+                    out.write(json.dumps(ev, separators=(",", ":")) + "\n")
+                else:
+                    out.write(_table_row(ev) + "\n")
+            except BrokenPipeError:  # the reader went away (| head): stop, not an error
+                stop.set()
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -230,11 +233,17 @@ def _summary(engine: Any, names: list[str]) -> None:
         sa = agg.sets.get(n)
         k = engine.kernel_counters(n)
         outcomes = {f"{s}/{o}": c for (s, o), c in (sa.outcomes.items() if sa else [])}
+        errors = {c: v for (s, c), v in sorted(engine.errors.snapshot().items()) if s == n}
+        rejected = {c: v for (s, c), v in sorted(engine.fallback_rejected.items()) if s == n}
         print(
             f"  {n}: events={sa.delivered if sa else 0} dropped={k['dropped']} "
-            f"filtered={k['filtered']} args={json.dumps(outcomes)}",
+            f"filtered={k['filtered']} args={json.dumps(outcomes)} "
+            f"record_errors={json.dumps(errors)} fallback_rejected={json.dumps(rejected)}",
             file=sys.stderr,
         )
+    other = {f"{s}/{c}": v for (s, c), v in engine.errors.snapshot().items() if s not in names}
+    if other:
+        print(f"  other: record_errors={json.dumps(other)}", file=sys.stderr)
 
 
 def _tls_options(args: argparse.Namespace) -> Any:
