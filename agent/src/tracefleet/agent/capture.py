@@ -586,12 +586,19 @@ class BpfEngine:
                 self._stop.wait(0.1)  # a persistent failure must not spin
             if time.monotonic() - last_tick > 1.0:
                 last_tick = time.monotonic()
-                # outside the poll's try before: one failure here ended the consumer
-                for housekeeping in (self.detach_idle, self.reap_inflight):
-                    try:
-                        housekeeping()
-                    except Exception as e:
-                        self.errors.count(ANY_SET, "housekeeping", e)
+                # not while apply() holds the lock (a load runs the verifier for seconds,
+                # minutes in an emulated guest): the consumer must not stall behind it
+                if not self._lock.acquire(blocking=False):
+                    continue
+                try:
+                    # outside the poll's try before: one failure here ended the consumer
+                    for housekeeping in (self.detach_idle, self.reap_inflight):
+                        try:
+                            housekeeping()
+                        except Exception as e:
+                            self.errors.count(ANY_SET, "housekeeping", e)
+                finally:
+                    self._lock.release()
 
     def health(self) -> tuple[bool, str]:
         """(alive, why) for /healthz: the consumer runs and its heartbeat is fresh. Without a
