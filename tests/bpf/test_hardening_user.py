@@ -242,3 +242,74 @@ def test_health_turns_503_when_the_consumer_thread_dies(capture, workloads):
         assert status == 503, body
     finally:
         server.close()
+
+
+def test_failing_sink_is_contained_counted_and_logged_once(capture, workloads, caplog):
+    """A sink that raises on every event: every event still reaches the other sink, each
+    failure is counted under cause=sink, and the log has one line for all of them."""
+    import logging
+
+    from tracefleet.agent.engine import Filters
+
+    caplog.set_level(logging.ERROR, logger="tracefleet.agent")
+    cap = capture(["file"], None, Filters(comms=("cold_rodata",)), hold_seconds=3600)
+
+    def broken_sink(ev: dict[str, Any]) -> None:
+        raise KeyError("injected sink failure")
+
+    cap.engine.add_sink(broken_sink)  # after cap.sink: it sees every event first
+    for _ in range(3):
+        w = json.loads(
+            subprocess.run(
+                [str(WORKLOADS / "cold_rodata"), "openat"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        addr = w["calls"][0]["addr"]
+        wait_until(lambda addr=addr, pid=w["pid"]: [
+                       e for e in list(cap.events)
+                       if e["args"].get("pathname", {}).get("addr") == addr and e["pid"] == pid],
+                   DEADLINE, "the workload's openat")  # fmt: skip
+    # each delivered event failed once in the broken sink (the consumer may be one behind)
+    wait_until(lambda: cap.engine.errors.snapshot() == {("file", "sink"): len(cap.events)},
+               DEADLINE, "one counted sink failure per event")  # fmt: skip
+    assert len(cap.events) >= 3
+    lines = [r for r in caplog.records if "contained sink error" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in caplog.records]
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+def test_health_turns_503_when_the_consumer_stalls(capture, workloads):
+    """The consumer stuck (here: its poll blocks) makes /healthz 503 once its heartbeat is
+    older than stale_seconds; it recovers when the consumer does."""
+    from tracefleet.agent._internal import metrics
+    from tracefleet.agent.engine import Filters
+
+    cap = capture(["file"], None, Filters(comms=("cold_rodata",)), hold_seconds=3600,
+                  stale_seconds=1.0)  # fmt: skip
+    server = metrics.serve(cap.engine, "node-t", "127.0.0.1:0", bpf_stats=False)
+    unblock = threading.Event()
+    blocked = threading.Event()
+    real = cap.engine.poll_once
+
+    def stuck_poll(*a: Any, **kw: Any) -> Any:
+        if not unblock.is_set():
+            blocked.set()
+            unblock.wait(DEADLINE)
+        return real(*a, **kw)
+
+    try:
+        cap.engine.poll_once = stuck_poll
+        assert blocked.wait(DEADLINE)
+        _, body = wait_until(
+            lambda: (r := _get(server.port, "/healthz"))[0] == 503 and r,
+            DEADLINE, "/healthz to turn 503",
+        )  # fmt: skip
+        assert "consumer stalled" in body, body
+        unblock.set()
+        wait_until(lambda: _get(server.port, "/healthz")[0] == 200, DEADLINE, "recovery")
+    finally:
+        unblock.set()
+        server.close()
