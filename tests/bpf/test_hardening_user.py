@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -313,3 +314,27 @@ def test_health_turns_503_when_the_consumer_stalls(capture, workloads):
     finally:
         unblock.set()
         server.close()
+
+
+def test_unusable_records_are_counted_as_decode_errors_not_delivered(capture):
+    """Records no kernel object of ours writes (too short for a header; an unknown kind),
+    handed to the real engine's record handler: counted under cause=decode, not delivered,
+    and the next good record is handled as usual."""
+    import ctypes
+
+    from tracefleet.agent._internal.abi import TfHdr
+    from tracefleet.agent.engine import Filters
+
+    cap = capture(["file"], None, Filters(comms=("tf-no-such-comm",)), hold_seconds=3600)
+    eng = cap.engine
+    # only our records: the consumer thread polls nothing (and does not spin)
+    eng.poll_once = lambda *a, **kw: time.sleep(0.02) or 0  # type: ignore[method-assign]
+    before = {n: sa.delivered for n, sa in eng.totals().items()}
+    hdr = TfHdr(ts_ns=1, pid=1, tid=1, kind=99, syscall=1, event_set=0)
+    eng._on_record(b"\x01" * 7)
+    eng._on_record(bytes(hdr) + b"\0" * 64)
+    hdr.kind = 1
+    eng._on_record(bytes(hdr).ljust(ctypes.sizeof(TfHdr) + 2048, b"\0"))
+    assert eng.errors.snapshot() == {("unknown", "decode"): 1, ("file", "decode"): 1}
+    assert eng.totals()["file"].delivered - before.get("file", 0) == 1
+    assert [e["syscall"] for e in cap.events[-1:]] == ["openat"]
