@@ -104,6 +104,12 @@ def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp
     line = next(x for x in err.splitlines() if x.strip().startswith("exec:"))
     assert "events=2 dropped=0" in line, line
     assert "record_errors={}" in line, line
+    # the argument outcomes say what the fallback did with argv: truncated, not recovered
+    if pointers:
+        assert '"user-fallback/truncated": 1' in line, line
+        assert '"user-fallback/recovered"' not in line, line
+    else:
+        assert '"nofault/lost": 1' in line, line
 
 
 def _pid_reuse(capture: Any, tmp_path: Path, mode: str) -> tuple[dict[str, Any], Any, Any]:

@@ -224,6 +224,8 @@ class BpfEngine:
         )
         self._agg = self._new_aggregates()
         self._last_kernel = self._read_stats()
+        # arguments the fallback moved out of lost, per set; key "<set>/truncated": how many
+        # of those came out truncated rather than recovered
         self._user_recovered: collections.Counter[str] = collections.Counter()
         # cumulative totals for the metrics endpoint (collect() hands out deltas):
         # intervals settled, the last interval collect() returned, user recoveries so far
@@ -492,26 +494,29 @@ class BpfEngine:
 
     def _fallback_targets(self, rec: ctypes.Structure) -> list[tuple[str, int, int, Any]]:
         """(argument name, offset, size, fix) of each argument the fallback may re-read;
-        ``fix(tid)`` patches it in ``rec`` and returns True if it recovered it."""
+        ``fix(tid)`` patches it in ``rec`` and returns its new status, or 0 if it did not."""
         fb = self._fallback
         out: list[tuple[str, int, int, Any]] = []
         if isinstance(rec, TfExecEvent):
             if rec.hdr.ret != 0:
                 out.append(("filename", TfExecEvent.filename.offset, ctypes.sizeof(TfStr),
-                            lambda tid: fb.fix_str(tid, rec.filename)))  # fmt: skip
+                            lambda tid: fb.fix_str(tid, rec.filename)
+                            and rec.filename.status))  # fmt: skip
             off = TfExecEvent.argv_uptr.offset
             out.append(("argv", off, ctypes.sizeof(TfExecEvent) - off,
-                        lambda tid: fb.fix_argv(tid, rec)))  # fmt: skip
+                        lambda tid: fb.fix_argv(tid, rec) and rec.argv_status))  # fmt: skip
         elif isinstance(rec, TfEvent):
             spec = arg_spec(rec.hdr.event_set, SYSCALL_NAMES.get(rec.hdr.syscall, ""))
             for i, s in enumerate(rec.str):
                 arg = spec.strs[i] if i < len(spec.strs) else f"str{i}"
                 out.append((arg, TfEvent.str.offset + i * ctypes.sizeof(TfStr),
-                            ctypes.sizeof(TfStr), lambda tid, s=s: fb.fix_str(tid, s)))  # fmt: skip
+                            ctypes.sizeof(TfStr),
+                            lambda tid, s=s: fb.fix_str(tid, s) and s.status))  # fmt: skip
             if spec.blob_len >= 0:  # a length behind a pointer (accept4) is not re-read
                 n = int(rec.iargs[spec.blob_len])
                 out.append((spec.blob or "blob", TfEvent.blob.offset, ctypes.sizeof(TfBlob),
-                            lambda tid: fb.fix_blob(tid, rec.blob, n)))  # fmt: skip
+                            lambda tid: fb.fix_blob(tid, rec.blob, n)
+                            and rec.blob.status))  # fmt: skip
         return out
 
     def _apply_fallback(self, rec: ctypes.Structure, set_name: str) -> tuple[bool, dict[str, str]]:
@@ -532,11 +537,13 @@ class BpfEngine:
             for arg, *_ in targets:
                 notes[arg] = e.cause
             return False, notes
-        n = 0
+        n = truncated = 0
         try:
             for arg, off, size, fix in targets:
                 try:
-                    n += bool(fix(caller.tid))
+                    status = fix(caller.tid)
+                    n += bool(status)
+                    truncated += status == Status.TRUNCATED
                 except Exception as e:
                     ctypes.memmove(base + off, saved[off : off + size], size)
                     self.errors.count(set_name, "fallback", e)
@@ -552,6 +559,8 @@ class BpfEngine:
             caller.close()
         if n:
             self._user_recovered[set_name] += n
+            if truncated:
+                self._user_recovered[f"{set_name}/truncated"] += truncated
         return bool(n), notes
 
     def poll_once(self, timeout_ms: int | None = None) -> int:
@@ -661,6 +670,7 @@ class BpfEngine:
             sa.dropped = d[Stat.DROPPED]
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
+            truncated_user = user.get(f"{name}/truncated", 0)
             for stat, outcome in (
                 (Stat.ARG_OK, "ok"),
                 (Stat.ARG_RECOVERED, "recovered"),
@@ -671,8 +681,10 @@ class BpfEngine:
                 n = d[stat] - (recovered_user if stat == Stat.ARG_LOST else 0)
                 if n:
                     sa.outcomes[(strat, outcome)] = n
-            if recovered_user:
-                sa.outcomes[("user-fallback", "recovered")] = recovered_user
+            if recovered_user - truncated_user:
+                sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
+            if truncated_user:
+                sa.outcomes[("user-fallback", "truncated")] = truncated_user
         return agg
 
     def totals(self) -> dict[str, SetAggregate]:
@@ -695,6 +707,7 @@ class BpfEngine:
             sa.dropped = k[Stat.DROPPED]
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
+            truncated_user = user.get(f"{name}/truncated", 0)
             sa.outcomes = {
                 (strat, "ok"): k[Stat.ARG_OK],
                 (strat, "recovered"): k[Stat.ARG_RECOVERED],
@@ -704,7 +717,9 @@ class BpfEngine:
             if k[Stat.ARG_TORN]:
                 sa.outcomes[(strat, "torn")] = k[Stat.ARG_TORN]
             if recovered_user or st.user_fallback:
-                sa.outcomes[("user-fallback", "recovered")] = recovered_user
+                sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
+            if truncated_user:
+                sa.outcomes[("user-fallback", "truncated")] = truncated_user
         return out
 
     def enable_run_stats(self) -> bool:
