@@ -31,6 +31,7 @@ CAUSES: dict[str, str] = {
 # event_set label for failures not tied to one set (bounded with the set names)
 ANY_SET = "all"
 UNKNOWN_SET = "unknown"
+_MAX_TEXT = 200
 
 
 class ErrorCounter:
@@ -61,16 +62,18 @@ class ErrorCounter:
                 first = False
                 n, since, elapsed = int(seen[0]), int(seen[0] - seen[1]), now - seen[2]
                 seen[1], seen[2] = seen[0], now
+        # the message may quote bytes of the record: escaped and bounded, never raw
+        text = repr(str(error))[:_MAX_TEXT]
         if first:
             log.error("contained %s error (%s: %s) in event set %s: %s; counted under "
                       "cause=%s, further ones are counted and logged at most every %.0f s",
-                      cause, kind, error, event_set, CAUSES[cause], cause,
+                      cause, kind, text, event_set, CAUSES[cause], cause,
                       self.interval)  # fmt: skip
             if isinstance(error, BaseException):
                 log.debug("first %s error", cause, exc_info=error)
         else:
             log.error("contained %s errors (%s): %d so far, %d in the last %.0f s; last: %s",
-                      cause, kind, n, since, elapsed, error)  # fmt: skip
+                      cause, kind, n, since, elapsed, text)  # fmt: skip
 
     def snapshot(self) -> dict[tuple[str, str], int]:
         with self._lock:
