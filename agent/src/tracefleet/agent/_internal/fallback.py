@@ -130,8 +130,11 @@ class CallerGone(Exception):
 
 def start_ticks(tid: int) -> int:
     """Start time of task ``tid`` in clock ticks since boot (/proc/<tid>/stat field 22)."""
-    with open(f"/proc/{tid}/stat", "rb") as f:
-        line = f.read(_STAT_MAX)
+    fd = os.open(f"/proc/{tid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        line = os.read(fd, _STAT_MAX)
+    finally:
+        os.close(fd)
     # comm (field 2) may hold spaces and ')': fields 3.. follow the last ')'
     rest = line.rpartition(b")")[2].split()
     if len(rest) < 20:
