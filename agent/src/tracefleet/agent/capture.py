@@ -531,7 +531,7 @@ class BpfEngine:
         base = ctypes.addressof(rec)
         saved = bytes(rec)
         try:
-            caller = self._fallback.caller(hdr.tid, hdr.ts_ns)
+            caller = self._fallback.caller(hdr.tid, hdr.pid, hdr.ts_ns)
         except CallerGone as e:
             self.fallback_rejected[(set_name, e.cause)] += 1
             for arg, *_ in targets:

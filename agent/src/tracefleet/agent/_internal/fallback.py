@@ -150,6 +150,13 @@ def _pidfd_open(pid: int, flags: int) -> int:
     return int(fd)
 
 
+def _gone(tid: int, e: OSError) -> CallerGone:
+    if e.errno == errno.ESRCH:
+        return CallerGone("caller-exited", errno.ESRCH, f"tid {tid} has exited")
+    return CallerGone("caller-unpinnable", e.errno or errno.ESRCH,
+                      f"pidfd_open({tid}): {e.strerror}")  # fmt: skip
+
+
 def _boot_offset_ns() -> int:
     """CLOCK_BOOTTIME - CLOCK_MONOTONIC: the record's timestamp is bpf_ktime_get_ns()
     (monotonic), /proc start times count from boot including suspend."""
@@ -157,36 +164,33 @@ def _boot_offset_ns() -> int:
 
 
 class Caller:
-    """The task that made one call, pinned by a pidfd for the duration of the reads."""
+    """The task that made one call, pinned by a pidfd for the duration of the reads.
 
-    def __init__(self, tid: int, call_ns: int) -> None:
+    ``tid`` is the id to read through: the calling thread where the kernel gives pidfds on
+    threads (Linux 6.9+, PIDFD_THREAD), else its thread group (memory is shared by threads;
+    a pidfd without PIDFD_THREAD can only name a group leader)."""
+
+    def __init__(self, tid: int, tgid: int, call_ns: int) -> None:
         self.tid = tid
         try:
             self.pidfd = _pidfd_open(tid, _PIDFD_THREAD)
         except OSError as e:
-            if e.errno == errno.EINVAL:  # before Linux 6.9: leaders only
-                try:
-                    self.pidfd = _pidfd_open(tid, 0)
-                except OSError as e2:
-                    raise CallerGone("caller-unpinnable", e2.errno or errno.ESRCH,
-                                     f"pidfd_open({tid}): {e2.strerror}") from e2  # fmt: skip
-            elif e.errno == errno.ESRCH:
-                raise CallerGone("caller-exited", errno.ESRCH, f"tid {tid} has exited") from e
-            else:
-                raise CallerGone("caller-unpinnable", e.errno or errno.ESRCH,
-                                 f"pidfd_open({tid}): {e.strerror}") from e  # fmt: skip
+            if e.errno != errno.EINVAL:
+                raise _gone(tid, e) from e
+            self.tid = tgid  # before Linux 6.9
+            try:
+                self.pidfd = _pidfd_open(tgid, 0)
+            except OSError as e2:
+                raise _gone(tgid, e2) from e2
         try:
-            started = start_ticks(tid) * TICK_NS
-        except OSError as e:
+            started = start_ticks(self.tid) * TICK_NS
+        except (OSError, ValueError) as e:
             os.close(self.pidfd)
-            raise CallerGone("caller-exited", errno.ESRCH, f"/proc/{tid}/stat: {e}") from e
-        except ValueError as e:
-            os.close(self.pidfd)
-            raise CallerGone("caller-unpinnable", errno.EINVAL, f"/proc/{tid}/stat: {e}") from e
+            raise CallerGone("caller-exited", errno.ESRCH, f"/proc/{self.tid}/stat: {e}") from e
         if started > call_ns + _boot_offset_ns():
             os.close(self.pidfd)
-            raise CallerGone("pid-reused", errno.ESRCH,
-                             f"tid {tid} now belongs to a task started after the call")  # fmt: skip
+            why = f"tid {self.tid} now belongs to a task started after the call"
+            raise CallerGone("pid-reused", errno.ESRCH, why)
 
     def alive(self) -> bool:
         """True while the pinned task has not exited (a pidfd polls readable once it has)."""
@@ -201,7 +205,7 @@ class Caller:
 class UserFallback:
     """Recovers lost arguments of decoded records in place; counts what it did.
 
-    Use: ``caller = fb.caller(tid, ts_ns)`` (CallerGone if the tid cannot be tied to the
+    Use: ``caller = fb.caller(tid, pid, ts_ns)`` (CallerGone if the tid cannot be tied to the
     call), the fix_* methods with ``caller.tid``, then ``caller.alive()`` before trusting
     what was read, and ``caller.close()``."""
 
@@ -219,8 +223,8 @@ class UserFallback:
         return True, "process_vm_readv (needs CAP_SYS_PTRACE for other users' processes)"
 
     @staticmethod
-    def caller(tid: int, call_ns: int) -> Caller:
-        return Caller(tid, call_ns)
+    def caller(tid: int, tgid: int, call_ns: int) -> Caller:
+        return Caller(tid, tgid, call_ns)
 
     def fix_str(self, pid: int, s: TfStr, limit: int = TF_PATH_MAX) -> bool:
         if s.status != Status.LOST or not s.uptr or not self.available:
