@@ -25,6 +25,7 @@ CAUSES: dict[str, str] = {
     "filter": "user-space path filter failed: the event is delivered unfiltered",
     "sample": "sampling for the controller failed: the event is not sampled",
     "sink": "a consumer of events (output, follower) failed on the event",
+    "redact": "redacting a sampled argument failed: its value is sent as *** (fail closed)",
     "housekeeping": "detaching idle sets or reaping in-flight entries failed (retried)",
     "poll": "reading the ring buffer failed (retried)",
 }

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from tracefleet.agent._internal.contain import CAUSES
 from tracefleet.agent._internal.fallback import CALLER_CAUSES
+from tracefleet.agent._internal.redact import ERRORS as REDACT_ERRORS
 from tracefleet.agent.engine import OUTCOMES, Histogram, SetAggregate
 
 log = logging.getLogger("tracefleet.agent.metrics")
@@ -77,8 +78,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("node", "event_set", "cause"),
         "Failures contained while handling one record, per cause (decode: the record was "
-        "unusable and not delivered; fallback, filter, sample, sink: one step failed and the "
-        "rest of the record went on; housekeeping, poll: consumer steps, retried). Events "
+        "unusable and not delivered; fallback, filter, sample, sink, redact: one step failed "
+        "and the rest of the record went on; housekeeping, poll: consumer steps, retried). Events "
         "produced = delivered + dropped + record errors with cause decode.",
     ),
     "tracefleet_agent_fallback_rejected_total": (
@@ -245,6 +246,8 @@ class AgentCollector(Collector):
         errors = getattr(self.engine, "errors", None)
         if errors is not None:
             counts = errors.snapshot()
+            for key, n in REDACT_ERRORS.snapshot().items():  # the controller client's
+                counts[key] = counts.get(key, 0) + n
             # every cause of every set present, zeros included (rates exist from the start)
             for es in sorted({s for s, _ in counts} | set(totals)):
                 for cause in CAUSES:
