@@ -459,8 +459,9 @@ class BpfEngine:
             try:
                 if not _prefix_ok(ev, st.filters):
                     return
-            except Exception as e:
+            except Exception as e:  # fail closed: the filter scopes what leaves the engine
                 self.errors.count(label, "filter", e)
+                return
         if sample:
             try:
                 self._samples.append(ev)
@@ -493,26 +494,37 @@ class BpfEngine:
         return ev
 
     def _fallback_targets(self, rec: ctypes.Structure) -> list[tuple[str, int, int, Any]]:
-        """(argument name, offset, size, fix) of each argument the fallback may re-read;
+        """(argument name, offset, size, fix) of each lost argument the fallback may re-read;
         ``fix(tid)`` patches it in ``rec`` and returns its new status, or 0 if it did not."""
         fb = self._fallback
+
+        def lost(arg: TfStr | TfBlob) -> bool:
+            return arg.status == Status.LOST and bool(arg.uptr)
+
         out: list[tuple[str, int, int, Any]] = []
         if isinstance(rec, TfExecEvent):
-            if rec.hdr.ret != 0:
+            # after a successful exec the pointers belong to the old address space
+            if rec.hdr.ret == 0:
+                return out
+            if lost(rec.filename):
                 out.append(("filename", TfExecEvent.filename.offset, ctypes.sizeof(TfStr),
                             lambda tid: fb.fix_str(tid, rec.filename)
                             and rec.filename.status))  # fmt: skip
             off = TfExecEvent.argv_uptr.offset
-            out.append(("argv", off, ctypes.sizeof(TfExecEvent) - off,
-                        lambda tid: fb.fix_argv(tid, rec) and rec.argv_status))  # fmt: skip
+            if rec.argv_status == Status.LOST and rec.argv_uptr:
+                out.append(("argv", off, ctypes.sizeof(TfExecEvent) - off,
+                            lambda tid: fb.fix_argv(tid, rec) and rec.argv_status))  # fmt: skip
         elif isinstance(rec, TfEvent):
             spec = arg_spec(rec.hdr.event_set, SYSCALL_NAMES.get(rec.hdr.syscall, ""))
             for i, s in enumerate(rec.str):
+                if not lost(s):
+                    continue
                 arg = spec.strs[i] if i < len(spec.strs) else f"str{i}"
                 out.append((arg, TfEvent.str.offset + i * ctypes.sizeof(TfStr),
                             ctypes.sizeof(TfStr),
                             lambda tid, s=s: fb.fix_str(tid, s) and s.status))  # fmt: skip
-            if spec.blob_len >= 0:  # a length behind a pointer (accept4) is not re-read
+            # a length behind a pointer (accept4) is not re-read
+            if spec.blob_len >= 0 and lost(rec.blob):
                 n = int(rec.iargs[spec.blob_len])
                 out.append((spec.blob or "blob", TfEvent.blob.offset, ctypes.sizeof(TfBlob),
                             lambda tid: fb.fix_blob(tid, rec.blob, n)

@@ -22,7 +22,7 @@ log = logging.getLogger("tracefleet.agent")
 CAUSES: dict[str, str] = {
     "decode": "record unusable (short, unknown kind, undecodable): counted, not delivered",
     "fallback": "user-space fallback failed on an argument: that argument stays lost",
-    "filter": "user-space path filter failed: the event is delivered unfiltered",
+    "filter": "user-space path filter failed: the event is not delivered (fail closed)",
     "sample": "sampling for the controller failed: the event is not sampled",
     "sink": "a consumer of events (output, follower) failed on the event",
     "redact": "redacting a sampled argument failed: its value is sent as *** (fail closed)",
