@@ -48,8 +48,12 @@ def _lines_reader(stream: Any) -> tuple[list[str], threading.Thread]:
     return lines, t
 
 
-@pytest.mark.parametrize("pointers", [2, 0])
-def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp_path, pointers):
+@pytest.mark.parametrize(
+    "variant",
+    [["--pointers", "2"], ["--pointers", "0"], ["--pointers", "4"], ["--cut-string"]],
+    ids=["2-pointers", "0-pointers", "4-pointers", "cut-string"],
+)
+def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp_path, variant):
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
         [*AGENT, "capture", "-e", "exec", "--comm", "argv_guard", "--strategy", "user-fallback",
@@ -61,7 +65,7 @@ def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp
         wait_until(lambda: ready.exists() or proc.poll() is not None, DEADLINE, "capture ready")
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         # it holds until its stdin closes: alive while the agent reads it
-        wl = subprocess.Popen([str(WORKLOADS / "argv_guard"), "--pointers", str(pointers)],
+        wl = subprocess.Popen([str(WORKLOADS / "argv_guard"), *variant],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert wl.stdout
         w = json.loads(wl.stdout.readline())
@@ -92,7 +96,7 @@ def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp
     argv = guard["args"]["argv"]
     assert argv["addr"] == w["array_addr"]
     assert argv["error"] == "EFAULT"
-    if pointers:
+    if w["args"]:
         # what the kernel could read before the guard page, and that it was cut there
         assert (argv["status"], argv["strategy"]) == ("truncated", "user-fallback")
         assert argv["value"] == w["args"]
@@ -105,7 +109,7 @@ def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp
     assert "events=2 dropped=0" in line, line
     assert "record_errors={}" in line, line
     # the argument outcomes say what the fallback did with argv: truncated, not recovered
-    if pointers:
+    if w["args"]:
         assert '"user-fallback/truncated": 1' in line, line
         assert '"user-fallback/recovered"' not in line, line
     else:

@@ -6,6 +6,9 @@
  * sends the record to the agent's user-space fallback. Then one ordinary failed execve
  * (ENOENT, argv on the stack) follows, so a test can see that the agent still captures.
  *
+ * --cut-string: instead, the array is ordinary (NULL-terminated) and its last string fills
+ * the end of the readable page without a NUL: the string runs into the guard page.
+ *
  * After its output it holds until stdin closes (a test's cue), so the fallback can read it.
  *
  * Output (one JSON line): {"workload": "argv_guard", "pid", "pointers", "array_addr",
@@ -26,8 +29,11 @@ static const char *const ARGS[] = {"/bin/true", "--tf-guard-arg-1", "tf-guard-ar
 int main(int argc, char **argv)
 {
 	long n = 2;
+	int cut = 0;
 	for (int i = 1; i < argc; i++) {
-		if (!strcmp(argv[i], "--pointers") && i + 1 < argc) {
+		if (!strcmp(argv[i], "--cut-string")) {
+			cut = 1;
+		} else if (!strcmp(argv[i], "--pointers") && i + 1 < argc) {
 			char *end;
 			n = strtol(argv[++i], &end, 10);
 			if (*end || n < 0 || n > 4) {
@@ -35,7 +41,7 @@ int main(int argc, char **argv)
 				return 2;
 			}
 		} else {
-			fprintf(stderr, "usage: argv_guard [--pointers N]\n");
+			fprintf(stderr, "usage: argv_guard [--pointers N] [--cut-string]\n");
 			return 2;
 		}
 	}
@@ -47,8 +53,21 @@ int main(int argc, char **argv)
 	}
 	char *guard = map + page;
 	const char **arr = (const char **)(guard - n * sizeof(char *));
-	for (long i = 0; i < n; i++)
-		arr[i] = ARGS[i];
+	const char *cut_arr[3];
+	static const char CUT[] = "tf-cut-at-guard";
+	if (cut) {
+		/* the string's last byte is the page's last: no NUL before the guard */
+		char *s = guard - (sizeof(CUT) - 1);
+		memcpy(s, CUT, sizeof(CUT) - 1);
+		cut_arr[0] = ARGS[0];
+		cut_arr[1] = s;
+		cut_arr[2] = NULL;
+		arr = cut_arr;
+		n = 1; /* the strings a reader can get whole */
+	} else {
+		for (long i = 0; i < n; i++)
+			arr[i] = ARGS[i];
+	}
 	if (mprotect(guard, page, PROT_NONE)) {
 		fprintf(stderr, "workload setup failed: mprotect: %s\n", strerror(errno));
 		return 1;
@@ -63,10 +82,10 @@ int main(int argc, char **argv)
 	long ret2 = execve(after_file, after_argv, envp);
 	int err2 = errno;
 
-	printf("{\"workload\": \"argv_guard\", \"pid\": %d, \"pointers\": %ld, "
+	printf("{\"workload\": \"argv_guard\", \"pid\": %d, \"cut_string\": %s, \"pointers\": %ld, "
 	       "\"array_addr\": \"%p\", \"guard_addr\": \"%p\", \"ret\": %ld, \"errno\": %d, "
 	       "\"args\": [",
-	       getpid(), n, (void *)arr, (void *)guard, ret, err);
+	       getpid(), cut ? "true" : "false", n, (void *)arr, (void *)guard, ret, err);
 	for (long i = 0; i < n; i++)
 		printf("%s\"%s\"", i ? ", " : "", ARGS[i]);
 	printf("], \"after\": {\"filename\": \"%s\", \"ret\": %ld, \"errno\": %d, "
