@@ -1,4 +1,4 @@
-"""Issue 12, user-space side: a traced process cannot crash the agent, make its fallback read
+"""Hardening, user-space side: a traced process cannot crash the agent, make its fallback read
 another process, or kill the consumer unnoticed. Real kernel, real programs, C workloads.
 
 - argv_guard: a failed execve whose argv array runs into a PROT_NONE page (it crashed
