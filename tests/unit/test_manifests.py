@@ -352,6 +352,29 @@ def test_agent_mounts():
     assert set(env) >= {"TRACEFLEET_BPF_DIR", "TRACEFLEET_TLS_DIR"}
 
 
+def test_agent_probes_use_the_health_endpoints():
+    """Liveness and startup on /healthz (consumer alive, heartbeat fresh), readiness on
+    /readyz, all on the metrics port the agent serves them on: /metrics answered 200 with a
+    dead consumer."""
+    ds = get("DaemonSet", "tracefleet-agent")
+    (agent,) = containers(ds)
+    ports = {p["name"]: p["containerPort"] for p in agent["ports"]}
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["TRACEFLEET_AGENT_METRICS_LISTEN"].endswith(f":{ports['metrics']}")
+    paths = {
+        probe: agent[probe]["httpGet"]["path"]
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe")
+    }
+    assert paths == {"startupProbe": "/healthz", "livenessProbe": "/healthz",
+                     "readinessProbe": "/readyz"}  # fmt: skip
+    for probe in paths:
+        assert agent[probe]["httpGet"]["port"] == "metrics", probe
+    # the startup probe, not an initial delay, covers loading
+    assert "initialDelaySeconds" not in agent["livenessProbe"]
+    startup = agent["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
+
+
 def test_images_pinned_and_not_latest():
     for wl in workloads():
         for c in containers(wl):

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tracefleet.agent._internal import metrics as am
+from tracefleet.agent._internal.contain import ErrorCounter
 from tracefleet.agent._internal.loadgen import SyntheticEngine
 from tracefleet.agent.cli import build_parser
 from tracefleet.agent.controlclient import _batch_pb
@@ -48,6 +49,8 @@ class FakeProgramsEngine(SyntheticEngine):
     """SyntheticEngine plus the BpfEngine-only accessors, so every agent metric is present."""
 
     bpf_stats_enabled = True
+    errors = ErrorCounter()
+    fallback_rejected = {("file", "pid-reused"): 2}
 
     def program_stats(self) -> list[tuple[str, str, int, int]]:
         return [("file", "tps_enter_openat", 2_500_000_000, 10), ("file", "tp_exit_openat", 0, 0)]

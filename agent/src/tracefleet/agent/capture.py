@@ -43,8 +43,9 @@ from tracefleet.agent._internal.abi import (
     TfHdr,
     TfStr,
 )
+from tracefleet.agent._internal.contain import ANY_SET, UNKNOWN_SET, ErrorCounter
 from tracefleet.agent._internal.decode import SYSCALL_NAMES, decode_record
-from tracefleet.agent._internal.fallback import UserFallback
+from tracefleet.agent._internal.fallback import CallerGone, UserFallback
 from tracefleet.agent._internal.metrics import add_events
 from tracefleet.agent.engine import (
     Aggregates,
@@ -152,6 +153,8 @@ class EngineOptions:
     # tracefs not mounted: mount it in a mount namespace of this process rather than fail
     # (hostcheck.mount_tracefs_privately; the CLI turns it on, in-process users do not)
     mount_tracefs: bool = False
+    # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
+    stale_seconds: float = 30.0
 
 
 def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
@@ -221,6 +224,8 @@ class BpfEngine:
         )
         self._agg = self._new_aggregates()
         self._last_kernel = self._read_stats()
+        # arguments the fallback moved out of lost, per set; key "<set>/truncated": how many
+        # of those came out truncated rather than recovered
         self._user_recovered: collections.Counter[str] = collections.Counter()
         # cumulative totals for the metrics endpoint (collect() hands out deltas):
         # intervals settled, the last interval collect() returned, user recoveries so far
@@ -228,7 +233,11 @@ class BpfEngine:
         self._pending = self._new_aggregates()
         self._cum_user: collections.Counter[str] = collections.Counter()
         self._stats_fd: int | None = None
-        self._decode_errors = 0
+        self.errors = ErrorCounter()  # contained per-record failures, per (set, cause)
+        # fallback reads refused because the tid no longer is the caller, per (set, cause)
+        self.fallback_rejected: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.heartbeat_ns = 0  # monotonic time of the consumer's last poll or record
+        self.consumer_error = ""  # why the consumer thread ended, if it did
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
         self._stop = threading.Event()
@@ -409,15 +418,32 @@ class BpfEngine:
 
     def _on_record(self, raw: bytes) -> None:
         """Per record: aggregates from the header alone (cheap); the full decode only when
-        someone reads the event (a sink, a sample) or an argument is left for the fallback."""
+        someone reads the event (a sink, a sample) or an argument is left for the fallback.
+        Every step after the header is contained (contain.py): a failure is counted per
+        cause and never reaches the ring buffer's consumer."""
         now = time.monotonic_ns()
+        self.heartbeat_ns = now
         if len(raw) < _HDR_SIZE:
-            self._decode_errors += 1
+            self.errors.count(UNKNOWN_SET, "decode", f"record of {len(raw)} bytes")
             return
         set_id, syscall, ts_ns = _peek_header(raw)
         spec = BY_ID.get(set_id)
         name = spec.name if spec else str(set_id)
+        label = name if spec else UNKNOWN_SET
         st = self._sets.get(name)
+        fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
+        sample = (
+            st is not None
+            and st.sample_rate > 0
+            and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
+        )
+        ev: dict[str, Any] | None = None
+        if self._sinks or sample or fallback:
+            try:
+                ev, rec = decode_record(raw, now)
+            except Exception as e:  # unusable: counted as a decode failure, not delivered
+                self.errors.count(label, "decode", e)
+                return
         agg = self._agg.sets.get(name)
         if agg is None:
             agg = self._agg.sets[name] = SetAggregate()
@@ -425,47 +451,132 @@ class BpfEngine:
         sc = SYSCALL_NAMES.get(syscall, str(syscall))
         agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
         agg.latency.observe(max(0, now - ts_ns) / 1e9)
-        fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
-        sample = (
-            st is not None
-            and st.sample_rate > 0
-            and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
-        )
-        if not (self._sinks or sample or fallback):
+        if ev is None:
             return
-        try:
-            ev, rec = decode_record(raw, now)
-        except ValueError:
-            self._decode_errors += 1
-            return
-        if fallback and self._apply_fallback(rec, name):
-            ev, _ = decode_record(bytes(rec), now)  # re-decode with the recovered values
-        if st is not None and st.filters.path_prefixes and not _prefix_ok(ev, st.filters):
-            return
+        if fallback:
+            ev = self._fallback_event(ev, rec, name, now)
+        if st is not None and st.filters.path_prefixes:
+            try:
+                if not _prefix_ok(ev, st.filters):
+                    return
+            except Exception as e:  # fail closed: the filter scopes what leaves the engine
+                self.errors.count(label, "filter", e)
+                return
         if sample:
-            self._samples.append(ev)
+            try:
+                self._samples.append(ev)
+            except Exception as e:
+                self.errors.count(label, "sample", e)
         for sink in self._sinks:
-            sink(ev)
+            try:
+                sink(ev)
+            except Exception as e:
+                self.errors.count(label, "sink", e)
 
-    def _apply_fallback(self, rec: ctypes.Structure, set_name: str) -> bool:
+    def _fallback_event(
+        self, ev: dict[str, Any], rec: ctypes.Structure, name: str, now: int
+    ) -> dict[str, Any]:
+        """``ev`` with what the user-space fallback recovered; on any failure the affected
+        argument stays as the kernel left it, with a ``fallback`` note saying why."""
+        try:
+            changed, notes = self._apply_fallback(rec, name)
+        except Exception as e:
+            self.errors.count(name, "fallback", e)
+            return ev
+        if changed:
+            try:
+                ev, _ = decode_record(bytes(rec), now)  # re-decode with the recovered values
+            except Exception as e:
+                self.errors.count(name, "decode", e)
+        for arg, note in notes.items():
+            if isinstance(ev["args"].get(arg), dict):
+                ev["args"][arg]["fallback"] = note
+        return ev
+
+    def _fallback_targets(self, rec: ctypes.Structure) -> list[tuple[str, int, int, Any]]:
+        """(argument name, offset, size, fix) of each lost argument the fallback may re-read;
+        ``fix(tid)`` patches it in ``rec`` and returns its new status, or 0 if it did not."""
         fb = self._fallback
-        n = 0
+
+        def lost(arg: TfStr | TfBlob) -> bool:
+            return arg.status == Status.LOST and bool(arg.uptr)
+
+        out: list[tuple[str, int, int, Any]] = []
         if isinstance(rec, TfExecEvent):
-            pid = rec.hdr.tid
-            n += fb.fix_str(pid, rec.filename) if rec.hdr.ret != 0 else 0
-            n += fb.fix_argv(pid, rec)
+            # after a successful exec the pointers belong to the old address space
+            if rec.hdr.ret == 0:
+                return out
+            if lost(rec.filename):
+                out.append(("filename", TfExecEvent.filename.offset, ctypes.sizeof(TfStr),
+                            lambda tid: fb.fix_str(tid, rec.filename)
+                            and rec.filename.status))  # fmt: skip
+            off = TfExecEvent.argv_uptr.offset
+            if rec.argv_status == Status.LOST and rec.argv_uptr:
+                out.append(("argv", off, ctypes.sizeof(TfExecEvent) - off,
+                            lambda tid: fb.fix_argv(tid, rec) and rec.argv_status))  # fmt: skip
         elif isinstance(rec, TfEvent):
-            pid = rec.hdr.tid
-            for s in rec.str:
-                n += fb.fix_str(pid, s)
             spec = arg_spec(rec.hdr.event_set, SYSCALL_NAMES.get(rec.hdr.syscall, ""))
-            if spec.blob_len >= 0:  # a length behind a pointer (accept4) is not re-read
-                n += fb.fix_blob(pid, rec.blob, int(rec.iargs[spec.blob_len]))
+            for i, s in enumerate(rec.str):
+                if not lost(s):
+                    continue
+                arg = spec.strs[i] if i < len(spec.strs) else f"str{i}"
+                out.append((arg, TfEvent.str.offset + i * ctypes.sizeof(TfStr),
+                            ctypes.sizeof(TfStr),
+                            lambda tid, s=s: fb.fix_str(tid, s) and s.status))  # fmt: skip
+            # a length behind a pointer (accept4) is not re-read
+            if spec.blob_len >= 0 and lost(rec.blob):
+                n = int(rec.iargs[spec.blob_len])
+                out.append((spec.blob or "blob", TfEvent.blob.offset, ctypes.sizeof(TfBlob),
+                            lambda tid: fb.fix_blob(tid, rec.blob, n)
+                            and rec.blob.status))  # fmt: skip
+        return out
+
+    def _apply_fallback(self, rec: ctypes.Structure, set_name: str) -> tuple[bool, dict[str, str]]:
+        """Re-read lost arguments from the caller, only if the record's tid still is the task
+        that made the call (fallback.Caller). Returns (anything recovered, notes per argument
+        for the event). Each argument is contained on its own: a failure restores its bytes."""
+        notes: dict[str, str] = {}
+        targets = self._fallback_targets(rec)
+        if not targets:
+            return False, notes
+        hdr = rec.hdr  # type: ignore[attr-defined]
+        base = ctypes.addressof(rec)
+        saved = bytes(rec)
+        try:
+            caller = self._fallback.caller(hdr.tid, hdr.pid, hdr.ts_ns)
+        except CallerGone as e:
+            self.fallback_rejected[(set_name, e.cause)] += 1
+            for arg, *_ in targets:
+                notes[arg] = e.cause
+            return False, notes
+        n = truncated = 0
+        try:
+            for arg, off, size, fix in targets:
+                try:
+                    status = fix(caller.tid)
+                    n += bool(status)
+                    truncated += status == Status.TRUNCATED
+                except Exception as e:
+                    ctypes.memmove(base + off, saved[off : off + size], size)
+                    self.errors.count(set_name, "fallback", e)
+                    notes[arg] = f"agent error: {type(e).__name__}"
+            if n and not caller.alive():
+                # it exited during the reads: its tid may have reached another task
+                ctypes.memmove(base, saved, len(saved))
+                self.fallback_rejected[(set_name, "caller-exited")] += 1
+                for arg, *_ in targets:
+                    notes.setdefault(arg, "caller-exited")
+                return False, notes
+        finally:
+            caller.close()
         if n:
             self._user_recovered[set_name] += n
-        return bool(n)
+            if truncated:
+                self._user_recovered[f"{set_name}/truncated"] += truncated
+        return bool(n), notes
 
     def poll_once(self, timeout_ms: int | None = None) -> int:
+        self.heartbeat_ns = time.monotonic_ns()
         return self._rb.poll(self.opts.poll_ms if timeout_ms is None else timeout_ms)
 
     def drain(self) -> int:
@@ -474,20 +585,56 @@ class BpfEngine:
     def start(self) -> None:
         if self._thread:
             return
-        self._thread = threading.Thread(target=self._run, name="tf-consumer", daemon=True)
+        self._thread = threading.Thread(target=self._run_logged, name="tf-consumer",
+                                        daemon=True)  # fmt: skip
         self._thread.start()
+
+    def _run_logged(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # whatever ends it, /healthz says why
+            self.consumer_error = f"{type(e).__name__}: {e}"
+            log.critical("ring buffer consumer thread died: %s", self.consumer_error)
+            raise
 
     def _run(self) -> None:
         last_tick = time.monotonic()
         while not self._stop.is_set():
             try:
                 self.poll_once()
-            except Exception:
-                log.exception("ring buffer consumer")
+            except Exception as e:
+                self.errors.count(ANY_SET, "poll", e)
+                self._stop.wait(0.1)  # a persistent failure must not spin
             if time.monotonic() - last_tick > 1.0:
                 last_tick = time.monotonic()
-                self.detach_idle()
-                self.reap_inflight()
+                # not while apply() holds the lock (a load runs the verifier for seconds,
+                # minutes in an emulated guest): the consumer must not stall behind it
+                if not self._lock.acquire(blocking=False):
+                    continue
+                try:
+                    # outside the poll's try before: one failure here ended the consumer
+                    for housekeeping in (self.detach_idle, self.reap_inflight):
+                        try:
+                            housekeeping()
+                        except Exception as e:
+                            self.errors.count(ANY_SET, "housekeeping", e)
+                finally:
+                    self._lock.release()
+
+    def health(self) -> tuple[bool, str]:
+        """(alive, why) for /healthz: the consumer runs and its heartbeat is fresh. Without a
+        consumer thread (``capture`` polls from its main loop) the heartbeat alone counts."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            why = self.consumer_error or "stopped"
+            return False, f"ring buffer consumer thread has exited ({why})"
+        if not self.heartbeat_ns:
+            return False, "ring buffer consumer not started yet"
+        age = (time.monotonic_ns() - self.heartbeat_ns) / 1e9
+        if age > self.opts.stale_seconds:
+            return False, (f"ring buffer consumer stalled: no poll or record for {age:.1f} s "
+                           f"(limit {self.opts.stale_seconds:.0f} s)")  # fmt: skip
+        return True, f"ring buffer consumer alive (last poll or record {age:.1f} s ago)"
 
     # ---- counters ----------------------------------------------------------------------
     def _read_stats(self) -> list[int]:
@@ -535,6 +682,7 @@ class BpfEngine:
             sa.dropped = d[Stat.DROPPED]
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
+            truncated_user = user.get(f"{name}/truncated", 0)
             for stat, outcome in (
                 (Stat.ARG_OK, "ok"),
                 (Stat.ARG_RECOVERED, "recovered"),
@@ -545,8 +693,10 @@ class BpfEngine:
                 n = d[stat] - (recovered_user if stat == Stat.ARG_LOST else 0)
                 if n:
                     sa.outcomes[(strat, outcome)] = n
-            if recovered_user:
-                sa.outcomes[("user-fallback", "recovered")] = recovered_user
+            if recovered_user - truncated_user:
+                sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
+            if truncated_user:
+                sa.outcomes[("user-fallback", "truncated")] = truncated_user
         return agg
 
     def totals(self) -> dict[str, SetAggregate]:
@@ -569,6 +719,7 @@ class BpfEngine:
             sa.dropped = k[Stat.DROPPED]
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
+            truncated_user = user.get(f"{name}/truncated", 0)
             sa.outcomes = {
                 (strat, "ok"): k[Stat.ARG_OK],
                 (strat, "recovered"): k[Stat.ARG_RECOVERED],
@@ -578,7 +729,9 @@ class BpfEngine:
             if k[Stat.ARG_TORN]:
                 sa.outcomes[(strat, "torn")] = k[Stat.ARG_TORN]
             if recovered_user or st.user_fallback:
-                sa.outcomes[("user-fallback", "recovered")] = recovered_user
+                sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
+            if truncated_user:
+                sa.outcomes[("user-fallback", "truncated")] = truncated_user
         return out
 
     def enable_run_stats(self) -> bool:

@@ -162,11 +162,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
 
     def sink(ev: dict[str, Any]) -> None:
         with lock:
-            event = Event.from_json(ev)
-            if args.output == "jsonl":
-                out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
-            else:  # strace-like, control characters escaped
-                out.write(human.line(event) + "\n")
+            try:
+                event = Event.from_json(ev)
+                if args.output == "jsonl":
+                    out.write(json.dumps(event.to_json(), separators=(",", ":")) + "
+")
+                else:  # strace-like, control characters escaped
+                    out.write(human.line(event) + "
+")
+            except BrokenPipeError:  # the reader went away (| head): stop, not an error
+                stop.set()
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -212,11 +217,17 @@ def _summary(engine: Any, names: list[str]) -> None:
         sa = agg.sets.get(n)
         k = engine.kernel_counters(n)
         outcomes = {f"{s}/{o}": c for (s, o), c in (sa.outcomes.items() if sa else [])}
+        errors = {c: v for (s, c), v in sorted(engine.errors.snapshot().items()) if s == n}
+        rejected = {c: v for (s, c), v in sorted(engine.fallback_rejected.items()) if s == n}
         print(
             f"  {n}: events={sa.delivered if sa else 0} dropped={k['dropped']} "
-            f"filtered={k['filtered']} args={json.dumps(outcomes)}",
+            f"filtered={k['filtered']} args={json.dumps(outcomes)} "
+            f"record_errors={json.dumps(errors)} fallback_rejected={json.dumps(rejected)}",
             file=sys.stderr,
         )
+    other = {f"{s}/{c}": v for (s, c), v in engine.errors.snapshot().items() if s not in names}
+    if other:
+        print(f"  other: record_errors={json.dumps(other)}", file=sys.stderr)
 
 
 def _tls_options(args: argparse.Namespace) -> Any:

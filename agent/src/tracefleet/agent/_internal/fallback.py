@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import select
 import struct
+import time
 
 from tracefleet.agent._internal.abi import (
     TF_ARG_MAX,
@@ -58,6 +60,25 @@ def read_remote(pid: int, addr: int, size: int) -> bytes:
     return buf.raw[:n]
 
 
+def read_remote_prefix(pid: int, addr: int, size: int) -> bytes:
+    """Up to ``size`` bytes at ``addr``, page by page: the readable prefix, stopping at the
+    first unreadable page (a read crossing into it returns only what precedes it). Raises
+    OSError if nothing at all could be read."""
+    out = b""
+    while len(out) < size:
+        chunk = min(size - len(out), PAGE - ((addr + len(out)) % PAGE))
+        try:
+            part = read_remote(pid, addr + len(out), chunk)
+        except OSError:
+            if out:
+                break
+            raise
+        out += part
+        if len(part) < chunk:
+            break
+    return out
+
+
 def read_remote_str(pid: int, addr: int, limit: int) -> tuple[bytes, bool]:
     """A NUL-terminated string of at most ``limit - 1`` bytes: (bytes, truncated)."""
     out = b""
@@ -78,8 +99,115 @@ def _put(struct: ctypes.Structure, field_offset: int, data: bytes) -> None:
     ctypes.memmove(ctypes.addressof(struct) + field_offset, data, len(data))
 
 
+# ---- identity of the caller ----------------------------------------------------------------
+# A record names its caller by tid only, and the agent reads later: the thread may have exited
+# and its tid been given to another process. So a read is kept only if (1) a pidfd opened on
+# the tid before reading still shows the task alive after the last read (while it lives its
+# tid cannot be reused, so every read by tid in between reached it), and (2) that task started
+# no later than the call (/proc/<tid>/stat starttime against the record's timestamp).
+# Residual: /proc gives the start time in clock ticks (10 ms), so a tid reused within the tick
+# of the call passes (2); it would also need the caller to exit and the tid to come round.
+
+_SYS_PIDFD_OPEN = 434  # same number on every architecture (asm-generic)
+_PIDFD_THREAD = os.O_EXCL  # a pidfd on a thread, not only a thread-group leader (Linux 6.9)
+_libc.syscall.restype = ctypes.c_long
+TICK_NS = 1_000_000_000 // os.sysconf("SC_CLK_TCK")
+_STAT_MAX = 4096  # /proc/<tid>/stat is one short line; comm is at most 15 bytes
+
+
+# every value of CallerGone.cause (a bounded metric label), plus the exit seen after the reads
+CALLER_CAUSES = ("pid-reused", "caller-exited", "caller-unpinnable")
+
+
+class CallerGone(Exception):
+    """The task that made the call cannot be read safely; ``cause`` is a short label."""
+
+    def __init__(self, cause: str, err: int, detail: str) -> None:
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+        self.errno = err
+
+
+def start_ticks(tid: int) -> int:
+    """Start time of task ``tid`` in clock ticks since boot (/proc/<tid>/stat field 22)."""
+    fd = os.open(f"/proc/{tid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        line = os.read(fd, _STAT_MAX)
+    finally:
+        os.close(fd)
+    # comm (field 2) may hold spaces and ')': fields 3.. follow the last ')'
+    rest = line.rpartition(b")")[2].split()
+    if len(rest) < 20:
+        raise OSError(errno.EINVAL, f"/proc/{tid}/stat: unexpected format")
+    return int(rest[19])
+
+
+def _pidfd_open(pid: int, flags: int) -> int:
+    fd = _libc.syscall(_SYS_PIDFD_OPEN, ctypes.c_int(pid), ctypes.c_uint(flags))
+    if fd < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return int(fd)
+
+
+def _gone(tid: int, e: OSError) -> CallerGone:
+    if e.errno == errno.ESRCH:
+        return CallerGone("caller-exited", errno.ESRCH, f"tid {tid} has exited")
+    return CallerGone("caller-unpinnable", e.errno or errno.ESRCH,
+                      f"pidfd_open({tid}): {e.strerror}")  # fmt: skip
+
+
+def _boot_offset_ns() -> int:
+    """CLOCK_BOOTTIME - CLOCK_MONOTONIC: the record's timestamp is bpf_ktime_get_ns()
+    (monotonic), /proc start times count from boot including suspend."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+
+
+class Caller:
+    """The task that made one call, pinned by a pidfd for the duration of the reads.
+
+    ``tid`` is the id to read through: the calling thread where the kernel gives pidfds on
+    threads (Linux 6.9+, PIDFD_THREAD), else its thread group (memory is shared by threads;
+    a pidfd without PIDFD_THREAD can only name a group leader)."""
+
+    def __init__(self, tid: int, tgid: int, call_ns: int) -> None:
+        self.tid = tid
+        try:
+            self.pidfd = _pidfd_open(tid, _PIDFD_THREAD)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise _gone(tid, e) from e
+            self.tid = tgid  # before Linux 6.9
+            try:
+                self.pidfd = _pidfd_open(tgid, 0)
+            except OSError as e2:
+                raise _gone(tgid, e2) from e2
+        try:
+            started = start_ticks(self.tid) * TICK_NS
+        except (OSError, ValueError) as e:
+            os.close(self.pidfd)
+            raise CallerGone("caller-exited", errno.ESRCH, f"/proc/{self.tid}/stat: {e}") from e
+        if started > call_ns + _boot_offset_ns():
+            os.close(self.pidfd)
+            why = f"tid {self.tid} now belongs to a task started after the call"
+            raise CallerGone("pid-reused", errno.ESRCH, why)
+
+    def alive(self) -> bool:
+        """True while the pinned task has not exited (a pidfd polls readable once it has)."""
+        p = select.poll()
+        p.register(self.pidfd, select.POLLIN)
+        return not p.poll(0)
+
+    def close(self) -> None:
+        os.close(self.pidfd)
+
+
 class UserFallback:
-    """Recovers lost arguments of decoded records in place; counts what it did."""
+    """Recovers lost arguments of decoded records in place; counts what it did.
+
+    Use: ``caller = fb.caller(tid, pid, ts_ns)`` (CallerGone if the tid cannot be tied to the
+    call), the fix_* methods with ``caller.tid``, then ``caller.alive()`` before trusting
+    what was read, and ``caller.close()``."""
 
     def __init__(self) -> None:
         self.recovered = 0
@@ -93,6 +221,10 @@ class UserFallback:
         except OSError as e:
             return False, f"process_vm_readv unavailable: {e.strerror}"
         return True, "process_vm_readv (needs CAP_SYS_PTRACE for other users' processes)"
+
+    @staticmethod
+    def caller(tid: int, tgid: int, call_ns: int) -> Caller:
+        return Caller(tid, tgid, call_ns)
 
     def fix_str(self, pid: int, s: TfStr, limit: int = TF_PATH_MAX) -> bool:
         if s.status != Status.LOST or not s.uptr or not self.available:
@@ -133,34 +265,48 @@ class UserFallback:
 
     def fix_argv(self, pid: int, e: TfExecEvent) -> bool:
         """Only meaningful when the exec failed: after a successful exec the pointers belong
-        to the old address space."""
+        to the old address space. The pointer array and every string are read bounded and
+        length-checked: an array that runs into unreadable memory before its NULL (what made
+        the kernel fail with EFAULT) gives the strings before it, ``truncated`` with EFAULT."""
         if e.argv_status != Status.LOST or not e.argv_uptr or not self.available:
             return False
         if e.hdr.ret == 0:
             return False
         try:
-            ptrs = read_remote(pid, e.argv_uptr, 8 * (TF_ARGV_COUNT + 1))
-            argc = 0
-            truncated = False
-            for i in range(TF_ARGV_COUNT + 1):
-                (p,) = struct.unpack_from("=Q", ptrs, 8 * i)
-                if not p:
-                    break
-                if i == TF_ARGV_COUNT:
-                    truncated = True
-                    break
-                data, t = read_remote_str(pid, p, TF_ARG_MAX)
-                truncated |= t
-                _put(e, TfExecEvent.argv.offset + i * TF_ARG_MAX, data)
-                e.arg_len[i] = len(data)
-                argc = i + 1
+            ptrs = read_remote_prefix(pid, e.argv_uptr, 8 * (TF_ARGV_COUNT + 1))
         except OSError as err:
             self.failed += 1
             e.argv_err = -(err.errno or errno.EFAULT)
             return False
+        argc = 0
+        truncated = False
+        fault = 0
+        for i in range(TF_ARGV_COUNT + 1):
+            if 8 * (i + 1) > len(ptrs):  # the array runs into unreadable memory
+                fault = errno.EFAULT
+                break
+            (p,) = struct.unpack_from("=Q", ptrs, 8 * i)
+            if not p:
+                break
+            if i == TF_ARGV_COUNT:
+                truncated = True
+                break
+            try:
+                data, t = read_remote_str(pid, p, TF_ARG_MAX)
+            except OSError as err:
+                fault = err.errno or errno.EFAULT
+                break
+            truncated |= t
+            _put(e, TfExecEvent.argv.offset + i * TF_ARG_MAX, data)
+            e.arg_len[i] = len(data)
+            argc = i + 1
+        if fault and not argc:
+            self.failed += 1
+            e.argv_err = -fault
+            return False
         e.argc = argc
-        e.argv_err = 0
-        e.argv_status = Status.TRUNCATED if truncated else Status.RECOVERED
+        e.argv_err = -fault
+        e.argv_status = Status.TRUNCATED if truncated or fault else Status.RECOVERED
         e.argv_strategy = Strategy.USER_FALLBACK
         self.recovered += 1
         return True

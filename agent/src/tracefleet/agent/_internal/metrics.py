@@ -1,9 +1,10 @@
 """The agent's Prometheus metrics: every metric name and label of the agent, in one place.
 
 Names are ``tracefleet_agent_<name>_<unit>`` in base units (seconds), ``_total`` on counters.
-Labels come only from {node, event_set, syscall, strategy, outcome, program}: every one is a
-bounded set (``program`` is a BPF program name of tracefleet's own objects, e.g.
-``tps_enter_openat`` or ``tp_exit_openat``: a handful per event set and strategy). Never a
+Labels come only from {node, event_set, syscall, strategy, outcome, program, cause}: every one
+is a bounded set (``program`` is a BPF program name of tracefleet's own objects, e.g.
+``tps_enter_openat`` or ``tp_exit_openat``: a handful per event set and strategy; ``cause`` one
+of contain.CAUSES or fallback.CALLER_CAUSES). Never a
 pid, path, comm, pod or anything else taken from traced processes.
 
 Everything is read from the engine when Prometheus scrapes (a custom collector): the engine
@@ -31,11 +32,16 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from tracefleet.agent._internal.contain import CAUSES
+from tracefleet.agent._internal.fallback import CALLER_CAUSES
+from tracefleet.agent._internal.redact import ERRORS as REDACT_ERRORS
 from tracefleet.agent.engine import OUTCOMES, Histogram, SetAggregate
 
 log = logging.getLogger("tracefleet.agent.metrics")
 
-ALLOWED_LABELS = frozenset({"node", "event_set", "syscall", "strategy", "outcome", "program"})
+ALLOWED_LABELS = frozenset(
+    {"node", "event_set", "syscall", "strategy", "outcome", "program", "cause"}
+)
 DEFAULT_RUN_LISTEN = "0.0.0.0:9091"
 
 # name -> (type, labels, help). Counters are named with their _total suffix here; the
@@ -67,6 +73,21 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("node", "event_set", "syscall"),
         "Events decoded by the agent per syscall.",
+    ),
+    "tracefleet_agent_record_errors_total": (
+        "counter",
+        ("node", "event_set", "cause"),
+        "Failures contained while handling one record, per cause (decode: the record was "
+        "unusable and not delivered; fallback, filter, sample, sink, redact: one step failed "
+        "and the rest of the record went on; housekeeping, poll: consumer steps, retried). Events "
+        "produced = delivered + dropped + record errors with cause decode.",
+    ),
+    "tracefleet_agent_fallback_rejected_total": (
+        "counter",
+        ("node", "event_set", "cause"),
+        "User-space fallback reads refused or discarded because the record's tid could not be "
+        "tied to the task that made the call (pid-reused, caller-exited, caller-unpinnable): "
+        "the arguments stay lost.",
     ),
     "tracefleet_agent_bpf_program_run_time_seconds_total": (
         "counter",
@@ -222,6 +243,25 @@ class AgentCollector(Collector):
                 fams["tracefleet_agent_arguments_total"].add_metric(
                     [node, name, strategy, outcome], n
                 )
+        errors = getattr(self.engine, "errors", None)
+        if errors is not None:
+            counts = errors.snapshot()
+            for key, n in REDACT_ERRORS.snapshot().items():  # the controller client's
+                counts[key] = counts.get(key, 0) + n
+            # every cause of every set present, zeros included (rates exist from the start)
+            for es in sorted({s for s, _ in counts} | set(totals)):
+                for cause in CAUSES:
+                    fams["tracefleet_agent_record_errors_total"].add_metric(
+                        [node, es, cause], counts.get((es, cause), 0)
+                    )
+        rejected = getattr(self.engine, "fallback_rejected", None)
+        if rejected is not None:
+            rej = dict(rejected)
+            for es in sorted({s for s, _ in rej} | set(totals)):
+                for cause in CALLER_CAUSES:
+                    fams["tracefleet_agent_fallback_rejected_total"].add_metric(
+                        [node, es, cause], rej.get((es, cause), 0)
+                    )
         if callable(getattr(self.engine, "program_stats", None)):
             for event_set, program, run_ns, runs in self.engine.program_stats():
                 labels = [node, event_set, program]
@@ -295,7 +335,10 @@ def split_listen(address: str) -> tuple[str, int]:
 
 
 class MetricsServer:
-    """/metrics of one agent, served from a daemon thread until close()."""
+    """/metrics of one agent, served from a daemon thread until close(); also the probes:
+    ``/healthz`` (liveness: the engine's ring buffer consumer runs and its heartbeat is
+    fresh) and ``/readyz`` (that, and the controller stream registered when there is a
+    controller). Each answers 200 or 503 with the reason in the body."""
 
     def __init__(self, collector: AgentCollector, address: str) -> None:
         from prometheus_client import start_http_server
@@ -313,6 +356,37 @@ class MetricsServer:
         except OSError as e:
             raise MetricsError(f"cannot serve metrics on {address}: {e.strerror or e}") from e
         self.port = self._server.server_port
+        metrics_app = self._server.get_app()
+
+        def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+            path = environ.get("PATH_INFO", "")
+            if path not in ("/healthz", "/readyz"):
+                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+            ok, why = self.health() if path == "/healthz" else self.ready()
+            body = f"{'ok' if ok else 'unhealthy'}: {why}\n".encode()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8"),
+                            ("Content-Length", str(len(body)))])  # fmt: skip
+            return [body]
+
+        self._server.set_app(app)
+
+    def health(self) -> tuple[bool, str]:
+        check = getattr(self.collector.engine, "health", None)
+        if not callable(check):
+            return True, "engine has no consumer to watch"
+        try:
+            ok, why = check()
+        except Exception as e:
+            return False, f"health check failed: {type(e).__name__}: {e}"
+        return bool(ok), str(why)
+
+    def ready(self) -> tuple[bool, str]:
+        ok, why = self.health()
+        client = self.collector.client
+        if ok and client is not None and not client.connected:
+            return False, "not registered with the controller (yet)"
+        return ok, why
 
     def close(self) -> None:
         self._server.shutdown()

@@ -7,7 +7,9 @@ replaces the whole match with ``***``; a pattern with groups replaces each match
 (``--password=(\\S+)`` turns ``--password=hunter2`` into ``--password=***``). A changed
 argument gets ``"redacted": True``.
 
-Fail closed: if a pattern does not compile, every string value is replaced by ``***``.
+Fail closed: if a pattern does not compile, every string value is replaced by ``***``; if
+redacting one argument fails, that argument's value is replaced by ``***`` (counted in
+``ERRORS`` under cause=redact, which the agent's metrics include) and the rest goes on.
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from tracefleet.agent._internal.contain import UNKNOWN_SET, ErrorCounter
+from tracefleet.agent.eventsets import EVENT_SETS
+
 MASK = "***"
+# redaction failures of this process (Redactors are replaced when the patterns change)
+ERRORS = ErrorCounter()
 
 
 class Redactor:
@@ -69,14 +76,20 @@ class Redactor:
         new_args: dict[str, Any] = {}
         changed_any = False
         for name, arg in args.items():
-            if isinstance(arg, Mapping):
-                value, changed = self._value(arg.get("value"))
-                if changed:
-                    arg = {**arg, "value": value, "redacted": True}
-            else:
-                value, changed = self._value(arg)
-                if changed:
-                    arg = {"value": value, "status": "ok", "redacted": True}
+            try:
+                if isinstance(arg, Mapping):
+                    value, changed = self._value(arg.get("value"))
+                    if changed:
+                        arg = {**arg, "value": value, "redacted": True}
+                else:
+                    value, changed = self._value(arg)
+                    if changed:
+                        arg = {"value": value, "status": "ok", "redacted": True}
+            except Exception as e:  # fail closed for this argument only
+                es = event.get("event_set")
+                ERRORS.count(es if es in EVENT_SETS else UNKNOWN_SET, "redact", e)
+                base = dict(arg) if isinstance(arg, Mapping) else {"status": "ok"}
+                arg, changed = {**base, "value": MASK, "redacted": True}, True
             changed_any |= changed
             new_args[name] = arg
         if not changed_any:
