@@ -165,11 +165,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
             try:
                 event = Event.from_json(ev)
                 if args.output == "jsonl":
-                    out.write(json.dumps(event.to_json(), separators=(",", ":")) + "
-")
+                    out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
                 else:  # strace-like, control characters escaped
-                    out.write(human.line(event) + "
-")
+                    out.write(human.line(event) + "\n")
             except BrokenPipeError:  # the reader went away (| head): stop, not an error
                 stop.set()
 
