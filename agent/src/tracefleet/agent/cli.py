@@ -66,8 +66,18 @@ def _seconds(text: str) -> float:
     return value
 
 
+# the controller's default unix socket (agents run as root, which may use it)
+DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
+
+
 def check_address(text: str, *, listen: bool = False) -> str:
-    """host:port (or [v6]:port; port 0 only to listen on); ValueError naming the fix."""
+    """host:port (or [v6]:port; port 0 only to listen on), or unix:/PATH for a controller;
+    ValueError naming the fix."""
+    if not listen and text.strip().startswith("unix:"):
+        path = text.strip()[5:].removeprefix("//")
+        if not path.startswith("/") or len(path.encode()) > 107:
+            raise ValueError(f"bad address {text!r}: use unix:/ABSOLUTE/PATH")
+        return text.strip()
     host, sep, port = text.strip().rpartition(":")
     lowest = 0 if listen else 1
     if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
@@ -244,6 +254,8 @@ def _tls_options(args: argparse.Namespace) -> Any:
     from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
     from tracefleet.agent.controlclient import ClientOptions
 
+    if not args.tls_dir and args.controller.startswith("unix:"):
+        return ClientOptions()  # guarded by the socket's file permissions
     if not args.tls_dir:
         host = args.controller.rpartition(":")[0].strip("[]")
         try:
@@ -378,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_capture)
 
     sr = sub.add_parser("run", help="run under a controller (the DaemonSet mode)")
-    sr.add_argument("--controller", default=os.environ.get(env.CONTROLLER),
-                    help=f"host:port of the controller (env {env.CONTROLLER})")  # fmt: skip
+    sr.add_argument("--controller", default=os.environ.get(env.CONTROLLER, DEFAULT_CONTROLLER),
+                    help=f"unix:/PATH or host:port of the controller (env {env.CONTROLLER}; "
+                    "default: %(default)s)")  # fmt: skip
     sr.add_argument("--node", default=os.environ.get(env.NODE_NAME) or os.uname().nodename,
                     help=f"node name (env {env.NODE_NAME}; default: hostname)")  # fmt: skip
     sr.add_argument("--labels", default=os.environ.get(env.NODE_LABELS, ""),

@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2
 from tracefleet.controller._internal import env, render
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.durations import parse_duration
-from tracefleet.controller._internal.netaddr import split_host_port
+from tracefleet.controller._internal.netaddr import check_address, read_socket_path, unix_path
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 EXIT_OK = 0
@@ -40,7 +40,8 @@ exit codes:
 
 EPILOG = f"""\
 controller address:
-  --controller HOST:PORT, else ${env.CONTROLLER}, else {env.DEFAULT_CONTROLLER}
+  --controller unix:/PATH or HOST:PORT, else ${env.CONTROLLER}, else {env.DEFAULT_CONTROLLER}
+  (a user without access to the unix socket but in the read group uses PATH-read.sock)
 
 credentials (needed when the controller uses mTLS or a tokens file):
   --tls-dir DIR, else ${TLS_DIR_ENV}: operator certificate (ca.crt, tls.crt, tls.key)
@@ -387,9 +388,13 @@ class Ctx:
             env.CONTROLLER, env.DEFAULT_CONTROLLER
         )
         try:
-            split_host_port(self.address)
+            check_address(self.address)
         except ValueError as e:
             fail(EXIT_USAGE, f"controller address: {e} (--controller or ${env.CONTROLLER})")
+        try:
+            self.address = _socket_for_caller(self.address)
+        except ValueError as e:
+            fail(EXIT_REJECTED, str(e))
         self.output: str = getattr(args, "output", "table")
         self.timeout: float = getattr(args, "timeout", 10.0)
         token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV, "")
@@ -424,6 +429,22 @@ class Ctx:
         print(f"tracefleet: {text}", file=self.err, flush=True)
 
 
+def _socket_for_caller(address: str) -> str:
+    """unix:PATH, or its read-only socket when only that one is open to this user;
+    ValueError naming the groups when neither is."""
+    path = unix_path(address)
+    if path is None or os.access(path, os.W_OK) or not os.path.exists(path):
+        return address  # not there: the call reports "cannot reach"
+    read = read_socket_path(path)
+    if os.access(read, os.W_OK):
+        return f"unix:{read}"
+    raise ValueError(
+        f"permission denied on {path}: run as root, or join the controller's admin group "
+        f"({env.DEFAULT_ADMIN_GROUP} by default) or, read-only, its read group "
+        f"({env.DEFAULT_READ_GROUP}) on {read}"
+    )
+
+
 def _operator_credentials(tls_dir: str) -> grpc.ChannelCredentials:
     files = []
     for name in ("ca.crt", "tls.crt", "tls.key"):
@@ -441,11 +462,25 @@ def rpc_error(e: grpc.RpcError, address: str, timeout: float) -> CliError:
     code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
     if code == grpc.StatusCode.UNAVAILABLE:
-        why = "connection refused" if "refused" in details.lower() else details[:160]
+        low = details.lower()
+        if any(w in low for w in ("handshake", "ssl", "certificate", "tsi_", "alpn")):
+            return CliError(
+                EXIT_REJECTED,
+                f"TLS handshake with the controller at {address} failed ({details[:200]}); "
+                f"check that --tls-dir / ${TLS_DIR_ENV} holds a certificate of the "
+                "controller's CA that has not expired, and --tls-server-name",
+            )
+        if "permission denied" in low:
+            return CliError(
+                EXIT_REJECTED,
+                f"permission denied on {address}: run as root or join the controller's "
+                f"group ({env.DEFAULT_ADMIN_GROUP}, or {env.DEFAULT_READ_GROUP} for read-only)",
+            )
+        why = "connection refused" if "refused" in low else details[:160]
         return CliError(
             EXIT_UNREACHABLE,
             f"cannot reach the controller at {address} ({why}); "
-            f"start tracefleet-controller there or pass --controller HOST:PORT "
+            f"start tracefleet-controller there or pass --controller unix:/PATH or HOST:PORT "
             f"(or set {env.CONTROLLER})",
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:

@@ -4,8 +4,11 @@ The controller distributes regular expressions in ``DesiredState.redact_patterns
 applied to every string value of an event's args: plain string args, every entry of a list
 value (``args.argv.value``) and every value of a mapping value. A pattern without groups
 replaces the whole match with ``***``; a pattern with groups replaces each matched group only
-(``--password=(\\S+)`` turns ``--password=hunter2`` into ``--password=***``). A changed
-argument gets ``"redacted": True``.
+(``--password=(\\S+)`` turns ``--password=hunter2`` into ``--password=***``). A list value
+(argv) is also matched as one command line (its elements joined by spaces), so a rule for
+``--password VALUE`` masks the element after ``--password``. A changed argument gets
+``"redacted": True``. The controller sends its default rules for common secret shapes
+(``redaction.DEFAULT_RULES`` there) unless its policy file relaxes them.
 
 Fail closed: if a pattern does not compile, every string value is replaced by ``***``.
 """
@@ -37,21 +40,42 @@ class Redactor:
     def text(self, value: str) -> str:
         if self.fail_closed:
             return MASK
-        for rx in self.compiled:
-            value = _sub(rx, value)
-        return value
+        found = [sp for rx in self.compiled for sp in _spans(rx, value)]
+        return _mask(value, found) if found else value
+
+    def _list(self, value: list[Any] | tuple[Any, ...]) -> tuple[list[Any], bool]:
+        """Each string element alone, and all of them as one space-joined command line."""
+        if self.fail_closed:
+            return [MASK if isinstance(v, str) else v for v in value], any(
+                isinstance(v, str) for v in value
+            )
+        parts = [v if isinstance(v, str) else "" for v in value]
+        line = " ".join(parts)
+        joined = [sp for rx in self.compiled for sp in _spans(rx, line)]
+        out, changed, offset = [], False, 0
+        for v, part in zip(value, parts, strict=True):
+            end = offset + len(part)
+            if isinstance(v, str):
+                found = [sp for rx in self.compiled for sp in _spans(rx, v)]
+                found += [
+                    (max(s, offset) - offset, min(e, end) - offset)
+                    for s, e in joined
+                    if s < end and e > offset
+                ]
+                if found:
+                    new = _mask(v, found)
+                    changed |= new != v
+                    v = new
+            out.append(v)
+            offset = end + 1
+        return out, changed
 
     def _value(self, value: Any) -> tuple[Any, bool]:
         if isinstance(value, str):
             new = self.text(value)
             return new, new != value
         if isinstance(value, list | tuple):
-            out, changed = [], False
-            for v in value:
-                nv, c = self._value(v) if isinstance(v, str) else (v, False)
-                out.append(nv)
-                changed |= c
-            return out, changed
+            return self._list(value)
         if isinstance(value, Mapping):
             outm, changed = {}, False
             for k, v in value.items():
@@ -84,27 +108,31 @@ class Redactor:
         return {**event, "args": new_args}
 
 
-def _sub(rx: re.Pattern[str], value: str) -> str:
-    if rx.groups == 0:
-        return rx.sub(MASK, value)
+def _spans(rx: re.Pattern[str], text: str) -> list[tuple[int, int]]:
+    """What ``rx`` masks in ``text``: its groups, or whole matches without groups."""
+    out = []
+    for m in rx.finditer(text):
+        if rx.groups:
+            out += [m.span(g) for g in range(1, rx.groups + 1) if m.start(g) < m.end(g)]
+        elif m.start() < m.end():
+            out.append(m.span())
+    return out
 
-    def repl(m: re.Match[str]) -> str:
-        text, start = m.group(0), m.start(0)
-        out, pos = [], 0
-        spans = sorted(
-            (m.start(g) - start, m.end(g) - start)
-            for g in range(1, rx.groups + 1)
-            if m.start(g) >= 0
-        )
-        for s, e in spans:
-            if s < pos:  # nested or overlapping groups: the outer one already masked it
-                continue
-            out += [text[pos:s], MASK]
-            pos = e
-        out.append(text[pos:])
-        return "".join(out)
 
-    return rx.sub(repl, value)
+def _mask(text: str, found: Iterable[tuple[int, int]]) -> str:
+    """``text`` with every span (merged where they touch) replaced by MASK."""
+    merged: list[list[int]] = []
+    for s, e in sorted(found):
+        if merged and s <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    out, pos = [], 0
+    for s, e in merged:
+        out += [text[pos:s], MASK]
+        pos = e
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def redact_events(

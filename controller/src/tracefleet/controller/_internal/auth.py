@@ -14,7 +14,10 @@ token from ``--tokens-file``), and what they may do.
 * ControlService: ``read`` may call GetStatus, StreamEvents and GetTop; only ``admin`` may
   call ConfigureEventSet. A bearer token (``authorization: Bearer T``) decides the identity
   when present; otherwise the operator certificate does. Agent certificates are refused.
-* No TLS and no tokens file (the loopback demo): everyone is admin.
+* Unix socket (the default): the kernel checks the socket file's permissions at connect, so
+  whoever got through has that socket's role (``with_role``): admin on the main socket (group
+  ``tracefleet``), read on the ``-read`` one. A bearer token, when sent, still decides.
+* TCP without TLS and no tokens file (``--insecure-listen``): everyone is admin.
 
 Refusals are logged (WARNING) and counted by reason in ``REFUSALS``, which the metrics
 endpoint serves as ``tracefleet_controller_refused_total{kind,reason}`` (``REASONS`` lists
@@ -38,7 +41,12 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tracefleet.controller._internal import env
-from tracefleet.controller._internal.certs import OU_AGENT, OU_CONTROLLER, ROLE_ADMIN, ROLES
+from tracefleet.controller._internal.certs import (
+    OU_AGENT,
+    OU_CONTROLLER,
+    ROLE_ADMIN,
+    ROLES,
+)
 from tracefleet.controller._internal.configfile import load_yaml_or_json
 from tracefleet.controller._internal.kubetoken import TOKEN_REASONS, AgentTokenVerifier
 
@@ -218,6 +226,7 @@ class Authorizer:
         agent_tokens: AgentTokenVerifier | None = None,
     ) -> None:
         self.tls = tls
+        self.socket_role = ""  # unix socket: the role its file permissions grant
         self.tokens = dict(tokens or {})
         self.token_mode = tokens is not None
         self.refusals = refusals or REFUSALS
@@ -227,7 +236,19 @@ class Authorizer:
 
     @property
     def open(self) -> bool:
-        return not self.tls and not self.token_mode
+        return not self.tls and not self.token_mode and not self.socket_role
+
+    def with_role(self, role: str) -> Authorizer:
+        """This authorizer for a unix socket whose permissions grant ``role``."""
+        assert role in ROLES and not self.tls
+        other = Authorizer(
+            tls=False,
+            tokens=self.tokens if self.token_mode else None,
+            refusals=self.refusals,
+            agent_tokens=self.agent_tokens,
+        )
+        other.socket_role = role
+        return other
 
     def operator(self, context: Any, method: str) -> tuple[Identity | None, grpc.StatusCode, str]:
         """(identity, code, message); identity None means refused with that code."""
@@ -260,6 +281,9 @@ class Authorizer:
                     f"(needs OU=admin or OU=read; issue one with 'tracefleet certs operator')",
                 )  # fmt: skip
             who = cert
+        elif self.socket_role:
+            who = Identity("operator", f"unix-socket-{self.socket_role}", self.socket_role,
+                           via="unix socket")  # fmt: skip
         elif self.open:
             return (
                 Identity("operator", "anonymous", ROLE_ADMIN, via="insecure"),

@@ -27,6 +27,7 @@ from tracefleet.controller._internal.aggregate import (
 from tracefleet.controller._internal.events import EventHub
 from tracefleet.controller._internal.fleet import Connection, Fleet, Node
 from tracefleet.controller._internal.ledger import Ledger, Outcome
+from tracefleet.controller._internal.redaction import TextRedactor, default_patterns
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
     FilterSpec,
@@ -91,6 +92,9 @@ class Controller:
         self.commits = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
+        # sampled events are redacted again here: no operator sees what an agent left in
+        self.redactor = TextRedactor(default_patterns())
+        self.redacted_here = 0  # argument values this controller had to mask itself
         # Observers (the metrics endpoint): on_generation(gen), on_ack(node, ack, previous
         # applied generation), on_batch(node, batch) for every batch applied, and
         # on_duplicate(node, batch) for a resent batch ignored. Called on this loop; must not
@@ -433,8 +437,20 @@ class Controller:
             duration = (batch.interval_end_ns - batch.interval_start_ns) / 1e9
             node.window.add(duration, samples)
         if batch.events:
+            masked = 0
             for ev in batch.events:
                 ev.node = node.name
+                for arg in ev.args.values():
+                    value = self.redactor.text(arg.value)
+                    if value != arg.value:
+                        arg.value, arg.redacted = value, True
+                        masked += 1
+            if masked:
+                self.redacted_here += masked
+                log.warning(
+                    "node %s sent %d unredacted secret value(s): masked by the controller "
+                    "[%d so far]", node.name, masked, self.redacted_here,
+                )  # fmt: skip
             self.hub.dispatch(node.name, batch.events)
         return outcome
 
