@@ -7,77 +7,34 @@ from __future__ import annotations
 
 import grp
 import os
-import queue
-import secrets
-import shutil
 import stat
 import subprocess
-import tempfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-import grpc
 import pytest
 
-from tests.conftest import require_root, wait_until
+from tests.conftest import require_root
 from tests.e2e.fleet_helpers import PY, free_port
-from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tests.e2e.security_helpers import (
+    RawAgent,
+    as_user,
+    make_groups,
+    make_sockdir,
+    start_controller,
+    tf,
+)
+from tracefleet.v1 import agent_pb2, types_pb2
 
 
 @pytest.fixture
 def groups() -> Iterator[tuple[str, str]]:
-    require_root()
-    tag = secrets.token_hex(3)
-    names = (f"tft-adm-{tag}", f"tft-read-{tag}")
-    for n in names:
-        subprocess.run(["groupadd", n], check=True)
-    try:
-        yield names
-    finally:
-        for n in names:
-            subprocess.run(["groupdel", n], check=False)
+    yield from make_groups()
 
 
 @pytest.fixture
 def sockdir() -> Iterator[Path]:
-    # not under pytest's 0700 tmp: the unprivileged callers must reach the socket's directory
-    d = Path(tempfile.mkdtemp(prefix="tf-sock-"))
-    d.chmod(0o755)
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def start_controller(d: Path, groups: tuple[str, str], *extra: str) -> subprocess.Popen[str]:
-    log = open(d / "controller.log", "a")  # noqa: SIM115 - the process keeps it
-    proc = subprocess.Popen(
-        [PY, "-m", "tracefleet.controller.server", "--listen", f"unix:{d}/ctl.sock",
-         "--db", str(d / "c.db"), "--admin-group", groups[0], "--read-group", groups[1],
-         *extra],
-        stdout=log, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-
-    def ready() -> bool:
-        assert proc.poll() is None, (d / "controller.log").read_text()
-        return "listening on" in (d / "controller.log").read_text()
-
-    wait_until(ready, 60, "controller to listen")
-    return proc
-
-
-def as_user(*argv: str, group: str = "") -> list[str]:
-    """argv run as nobody, with only ``group`` as supplementary group (or none)."""
-    g = ["--groups", str(grp.getgrnam(group).gr_gid)] if group else ["--clear-groups"]
-    return ["setpriv", "--reuid", "nobody", "--regid", "nogroup", *g, *argv]
-
-
-def tf(d: Path, *args: str, group: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [PY, "-m", "tracefleet.controller.cli", "--controller", f"unix:{d}/ctl.sock", *args]
-    if group is not None:
-        cmd = as_user(*cmd, group=group)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    yield from make_sockdir()
 
 
 RAW_CONFIGURE = """
@@ -173,45 +130,6 @@ def test_tcp_without_tls_needs_the_explicit_flag(tmp_path: Path) -> None:
     assert r.returncode == 2, r.stderr
     assert "refusing to serve" in r.stderr and "--insecure-listen" in r.stderr
     assert "every local user" in r.stderr
-
-
-class RawAgent:
-    """A hand-written agent on the admin socket: sends whatever the test wants."""
-
-    def __init__(self, address: str, node: str) -> None:
-        self.out: queue.Queue[agent_pb2.AgentMessage | None] = queue.Queue()
-        self.received: queue.Queue[agent_pb2.ControllerMessage] = queue.Queue()
-        self.channel = grpc.insecure_channel(address)
-        self.out.put(
-            agent_pb2.AgentMessage(register=agent_pb2.Register(node_name=node, instance_id="raw-1"))
-        )
-        self.call = agent_pb2_grpc.AgentServiceStub(self.channel).Connect(self._requests())
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _requests(self) -> Iterator[agent_pb2.AgentMessage]:
-        while (m := self.out.get()) is not None:
-            yield m
-
-    def _read(self) -> None:
-        try:
-            for m in self.call:
-                self.received.put(m)
-        except grpc.RpcError:
-            pass
-
-    def wait_for(self, kind: str, timeout: float) -> agent_pb2.ControllerMessage:
-        while True:
-            m = self.received.get(timeout=timeout)
-            if m.WhichOneof("kind") != kind:
-                continue
-            if kind != "sample_request" or m.sample_request.lease.seconds:  # not a stop
-                return m
-
-    def close(self) -> None:
-        self.out.put(None)
-        self.call.cancel()
-        self.channel.close()
 
 
 def test_read_role_never_sees_a_secret_an_agent_left_in(sockdir: Path, groups) -> None:

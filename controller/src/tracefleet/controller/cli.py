@@ -110,6 +110,15 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _node_name(text: str) -> str:
+    if not 1 <= len(text) <= 253 or not text.isprintable() or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"bad node name {text[:60]!r}: use 1..253 printable characters, no surrounding "
+            "spaces (as in 'tracefleet status')"
+        )
+    return text
+
+
 def _selector(text: str) -> str:
     try:
         return str(sel.parse(text))
@@ -278,6 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     top.add_argument("--node", default="", help="only this node")
     top.add_argument("--event-set", default="", help="only this event set")
     top.add_argument("--limit", type=_positive_int, default=20, help="rows (default: 20)")
+
+    nd = add(
+        "node",
+        "forget a node that is not connected (admin): its record, totals and batch cursors",
+        "examples:\n  tracefleet node rm web-7\n\n"
+        "The controller forgets nodes by itself after --forget-after (tracefleet-controller).",
+    )
+    nd.add_argument("action", choices=["rm"], help="rm: remove")
+    nd.add_argument("name", type=_node_name, metavar="NODE")
     _add_certs(sub)
     return p
 
@@ -788,7 +806,14 @@ def cmd_top(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def cmd_node(ctx: Ctx) -> int:
+    resp = ctx.call(ctx.stub.RemoveNode, control_pb2.RemoveNodeRequest(name=ctx.args.name))
+    ctx.emit(render.to_data(resp), lambda: f"node {resp.name} removed")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Ctx], int]] = {
+    "node": cmd_node,
     "enable": lambda c: cmd_configure(c, True),
     "disable": lambda c: cmd_configure(c, False),
     "status": cmd_status,

@@ -89,6 +89,17 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """A whole number 1..10^7 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 10**7:
+        raise argparse.ArgumentTypeError(f"must be 1..10000000, not {text!r}")
+    return value
+
+
 def _address_or_off(text: str) -> str:
     """host:port, or '' / 'off' for none (argparse type)."""
     if text.strip() in ("", "off"):
@@ -205,6 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node not heard from for this long is reported stale (default: %(default)s)",
     )
     p.add_argument(
+        "--forget-after",
+        type=_seconds,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="forget a node (record, totals) not heard from for this long; "
+        "'tracefleet node rm' does it at once (default: %(default)s = 7 days)",
+    )
+    p.add_argument(
+        "--max-nodes",
+        type=_count,
+        default=10_000,
+        metavar="N",
+        help="refuse to register more nodes than this (default: %(default)s)",
+    )
+    p.add_argument(
         "--window",
         type=_seconds,
         default=10.0,
@@ -304,7 +330,13 @@ async def serve(args: argparse.Namespace) -> int:
         store.close()
         return 2
     server_tls, authorizer, policy = security
-    controller = Controller(store, stale_after=args.stale_after, window=args.window)
+    controller = Controller(
+        store,
+        stale_after=args.stale_after,
+        window=args.window,
+        max_nodes=args.max_nodes,
+        forget_after=args.forget_after,
+    )
     controller.redactor = TextRedactor(policy.redact)
     health_servicer = health.aio.HealthServicer()
     services = [

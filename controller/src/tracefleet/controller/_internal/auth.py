@@ -49,13 +49,14 @@ from tracefleet.controller._internal.certs import (
 )
 from tracefleet.controller._internal.configfile import load_yaml_or_json
 from tracefleet.controller._internal.kubetoken import TOKEN_REASONS, AgentTokenVerifier
+from tracefleet.controller._internal.limits import REASONS as LIMIT_REASONS
 
 log = logging.getLogger("tracefleet.controller.auth")
 
 TOKENS_FILE_ENV = env.TOKENS_FILE
 
 READ_METHODS = frozenset({"GetStatus", "StreamEvents", "GetTop"})
-ADMIN_METHODS = frozenset({"ConfigureEventSet"})
+ADMIN_METHODS = frozenset({"ConfigureEventSet", "RemoveNode"})
 
 # Every reason Authorizer refuses for (TLS handshake reasons are in tls.HANDSHAKE_REASONS).
 REASONS = (
@@ -69,6 +70,7 @@ REASONS = (
     "operator_no_credentials",
     "operator_forbidden",
     "operator_unknown_method",
+    *LIMIT_REASONS,
 )
 # grpc status of a refused agent, by reason (PERMISSION_DENIED otherwise)
 _AGENT_CODES = {

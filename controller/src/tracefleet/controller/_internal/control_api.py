@@ -14,7 +14,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.auth import Authorizer, require_operator
-from tracefleet.controller._internal.controller import ConfigError, Controller
+from tracefleet.controller._internal.controller import ConfigError, Controller, RemoveError
 from tracefleet.controller._internal.events import Follower
 from tracefleet.controller._internal.fleet import State
 from tracefleet.controller._internal.policy import Policy
@@ -208,6 +208,22 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             raise
         finally:
             self.ctl.hub.remove(follower)
+
+    async def RemoveNode(
+        self, request: control_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.RemoveNodeResponse:
+        who = await require_operator(self.auth, context, "RemoveNode")
+        try:
+            self.ctl.remove_node(request.name)
+        except RemoveError as e:
+            code = (
+                grpc.StatusCode.NOT_FOUND
+                if request.name not in self.ctl.fleet.nodes
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            await context.abort(code, str(e))
+        log.info("node %s removed by %s", request.name, who.name if who else "?")
+        return control_pb2.RemoveNodeResponse(name=request.name)
 
     async def GetTop(
         self, request: control_pb2.GetTopRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,11 @@ from tracefleet.controller._internal.aggregate import (
     HistogramMismatch,
     SetSample,
 )
+from tracefleet.controller._internal.auth import REFUSALS
 from tracefleet.controller._internal.events import EventHub
 from tracefleet.controller._internal.fleet import Connection, Fleet, Node
 from tracefleet.controller._internal.ledger import Ledger, Outcome
+from tracefleet.controller._internal.limits import Limits
 from tracefleet.controller._internal.redaction import TextRedactor, default_patterns
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
@@ -43,6 +46,10 @@ log = logging.getLogger("tracefleet.controller")
 # Longest TTL a rule may have: far enough for any real use, near enough that the expiry
 # time stays representable everywhere (datetime, protobuf Timestamp).
 MAX_TTL_SECONDS = 366 * 86400
+
+
+class RemoveError(ValueError):
+    """A node cannot be removed (unknown, connected, or the store failed)."""
 
 
 class ConfigError(ValueError):
@@ -78,8 +85,14 @@ class Controller:
         stale_after: float = 10.0,
         window: float = 10.0,
         timings: Timings | None = None,
+        max_nodes: int = 10_000,
+        forget_after: float = 0.0,
     ) -> None:
         self.store = store
+        self.limits = Limits(REFUSALS)
+        self.max_nodes = max_nodes
+        # nodes not heard from for this long are forgotten (0: never)
+        self.forget_after = forget_after
         self.timings = timings or Timings()
         self.fleet = Fleet(stale_after=stale_after, window=window)
         self.fleet.load(store.nodes())
@@ -144,7 +157,33 @@ class Controller:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
     def _expiry_tick(self) -> None:
-        self.expire(time.time())
+        now = time.time()
+        self.expire(now)
+        if self.forget_after > 0:
+            for node in list(self.fleet.nodes.values()):
+                if node.conn is None and now - node.last_seen > self.forget_after:
+                    try:
+                        self.remove_node(node.name)
+                    except RemoveError as e:
+                        log.warning("cannot forget node %s: %s", node.name, e)
+                        break  # the store fails: retried next tick
+                    log.info("forgot node %s: not heard from for %.0fs (--forget-after)",
+                             node.name, now - node.last_seen)  # fmt: skip
+
+    def remove_node(self, name: str) -> None:
+        """Forget a node that is not connected; RemoveError naming why not."""
+        node = self.fleet.nodes.get(name)
+        if node is None:
+            raise RemoveError(f"no node {name!r}")
+        if node.conn is not None:
+            raise RemoveError(f"node {name!r} is connected: stop its agent first")
+        try:
+            self.store.delete_nodes([name])
+        except sqlite3.Error as e:
+            raise RemoveError(f"the database cannot be written ({e}); try again") from None
+        self.fleet.forget(name)
+        self.ledger.forget(name)
+        self._notify("on_forget", name)
 
     def flush(self) -> None:
         records = self.fleet.take_dirty()
@@ -183,7 +222,8 @@ class Controller:
     # rules ------------------------------------------------------------------------------
 
     def known_event_sets(self) -> list[str]:
-        return sorted(set(KNOWN_EVENT_SETS) | self.fleet.registered_event_sets())
+        # the controller's own registry: agents cannot add names (issue 15)
+        return sorted(KNOWN_EVENT_SETS)
 
     def configure(
         self,
@@ -399,7 +439,8 @@ class Controller:
         self.fleet.seen(node)
         self._notify("on_ack", node, ack, node.applied_generation)
         node.applied_generation = ack.generation
-        node.info["statuses"] = [_status_dict(s) for s in ack.statuses]
+        statuses = self.limits.statuses(list(ack.statuses), node.name)
+        node.info["statuses"] = [_status_dict(s) for s in statuses]
         self.fleet.mark_dirty(node)
 
     def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> Outcome:

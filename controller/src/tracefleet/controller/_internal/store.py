@@ -234,6 +234,14 @@ class Store:
             for row in rows
         ]
 
+    def delete_nodes(self, names: Iterable[str]) -> None:
+        """Forget nodes: their record, totals and batch cursors (one transaction)."""
+        rows = [(n,) for n in names]
+        with self._tx():
+            for table in ("nodes", "set_totals", "node_batches", "batch_cursors"):
+                key = "name" if table == "nodes" else "node"
+                self._db.executemany(f"DELETE FROM {table} WHERE {key} = ?", rows)
+
     # ledger -----------------------------------------------------------------------------
 
     def put_ledger(self, rows: LedgerRows) -> None:
