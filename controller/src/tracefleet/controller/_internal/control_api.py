@@ -14,7 +14,12 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.auth import Authorizer, require_operator
-from tracefleet.controller._internal.controller import ConfigError, Controller, RemoveError
+from tracefleet.controller._internal.controller import (
+    ConfigError,
+    Controller,
+    RemoveError,
+    StoreUnavailable,
+)
 from tracefleet.controller._internal.events import Follower
 from tracefleet.controller._internal.fleet import State
 from tracefleet.controller._internal.policy import Policy
@@ -90,6 +95,9 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             )
         except ConfigError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise AssertionError("unreachable") from None
+        except StoreUnavailable as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise AssertionError("unreachable") from None
         return control_pb2.ConfigureEventSetResponse(
             generation=res.generation,

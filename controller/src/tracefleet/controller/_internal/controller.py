@@ -48,6 +48,10 @@ log = logging.getLogger("tracefleet.controller")
 MAX_TTL_SECONDS = 366 * 86400
 
 
+class StoreUnavailable(RuntimeError):
+    """The database cannot be written and the change must be durable (-> FAILED_PRECONDITION)."""
+
+
 class RemoveError(ValueError):
     """A node cannot be removed (unknown, connected, or the store failed)."""
 
@@ -105,6 +109,11 @@ class Controller:
         self.commits = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
+        # Fail safe: what switches tracing off (disable, TTL expiry) is applied in memory and
+        # pushed even when the database cannot be written; saved when it can again.
+        self._unsaved: dict[str, Rule] = {}
+        self._generation_unsaved = False
+        self.store_errors = 0  # failed writes, all kinds
         # sampled events are redacted again here: no operator sees what an agent left in
         self.redactor = TextRedactor(default_patterns())
         self.redacted_here = 0  # argument values this controller had to mask itself
@@ -153,12 +162,34 @@ class Controller:
             await asyncio.sleep(period)
             try:
                 fn()
+            except sqlite3.Error as e:
+                self._store_failed(getattr(fn, "__name__", "periodic task"), e)
             except Exception:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
+
+    def _store_failed(self, what: str, e: Exception) -> None:
+        """One line per failure (1st, 2nd, 4th, 8th, ...), with the count: never a flood."""
+        self.store_errors += 1
+        n = self.store_errors
+        if n & (n - 1) == 0:
+            log.error(
+                "database %s: %s failed: %s [%d write failure(s) so far; retried]",
+                self.store.path, what, e, n,
+            )  # fmt: skip
+
+    def _save_unsaved(self) -> None:
+        if not self._unsaved and not self._generation_unsaved:
+            return
+        self.store.save_rules(self._unsaved.values(), self.generation)
+        log.info("database %s writable again: saved generation %d (%d rule(s))",
+                 self.store.path, self.generation, len(self._unsaved))  # fmt: skip
+        self._unsaved.clear()
+        self._generation_unsaved = False
 
     def _expiry_tick(self) -> None:
         now = time.time()
         self.expire(now)
+        self._save_unsaved()
         if self.forget_after > 0:
             for node in list(self.fleet.nodes.values()):
                 if node.conn is None and now - node.last_seen > self.forget_after:
@@ -188,7 +219,13 @@ class Controller:
     def flush(self) -> None:
         records = self.fleet.take_dirty()
         if records:
-            self.store.put_nodes(records)
+            try:
+                self.store.put_nodes(records)
+            except sqlite3.Error:
+                for r in records:  # kept dirty: written by the next flush
+                    if r.name in self.fleet.nodes:
+                        self.fleet.mark_dirty(self.fleet.nodes[r.name])
+                raise
 
     async def _commit_loop(self) -> None:
         while True:
@@ -197,7 +234,11 @@ class Controller:
             self._commit_wanted.clear()
             try:
                 self.commit()
-            except Exception:  # e.g. disk full: nothing is acknowledged, retried next time
+            except sqlite3.Error as e:  # e.g. disk full: nothing acknowledged, retried
+                self._store_failed("committing result batches", e)
+                self._commit_wanted.set()
+                await asyncio.sleep(1.0)
+            except Exception:
                 log.exception("committing result batches failed")
                 self._commit_wanted.set()
                 await asyncio.sleep(1.0)
@@ -274,11 +315,23 @@ class Controller:
         if old is not None and old.same_intent(new):
             rule = old
             if old.active and old.expires_at != expires_at:
-                self.store.update_expiry(event_set, expires_at)
+                try:
+                    self.store.update_expiry(event_set, expires_at)
+                except sqlite3.Error as e:
+                    self._store_failed("restarting a TTL", e)
+                    raise self._unavailable("restarting the TTL of", event_set, e) from None
                 rule = self.rules[event_set] = old.with_changes(expires_at=expires_at)
             changed = False
         else:
-            gen, (rule,) = self.store.put_rules([new])
+            try:
+                self._save_unsaved()
+                gen, (rule,) = self.store.put_rules([new], after=self.generation)
+            except sqlite3.Error as e:
+                self._store_failed("storing a rule", e)
+                if new.active:  # more tracing must be durable: refused
+                    raise self._unavailable("enabling", event_set, e) from None
+                gen = self.generation + 1  # less tracing: applied now, saved later
+                rule = self._unsaved[event_set] = new.with_changes(generation=gen)
             self.rules[event_set] = rule
             self.generation = gen
             changed = True
@@ -293,6 +346,13 @@ class Controller:
             self.push_all()
         matched, selected = self.matched_nodes(rule)
         return ConfigureResult(rule.generation, changed, rule, matched, selected)
+
+    def _unavailable(self, doing: str, event_set: str, e: Exception) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the controller's database {self.store.path} cannot be written ({e}): "
+            f"{doing} {event_set} is refused until it can (disable and TTL expiry still "
+            "apply); free space or fix the file system, then retry"
+        )
 
     def matched_nodes(self, rule: Rule) -> tuple[list[str], int]:
         """Known nodes the rule enables the set on (all nodes for a disabled rule), and how
@@ -313,7 +373,16 @@ class Controller:
         ]
         if not due:
             return []
-        gen, stored = self.store.put_rules(r.with_changes(expired=True) for r in due)
+        try:
+            self._save_unsaved()
+            gen, stored = self.store.put_rules(
+                (r.with_changes(expired=True) for r in due), after=self.generation
+            )
+        except sqlite3.Error as e:  # switched off anyway; saved when the store can
+            self._store_failed("storing expired rules", e)
+            gen = self.generation + 1
+            stored = [r.with_changes(expired=True, generation=gen) for r in due]
+            self._unsaved.update((r.event_set, r) for r in stored)
         for r in stored:
             self.rules[r.event_set] = r
         self.generation = gen
@@ -419,7 +488,12 @@ class Controller:
         if reg.applied_generation > self.generation:
             # The agent applied a generation this controller never issued (its database was
             # replaced): move past it so every agent converges on this controller's state.
-            self.generation = self.store.ensure_generation_above(reg.applied_generation)
+            try:
+                self.generation = self.store.ensure_generation_above(reg.applied_generation)
+            except sqlite3.Error as e:
+                self._store_failed("raising the generation", e)
+                self.generation = reg.applied_generation + 1
+                self._generation_unsaved = True
             log.warning(
                 "node %s applied generation %d > ours; generation is now %d",
                 node.name,
