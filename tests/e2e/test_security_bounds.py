@@ -163,3 +163,52 @@ def test_node_limit_node_rm_and_forgetting(sockdir: Path, groups) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_api_fields_have_ranges(sockdir: Path, groups) -> None:
+    """Raw gRPC requests the CLI would not send: each refused with INVALID_ARGUMENT naming
+    the range, nothing stored."""
+    from google.protobuf import duration_pb2
+
+    from tracefleet.v1 import control_pb2, control_pb2_grpc
+
+    proc = start_controller(sockdir, groups)
+    try:
+        with grpc.insecure_channel(f"unix:{sockdir}/ctl.sock") as ch:
+            stub = control_pb2_grpc.ControlServiceStub(ch)
+            req = control_pb2.ConfigureEventSetRequest
+            cases = [
+                (req(event_set="file", enabled=True, ttl=duration_pb2.Duration(seconds=2**62)),
+                 "ttl of 4611686018427387904s 0ns is out of range"),
+                (req(event_set="file", enabled=True, selector="node=" + "a" * 3_000_000),
+                 "selector of 3000005 characters: at most 4096"),
+                (req(event_set="file", enabled=True,
+                     filters=types_pb2.Filters(pids=list(range(1, 100_001)))),
+                 "at most 8 pids per rule (got 100000)"),
+                (req(event_set="file", enabled=True, filters=types_pb2.Filters(pids=[2**31 - 1])),
+                 "pids must be 1..4194304, got 2147483647"),
+                (req(event_set="file", enabled=True, filters=types_pb2.Filters(comms=["x" * 16])),
+                 "1..15 printable bytes"),
+                (req(event_set="x" * 3_000_000, enabled=True), "(3000000 characters)"),
+            ]  # fmt: skip
+            for request, fragment in cases:
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.ConfigureEventSet(request, timeout=60)
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+                assert fragment in e.value.details() and len(e.value.details()) < 400
+            with pytest.raises(grpc.RpcError) as e:
+                stub.GetTop(control_pb2.GetTopRequest(limit=2**31), timeout=60)
+            assert "limit must be 1..10000" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                stream = stub.StreamEvents(
+                    control_pb2.StreamEventsRequest(pids=list(range(1, 100_001))), timeout=60
+                )
+                next(iter(stream))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "pids: at most 1000" in e.value.details()
+        st = status(sockdir)
+        assert st["rules"] == [] and st["generation"] == 0
+        assert "Traceback" not in (sockdir / "controller.log").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)

@@ -66,6 +66,43 @@ def _seconds(text: str) -> float:
     return value
 
 
+PID_MAX_LIMIT = 4_194_304  # the kernel's highest pid; the filter holds u32
+
+
+def _int_in(what: str, low: int, high: int) -> Any:
+    """argparse type: a whole number low..high; never truncated into a kernel filter."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number {low}..{high}, not {text[:40]!r}"
+            ) from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, not {text[:40]!r}")
+        return v
+
+    return parse
+
+
+def _comm(text: str) -> str:
+    if not 1 <= len(text.encode()) <= 15 or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"comm {text[:40]!r}: 1..15 printable bytes (the kernel keeps 15 of a command name)"
+        )
+    return text
+
+
+def _node_name(text: str) -> str:
+    if not 1 <= len(text) <= 253 or not text.isprintable() or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"bad node name {text[:60]!r}: use 1..253 printable characters, e.g. the "
+            f"hostname (env {env.NODE_NAME})"
+        )
+    return text
+
+
 # the controller's default unix socket (agents run as root, which may use it)
 DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
 
@@ -374,9 +411,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
     )
     sc.add_argument("-o", "--output", choices=("jsonl", "table"), default="jsonl")
-    sc.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
-    sc.add_argument("--comm", action="append", help="only this command name (repeatable)")
-    sc.add_argument("--cgroup-id", type=int, action="append", help="only this cgroup id")
+    sc.add_argument("--pid", type=_int_in("a pid", 1, PID_MAX_LIMIT), action="append",
+                    help="only this process (repeatable)")  # fmt: skip
+    sc.add_argument("--comm", type=_comm, action="append",
+                    help="only this command name (repeatable)")  # fmt: skip
+    sc.add_argument("--cgroup-id", type=_int_in("a cgroup id", 1, 2**64 - 1), action="append",
+                    help="only this cgroup id")  # fmt: skip
     sc.add_argument("--path-prefix", help="only paths starting with this (file, exec)")
     sc.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                     help="force one rung instead of the best available "
@@ -394,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"unix:/PATH or host:port of the controller (env {env.CONTROLLER}; "
                     "default: %(default)s)")  # fmt: skip
     sr.add_argument("--node", default=os.environ.get(env.NODE_NAME) or os.uname().nodename,
+                    type=_node_name,
                     help=f"node name (env {env.NODE_NAME}; default: hostname)")  # fmt: skip
     sr.add_argument("--labels", default=os.environ.get(env.NODE_LABELS, ""),
                     help=f"k=v,k=v labels (env {env.NODE_LABELS})")  # fmt: skip

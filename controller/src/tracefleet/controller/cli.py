@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2
 from tracefleet.controller._internal import env, render
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.durations import parse_duration
+from tracefleet.controller._internal.limits import MAX_PID, MAX_TOP_ROWS
 from tracefleet.controller._internal.netaddr import check_address, read_socket_path, unix_path
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
@@ -73,14 +74,28 @@ def fail(code: int, message: str) -> NoReturn:
 # argument parsing ----------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return v
+def _int_in(what: str, low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number low..high, with the range in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number {low}..{high}, not {text[:40]!r}"
+            ) from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, not {text[:40]!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_in("the value", 1, 2**31 - 1)
+_pid = _int_in("a pid", 1, MAX_PID)
+_cgroup_id = _int_in("a cgroup id", 1, 2**64 - 1)
+_rows = _int_in("the limit", 1, MAX_TOP_ROWS)
+_count = _int_in("the count", 1, 10**9)
 
 
 def _percent(text: str) -> int:
@@ -202,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nodes to enable on (default: all)",
     )  # fmt: skip
     en.add_argument(
-        "--node", action="append", default=[], metavar="NAME",
+        "--node", action="append", default=[], metavar="NAME", type=_node_name,
         help="node name (repeatable); added to --selector as node=A|B",
     )  # fmt: skip
     en.add_argument(
@@ -214,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="enable on a deterministic PERCENT of the selected nodes only",
     )  # fmt: skip
     en.add_argument(
-        "--pid", type=_positive_int, action="append", default=[],
+        "--pid", type=_pid, action="append", default=[],
         help="capture only this process (repeatable)",
     )  # fmt: skip
     en.add_argument(
@@ -225,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture only paths under PATH (repeatable)",
     )  # fmt: skip
     en.add_argument(
-        "--cgroup-id", type=_positive_int, action="append", default=[], metavar="ID",
+        "--cgroup-id", type=_cgroup_id, action="append", default=[], metavar="ID",
         help="capture only this cgroup (repeatable)",
     )  # fmt: skip
     en.add_argument(
@@ -263,11 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-set", action="append", default=[], help="only this event set (repeatable)"
     )
     ev.add_argument(
-        "--pid", type=_positive_int, action="append", default=[],
+        "--pid", type=_pid, action="append", default=[],
         help="only this process (repeatable)",
     )  # fmt: skip
     ev.add_argument(
-        "--count", type=_positive_int, default=None,
+        "--count", type=_count, default=None,
         help="stop after N events (default without --follow: 50)",
     )  # fmt: skip
     ev.add_argument(
@@ -286,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--node", default="", help="only this node")
     top.add_argument("--event-set", default="", help="only this event set")
-    top.add_argument("--limit", type=_positive_int, default=20, help="rows (default: 20)")
+    top.add_argument("--limit", type=_rows, default=20, help="rows (default: 20)")
 
     nd = add(
         "node",

@@ -29,7 +29,7 @@ from tracefleet.controller._internal.auth import REFUSALS
 from tracefleet.controller._internal.events import EventHub
 from tracefleet.controller._internal.fleet import Connection, Fleet, Node
 from tracefleet.controller._internal.ledger import Ledger, Outcome
-from tracefleet.controller._internal.limits import Limits
+from tracefleet.controller._internal.limits import MAX_PID, Limits
 from tracefleet.controller._internal.redaction import TextRedactor, default_patterns
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
@@ -46,6 +46,37 @@ log = logging.getLogger("tracefleet.controller")
 # Longest TTL a rule may have: far enough for any real use, near enough that the expiry
 # time stays representable everywhere (datetime, protobuf Timestamp).
 MAX_TTL_SECONDS = 366 * 86400
+# What one rule's filters may hold: the capacity of the kernel filter of an event set
+# (bpf/include/tracefleet/events.h: TF_FILTER_*, TF_COMM_LEN, TF_PREFIX_MAX); a value past a
+# limit is refused here rather than truncated into a filter on the nodes.
+MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 4, 1
+MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
+MAX_EVENT_SET_NAME = 64
+
+
+def filters_problem(f: FilterSpec) -> str:
+    """Why the filters cannot be applied, or ""."""
+    for what, items, limit in (
+        ("pids", f.pids, MAX_FILTER_PIDS),
+        ("comms", f.comms, MAX_FILTER_COMMS),
+        ("cgroup ids", f.cgroup_ids, MAX_FILTER_CGROUPS),
+        ("path prefixes", f.path_prefixes, MAX_FILTER_PREFIXES),
+    ):
+        if len(items) > limit:
+            return f"at most {limit} {what} per rule (got {len(items)})"
+    bad_pids = [p for p in f.pids if not 1 <= p <= MAX_PID]
+    if bad_pids:
+        return f"pids must be 1..{MAX_PID}, got {bad_pids[0]}"
+    bad_cg = [c for c in f.cgroup_ids if not 1 <= c < 2**64]
+    if bad_cg:
+        return f"cgroup ids must be 1..2^64-1, got {bad_cg[0]}"
+    for c in f.comms:
+        if not 1 <= len(c.encode()) <= MAX_COMM_BYTES or not c.isprintable():
+            return f"comm {c[:40]!r}: 1..{MAX_COMM_BYTES} printable bytes (the kernel's comm)"
+    for p in f.path_prefixes:
+        if not p.startswith("/") or len(p.encode()) > MAX_PREFIX_BYTES or "\0" in p:
+            return f"path prefix {p[:40]!r}: an absolute path of up to {MAX_PREFIX_BYTES} bytes"
+    return ""
 
 
 class StoreUnavailable(RuntimeError):
@@ -279,6 +310,11 @@ class Controller:
     ) -> ConfigureResult:
         now = time.time() if now is None else now
         known = self.known_event_sets()
+        if len(event_set) > MAX_EVENT_SET_NAME:
+            raise ConfigError(
+                f"unknown event set {event_set[:40]!r}... ({len(event_set)} characters); "
+                f"known event sets: {', '.join(known)}"
+            )
         if event_set not in known:
             raise ConfigError(
                 f"unknown event set {event_set!r}; known event sets: {', '.join(known)}"
@@ -299,8 +335,9 @@ class Controller:
                 "omit the ttl for a rule that never expires"
             )
         filters = filters or FilterSpec()
-        if any(p <= 0 for p in filters.pids):
-            raise ConfigError(f"pids must be positive, got {list(filters.pids)}")
+        problem = filters_problem(filters)
+        if problem:
+            raise ConfigError(problem)
         expires_at = now + ttl if ttl > 0 and enabled else None
         new = Rule(
             event_set,

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 from tracefleet.controller._internal.rules import KNOWN_EVENT_SETS
 from tracefleet.v1 import agent_pb2, types_pb2
 
+# Operator requests
+MAX_PID = 4_194_304  # PID_MAX_LIMIT
+MAX_STREAM_FILTER = 1000  # pids or nodes a StreamEvents request may name
+MAX_TOP_ROWS = 10_000
+
 # Stated limits of one ResultBatch (a real agent sends one per interval, ~1 s):
 MAX_COUNT = 2**32  # delivered, dropped, discarded or one syscall's events, per set
 MAX_SYSCALLS_PER_SET = 512  # Linux has ~460 syscalls
