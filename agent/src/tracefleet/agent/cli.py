@@ -103,6 +103,8 @@ def _node_name(text: str) -> str:
     return text
 
 
+DEFAULT_STATE_FILE = "/var/lib/tracefleet/agent-state.json"
+
 # the controller's default unix socket (agents run as root, which may use it)
 DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
 
@@ -331,6 +333,10 @@ def _client_options(args: argparse.Namespace) -> Any:
     return options
 
 
+def _state_file(args: argparse.Namespace) -> str:
+    return "" if args.state_file.strip() in ("", "off") else args.state_file
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -357,6 +363,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     options = _client_options(args)
     if options is None:
         return EXIT_USAGE
+    options.state_file = _state_file(args)
+    # registration, and fail-static state re-applied while the controller is away
+    logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
     engine = _make_engine(args, list(EVENT_SETS))
     # run_agent() without its wrapper: the metrics endpoint reads the client's state
     client = ControlClient(engine, args.controller, args.node, labels, options)
@@ -455,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Kubernetes: projected ServiceAccount token sent to the controller "
                     "(re-read on every reconnect) so that it can tell this agent's node "
                     f"(env {env.TOKEN_FILE})")  # fmt: skip
+    sr.add_argument("--state-file", metavar="FILE",
+                    default=os.environ.get(env.STATE_FILE, DEFAULT_STATE_FILE),
+                    help="fail-static: the last applied desired state (with TTL deadlines) is "
+                    "saved here and re-applied at start while the controller is away; 'off' "
+                    f"for none (env {env.STATE_FILE}; default: %(default)s)")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tracefleet/v1/types.proto\x12\rtracefleet.v1\"Q\n\x07\x46ilters\x12\x0c\n\x04pids\x18\x01 \x03(\x05\x12\r\n\x05\x63omms\x18\x02 \x03(\t\x12\x12\n\ncgroup_ids\x18\x03 \x03(\x04\x12\x15\n\rpath_prefixes\x18\x04 \x03(\t\"k\n\x0c\x45ventSetSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\'\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x01\"]\n\tSetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08\x61ttached\x18\x03 \x01(\x08\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"X\n\x0eStrategyChoice\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x03(\t\"8\n\tHistogram\x12\x0e\n\x06\x62ounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x01\"@\n\x0cOutcomeCount\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xb7\x02\n\x0cSetAggregate\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12K\n\x11\x65vents_by_syscall\x18\x02 \x03(\x0b\x32\x30.tracefleet.v1.SetAggregate.EventsBySyscallEntry\x12-\n\x08outcomes\x18\x03 \x03(\x0b\x32\x1b.tracefleet.v1.OutcomeCount\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x04\x12)\n\x07latency\x18\x06 \x01(\x0b\x32\x18.tracefleet.v1.Histogram\x12\x11\n\tdiscarded\x18\x07 \x01(\x04\x1a\x36\n\x14\x45ventsBySyscallEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"M\n\x08\x45ventArg\x12\r\n\x05value\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08redacted\x18\x04 \x01(\x08\"\xf1\x01\n\x05\x45vent\x12\r\n\x05ts_ns\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tevent_set\x18\x03 \x01(\t\x12\x0f\n\x07syscall\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0b\n\x03tid\x18\x06 \x01(\x05\x12\x0c\n\x04\x63omm\x18\x07 \x01(\t\x12\x0b\n\x03ret\x18\x08 \x01(\x03\x12,\n\x04\x61rgs\x18\t \x03(\x0b\x32\x1e.tracefleet.v1.Event.ArgsEntry\x1a\x44\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.tracefleet.v1.EventArg:\x02\x38\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tracefleet/v1/types.proto\x12\rtracefleet.v1\"Q\n\x07\x46ilters\x12\x0c\n\x04pids\x18\x01 \x03(\x05\x12\r\n\x05\x63omms\x18\x02 \x03(\t\x12\x12\n\ncgroup_ids\x18\x03 \x03(\x04\x12\x15\n\rpath_prefixes\x18\x04 \x03(\t\"\x87\x01\n\x0c\x45ventSetSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\'\n\x07\x66ilters\x18\x03 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x01\x12\x1a\n\x12\x65xpires_at_unix_ns\x18\x05 \x01(\x03\"]\n\tSetStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08\x61ttached\x18\x03 \x01(\x08\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"X\n\x0eStrategyChoice\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tavailable\x18\x04 \x03(\t\"8\n\tHistogram\x12\x0e\n\x06\x62ounds\x18\x01 \x03(\x01\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\x04\x12\x0b\n\x03sum\x18\x03 \x01(\x01\"@\n\x0cOutcomeCount\x12\x10\n\x08strategy\x18\x01 \x01(\t\x12\x0f\n\x07outcome\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x04\"\xb7\x02\n\x0cSetAggregate\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12K\n\x11\x65vents_by_syscall\x18\x02 \x03(\x0b\x32\x30.tracefleet.v1.SetAggregate.EventsBySyscallEntry\x12-\n\x08outcomes\x18\x03 \x03(\x0b\x32\x1b.tracefleet.v1.OutcomeCount\x12\x11\n\tdelivered\x18\x04 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x05 \x01(\x04\x12)\n\x07latency\x18\x06 \x01(\x0b\x32\x18.tracefleet.v1.Histogram\x12\x11\n\tdiscarded\x18\x07 \x01(\x04\x1a\x36\n\x14\x45ventsBySyscallEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"M\n\x08\x45ventArg\x12\r\n\x05value\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12\x10\n\x08redacted\x18\x04 \x01(\x08\"\xf1\x01\n\x05\x45vent\x12\r\n\x05ts_ns\x18\x01 \x01(\x03\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x11\n\tevent_set\x18\x03 \x01(\t\x12\x0f\n\x07syscall\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\x05\x12\x0b\n\x03tid\x18\x06 \x01(\x05\x12\x0c\n\x04\x63omm\x18\x07 \x01(\t\x12\x0b\n\x03ret\x18\x08 \x01(\x03\x12,\n\x04\x61rgs\x18\t \x03(\x0b\x32\x1e.tracefleet.v1.Event.ArgsEntry\x1a\x44\n\tArgsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.tracefleet.v1.EventArg:\x02\x38\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EVENT_ARGSENTRY']._serialized_options = b'8\001'
   _globals['_FILTERS']._serialized_start=44
   _globals['_FILTERS']._serialized_end=125
-  _globals['_EVENTSETSPEC']._serialized_start=127
-  _globals['_EVENTSETSPEC']._serialized_end=234
-  _globals['_SETSTATUS']._serialized_start=236
-  _globals['_SETSTATUS']._serialized_end=329
-  _globals['_STRATEGYCHOICE']._serialized_start=331
-  _globals['_STRATEGYCHOICE']._serialized_end=419
-  _globals['_HISTOGRAM']._serialized_start=421
-  _globals['_HISTOGRAM']._serialized_end=477
-  _globals['_OUTCOMECOUNT']._serialized_start=479
-  _globals['_OUTCOMECOUNT']._serialized_end=543
-  _globals['_SETAGGREGATE']._serialized_start=546
-  _globals['_SETAGGREGATE']._serialized_end=857
-  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_start=803
-  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_end=857
-  _globals['_EVENTARG']._serialized_start=859
-  _globals['_EVENTARG']._serialized_end=936
-  _globals['_EVENT']._serialized_start=939
-  _globals['_EVENT']._serialized_end=1180
-  _globals['_EVENT_ARGSENTRY']._serialized_start=1112
-  _globals['_EVENT_ARGSENTRY']._serialized_end=1180
+  _globals['_EVENTSETSPEC']._serialized_start=128
+  _globals['_EVENTSETSPEC']._serialized_end=263
+  _globals['_SETSTATUS']._serialized_start=265
+  _globals['_SETSTATUS']._serialized_end=358
+  _globals['_STRATEGYCHOICE']._serialized_start=360
+  _globals['_STRATEGYCHOICE']._serialized_end=448
+  _globals['_HISTOGRAM']._serialized_start=450
+  _globals['_HISTOGRAM']._serialized_end=506
+  _globals['_OUTCOMECOUNT']._serialized_start=508
+  _globals['_OUTCOMECOUNT']._serialized_end=572
+  _globals['_SETAGGREGATE']._serialized_start=575
+  _globals['_SETAGGREGATE']._serialized_end=886
+  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_start=832
+  _globals['_SETAGGREGATE_EVENTSBYSYSCALLENTRY']._serialized_end=886
+  _globals['_EVENTARG']._serialized_start=888
+  _globals['_EVENTARG']._serialized_end=965
+  _globals['_EVENT']._serialized_start=968
+  _globals['_EVENT']._serialized_end=1209
+  _globals['_EVENT_ARGSENTRY']._serialized_start=1141
+  _globals['_EVENT_ARGSENTRY']._serialized_end=1209
 # @@protoc_insertion_point(module_scope)

@@ -358,6 +358,7 @@ class Controller:
                     self._store_failed("restarting a TTL", e)
                     raise self._unavailable("restarting the TTL of", event_set, e) from None
                 rule = self.rules[event_set] = old.with_changes(expires_at=expires_at)
+                self.push_all()  # agents enforce the deadline too (fail-static)
             changed = False
         else:
             try:
@@ -441,12 +442,17 @@ class Controller:
                     path_prefixes=s.filters.path_prefixes,
                 ),
                 sample_rate=s.sample_rate,
+                expires_at_unix_ns=self._expires_ns(s.name) if s.enabled else 0,
             )
             for s in desired_for_node(self.rules.values(), node.name, node.labels)
         ]
         return agent_pb2.ControllerMessage(
             desired_state=agent_pb2.DesiredState(generation=self.generation, event_sets=specs)
         )
+
+    def _expires_ns(self, event_set: str) -> int:
+        rule = self.rules.get(event_set)
+        return int(rule.expires_at * 1e9) if rule is not None and rule.expires_at else 0
 
     def push_all(self) -> None:
         self._notify("on_generation", self.generation)
