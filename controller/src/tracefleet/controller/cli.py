@@ -437,6 +437,7 @@ class Ctx:
         # status of a large fleet is big: allow up to 256 MiB answers
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 256 << 20)]
         tls_dir = getattr(args, "tls_dir", None) or os.environ.get(TLS_DIR_ENV, "")
+        self.tls_dir: str = tls_dir
         if tls_dir:
             creds = _operator_credentials(tls_dir)
             name = getattr(args, "tls_server_name", None) or os.environ.get(TLS_SERVER_NAME_ENV)
@@ -451,7 +452,7 @@ class Ctx:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata or None)
         except grpc.RpcError as e:
-            raise rpc_error(e, self.address, self.timeout) from None
+            raise rpc_error(e, self.address, self.timeout, self.tls_dir) from None
 
     def emit(self, data: Any, table_text: Callable[[], str]) -> None:
         text = table_text() if self.output == "table" else render.dump(data, self.output)
@@ -491,11 +492,51 @@ def _operator_credentials(tls_dir: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(files[0], files[2], files[1])
 
 
-def rpc_error(e: grpc.RpcError, address: str, timeout: float) -> CliError:
+def _tls_rejection(address: str, tls_dir: str) -> str:
+    """Why the controller probably rejected our TLS handshake, or "" if the port does not
+    even accept connections. With TLS 1.3 the client only sees the socket close."""
+    import socket
+
+    try:
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            pass
+    except (OSError, ValueError):
+        return ""
+    why = "it rejected this client's certificate"
+    try:
+        import datetime as dt
+        from pathlib import Path
+
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(Path(tls_dir, "tls.crt").read_bytes())
+        ca = x509.load_pem_x509_certificate(Path(tls_dir, "ca.crt").read_bytes())
+        if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
+            why = f"{tls_dir}/tls.crt expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        else:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except Exception:
+                why = f"{tls_dir}/tls.crt is not signed by the CA in {tls_dir}/ca.crt"
+    except Exception:  # unreadable files: the generic cause
+        pass
+    return why
+
+
+def rpc_error(e: grpc.RpcError, address: str, timeout: float, tls_dir: str = "") -> CliError:
     code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
     if code == grpc.StatusCode.UNAVAILABLE:
         low = details.lower()
+        if tls_dir and unix_path(address) is None and "refused" not in low:
+            why = _tls_rejection(address, tls_dir)
+            if why:
+                return CliError(
+                    EXIT_REJECTED,
+                    f"TLS handshake with the controller at {address} failed: {why}; issue "
+                    "a new one with 'tracefleet certs operator' from the controller's CA",
+                )
         if any(w in low for w in ("handshake", "ssl", "certificate", "tsi_", "alpn")):
             return CliError(
                 EXIT_REJECTED,
@@ -740,7 +781,7 @@ def cmd_events(ctx: Ctx) -> int:
     try:
         stream = ctx.stub.StreamEvents(req, timeout=duration or None, metadata=ctx.metadata or None)
     except grpc.RpcError as e:
-        raise rpc_error(e, ctx.address, ctx.timeout) from None
+        raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     if ctx.output == "table":
         print("TIME (UTC)       NODE  SET  SYSCALL  PID  COMM  RET  ARGS", file=ctx.out, flush=True)
     seen = 0
@@ -774,7 +815,7 @@ def cmd_events(ctx: Ctx) -> int:
     except grpc.RpcError as e:
         code = e.code() if isinstance(e, grpc.Call) else None
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-            raise rpc_error(e, ctx.address, ctx.timeout) from None
+            raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     except KeyboardInterrupt:
         stream.cancel()
     if seen == 0:
