@@ -74,6 +74,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             if not ok:
                 await context.abort(code, message)
                 return
+            labels, message = await self.auth.node_labels(context, first.register.node_name)
+            if message:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+                return
+            if labels is not None:  # Kubernetes: the Node's labels, not the agent's claim
+                first.register.labels.clear()
+                first.register.labels.update(labels)
+                problem = self.ctl.limits.labels(labels, first.register.node_name)
+                if problem:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    return
         name = first.register.node_name
         if name not in self.ctl.fleet.nodes and len(self.ctl.fleet.nodes) >= self.ctl.max_nodes:
             message = (f"this controller knows {len(self.ctl.fleet.nodes)} nodes, its limit "

@@ -48,7 +48,11 @@ from tracefleet.controller._internal.certs import (
     ROLES,
 )
 from tracefleet.controller._internal.configfile import load_yaml_or_json
-from tracefleet.controller._internal.kubetoken import TOKEN_REASONS, AgentTokenVerifier
+from tracefleet.controller._internal.kubetoken import (
+    TOKEN_REASONS,
+    AgentTokenVerifier,
+    ReviewError,
+)
 from tracefleet.controller._internal.limits import REASONS as LIMIT_REASONS
 
 log = logging.getLogger("tracefleet.controller.auth")
@@ -78,6 +82,7 @@ _AGENT_CODES = {
     "agent_token_missing": grpc.StatusCode.UNAUTHENTICATED,
     "agent_token_unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "agent_token_review_failed": grpc.StatusCode.UNAVAILABLE,  # fail closed; agent retries
+    "agent_node_read_failed": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -339,6 +344,18 @@ class Authorizer:
             if reason:
                 return self._deny_agent(f"agent_{reason}", peer, message)
         return True, grpc.StatusCode.OK, ""
+
+    async def node_labels(self, context: Any, node_name: str) -> tuple[dict[str, str] | None, str]:
+        """k8s-token mode: (labels of the agent's Node object, ""), or (None, why refused);
+        other modes: (None, "") and the agent's own labels stand."""
+        if self.agent_tokens is None:
+            return None, ""
+        try:
+            return await self.agent_tokens.node_labels(node_name), ""
+        except ReviewError as e:
+            message = f"node {node_name!r}: cannot read its Node object, so refusing it: {e}"
+            self._deny_agent("agent_node_read_failed", context.peer(), message)
+            return None, message
 
     def _deny_agent(
         self, reason: str, peer: str, message: str
