@@ -30,6 +30,7 @@ from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.metrics import start_metrics
 from tracefleet.controller._internal.netaddr import (
+    check_address,
     is_loopback,
     read_socket_path,
     split_host_port,
@@ -300,6 +301,7 @@ def _secure_socket(sock: UnixSocket) -> str:
 async def serve(args: argparse.Namespace) -> int:
     try:
         path = unix_path(args.listen)
+        check_address(args.listen)
         host = "" if path is not None else split_host_port(args.listen)[0]
     except ValueError as e:
         print(f"tracefleet-controller: {e}", file=sys.stderr)

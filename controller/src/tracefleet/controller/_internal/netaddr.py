@@ -30,16 +30,17 @@ def read_socket_path(path: str) -> str:
 def check_address(address: str) -> None:
     """ValueError naming the fix unless ``address`` is host:port or unix:/PATH."""
     if unix_path(address) is None:
-        split_host_port(address)
+        try:
+            split_host_port(address)
+        except ValueError as e:
+            raise ValueError(f"{e}, or unix:/PATH") from None
 
 
 def split_host_port(address: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` -> (host, port); ValueError with a fix on bad input."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(
-            f"bad address {address!r}: use host:port (e.g. 127.0.0.1:7070) or unix:/PATH"
-        )
+        raise ValueError(f"bad address {address!r}: use host:port, e.g. 127.0.0.1:7070")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return host, int(port)
