@@ -173,7 +173,7 @@ class Limits:
             s.outcomes.extend(outcomes)
             keep.append(s)
         if len(keep) != len(batch.sets):
-            copies = [agent_pb2.SetAggregate() for _ in keep]
+            copies = [type(s)() for s in keep]
             for c, s in zip(copies, keep, strict=True):
                 c.CopyFrom(s)
             del batch.sets[:]
