@@ -52,3 +52,19 @@ def test_counts_beyond_the_limit_refuse_the_batch() -> None:
     b = _batch(["openat"])
     b.sets[0].events_by_syscall["openat"] = 2**40
     assert "beyond the limit" in limits.batch(b, "n1")
+
+
+def test_register_keeps_only_known_sets_capabilities_and_statuses() -> None:
+    refusals = Refusals()
+    reg = agent_pb2.Register(node_name="n1", labels={"role": "db"})
+    reg.event_sets.extend(["file", "made-up", "file"])
+    reg.capabilities.add(event_set="file", strategy="exit-retry")
+    reg.capabilities.add(event_set="made-up", strategy="x")
+    reg.statuses.add(name="made-up", enabled=True)
+    reg.statuses.add(name="exec", enabled=True)
+    assert Limits(refusals).register(reg) == ""
+    assert list(reg.event_sets) == ["file"]
+    assert [(c.event_set, c.strategy) for c in reg.capabilities] == [("file", "exit-retry")]
+    assert [(s.name, s.enabled) for s in reg.statuses] == [("exec", True)]
+    bad = agent_pb2.Register(node_name="n2", labels={"role": "x" * 64})
+    assert "is not a valid label" in Limits(refusals).register(bad)
