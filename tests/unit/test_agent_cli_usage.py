@@ -40,6 +40,8 @@ def test_filter_values_are_range_checked_not_truncated() -> None:
         (["capture", "-e", "file", "--cgroup-id", str(2**64)], "a cgroup id must be 1.."),
         (["capture", "-e", "file", "--comm", "x" * 16], "1..15 printable bytes"),
         (["run", "--node", ""], "bad node name ''"),
+        (["run", "--labels", "role=" + "x" * 64], "keys and values as in Kubernetes"),
+        (["run", "--labels", "ro le=db"], "keys and values as in Kubernetes"),
     ):
         out = subprocess.run([*AGENT, *argv], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2, (argv, out.stderr)

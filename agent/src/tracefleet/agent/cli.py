@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -102,6 +103,13 @@ def _node_name(text: str) -> str:
         )
     return text
 
+
+# Kubernetes label syntax, as the controller checks it (controller limits.LABEL_KEY/VALUE)
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 DEFAULT_STATE_FILE = "/var/lib/tracefleet/agent-state.json"
 
@@ -359,6 +367,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
         k, v = item.split("=", 1)
+        if not _LABEL_KEY.fullmatch(k.strip()) or not _LABEL_VALUE.fullmatch(v.strip()):
+            # the controller refuses such a registration: say so now, not on every retry
+            print(f"tracefleet-agent: bad label {item[:80]!r}: keys and values as in "
+                  "Kubernetes ([A-Za-z0-9._-], optional dns-prefix/ on keys, values up to "
+                  "63 characters)", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         labels[k.strip()] = v.strip()
     options = _client_options(args)
     if options is None:
