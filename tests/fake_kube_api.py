@@ -47,6 +47,8 @@ class FakeAPIServer:
         self.reviews: list[dict[str, Any]] = []  # request bodies received
         self.auth_headers: list[str] = []
         self.forced: tuple[int, bytes] | None = None  # answer this (status, body) instead
+        self.node_labels: dict[str, dict[str, str]] = {}  # GET /api/v1/nodes/NAME
+        self.node_reads = 0
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -64,6 +66,16 @@ class FakeAPIServer:
                     return self._send(401, {"kind": "Status", "code": 401})
                 fake.reviews.append(body)
                 self._send(201, {**body, "status": fake.status(body["spec"])})
+
+            def do_GET(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {CONTROLLER_API_TOKEN}":
+                    return self._send(401, {"kind": "Status", "code": 401})
+                name = self.path.removeprefix("/api/v1/nodes/")
+                if name == self.path or name not in fake.node_labels:
+                    return self._send(404, {"kind": "Status", "code": 404})
+                fake.node_reads += 1
+                meta = {"name": name, "labels": fake.node_labels[name]}
+                self._send(200, {"kind": "Node", "apiVersion": "v1", "metadata": meta})
 
             def _send(self, code: int, doc: dict[str, Any]) -> None:
                 self._raw(code, json.dumps(doc).encode())
@@ -112,6 +124,7 @@ class FakeAPIServer:
     ) -> str:
         token = jwt(f"{node}-{len(self.tokens)}", exp_in)
         self.tokens[token] = {"node": node, "aud": list(aud), **kw}
+        self.node_labels.setdefault(node, {})
         return token
 
     def reviews_of(self, token: str) -> int:

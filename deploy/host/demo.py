@@ -90,7 +90,7 @@ def main() -> int:
         print("demo: workloads missing: run `make workloads`", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="tracefleet-demo-"))
-    addr = f"127.0.0.1:{free_port()}"
+    addr = f"unix:{tmp}/controller.sock"  # root only: the socket is 0660 root:tracefleet
     node = socket.gethostname()
     say(f"controller on {addr} (state in {tmp}/controller.db, logs in {tmp})")
     ctl_cmd = [str(BIN / "tracefleet-controller"), "--listen", addr, "--db",

@@ -208,7 +208,8 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     port = _free_port()
     addr = f"127.0.0.1:{port}"
     out: dict[str, Any] = {"controller": addr, "fleets": {}}
-    ctl_cmd = [PY, "-m", "tracefleet.controller.server", "--listen", addr, "--db", ":memory:",
+    ctl_cmd = [PY, "-m", "tracefleet.controller.server", "--listen", addr, "--insecure-listen",
+               "--db", ":memory:",
                "--stale-after", "30", "--window", "5", "--log-level", "WARNING"]  # fmt: skip
     ctl_log = tmp / "controller.log"
     with _proc([*ctl_cmd], ctl_log) as ctl:

@@ -264,7 +264,7 @@ def run_soak(cfg: SoakConfig, tmp: Path, progress: Any = None) -> SoakResult:
 
     with _daemons(procs):
         spawn("controller", [
-            PY, "-m", "tracefleet.controller.server", "--listen", address,
+            PY, "-m", "tracefleet.controller.server", "--listen", address, "--insecure-listen",
             "--db", str(tmp / "controller.db"), "--stale-after", "30",
         ])  # fmt: skip
         _wait(lambda: "listening on" in (tmp / "controller.log").read_text(), 60,

@@ -38,7 +38,8 @@ class ControllerProc:
             self.proc = subprocess.Popen(
                 [
                     PY, "-m", "tracefleet.controller.server", "--listen", self.address,
-                    "--db", str(self.db), "--stale-after", str(self.stale_after),
+                    "--insecure-listen", "--db", str(self.db),
+                    "--stale-after", str(self.stale_after),
                     "--window", "5",
                 ],
                 stdout=log,

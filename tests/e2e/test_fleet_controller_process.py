@@ -75,6 +75,7 @@ def test_bad_arguments_exit_2(tmp_path):
             "tracefleet.controller.server",
             "--listen",
             "127.0.0.1:0",
+            "--insecure-listen",
             "--db",
             str(blocker / "x.db"),
         ],

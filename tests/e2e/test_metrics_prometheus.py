@@ -163,6 +163,7 @@ def test_dashboards_and_rules_on_real_prometheus(procs: Procs, tmp_path: Path) -
             "tracefleet.controller.server",
             "--listen",
             controller,
+            "--insecure-listen",
             "--db",
             ":memory:",
             "--stale-after",

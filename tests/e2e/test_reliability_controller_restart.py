@@ -48,7 +48,7 @@ class Ctl:
             self.proc = subprocess.Popen(
                 [
                     sys.executable, "-m", "tracefleet.controller.server",
-                    "--listen", self.address, "--db", str(self.tmp / "c.db"),
+                    "--listen", self.address, "--insecure-listen", "--db", str(self.tmp / "c.db"),
                     "--stale-after", "2", "--window", "5",
                     "--metrics-listen", f"127.0.0.1:{self.metrics}",
                 ],

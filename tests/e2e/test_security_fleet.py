@@ -204,3 +204,15 @@ def test_agent_reconnects_with_rotated_certificate(controller, pki, tmp_path) ->
                    "reconnect with the new files")  # fmt: skip
     finally:
         agent.stop()
+
+
+def test_rejected_tls_handshake_is_reported_as_such(controller, pki) -> None:
+    """issue 15: a certificate the controller rejects was reported as 'cannot reach'."""
+    for leaf, cause in (
+        (pki / "evil" / "db-1", "tls.crt is not signed by the CA in"),
+        (pki / "expired", "tls.crt expired on"),
+    ):
+        r = controller.cli(leaf, "status")
+        assert r.returncode == 4, r.stderr
+        assert "TLS handshake with the controller" in r.stderr and cause in r.stderr, r.stderr
+        assert "cannot reach" not in r.stderr

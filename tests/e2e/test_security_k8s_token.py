@@ -261,3 +261,42 @@ def test_unreachable_api_server_refuses_agents_fail_closed(pki, api, tmp_path) -
     assert "(fail closed)" in line
     assert f"TokenReview at {dead}: ConnectionRefusedError" in line
     assert api.reviews_of(good) == 0
+
+
+def test_labels_come_from_the_node_object_not_the_agent(controller, api, pki, tmp_path):
+    """issue 15: in a cluster the agent's Node labels are used (read by the controller after
+    the TokenReview), so selectors work, and an agent cannot claim other labels."""
+    api.node_labels["node-l"] = {"role": "db", "topology.kubernetes.io/zone": "a"}
+    good = api.add("node-l")
+    opts = ClientOptions(interval=0.2, backoff_initial=0.2, backoff_max=1.0,
+                         offload_engine_calls=False, agent_version="test",
+                         tls=AgentTLS(pki / "shared-agent"),
+                         token_file=str(token_file(tmp_path, good)))  # fmt: skip
+    client = ControlClient(SyntheticEngine(50, seed=1), controller.address, "node-l",
+                           {"role": "web", "zone": "z"}, opts)  # fmt: skip
+    agent = ClientThread(client)
+    try:
+        wait_until(lambda: client.stats.acks > 0, 30, "node-l accepted")
+        r = subprocess.run(
+            [PY, "-m", "tracefleet.controller.cli", "--controller", controller.address,
+             "--tls-dir", str(pki / "root"), "-o", "json", "enable", "file", "--selector",
+             "role=db,topology.kubernetes.io/zone=a"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        assert "node-l" in json.loads(r.stdout)["matched_nodes"]
+    finally:
+        agent.stop()
+    assert api.node_reads >= 1
+    # a Node that cannot be read: refused, fail closed, counted
+    before = controller.refused().get("agent_node_read_failed", 0)
+    ghost = api.add("node-ghost")
+    del api.node_labels["node-ghost"]
+    agent = Agent(controller.address, "node-ghost", pki / "shared-agent",
+                  token_file(tmp_path, ghost, "ghost"))  # fmt: skip
+    try:
+        log = refused_agent(controller, "agent_node_read_failed", "node-ghost", pki, agent,
+                            before)  # fmt: skip
+        assert "cannot read its Node object" in log and "HTTP 404" in log
+    finally:
+        agent.stop()

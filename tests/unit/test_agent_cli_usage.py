@@ -26,3 +26,38 @@ def test_bad_label_is_rejected():
     out = subprocess.run([*AGENT, "run", "--controller", "127.0.0.1:1", "--labels", "role"],
                          capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 2 and "key=value" in out.stderr
+
+
+def test_filter_values_are_range_checked_not_truncated() -> None:
+    """issue 15: --pid -5 was truncated to 4294967291 in the kernel filter."""
+    from tracefleet.agent import cli
+
+    p = cli.build_parser()
+    for argv, fragment in (
+        (["capture", "-e", "file", "--pid", "-5"], "a pid must be 1..4194304, not '-5'"),
+        (["capture", "-e", "file", "--pid", "99999999999999"], "a pid must be 1..4194304"),
+        (["capture", "-e", "file", "--cgroup-id", "1e23"], "a cgroup id must be a whole number"),
+        (["capture", "-e", "file", "--cgroup-id", str(2**64)], "a cgroup id must be 1.."),
+        (["capture", "-e", "file", "--comm", "x" * 16], "1..15 printable bytes"),
+        (["run", "--node", ""], "bad node name ''"),
+        (["run", "--labels", "role=" + "x" * 64], "keys and values as in Kubernetes"),
+        (["run", "--labels", "ro le=db"], "keys and values as in Kubernetes"),
+    ):
+        out = subprocess.run([*AGENT, *argv], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert fragment in out.stderr and "Traceback" not in out.stderr, (argv, out.stderr)
+    assert p.parse_args(["capture", "-e", "file", "--pid", "4194304"]).pid == [4194304]
+
+
+def test_build_filter_refuses_values_ctypes_would_truncate() -> None:
+    import pytest
+
+    from tracefleet.agent._internal import abi
+    from tracefleet.agent.capture import FilterError, build_filter
+    from tracefleet.agent.engine import Filters
+
+    ctl = abi.TfControl()
+    with pytest.raises(FilterError, match="out of range"):
+        build_filter(ctl, 0, Filters(pids=(-5,)))
+    build_filter(ctl, 0, Filters(pids=(42,)))
+    assert ctl.filter[0].pids[0] == 42

@@ -55,12 +55,14 @@ def test_unknown_event_set_lists_the_known_ones():
     with pytest.raises(ConfigError, match="unknown event set 'fiel'; known event sets: exec, file"):
         ctl.configure("fiel", True)
     register(ctl, "n", {}, sets=("file", "custom"))
-    assert ctl.configure("custom", True).changed  # registered by an agent -> accepted
+    # an agent cannot add names to the controller's registry (issue 15)
+    with pytest.raises(ConfigError, match="unknown event set 'custom'"):
+        ctl.configure("custom", True)
     with pytest.raises(ConfigError, match="selector"):
         ctl.configure("file", True, "role")
     with pytest.raises(ConfigError, match="canary"):
         ctl.configure("file", True, canary_percent=101)
-    assert ctl.generation == 1
+    assert ctl.generation == 0
 
 
 def test_ttl_expiry_switches_off_and_bumps_generation():

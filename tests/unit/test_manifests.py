@@ -385,10 +385,16 @@ def test_images_pinned_and_not_latest():
 def test_rbac_minimal():
     role = get("ClusterRole", "tracefleet-agent")
     assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
-    # the controller's one API call: TokenReview of the agents' ServiceAccount tokens
+    # the controller's API calls: TokenReview of the agents' ServiceAccount tokens, then the
+    # labels of the agent's Node
     role = get("ClusterRole", "tracefleet-controller")
     assert role["rules"] == [
-        {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]}
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        },
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
     ]
     kinds = {o["kind"] for o in render("base")}
     assert not kinds & {"Role", "RoleBinding"}, "nothing namespaced is granted"

@@ -41,6 +41,7 @@ def test_control_service_methods():
         "GetStatus": (False, False),
         "StreamEvents": (False, True),
         "GetTop": (False, False),
+        "RemoveNode": (False, False),
     }
     assert hasattr(control_pb2_grpc, "ControlServiceStub")
 

@@ -109,7 +109,7 @@ def test_controller_refuses_to_start_without_what_k8s_token_needs(
 ) -> None:
     for var in (env.KUBERNETES_SERVICE_HOST, env.KUBERNETES_SERVICE_PORT, env.AGENT_IDENTITY):
         monkeypatch.delenv(var, raising=False)
-    base = ["--listen", "127.0.0.1:0", "--db", ":memory:"]
+    base = ["--listen", "127.0.0.1:0", "--insecure-listen", "--db", ":memory:"]
     assert server.main([*base, "--agent-identity", "k8s-token"]) == 2
     err = capsys.readouterr().err
     assert "needs the Kubernetes API server" in err and "--kube-api" in err

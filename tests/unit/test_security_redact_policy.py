@@ -6,7 +6,8 @@ import pytest
 
 from tracefleet.agent._internal.redact import MASK, Redactor
 from tracefleet.controller._internal import selector as sel
-from tracefleet.controller._internal.policy import PolicyError, parse_policy, within
+from tracefleet.controller._internal.policy import Policy, PolicyError, parse_policy, within
+from tracefleet.controller._internal.redaction import DEFAULT_RULES, TextRedactor, default_patterns
 
 
 def _exec_event(*argv: str) -> dict:
@@ -60,6 +61,70 @@ def test_several_patterns_and_groups() -> None:
     )
 
 
+# default rules (issue 15): on without a policy file, across argv elements -------------------
+
+SECRETS = [
+    (["psql", "--password", "hunter2", "-h", "db"], "hunter2"),
+    (["psql", "--password=hunter2"], "hunter2"),
+    (["mysql", "-h", "db", "--db-password", "pw-9"], "pw-9"),
+    (["env", "PGPASSWORD=s3cr3t", "psql"], "s3cr3t"),
+    (["sh", "-c", "AWS_SECRET_ACCESS_KEY=AKIAxyz aws s3 ls"], "AKIAxyz"),
+    (["curl", "https://bob:pw1@example.org/x"], "pw1"),
+    (["curl", "-H", "Authorization: Bearer abc.def"], "abc.def"),
+    (["curl", "-H", "X-Api-Key: zz99"], "zz99"),
+    (["tool", "--api-key", "k-123", "--token=t-456"], "k-123"),
+    (["sh", "-c", "mysql --password hunter2"], "hunter2"),
+]
+
+
+@pytest.mark.parametrize(("argv", "secret"), SECRETS)
+def test_default_rules_mask_common_secret_shapes(argv: list[str], secret: str) -> None:
+    # the patterns the controller sends by default (no policy file)
+    out = Redactor(Policy().redact).event(_exec_event(*argv))
+    assert secret not in repr(out), out
+    assert out["args"]["argv"]["redacted"] is True
+    # the controller's own pass over the text form an agent sends (an agent that skipped it)
+    assert secret not in TextRedactor(Policy().redact).text(str(argv))
+
+
+@pytest.mark.parametrize(("argv", "secret"), SECRETS)
+def test_controller_masks_every_wire_form_of_an_unredacted_event(argv: list[str], secret: str):
+    """An agent that skipped redaction sends the typed argv list and its text form: the
+    controller's pass masks both, so no operator reads the secret from either."""
+    from tracefleet.controller._internal.controller import _redact_arg
+    from tracefleet.model import Event
+    from tracefleet.model.wire import event_to_pb
+
+    pb = event_to_pb(Event.from_json(_exec_event(*argv)))
+    assert secret in str(pb)  # the agent left it in
+    assert _redact_arg(TextRedactor(Policy().redact), pb.args["argv"])
+    assert secret not in str(pb), pb.args["argv"]
+    assert pb.args["argv"].redacted
+
+
+def test_flag_value_pair_masks_only_the_value_element() -> None:
+    out = Redactor(default_patterns()).event(_exec_event("psql", "--password", "hunter2", "-h"))
+    assert out["args"]["argv"]["value"] == ["psql", "--password", MASK, "-h"]
+
+
+def test_default_rules_leave_ordinary_command_lines_alone() -> None:
+    r = Redactor(default_patterns())
+    for argv in (["ls", "-l", "/tmp/token"], ["git", "clone", "ssh://git@host/x"],
+                 ["git", "log", "--author", "me"]):  # fmt: skip
+        ev = _exec_event(*argv)
+        assert r.event(ev) is ev
+
+
+def test_policy_relaxes_and_adds_rules() -> None:
+    p = parse_policy({"redact_relax": ["url"], "redact": [r"--pin=(\d+)"]})
+    assert p.redact == (*default_patterns(["url"]), r"--pin=(\d+)")
+    r = Redactor(p.redact)
+    assert r.text("curl https://bob:pw1@x/ --pin=1234") == f"curl https://bob:pw1@x/ --pin={MASK}"
+    with pytest.raises(PolicyError, match="redact_relax must be a list of default rule names"):
+        parse_policy({"redact_relax": ["nope"]})
+    assert set(DEFAULT_RULES) == {"flag", "env", "header", "bearer", "url"}
+
+
 # policy -------------------------------------------------------------------------------------
 
 
@@ -87,7 +152,7 @@ def test_policy_allows_only_listed_sets_on_their_nodes() -> None:
         {"allow": [{"event_set": "exec", "selector": "role=db"}, {"event_set": "file"}],
          "redact": [r"--password=(\S+)", {"pattern": "x"}]}
     )  # fmt: skip
-    assert p.redact == (r"--password=(\S+)", "x")
+    assert p.redact == (*default_patterns(), r"--password=(\S+)", "x")
     assert p.check("exec", True, "role=db,zone=a") is None
     assert p.check("file", True, "") is None
     reason = p.check("exec", True, "all")

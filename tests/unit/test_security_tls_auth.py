@@ -20,6 +20,7 @@ from tracefleet.controller._internal.auth import (
 )
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.policy import parse_policy
+from tracefleet.controller._internal.redaction import default_patterns
 from tracefleet.controller._internal.tls import ServerTLS, handshake_reason
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
@@ -103,7 +104,8 @@ def test_agent_with_its_own_certificate_gets_the_desired_state_with_redaction(ct
     with channel(ctl.address, pki, pki / "web-1") as ch:
         msg = register(ch, "web-1")
     assert msg.WhichOneof("kind") == "desired_state"
-    assert list(msg.desired_state.redact_patterns) == [r"--password=(\S+)"]
+    # the default rules (issue 15), then the policy's own
+    assert list(msg.desired_state.redact_patterns) == [*default_patterns(), r"--password=(\S+)"]
     assert ctl.refusals.snapshot() == {}
 
 

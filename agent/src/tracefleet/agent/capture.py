@@ -170,6 +170,9 @@ def build_filter(ctl: TfControl, slot: int, f: Filters) -> None:
     comms = _bounded(f.comms, TF_FILTER_COMMS, "comm filters")
     cgroups = _bounded(f.cgroup_ids, TF_FILTER_CGROUPS, "cgroup filters")
     prefixes = _bounded(f.path_prefixes, 1, "path prefixes")
+    # ctypes would truncate silently (-5 -> 4294967291): a filter on the wrong process
+    if any(not 0 < p < 2**32 for p in pids) or any(not 0 < g < 2**64 for g in cgroups):
+        raise FilterError(f"pid or cgroup id out of range: {list(pids)} {list(cgroups)}")
     k.npids = len(pids)
     for i, p in enumerate(pids):
         k.pids[i] = p

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -67,8 +68,64 @@ def _seconds(text: str) -> float:
     return value
 
 
+PID_MAX_LIMIT = 4_194_304  # the kernel's highest pid; the filter holds u32
+
+
+def _int_in(what: str, low: int, high: int) -> Any:
+    """argparse type: a whole number low..high; never truncated into a kernel filter."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number {low}..{high}, not {text[:40]!r}"
+            ) from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, not {text[:40]!r}")
+        return v
+
+    return parse
+
+
+def _comm(text: str) -> str:
+    if not 1 <= len(text.encode()) <= 15 or not text.isprintable():
+        raise argparse.ArgumentTypeError(
+            f"comm {text[:40]!r}: 1..15 printable bytes (the kernel keeps 15 of a command name)"
+        )
+    return text
+
+
+def _node_name(text: str) -> str:
+    if not 1 <= len(text) <= 253 or not text.isprintable() or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"bad node name {text[:60]!r}: use 1..253 printable characters, e.g. the "
+            f"hostname (env {env.NODE_NAME})"
+        )
+    return text
+
+
+# Kubernetes label syntax, as the controller checks it (controller limits.LABEL_KEY/VALUE)
+_LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+
+DEFAULT_STATE_FILE = "/var/lib/tracefleet/agent-state.json"
+
+# the controller's default unix socket (agents run as root, which may use it)
+DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
+
+
 def check_address(text: str, *, listen: bool = False) -> str:
-    """host:port (or [v6]:port; port 0 only to listen on); ValueError naming the fix."""
+    """host:port (or [v6]:port; port 0 only to listen on), or unix:/PATH for a controller;
+    ValueError naming the fix."""
+    if not listen and text.strip().startswith("unix:"):
+        path = text.strip()[5:].removeprefix("//")
+        if not path.startswith("/") or len(path.encode()) > 107:
+            raise ValueError(f"bad address {text!r}: use unix:/ABSOLUTE/PATH")
+        return text.strip()
     host, sep, port = text.strip().rpartition(":")
     lowest = 0 if listen else 1
     if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
@@ -235,6 +292,8 @@ def _tls_options(args: argparse.Namespace) -> Any:
     from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
     from tracefleet.agent.controlclient import ClientOptions
 
+    if not args.tls_dir and args.controller.startswith("unix:"):
+        return ClientOptions()  # guarded by the socket's file permissions
     if not args.tls_dir:
         host = args.controller.rpartition(":")[0].strip("[]")
         try:
@@ -273,6 +332,10 @@ def _client_options(args: argparse.Namespace) -> Any:
     return options
 
 
+def _state_file(args: argparse.Namespace) -> str:
+    return "" if args.state_file.strip() in ("", "off") else args.state_file
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -295,10 +358,19 @@ def cmd_run(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
         k, v = item.split("=", 1)
+        if not _LABEL_KEY.fullmatch(k.strip()) or not _LABEL_VALUE.fullmatch(v.strip()):
+            # the controller refuses such a registration: say so now, not on every retry
+            print(f"tracefleet-agent: bad label {item[:80]!r}: keys and values as in "
+                  "Kubernetes ([A-Za-z0-9._-], optional dns-prefix/ on keys, values up to "
+                  "63 characters)", file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
         labels[k.strip()] = v.strip()
     options = _client_options(args)
     if options is None:
         return EXIT_USAGE
+    options.state_file = _state_file(args)
+    # registration, and fail-static state re-applied while the controller is away
+    logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
     engine = _make_engine(args, list(EVENT_SETS))
     # run_agent() without its wrapper: the metrics endpoint reads the client's state
     client = ControlClient(engine, args.controller, args.node, labels, options)
@@ -353,9 +425,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
     )
     sc.add_argument("-o", "--output", choices=("jsonl", "table"), default="jsonl")
-    sc.add_argument("--pid", type=int, action="append", help="only this process (repeatable)")
-    sc.add_argument("--comm", action="append", help="only this command name (repeatable)")
-    sc.add_argument("--cgroup-id", type=int, action="append", help="only this cgroup id")
+    sc.add_argument("--pid", type=_int_in("a pid", 1, PID_MAX_LIMIT), action="append",
+                    help="only this process (repeatable)")  # fmt: skip
+    sc.add_argument("--comm", type=_comm, action="append",
+                    help="only this command name (repeatable)")  # fmt: skip
+    sc.add_argument("--cgroup-id", type=_int_in("a cgroup id", 1, 2**64 - 1), action="append",
+                    help="only this cgroup id")  # fmt: skip
     sc.add_argument("--path-prefix", help="only paths starting with this (file, exec)")
     sc.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                     help="force one rung instead of the best available "
@@ -369,9 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_capture)
 
     sr = sub.add_parser("run", help="run under a controller (the DaemonSet mode)")
-    sr.add_argument("--controller", default=os.environ.get(env.CONTROLLER),
-                    help=f"host:port of the controller (env {env.CONTROLLER})")  # fmt: skip
+    sr.add_argument("--controller", default=os.environ.get(env.CONTROLLER, DEFAULT_CONTROLLER),
+                    help=f"unix:/PATH or host:port of the controller (env {env.CONTROLLER}; "
+                    "default: %(default)s)")  # fmt: skip
     sr.add_argument("--node", default=os.environ.get(env.NODE_NAME) or os.uname().nodename,
+                    type=_node_name,
                     help=f"node name (env {env.NODE_NAME}; default: hostname)")  # fmt: skip
     sr.add_argument("--labels", default=os.environ.get(env.NODE_LABELS, ""),
                     help=f"k=v,k=v labels (env {env.NODE_LABELS})")  # fmt: skip
@@ -392,6 +469,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="Kubernetes: projected ServiceAccount token sent to the controller "
                     "(re-read on every reconnect) so that it can tell this agent's node "
                     f"(env {env.TOKEN_FILE})")  # fmt: skip
+    sr.add_argument("--state-file", metavar="FILE",
+                    default=os.environ.get(env.STATE_FILE, DEFAULT_STATE_FILE),
+                    help="fail-static: the last applied desired state (with TTL deadlines) is "
+                    "saved here and re-applied at start while the controller is away; 'off' "
+                    f"for none (env {env.STATE_FILE}; default: %(default)s)")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)

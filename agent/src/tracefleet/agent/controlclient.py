@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import platform
 import random
 import secrets
@@ -94,6 +95,9 @@ class ClientOptions:
     # every new connection and sent as 'authorization: Bearer' metadata of Connect, which a
     # controller in k8s-token mode checks for this node. "" = send none.
     token_file: str = ""
+    # Fail-static: the last desired state applied (with TTL deadlines) is saved here and
+    # re-applied at start while the controller is away. "" = none.
+    state_file: str = ""
 
 
 @dataclass
@@ -165,19 +169,118 @@ class ControlClient:
         self._acks_seen = False
         self._legacy_controller = False
         self._redactor = Redactor()
+        # unix seconds at which an enabled set's rule expires (from the controller): enforced
+        # here too, so a state re-applied while the controller is away ends on time
+        self._deadlines: dict[str, float] = {}
 
     # public ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set: collect every interval, keep a stream to the
         controller."""
+        await self._restore_state()
         collector = asyncio.create_task(self._collect_loop(stop))
+        deadlines = asyncio.create_task(self._deadline_loop(stop))
         try:
             await self._connect_loop(stop)
         finally:
-            collector.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await collector
+            for t in (collector, deadlines):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+
+    # fail-static ------------------------------------------------------------------------
+
+    def _save_state(self, generation: int) -> None:
+        path = self.options.state_file
+        if not path or self.desired is None:
+            return
+        state = {
+            "version": 1,
+            "node": self.node_name,
+            "controller": self.controller,
+            "generation": generation,
+            "saved_at": time.time(),
+            "redact_patterns": list(self._redactor.patterns),
+            "event_sets": [
+                {**dataclasses.asdict(c), "expires_at": self._deadlines.get(name, 0.0)}
+                for name, c in sorted(self.desired.items())
+            ],
+        }
+        tmp = f"{path}.tmp"
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(state, f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("%s: cannot save the applied state to %s: %s (fail-static off until "
+                        "it can)", self.node_name, path, e)  # fmt: skip
+
+    async def _restore_state(self) -> None:
+        """Re-apply the state saved by the previous run (same node and controller), minus
+        what expired, while the controller is away; the controller's state replaces it."""
+        path = self.options.state_file
+        if not path:
+            return
+        try:
+            with open(path) as f:
+                state = json.load(f)
+            if state.get("node") != self.node_name or state.get("controller") != self.controller:
+                return
+            now = time.time()
+            desired, deadlines = {}, {}
+            for s in state["event_sets"]:
+                cfg = EventSetConfig(
+                    name=str(s["name"]),
+                    enabled=bool(s["enabled"]),
+                    filters=Filters(**{k: tuple(v) for k, v in s["filters"].items()}),
+                    sample_rate=float(s["sample_rate"]),
+                )
+                expires = float(s.get("expires_at") or 0.0)
+                if cfg.enabled and expires:
+                    if expires <= now:
+                        cfg = dataclasses.replace(cfg, enabled=False)
+                    else:
+                        deadlines[cfg.name] = expires
+                desired[cfg.name] = cfg
+            redactor = Redactor(state.get("redact_patterns") or ())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s: ignoring the saved state %s: %s", self.node_name, path, e)
+            return
+        if self.desired is not None:
+            return  # the controller answered first
+        self.desired, self._deadlines, self._redactor = desired, deadlines, redactor
+        await self._reconcile()
+        on = [f"{n}" + (f" until {time.strftime('%H:%M:%S', time.localtime(deadlines[n]))}"
+                        if n in deadlines else "")
+              for n, c in sorted(desired.items()) if c.enabled]  # fmt: skip
+        log.info(
+            "%s: controller away: re-applied the saved state of generation %s from %s "
+            "(enabled: %s)", self.node_name, state.get("generation"), path,
+            ", ".join(on) or "none",
+        )  # fmt: skip
+
+    async def _deadline_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+            now = time.time()
+            due = [n for n, t in self._deadlines.items() if t <= now]
+            if not due or self.desired is None:
+                continue
+            for name in due:
+                del self._deadlines[name]
+                cfg = self.desired.get(name)
+                if cfg is not None and cfg.enabled:
+                    self.desired[name] = dataclasses.replace(cfg, enabled=False)
+            log.info("%s: TTL of %s ran out: switched off here", self.node_name,
+                        ", ".join(due))  # fmt: skip
+            await self._reconcile()
+            self._save_state(self.applied_generation)
 
     # engine -----------------------------------------------------------------------------
 
@@ -372,13 +475,22 @@ class ControlClient:
             )
             for s in ds.event_sets
         }
+        self._deadlines = {
+            s.name: s.expires_at_unix_ns / 1e9
+            for s in ds.event_sets
+            if s.enabled and s.expires_at_unix_ns > 0
+        }
         if tuple(ds.redact_patterns) != self._redactor.patterns:
             self._redactor = Redactor(ds.redact_patterns)
             for err in self._redactor.errors:
                 log.error("%s: bad redaction pattern %s: redacting every string argument",
                           self.node_name, err)  # fmt: skip
         await self._reconcile()
+        if not self._synced:
+            log.info("%s: registered with the controller %s: applied generation %d",
+                        self.node_name, self.controller, ds.generation)  # fmt: skip
         self.applied_generation = ds.generation
+        self._save_state(ds.generation)
         await self._write(
             call,
             agent_pb2.AgentMessage(

@@ -16,7 +16,12 @@ from google.protobuf import duration_pb2
 from tracefleet.controller._internal import env, render
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.durations import parse_duration
-from tracefleet.controller._internal.netaddr import split_host_port
+from tracefleet.controller._internal.limits import MAX_PID, MAX_TOP_ROWS
+from tracefleet.controller._internal.netaddr import (
+    check_address,
+    read_socket_path,
+    unix_path,
+)
 from tracefleet.model import human, wire
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
@@ -41,7 +46,8 @@ exit codes:
 
 EPILOG = f"""\
 controller address:
-  --controller HOST:PORT, else ${env.CONTROLLER}, else {env.DEFAULT_CONTROLLER}
+  --controller unix:/PATH or HOST:PORT, else ${env.CONTROLLER}, else {env.DEFAULT_CONTROLLER}
+  (a user without access to the unix socket but in the read group uses PATH-read.sock)
 
 credentials (needed when the controller uses mTLS or a tokens file):
   --tls-dir DIR, else ${TLS_DIR_ENV}: operator certificate (ca.crt, tls.crt, tls.key)
@@ -73,14 +79,28 @@ def fail(code: int, message: str) -> NoReturn:
 # argument parsing ----------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return v
+def _int_in(what: str, low: int, high: int) -> Callable[[str], int]:
+    """argparse type: a whole number low..high, with the range in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a whole number {low}..{high}, not {text[:40]!r}"
+            ) from None
+        if not low <= v <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, not {text[:40]!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_in("the value", 1, 2**31 - 1)
+_pid = _int_in("a pid", 1, MAX_PID)
+_cgroup_id = _int_in("a cgroup id", 1, 2**64 - 1)
+_rows = _int_in("the limit", 1, MAX_TOP_ROWS)
+_count = _int_in("the count", 1, 10**9)
 
 
 def _percent(text: str) -> int:
@@ -108,6 +128,15 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _node_name(text: str) -> str:
+    if not 1 <= len(text) <= 253 or not text.isprintable() or text != text.strip():
+        raise argparse.ArgumentTypeError(
+            f"bad node name {text[:60]!r}: use 1..253 printable characters, no surrounding "
+            "spaces (as in 'tracefleet status')"
+        )
+    return text
 
 
 def _selector(text: str) -> str:
@@ -193,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="nodes to enable on (default: all)",
     )  # fmt: skip
     en.add_argument(
-        "--node", action="append", default=[], metavar="NAME",
+        "--node", action="append", default=[], metavar="NAME", type=_node_name,
         help="node name (repeatable); added to --selector as node=A|B",
     )  # fmt: skip
     en.add_argument(
@@ -205,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="enable on a deterministic PERCENT of the selected nodes only",
     )  # fmt: skip
     en.add_argument(
-        "--pid", type=_positive_int, action="append", default=[],
+        "--pid", type=_pid, action="append", default=[],
         help="capture only this process (repeatable)",
     )  # fmt: skip
     en.add_argument(
@@ -216,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="capture only paths under PATH (repeatable)",
     )  # fmt: skip
     en.add_argument(
-        "--cgroup-id", type=_positive_int, action="append", default=[], metavar="ID",
+        "--cgroup-id", type=_cgroup_id, action="append", default=[], metavar="ID",
         help="capture only this cgroup (repeatable)",
     )  # fmt: skip
     en.add_argument(
@@ -254,11 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--event-set", action="append", default=[], help="only this event set (repeatable)"
     )
     ev.add_argument(
-        "--pid", type=_positive_int, action="append", default=[],
+        "--pid", type=_pid, action="append", default=[],
         help="only this process (repeatable)",
     )  # fmt: skip
     ev.add_argument(
-        "--count", type=_positive_int, default=None,
+        "--count", type=_count, default=None,
         help="stop after N events (default without --follow: 50)",
     )  # fmt: skip
     ev.add_argument(
@@ -277,7 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--node", default="", help="only this node")
     top.add_argument("--event-set", default="", help="only this event set")
-    top.add_argument("--limit", type=_positive_int, default=20, help="rows (default: 20)")
+    top.add_argument("--limit", type=_rows, default=20, help="rows (default: 20)")
+
+    nd = add(
+        "node",
+        "forget a node that is not connected (admin): its record, totals and batch cursors",
+        "examples:\n  tracefleet node rm web-7\n\n"
+        "The controller forgets nodes by itself after --forget-after (tracefleet-controller).",
+    )
+    nd.add_argument("action", choices=["rm"], help="rm: remove")
+    nd.add_argument("name", type=_node_name, metavar="NODE")
     _add_certs(sub)
     return p
 
@@ -388,9 +426,13 @@ class Ctx:
             env.CONTROLLER, env.DEFAULT_CONTROLLER
         )
         try:
-            split_host_port(self.address)
+            check_address(self.address)
         except ValueError as e:
             fail(EXIT_USAGE, f"controller address: {e} (--controller or ${env.CONTROLLER})")
+        try:
+            self.address = _socket_for_caller(self.address)
+        except ValueError as e:
+            fail(EXIT_REJECTED, str(e))
         self.output: str = getattr(args, "output", "table")
         self.timeout: float = getattr(args, "timeout", 10.0)
         token = getattr(args, "token", None) or os.environ.get(TOKEN_ENV, "")
@@ -400,6 +442,7 @@ class Ctx:
         # status of a large fleet is big: allow up to 256 MiB answers
         options: list[tuple[str, Any]] = [("grpc.max_receive_message_length", 256 << 20)]
         tls_dir = getattr(args, "tls_dir", None) or os.environ.get(TLS_DIR_ENV, "")
+        self.tls_dir: str = tls_dir
         if tls_dir:
             creds = _operator_credentials(tls_dir)
             name = getattr(args, "tls_server_name", None) or os.environ.get(TLS_SERVER_NAME_ENV)
@@ -414,7 +457,7 @@ class Ctx:
         try:
             return method(request, timeout=self.timeout, metadata=self.metadata or None)
         except grpc.RpcError as e:
-            raise rpc_error(e, self.address, self.timeout) from None
+            raise rpc_error(e, self.address, self.timeout, self.tls_dir) from None
 
     def emit(self, data: Any, table_text: Callable[[], str]) -> None:
         text = table_text() if self.output == "table" else render.dump(data, self.output)
@@ -423,6 +466,22 @@ class Ctx:
 
     def progress(self, text: str) -> None:
         print(f"tracefleet: {text}", file=self.err, flush=True)
+
+
+def _socket_for_caller(address: str) -> str:
+    """unix:PATH, or its read-only socket when only that one is open to this user;
+    ValueError naming the groups when neither is."""
+    path = unix_path(address)
+    if path is None or os.access(path, os.W_OK) or not os.path.exists(path):
+        return address  # not there: the call reports "cannot reach"
+    read = read_socket_path(path)
+    if os.access(read, os.W_OK):
+        return f"unix:{read}"
+    raise ValueError(
+        f"permission denied on {path}: run as root, or join the controller's admin group "
+        f"({env.DEFAULT_ADMIN_GROUP} by default) or, read-only, its read group "
+        f"({env.DEFAULT_READ_GROUP}) on {read}"
+    )
 
 
 def _operator_credentials(tls_dir: str) -> grpc.ChannelCredentials:
@@ -438,15 +497,69 @@ def _operator_credentials(tls_dir: str) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(files[0], files[2], files[1])
 
 
-def rpc_error(e: grpc.RpcError, address: str, timeout: float) -> CliError:
+def _tls_rejection(address: str, tls_dir: str) -> str:
+    """Why the controller probably rejected our TLS handshake, or "" if the port does not
+    even accept connections. With TLS 1.3 the client only sees the socket close."""
+    import socket
+
+    try:
+        host, port = address.rsplit(":", 1)
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            pass
+    except (OSError, ValueError):
+        return ""
+    why = "it rejected this client's certificate"
+    try:
+        import datetime as dt
+        from pathlib import Path
+
+        from cryptography import x509
+
+        cert = x509.load_pem_x509_certificate(Path(tls_dir, "tls.crt").read_bytes())
+        ca = x509.load_pem_x509_certificate(Path(tls_dir, "ca.crt").read_bytes())
+        if cert.not_valid_after_utc < dt.datetime.now(dt.UTC):
+            why = f"{tls_dir}/tls.crt expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC"
+        else:
+            try:
+                cert.verify_directly_issued_by(ca)
+            except Exception:
+                why = f"{tls_dir}/tls.crt is not signed by the CA in {tls_dir}/ca.crt"
+    except Exception:  # unreadable files: the generic cause
+        pass
+    return why
+
+
+def rpc_error(e: grpc.RpcError, address: str, timeout: float, tls_dir: str = "") -> CliError:
     code = e.code() if isinstance(e, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (e.details() if isinstance(e, grpc.Call) else str(e)) or ""
     if code == grpc.StatusCode.UNAVAILABLE:
-        why = "connection refused" if "refused" in details.lower() else details[:160]
+        low = details.lower()
+        if tls_dir and unix_path(address) is None and "refused" not in low:
+            why = _tls_rejection(address, tls_dir)
+            if why:
+                return CliError(
+                    EXIT_REJECTED,
+                    f"TLS handshake with the controller at {address} failed: {why}; issue "
+                    "a new one with 'tracefleet certs operator' from the controller's CA",
+                )
+        if any(w in low for w in ("handshake", "ssl", "certificate", "tsi_", "alpn")):
+            return CliError(
+                EXIT_REJECTED,
+                f"TLS handshake with the controller at {address} failed ({details[:200]}); "
+                f"check that --tls-dir / ${TLS_DIR_ENV} holds a certificate of the "
+                "controller's CA that has not expired, and --tls-server-name",
+            )
+        if "permission denied" in low:
+            return CliError(
+                EXIT_REJECTED,
+                f"permission denied on {address}: run as root or join the controller's "
+                f"group ({env.DEFAULT_ADMIN_GROUP}, or {env.DEFAULT_READ_GROUP} for read-only)",
+            )
+        why = "connection refused" if "refused" in low else details[:160]
         return CliError(
             EXIT_UNREACHABLE,
             f"cannot reach the controller at {address} ({why}); "
-            f"start tracefleet-controller there or pass --controller HOST:PORT "
+            f"start tracefleet-controller there or pass --controller unix:/PATH or HOST:PORT "
             f"(or set {env.CONTROLLER})",
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -673,7 +786,7 @@ def cmd_events(ctx: Ctx) -> int:
     try:
         stream = ctx.stub.StreamEvents(req, timeout=duration or None, metadata=ctx.metadata or None)
     except grpc.RpcError as e:
-        raise rpc_error(e, ctx.address, ctx.timeout) from None
+        raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     node_width = max([12, *(len(n) for n in a.node)])
     if ctx.output == "table":
         print(human.header(node_width), file=ctx.out, flush=True)
@@ -696,7 +809,7 @@ def cmd_events(ctx: Ctx) -> int:
     except grpc.RpcError as e:
         code = e.code() if isinstance(e, grpc.Call) else None
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-            raise rpc_error(e, ctx.address, ctx.timeout) from None
+            raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     except KeyboardInterrupt:
         stream.cancel()
     if seen == 0:
@@ -743,7 +856,14 @@ def cmd_top(ctx: Ctx) -> int:
     return EXIT_OK
 
 
+def cmd_node(ctx: Ctx) -> int:
+    resp = ctx.call(ctx.stub.RemoveNode, control_pb2.RemoveNodeRequest(name=ctx.args.name))
+    ctx.emit(render.to_data(resp), lambda: f"node {resp.name} removed")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[Ctx], int]] = {
+    "node": cmd_node,
     "enable": lambda c: cmd_configure(c, True),
     "disable": lambda c: cmd_configure(c, False),
     "status": cmd_status,

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import grp
 import logging
 import math
 import os
 import signal
+import socket
+import stat
 import sys
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,10 +25,18 @@ from tracefleet.controller._internal import kubetoken as kt
 from tracefleet.controller._internal import policy as pol
 from tracefleet.controller._internal import tls as tlsmod
 from tracefleet.controller._internal.agent_api import AgentService
+from tracefleet.controller._internal.certs import ROLE_ADMIN, ROLE_READ
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.metrics import start_metrics
-from tracefleet.controller._internal.netaddr import is_loopback, split_host_port
+from tracefleet.controller._internal.netaddr import (
+    check_address,
+    is_loopback,
+    read_socket_path,
+    split_host_port,
+    unix_path,
+)
+from tracefleet.controller._internal.redaction import TextRedactor
 from tracefleet.controller._internal.store import Store, StoreError
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
@@ -51,9 +63,15 @@ environment:
   {env.AGENT_SERVICE_ACCOUNT}  default of --agent-service-account
   {env.KUBERNETES_SERVICE_HOST}, {env.KUBERNETES_SERVICE_PORT}  default of --kube-api
 
+access without TLS (the default, --listen unix:PATH): PATH (mode 0660, group
+  --admin-group) serves agents and admin operators; PATH-read.sock (mode 0660, group
+  --read-group) serves read-only operators. The kernel checks the caller against those file
+  permissions; everyone else gets EACCES. TCP without TLS needs --insecure-listen.
+
 examples:
-  tracefleet-controller --listen 127.0.0.1:7070 --db /var/lib/tracefleet/controller.db
-  tracefleet-controller --listen 127.0.0.1:0 --db :memory:    # any free port, no persistence
+  tracefleet-controller       # unix:{env.DEFAULT_SOCKET}, group {env.DEFAULT_ADMIN_GROUP}
+  tracefleet-controller --listen unix:/tmp/tf/ctl.sock --db :memory:    # no persistence
+  tracefleet-controller --listen 127.0.0.1:0 --insecure-listen --db :memory:  # open TCP
   tracefleet-controller --listen 0.0.0.0:7070 --tls-dir /etc/tracefleet/tls --policy policy.yaml
   # in a Kubernetes pod, agents sharing one certificate (deploy/kubernetes does this):
   tracefleet-controller --listen 0.0.0.0:7070 --tls-dir /etc/tracefleet/tls \\
@@ -69,6 +87,17 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number 1..10^7 (argparse type)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 10**7:
+        raise argparse.ArgumentTypeError(f"must be 1..10000000, not {text!r}")
     return value
 
 
@@ -94,8 +123,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--listen",
         default=os.environ.get(env.CONTROLLER_LISTEN, env.DEFAULT_LISTEN),
-        help="host:port to serve on; port 0 picks a free one (default: %(default)s). "
-        "A non-loopback address needs --tls-dir (or --insecure).",
+        help="unix:/PATH, or host:port (port 0 picks a free one) (default: %(default)s). "
+        "host:port needs --tls-dir, or --insecure-listen.",
+    )
+    p.add_argument(
+        "--admin-group",
+        default=env.DEFAULT_ADMIN_GROUP,
+        metavar="GROUP",
+        help="unix socket: group that may use the admin/agent socket, besides root "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--read-group",
+        default=env.DEFAULT_READ_GROUP,
+        metavar="GROUP",
+        help="unix socket: group that may use the read-only socket PATH-read.sock "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--tls-dir",
@@ -105,10 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
         "files are reloaded when they change. Make them with 'tracefleet certs'.",
     )
     p.add_argument(
+        "--insecure-listen",
         "--insecure",
+        dest="insecure",
         action="store_true",
-        help="serve without TLS on a non-loopback address (anyone who reaches the port "
-        "controls tracing)",
+        help="serve TCP without TLS: anyone who reaches the port (any local user, on "
+        "loopback) controls tracing and reads captured arguments",
     )
     p.add_argument(
         "--tokens-file",
@@ -172,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="a node not heard from for this long is reported stale (default: %(default)s)",
     )
     p.add_argument(
+        "--forget-after",
+        type=_seconds,
+        default=7 * 86400.0,
+        metavar="SECONDS",
+        help="forget a node (record, totals) not heard from for this long; "
+        "'tracefleet node rm' does it at once (default: %(default)s = 7 days)",
+    )
+    p.add_argument(
+        "--max-nodes",
+        type=_count,
+        default=10_000,
+        metavar="N",
+        help="refuse to register more nodes than this (default: %(default)s)",
+    )
+    p.add_argument(
         "--window",
         type=_seconds,
         default=10.0,
@@ -189,9 +249,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@dataclass(frozen=True)
+class UnixSocket:
+    path: str
+    group: str  # may be missing on this host: then only root can connect
+    role: str  # admin (agents too) or read
+
+
+def _unix_sockets(args: argparse.Namespace, path: str) -> list[UnixSocket]:
+    return [
+        UnixSocket(path, args.admin_group, ROLE_ADMIN),
+        UnixSocket(read_socket_path(path), args.read_group, ROLE_READ),
+    ]
+
+
+def _claim_socket(path: str) -> None:
+    """Make ``path`` free to bind: refuse if a live server answers there (grpc would unlink
+    and steal it), remove a stale socket file; OSError/ValueError naming the fix."""
+    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ValueError(f"{path} exists and is not a socket: remove it or pick another --listen")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            os.unlink(path)  # left by a controller that died
+            return
+    raise ValueError(f"another process serves {path}: stop it or pick another --listen unix:/PATH")
+
+
+def _secure_socket(sock: UnixSocket) -> str:
+    """chown root:GROUP and chmod 0660 (0600 without the group); the warning to log, if any."""
+    try:
+        gid = grp.getgrnam(sock.group).gr_gid
+    except KeyError:
+        os.chmod(sock.path, 0o600)
+        return (
+            f"group {sock.group!r} does not exist: only root can use {sock.path} ({sock.role}); "
+            f"create it (groupadd --system {sock.group}) and add users, or pass "
+            f"--{sock.role}-group"
+        )
+    os.chown(sock.path, os.geteuid(), gid)
+    os.chmod(sock.path, 0o660)
+    return ""
+
+
 async def serve(args: argparse.Namespace) -> int:
     try:
-        host, _ = split_host_port(args.listen)
+        path = unix_path(args.listen)
+        check_address(args.listen)
+        host = "" if path is not None else split_host_port(args.listen)[0]
     except ValueError as e:
         print(f"tracefleet-controller: {e}", file=sys.stderr)
         return 2
@@ -202,7 +313,14 @@ async def serve(args: argparse.Namespace) -> int:
         print(f"tracefleet-controller: {e} ({hint})", file=sys.stderr)
         return 2
     try:
-        security = _security(args, host)
+        if path is not None and args.tls_dir:
+            raise ValueError(
+                "--tls-dir is for TCP: a unix socket is guarded by its file permissions; "
+                "pass --listen HOST:PORT with --tls-dir"
+            )
+        if path is not None and args.insecure:
+            raise ValueError("--insecure-listen is for TCP; a unix socket is never open")
+        security = _security(args, host, unix=path is not None)
     except (
         tlsmod.TLSConfigError,
         authz.TokensError,
@@ -214,34 +332,64 @@ async def serve(args: argparse.Namespace) -> int:
         store.close()
         return 2
     server_tls, authorizer, policy = security
-    controller = Controller(store, stale_after=args.stale_after, window=args.window)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentService(controller, authorizer, policy.redact), server
+    controller = Controller(
+        store,
+        stale_after=args.stale_after,
+        window=args.window,
+        max_nodes=args.max_nodes,
+        forget_after=args.forget_after,
     )
-    control_pb2_grpc.add_ControlServiceServicer_to_server(
-        ControlService(controller, authorizer, policy), server
-    )
+    controller.redactor = TextRedactor(policy.redact)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = [
         agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name,
         control_pb2.DESCRIPTOR.services_by_name["ControlService"].full_name,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     ]
-    reflection.enable_server_reflection(services, server)
-    try:
-        port = (
-            server.add_secure_port(args.listen, server_tls.credentials())
-            if server_tls is not None
-            else server.add_insecure_port(args.listen)
+
+    def make_server(auth: authz.Authorizer, agents: bool) -> grpc.aio.Server:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
+        if agents:
+            agent_pb2_grpc.add_AgentServiceServicer_to_server(
+                AgentService(controller, auth, policy.redact), server
+            )
+        control_pb2_grpc.add_ControlServiceServicer_to_server(
+            ControlService(controller, auth, policy), server
         )
-    except RuntimeError as e:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(services if agents else services[1:], server)
+        return server
+
+    servers: list[grpc.aio.Server] = []
+    warnings: list[str] = []
+    try:
+        if path is not None:
+            for sock in _unix_sockets(args, path):
+                _claim_socket(sock.path)
+                server = make_server(authorizer.with_role(sock.role), sock.role == ROLE_ADMIN)
+                old = os.umask(0o177)  # no window in which the socket is open to others
+                try:
+                    server.add_insecure_port(f"unix:{sock.path}")
+                finally:
+                    os.umask(old)
+                warnings.append(_secure_socket(sock))
+                servers.append(server)
+            shown, port = f"unix:{path}", 0
+        else:
+            server = make_server(authorizer, True)
+            port = (
+                server.add_secure_port(args.listen, server_tls.credentials())
+                if server_tls is not None
+                else server.add_insecure_port(args.listen)
+            )
+            servers.append(server)
+            shown = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    except (RuntimeError, OSError, ValueError) as e:
         print(f"tracefleet-controller: cannot listen on {args.listen}: {e}", file=sys.stderr)
         store.close()
         return 1
-    if port == 0:
+    if path is None and port == 0:
         print(
             f"tracefleet-controller: cannot listen on {args.listen} (address in use or not "
             "local?); pick another --listen",
@@ -249,33 +397,33 @@ async def serve(args: argparse.Namespace) -> int:
         )
         store.close()
         return 1
-    if server_tls is None and not is_loopback(host):
+    for w in filter(None, warnings):
+        log.warning("%s", w)
+    if path is None and server_tls is None:
         banner = "!" * 78
         print(
-            f"{banner}\nWARNING: --insecure: serving WITHOUT TLS OR AUTHENTICATION on "
-            f"{args.listen}.\n"
+            f"{banner}\nWARNING: --insecure-listen: serving WITHOUT TLS OR AUTHENTICATION on "
+            f"{shown}"
+            f"{' (loopback: every local user)' if is_loopback(host) else ''}.\n"
             "Anyone who can reach this port can reconfigure tracing on every node and read "
-            "captured\nsyscall arguments, and any client can claim any node name. Use "
-            f"--tls-dir (see 'tracefleet certs').\n{banner}",
-            file=sys.stderr,
-        )
-    elif server_tls is None:
-        print(
-            "tracefleet-controller: WARNING: no TLS (loopback only; agents are not "
-            "authenticated" + ("" if authorizer.token_mode else ", operators neither") + ")",
+            "captured\nsyscall arguments, and any client can claim any node name"
+            f"{'' if authorizer.token_mode else ' (operators: everyone is admin)'}. Use the "
+            f"default unix socket, or\n--tls-dir (see 'tracefleet certs').\n{banner}",
             file=sys.stderr,
         )
     await controller.start()
-    await server.start()
+    for server in servers:
+        await server.start()
     for name in services[:2]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     if args.metrics_listen:
         start_metrics(args.metrics_listen, controller)
-    shown = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    mode = "mTLS" if server_tls is not None else "insecure"
+    if path is not None:
+        mode = f"unix socket; read-only: unix:{read_socket_path(path)}"
     print(
-        f"tracefleet-controller: listening on {shown} "
-        f"({'mTLS' if server_tls is not None else 'insecure'}), agent identity "
+        f"tracefleet-controller: listening on {shown} ({mode}), agent identity "
         f"{args.agent_identity}, db {args.db}, "
         f"generation {controller.generation}",
         file=sys.stderr,
@@ -290,13 +438,17 @@ async def serve(args: argparse.Namespace) -> int:
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     await controller.stop()
-    await server.stop(grace=2.0)
+    await asyncio.gather(*(server.stop(grace=2.0) for server in servers))
+    if path is not None:
+        for sock in _unix_sockets(args, path):
+            with contextlib.suppress(OSError):
+                os.unlink(sock.path)
     store.close()
     return 0
 
 
 def _security(
-    args: argparse.Namespace, host: str
+    args: argparse.Namespace, host: str, *, unix: bool = False
 ) -> tuple[tlsmod.ServerTLS | None, authz.Authorizer, pol.Policy]:
     """TLS, operator auth and policy from the flags; raises with a one-line cause."""
     server_tls = None
@@ -304,11 +456,13 @@ def _security(
         server_tls = tlsmod.ServerTLS(args.tls_dir)
         # grpc reports rejected handshakes only on stderr: count them from there
         tlsmod.HandshakeLogWatcher().start()
-    elif not is_loopback(host) and not args.insecure:
+    elif not unix and not args.insecure:
+        local = " (every local user can reach a loopback port)" if is_loopback(host) else ""
         raise ValueError(
-            f"refusing to serve {args.listen} without TLS: pass --tls-dir DIR (or set "
-            f"{tlsmod.TLS_DIR_ENV}; make the files with 'tracefleet certs'), or --insecure "
-            "on a trusted network"
+            f"refusing to serve {args.listen} without TLS{local}: "
+            f"pass --tls-dir DIR (or set {tlsmod.TLS_DIR_ENV}; make the files with "
+            "'tracefleet certs'), use the default unix socket (--listen unix:/PATH), or "
+            "--insecure-listen on a trusted network"
         )
     tokens = authz.load_tokens(args.tokens_file) if args.tokens_file else None
     authorizer = authz.Authorizer(

@@ -227,3 +227,15 @@ class GetTopResponse(_message.Message):
     rows: _containers.RepeatedCompositeFieldContainer[TopRow]
     sets: _containers.RepeatedCompositeFieldContainer[SetSummary]
     def __init__(self, window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rows: _Optional[_Iterable[_Union[TopRow, _Mapping]]] = ..., sets: _Optional[_Iterable[_Union[SetSummary, _Mapping]]] = ...) -> None: ...
+
+class RemoveNodeRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RemoveNodeResponse(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...

@@ -55,6 +55,11 @@ class ControlServiceStub:
                 request_serializer=tracefleet_dot_v1_dot_control__pb2.GetTopRequest.SerializeToString,
                 response_deserializer=tracefleet_dot_v1_dot_control__pb2.GetTopResponse.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/tracefleet.v1.ControlService/RemoveNode',
+                request_serializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -92,6 +97,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RemoveNode(self, request, context):
+        """Forget a node that is not connected: its record, totals and batch cursors (admin).
+        NOT_FOUND if unknown, FAILED_PRECONDITION while its agent is connected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.GetTop,
                     request_deserializer=tracefleet_dot_v1_dot_control__pb2.GetTopRequest.FromString,
                     response_serializer=tracefleet_dot_v1_dot_control__pb2.GetTopResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +243,33 @@ class ControlService:
             '/tracefleet.v1.ControlService/GetTop',
             tracefleet_dot_v1_dot_control__pb2.GetTopRequest.SerializeToString,
             tracefleet_dot_v1_dot_control__pb2.GetTopResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tracefleet.v1.ControlService/RemoveNode',
+            tracefleet_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
+            tracefleet_dot_v1_dot_control__pb2.RemoveNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

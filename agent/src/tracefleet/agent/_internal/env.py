@@ -8,3 +8,5 @@ METRICS_LISTEN = "TRACEFLEET_AGENT_METRICS_LISTEN"  # host:port of /metrics
 TLS_DIR = "TRACEFLEET_TLS_DIR"  # ca.crt, tls.crt, tls.key for mTLS to the controller
 # Projected ServiceAccount token proving this node to a controller in k8s-token mode
 TOKEN_FILE = "TRACEFLEET_AGENT_TOKEN_FILE"
+# Fail-static state file of `tracefleet-agent run` ('off': none)
+STATE_FILE = "TRACEFLEET_AGENT_STATE_FILE"

@@ -4,8 +4,11 @@ The controller distributes regular expressions in ``DesiredState.redact_patterns
 applied to every string value of an event's args: plain string args, every entry of a list
 value (``args.argv.value``) and every value of a mapping value. A pattern without groups
 replaces the whole match with ``***``; a pattern with groups replaces each matched group only
-(``--password=(\\S+)`` turns ``--password=hunter2`` into ``--password=***``). A changed
-argument gets ``"redacted": True``.
+(``--password=(\\S+)`` turns ``--password=hunter2`` into ``--password=***``). A list value
+(argv) is also matched as one command line (its elements joined by spaces), so a rule for
+``--password VALUE`` masks the element after ``--password``. A changed argument gets
+``"redacted": True``. The controller sends its default rules for common secret shapes
+(``redaction.DEFAULT_RULES`` there) unless its policy file relaxes them.
 
 Fail closed: if a pattern does not compile, every string value is replaced by ``***``; if
 redacting one argument fails, that argument's value is replaced by ``***`` (counted in
@@ -20,8 +23,8 @@ from typing import Any
 
 from tracefleet.agent._internal.contain import UNKNOWN_SET, ErrorCounter
 from tracefleet.agent.eventsets import EVENT_SETS
+from tracefleet.model.redaction import MASK, Patterns
 
-MASK = "***"
 # redaction failures of this process (Redactors are replaced when the patterns change)
 ERRORS = ErrorCounter()
 
@@ -29,14 +32,14 @@ ERRORS = ErrorCounter()
 class Redactor:
     def __init__(self, patterns: Iterable[str] = ()) -> None:
         self.patterns = tuple(patterns)
-        self.compiled: list[re.Pattern[str]] = []
         self.errors: list[str] = []
         for p in self.patterns:
             try:
-                self.compiled.append(re.compile(p))
+                re.compile(p)
             except re.error as e:
                 self.errors.append(f"{p!r}: {e}")
         self.fail_closed = bool(self.errors)
+        self._rx = Patterns(() if self.fail_closed else self.patterns)
 
     def __bool__(self) -> bool:
         return bool(self.patterns)
@@ -44,21 +47,22 @@ class Redactor:
     def text(self, value: str) -> str:
         if self.fail_closed:
             return MASK
-        for rx in self.compiled:
-            value = _sub(rx, value)
-        return value
+        return self._rx.text(value)
+
+    def _list(self, value: list[Any] | tuple[Any, ...]) -> tuple[list[Any], bool]:
+        """Each string element alone, and all of them as one space-joined command line."""
+        if self.fail_closed:
+            return [MASK if isinstance(v, str) else v for v in value], any(
+                isinstance(v, str) for v in value
+            )
+        return self._rx.strings(value)  # type: ignore[return-value]
 
     def _value(self, value: Any) -> tuple[Any, bool]:
         if isinstance(value, str):
             new = self.text(value)
             return new, new != value
         if isinstance(value, list | tuple):
-            out, changed = [], False
-            for v in value:
-                nv, c = self._value(v) if isinstance(v, str) else (v, False)
-                out.append(nv)
-                changed |= c
-            return out, changed
+            return self._list(value)
         if isinstance(value, Mapping):
             outm, changed = {}, False
             for k, v in value.items():
@@ -95,29 +99,6 @@ class Redactor:
         if not changed_any:
             return event
         return {**event, "args": new_args}
-
-
-def _sub(rx: re.Pattern[str], value: str) -> str:
-    if rx.groups == 0:
-        return rx.sub(MASK, value)
-
-    def repl(m: re.Match[str]) -> str:
-        text, start = m.group(0), m.start(0)
-        out, pos = [], 0
-        spans = sorted(
-            (m.start(g) - start, m.end(g) - start)
-            for g in range(1, rx.groups + 1)
-            if m.start(g) >= 0
-        )
-        for s, e in spans:
-            if s < pos:  # nested or overlapping groups: the outer one already masked it
-                continue
-            out += [text[pos:s], MASK]
-            pos = e
-        out.append(text[pos:])
-        return "".join(out)
-
-    return rx.sub(repl, value)
 
 
 def redact_events(

@@ -65,7 +65,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 "the first message of Connect must be a Register with a node_name",
             )
             return
-        problem = register_problem(first.register)
+        problem = register_problem(first.register) or self.ctl.limits.register(first.register)
         if problem:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             return
@@ -74,6 +74,25 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             if not ok:
                 await context.abort(code, message)
                 return
+            labels, message = await self.auth.node_labels(context, first.register.node_name)
+            if message:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, message)
+                return
+            if labels is not None:  # Kubernetes: the Node's labels, not the agent's claim
+                first.register.labels.clear()
+                first.register.labels.update(labels)
+                problem = self.ctl.limits.labels(labels, first.register.node_name)
+                if problem:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                    return
+        name = first.register.node_name
+        if name not in self.ctl.fleet.nodes and len(self.ctl.fleet.nodes) >= self.ctl.max_nodes:
+            message = (f"this controller knows {len(self.ctl.fleet.nodes)} nodes, its limit "
+                       f"(--max-nodes); node {name[:60]!r} refused: remove stale ones with "
+                       "'tracefleet node rm' or raise the limit")  # fmt: skip
+            self.ctl.limits.refuse("agent_too_many_nodes", message)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+            return
         conn = Connection()
         node = self.ctl.on_register(first.register, conn)
         log.info(
@@ -110,7 +129,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     break
                 kind = msg.WhichOneof("kind")
                 if kind == "result_batch":
-                    problem = batch_problem(msg.result_batch)
+                    problem = batch_problem(msg.result_batch) or self.ctl.limits.batch(
+                        msg.result_batch, node.name
+                    )
                     if problem:
                         log.warning("node %s sent a result batch that cannot be applied (%s): "
                                     "dropping its stream", node.name, problem)  # fmt: skip

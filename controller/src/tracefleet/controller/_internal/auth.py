@@ -14,7 +14,10 @@ token from ``--tokens-file``), and what they may do.
 * ControlService: ``read`` may call GetStatus, StreamEvents and GetTop; only ``admin`` may
   call ConfigureEventSet. A bearer token (``authorization: Bearer T``) decides the identity
   when present; otherwise the operator certificate does. Agent certificates are refused.
-* No TLS and no tokens file (the loopback demo): everyone is admin.
+* Unix socket (the default): the kernel checks the socket file's permissions at connect, so
+  whoever got through has that socket's role (``with_role``): admin on the main socket (group
+  ``tracefleet``), read on the ``-read`` one. A bearer token, when sent, still decides.
+* TCP without TLS and no tokens file (``--insecure-listen``): everyone is admin.
 
 Refusals are logged (WARNING) and counted by reason in ``REFUSALS``, which the metrics
 endpoint serves as ``tracefleet_controller_refused_total{kind,reason}`` (``REASONS`` lists
@@ -38,16 +41,26 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from tracefleet.controller._internal import env
-from tracefleet.controller._internal.certs import OU_AGENT, OU_CONTROLLER, ROLE_ADMIN, ROLES
+from tracefleet.controller._internal.certs import (
+    OU_AGENT,
+    OU_CONTROLLER,
+    ROLE_ADMIN,
+    ROLES,
+)
 from tracefleet.controller._internal.configfile import load_yaml_or_json
-from tracefleet.controller._internal.kubetoken import TOKEN_REASONS, AgentTokenVerifier
+from tracefleet.controller._internal.kubetoken import (
+    TOKEN_REASONS,
+    AgentTokenVerifier,
+    ReviewError,
+)
+from tracefleet.controller._internal.limits import REASONS as LIMIT_REASONS
 
 log = logging.getLogger("tracefleet.controller.auth")
 
 TOKENS_FILE_ENV = env.TOKENS_FILE
 
 READ_METHODS = frozenset({"GetStatus", "StreamEvents", "GetTop"})
-ADMIN_METHODS = frozenset({"ConfigureEventSet"})
+ADMIN_METHODS = frozenset({"ConfigureEventSet", "RemoveNode"})
 
 # Every reason Authorizer refuses for (TLS handshake reasons are in tls.HANDSHAKE_REASONS).
 REASONS = (
@@ -61,6 +74,7 @@ REASONS = (
     "operator_no_credentials",
     "operator_forbidden",
     "operator_unknown_method",
+    *LIMIT_REASONS,
 )
 # grpc status of a refused agent, by reason (PERMISSION_DENIED otherwise)
 _AGENT_CODES = {
@@ -68,6 +82,7 @@ _AGENT_CODES = {
     "agent_token_missing": grpc.StatusCode.UNAUTHENTICATED,
     "agent_token_unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "agent_token_review_failed": grpc.StatusCode.UNAVAILABLE,  # fail closed; agent retries
+    "agent_node_read_failed": grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -218,6 +233,7 @@ class Authorizer:
         agent_tokens: AgentTokenVerifier | None = None,
     ) -> None:
         self.tls = tls
+        self.socket_role = ""  # unix socket: the role its file permissions grant
         self.tokens = dict(tokens or {})
         self.token_mode = tokens is not None
         self.refusals = refusals or REFUSALS
@@ -227,7 +243,19 @@ class Authorizer:
 
     @property
     def open(self) -> bool:
-        return not self.tls and not self.token_mode
+        return not self.tls and not self.token_mode and not self.socket_role
+
+    def with_role(self, role: str) -> Authorizer:
+        """This authorizer for a unix socket whose permissions grant ``role``."""
+        assert role in ROLES and not self.tls
+        other = Authorizer(
+            tls=False,
+            tokens=self.tokens if self.token_mode else None,
+            refusals=self.refusals,
+            agent_tokens=self.agent_tokens,
+        )
+        other.socket_role = role
+        return other
 
     def operator(self, context: Any, method: str) -> tuple[Identity | None, grpc.StatusCode, str]:
         """(identity, code, message); identity None means refused with that code."""
@@ -260,6 +288,9 @@ class Authorizer:
                     f"(needs OU=admin or OU=read; issue one with 'tracefleet certs operator')",
                 )  # fmt: skip
             who = cert
+        elif self.socket_role:
+            who = Identity("operator", f"unix-socket-{self.socket_role}", self.socket_role,
+                           via="unix socket")  # fmt: skip
         elif self.open:
             return (
                 Identity("operator", "anonymous", ROLE_ADMIN, via="insecure"),
@@ -313,6 +344,18 @@ class Authorizer:
             if reason:
                 return self._deny_agent(f"agent_{reason}", peer, message)
         return True, grpc.StatusCode.OK, ""
+
+    async def node_labels(self, context: Any, node_name: str) -> tuple[dict[str, str] | None, str]:
+        """k8s-token mode: (labels of the agent's Node object, ""), or (None, why refused);
+        other modes: (None, "") and the agent's own labels stand."""
+        if self.agent_tokens is None:
+            return None, ""
+        try:
+            return await self.agent_tokens.node_labels(node_name), ""
+        except ReviewError as e:
+            message = f"node {node_name!r}: cannot read its Node object, so refusing it: {e}"
+            self._deny_agent("agent_node_read_failed", context.peer(), message)
+            return None, message
 
     def _deny_agent(
         self, reason: str, peer: str, message: str

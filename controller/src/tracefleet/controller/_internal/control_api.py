@@ -14,9 +14,16 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.auth import Authorizer, require_operator
-from tracefleet.controller._internal.controller import ConfigError, Controller
+from tracefleet.controller._internal.controller import (
+    MAX_TTL_SECONDS,
+    ConfigError,
+    Controller,
+    RemoveError,
+    StoreUnavailable,
+)
 from tracefleet.controller._internal.events import Follower
 from tracefleet.controller._internal.fleet import State
+from tracefleet.controller._internal.limits import MAX_PID, MAX_STREAM_FILTER, MAX_TOP_ROWS
 from tracefleet.controller._internal.policy import Policy
 from tracefleet.controller._internal.rules import FilterSpec, Rule
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
@@ -74,7 +81,14 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 )  # fmt: skip
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED, reason)
                 raise AssertionError("unreachable")
-        ttl = request.ttl.ToTimedelta().total_seconds() if request.HasField("ttl") else 0.0
+        d = request.ttl
+        if not 0 <= d.seconds <= MAX_TTL_SECONDS or not 0 <= d.nanos < 10**9:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"ttl of {d.seconds}s {d.nanos}ns is out of range: 0 to {MAX_TTL_SECONDS}s "
+                f"({MAX_TTL_SECONDS // 86400} days); omit it for a rule that never expires",
+            )
+        ttl = d.seconds + d.nanos / 1e9
         f = request.filters
         try:
             res = self.ctl.configure(
@@ -90,6 +104,9 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             )
         except ConfigError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            raise AssertionError("unreachable") from None
+        except StoreUnavailable as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise AssertionError("unreachable") from None
         return control_pb2.ConfigureEventSetResponse(
             generation=res.generation,
@@ -185,12 +202,25 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"sample rate must be in (0, 1], got {rate}"
             )
+        bad_pids = [p for p in request.pids if not 1 <= p <= MAX_PID]
+        if len(request.pids) > MAX_STREAM_FILTER or bad_pids:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"pids: at most {MAX_STREAM_FILTER}, each 1..{MAX_PID} "
+                f"(got {len(request.pids)}{f', {bad_pids[0]}' if bad_pids else ''})",
+            )
+        if len(request.nodes) > MAX_STREAM_FILTER or any(len(n) > 253 for n in request.nodes):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"nodes: at most {MAX_STREAM_FILTER} names of up to 253 characters",
+            )
         known = self.ctl.known_event_sets()
         unknown = sorted(set(request.event_sets) - set(known))
         if unknown:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown event set {', '.join(unknown)}; known event sets: {', '.join(known)}",
+                f"unknown event set {', '.join(repr(u[:40]) for u in unknown[:5])}; known event "
+                f"sets: {', '.join(known)}",
             )
         follower = Follower(
             nodes=frozenset(request.nodes),
@@ -209,11 +239,31 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         finally:
             self.ctl.hub.remove(follower)
 
+    async def RemoveNode(
+        self, request: control_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> control_pb2.RemoveNodeResponse:
+        who = await require_operator(self.auth, context, "RemoveNode")
+        try:
+            self.ctl.remove_node(request.name)
+        except RemoveError as e:
+            code = (
+                grpc.StatusCode.NOT_FOUND
+                if request.name not in self.ctl.fleet.nodes
+                else grpc.StatusCode.FAILED_PRECONDITION
+            )
+            await context.abort(code, str(e))
+        log.info("node %s removed by %s", request.name, who.name if who else "?")
+        return control_pb2.RemoveNodeResponse(name=request.name)
+
     async def GetTop(
         self, request: control_pb2.GetTopRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> control_pb2.GetTopResponse:
         await require_operator(self.auth, context, "GetTop")
         ctl = self.ctl
+        if request.limit > MAX_TOP_ROWS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"limit must be 1..{MAX_TOP_ROWS} rows"
+            )
         limit = request.limit or 20
         rows: list[control_pb2.TopRow] = []
         summaries: dict[str, control_pb2.SetSummary] = {}

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +25,12 @@ from tracefleet.controller._internal.aggregate import (
     HistogramMismatch,
     SetSample,
 )
+from tracefleet.controller._internal.auth import REFUSALS
 from tracefleet.controller._internal.events import EventHub
 from tracefleet.controller._internal.fleet import Connection, Fleet, Node
 from tracefleet.controller._internal.ledger import Ledger, Outcome
+from tracefleet.controller._internal.limits import MAX_PID, Limits
+from tracefleet.controller._internal.redaction import TextRedactor, default_patterns
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
     FilterSpec,
@@ -42,6 +46,45 @@ log = logging.getLogger("tracefleet.controller")
 # Longest TTL a rule may have: far enough for any real use, near enough that the expiry
 # time stays representable everywhere (datetime, protobuf Timestamp).
 MAX_TTL_SECONDS = 366 * 86400
+# What one rule's filters may hold: the capacity of the kernel filter of an event set
+# (bpf/include/tracefleet/events.h: TF_FILTER_*, TF_COMM_LEN, TF_PREFIX_MAX); a value past a
+# limit is refused here rather than truncated into a filter on the nodes.
+MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 4, 1
+MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
+MAX_EVENT_SET_NAME = 64
+
+
+def filters_problem(f: FilterSpec) -> str:
+    """Why the filters cannot be applied, or ""."""
+    for what, items, limit in (
+        ("pids", f.pids, MAX_FILTER_PIDS),
+        ("comms", f.comms, MAX_FILTER_COMMS),
+        ("cgroup ids", f.cgroup_ids, MAX_FILTER_CGROUPS),
+        ("path prefixes", f.path_prefixes, MAX_FILTER_PREFIXES),
+    ):
+        if len(items) > limit:
+            return f"at most {limit} {what} per rule (got {len(items)})"
+    bad_pids = [p for p in f.pids if not 1 <= p <= MAX_PID]
+    if bad_pids:
+        return f"pids must be 1..{MAX_PID}, got {bad_pids[0]}"
+    bad_cg = [c for c in f.cgroup_ids if not 1 <= c < 2**64]
+    if bad_cg:
+        return f"cgroup ids must be 1..2^64-1, got {bad_cg[0]}"
+    for c in f.comms:
+        if not 1 <= len(c.encode()) <= MAX_COMM_BYTES or not c.isprintable():
+            return f"comm {c[:40]!r}: 1..{MAX_COMM_BYTES} printable bytes (the kernel's comm)"
+    for p in f.path_prefixes:
+        if not p.startswith("/") or len(p.encode()) > MAX_PREFIX_BYTES or "\0" in p:
+            return f"path prefix {p[:40]!r}: an absolute path of up to {MAX_PREFIX_BYTES} bytes"
+    return ""
+
+
+class StoreUnavailable(RuntimeError):
+    """The database cannot be written and the change must be durable (-> FAILED_PRECONDITION)."""
+
+
+class RemoveError(ValueError):
+    """A node cannot be removed (unknown, connected, or the store failed)."""
 
 
 class ConfigError(ValueError):
@@ -77,8 +120,14 @@ class Controller:
         stale_after: float = 10.0,
         window: float = 10.0,
         timings: Timings | None = None,
+        max_nodes: int = 10_000,
+        forget_after: float = 0.0,
     ) -> None:
         self.store = store
+        self.limits = Limits(REFUSALS)
+        self.max_nodes = max_nodes
+        # nodes not heard from for this long are forgotten (0: never)
+        self.forget_after = forget_after
         self.timings = timings or Timings()
         self.fleet = Fleet(stale_after=stale_after, window=window)
         self.fleet.load(store.nodes())
@@ -91,6 +140,14 @@ class Controller:
         self.commits = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
+        # Fail safe: what switches tracing off (disable, TTL expiry) is applied in memory and
+        # pushed even when the database cannot be written; saved when it can again.
+        self._unsaved: dict[str, Rule] = {}
+        self._generation_unsaved = False
+        self.store_errors = 0  # failed writes, all kinds
+        # sampled events are redacted again here: no operator sees what an agent left in
+        self.redactor = TextRedactor(default_patterns())
+        self.redacted_here = 0  # argument values this controller had to mask itself
         # Observers (the metrics endpoint): on_generation(gen), on_ack(node, ack, previous
         # applied generation), on_batch(node, batch) for every batch applied, and
         # on_duplicate(node, batch) for a resent batch ignored. Called on this loop; must not
@@ -136,16 +193,70 @@ class Controller:
             await asyncio.sleep(period)
             try:
                 fn()
+            except sqlite3.Error as e:
+                self._store_failed(getattr(fn, "__name__", "periodic task"), e)
             except Exception:
                 log.exception("periodic task %s failed", getattr(fn, "__name__", fn))
 
+    def _store_failed(self, what: str, e: Exception) -> None:
+        """One line per failure (1st, 2nd, 4th, 8th, ...), with the count: never a flood."""
+        self.store_errors += 1
+        n = self.store_errors
+        if n & (n - 1) == 0:
+            log.error(
+                "database %s: %s failed: %s [%d write failure(s) so far; retried]",
+                self.store.path, what, e, n,
+            )  # fmt: skip
+
+    def _save_unsaved(self) -> None:
+        if not self._unsaved and not self._generation_unsaved:
+            return
+        self.store.save_rules(self._unsaved.values(), self.generation)
+        log.info("database %s writable again: saved generation %d (%d rule(s))",
+                 self.store.path, self.generation, len(self._unsaved))  # fmt: skip
+        self._unsaved.clear()
+        self._generation_unsaved = False
+
     def _expiry_tick(self) -> None:
-        self.expire(time.time())
+        now = time.time()
+        self.expire(now)
+        self._save_unsaved()
+        if self.forget_after > 0:
+            for node in list(self.fleet.nodes.values()):
+                if node.conn is None and now - node.last_seen > self.forget_after:
+                    try:
+                        self.remove_node(node.name)
+                    except RemoveError as e:
+                        log.warning("cannot forget node %s: %s", node.name, e)
+                        break  # the store fails: retried next tick
+                    log.info("forgot node %s: not heard from for %.0fs (--forget-after)",
+                             node.name, now - node.last_seen)  # fmt: skip
+
+    def remove_node(self, name: str) -> None:
+        """Forget a node that is not connected; RemoveError naming why not."""
+        node = self.fleet.nodes.get(name)
+        if node is None:
+            raise RemoveError(f"no node {name!r}")
+        if node.conn is not None:
+            raise RemoveError(f"node {name!r} is connected: stop its agent first")
+        try:
+            self.store.delete_nodes([name])
+        except sqlite3.Error as e:
+            raise RemoveError(f"the database cannot be written ({e}); try again") from None
+        self.fleet.forget(name)
+        self.ledger.forget(name)
+        self._notify("on_forget", name)
 
     def flush(self) -> None:
         records = self.fleet.take_dirty()
         if records:
-            self.store.put_nodes(records)
+            try:
+                self.store.put_nodes(records)
+            except sqlite3.Error:
+                for r in records:  # kept dirty: written by the next flush
+                    if r.name in self.fleet.nodes:
+                        self.fleet.mark_dirty(self.fleet.nodes[r.name])
+                raise
 
     async def _commit_loop(self) -> None:
         while True:
@@ -154,7 +265,11 @@ class Controller:
             self._commit_wanted.clear()
             try:
                 self.commit()
-            except Exception:  # e.g. disk full: nothing is acknowledged, retried next time
+            except sqlite3.Error as e:  # e.g. disk full: nothing acknowledged, retried
+                self._store_failed("committing result batches", e)
+                self._commit_wanted.set()
+                await asyncio.sleep(1.0)
+            except Exception:
                 log.exception("committing result batches failed")
                 self._commit_wanted.set()
                 await asyncio.sleep(1.0)
@@ -179,7 +294,8 @@ class Controller:
     # rules ------------------------------------------------------------------------------
 
     def known_event_sets(self) -> list[str]:
-        return sorted(set(KNOWN_EVENT_SETS) | self.fleet.registered_event_sets())
+        # the controller's own registry: agents cannot add names (issue 15)
+        return sorted(KNOWN_EVENT_SETS)
 
     def configure(
         self,
@@ -194,6 +310,11 @@ class Controller:
     ) -> ConfigureResult:
         now = time.time() if now is None else now
         known = self.known_event_sets()
+        if len(event_set) > MAX_EVENT_SET_NAME:
+            raise ConfigError(
+                f"unknown event set {event_set[:40]!r}... ({len(event_set)} characters); "
+                f"known event sets: {', '.join(known)}"
+            )
         if event_set not in known:
             raise ConfigError(
                 f"unknown event set {event_set!r}; known event sets: {', '.join(known)}"
@@ -214,8 +335,9 @@ class Controller:
                 "omit the ttl for a rule that never expires"
             )
         filters = filters or FilterSpec()
-        if any(p <= 0 for p in filters.pids):
-            raise ConfigError(f"pids must be positive, got {list(filters.pids)}")
+        problem = filters_problem(filters)
+        if problem:
+            raise ConfigError(problem)
         expires_at = now + ttl if ttl > 0 and enabled else None
         new = Rule(
             event_set,
@@ -230,11 +352,24 @@ class Controller:
         if old is not None and old.same_intent(new):
             rule = old
             if old.active and old.expires_at != expires_at:
-                self.store.update_expiry(event_set, expires_at)
+                try:
+                    self.store.update_expiry(event_set, expires_at)
+                except sqlite3.Error as e:
+                    self._store_failed("restarting a TTL", e)
+                    raise self._unavailable("restarting the TTL of", event_set, e) from None
                 rule = self.rules[event_set] = old.with_changes(expires_at=expires_at)
+                self.push_all()  # agents enforce the deadline too (fail-static)
             changed = False
         else:
-            gen, (rule,) = self.store.put_rules([new])
+            try:
+                self._save_unsaved()
+                gen, (rule,) = self.store.put_rules([new], after=self.generation)
+            except sqlite3.Error as e:
+                self._store_failed("storing a rule", e)
+                if new.active:  # more tracing must be durable: refused
+                    raise self._unavailable("enabling", event_set, e) from None
+                gen = self.generation + 1  # less tracing: applied now, saved later
+                rule = self._unsaved[event_set] = new.with_changes(generation=gen)
             self.rules[event_set] = rule
             self.generation = gen
             changed = True
@@ -249,6 +384,13 @@ class Controller:
             self.push_all()
         matched, selected = self.matched_nodes(rule)
         return ConfigureResult(rule.generation, changed, rule, matched, selected)
+
+    def _unavailable(self, doing: str, event_set: str, e: Exception) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the controller's database {self.store.path} cannot be written ({e}): "
+            f"{doing} {event_set} is refused until it can (disable and TTL expiry still "
+            "apply); free space or fix the file system, then retry"
+        )
 
     def matched_nodes(self, rule: Rule) -> tuple[list[str], int]:
         """Known nodes the rule enables the set on (all nodes for a disabled rule), and how
@@ -269,7 +411,16 @@ class Controller:
         ]
         if not due:
             return []
-        gen, stored = self.store.put_rules(r.with_changes(expired=True) for r in due)
+        try:
+            self._save_unsaved()
+            gen, stored = self.store.put_rules(
+                (r.with_changes(expired=True) for r in due), after=self.generation
+            )
+        except sqlite3.Error as e:  # switched off anyway; saved when the store can
+            self._store_failed("storing expired rules", e)
+            gen = self.generation + 1
+            stored = [r.with_changes(expired=True, generation=gen) for r in due]
+            self._unsaved.update((r.event_set, r) for r in stored)
         for r in stored:
             self.rules[r.event_set] = r
         self.generation = gen
@@ -291,12 +442,17 @@ class Controller:
                     path_prefixes=s.filters.path_prefixes,
                 ),
                 sample_rate=s.sample_rate,
+                expires_at_unix_ns=self._expires_ns(s.name) if s.enabled else 0,
             )
             for s in desired_for_node(self.rules.values(), node.name, node.labels)
         ]
         return agent_pb2.ControllerMessage(
             desired_state=agent_pb2.DesiredState(generation=self.generation, event_sets=specs)
         )
+
+    def _expires_ns(self, event_set: str) -> int:
+        rule = self.rules.get(event_set)
+        return int(rule.expires_at * 1e9) if rule is not None and rule.expires_at else 0
 
     def push_all(self) -> None:
         self._notify("on_generation", self.generation)
@@ -375,7 +531,12 @@ class Controller:
         if reg.applied_generation > self.generation:
             # The agent applied a generation this controller never issued (its database was
             # replaced): move past it so every agent converges on this controller's state.
-            self.generation = self.store.ensure_generation_above(reg.applied_generation)
+            try:
+                self.generation = self.store.ensure_generation_above(reg.applied_generation)
+            except sqlite3.Error as e:
+                self._store_failed("raising the generation", e)
+                self.generation = reg.applied_generation + 1
+                self._generation_unsaved = True
             log.warning(
                 "node %s applied generation %d > ours; generation is now %d",
                 node.name,
@@ -395,7 +556,8 @@ class Controller:
         self.fleet.seen(node)
         self._notify("on_ack", node, ack, node.applied_generation)
         node.applied_generation = ack.generation
-        node.info["statuses"] = [_status_dict(s) for s in ack.statuses]
+        statuses = self.limits.statuses(list(ack.statuses), node.name)
+        node.info["statuses"] = [_status_dict(s) for s in statuses]
         self.fleet.mark_dirty(node)
 
     def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> Outcome:
@@ -433,8 +595,18 @@ class Controller:
             duration = (batch.interval_end_ns - batch.interval_start_ns) / 1e9
             node.window.add(duration, samples)
         if batch.events:
+            masked = 0
             for ev in batch.events:
                 ev.node = node.name
+                for arg in ev.args.values():
+                    if _redact_arg(self.redactor, arg):
+                        masked += 1
+            if masked:
+                self.redacted_here += masked
+                log.warning(
+                    "node %s sent %d unredacted secret value(s): masked by the controller "
+                    "[%d so far]", node.name, masked, self.redacted_here,
+                )  # fmt: skip
             self.hub.dispatch(node.name, batch.events)
         return outcome
 
@@ -460,3 +632,25 @@ def _status_dict(s: types_pb2.SetStatus) -> dict[str, object]:
         "strategy": s.strategy,
         "error": s.error,
     }
+
+
+def _redact_arg(redactor: TextRedactor, arg: types_pb2.EventArg) -> bool:
+    """Mask secrets in every form an argument travels in (the text ``value`` and the typed
+    string or argv list); True if anything changed."""
+    changed = False
+    value = redactor.text(arg.value)
+    if value != arg.value:
+        arg.value, changed = value, True
+    kind = arg.WhichOneof("typed")
+    if kind == "string_value":
+        text = redactor.text(arg.string_value)
+        if text != arg.string_value:
+            arg.string_value, changed = text, True
+    elif kind == "string_list":
+        strings, hit = redactor.strings(list(arg.string_list.values))
+        if hit:
+            arg.string_list.values[:] = [str(v) for v in strings]
+            changed = True
+    if changed:
+        arg.redacted = True
+    return changed

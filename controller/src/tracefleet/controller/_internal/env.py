@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-# Address of the controller the tracefleet CLI dials (host:port).
+# Address of the controller the tracefleet CLI dials (host:port or unix:/PATH).
 CONTROLLER = "TRACEFLEET_CONTROLLER"
-# Where tracefleet-controller listens (host:port); --listen wins.
+# Where tracefleet-controller listens (unix:/PATH or host:port); --listen wins.
 CONTROLLER_LISTEN = "TRACEFLEET_CONTROLLER_LISTEN"
 # SQLite file holding the desired state; --db wins.
 CONTROLLER_DB = "TRACEFLEET_CONTROLLER_DB"
@@ -33,6 +33,11 @@ AGENT_SERVICE_ACCOUNT = "TRACEFLEET_AGENT_SERVICE_ACCOUNT"
 KUBERNETES_SERVICE_HOST = "KUBERNETES_SERVICE_HOST"
 KUBERNETES_SERVICE_PORT = "KUBERNETES_SERVICE_PORT"
 
-DEFAULT_CONTROLLER = "127.0.0.1:7070"
-DEFAULT_LISTEN = "127.0.0.1:7070"
+# Secure by default: a unix socket whose file permissions decide who may call (root or the
+# admin group: admin; the read group, on the "-read" socket beside it: read).
+DEFAULT_SOCKET = "/run/tracefleet/controller.sock"
+DEFAULT_CONTROLLER = f"unix:{DEFAULT_SOCKET}"
+DEFAULT_LISTEN = f"unix:{DEFAULT_SOCKET}"
+DEFAULT_ADMIN_GROUP = "tracefleet"
+DEFAULT_READ_GROUP = "tracefleet-read"
 DEFAULT_DB = "/var/lib/tracefleet/controller.db"

@@ -109,6 +109,10 @@ class Fleet:
     def mark_dirty(self, node: Node) -> None:
         self._dirty.add(node.name)
 
+    def forget(self, name: str) -> None:
+        self.nodes.pop(name, None)
+        self._dirty.discard(name)
+
     def take_dirty(self) -> list[NodeRecord]:
         out = [self.nodes[n].record() for n in sorted(self._dirty) if n in self.nodes]
         self._dirty.clear()

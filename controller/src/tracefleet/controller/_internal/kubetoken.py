@@ -16,6 +16,11 @@ only if the review has
 * ``status.user.extra["authentication.kubernetes.io/node-name"]`` = exactly the node name the
   agent registers as.
 
+Once accepted, the agent's labels are those of its Node object (``GET /api/v1/nodes/N``,
+the controller's ServiceAccount needs ``get`` on nodes; cached like reviews), not the ones
+the agent sends: selectors such as ``role=db`` work in a cluster, and an agent cannot claim
+labels its node does not have.
+
 Reviews are cached for a short while (never past the token's own ``exp``); an API server
 that cannot be reached or does not answer with a TokenReview refuses the agent (fail
 closed). Only the standard library talks to the API server: the controller image stays
@@ -259,6 +264,49 @@ class TokenReviewer:
                 self._ctx, self._ctx_stamp = ctx, stamp
             return self._ctx
 
+    def get_node_labels(self, node: str) -> dict[str, str]:
+        """``metadata.labels`` of Node ``node``, synchronously; ReviewError naming the fix."""
+        from urllib.parse import quote
+
+        where = f"Node {node!r} at {self.api.url}"
+        try:
+            bearer = self.api.token_file.read_text().strip()
+        except OSError as e:
+            raise ReviewError(
+                f"cannot read the controller's own token {self.api.token_file}: {e.strerror}"
+            ) from None
+        conn = http.client.HTTPSConnection(
+            self.api.host, self.api.port, context=self._context(), timeout=self.timeout
+        )
+        try:
+            conn.request(
+                "GET",
+                f"/api/v1/nodes/{quote(node, safe='')}",
+                headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json",
+                         "User-Agent": "tracefleet-controller"},
+            )  # fmt: skip
+            resp = conn.getresponse()
+            data = resp.read(MAX_RESPONSE_BYTES)
+        except (OSError, http.client.HTTPException) as e:
+            raise ReviewError(f"{where}: {type(e).__name__}: {e}") from None
+        finally:
+            conn.close()
+        if resp.status in (401, 403):
+            raise ReviewError(
+                f"{where}: HTTP {resp.status}: the controller's ServiceAccount may not get "
+                "nodes (apply ClusterRole tracefleet-controller, "
+                "deploy/kubernetes/controller/rbac.yaml)"
+            )
+        if resp.status != 200:
+            raise ReviewError(f"{where}: HTTP {resp.status} {resp.reason}")
+        try:
+            labels = json.loads(data)["metadata"].get("labels") or {}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ReviewError(f"{where}: the answer is not a Node") from None
+        if not isinstance(labels, Mapping):
+            raise ReviewError(f"{where}: metadata.labels is not a mapping")
+        return {str(k): str(v) for k, v in labels.items()}
+
     def post(self, token: str) -> Review:
         """One TokenReview, synchronously (run it in a thread)."""
         where = f"TokenReview at {self.api.url}"
@@ -320,6 +368,19 @@ class AgentTokenVerifier:
         self.reviewer = reviewer
         self.audience = reviewer.audience
         self.username = username
+        self._labels: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
+
+    async def node_labels(self, node: str) -> dict[str, str]:
+        """The labels of Node ``node`` (cached ``cache_seconds``); ReviewError if unread."""
+        hit = self._labels.get(node)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return dict(hit[1])
+        labels = await asyncio.to_thread(self.reviewer.get_node_labels, node)
+        self._labels[node] = (now + self.reviewer.cache_seconds, labels)
+        while len(self._labels) > self.reviewer.max_cached:
+            self._labels.popitem(last=False)
+        return dict(labels)
 
     async def verify(self, token: str | None, node: str) -> tuple[str, str]:
         """("", "") if accepted, else (reason, one-line message) with reason one of
@@ -383,4 +444,5 @@ TOKEN_REASONS = (
     "token_service_account",
     "token_no_node",
     "token_node_mismatch",
+    "node_read_failed",
 )

@@ -155,6 +155,16 @@ class Ledger:
         self._dropped_cursors.discard(key)
         return Outcome.APPLIED
 
+    def forget(self, node: str) -> None:
+        """Drop a removed node's counts and cursors (the store deletes its rows)."""
+        with self._lock:
+            self.nodes.pop(node, None)
+            for key in [k for k in self._cursors if k[0] == node]:
+                del self._cursors[key]
+            for dirty in (self._dirty_sets, self._dirty_cursors, self._dropped_cursors):
+                dirty -= {k for k in dirty if k[0] == node}
+            self._dirty_nodes.discard(node)
+
     def _forget_old_instances(self, node: str) -> None:
         mine = sorted((c.updated, inst) for (n, inst), c in self._cursors.items() if n == node)
         for _, inst in mine[: max(0, len(mine) - INSTANCES_PER_NODE)]:

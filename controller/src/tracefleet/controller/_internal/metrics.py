@@ -272,6 +272,12 @@ class FleetTotals:
                     except HistogramMismatch:
                         pass  # the controller warns about it once per node
 
+    def on_forget(self, name: str) -> None:
+        with self._lock:
+            for key in [k for k in self.sets if k[0] == name]:
+                del self.sets[key]
+            self.arrival.pop(name, None)
+
     # snapshot for the collector --------------------------------------------------------
 
     def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict, Hist]:

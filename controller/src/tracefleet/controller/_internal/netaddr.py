@@ -1,8 +1,39 @@
-"""host:port parsing and the loopback check for the insecure-listen warning."""
+"""host:port and unix:PATH parsing, and the loopback check for the insecure-listen warning."""
 
 from __future__ import annotations
 
 import ipaddress
+
+UNIX_PREFIX = "unix:"
+
+
+def unix_path(address: str) -> str | None:
+    """The socket path of ``unix:PATH`` (absolute), None for host:port; ValueError on a
+    relative or empty path."""
+    if not address.startswith(UNIX_PREFIX):
+        return None
+    path = address[len(UNIX_PREFIX) :].removeprefix("//")
+    if not path.startswith("/") or "\0" in path or len(path.encode()) > 107:
+        raise ValueError(
+            f"bad address {address!r}: use unix:/ABSOLUTE/PATH (at most 107 bytes), e.g. "
+            "unix:/run/tracefleet/controller.sock"
+        )
+    return path
+
+
+def read_socket_path(path: str) -> str:
+    """The read-only operator socket that goes with the admin socket ``path``."""
+    stem = path.removesuffix(".sock")
+    return f"{stem}-read.sock"
+
+
+def check_address(address: str) -> None:
+    """ValueError naming the fix unless ``address`` is host:port or unix:/PATH."""
+    if unix_path(address) is None:
+        try:
+            split_host_port(address)
+        except ValueError as e:
+            raise ValueError(f"{e}, or unix:/PATH") from None
 
 
 def split_host_port(address: str) -> tuple[str, int]:

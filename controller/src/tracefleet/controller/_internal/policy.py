@@ -4,9 +4,11 @@
       - event_set: exec
         selector: "role=db"     # enable exec only on nodes with role=db
       - event_set: file         # no selector: any node
-    redact:                     # regexes applied to argv/string args IN THE AGENT
-      - '--password=(\\S+)'     # groups: only the groups become ***
-      - pattern: '(?i)bearer \\S+'   # no group: the whole match becomes ***
+    redact:                     # regexes added to the default rules (agent and controller)
+      - '--pin=(\\S+)'          # groups: only the groups become ***
+      - pattern: '(?i)otp \\S+'   # no group: the whole match becomes ***
+    redact_relax: [url]         # default rules to drop (redaction.DEFAULT_RULES: flag, env,
+                                # header, bearer, url)
 
 A ConfigureEventSet that enables a set is allowed when its selector is provably within an
 allow entry of that set, for every node present or future: each requirement of the entry's
@@ -25,6 +27,7 @@ from pathlib import Path
 from tracefleet.controller._internal import env
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.configfile import load_yaml_or_json
+from tracefleet.controller._internal.redaction import DEFAULT_RULES, default_patterns
 
 POLICY_FILE_ENV = env.POLICY_FILE
 
@@ -42,7 +45,7 @@ class AllowEntry:
 @dataclass(frozen=True)
 class Policy:
     allow: tuple[AllowEntry, ...] | None = None  # None = no allow-list
-    redact: tuple[str, ...] = ()
+    redact: tuple[str, ...] = default_patterns()  # effective: defaults - relaxed + added
     source: str = ""
 
     def check(self, event_set: str, enabled: bool, selector_text: str) -> str | None:
@@ -87,11 +90,21 @@ def parse_policy(data: object, source: str = "") -> Policy:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise PolicyError(f"policy {source}: expected a mapping with 'allow' and/or 'redact'")
-    unknown = set(data) - {"allow", "redact"}
+        raise PolicyError(
+            f"policy {source}: expected a mapping with 'allow', 'redact', 'redact_relax'"
+        )
+    unknown = set(data) - {"allow", "redact", "redact_relax"}
     if unknown:
         keys = ", ".join(sorted(map(str, unknown)))
-        raise PolicyError(f"policy {source}: unknown key(s) {keys}; use allow and redact")
+        raise PolicyError(
+            f"policy {source}: unknown key(s) {keys}; use allow, redact and redact_relax"
+        )
+    relax = data.get("redact_relax") or []
+    if not isinstance(relax, list) or not set(map(str, relax)) <= set(DEFAULT_RULES):
+        raise PolicyError(
+            f"policy {source}: redact_relax must be a list of default rule names "
+            f"({', '.join(DEFAULT_RULES)}), got {relax!r}"
+        )
     allow: tuple[AllowEntry, ...] | None = None
     if "allow" in data:
         entries = []
@@ -106,7 +119,7 @@ def parse_policy(data: object, source: str = "") -> Policy:
                 raise PolicyError(f"policy {source}: allow[{i}]: {e}") from None
             entries.append(AllowEntry(str(item["event_set"]), s))
         allow = tuple(entries)
-    patterns: list[str] = []
+    patterns: list[str] = list(default_patterns(map(str, relax)))
     for i, item in enumerate(data.get("redact") or []):
         pattern = item.get("pattern") if isinstance(item, Mapping) else item
         if not isinstance(pattern, str) or not pattern:

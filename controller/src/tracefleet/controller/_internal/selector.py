@@ -59,8 +59,16 @@ class Selector:
 ALL = Selector()
 
 
+MAX_SELECTOR = 4096  # characters
+
+
 def parse(text: str) -> Selector:
     """Parse a selector; raise SelectorError with a one-line cause and fix."""
+    if len(text) > MAX_SELECTOR:
+        raise SelectorError(
+            f"selector of {len(text)} characters: at most {MAX_SELECTOR}; select by a label "
+            "(role=db) rather than by listing nodes"
+        )
     stripped = text.strip()
     if stripped in ("", "all", "*"):
         return ALL

@@ -96,6 +96,14 @@ class StoreError(RuntimeError):
     pass
 
 
+def corrupt(path: str, why: str) -> StoreError:
+    return StoreError(
+        f"the database {path} is damaged ({why}). Fix: stop the controller, move the file "
+        f"aside (mv {path} {path}.damaged; also its -wal and -shm files) and start again: it "
+        "starts empty (agents re-register; enable the event sets again), or restore a backup"
+    )
+
+
 class Store:
     def __init__(self, path: str) -> None:
         self.path = path
@@ -110,8 +118,10 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
+        except sqlite3.OperationalError as e:
             raise StoreError(f"cannot open the database {path}: {e}") from e
+        except sqlite3.DatabaseError as e:  # not a database, or a damaged one
+            raise corrupt(path, str(e)) from None
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version in (0, 1):  # new, or before the ledger (its tables were just created)
             self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
@@ -120,6 +130,20 @@ class Store:
                 f"{path} has schema version {version}, this controller knows {_SCHEMA_VERSION}"
             )
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
+        try:
+            self._check()
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError, AttributeError) as e:
+            raise corrupt(path, f"{type(e).__name__}: {e}"[:300]) from None
+
+    def _check(self) -> None:
+        """Read everything once: a damaged page or a bad JSON value fails here, at start-up,
+        and not later in the middle of serving."""
+        problems = [r[0] for r in self._db.execute("PRAGMA quick_check(5)").fetchall()]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(map(str, problems)))
+        self.rules()
+        self.nodes()
+        self.ledger()
 
     def close(self) -> None:
         self._db.close()
@@ -143,9 +167,24 @@ class Store:
 
     # rules ------------------------------------------------------------------------------
 
-    def put_rules(self, rules: Iterable[Rule]) -> tuple[int, list[Rule]]:
-        """Store rules under one new generation; returns it and the stored rules."""
+    def save_rules(self, rules: Iterable[Rule], generation: int) -> None:
+        """Store rules that already carry their generation (applied in memory while the
+        database could not be written); the stored generation becomes at least that."""
         with self._tx():
+            self._db.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE key='generation'", (generation,)
+            )
+            for r in rules:
+                self._write_rule(r)
+
+    def put_rules(self, rules: Iterable[Rule], after: int = 0) -> tuple[int, list[Rule]]:
+        """Store rules under one new generation, above ``after`` too (the controller's
+        generation may be ahead of the store's after a write failed); returns it and the
+        stored rules."""
+        with self._tx():
+            self._db.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE key='generation'", (after,)
+            )
             gen = self._bump()
             stored = [r.with_changes(generation=gen) for r in rules]
             for r in stored:
@@ -233,6 +272,14 @@ class Store:
             )
             for row in rows
         ]
+
+    def delete_nodes(self, names: Iterable[str]) -> None:
+        """Forget nodes: their record, totals and batch cursors (one transaction)."""
+        rows = [(n,) for n in names]
+        with self._tx():
+            for table in ("nodes", "set_totals", "node_batches", "batch_cursors"):
+                key = "name" if table == "nodes" else "node"
+                self._db.executemany(f"DELETE FROM {table} WHERE {key} = ?", rows)
 
     # ledger -----------------------------------------------------------------------------
 
