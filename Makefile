@@ -26,6 +26,15 @@ QUICK     ?=
 VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
 VM_ARGS   ?= --memory 3G
 
+# Goals that load BPF or install packages stop here, before anything runs (even under -j
+# or -n), when not run as root: the script says why and how (sudo only where it exists).
+ROOT_GOALS := test test-host test-vm demo bench
+ifneq ($(filter $(ROOT_GOALS),$(MAKECMDGOALS)),)
+ifneq ($(shell deploy/host/require-root.sh $(filter $(ROOT_GOALS),$(MAKECMDGOALS)) && echo ok),ok)
+$(error not run as root (see above))
+endif
+endif
+
 .PHONY: help deps bpf workloads proto proto-check buf-lint buf-breaking lint \
         test test-unit test-host test-vm demo bench images dashboards clean
 

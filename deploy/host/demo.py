@@ -84,7 +84,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8, help="how long to stream events")
     args = ap.parse_args()
     if os.geteuid() != 0:
-        print("demo: the agent loads BPF programs: run as root (sudo make demo)", file=sys.stderr)
+        print("demo: the agent loads BPF programs: run it as root", file=sys.stderr)
         return 3
     if not (WORKLOADS / "cold_rodata").exists():
         print("demo: workloads missing: run `make workloads`", file=sys.stderr)

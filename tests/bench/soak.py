@@ -34,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -400,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         opens=args.opens,
     )  # fmt: skip
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    tmp = Path(f"/tmp/tracefleet-soak-{stamp}")
+    tmp = Path(tempfile.mkdtemp(prefix=f"tracefleet-soak-{stamp}-"))  # honours TMPDIR
     res = run_soak(cfg, tmp, progress=lambda m: print(f"soak: {m}", file=sys.stderr, flush=True))
     text = render(res)
     print(text)

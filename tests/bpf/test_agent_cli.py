@@ -90,7 +90,7 @@ def test_capture_refuses_unprivileged_user_with_cause_and_fix(host):
     out = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
          *AGENT, "capture", "-e", "file", "--duration", "1"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": "/tmp"},
+        capture_output=True, text=True, timeout=60, env={**os.environ, "HOME": "/nonexistent"},
     )  # fmt: skip
     assert out.returncode == 3, out.stderr
     assert "missing privileges" in out.stderr and "fix:" in out.stderr

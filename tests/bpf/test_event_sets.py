@@ -115,20 +115,24 @@ def test_exec_argv_and_truncation_marked(capture):
 
 
 def test_path_prefix_and_comm_filters_in_kernel(capture, tmp_path: Path):
-    cap = capture(["file"], filters=Filters(comms=("tf-filter-yes",), path_prefixes=("/tmp/tfp-",)))
+    # stat()s of paths nobody can create (procfs root), not of a world-writable /tmp
+    nowhere = "/proc/tf-nonexistent-dir"
+    cap = capture(
+        ["file"], filters=Filters(comms=("tf-filter-yes",), path_prefixes=(f"{nowhere}/tfp-",))
+    )
     script = """
         import ctypes, os
         ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)  # PR_SET_NAME
-        for p in ("/tmp/tfp-in", "/tmp/other-out"):
+        for p in ({nowhere!r} + "/tfp-in", {nowhere!r} + "/other-out"):
             try: os.stat(p)
             except OSError: pass
     """
-    yes = spawn(script.format(name=b"tf-filter-yes"))
-    no = spawn(script.format(name=b"tf-filter-no"))
+    yes = spawn(script.format(name=b"tf-filter-yes", nowhere=nowhere))
+    no = spawn(script.format(name=b"tf-filter-no", nowhere=nowhere))
     go(yes)
     go(no)
     evs = cap.wait_for(lambda e: e["pid"] == yes.pid, timeout=2.0)
     paths = {e["args"]["pathname"]["value"] for e in evs}
-    assert paths == {"/tmp/tfp-in"}
+    assert paths == {f"{nowhere}/tfp-in"}
     assert not [e for e in cap.events if e["pid"] == no.pid]
     assert cap.engine.kernel_counters("file")["filtered"] > 0

@@ -124,7 +124,7 @@ def test_tracefs_unmounted_probe_degrades_to_a_private_mount():
 
 def test_tracefs_unmounted_capture_degrades_and_captures(tmp_path: Path):
     ready = tmp_path / "ready"
-    marker = f"/tmp/tf-hostcheck-{os.getpid()}-{time.monotonic_ns()}"
+    marker = str(tmp_path / f"tf-hostcheck-{time.monotonic_ns()}")
     cmd = [*AGENT, "capture", "-e", "file", "--pid", str(os.getpid()), "--duration", "3",
            "--metrics-listen", "off", "--ready-file", str(ready)]  # fmt: skip
     proc = subprocess.Popen(

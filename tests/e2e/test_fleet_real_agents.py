@@ -108,7 +108,7 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
     mine = [e for e in evs if e["pid"] in expect and e["syscall"] == "openat"]
     assert mine, f"no open of the {len(runs)} workload runs among {len(evs)} events"
     # the controller's events carry no user addresses: the workload's open is its only
-    # path under /tmp/tf-nonexistent-dir/
+    # path under /proc/tf-nonexistent-dir/
     opened = [e for e in mine if e["args"]["pathname"]["value"] == expect[e["pid"]]]
     assert opened, [e["args"]["pathname"] for e in mine]
     assert all(e["args"]["pathname"]["status"] in ("ok", "recovered") for e in opened)

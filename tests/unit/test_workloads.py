@@ -47,9 +47,9 @@ MODE_CALLS = {
     "exec": [("execve", a) for a in ("filename", "argv[0]", "argv[1]", "argv[2]")],
 }
 COLD_RODATA_PATHS = {
-    "openat": "/tmp/tf-nonexistent-dir/cold-rodata-openat",
-    "einval": "/tmp/tf-nonexistent-dir/cold-rodata-einval",
-    "openat2": "/tmp/tf-nonexistent-dir/cold-rodata-openat2",
+    "openat": "/proc/tf-nonexistent-dir/cold-rodata-openat",
+    "einval": "/proc/tf-nonexistent-dir/cold-rodata-einval",
+    "openat2": "/proc/tf-nonexistent-dir/cold-rodata-openat2",
 }
 EXEC_STRINGS = ["/bin/true", "/bin/true", "--tf-arg-1", "tf-arg-two"]
 CALL_KEYS = {
@@ -74,10 +74,11 @@ def binary(name):
     return str(path)
 
 
-def run(name, *args, timeout=60):
+def run(name, *args, timeout=60, env=None):
     p = subprocess.run(
-        [binary(name), *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
+        [binary(name), *args], capture_output=True, text=True, timeout=timeout, check=False,
+        env=env,
+    )  # fmt: skip
     assert p.returncode == 0, f"{name} {args}: exit {p.returncode}, stderr: {p.stderr}"
     lines = p.stdout.splitlines()
     assert len(lines) == 1, f"expected one JSON line, got {p.stdout!r}"
@@ -169,6 +170,26 @@ def test_cold_filemap_default_count():
     d = run("cold_filemap")
     assert len(d["calls"]) == 30
     assert not Path(d["file"]).exists()
+
+
+@pytest.mark.parametrize("name", ["cold_filemap", "cold_cross"])
+def test_default_data_file_is_under_tmpdir(name, tmp_path):
+    """Without --file the data file goes to $TMPDIR (a test's own directory; in the 7.2
+    guest a tmpfs under /run when the host's /tmp is shown read-only), never to /tmp."""
+    d = run(name, "--keep", env={**os.environ, "TMPDIR": str(tmp_path)})
+    data = Path(d["file"])
+    assert data.parent == tmp_path and data.is_file(), d["file"]
+    assert data.name == f"tf-{name.replace('_', '-')}-{d['pid']}.dat"
+
+
+def test_bad_tmpdir_is_a_usage_error_naming_the_fix(tmp_path):
+    bad = tmp_path / 'a"b'
+    p = subprocess.run(
+        [binary("cold_filemap")], capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "TMPDIR": str(bad)},
+    )  # fmt: skip
+    assert p.returncode == 2 and p.stdout == "", p
+    assert f"TMPDIR '{bad}'" in p.stderr and "pass --file" in p.stderr, p.stderr
 
 
 def test_cold_cross(tmp_path):

@@ -63,7 +63,7 @@ int main(int argc, char **argv)
 	if (!warm)
 		wl_die("calloc");
 	for (i = 0; i < (size_t)opt_count; i++) {
-		if (asprintf(&warm[i], "/tmp/tf-nonexistent-dir/cold-anon-swap-%d-%03zu",
+		if (asprintf(&warm[i], WL_NOWHERE "/cold-anon-swap-%d-%03zu",
 			     (int)getpid(), i) < 0)
 			wl_die("asprintf");
 		memcpy(mem + i * psz, warm[i], strlen(warm[i]) + 1);

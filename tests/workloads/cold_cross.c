@@ -38,7 +38,7 @@ static int other_opt(int argc, char **argv, int i)
 
 int main(int argc, char **argv)
 {
-	char deffile[128], path[160], extra[256], *buf, *map;
+	char path[160], extra[4352], *buf, *map; /* extra: the file name, up to PATH_MAX */
 	long psz = sysconf(_SC_PAGESIZE);
 	size_t off, plen, i;
 	struct wl_call *c;
@@ -48,11 +48,10 @@ int main(int argc, char **argv)
 	if (wl_parse_args(argc, argv, other_opt))
 		wl_usage_die("cold_cross takes no mode");
 	if (!opt_file) {
-		snprintf(deffile, sizeof deffile, "/tmp/tf-cold-cross-%d.dat", (int)getpid());
-		opt_file = deffile;
+		opt_file = wl_scratch_file("cold-cross");
 	}
 	snprintf(path, sizeof path,
-		 "/tmp/tf-nonexistent-dir/cold-cross-%d-this-path-spans-a-page-boundary",
+		 WL_NOWHERE "/cold-cross-%d-this-path-spans-a-page-boundary",
 		 (int)getpid());
 	plen = strlen(path) + 1;
 	if (opt_split < 1 || (size_t)opt_split >= plen || opt_split >= psz)

@@ -57,7 +57,7 @@ static void drop_all_caches(void)
 
 int main(int argc, char **argv)
 {
-	char deffile[128], extra[256], *buf, *map;
+	char extra[4352], *buf, *map; /* extra: the file name, up to PATH_MAX */
 	unsigned char *vec;
 	size_t size, npages, cached = 0, i;
 	long psz = sysconf(_SC_PAGESIZE);
@@ -68,8 +68,7 @@ int main(int argc, char **argv)
 	if (opt_count < 1 || opt_count > WL_MAX_CALLS)
 		wl_usage_die("--count must be 1..512");
 	if (!opt_file) {
-		snprintf(deffile, sizeof deffile, "/tmp/tf-cold-filemap-%d.dat", (int)getpid());
-		opt_file = deffile;
+		opt_file = wl_scratch_file("cold-filemap");
 	}
 
 	/* Heap copy of the file image: the strings are written here, then to the file. */
@@ -79,7 +78,7 @@ int main(int argc, char **argv)
 		wl_die("calloc");
 	for (i = 0; i < (size_t)opt_count; i++)
 		snprintf(buf + i * STRIDE, STRIDE,
-			 "/tmp/tf-nonexistent-dir/cold-filemap-%d-%03zu", (int)getpid(), i);
+			 WL_NOWHERE "/cold-filemap-%d-%03zu", (int)getpid(), i);
 
 	if (unlink(opt_file) && errno != ENOENT)
 		wl_die("unlink old data file");

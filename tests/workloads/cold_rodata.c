@@ -29,10 +29,10 @@
 
 /* Unique literal per mode so a test can match on the string. The warm copies used
  * for "expect" are built from the same macro, as separate objects. */
-#define P_OPENAT "/tmp/tf-nonexistent-dir/cold-rodata-openat"
-#define P_EINVAL "/tmp/tf-nonexistent-dir/cold-rodata-einval"
-#define P_OPENAT2 "/tmp/tf-nonexistent-dir/cold-rodata-openat2"
-#define P_UNIX "/tmp/tf-nonexistent-dir/cold-rodata-connect-unix.sock"
+#define P_OPENAT WL_NOWHERE "/cold-rodata-openat"
+#define P_EINVAL WL_NOWHERE "/cold-rodata-einval"
+#define P_OPENAT2 WL_NOWHERE "/cold-rodata-openat2"
+#define P_UNIX WL_NOWHERE "/cold-rodata-connect-unix.sock"
 #define P_EXEC "/bin/true"
 #define A_EXEC1 "--tf-arg-1"
 #define A_EXEC2 "tf-arg-two"

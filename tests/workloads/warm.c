@@ -55,12 +55,12 @@ int main(int argc, char **argv)
 		mode = "openat";
 
 	if (!strcmp(mode, "openat")) {
-		strcpy(path, "/tmp/tf-nonexistent-dir/warm-openat");
+		strcpy(path, WL_NOWHERE "/warm-openat");
 		c = wl_prepare("openat", "pathname", path, path, strlen(path) + 1, 1);
 		r = openat(AT_FDCWD, path, O_RDONLY | O_CLOEXEC);
 		wl_done(c, r, errno);
 	} else if (!strcmp(mode, "einval")) {
-		strcpy(path, "/tmp/tf-nonexistent-dir/warm-einval");
+		strcpy(path, WL_NOWHERE "/warm-einval");
 		c = wl_prepare("openat", "pathname", path, path, strlen(path) + 1, 1);
 		r = syscall(SYS_openat, AT_FDCWD, path, TF_O_TMPFILE_BIT | O_RDWR, 0600);
 		wl_done(c, r, errno);
@@ -71,7 +71,7 @@ int main(int argc, char **argv)
 		memset(&how, 0, sizeof how);
 		how.flags = O_RDONLY;
 		how.resolve = RESOLVE_NO_SYMLINKS;
-		strcpy(path, "/tmp/tf-nonexistent-dir/warm-openat2");
+		strcpy(path, WL_NOWHERE "/warm-openat2");
 		c = wl_prepare("openat2", "pathname", path, path, strlen(path) + 1, 1);
 		c2 = wl_prepare("openat2", "how", &how, &how, sizeof how, 0);
 		r = syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof how);
@@ -95,7 +95,7 @@ int main(int argc, char **argv)
 		do_connect(AF_INET6, &sa, sizeof sa);
 	} else if (!strcmp(mode, "connect_unix")) {
 		struct sockaddr_un sa;
-		static const char p[] = "/tmp/tf-nonexistent-dir/warm-connect-unix.sock";
+		static const char p[] = WL_NOWHERE "/warm-connect-unix.sock";
 
 		memset(&sa, 0, sizeof sa);
 		sa.sun_family = AF_UNIX;

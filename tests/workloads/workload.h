@@ -28,6 +28,11 @@
 /* Largest page-cache folio (PMD): since 6.18 fault-around maps whole folios. */
 #define WL_PMD_SIZE (2UL << 20)
 
+/* Paths the workloads open that must never exist. procfs lets nobody create anything in
+ * its root, so no user can plant a file or a socket there (under the world-writable /tmp
+ * anyone could): the calls fail with ENOENT whoever runs alongside. */
+#define WL_NOWHERE "/proc/tf-nonexistent-dir"
+
 #define WL_MAX_CALLS 512
 #define WL_MAX_PAGES 4
 
@@ -177,6 +182,28 @@ static WL_UNUSED void wl_json_str(FILE *f, const char *s)
 static WL_UNUSED void wl_tristate(FILE *f, int v)
 {
 	fputs(v < 0 ? "null" : v ? "true" : "false", f);
+}
+
+/* The default data file of a workload: "$TMPDIR/tf-NAME-PID.dat" (P_tmpdir when TMPDIR
+ * is unset), so a test's files land in its own temporary directory, wherever that is. The
+ * name is printed in the JSON line unescaped, hence the character check. */
+static WL_UNUSED char *wl_scratch_file(const char *name)
+{
+	const char *dir = getenv("TMPDIR"), *s;
+	char *path;
+
+	if (!dir || !*dir)
+		dir = P_tmpdir;
+	for (s = dir; *s; s++)
+		if (*s == '"' || *s == '\\' || (unsigned char)*s < 0x20) {
+			fprintf(stderr, "usage error: TMPDIR '%s' contains a quote, backslash or "
+				"control character; set TMPDIR to a plain directory or pass --file\n",
+				dir);
+			exit(2);
+		}
+	if (asprintf(&path, "%s/tf-%s-%d.dat", dir, name, (int)getpid()) < 0)
+		wl_die("asprintf");
+	return path;
 }
 
 /* Print the JSON line. `extra` is either NULL or a pre-formatted fragment of extra
