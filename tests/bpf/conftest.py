@@ -9,9 +9,11 @@ fails.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -145,6 +147,64 @@ def capture(host: None) -> Iterator[Callable[..., Capture]]:
         else:
             eng.apply({})  # every bit off; the programs stay loaded for the next test
             eng.remove_sink(cap.sink)
+
+
+def _swap_devices() -> list[str]:
+    return [ln.split()[0] for ln in Path("/proc/swaps").read_text().splitlines()[1:] if ln]
+
+
+def _sh(*cmd: str) -> None:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise OSError(f"{' '.join(cmd)}: {out.stderr.strip() or out.returncode}")
+
+
+@pytest.fixture
+def swap(host: None, tmp_path: Path) -> Iterator[str]:
+    """A swap device for the duration of the test: the host's if it has one, else a small
+    zram device (built in on the 6.18 host, or `modprobe zram`), else a swap file in TMPDIR;
+    removed afterwards. Skipped, naming why, only where the kernel has no swap at all or
+    neither can be made (the 7.2 guest: zram is a module and TMPDIR is a tmpfs)."""
+    if not Path("/proc/swaps").exists():
+        pytest.skip(f"kernel {os.uname().release} has no swap support (no /proc/swaps)")
+    if _swap_devices():
+        yield _swap_devices()[0]
+        return
+    ctl = Path("/sys/class/zram-control")
+    if not ctl.exists():
+        subprocess.run(["modprobe", "zram", "num_devices=0"], capture_output=True)
+    why = []
+    if ctl.exists():
+        n = int((ctl / "hot_add").read_text())
+        dev = f"/dev/zram{n}"
+        try:
+            Path(f"/sys/block/zram{n}/disksize").write_text("64M")
+            _sh("mkswap", dev)
+            _sh("swapon", dev)
+        except OSError as e:
+            (ctl / "hot_remove").write_text(str(n))
+            pytest.fail(f"zram swap on {dev} could not be set up: {e}", pytrace=False)
+        try:
+            yield dev
+        finally:
+            subprocess.run(["swapoff", dev], check=False)
+            (ctl / "hot_remove").write_text(str(n))
+        return
+    why.append("no zram in this kernel (built in or module)")
+    f = tmp_path / "swapfile"
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", "count=32"], check=True,
+                       capture_output=True)  # fmt: skip
+        f.chmod(0o600)
+        _sh("mkswap", str(f))
+        _sh("swapon", str(f))
+    except (OSError, subprocess.CalledProcessError) as e:
+        why.append(f"no swap file in {tmp_path.anchor}TMPDIR: {e}")
+        pytest.skip("cannot create swap here: " + "; ".join(why))
+    try:
+        yield str(f)
+    finally:
+        subprocess.run(["swapoff", str(f)], check=False)
 
 
 def run_workload(name: str, *args: str, hold_ms: int = 0) -> dict[str, Any]:

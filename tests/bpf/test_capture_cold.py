@@ -126,6 +126,32 @@ def test_exec_filename_and_argv(capture, workloads, strategy):
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
+def test_swapped_out_anonymous_memory(capture, workloads, swap, strategy):
+    """Paths in anonymous memory pushed out to swap (MADV_PAGEOUT) just before openat: the
+    PTE holds a swap entry at entry, the kernel swaps the page in while reading it."""
+    need_strategy(strategy, "file")
+    cap = capture(["file"], strategy)
+    w = run_workload("cold_anon_swap", "--count", "8", hold_ms=HOLD_MS)
+    assert "skip" not in w, f"{w} with swap on {swap}"
+    calls = w["calls"]
+    assert len(calls) == 8
+    assert w["paged_out"] > 0, f"nothing was paged out to {swap}: the test is void"
+    evs = cap.for_pid(w["pid"], n=len(calls))
+    out = 0
+    for c in calls:
+        [ev] = by_addr(evs, "openat", "pathname", c)
+        assert ev["ret"] == -c["errno"]
+        if c["pte_present"] == [False]:
+            out += 1
+            check_arg(ev["args"]["pathname"], expected(strategy, True), c["expect"])
+        else:  # swapped in again before the call (rare): read at entry
+            assert ev["args"]["pathname"]["value"] == c["expect"], ev
+    print(f"\nSWAP {strategy}: {w['paged_out']}/{len(calls)} paged out to {swap}, "
+          f"{out} not resident at the call")  # fmt: skip
+    assert out > 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
 def test_file_mapping_after_cache_drop(capture, workloads, strategy):
     """30 paths 64 KiB apart in a private file mapping whose page cache was dropped."""
     need_strategy(strategy, "file")
