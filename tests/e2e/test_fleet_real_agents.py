@@ -45,7 +45,7 @@ def fleet(tmp_path: Path):
                 n in (by := nodes_by_name(status(ctl.address))) and by[n]["state"] == "connected"
                 for n in NODES
             ),
-            timeout=180,
+            timeout=scaled(180),
             what="three real agents registered",
         )
         yield ctl, agents
@@ -126,7 +126,7 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
     assert all(e["args"]["pathname"]["status"] in ("ok", "recovered") for e in opened)
 
     # TTL: the controller switches the set off by itself; the kernel bit follows
-    wait_until(lambda: control_bits(agents["db-1"].pid) == 0, timeout=60,
+    wait_until(lambda: control_bits(agents["db-1"].pid) == 0, timeout=scaled(60),
                what="db-1's bit cleared after the TTL")  # fmt: skip
     node = nodes_by_name(status(addr))["db-1"]
     assert node["applied_generation"] == status(addr)["generation"]
