@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BPF_DIR, WORKLOADS, require_root, skip_if_known_refusal
+from tests.conftest import BPF_DIR, WORKLOADS, require_root, scaled, skip_if_known_refusal
 
 pytestmark = pytest.mark.bpf
 
@@ -102,7 +102,9 @@ class Capture:
 
     def wait_for(self, pred: Callable[[dict[str, Any]], bool], n: int = 1,
                  timeout: float = 5.0) -> list[dict[str, Any]]:  # fmt: skip
-        deadline = time.monotonic() + timeout
+        """Events matching ``pred`` once there are ``n``, or what there is after ``timeout``
+        seconds (scaled to the machine)."""
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             time.sleep(0.02)
             got = [e for e in list(self.events) if pred(e)]

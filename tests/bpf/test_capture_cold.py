@@ -21,12 +21,15 @@ from typing import Any
 import pytest
 
 from tests.bpf.conftest import need_strategy, run_workload
+from tests.conftest import time_scale
 
 pytestmark = pytest.mark.bpf
 
 STRATEGIES = ["sleepable", "fentry-sleepable", "exit-retry", "user-fallback", "nofault"]
 SLEEPABLE = {"sleepable", "fentry-sleepable"}
-HOLD_MS = 400  # keeps the workload's memory alive for the user-space fallback
+# keeps the workload's memory alive for the user-space fallback: 400 ms on an idle host,
+# scaled to the machine (emulated guest, load average)
+HOLD_MS = round(400 * time_scale())
 
 
 def expected(strategy: str, kernel_reads: bool, exec_ok: bool = False) -> tuple[str, str]:
