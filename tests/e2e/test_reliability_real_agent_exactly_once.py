@@ -53,6 +53,13 @@ def node_total(ctl: Ctl, node: str) -> int | None:
     return sum(int(tot.get(k, 0)) for k in ("delivered", "dropped", "discarded"))
 
 
+def wait_total(ctl: Ctl, want: int, timeout: float, what: str) -> None:
+    try:
+        wait_until(lambda: node_total(ctl, "exactly-1") == want, timeout=timeout, what=what)
+    except AssertionError as e:
+        raise AssertionError(f"{e}; the controller counts {node_total(ctl, 'exactly-1')}") from e
+
+
 def agent_gauge(port: int, name: str) -> float | None:
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -83,8 +90,7 @@ def test_real_agent_counts_survive_controller_sigkill_exactly(tmp_path: Path) ->
         made = 0
         run_workload(CALLS)  # counted with the controller up
         made += CALLS
-        wait_until(lambda: node_total(ctl, "exactly-1") == made, timeout=scaled(30),
-                   what=f"{made} calls counted before the kill")  # fmt: skip
+        wait_total(ctl, made, scaled(30), f"{made} calls counted before the kill")
         # SIGKILL while the next counts are produced: they wait in the agent's outbox
         ctl.kill()
         run_workload(CALLS)
@@ -92,8 +98,7 @@ def test_real_agent_counts_survive_controller_sigkill_exactly(tmp_path: Path) ->
         ctl.start()
         run_workload(CALLS)  # and more while the agent reconnects
         made += CALLS
-        wait_until(lambda: node_total(ctl, "exactly-1") == made, timeout=scaled(60),
-                   what=f"all {made} calls counted after the restart")  # fmt: skip
+        wait_total(ctl, made, scaled(60), f"all {made} calls counted after the restart")
         # every batch acknowledged: nothing is left to be counted twice
         wait_until(lambda: agent_gauge(mport, "tracefleet_agent_outbox_batches") == 0,
                    timeout=scaled(30), what="the agent's outbox empty")  # fmt: skip
