@@ -201,7 +201,7 @@ def swap(host: None, tmp_path: Path) -> Iterator[str]:
         _sh("mkswap", str(f))
         _sh("swapon", str(f))
     except (OSError, subprocess.CalledProcessError) as e:
-        why.append(f"no swap file in {tmp_path.anchor}TMPDIR: {e}")
+        why.append(f"no swap file in {tmp_path} (a tmpfs takes none): {e}")
         pytest.skip("cannot create swap here: " + "; ".join(why))
     try:
         yield str(f)
