@@ -1,7 +1,9 @@
 """Fixtures of the BPF suite: real kernel, real programs, no mocks.
 
-Every test here needs root. Strategies the running kernel lacks are skipped with the
-kernel's own reason (e.g. the verifier's "can be sleepable" refusal), never passed.
+Every test here needs root (as non-root they fail). A strategy the running kernel refuses
+is skipped only if tests/expected_skips.json lists that refusal (errno and message) for
+this kernel, e.g. the verifier's "can be sleepable" before 7.2; any other load failure
+fails.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import BPF_DIR, WORKLOADS, require_root
+from tests.conftest import BPF_DIR, WORKLOADS, require_root, scaled, skip_if_known_refusal
 
 pytestmark = pytest.mark.bpf
 
@@ -32,12 +35,13 @@ def _check_host() -> None:
     require_root()
     from tracefleet.agent.hostcheck import HostCheckError, check_host
 
+    # failures, not skips: a BPF run that cannot load anything must not pass empty
     if not (BPF_DIR / "file.bpf.o").exists():
-        pytest.skip("BPF objects not built: run `make bpf`")
+        pytest.fail("BPF objects not built: run `make bpf`", pytrace=False)
     try:
         check_host()
     except HostCheckError as e:
-        pytest.skip(f"host cannot run BPF capture: {e.cause}")
+        pytest.fail(f"host cannot run BPF capture: {e}", pytrace=False)
 
 
 def shared_engine(strategy: str | None) -> Any:
@@ -81,7 +85,7 @@ def host() -> Iterator[None]:
 def need_strategy(strategy: str, event_set: str) -> None:
     ok, reason = ladder_report()[strategy][event_set]
     if not ok:
-        pytest.skip(f"{strategy} not available on {os.uname().release} for {event_set}: {reason}")
+        skip_if_known_refusal(strategy, event_set, reason)
 
 
 class Capture:
@@ -98,7 +102,9 @@ class Capture:
 
     def wait_for(self, pred: Callable[[dict[str, Any]], bool], n: int = 1,
                  timeout: float = 5.0) -> list[dict[str, Any]]:  # fmt: skip
-        deadline = time.monotonic() + timeout
+        """Events matching ``pred`` once there are ``n``, or what there is after ``timeout``
+        seconds (scaled to the machine)."""
+        deadline = time.monotonic() + scaled(timeout)
         while True:
             time.sleep(0.02)
             got = [e for e in list(self.events) if pred(e)]
@@ -143,6 +149,64 @@ def capture(host: None) -> Iterator[Callable[..., Capture]]:
         else:
             eng.apply({})  # every bit off; the programs stay loaded for the next test
             eng.remove_sink(cap.sink)
+
+
+def _swap_devices() -> list[str]:
+    return [ln.split()[0] for ln in Path("/proc/swaps").read_text().splitlines()[1:] if ln]
+
+
+def _sh(*cmd: str) -> None:
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        raise OSError(f"{' '.join(cmd)}: {out.stderr.strip() or out.returncode}")
+
+
+@pytest.fixture
+def swap(host: None, tmp_path: Path) -> Iterator[str]:
+    """A swap device for the duration of the test: the host's if it has one, else a small
+    zram device (built in on the 6.18 host, or `modprobe zram`), else a swap file in TMPDIR;
+    removed afterwards. Skipped, naming why, only where the kernel has no swap at all or
+    neither can be made (the 7.2 guest: zram is a module and TMPDIR is a tmpfs)."""
+    if not Path("/proc/swaps").exists():
+        pytest.skip(f"kernel {os.uname().release} has no swap support (no /proc/swaps)")
+    if _swap_devices():
+        yield _swap_devices()[0]
+        return
+    ctl = Path("/sys/class/zram-control")
+    if not ctl.exists():
+        subprocess.run(["modprobe", "zram", "num_devices=0"], capture_output=True)
+    why = []
+    if ctl.exists():
+        n = int((ctl / "hot_add").read_text())
+        dev = f"/dev/zram{n}"
+        try:
+            Path(f"/sys/block/zram{n}/disksize").write_text("64M")
+            _sh("mkswap", dev)
+            _sh("swapon", dev)
+        except OSError as e:
+            (ctl / "hot_remove").write_text(str(n))
+            pytest.fail(f"zram swap on {dev} could not be set up: {e}", pytrace=False)
+        try:
+            yield dev
+        finally:
+            subprocess.run(["swapoff", dev], check=False)
+            (ctl / "hot_remove").write_text(str(n))
+        return
+    why.append("no zram in this kernel (built in or module)")
+    f = tmp_path / "swapfile"
+    try:
+        subprocess.run(["dd", "if=/dev/zero", f"of={f}", "bs=1M", "count=32"], check=True,
+                       capture_output=True)  # fmt: skip
+        f.chmod(0o600)
+        _sh("mkswap", str(f))
+        _sh("swapon", str(f))
+    except (OSError, subprocess.CalledProcessError) as e:
+        why.append(f"no swap file in {tmp_path} (a tmpfs takes none): {e}")
+        pytest.skip("cannot create swap here: " + "; ".join(why))
+    try:
+        yield str(f)
+    finally:
+        subprocess.run(["swapoff", str(f)], check=False)
 
 
 def run_workload(name: str, *args: str, hold_ms: int = 0) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import pytest
 
 from tests.bpf.conftest import run_workload
 from tests.bpf.kernel_view import enabled_bits, linked_prog_ids
+from tests.conftest import scaled, wait_until
 from tracefleet.agent._internal import libbpf
 from tracefleet.agent.engine import EventSetConfig
 
@@ -19,6 +20,11 @@ pytestmark = pytest.mark.bpf
 def prog_ids(engine, name: str) -> set[int]:
     fds = engine._sets[name].loaded.program_fds()
     return {libbpf.prog_stats(fd)[0] for fd in fds.values()}
+
+
+def file_attached(engine) -> bool:
+    """The engine's own view, read under its lock (so its in-flight clear-out is done)."""
+    return next(s.attached for s in engine.statuses() if s.name == "file")
 
 
 def opened(cap, w, timeout: float = 10.0) -> bool:
@@ -32,7 +38,11 @@ def opened(cap, w, timeout: float = 10.0) -> bool:
 
 
 def test_bit_toggles_without_reload_and_detach_after_hold(capture, workloads):
-    cap = capture(["file"], hold_seconds=0.5)
+    # the engine's own consumer thread detaches idle sets (every second): the test never
+    # calls detach_idle() itself, it watches the kernel's view. A hold of a few seconds,
+    # scaled to the machine so the "on again within the hold" step fits inside it.
+    hold = scaled(3.0)
+    cap = capture(["file"], hold_seconds=hold)
     eng = cap.engine
     ids = prog_ids(eng, "file")
     some = next(iter(ids))
@@ -52,11 +62,20 @@ def test_bit_toggles_without_reload_and_detach_after_hold(capture, workloads):
     assert prog_ids(eng, "file") == ids
     assert opened(cap, run_workload("warm", "openat"))
 
-    # off past the hold time: detached in the kernel's view
+    # off again: still attached right after, and detached by the engine itself once the
+    # hold time has passed, never before it (the clock is read before the disable, so a
+    # detach seen earlier than ``hold`` after it means the hold was not honoured)
+    t_off = time.monotonic()
     eng.apply({"file": EventSetConfig("file", False)})
-    time.sleep(0.6)
-    assert eng.detach_idle() == ["file"]
-    assert not (ids & linked_prog_ids())
+    assert ids <= linked_prog_ids(), "detached at once: the hold time was not honoured"
+    wait_until(
+        lambda: not (ids & linked_prog_ids()) and not file_attached(eng),
+        timeout=hold + scaled(15.0),
+        what="the engine to detach the disabled set after its hold time (bpftool link show)",
+        every=0.05,
+    )
+    waited = time.monotonic() - t_off
+    assert waited >= hold, f"detached {waited:.2f}s after disable, before the {hold}s hold"
     assert eng.inflight_count("file") == 0
 
     # enabled again: re-attached without a reload (the verified programs are kept)

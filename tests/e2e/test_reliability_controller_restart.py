@@ -19,11 +19,13 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import scaled, wait_until
 from tests.e2e.fleet_helpers import cli, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -91,10 +93,12 @@ async def _wait(pred, timeout: float, what: str) -> float:
 
 @pytest.mark.parametrize(
     ("budget", "kills", "outage"),
-    [pytest.param(600, 3, 2.0, id="ample-budget"), pytest.param(3, 2, 2.5, id="tiny-budget")],
+    # outage: batches every agent enqueues while the controller is down (the tiny budget of
+    # 3 must overflow: discards are what it tests)
+    [pytest.param(600, 3, 10, id="ample-budget"), pytest.param(3, 2, 12, id="tiny-budget")],
 )
 def test_controller_sigkill_under_load_reconciles_exactly(
-    tmp_path: Path, budget: int, kills: int, outage: float
+    tmp_path: Path, budget: int, kills: int, outage: int
 ):
     from tracefleet.agent._internal.loadgen import SyntheticEngine
     from tracefleet.agent.controlclient import ClientOptions, ControlClient
@@ -120,12 +124,21 @@ def test_controller_sigkill_under_load_reconciles_exactly(
             t.delivered + t.dropped for e in engines if (t := e.totals().get("file")) is not None
         )
 
+    async def batches(counter: Callable[[Any], int], n: int, what: str) -> None:
+        """Wait until ``counter`` (a per-client sequence number) rose by ``n`` on every client."""
+        marks = [counter(c) for c in clients]
+        await _wait(
+            lambda: all(counter(c) >= m + n for c, m in zip(clients, marks, strict=True)),
+            scaled(30 + n * opts.interval),
+            f"{n} {what} on every agent",
+        )
+
     async def all_acked() -> None:
         """Wait until every batch that exists now is acknowledged (durably applied)."""
         marks = [c._outbox.last_seq for c in clients]
         await _wait(
             lambda: all(c._outbox.acked >= m for c, m in zip(clients, marks, strict=True)),
-            60,
+            scaled(60),
             "every batch acknowledged",
         )
 
@@ -133,21 +146,23 @@ def test_controller_sigkill_under_load_reconciles_exactly(
         stop = asyncio.Event()
         runs = [asyncio.create_task(c.run(stop)) for c in clients]
         try:
-            await _wait(lambda: ctl.metric_totals() is not None, 30, "controller metrics")
-            await _wait(lambda: all(c.connected for c in clients), 30, "agents connected")
+            await _wait(lambda: ctl.metric_totals() is not None, scaled(30), "controller metrics")
+            await _wait(lambda: all(c.connected for c in clients), scaled(30), "agents connected")
             r = await asyncio.to_thread(
                 cli, ctl.address, "enable", "file", "--selector", "role=rel", "--wait"
             )
             assert r.returncode == 0, r.stderr
             gen = max(c.applied_generation for c in clients)
-            await _wait(lambda: all(e.enabled() == ["file"] for e in engines), 10, "enabled")
+            await _wait(lambda: all(e.enabled() == ["file"] for e in engines), scaled(10),
+                        "enabled")  # fmt: skip
             for k in range(kills):
-                await asyncio.sleep(1.5)  # under load
+                # under load: every agent has had batches acknowledged since the last step
+                await batches(lambda c: c._outbox.acked, 5, "batches acknowledged")
                 # kill while batches are written and not acknowledged yet (the agents'
                 # intervals are in step, so there are such moments every interval)
                 await _wait(
                     lambda: any(c._outbox.written > c._outbox.acked for c in clients),
-                    30,
+                    scaled(30),
                     "batches in flight",
                 )
                 unacked = sum(c._outbox.last_seq - c._outbox.acked for c in clients)
@@ -155,16 +170,17 @@ def test_controller_sigkill_under_load_reconciles_exactly(
                 t_kill = time.monotonic()
                 ctl.kill()
                 detect = await _wait(
-                    lambda: not any(c.connected for c in clients), 30, "agents noticed"
+                    lambda: not any(c.connected for c in clients), scaled(30), "agents noticed"
                 )
-                await asyncio.sleep(outage)
+                await batches(lambda c: c._outbox.last_seq, outage, "batches made during outage")
                 # fail-static: the last desired state is still applied everywhere
                 assert all(e.enabled() == ["file"] for e in engines)
                 assert all(c.applied_generation == gen for c in clients)
                 buffered = sum(len(c._outbox) for c in clients)
                 ctl.start()
                 t_up = time.monotonic()
-                await _wait(lambda: all(c.connected and c._synced for c in clients), 60, "resynced")
+                await _wait(lambda: all(c.connected and c._synced for c in clients), scaled(60),
+                            "resynced")  # fmt: skip
                 resynced = time.monotonic() - t_up
                 await all_acked()
                 caught_up = time.monotonic() - t_up
@@ -185,8 +201,9 @@ def test_controller_sigkill_under_load_reconciles_exactly(
             assert all(e.enabled() == ["file"] for e in engines)
             r = await asyncio.to_thread(cli, ctl.address, "disable", "file", "--wait")
             assert r.returncode == 0, r.stderr
-            await _wait(lambda: all(not e.enabled() for e in engines), 10, "disabled")
-            await asyncio.sleep(2 * opts.interval)  # the last counts are in a batch
+            await _wait(lambda: all(not e.enabled() for e in engines), scaled(10), "disabled")
+            # the last counts are in a batch enqueued after the disable
+            await batches(lambda c: c._outbox.last_seq, 2, "batches after the disable")
             await all_acked()
         finally:
             stop.set()
@@ -198,15 +215,12 @@ def test_controller_sigkill_under_load_reconciles_exactly(
         # persisted: kill once more (nothing may depend on a clean shutdown), restart, read
         ctl.kill()
         ctl.start()
-        st = None
-        deadline = time.monotonic() + 30
-        while st is None:
+
+        def status_once() -> dict[str, Any] | None:
             r = cli(ctl.address, "status", "-o", "json")
-            if r.returncode == 0:
-                st = json.loads(r.stdout)
-            else:
-                assert time.monotonic() < deadline, r.stderr
-                time.sleep(0.2)
+            return json.loads(r.stdout) if r.returncode == 0 else None
+
+        st = wait_until(status_once, timeout=scaled(30), what="status of the restarted controller")
         after_restart = ctl.metric_totals()
     finally:
         if ctl.proc is not None and ctl.proc.poll() is None:

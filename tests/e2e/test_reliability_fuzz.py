@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled, wait_until
 from tests.e2e.fleet_helpers import ControllerProc
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc, types_pb2
 
@@ -221,5 +222,14 @@ def test_reconnect_flood(controller, bystander):
     finally:
         for ch in chans:
             ch.close()
+    # the controller still answers, knows the node once (not once per stream), and saw
+    # every one of its streams end
     stub = control_pb2_grpc.ControlServiceStub(grpc.insecure_channel(controller.address))
-    assert stub.GetStatus(control_pb2.GetStatusRequest(), timeout=10) is not None
+
+    def flood_nodes() -> list:
+        reply = stub.GetStatus(control_pb2.GetStatusRequest(), timeout=10)
+        return [n for n in reply.nodes if n.name == "flood"]
+
+    assert len(flood_nodes()) == 1, flood_nodes()
+    wait_until(lambda: flood_nodes()[0].state != control_pb2.NODE_STATE_CONNECTED,
+               timeout=scaled(30), what="the flood node's streams to be seen closed")  # fmt: skip

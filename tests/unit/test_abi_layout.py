@@ -70,16 +70,32 @@ def test_struct_matches_btf(objects: list[Path], cname: str) -> None:
     assert seen_in, f"struct {cname} is in no BPF object's BTF"
 
 
+# .rodata variables besides tf_cfg, per object: load-time switches the tests set
+RODATA_SWITCHES = {"vfs.bpf.o": {"tf_vfs_no_torn_check"}}
+
+
+def _symbol_offsets(obj: Path) -> dict[str, int]:
+    """Symbol name -> value (offset in its section) from the object's ELF symbol table."""
+    out = subprocess.run(["readelf", "-sW", str(obj)], capture_output=True, text=True,
+                         check=True).stdout  # fmt: skip
+    rows = (ln.split() for ln in out.splitlines())
+    return {f[7]: int(f[1], 16) for f in rows if len(f) == 8 and f[0].rstrip(":").isdigit()}
+
+
 def test_rodata_holds_only_the_config(objects: list[Path]) -> None:
     """The agent writes TfConfig at offset 0 of .rodata before load; anything else there
-    would be silently overwritten."""
+    would be silently overwritten, so the only other variables allowed are the known
+    load-time switches, placed after the config."""
     for obj in objects:
         types, _ = structs_in(obj)
         [sec] = [t for t in types.values() if t["kind"] == "DATASEC" and t["name"] == ".rodata"]
-        assert len(sec["vars"]) == 1, f"{obj.name}: .rodata holds {len(sec['vars'])} variables"
-        var = types[sec["vars"][0]["type_id"]]
-        assert var["name"] == "tf_cfg" and sec["vars"][0]["offset"] == 0
-        assert sec["vars"][0]["size"] == ctypes.sizeof(abi.TfConfig)
+        names = {types[v["type_id"]]["name"]: v for v in sec["vars"]}
+        assert set(names) == {"tf_cfg"} | RODATA_SWITCHES.get(obj.name, set()), (obj.name, names)
+        assert names["tf_cfg"]["size"] == ctypes.sizeof(abi.TfConfig)
+        offsets = _symbol_offsets(obj)
+        assert offsets["tf_cfg"] == 0, obj.name
+        for name in set(names) - {"tf_cfg"}:
+            assert offsets[name] >= ctypes.sizeof(abi.TfConfig), (obj.name, name, offsets[name])
 
 
 def test_enums_match_header() -> None:

@@ -111,7 +111,11 @@ def test_outage_buffer_is_bounded_and_reports_the_shortfall_as_discarded():
     assert (c.stats.batches_discarded, c.stats.events_discarded) == (2, 22)
 
 
-def test_synthetic_engine_honours_filters_and_apply():
+def test_loadgen_engine_honours_filters_and_apply():
+    """Test infrastructure, not the agent: the load generator's SyntheticEngine, which the
+    e2e and bench simulated agents stand on, must honour apply() and filters like the real
+    engine (tests/bpf/test_event_sets.py checks the real one in the kernel), or the fleet
+    tests built on it would pass on events no filter would let through."""
     from tracefleet.agent.engine import Filters
 
     e = SyntheticEngine(rate=1000, seed=3, fail_sets=["net"])

@@ -101,13 +101,13 @@ def test_human_line_reads_like_strace():
     creat = _event(
         args={
             "dfd": Arg(3),
-            "pathname": Arg("/tmp/x"),
+            "pathname": Arg("/srv/x"),
             "flags": Arg(FlagSet(0o101, ("O_WRONLY", "O_CREAT"))),
             "mode": Arg(0o644),
         },
         ret=4,
     )
-    assert human.call_text(creat) == 'openat(3, "/tmp/x", O_WRONLY|O_CREAT, 0644) = 4 <0.000012>'
+    assert human.call_text(creat) == 'openat(3, "/srv/x", O_WRONLY|O_CREAT, 0644) = 4 <0.000012>'
     ex = _event(syscall="execve", ret=0, args={"argv": Arg(["/bin/echo", "a b"]),
                                                "filename": Arg("/bin/echo")})  # fmt: skip
     assert human.call_text(ex) == 'execve("/bin/echo", ["/bin/echo", "a b"]) = 0 <0.000012>'
@@ -125,12 +125,12 @@ def test_human_line_reads_like_strace():
 
 def test_control_characters_never_reach_the_terminal_raw():
     evil_comm = "x\x1b[2J\x1b]0;pwned\x07"
-    evil_path = "/tmp/\x1b[31mred\r\n\u202egnp.exe\x7f\x9b"
+    evil_path = "/srv/\x1b[31mred\r\n\u202egnp.exe\x7f\x9b"
     e = _event(comm=evil_comm, node="n\x1b[1m", args={"pathname": Arg(evil_path)})
     line = human.line(e, node_width=12)
     assert not any(ch in line for ch in "\x1b\x07\r\n\x7f\x9b\u202e")
     assert "x\\x1b[2J\\x1b]0;pwned\\x07" in line
-    assert '"/tmp/\\x1b[31mred\\r\\n\\u202egnp.exe\\x7f\\x9b"' in line
+    assert '"/srv/\\x1b[31mred\\r\\n\\u202egnp.exe\\x7f\\x9b"' in line
     # JSON stays exact
     assert json.loads(json.dumps(e.to_json()))["args"]["pathname"]["value"] == evil_path
     assert e.to_json()["comm"] == evil_comm

@@ -219,3 +219,22 @@ def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, see
     assert counted + discarded == produced
     assert discarded == ob.discarded_events
     assert final.discarded == ob.discarded_batches
+
+
+def test_outbox_defaults_are_what_the_agent_runs_with_and_what_the_readme_says():
+    """The budget `tracefleet-agent run` really gets (its CLI's options into its client's
+    outbox), against the README's "(600 batches and 32 MiB by default)"."""
+    import re
+
+    from tests.conftest import REPO
+    from tracefleet.agent import cli
+    from tracefleet.agent.controlclient import ControlClient
+
+    args = cli.build_parser().parse_args(["run", "--controller", "127.0.0.1:7070", "--node", "n"])
+    options = cli._client_options(args)
+    assert options is not None
+    outbox = ControlClient(object(), args.controller, args.node, {}, options)._outbox  # type: ignore[arg-type]
+    m = re.search(r"bounded outbox \((\d+) batches and (\d+) MiB by default\)",
+                  " ".join((REPO / "README.md").read_text().split()))  # fmt: skip
+    assert m, "the README no longer states the outbox defaults"
+    assert (outbox.max_batches, outbox.max_bytes) == (int(m[1]), int(m[2]) << 20) == (600, 32 << 20)

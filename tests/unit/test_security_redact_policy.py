@@ -109,7 +109,7 @@ def test_flag_value_pair_masks_only_the_value_element() -> None:
 
 def test_default_rules_leave_ordinary_command_lines_alone() -> None:
     r = Redactor(default_patterns())
-    for argv in (["ls", "-l", "/tmp/token"], ["git", "clone", "ssh://git@host/x"],
+    for argv in (["ls", "-l", "/srv/token"], ["git", "clone", "ssh://git@host/x"],
                  ["git", "log", "--author", "me"]):  # fmt: skip
         ev = _exec_event(*argv)
         assert r.event(ev) is ev

@@ -201,15 +201,8 @@ def test_cold_cross(tmp_path):
     assert pte(c) == [True, False], "want: first page resident, second not"
 
 
-def test_cold_anon_swap():
-    d = run("cold_anon_swap", "--count", "4")
-    if "skip" in d:
-        assert d["skip"] == "no swap configured" and d["calls"] == []
-        return
-    assert len(d["calls"]) == 4
-    for c in d["calls"]:
-        assert c["errno"] == errno.ENOENT
-    assert d["paged_out"] >= 0
+# cold_anon_swap needs a swap device, which takes root to make: it is checked, with its
+# capture, by tests/bpf/test_capture_cold.py::test_swapped_out_anonymous_memory.
 
 
 def test_hold_ms_keeps_memory_readable():
@@ -226,12 +219,11 @@ def test_hold_ms_keeps_memory_readable():
         assert p.poll() is None, "exited before the hold elapsed"
         c = d["calls"][0]
         want = c["expect"].encode() + b"\0"
-        try:
-            with open(f"/proc/{p.pid}/mem", "rb", buffering=0) as mem:
-                mem.seek(int(c["addr"], 16))
-                assert mem.read(len(want)) == want
-        except PermissionError:
-            pass  # ptrace restrictions (yama); the timing part is still checked
+        # our own child: readable under yama ptrace_scope 0 and 1 (the fallback's case); a
+        # PermissionError here is a failure, not something to pass over
+        with open(f"/proc/{p.pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(int(c["addr"], 16))
+            assert mem.read(len(want)) == want
         assert p.wait(timeout=30) == 0
         assert time.monotonic() - t0 >= hold / 1000
     finally:

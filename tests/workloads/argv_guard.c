@@ -23,6 +23,8 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include "workload.h"
+
 static const char *const ARGS[] = {"/bin/true", "--tf-guard-arg-1", "tf-guard-arg-2",
 				   "tf-guard-arg-3"};
 
@@ -76,7 +78,7 @@ int main(int argc, char **argv)
 	long ret = execve("/bin/true", (char *const *)arr, envp);
 	int err = errno;
 
-	char after_file[] = "/tmp/tf-nonexistent-dir/argv-guard-after";
+	char after_file[] = WL_NOWHERE "/argv-guard-after";
 	char a0[] = "argv-guard-after", a1[] = "--still-captured";
 	char *after_argv[] = {a0, a1, NULL};
 	long ret2 = execve(after_file, after_argv, envp);

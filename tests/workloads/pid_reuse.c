@@ -30,6 +30,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "workload.h"
+
 #define ADDR ((void *)0x6f0000000000UL)
 
 static void die(const char *what)
@@ -72,9 +74,9 @@ int main(int argc, char **argv)
 	}
 	int reuse = !strcmp(mode, "reuse");
 	char caller_path[128], imposter_path[128];
-	snprintf(caller_path, sizeof(caller_path), "/tmp/tf-nonexistent-dir/pid-reuse-caller-%d",
+	snprintf(caller_path, sizeof(caller_path), WL_NOWHERE "/pid-reuse-caller-%d",
 		 getpid());
-	snprintf(imposter_path, sizeof(imposter_path), "/tmp/tf-imposter-written-by-another-process");
+	snprintf(imposter_path, sizeof(imposter_path), WL_NOWHERE "/tf-imposter-written-by-another-process");
 
 	if (gate && openat(AT_FDCWD, gate, O_RDONLY) >= 0) {
 		fprintf(stderr, "usage error: the gate path %s must not exist\n", gate);
