@@ -1,7 +1,8 @@
 """BpfEngine: the real capture engine. Loads event sets through the ladder, flips their enable
 bits, consumes the ring buffer, applies the user-space fallback, and keeps aggregates.
 
-Life of an event set: loaded (verified) on first use -> attached when enabled -> bit cleared
+Life of an event set: loaded (verified) when first enabled, at the best rung the feature
+probes allow (``ladder.probe_features``, run once) -> attached when enabled -> bit cleared
 at once when disabled -> detached after ``hold_seconds`` if it stays disabled (an attached
 syscall tracepoint costs every syscall on the host even with its bit off) -> re-attached,
 without a reload, when enabled again.
@@ -57,11 +58,15 @@ from tracefleet.agent.eventsets import BY_ID, EVENT_SETS, EventSetSpec, arg_spec
 from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.ladder import (
     LADDER,
+    RUNG_NEEDS,
     Attempt,
     LadderExhausted,
     LoadedSet,
+    ProbeResult,
     SharedMaps,
     load_set,
+    plan,
+    probe_features,
 )
 
 log = logging.getLogger("tracefleet.agent")
@@ -228,6 +233,7 @@ class BpfEngine:
         self._pending = self._new_aggregates()
         self._cum_user: collections.Counter[str] = collections.Counter()
         self._stats_fd: int | None = None
+        self._probes: dict[str, ProbeResult] | None = None
         self._decode_errors = 0
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
@@ -244,8 +250,24 @@ class BpfEngine:
     def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
 
-    def ensure_loaded(self, name: str) -> _SetState:
-        """Load a set through the ladder (once). Failure is recorded in the state."""
+    def probes(self) -> dict[str, ProbeResult]:
+        """What this kernel allows, from the feature probes (run once, milliseconds each)."""
+        with self._lock:
+            if self._probes is None:
+                self._probes = probe_features(self.bpf_dir)
+            return self._probes
+
+    def _with_fallback(self, st: _SetState, kernel: Strategy) -> bool:
+        if st.forced:
+            want = st.forced == Strategy.USER_FALLBACK
+        else:
+            want = self.opts.user_fallback and kernel in (Strategy.EXIT_RETRY, Strategy.NOFAULT)
+        return want and self._fallback.available
+
+    def ensure_loaded(self, name: str, *, attach: bool = False) -> _SetState:
+        """Load a set through the ladder (once), from the best rung the probes allow (a
+        forced rung is tried as asked). With ``attach`` its programs stay attached (the set
+        is being enabled). Failure is recorded in the state."""
         with self._lock:
             st = self._sets[name]
             if st.loaded or st.error:
@@ -259,17 +281,12 @@ class BpfEngine:
                     agent_tgid=os.getpid(),
                     wakeup_bytes=self.opts.wakeup_bytes,
                     inflight_entries=self.opts.inflight_entries,
+                    probes=None if st.forced else self.probes(),
+                    keep_attached=attach,
                 )
                 st.attempts = st.loaded.attempts
                 kernel = st.loaded.strategy
-                if st.forced:
-                    st.user_fallback = st.forced == Strategy.USER_FALLBACK
-                else:
-                    st.user_fallback = self.opts.user_fallback and kernel in (
-                        Strategy.EXIT_RETRY,
-                        Strategy.NOFAULT,
-                    )
-                st.user_fallback = st.user_fallback and self._fallback.available
+                st.user_fallback = self._with_fallback(st, kernel)
                 log.info("event set %s: strategy %s%s", name, kernel.label,
                          " + user-fallback" if st.user_fallback else "")  # fmt: skip
             except LadderExhausted as e:
@@ -311,7 +328,7 @@ class BpfEngine:
                     st.filters = cfg.filters
                     st.sample_rate = cfg.sample_rate
                 if want:
-                    self.ensure_loaded(name)
+                    self.ensure_loaded(name, attach=True)
                     if st.loaded:
                         try:
                             st.loaded.attach()
@@ -617,19 +634,35 @@ class BpfEngine:
         return out
 
     # ---- report ------------------------------------------------------------------------
-    def capabilities(self) -> Mapping[str, Any]:
-        """Probe report. Loads every set through the ladder (without enabling it)."""
+    def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:
+        """Probe report: per set, the rung it runs (loaded) or will run (planned from the
+        feature probes; sets load when first enabled). ``load`` loads every set for real
+        first (seconds: the verifier on every program)."""
+        probes = self.probes()
         for name in self._sets:
-            self.ensure_loaded(name)
+            if load:
+                self.ensure_loaded(name)
         sets: dict[str, Any] = {}
         for name, st in self._sets.items():
-            chosen = st.loaded.strategy.label if st.loaded else None
-            better = [a for a in st.attempts if not a.ok]
+            attempts, chosen, fallback = st.attempts, None, st.user_fallback
+            if st.loaded:
+                chosen = st.loaded.strategy.label
+            elif not st.error:  # not loaded yet: what the probes allow
+                rungs = self._strategies_for(st)
+                best, attempts = plan(rungs, {} if st.forced else probes)
+                if best is not None:
+                    kernel = Strategy.NOFAULT if best == Strategy.USER_FALLBACK else best
+                    chosen, fallback = kernel.label, self._with_fallback(st, kernel)
+                    feats = ", ".join(RUNG_NEEDS.get(best, ()))
+                    why = f"probe passed ({feats}); loads when first enabled"
+                    attempts = [*attempts, Attempt(best.label, True, why)]
+            better = [a for a in attempts if not a.ok]
             sets[name] = {
                 "strategy": chosen,
+                "loaded": st.loaded is not None,
                 "forced": st.forced.label if st.forced else None,
-                "user_fallback": st.user_fallback,
-                "attempts": [a.__dict__ for a in st.attempts],
+                "user_fallback": fallback,
+                "attempts": [a.__dict__ for a in attempts],
                 "reason": (
                     "best strategy available"
                     if chosen and not better
@@ -651,12 +684,19 @@ class BpfEngine:
                 "sleepable_tracepoints": self._sleepable_seen(),
                 "user_fallback": self._fallback.reason,
                 "capabilities": list(self.host.capabilities),
+                "probes": {
+                    f: {"ok": r.ok, "reason": r.reason, "ms": round(r.ms, 1)}
+                    for f, r in probes.items()
+                },
             },
             "bpf_dir": str(self.bpf_dir),
             "event_sets": sets,
         }
 
     def _sleepable_seen(self) -> bool:
+        probe = self.probes().get("sleepable-tracepoint")
+        if probe is not None and probe.ok:
+            return True
         return any(
             a.strategy == "sleepable" and a.ok for st in self._sets.values() for a in st.attempts
         )
