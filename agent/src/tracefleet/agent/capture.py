@@ -252,6 +252,8 @@ class BpfEngine:
 
     def probes(self) -> dict[str, ProbeResult]:
         """What this kernel allows, from the feature probes (run once, milliseconds each)."""
+        if self._probes is not None:  # never wait behind a set being loaded
+            return self._probes
         with self._lock:
             if self._probes is None:
                 self._probes = probe_features(self.bpf_dir)
@@ -655,6 +657,10 @@ class BpfEngine:
                     chosen, fallback = kernel.label, self._with_fallback(st, kernel)
                     feats = ", ".join(RUNG_NEEDS.get(best, ()))
                     why = f"probe passed ({feats}); loads when first enabled"
+                    if st.forced:
+                        why = "forced, not probed; loads when first enabled"
+                    elif not probes:
+                        why = "no feature probes (probe.bpf.o not built): tried when enabled"
                     attempts = [*attempts, Attempt(best.label, True, why)]
             better = [a for a in attempts if not a.ok]
             sets[name] = {
