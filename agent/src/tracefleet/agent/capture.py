@@ -641,8 +641,8 @@ class BpfEngine:
         feature probes; sets load when first enabled). ``load`` loads every set for real
         first (seconds: the verifier on every program)."""
         probes = self.probes()
-        for name in self._sets:
-            if load:
+        if load:
+            for name in self._sets:
                 self.ensure_loaded(name)
         sets: dict[str, Any] = {}
         for name, st in self._sets.items():
