@@ -202,6 +202,7 @@ class BpfEngine:
         self.bpf_dir = Path(self.opts.bpf_dir or self.host.bpf_dir)
         self.fd_limit = raise_fd_limit()
         self._lock = threading.RLock()
+        self._load_lock = threading.Lock()  # one set loads at a time, outside _lock
         self._fds: list[int] = []
         self.shared = SharedMaps(
             control=self._create(libbpf.BPF_MAP_TYPE_ARRAY, "tf_control", 4,
@@ -269,13 +270,16 @@ class BpfEngine:
     def ensure_loaded(self, name: str, *, attach: bool = False) -> _SetState:
         """Load a set through the ladder (once), from the best rung the probes allow (a
         forced rung is tried as asked). With ``attach`` its programs stay attached (the set
-        is being enabled). Failure is recorded in the state."""
-        with self._lock:
+        is being enabled). Failure is recorded in the state. The verifier takes seconds (tens
+        in an emulated guest): it runs outside the engine's lock, so collect(), statuses()
+        and the consumer, hence the agent's heartbeat to its controller, go on meanwhile."""
+        with self._load_lock:
             st = self._sets[name]
             if st.loaded or st.error:
                 return st
+            probes = None if st.forced else self.probes()
             try:
-                st.loaded = load_set(
+                loaded = load_set(
                     st.spec,
                     self.bpf_dir,
                     self.shared,
@@ -283,18 +287,22 @@ class BpfEngine:
                     agent_tgid=os.getpid(),
                     wakeup_bytes=self.opts.wakeup_bytes,
                     inflight_entries=self.opts.inflight_entries,
-                    probes=None if st.forced else self.probes(),
+                    probes=probes,
                     keep_attached=attach,
                 )
-                st.attempts = st.loaded.attempts
-                kernel = st.loaded.strategy
-                st.user_fallback = self._with_fallback(st, kernel)
-                log.info("event set %s: strategy %s%s", name, kernel.label,
-                         " + user-fallback" if st.user_fallback else "")  # fmt: skip
             except LadderExhausted as e:
-                st.attempts = e.attempts
-                st.error = str(e)
+                with self._lock:
+                    st.attempts = e.attempts
+                    st.error = str(e)
                 log.error("%s", e)
+                return st
+            with self._lock:
+                st.loaded = loaded
+                st.attempts = loaded.attempts
+                st.user_fallback = self._with_fallback(st, loaded.strategy)
+                st.disabled_at = time.monotonic()  # not idle: apply() enables it next
+            log.info("event set %s: strategy %s%s", name, loaded.strategy.label,
+                     " + user-fallback" if st.user_fallback else "")  # fmt: skip
             return st
 
     # ---- control -----------------------------------------------------------------------
@@ -310,18 +318,21 @@ class BpfEngine:
         return list(self._sets)
 
     def apply(self, desired: Mapping[str, EventSetConfig]) -> Sequence[SetStatus]:
+        for name in desired:
+            if name not in self._sets:
+                log.warning("ignoring unknown event set %r", name)
+        # validate filters first so a bad one changes nothing
+        errors: dict[str, str] = {}
+        for name, cfg in desired.items():
+            if name in self._sets:
+                try:
+                    build_filter(TfControl(), 0, cfg.filters)
+                except FilterError as e:
+                    errors[name] = str(e)
+        for name, cfg in desired.items():  # first enable: load, outside the engine's lock
+            if name in self._sets and cfg.enabled and name not in errors:
+                self.ensure_loaded(name, attach=True)
         with self._lock:
-            for name in desired:
-                if name not in self._sets:
-                    log.warning("ignoring unknown event set %r", name)
-            # validate filters first so a bad one changes nothing
-            errors: dict[str, str] = {}
-            for name, cfg in desired.items():
-                if name in self._sets:
-                    try:
-                        build_filter(TfControl(), 0, cfg.filters)
-                    except FilterError as e:
-                        errors[name] = str(e)
             now = time.monotonic()
             for name, st in self._sets.items():
                 cfg = desired.get(name)
@@ -330,7 +341,6 @@ class BpfEngine:
                     st.filters = cfg.filters
                     st.sample_rate = cfg.sample_rate
                 if want:
-                    self.ensure_loaded(name, attach=True)
                     if st.loaded:
                         try:
                             st.loaded.attach()
