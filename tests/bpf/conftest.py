@@ -56,7 +56,7 @@ def shared_engine(strategy: str | None) -> Any:
         sets = ALL_SETS if strategy else ()
         eng = BpfEngine(EngineOptions(strategies=forced, bpf_dir=BPF_DIR, hold_seconds=3600,
                                       sets=sets))  # fmt: skip
-        eng.capabilities()  # loads every set through the (forced) ladder
+        eng.capabilities(load=True)  # loads every set through the (forced) ladder
         eng.start()
         _engines[strategy] = eng
     return _engines[strategy]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,30 +12,93 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import WORKLOADS
+from tests.conftest import BPF_DIR, WORKLOADS, wait_until
 
 pytestmark = pytest.mark.bpf
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
 
 
-def test_probe_reports_kernel_features_and_strategy_per_set(host):
-    out = subprocess.run([*AGENT, "probe"], capture_output=True, text=True, timeout=120)
+SLOW = 10 if os.environ.get("TRACEFLEET_IN_VM") else 1  # the emulated guest
+
+
+def _probe(*args: str) -> dict:
+    out = subprocess.run([*AGENT, "probe", "-o", "json", *args], capture_output=True,
+                         text=True, timeout=300 * SLOW)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    report = json.loads(out.stdout)
-    assert report["kernel"] == os.uname().release
-    assert report["features"]["btf"] is True
-    assert set(report["event_sets"]) >= {"file", "exec", "net", "vfs"}
+    return json.loads(out.stdout)
+
+
+def _rungs(name: str) -> tuple[str, ...]:
+    return ("fentry", "tracepoint") if name == "vfs" else (
+        "sleepable", "fentry-sleepable", "exit-retry", "nofault")  # fmt: skip
+
+
+def test_probe_reports_kernel_features_and_strategy_per_set(host):
+    """`probe` plans each set from the feature probes without loading it; `probe --load`
+    loads every set for real, and the real ladder lands on the rung the probes planned."""
+    planned, loaded = _probe(), _probe("--load")
+    for report in (planned, loaded):
+        assert report["kernel"] == os.uname().release
+        assert report["features"]["btf"] is True
+        assert set(report["event_sets"]) >= {"file", "exec", "net", "vfs"}
+        assert report["features"]["probes"]["tracepoint"]["ok"], report["features"]["probes"]
+    for name, s in planned["event_sets"].items():
+        real = loaded["event_sets"][name]
+        assert (s["loaded"], real["loaded"]) == (False, True), name
+        assert s["strategy"] in _rungs(name), name
+        assert real["strategy"] == s["strategy"], (name, s["attempts"], real["attempts"])
+        for rep, ok_reason in ((s, "probe passed"), (real, "loaded and attached")):
+            last = rep["attempts"][-1]
+            assert (last["strategy"], last["ok"]) == (rep["strategy"], True)
+            assert last["reason"].startswith(ok_reason), last
+            # every better rung that was refused says why, in the kernel's words: not
+            # libbpf's "failed to load object" nor its memlock guess
+            for a in rep["attempts"][:-1]:
+                assert not a["ok"] and a["reason"]
+                assert a["strategy"] in rep["reason"]
+                assert "failed to load object" not in a["reason"], a
+                assert "ulimit" not in a["reason"], a
+
+
+def test_probe_loads_nothing_and_a_set_loads_when_first_enabled(host):
+    """The probe report and the Register message come from the feature probes: no event set
+    is loaded (verified) until it is enabled, and then only that one."""
+    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.controlclient import ControlClient
+    from tracefleet.agent.engine import EventSetConfig
+
+    with BpfEngine(EngineOptions(bpf_dir=BPF_DIR)) as eng:
+        caps = eng.capabilities()
+        reg = ControlClient(eng, "127.0.0.1:1", "n1")._register_message()
+        assert {s.name: s.strategy for s in eng.statuses()} == dict.fromkeys(caps["event_sets"],
+                                                                            "none")  # fmt: skip
+        # Register carries the planned rung of every set
+        assert {c.event_set: c.strategy for c in reg.capabilities} == {
+            n: s["strategy"] for n, s in caps["event_sets"].items()
+        }
+        assert all(c.strategy for c in reg.capabilities)
+        eng.apply({"file": EventSetConfig("file", True)})
+        by = {s.name: s for s in eng.statuses()}
+        assert by["file"].enabled and by["file"].attached, by["file"]
+        assert by["file"].strategy.split("+")[0] == caps["event_sets"]["file"]["strategy"]
+        assert {n for n, s in by.items() if s.strategy != "none"} == {"file"}
+
+
+def test_probe_table_names_each_set_rung_and_refusal(host):
+    """On a terminal `probe` prints a table: each set with its rung, each refused better
+    rung with the kernel's words, and every feature probe."""
+    report = _probe()
+    out = subprocess.run([*AGENT, "probe", "-o", "table"], capture_output=True, text=True,
+                         timeout=300 * SLOW)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
     for name, s in report["event_sets"].items():
-        rungs = ("fentry", "tracepoint") if name == "vfs" else (
-            "sleepable", "fentry-sleepable", "exit-retry", "nofault")  # fmt: skip
-        assert s["strategy"] in rungs, name
-        last = s["attempts"][-1]
-        assert (last["strategy"], last["ok"]) == (s["strategy"], True)
-        assert last["reason"].startswith("loaded and attached")
-        # every better rung that was refused says why
+        [row] = [ln for ln in lines if ln.split()[:1] == [name]]
+        assert row.split()[1] == s["strategy"], row
         for a in s["attempts"][:-1]:
-            assert not a["ok"] and a["reason"]
-            assert a["strategy"] in s["reason"]
+            assert any(a["strategy"] in ln and a["reason"] in ln for ln in lines), a
+    for feat, p in report["features"]["probes"].items():
+        assert any(ln.split()[:2] == [feat, "yes" if p["ok"] else "NO"] for ln in lines), feat
 
 
 def _release() -> tuple[int, int]:
@@ -94,3 +158,46 @@ def test_capture_refuses_unprivileged_user_with_cause_and_fix(host):
     )  # fmt: skip
     assert out.returncode == 3, out.stderr
     assert "missing privileges" in out.stderr and "fix:" in out.stderr
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Sample name with labels -> value, from the agent's /metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {k: float(v) for k, _, v in (ln.rpartition(" ") for ln in text.splitlines())
+            if k and not k.startswith("#")}  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_bpf_run_time_stats_only_with_the_flag(host, tmp_path: Path, flag: bool):
+    """Serving metrics leaves the kernel's host-wide BPF statistics off unless --bpf-stats
+    asks; with it, the kernel counts the runs of tracefleet's programs."""
+    from tests.e2e.fleet_helpers import free_port
+
+    port, ready = free_port(), tmp_path / "ready"
+    proc = subprocess.Popen(
+        [*AGENT, "capture", "-e", "file", "--duration", str(120 * SLOW), "--comm", "tf-none",
+         "--metrics-listen", f"127.0.0.1:{port}", "--ready-file", str(ready),
+         *(["--bpf-stats"] if flag else [])],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, 120 * SLOW, "capture ready")
+        assert proc.poll() is None, proc.communicate()[1]
+        m = _scrape(port)
+        [gauge] = [v for k, v in m.items() if k.startswith("tracefleet_agent_bpf_stats_enabled")]
+        assert gauge == (1.0 if flag else 0.0)
+        if flag:  # the kernel counts runs of the exit program of openat (any process's)
+
+            def runs() -> float:
+                (tmp_path / "touch").write_text("")  # an openat
+                return sum(v for k, v in _scrape(port).items()
+                           if k.startswith("tracefleet_agent_bpf_program_runs_total")
+                           and 'program="tp_exit_openat"' in k)  # fmt: skip
+
+            assert wait_until(runs, 60 * SLOW, "kernel-counted runs of tp_exit_openat")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120 * SLOW)

@@ -15,6 +15,9 @@ from typing import Any
 from tests.conftest import wait_until
 
 PY = sys.executable
+# the emulated guest is ~10x slower (more on a busy host): importing grpc alone, for the
+# controller or one CLI call, can take 30 s there
+SLOW = 10 if os.environ.get("TRACEFLEET_IN_VM") else 1
 
 
 def free_port() -> int:
@@ -50,7 +53,7 @@ class ControllerProc:
             assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
             return "listening on" in self.log.read_text()[offset:]
 
-        wait_until(ready, 30, "controller to listen")
+        wait_until(ready, 30 * SLOW, "controller to listen")
         return self
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -101,7 +104,7 @@ def cli(controller: str, *args: str, timeout: float = 60.0) -> subprocess.Comple
         [PY, "-m", "tracefleet.controller.cli", "--controller", controller, *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=timeout * SLOW,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
 

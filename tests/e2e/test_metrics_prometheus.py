@@ -194,6 +194,7 @@ def test_dashboards_and_rules_on_real_prometheus(procs: Procs, tmp_path: Path) -
             "role=e2e,tier=metrics",
             "--metrics-listen",
             f"127.0.0.1:{agent_metrics}",
+            "--bpf-stats",  # the dashboards' per-program run-time panels (off by default)
         ],
         env={**os.environ, "TRACEFLEET_BPF_DIR": str(BPF_DIR)},
     )

@@ -234,3 +234,45 @@ def test_agent_keeps_delivering_to_a_controller_that_never_acknowledges():
     seqs = [b.seq for b in svc.batches]
     assert seqs == list(range(1, len(seqs) + 1))  # in order, none twice, none missing
     assert result["stats"].batches_discarded == 0
+
+
+class _LoadingEngine(SyntheticEngine):
+    """apply() of an enabled set blocks as a first load does (the verifier: seconds), until
+    collect() has run three times meanwhile or a deadline passes."""
+
+    def __init__(self) -> None:
+        super().__init__(rate=200, seed=1)
+        self.collects_during_apply = 0
+        self._in_apply = threading.Event()
+        self._collected = threading.Event()
+
+    def apply(self, desired):
+        if any(c.enabled for c in desired.values()):
+            self._in_apply.set()
+            self._collected.wait(timeout=30)
+            self._in_apply.clear()
+        return super().apply(desired)
+
+    def collect(self):
+        if self._in_apply.is_set():
+            self.collects_during_apply += 1
+            if self.collects_during_apply >= 3:
+                self._collected.set()
+        return super().collect()
+
+
+def test_agent_keeps_reporting_while_an_apply_loads_a_set(controller):
+    """A node whose apply() is loading an event set still sends its aggregates, so the
+    controller does not call it stale (and `enable --wait` does not skip it)."""
+    engine = _LoadingEngine()
+    stop, t, _ = start_agent(controller.address, "db-1", {"role": "db"}, engine)
+    try:
+        node = wait_until(lambda: controller.controller.fleet.nodes.get("db-1"), what="register")
+        res = controller.call(controller.controller.configure, "file", True, "role=db")
+        wait_until(lambda: node.applied_generation == res.generation, timeout=60, what="ack")
+        assert engine.collects_during_apply >= 3
+        assert engine.enabled() == ["file"]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert not t.is_alive()

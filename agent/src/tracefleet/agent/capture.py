@@ -1,7 +1,8 @@
 """BpfEngine: the real capture engine. Loads event sets through the ladder, flips their enable
 bits, consumes the ring buffer, applies the user-space fallback, and keeps aggregates.
 
-Life of an event set: loaded (verified) on first use -> attached when enabled -> bit cleared
+Life of an event set: loaded (verified) when first enabled, at the best rung the feature
+probes allow (``ladder.probe_features``, run once) -> attached when enabled -> bit cleared
 at once when disabled -> detached after ``hold_seconds`` if it stays disabled (an attached
 syscall tracepoint costs every syscall on the host even with its bit off) -> re-attached,
 without a reload, when enabled again.
@@ -58,11 +59,15 @@ from tracefleet.agent.eventsets import BY_ID, EVENT_SETS, EventSetSpec, arg_spec
 from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.ladder import (
     LADDER,
+    RUNG_NEEDS,
     Attempt,
     LadderExhausted,
     LoadedSet,
+    ProbeResult,
     SharedMaps,
     load_set,
+    plan,
+    probe_features,
 )
 
 log = logging.getLogger("tracefleet.agent")
@@ -203,6 +208,7 @@ class BpfEngine:
         self.bpf_dir = Path(self.opts.bpf_dir or self.host.bpf_dir)
         self.fd_limit = raise_fd_limit()
         self._lock = threading.RLock()
+        self._load_lock = threading.Lock()  # one set loads at a time, outside _lock
         self._fds: list[int] = []
         self.shared = SharedMaps(
             control=self._create(libbpf.BPF_MAP_TYPE_ARRAY, "tf_control", 4,
@@ -241,6 +247,7 @@ class BpfEngine:
         self.fallback_rejected: collections.Counter[tuple[str, str]] = collections.Counter()
         self.heartbeat_ns = 0  # monotonic time of the consumer's last poll or record
         self.consumer_error = ""  # why the consumer thread ended, if it did
+        self._probes: dict[str, ProbeResult] | None = None
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
         self._stop = threading.Event()
@@ -256,14 +263,35 @@ class BpfEngine:
     def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
 
-    def ensure_loaded(self, name: str) -> _SetState:
-        """Load a set through the ladder (once). Failure is recorded in the state."""
+    def probes(self) -> dict[str, ProbeResult]:
+        """What this kernel allows, from the feature probes (run once, milliseconds each)."""
+        if self._probes is not None:  # never wait behind a set being loaded
+            return self._probes
         with self._lock:
+            if self._probes is None:
+                self._probes = probe_features(self.bpf_dir)
+            return self._probes
+
+    def _with_fallback(self, st: _SetState, kernel: Strategy) -> bool:
+        if st.forced:
+            want = st.forced == Strategy.USER_FALLBACK
+        else:
+            want = self.opts.user_fallback and kernel in (Strategy.EXIT_RETRY, Strategy.NOFAULT)
+        return want and self._fallback.available
+
+    def ensure_loaded(self, name: str, *, attach: bool = False) -> _SetState:
+        """Load a set through the ladder (once), from the best rung the probes allow (a
+        forced rung is tried as asked). With ``attach`` its programs stay attached (the set
+        is being enabled). Failure is recorded in the state. The verifier takes seconds (tens
+        in an emulated guest): it runs outside the engine's lock, so collect(), statuses()
+        and the consumer, hence the agent's heartbeat to its controller, go on meanwhile."""
+        with self._load_lock:
             st = self._sets[name]
             if st.loaded or st.error:
                 return st
+            probes = None if st.forced else self.probes()
             try:
-                st.loaded = load_set(
+                loaded = load_set(
                     st.spec,
                     self.bpf_dir,
                     self.shared,
@@ -271,23 +299,22 @@ class BpfEngine:
                     agent_tgid=os.getpid(),
                     wakeup_bytes=self.opts.wakeup_bytes,
                     inflight_entries=self.opts.inflight_entries,
+                    probes=probes,
+                    keep_attached=attach,
                 )
-                st.attempts = st.loaded.attempts
-                kernel = st.loaded.strategy
-                if st.forced:
-                    st.user_fallback = st.forced == Strategy.USER_FALLBACK
-                else:
-                    st.user_fallback = self.opts.user_fallback and kernel in (
-                        Strategy.EXIT_RETRY,
-                        Strategy.NOFAULT,
-                    )
-                st.user_fallback = st.user_fallback and self._fallback.available
-                log.info("event set %s: strategy %s%s", name, kernel.label,
-                         " + user-fallback" if st.user_fallback else "")  # fmt: skip
             except LadderExhausted as e:
-                st.attempts = e.attempts
-                st.error = str(e)
+                with self._lock:
+                    st.attempts = e.attempts
+                    st.error = str(e)
                 log.error("%s", e)
+                return st
+            with self._lock:
+                st.loaded = loaded
+                st.attempts = loaded.attempts
+                st.user_fallback = self._with_fallback(st, loaded.strategy)
+                st.disabled_at = time.monotonic()  # not idle: apply() enables it next
+            log.info("event set %s: strategy %s%s", name, loaded.strategy.label,
+                     " + user-fallback" if st.user_fallback else "")  # fmt: skip
             return st
 
     # ---- control -----------------------------------------------------------------------
@@ -303,18 +330,21 @@ class BpfEngine:
         return list(self._sets)
 
     def apply(self, desired: Mapping[str, EventSetConfig]) -> Sequence[SetStatus]:
+        for name in desired:
+            if name not in self._sets:
+                log.warning("ignoring unknown event set %r", name)
+        # validate filters first so a bad one changes nothing
+        errors: dict[str, str] = {}
+        for name, cfg in desired.items():
+            if name in self._sets:
+                try:
+                    build_filter(TfControl(), 0, cfg.filters)
+                except FilterError as e:
+                    errors[name] = str(e)
+        for name, cfg in desired.items():  # first enable: load, outside the engine's lock
+            if name in self._sets and cfg.enabled and name not in errors:
+                self.ensure_loaded(name, attach=True)
         with self._lock:
-            for name in desired:
-                if name not in self._sets:
-                    log.warning("ignoring unknown event set %r", name)
-            # validate filters first so a bad one changes nothing
-            errors: dict[str, str] = {}
-            for name, cfg in desired.items():
-                if name in self._sets:
-                    try:
-                        build_filter(TfControl(), 0, cfg.filters)
-                    except FilterError as e:
-                        errors[name] = str(e)
             now = time.monotonic()
             for name, st in self._sets.items():
                 cfg = desired.get(name)
@@ -323,7 +353,6 @@ class BpfEngine:
                     st.filters = cfg.filters
                     st.sample_rate = cfg.sample_rate
                 if want:
-                    self.ensure_loaded(name)
                     if st.loaded:
                         try:
                             st.loaded.attach()
@@ -773,19 +802,39 @@ class BpfEngine:
         return out
 
     # ---- report ------------------------------------------------------------------------
-    def capabilities(self) -> Mapping[str, Any]:
-        """Probe report. Loads every set through the ladder (without enabling it)."""
-        for name in self._sets:
-            self.ensure_loaded(name)
+    def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:
+        """Probe report: per set, the rung it runs (loaded) or will run (planned from the
+        feature probes; sets load when first enabled). ``load`` loads every set for real
+        first (seconds: the verifier on every program)."""
+        probes = self.probes()
+        if load:
+            for name in self._sets:
+                self.ensure_loaded(name)
         sets: dict[str, Any] = {}
         for name, st in self._sets.items():
-            chosen = st.loaded.strategy.label if st.loaded else None
-            better = [a for a in st.attempts if not a.ok]
+            attempts, chosen, fallback = st.attempts, None, st.user_fallback
+            if st.loaded:
+                chosen = st.loaded.strategy.label
+            elif not st.error:  # not loaded yet: what the probes allow
+                rungs = self._strategies_for(st)
+                best, attempts = plan(rungs, {} if st.forced else probes)
+                if best is not None:
+                    kernel = Strategy.NOFAULT if best == Strategy.USER_FALLBACK else best
+                    chosen, fallback = kernel.label, self._with_fallback(st, kernel)
+                    feats = ", ".join(RUNG_NEEDS.get(best, ()))
+                    why = f"probe passed ({feats}); loads when first enabled"
+                    if st.forced:
+                        why = "forced, not probed; loads when first enabled"
+                    elif not probes:
+                        why = "no feature probes (probe.bpf.o not built): tried when enabled"
+                    attempts = [*attempts, Attempt(best.label, True, why)]
+            better = [a for a in attempts if not a.ok]
             sets[name] = {
                 "strategy": chosen,
+                "loaded": st.loaded is not None,
                 "forced": st.forced.label if st.forced else None,
-                "user_fallback": st.user_fallback,
-                "attempts": [a.__dict__ for a in st.attempts],
+                "user_fallback": fallback,
+                "attempts": [a.__dict__ for a in attempts],
                 "reason": (
                     "best strategy available"
                     if chosen and not better
@@ -807,12 +856,19 @@ class BpfEngine:
                 "sleepable_tracepoints": self._sleepable_seen(),
                 "user_fallback": self._fallback.reason,
                 "capabilities": list(self.host.capabilities),
+                "probes": {
+                    f: {"ok": r.ok, "reason": r.reason, "ms": round(r.ms, 1)}
+                    for f, r in probes.items()
+                },
             },
             "bpf_dir": str(self.bpf_dir),
             "event_sets": sets,
         }
 
     def _sleepable_seen(self) -> bool:
+        probe = self.probes().get("sleepable-tracepoint")
+        if probe is not None and probe.ok:
+            return True
         return any(
             a.strategy == "sleepable" and a.ok for st in self._sets.values() for a in st.attempts
         )

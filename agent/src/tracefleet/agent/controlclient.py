@@ -284,7 +284,12 @@ class ControlClient:
 
     # engine -----------------------------------------------------------------------------
 
-    async def _engine(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _engine(self, fn: Callable[..., T], *args: Any, exclusive: bool = True) -> T:
+        """Run an engine call. Reads (collect, samples) are not ``exclusive``: they must not
+        wait behind an apply() that loads an event set (the verifier: seconds), or the
+        controller would hear nothing and call this agent stale meanwhile."""
+        if not exclusive and self.options.offload_engine_calls:
+            return await asyncio.to_thread(fn, *args)
         async with self._engine_lock:
             if self.options.offload_engine_calls:
                 return await asyncio.to_thread(fn, *args)
@@ -580,13 +585,13 @@ class ControlClient:
         if self._lease is not None and self._lease.until <= time.monotonic():
             self._lease = None
             await self._reconcile()
-        agg = await self._engine(self.engine.collect)
+        agg = await self._engine(self.engine.collect, exclusive=False)
         events: list[dict[str, Any]] = []
         lease = self._lease
         configured = any(c.enabled and c.sample_rate > 0 for c in (self.desired or {}).values())
         if lease is not None or configured:
             limit = lease.limit if lease is not None else self.options.default_sample_limit
-            events = await self._engine(self.engine.sample_events, limit)
+            events = await self._engine(self.engine.sample_events, limit, exclusive=False)
             if lease is not None and not configured:
                 events = [
                     e

@@ -60,13 +60,16 @@ _lib_lock = threading.Lock()
 _PRINT_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _cp, _vp)
 _print_cb: Any = None
 _libbpf_messages: list[str] = []
+_libbpf_count = 0  # messages printed so far (the list keeps only the last 200)
 
 
 def _on_print(level: int, fmt: bytes, va_list: int) -> int:
+    global _libbpf_count
     buf = ctypes.create_string_buffer(4096)
     _libc.vsnprintf(buf, len(buf), fmt, _vp(va_list))
     msg = buf.value.decode(errors="replace").rstrip()
     if msg:
+        _libbpf_count += 1
         _libbpf_messages.append(msg)
         del _libbpf_messages[:-200]
         # libbpf level 0 = warn, 1 = info, 2 = debug
@@ -159,9 +162,16 @@ def num_possible_cpus() -> int:
     return int(n)
 
 
-def recent_messages() -> list[str]:
-    """The last messages libbpf printed (warnings and errors), oldest first."""
-    return list(_libbpf_messages)
+def recent_messages(since: int | None = None) -> list[str]:
+    """The last messages libbpf printed (warnings and errors), oldest first; with ``since``
+    (a message_count() taken earlier), only those printed after it."""
+    if since is None:
+        return list(_libbpf_messages)
+    return _libbpf_messages[len(_libbpf_messages) - min(_libbpf_count - since, 200) :]
+
+
+def message_count() -> int:
+    return _libbpf_count
 
 
 def _errno() -> int:
