@@ -230,9 +230,17 @@ def _summary(engine: Any, names: list[str]) -> None:
         sa = agg.sets.get(n)
         k = engine.kernel_counters(n)
         outcomes = {f"{s}/{o}": c for (s, o), c in (sa.outcomes.items() if sa else [])}
+        # passed = written + dropped + lost + prefix-filtered + in flight (syscall sets)
+        acc = engine.accounting(n) if n != "vfs" else None
+        ident = (
+            f" passed={acc['passed']} lost={acc['lost']} in_flight={acc['in_flight']}"
+            f" unaccounted={acc['unaccounted']}"
+            if acc
+            else ""
+        )
         print(
             f"  {n}: events={sa.delivered if sa else 0} dropped={k['dropped']} "
-            f"filtered={k['filtered']} args={json.dumps(outcomes)}",
+            f"filtered={k['filtered']}{ident} args={json.dumps(outcomes)}",
             file=sys.stderr,
         )
 
