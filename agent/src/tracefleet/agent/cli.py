@@ -66,6 +66,24 @@ def _seconds(text: str) -> float:
     return value
 
 
+INFLIGHT_RANGE = (64, 1 << 20)
+
+
+def _inflight_entries(text: str) -> int:
+    """Per-thread in-flight slots per event set (argparse type)."""
+    lo, hi = INFLIGHT_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside {lo}..{hi}: pick at least the number of threads that may "
+            "block in a traced syscall at once (each slot holds about 1-3 KiB of kernel memory)"
+        )
+    return value
+
+
 def check_address(text: str, *, listen: bool = False) -> str:
     """host:port (or [v6]:port; port 0 only to listen on); ValueError naming the fix."""
     host, sep, port = text.strip().rpartition(":")
@@ -113,6 +131,7 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
             strategies=forced,
             user_fallback=not getattr(args, "no_user_fallback", False),
             hold_seconds=getattr(args, "hold_seconds", 30.0),
+            inflight_entries=getattr(args, "inflight_entries", 4096),
             mount_tracefs=True,
         )
     )
@@ -382,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                     type=_address_or_off,
                     help="serve Prometheus metrics while capturing (default: off)")  # fmt: skip
+    sc.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
+                    help="calls in flight tracked per event set; beyond N they are counted "
+                    "lost, never hidden (default: %(default)s)")  # fmt: skip
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
 
@@ -399,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
                     f"(env {env.METRICS_LISTEN}; default: %(default)s)")  # fmt: skip
     sr.add_argument("--hold-seconds", type=_seconds, default=30.0,
                     help="detach an event set after it stays disabled this long")  # fmt: skip
+    sr.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
+                    help="calls in flight tracked per event set; beyond N they are counted "
+                    "lost, never hidden (default: %(default)s)")  # fmt: skip
     sr.add_argument("--tls-dir", default=os.environ.get(env.TLS_DIR, ""), metavar="DIR",
                     help=f"mTLS to the controller with DIR/ca.crt, tls.crt, tls.key, re-read "
                     f"on every reconnect (env {env.TLS_DIR})")  # fmt: skip
