@@ -94,6 +94,12 @@ def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries)
         assert acc["passed"] == PARKED, acc
         assert acc["unaccounted"] == 0, acc
         assert acc["written"] + acc["dropped"] + acc["lost"] == PARKED, acc
+        # the same figures reach the metrics endpoint and the controller's aggregates
+        total = eng.totals()["file"]
+        assert (total.passed, total.lost, total.dropped) == (
+            acc["passed"], acc["lost"], acc["dropped"]), total  # fmt: skip
+        interval = eng.collect().sets["file"]
+        assert (interval.passed, interval.lost) == (acc["passed"], acc["lost"]), interval
         opens = [e for e in events if e["pid"] == proc.pid]
         assert all(e["syscall"] == "openat" and e["ret"] >= 0 for e in opens)
         assert all(e["args"]["pathname"]["value"] == str(fifo) for e in opens)

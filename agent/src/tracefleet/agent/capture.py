@@ -231,6 +231,7 @@ class BpfEngine:
         self._decode_errors = 0
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self.cleared: collections.Counter[str] = collections.Counter()  # detach clear-out
+        self._last_agent_lost: dict[str, int] = {}  # reaped + cleared at the last collect()
         # Per-set rings (a flood in one set cannot fill another's), all consumed by one
         # libbpf ring_buffer in one poll; memory: loaded sets x ring_bytes. _rb_lock
         # serialises ring_buffer__add with poll/consume.
@@ -564,6 +565,8 @@ class BpfEngine:
             kernel = self._read_stats()
             prev, self._last_kernel = self._last_kernel, kernel
             user, self._user_recovered = self._user_recovered, collections.Counter()
+            agent_lost = {n: self.reaped[n] + self.cleared[n] for n in self._sets}
+            prev_lost, self._last_agent_lost = self._last_agent_lost, agent_lost
             # the consumer thread may still add to the interval just swapped out: it moves
             # into the settled totals one collect() later
             for name, sa in list(self._pending.sets.items()):
@@ -583,6 +586,9 @@ class BpfEngine:
                 continue
             sa = agg.sets.setdefault(name, SetAggregate())
             sa.dropped = d[Stat.DROPPED]
+            sa.passed = d[Stat.PASSED]
+            deleted = agent_lost[name] - prev_lost.get(name, 0)
+            sa.lost = d[Stat.INFLIGHT_FULL] + d[Stat.INFLIGHT_STALE] + deleted
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             for stat, outcome in (
@@ -619,6 +625,9 @@ class BpfEngine:
                 continue
             sa = out.setdefault(name, SetAggregate())
             sa.dropped = k[Stat.DROPPED]
+            sa.passed = k[Stat.PASSED]
+            sa.lost = (k[Stat.INFLIGHT_FULL] + k[Stat.INFLIGHT_STALE] + self.reaped[name]
+                       + self.cleared[name])  # fmt: skip
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             sa.outcomes = {
