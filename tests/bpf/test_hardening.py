@@ -59,6 +59,8 @@ def _finish(proc: subprocess.Popen[str], line: str = "go\n") -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+# 10,000 threads in the emulated guest take minutes: past the suite's 600 s per test
+@pytest.mark.timeout(600 * SCALE)
 @pytest.mark.parametrize("entries", [4096, PARKED + 2048], ids=["map-smaller", "map-larger"])
 def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries):
     from tracefleet.agent.capture import BpfEngine, EngineOptions

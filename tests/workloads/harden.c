@@ -96,12 +96,15 @@ static int park(long n)
 	for (long i = 0; i < n; i++)
 		if ((errno = pthread_create(&th[i], &attr, parker, (void *)i)))
 			wl_die("pthread_create");
-	/* every thread inside openat (blocked on the FIFO), not merely started */
+	/* every thread inside openat (blocked on the FIFO), not merely started; a thread once
+	 * seen there stays until released, so each round checks only the others */
+	static char seen[MAX_THREADS];
 	while (parked < n) {
-		parked = 0;
 		for (long i = 0; i < n; i++)
-			if (tids[i] && in_syscall(tids[i]) == SYS_openat)
+			if (!seen[i] && tids[i] && in_syscall(tids[i]) == SYS_openat) {
+				seen[i] = 1;
 				parked++;
+			}
 		if (parked < n)
 			usleep(10000);
 	}
