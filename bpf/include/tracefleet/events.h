@@ -166,7 +166,8 @@ struct tf_hdr {
 struct tf_event {
 	struct tf_hdr hdr;
 	__s64 iargs[6];  /* raw syscall arguments */
-	struct tf_str str[TF_NSTR];
+	struct tf_str str[TF_NSTR]; /* open family (one path): str[1] is the kernel's path of
+				     * the opened file when str[0] was not read at entry */
 	struct tf_blob blob;
 };
 
