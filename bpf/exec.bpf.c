@@ -14,7 +14,7 @@
 #define SET TF_SET_EXEC
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024); /* resized by the agent */
 	__type(key, __u32); /* tid */
 	__type(value, struct tf_exec_event);
@@ -89,13 +89,12 @@ static __always_inline int tf_exec_enter(const unsigned long *a, __u16 sc, int f
 
 	if (!tf_should_trace(SET, id >> 32))
 		return 0;
+	tf_count(SET, TF_STAT_PASSED);
 	tmpl = bpf_map_lookup_elem(&tf_zero_exec, &zero);
 	if (!tmpl)
 		return 0;
-	if (bpf_map_update_elem(&tf_exec_inflight, &tid, tmpl, BPF_ANY)) {
-		tf_count(SET, TF_STAT_INFLIGHT_FULL);
+	if (!tf_inflight_insert(&tf_exec_inflight, &tid, tmpl, SET))
 		return 0;
-	}
 	e = bpf_map_lookup_elem(&tf_exec_inflight, &tid);
 	if (!e)
 		return 0;
@@ -160,8 +159,10 @@ int tp_sched_exec(struct trace_event_raw_sched_process_exec *ctx)
 			e->argv_status = TF_ST_TRUNCATED;
 	}
 	if (old_tid != tid) {
-		/* exec from a non-leader thread: it now runs under the leader's id */
-		bpf_map_update_elem(&tf_exec_inflight, &tid, e, BPF_ANY);
+		/* exec from a non-leader thread: it now runs under the leader's id (the leader's
+		 * own slot, if any, belongs to a call that died with it) */
+		if (bpf_map_update_elem(&tf_exec_inflight, &tid, e, BPF_ANY))
+			tf_count(SET, TF_STAT_INFLIGHT_FULL);
 		bpf_map_delete_elem(&tf_exec_inflight, &old_tid);
 	}
 	return 0;
@@ -188,6 +189,7 @@ static __always_inline int tf_exec_exit(long ret)
 		e->argv_status = TF_ST_LOST;
 	if (!tf_prefix_ok(SET, &e->filename)) {
 		tf_count(SET, TF_STAT_FILTERED);
+		tf_count(SET, TF_STAT_PREFIX_FILTERED);
 		bpf_map_delete_elem(&tf_exec_inflight, &tid);
 		return 0;
 	}

@@ -36,9 +36,10 @@ struct {
 	__type(value, struct tf_vfs_io);
 } tf_vfs_io SEC(".maps");
 
-/* Per-thread record between the two halves of an operation (entry/exit). */
+/* Per-thread record between the two halves of an operation (entry/exit); a plain hash, so
+ * that a full map is counted rather than evicting another thread's call. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096); /* resized by the agent */
 	__type(key, __u32);
 	__type(value, struct tf_vfs_event);

@@ -2,9 +2,10 @@
 /*
  * tracefleet: maps, settings and helpers shared by every event set's programs.
  *
- * Shared maps (tf_control, tf_events, tf_stats) are declared identically in every object;
- * the agent creates them once and hands the same fds to each object before load
- * (bpf_map__reuse_fd), so one enable word, one ring buffer and one counter table serve all.
+ * Shared maps (tf_control, tf_stats) are declared identically in every object; the agent
+ * creates them once and hands the same fds to each object before load (bpf_map__reuse_fd),
+ * so one enable word and one counter table serve all. tf_events is one ring per event set
+ * (the agent hands each set's object its own), so a flood in one set cannot fill another's.
  */
 #ifndef __TRACEFLEET_COMMON_BPF_H
 #define __TRACEFLEET_COMMON_BPF_H
@@ -74,6 +75,12 @@ static __always_inline void tf_count_status(__u32 set, __u8 status)
 		break;
 	case TF_ST_TORN:
 		tf_count(set, TF_STAT_ARG_TORN);
+		break;
+	case TF_ST_MISMATCH:
+		tf_count(set, TF_STAT_ARG_MISMATCH);
+		break;
+	case TF_ST_REREAD:
+		tf_count(set, TF_STAT_ARG_REREAD);
 		break;
 	}
 }
@@ -299,6 +306,26 @@ static __always_inline void tf_submit(__u32 set, void *rec, __u64 size)
 		tf_count(set, TF_STAT_DROPPED);
 	else
 		tf_count(set, TF_STAT_EVENTS);
+}
+
+/*
+ * Take the calling thread's slot in a per-thread in-flight hash. A slot still taken means a
+ * call of this tid never exited (the thread died inside it and its tid was reused before
+ * the agent reaped it): that call is lost, and counted. A full map refuses, counted.
+ */
+static __always_inline bool tf_inflight_insert(void *map, __u32 *tid, void *tmpl, __u32 set)
+{
+	long err = bpf_map_update_elem(map, tid, tmpl, BPF_NOEXIST);
+
+	if (err == -17 /* EEXIST */) {
+		tf_count(set, TF_STAT_INFLIGHT_STALE);
+		err = bpf_map_update_elem(map, tid, tmpl, BPF_EXIST);
+	}
+	if (err) {
+		tf_count(set, TF_STAT_INFLIGHT_FULL);
+		return false;
+	}
+	return true;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

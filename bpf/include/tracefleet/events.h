@@ -40,6 +40,11 @@ enum tf_status {
 	TF_ST_PENDING = 5,   /* faulted at entry, retry scheduled */
 	TF_ST_TORN = 6,      /* a kernel name changed while it was read (concurrent rename):
 			      * the value may mix two names and is not to be trusted */
+	TF_ST_MISMATCH = 7,  /* re-read after the call, and its last component is not the name
+			      * of the file the kernel opened: the record carries the kernel's
+			      * path (open family, str[1]); the re-read value is not to be trusted */
+	TF_ST_REREAD = 8,    /* struct re-read after the call (exit retry): the memory may have
+			      * changed since the kernel used it, and nothing can check it */
 };
 
 /* Capture strategies, best first. */
@@ -113,6 +118,15 @@ enum tf_stat {
 	TF_STAT_INFLIGHT_FULL = 7, /* entries that found no room for per-thread state */
 	TF_STAT_ORPHAN_EXIT = 8,   /* exits with no matching entry (attached mid-syscall) */
 	TF_STAT_ARG_TORN = 9,      /* names changed while read (concurrent rename) */
+	TF_STAT_PASSED = 10,       /* syscall entries that passed the pid/comm/cgroup filters */
+	TF_STAT_PREFIX_FILTERED = 11, /* of those, dropped at exit by the path-prefix filter */
+	TF_STAT_ARG_MISMATCH = 12, /* re-read names that differ from the file the kernel opened */
+	TF_STAT_ARG_REREAD = 13,   /* structs re-read after the call (unverifiable) */
+	TF_STAT_INFLIGHT_STALE = 14, /* entries that found their tid's slot still taken by a
+				      * call that never exited (thread died mid-call): the old
+				      * call is lost here, counted */
+	/* identity, per set, once no call is in flight: PASSED = EVENTS + DROPPED +
+	 * INFLIGHT_FULL + INFLIGHT_STALE + PREFIX_FILTERED + entries the agent deleted */
 	TF_STAT_MAX = 16,
 };
 
@@ -157,7 +171,8 @@ struct tf_hdr {
 struct tf_event {
 	struct tf_hdr hdr;
 	__s64 iargs[6];  /* raw syscall arguments */
-	struct tf_str str[TF_NSTR];
+	struct tf_str str[TF_NSTR]; /* open family (one path): str[1] is the kernel's path of
+				     * the opened file when str[0] was not read at entry */
 	struct tf_blob blob;
 };
 

@@ -8,19 +8,26 @@
  *   tps_enter_<name>  tracepoint, sleepable copy           (sleepable; BPF_F_SLEEPABLE set by the agent)
  *   fs_enter_<name>   fentry.s on the syscall function      (fentry-sleepable)
  *   tp_exit_<name>    tracepoint at exit: return value, retry, emit (every strategy)
- * The per-thread record lives in tf_inflight between entry and exit. It is an LRU map, so a
- * missed exit (detach mid-syscall, a thread that never returns) cannot leak entries.
+ * The per-thread record lives in tf_inflight between entry and exit. It is a plain hash, not
+ * an LRU: an LRU evicts the oldest entries silently when full, so any process could hide a
+ * call by parking enough threads in syscalls. Here a full map refuses the insert, counted
+ * (TF_STAT_INFLIGHT_FULL); the agent sizes it and deletes the entries of dead threads.
  */
 #ifndef __TRACEFLEET_SYSCALL_EVENT_BPF_H
 #define __TRACEFLEET_SYSCALL_EVENT_BPF_H
 
 #include "tracefleet/common.bpf.h"
 #include "tracefleet/args.bpf.h"
+/* fd -> file -> path, for checking what the open family opened; the rest is unused here */
+#pragma clang diagnostic push
+#pragma clang diagnostic ignored "-Wunused-function"
+#include "tracefleet/vfs_path.bpf.h"
+#pragma clang diagnostic pop
 
 #define TF_NOARG (-1)
 
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 4096); /* resized by the agent */
 	__type(key, __u32); /* tid */
 	__type(value, struct tf_event);
@@ -49,13 +56,12 @@ static __always_inline int tf_sys_enter(const unsigned long *a, __u32 set, __u16
 
 	if (!tf_should_trace(set, id >> 32))
 		return 0;
+	tf_count(set, TF_STAT_PASSED);
 	tmpl = bpf_map_lookup_elem(&tf_zero_event, &zero);
 	if (!tmpl)
 		return 0;
-	if (bpf_map_update_elem(&tf_inflight, &tid, tmpl, BPF_ANY)) {
-		tf_count(set, TF_STAT_INFLIGHT_FULL);
+	if (!tf_inflight_insert(&tf_inflight, &tid, tmpl, set))
 		return 0;
-	}
 	e = bpf_map_lookup_elem(&tf_inflight, &tid);
 	if (!e)
 		return 0;
@@ -71,7 +77,69 @@ static __always_inline int tf_sys_enter(const unsigned long *a, __u32 set, __u16
 	return 0;
 }
 
-static __always_inline int tf_sys_exit(long ret, __u32 set, int blob, int blob_len, bool blob_out)
+static __always_inline bool tf_open_family(__u16 sc)
+{
+	return sc == TF_SC_OPENAT || sc == TF_SC_OPENAT2 || sc == TF_SC_CREAT || sc == TF_SC_OPEN;
+}
+
+/*
+ * Is `name` (n bytes) the last component of path p? 1 yes, 0 no, -1 no verdict (the last
+ * component is "." or "..", which name a directory by another name).
+ */
+static __always_inline int tf_last_is(const struct tf_str *p, const char *name, long n)
+{
+	__u32 end = p->len, start;
+
+	for (int i = 0; i < 8 && end > 1 && p->data[(end - 1) & (TF_PATH_MAX - 1)] == '/'; i++)
+		end--; /* "dir/" names dir */
+	if (end && p->data[(end - 1) & (TF_PATH_MAX - 1)] == '.') {
+		char b1 = end > 1 ? p->data[(end - 2) & (TF_PATH_MAX - 1)] : '/';
+		char b2 = end > 2 ? p->data[(end - 3) & (TF_PATH_MAX - 1)] : '/';
+
+		if (b1 == '/' || (b1 == '.' && b2 == '/'))
+			return -1;
+	}
+	if (n <= 0 || n > end)
+		return 0;
+	start = end - n;
+	if (start > 0 && p->data[(start - 1) & (TF_PATH_MAX - 1)] != '/')
+		return 0;
+	for (int i = 0; i < TF_NAME_MAX; i++) {
+		if (i >= n)
+			break;
+		if (p->data[(start + i) & (TF_PATH_MAX - 1)] != name[i & (TF_NAME_MAX - 1)])
+			return 0;
+	}
+	return 1;
+}
+
+/*
+ * Open family, call succeeded: the fd it returned names the file the kernel opened. Its path
+ * goes into str[1] whenever the captured name was not read at entry (re-read or lost), and a
+ * re-read name whose last component is not that file's name is marked TF_ST_MISMATCH: a
+ * sibling thread may have rewritten the buffer while the call ran.
+ */
+static __always_inline void tf_check_open(struct tf_event *e, long fd)
+{
+	struct tf_vfs_scratch *s = tf_scratch();
+	struct file *f = tf_fd_file(fd);
+	struct dentry *d, *parent;
+	bool torn = false;
+	long n;
+
+	if (!s || !f)
+		return;
+	d = BPF_CORE_READ(f, f_path.dentry);
+	tf_walk_path(&e->str[1], d, BPF_CORE_READ(f, f_path.mnt));
+	if (e->str[0].status != TF_ST_RECOVERED)
+		return;
+	n = tf_dentry_name(s, d, &parent, &torn);
+	if (n > 0 && !torn && tf_last_is(&e->str[0], s->name, n) == 0)
+		e->str[0].status = TF_ST_MISMATCH;
+}
+
+static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, int blob_len,
+				       bool blob_out)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
 	struct tf_event *e = bpf_map_lookup_elem(&tf_inflight, &tid);
@@ -85,8 +153,11 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, int blob, int blob_l
 		tf_retry_str(&e->str[1]);
 		if (e->blob.status == TF_ST_PENDING)
 			tf_read_blob(&e->blob, e->blob.uptr, e->iargs[blob_len & 7], false,
-				     TF_ST_RECOVERED, TF_STRAT_EXIT_RETRY);
+				     TF_ST_REREAD, TF_STRAT_EXIT_RETRY);
 	}
+	if (tf_open_family(sc) && ret >= 0 && e->str[0].status != TF_ST_OK &&
+	    e->str[0].status != TF_ST_TRUNCATED)
+		tf_check_open(e, ret);
 	if (blob >= 0 && blob_out && ret >= 0) {
 		/* accept4: the kernel wrote the peer address and its length */
 		int len = 0;
@@ -99,6 +170,7 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, int blob, int blob_l
 	}
 	if (!tf_prefix_ok(set, &e->str[0])) {
 		tf_count(set, TF_STAT_FILTERED);
+		tf_count(set, TF_STAT_PREFIX_FILTERED);
 		bpf_map_delete_elem(&tf_inflight, &tid);
 		return 0;
 	}
@@ -135,7 +207,7 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, int blob, int blob_l
 	SEC("tp/syscalls/sys_exit_" #name)                                                    \
 	int tp_exit_##name(struct trace_event_raw_sys_exit *ctx)                              \
 	{                                                                                     \
-		return tf_sys_exit(ctx->ret, set, blob, blob_len, blob_out);                  \
+		return tf_sys_exit(ctx->ret, set, sc, blob, blob_len, blob_out);                  \
 	}
 
 #endif /* __TRACEFLEET_SYSCALL_EVENT_BPF_H */

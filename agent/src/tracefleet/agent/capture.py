@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import dataclasses
 import logging
 import os
 import random
@@ -146,7 +147,7 @@ class _SetState:
 @dataclass
 class EngineOptions:
     bpf_dir: Path | None = None
-    ring_bytes: int = 8 << 20
+    ring_bytes: int = 8 << 20  # per event set: each loaded set has its own ring
     wakeup_bytes: int = 1 << 20  # batch: wake the consumer at 1 MiB queued, else poll timer
     poll_ms: int = 20
     hold_seconds: float = 30.0
@@ -213,8 +214,7 @@ class BpfEngine:
         self.shared = SharedMaps(
             control=self._create(libbpf.BPF_MAP_TYPE_ARRAY, "tf_control", 4,
                                  ctypes.sizeof(TfControl), 1),
-            events=self._create(libbpf.BPF_MAP_TYPE_RINGBUF, "tf_events", 0, 0,
-                                self.opts.ring_bytes),
+            events=-1,  # one ring per set, created when the set loads (_ring_for)
             stats=self._create(libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, "tf_stats", 4, 8,
                                TF_SET_MAX * TF_STAT_MAX),
         )  # fmt: skip
@@ -249,7 +249,14 @@ class BpfEngine:
         self.consumer_error = ""  # why the consumer thread ended, if it did
         self._probes: dict[str, ProbeResult] | None = None
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
-        self._rb = libbpf.RingBuffer(self.shared.events, self._on_record)
+        self.cleared: collections.Counter[str] = collections.Counter()  # detach clear-out
+        self._last_agent_lost: dict[str, int] = {}  # reaped + cleared at the last collect()
+        # Per-set rings (a flood in one set cannot fill another's), all consumed by one
+        # libbpf ring_buffer in one poll; memory: loaded sets x ring_bytes. _rb_lock
+        # serialises ring_buffer__add with poll/consume.
+        self._rings: dict[str, int] = {}
+        self._rb: libbpf.RingBuffer | None = None
+        self._rb_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_control()
@@ -259,6 +266,19 @@ class BpfEngine:
         fd = libbpf.map_create(mtype, name, ksz, vsz, n)
         self._fds.append(fd)
         return fd
+
+    def _ring_for(self, name: str) -> int:
+        """The set's own ring, created (and added to the consumer) on first use."""
+        if name not in self._rings:
+            fd = self._create(libbpf.BPF_MAP_TYPE_RINGBUF, f"tf_ev_{name}"[:15], 0, 0,
+                              self.opts.ring_bytes)  # fmt: skip
+            with self._rb_lock:
+                if self._rb is None:
+                    self._rb = libbpf.RingBuffer(fd, self._on_record)
+                else:
+                    self._rb.add(fd)
+            self._rings[name] = fd
+        return self._rings[name]
 
     def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
@@ -294,7 +314,7 @@ class BpfEngine:
                 loaded = load_set(
                     st.spec,
                     self.bpf_dir,
-                    self.shared,
+                    dataclasses.replace(self.shared, events=self._ring_for(name)),
                     strategies=self._strategies_for(st),
                     agent_tgid=os.getpid(),
                     wakeup_bytes=self.opts.wakeup_bytes,
@@ -411,16 +431,18 @@ class BpfEngine:
         return n
 
     def _clear_inflight(self, st: _SetState) -> None:
-        """Per-thread state of a detached set can never complete: drop it."""
-        self._drop_inflight(st)
+        """Per-thread state of a detached set can never complete: drop it (counted: those
+        calls passed the filters and are neither delivered nor dropped)."""
+        self.cleared[st.spec.name] += self._drop_inflight(st)
 
     def reap_inflight(self) -> dict[str, int]:
         """Drop the per-thread entries of threads that no longer exist; returns how many per
         set (also added to ``self.reaped``). The kernel deletes an entry at the syscall's exit;
         a thread that dies without one (on the 7.2 guest, a thread killed by a sibling's exec
-        while blocked in a syscall left one) would otherwise hold its slot until the LRU
-        evicts it. Tids are the kernel's (init PID namespace): the agent runs with hostPID,
-        as its own-pid filter already requires."""
+        while blocked in a syscall left one) would otherwise hold its slot for good
+        (the in-flight maps are plain hashes: an LRU would evict live calls silently). Tids
+        are the kernel's (init PID namespace): the agent runs with hostPID, as its own-pid
+        filter already requires."""
         out: dict[str, int] = {}
         with self._lock:
             for name, st in self._sets.items():
@@ -609,10 +631,16 @@ class BpfEngine:
 
     def poll_once(self, timeout_ms: int | None = None) -> int:
         self.heartbeat_ns = time.monotonic_ns()
-        return self._rb.poll(self.opts.poll_ms if timeout_ms is None else timeout_ms)
+        timeout = self.opts.poll_ms if timeout_ms is None else timeout_ms
+        with self._rb_lock:
+            if self._rb is not None:
+                return self._rb.poll(timeout)
+        self._stop.wait(timeout / 1000)  # no set loaded yet: nothing to poll
+        return 0
 
     def drain(self) -> int:
-        return self._rb.consume()
+        with self._rb_lock:
+            return self._rb.consume() if self._rb is not None else 0
 
     def start(self) -> None:
         if self._thread:
@@ -683,6 +711,29 @@ class BpfEngine:
         stats = self._read_stats()
         return {s.name.lower(): stats[sid * TF_STAT_MAX + int(s)] for s in Stat}
 
+    def accounting(self, name: str) -> dict[str, int]:
+        """Where every call that passed the set's filters went (syscall sets: file, exec,
+        net). ``passed = written + dropped + lost + prefix_filtered + in_flight``, with
+        ``lost`` the counted losses (in-flight map full, a dead thread's slot retaken, entries
+        of dead threads or of a detached set deleted by the agent); ``unaccounted`` is what
+        breaks the identity, 0 unless calls vanish silently. ``written`` is the kernel's count
+        of records put in the ring (the consumer delivers each once it reads it)."""
+        k = self.kernel_counters(name)
+        in_flight = self.inflight_count(name)
+        lost = k["inflight_full"] + k["inflight_stale"] + self.reaped[name] + self.cleared[name]
+        out = {
+            "passed": k["passed"],
+            "written": k["events"],
+            "dropped": k["dropped"],
+            "lost": lost,
+            "prefix_filtered": k["prefix_filtered"],
+            "in_flight": in_flight,
+        }
+        out["unaccounted"] = out["passed"] - (
+            out["written"] + out["dropped"] + lost + out["prefix_filtered"] + in_flight
+        )
+        return out
+
     def _new_aggregates(self) -> Aggregates:
         now = time.time_ns()
         return Aggregates(interval_start_ns=now, interval_end_ns=now)
@@ -693,6 +744,8 @@ class BpfEngine:
             kernel = self._read_stats()
             prev, self._last_kernel = self._last_kernel, kernel
             user, self._user_recovered = self._user_recovered, collections.Counter()
+            agent_lost = {n: self.reaped[n] + self.cleared[n] for n in self._sets}
+            prev_lost, self._last_agent_lost = self._last_agent_lost, agent_lost
             # the consumer thread may still add to the interval just swapped out: it moves
             # into the settled totals one collect() later
             for name, sa in list(self._pending.sets.items()):
@@ -712,6 +765,9 @@ class BpfEngine:
                 continue
             sa = agg.sets.setdefault(name, SetAggregate())
             sa.dropped = d[Stat.DROPPED]
+            sa.passed = d[Stat.PASSED]
+            deleted = agent_lost[name] - prev_lost.get(name, 0)
+            sa.lost = d[Stat.INFLIGHT_FULL] + d[Stat.INFLIGHT_STALE] + deleted
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             truncated_user = user.get(f"{name}/truncated", 0)
@@ -721,6 +777,8 @@ class BpfEngine:
                 (Stat.ARG_LOST, "lost"),
                 (Stat.ARG_TRUNCATED, "truncated"),
                 (Stat.ARG_TORN, "torn"),
+                (Stat.ARG_MISMATCH, "mismatch"),
+                (Stat.ARG_REREAD, "reread"),
             ):
                 n = d[stat] - (recovered_user if stat == Stat.ARG_LOST else 0)
                 if n:
@@ -749,6 +807,9 @@ class BpfEngine:
                 continue
             sa = out.setdefault(name, SetAggregate())
             sa.dropped = k[Stat.DROPPED]
+            sa.passed = k[Stat.PASSED]
+            sa.lost = (k[Stat.INFLIGHT_FULL] + k[Stat.INFLIGHT_STALE] + self.reaped[name]
+                       + self.cleared[name])  # fmt: skip
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             truncated_user = user.get(f"{name}/truncated", 0)
@@ -758,8 +819,13 @@ class BpfEngine:
                 (strat, "lost"): max(0, k[Stat.ARG_LOST] - recovered_user),
                 (strat, "truncated"): k[Stat.ARG_TRUNCATED],
             }
-            if k[Stat.ARG_TORN]:
-                sa.outcomes[(strat, "torn")] = k[Stat.ARG_TORN]
+            for stat, outcome in (
+                (Stat.ARG_TORN, "torn"),
+                (Stat.ARG_MISMATCH, "mismatch"),
+                (Stat.ARG_REREAD, "reread"),
+            ):
+                if k[stat]:
+                    sa.outcomes[(strat, outcome)] = k[stat]
             if recovered_user or st.user_fallback:
                 sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
             if truncated_user:
@@ -875,7 +941,8 @@ class BpfEngine:
 
     def close(self) -> None:
         self._stop.set()
-        self._rb.abort()  # a drain in progress stops at its next record
+        if self._rb is not None:
+            self._rb.abort()  # a drain in progress stops at its next record
         alive = False
         if self._thread:
             self._thread.join(timeout=30)
@@ -887,7 +954,7 @@ class BpfEngine:
                 if st.loaded:
                     st.loaded.close()
                     st.loaded = None
-            if not alive:  # never unmap the ring under a running consumer
+            if not alive and self._rb is not None:  # never unmap a ring under a consumer
                 self._rb.close()
             if self._stats_fd is not None:
                 os.close(self._stats_fd)

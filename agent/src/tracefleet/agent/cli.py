@@ -129,6 +129,24 @@ DEFAULT_STATE_FILE = "/var/lib/tracefleet/agent-state.json"
 DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
 
 
+INFLIGHT_RANGE = (64, 1 << 20)
+
+
+def _inflight_entries(text: str) -> int:
+    """Per-thread in-flight slots per event set (argparse type)."""
+    lo, hi = INFLIGHT_RANGE
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside {lo}..{hi}: pick at least the number of threads that may "
+            "block in a traced syscall at once (each slot holds about 1-3 KiB of kernel memory)"
+        )
+    return value
+
+
 def check_address(text: str, *, listen: bool = False) -> str:
     """host:port (or [v6]:port; port 0 only to listen on), or unix:/PATH for a controller;
     ValueError naming the fix."""
@@ -182,6 +200,7 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
             strategies=forced,
             user_fallback=not getattr(args, "no_user_fallback", False),
             hold_seconds=getattr(args, "hold_seconds", 30.0),
+            inflight_entries=getattr(args, "inflight_entries", 4096),
             mount_tracefs=True,
         )
     )
@@ -336,9 +355,17 @@ def _summary(engine: Any, names: list[str]) -> None:
         outcomes = {f"{s}/{o}": c for (s, o), c in (sa.outcomes.items() if sa else [])}
         errors = {c: v for (s, c), v in sorted(engine.errors.snapshot().items()) if s == n}
         rejected = {c: v for (s, c), v in sorted(engine.fallback_rejected.items()) if s == n}
+        # passed = written + dropped + lost + prefix-filtered + in flight (syscall sets)
+        acc = engine.accounting(n) if n != "vfs" else None
+        ident = (
+            f" passed={acc['passed']} lost={acc['lost']} in_flight={acc['in_flight']}"
+            f" unaccounted={acc['unaccounted']}"
+            if acc
+            else ""
+        )
         print(
             f"  {n}: events={sa.delivered if sa else 0} dropped={k['dropped']} "
-            f"filtered={k['filtered']} args={json.dumps(outcomes)} "
+            f"filtered={k['filtered']}{ident} args={json.dumps(outcomes)} "
             f"record_errors={json.dumps(errors)} fallback_rejected={json.dumps(rejected)}",
             file=sys.stderr,
         )
@@ -508,6 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
                     type=_address_or_off,
                     help="serve Prometheus metrics while capturing (default: off)")  # fmt: skip
     sc.add_argument("--bpf-stats", action="store_true", help=BPF_STATS_HELP)
+    sc.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
+                    help="calls in flight tracked per event set; beyond N they are counted "
+                    "lost, never hidden (default: %(default)s)")  # fmt: skip
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
 
@@ -528,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--bpf-stats", action="store_true", help=BPF_STATS_HELP)
     sr.add_argument("--hold-seconds", type=_seconds, default=30.0,
                     help="detach an event set after it stays disabled this long")  # fmt: skip
+    sr.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
+                    help="calls in flight tracked per event set; beyond N they are counted "
+                    "lost, never hidden (default: %(default)s)")  # fmt: skip
     sr.add_argument("--tls-dir", default=os.environ.get(env.TLS_DIR, ""), metavar="DIR",
                     help=f"mTLS to the controller with DIR/ca.crt, tls.crt, tls.key, re-read "
                     f"on every reconnect (env {env.TLS_DIR})")  # fmt: skip

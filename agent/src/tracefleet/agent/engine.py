@@ -72,6 +72,12 @@ class SetAggregate:
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)
     delivered: int = 0
     dropped: int = 0  # ring buffer full or consumer lag, counted in the kernel
+    # calls that passed the filters (kernel count at syscall entry; syscall sets only) and
+    # those counted lost before reaching the ring (in-flight map full, slot of a dead
+    # thread, entries deleted by the agent): passed = written + dropped + lost +
+    # prefix-filtered + in flight
+    passed: int = 0
+    lost: int = 0
     latency: Histogram = field(default_factory=Histogram)  # syscall entry -> decoded in agent
 
 

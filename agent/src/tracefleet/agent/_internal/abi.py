@@ -40,6 +40,8 @@ class Status(enum.IntEnum):
     TRUNCATED = 4
     PENDING = 5
     TORN = 6
+    MISMATCH = 7  # re-read name differs from the file the kernel opened (kernel path in str[1])
+    REREAD = 8  # struct re-read after the call: unverifiable
 
     @property
     def label(self) -> str:
@@ -120,6 +122,11 @@ class Stat(enum.IntEnum):
     INFLIGHT_FULL = 7
     ORPHAN_EXIT = 8
     ARG_TORN = 9
+    PASSED = 10
+    PREFIX_FILTERED = 11
+    ARG_MISMATCH = 12
+    ARG_REREAD = 13
+    INFLIGHT_STALE = 14
 
 
 class PathKind(enum.IntEnum):

@@ -61,8 +61,11 @@ def text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="backslashreplace")
 
 
-# statuses whose bytes are shown (a torn name is shown too, marked, never as the truth)
-_SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED), int(Status.TORN))
+# statuses whose bytes are shown (a torn or mismatched name is shown too, marked, never as
+# the truth)
+_SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED), int(Status.TORN),
+          int(Status.MISMATCH))  # fmt: skip
+_BLOB_SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED), int(Status.REREAD))
 
 
 def str_arg(s: TfStr) -> dict[str, Any]:
@@ -105,7 +108,7 @@ def decode_open_how(raw: bytes) -> dict[str, Any]:
 
 def blob_arg(b: TfBlob, kind: str) -> dict[str, Any]:
     value: Any = None
-    if b.status in (1, 2, 4):
+    if b.status in _BLOB_SHOWN:
         raw = bytes(b.data)[: b.len]
         value = decode_sockaddr(raw) if kind == "sockaddr" else decode_open_how(raw)
     out: dict[str, Any] = {
@@ -275,6 +278,10 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
         args = _int_args(arg_spec, rec.iargs, ev["syscall"])
         for i, name in enumerate(arg_spec.strs):
             args[name] = str_arg(rec.str[i])
+        if len(arg_spec.strs) == 1 and rec.str[1].status != Status.NONE:
+            # open family: the file the returned fd names, resolved in the kernel at exit
+            # (set when the name was not read at entry; compare with a mismatch status)
+            args["kernel_path"] = str_arg(rec.str[1])
         if arg_spec.blob:
             args[arg_spec.blob] = blob_arg(rec.blob, arg_spec.blob_kind)
         ev["args"] = args

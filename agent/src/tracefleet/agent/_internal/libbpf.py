@@ -141,6 +141,7 @@ def lib() -> ctypes.CDLL:
         _sig(L.btf__type_by_id, _vp, _vp, ctypes.c_uint32)
         _sig(L.btf__name_by_offset, _cp, _vp, ctypes.c_uint32)
         _sig(L.ring_buffer__new, _vp, ctypes.c_int, _vp, _vp, _vp)
+        _sig(L.ring_buffer__add, ctypes.c_int, _vp, ctypes.c_int, _vp, _vp)
         _sig(L.ring_buffer__poll, ctypes.c_int, _vp, ctypes.c_int)
         _sig(L.ring_buffer__consume, ctypes.c_int, _vp)
         _sig(L.ring_buffer__free, None, _vp)
@@ -481,6 +482,14 @@ class RingBuffer:
         if not ptr:
             raise LibbpfError(_errno(), "create ring buffer consumer")
         self._ptr: int | None = ptr
+
+    def add(self, map_fd: int) -> None:
+        """Consume one more ring in the same poll (one epoll set, one callback). Not
+        concurrently with poll/consume: the caller serialises them."""
+        assert self._ptr
+        err = lib().ring_buffer__add(self._ptr, map_fd, ctypes.cast(self._cb, _vp), None)
+        if err < 0:
+            raise LibbpfError(err, "add a ring buffer to the consumer")
 
     def _raise_pending(self) -> None:
         if self._errors:

@@ -69,6 +69,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node", "event_set"),
         "Events lost in the kernel (ring buffer full or consumer lag), from kernel counters.",
     ),
+    "tracefleet_agent_calls_passed_total": (
+        "counter",
+        ("node", "event_set"),
+        "Syscalls that passed the event set's filters, counted in the kernel at entry: each is "
+        "delivered, dropped, counted lost, filtered by path prefix, or still in flight.",
+    ),
+    "tracefleet_agent_calls_lost_total": (
+        "counter",
+        ("node", "event_set"),
+        "Syscalls that passed the filters but never reached the ring buffer, counted: "
+        "in-flight map full, a dead thread's slot retaken, entries deleted by the agent.",
+    ),
     "tracefleet_agent_syscall_events_total": (
         "counter",
         ("node", "event_set", "syscall"),
@@ -237,6 +249,8 @@ class AgentCollector(Collector):
             )
             fams["tracefleet_agent_events_delivered_total"].add_metric([node, name], sa.delivered)
             fams["tracefleet_agent_events_dropped_total"].add_metric([node, name], sa.dropped)
+            fams["tracefleet_agent_calls_passed_total"].add_metric([node, name], sa.passed)
+            fams["tracefleet_agent_calls_lost_total"].add_metric([node, name], sa.lost)
             for sc, n in sorted(sa.events_by_syscall.items()):
                 fams["tracefleet_agent_syscall_events_total"].add_metric([node, name, sc], n)
             for (strategy, outcome), n in sorted(with_all_outcomes(sa.outcomes).items()):
