@@ -34,7 +34,11 @@ from tracefleet.agent.engine import EventSetConfig, Filters
 pytestmark = pytest.mark.bpf
 
 SCALE = 10 if os.environ.get("TRACEFLEET_IN_VM") else 1  # the emulated guest is ~10x slower
-PARKED = 10_000
+# at least 10,000 parked threads on a real host (the scale); in the emulated guest
+# 10,000 threads starve it for tens of minutes (hung-task warnings on the FIFO's lock), so
+# it parks fewer, still more than the smaller map holds: the property checked is the same
+PARKED = 1_500 if SCALE > 1 else 10_000
+SMALL_MAP = 512 if SCALE > 1 else 4096
 DECOY = "/etc/innocent-looking-path"
 
 
@@ -59,9 +63,8 @@ def _finish(proc: subprocess.Popen[str], line: str = "go\n") -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-# 10,000 threads in the emulated guest take minutes: past the suite's 600 s per test
 @pytest.mark.timeout(600 * SCALE)
-@pytest.mark.parametrize("entries", [4096, PARKED + 2048], ids=["map-smaller", "map-larger"])
+@pytest.mark.parametrize("entries", [SMALL_MAP, PARKED + 2048], ids=["map-smaller", "map-larger"])
 def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries):
     from tracefleet.agent.capture import BpfEngine, EngineOptions
 
