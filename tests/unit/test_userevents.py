@@ -41,6 +41,13 @@ def test_parse_format_fields_and_kinds() -> None:
     ]
 
 
+def test_parse_format_unsized_char_array_takes_its_size() -> None:
+    # 6.12 prints a registered char[16] as "char msg[]" with size 16
+    text = "ID: 5\n\tfield:char msg[];\toffset:12;\tsize:16;\tsigned:1;\n"
+    _, (f,) = userevents.parse_format(text)
+    assert (f.name, f.type, f.kind) == ("msg", "char[16]", "chars")
+
+
 def test_parse_format_without_id_is_a_named_error() -> None:
     with pytest.raises(userevents.UserEventsError, match="no 'ID:' line"):
         userevents.parse_format("format:\n")

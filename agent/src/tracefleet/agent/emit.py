@@ -72,6 +72,7 @@ class UserEvent:
         self._index = -1
         self.reason = ""
         self.emitted = 0
+        self.last_error = ""
         if not data_file.exists():
             self.reason = (
                 f"{data_file} is missing: this kernel ({os.uname().release}) has no "
@@ -130,8 +131,9 @@ class UserEvent:
             return False
         try:
             os.writev(self._fd, [self._head, *self.encode(*values)])
-        except OSError:
-            return False  # e.g. EBADF after close, or the event was deleted
+        except OSError as e:  # e.g. EBADF after close, or the event was deleted
+            self.last_error = e.strerror or str(e)
+            return False
         self.emitted += 1
         return True
 

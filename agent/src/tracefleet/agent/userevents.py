@@ -125,8 +125,11 @@ def parse_format(text: str) -> tuple[int, tuple[Field, ...]]:
             continue
         decl = m.group("decl").strip()
         ftype, _, name = decl.rpartition(" ")
+        size = int(m.group("size"))
         if "[" in name:  # "char msg[16]" -> type char[16], name msg
             name, _, dim = name.partition("[")
+            if dim == "]" and "loc" not in ftype:  # 6.12 prints "char msg[]" for char[16]
+                dim = f"{size}]"
             ftype = f"{ftype}[{dim}"
         if name.startswith("common_"):
             continue
@@ -411,11 +414,11 @@ class PerfTracepoint:
                 elif rtype == PERF_RECORD_SAMPLE:
                     # TID, TIME, CPU, RAW in sample_type bit order
                     pid, tid, ts, cpu, _res, rawlen = struct.unpack_from("<IIQIII", rec, 8)
-                    if 32 + rawlen > rsize:
+                    if 36 + rawlen > rsize:  # the raw data follows its u32 size at 32
                         self.counters.malformed += 1
                         continue
                     self.counters.events += 1
-                    yield pid, tid, ts, cpu, bytes(rec[32 : 32 + rawlen])
+                    yield pid, tid, ts, cpu, bytes(rec[36 : 36 + rawlen])
             struct.pack_into("<Q", mm, _TAIL_OFF, tail)
 
     @staticmethod
