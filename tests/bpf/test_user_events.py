@@ -210,7 +210,7 @@ def test_emitter_cost_per_call() -> None:
     _need_user_events()
     from tracefleet.agent import emit, userevents
 
-    n = 20000
+    n = 5000  # the no-check and enabled loops cost ~0.5 ms a call under TCG
     ev = emit.UserEvent("tf_cost", "u32 n; char[16] msg")
     try:
 
@@ -224,10 +224,9 @@ def test_emitter_cost_per_call() -> None:
         assert ev.emitted == 0
         nocheck_off = per_call(ev.write)
         nocheck_written, nocheck_error = ev.emitted, ev.last_error
-        with userevents.UserEventConsumer("tf_cost", TRACEFS, pages=256) as consumer:
+        with userevents.UserEventConsumer("tf_cost", TRACEFS):
             wait_until(lambda: ev.enabled, DEADLINE, "tf_cost enable bit")
             on = per_call(ev.emit)
-            consumer.poll(0)
         print(f"\nemitter ns/call: disabled {off:.0f}, enabled (perf attached) {on:.0f}, "
               f"no check, nobody listening {nocheck_off:.0f} ({nocheck_written} writes "
               f"accepted, last error {nocheck_error!r})")  # fmt: skip

@@ -466,7 +466,10 @@ class UserEventConsumer:
         self.perf.wait(timeout_s)
         out: list[Event] = []
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        comms: dict[int, str] = {}  # one /proc read per pid and batch, not per record
         for pid, tid, ts, _cpu, raw in self.perf.read():
+            if pid not in comms:
+                comms[pid] = _comm(pid)
             out.append(
                 Event(
                     ts_ns=ts,
@@ -474,7 +477,7 @@ class UserEventConsumer:
                     syscall=self.event.name,
                     pid=pid,
                     tid=tid,
-                    comm=_comm(pid),
+                    comm=comms[pid],
                     ret=0,
                     args=decode_fields(self.event, raw),
                     time_ns=self._wall0 + (ts - self._mono0),
