@@ -25,6 +25,9 @@ QUICK     ?=
 # run on the host only.
 VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
 VM_ARGS   ?= --memory 3G
+# The 6.12 guest (user_events built in): its own short stage, user_events + cold openat.
+VM612_TESTS ?= tests/bpf/test_user_events.py tests/bpf/test_capture_cold.py
+VM612_K     ?= test_user_events or openat
 
 # Goals that load BPF or install packages stop here, before anything runs (even under -j
 # or -n), when not run as root: the script says why and how (sudo only where it exists).
@@ -36,7 +39,7 @@ endif
 endif
 
 .PHONY: help deps bpf workloads proto proto-check buf-lint buf-breaking lint \
-        test test-unit test-host test-vm demo bench images dashboards clean
+        test test-unit test-host test-vm test-vm-uevents demo bench images dashboards clean
 
 help: ## this list
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -87,9 +90,13 @@ test-host: deps bpf workloads ## full suite on this kernel (root for BPF and e2e
 test-vm: deps bpf workloads ## BPF and e2e suite inside a Linux $(KERNEL) guest under qemu
 	$(PY) tests/vm/run.py --kernel $(KERNEL) -q --tests $(VM_TESTS) $(VM_ARGS)
 
-test: deps lint proto-check buf-lint buf-breaking bpf workloads ## everything CI runs: lint, API checks, host suite, 7.2 suite
+test-vm-uevents: deps bpf workloads ## user_events and cold openat capture in the 6.12 guest
+	$(PY) tests/vm/run.py --kernel 6.12 -q --tests $(VM612_TESTS) --memory 2G -- -k "$(VM612_K)"
+
+test: deps lint proto-check buf-lint buf-breaking bpf workloads ## everything CI runs: lint, API checks, host suite, 7.2 and 6.12 suites
 	$(PY) -m pytest tests -q -rs
 	$(PY) tests/vm/run.py --kernel $(KERNEL) -q --tests $(VM_TESTS) $(VM_ARGS)
+	$(PY) tests/vm/run.py --kernel 6.12 -q --tests $(VM612_TESTS) --memory 2G -- -k "$(VM612_K)"
 
 demo: deps bpf workloads ## controller + local agent, live capture demo
 	$(PY) deploy/host/demo.py

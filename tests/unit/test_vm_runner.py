@@ -313,6 +313,32 @@ def test_real_shared_kernel_resolves_if_present() -> None:
     assert vm.resolve_kernel("7.2", kdir).kind == "deb"
 
 
+def test_resolve_kernel_version_finds_bzimage_build_dir(tmp_path: Path) -> None:
+    # The 6.12 user_events kernel ships as linux-6.12.117-user-events/bzImage, not a .deb.
+    (tmp_path / DEB).write_bytes(b"")
+    for name in ("linux-6.12.117-user-events", "linux-6.12.9", "linux-6.120.1", "notes"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "bzImage").write_bytes(_bzimage(name.removeprefix("linux-")))
+    (tmp_path / "linux-6.13-empty").mkdir()  # no bzImage inside: ignored
+    k = vm.resolve_kernel("6.12", tmp_path)
+    assert (k.kind, k.path.parent.name, k.label) == (
+        "vmlinuz",
+        "linux-6.12.117-user-events",
+        "6.12",
+    )
+    assert vm.resolve_kernel("7.2", tmp_path).kind == "deb"
+    with pytest.raises(vm.RunnerError) as e:
+        vm.resolve_kernel("6.13", tmp_path)
+    assert "linux-6.12.117-user-events/bzImage" in str(e.value)
+
+
+def test_real_shared_612_kernel_resolves_if_present() -> None:
+    kdir = vm.default_kernels_dir()
+    if not any(kdir.glob("linux-6.12*/bzImage")):
+        pytest.skip(f"no 6.12 bzImage build in {kdir}")
+    assert vm.resolve_kernel("6.12", kdir).kind == "vmlinuz"
+
+
 # --- arguments, mounts, guest config -----------------------------------------------------
 
 

@@ -36,7 +36,9 @@ uptime_s() { cut -d' ' -f1 /proc/uptime 2>/dev/null || echo 0; }
 # --- kernel file systems -------------------------------------------------------------------
 mount -t proc proc /proc || die "cannot mount /proc"
 mount -t sysfs sysfs /sys || die "cannot mount /sys"
-mount -t devtmpfs devtmpfs /dev || die "cannot mount /dev"
+# A kernel with CONFIG_DEVTMPFS_MOUNT (the 6.12 build) has mounted it already.
+grep -q '^[^ ]* /dev devtmpfs ' /proc/mounts || mount -t devtmpfs devtmpfs /dev \
+  || die "cannot mount /dev"
 mkdir -p /dev/pts /dev/shm /dev/mqueue
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts || die "cannot mount /dev/pts"
 mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm || die "cannot mount /dev/shm"

@@ -144,9 +144,26 @@ def default_kernels_dir(repo_root: Path = REPO_ROOT) -> Path:
     return Path(env) if env else repo_root.parent / "shared" / "kernels"
 
 
+_BZIMAGE_DIR = re.compile(r"^linux-(?P<version>\d+(?:\.\d+)*)(?:[-+~].*)?$")
+
+
+def _bzimage_dir_version(name: str) -> str | None:
+    """`linux-6.12.117-user-events` -> `6.12.117` (None: not a kernel build directory)."""
+    m = _BZIMAGE_DIR.match(name)
+    return m.group("version") if m else None
+
+
+def _bzimage_dirs(kernels_dir: Path) -> list[Path]:
+    """The `linux-<version>*/bzImage` files in kernels_dir."""
+    if not kernels_dir.is_dir():
+        return []
+    return sorted(p for p in kernels_dir.glob("linux-*/bzImage") if p.is_file())
+
+
 def resolve_kernel(spec: str, kernels_dir: Path) -> KernelSpec:
     """Map `--kernel` to a KernelSpec: a version (`7.2`, `7.2.13`) looked up among the .debs in
-    kernels_dir, or a path to a .deb or to a vmlinuz/bzImage."""
+    kernels_dir (then its `linux-<version>*/bzImage` builds), or a path to a .deb or a
+    vmlinuz/bzImage."""
     if not spec:
         raise RunnerError("--kernel is empty", EXIT_UNAVAILABLE)
     as_path = Path(spec).expanduser()
@@ -158,7 +175,24 @@ def resolve_kernel(spec: str, kernels_dir: Path) -> KernelSpec:
             if have and version_matches(spec, have):
                 found.append((_version_key(have), deb))
         if not found:
-            avail = ", ".join(f"{deb_upstream_version(d.name)} ({d.name})" for d in debs) or "none"
+            # A kernel built from source ships as a directory `linux-<version>[-flavour]/bzImage`
+            # (e.g. the 6.12 build with user_events); .debs still win when both match.
+            for image in _bzimage_dirs(kernels_dir):
+                have = _bzimage_dir_version(image.parent.name)
+                if have and version_matches(spec, have):
+                    found.append((_version_key(have), image))
+            if found:
+                found.sort()
+                return KernelSpec("vmlinuz", found[-1][1], sanitize_label(spec))
+        if not found:
+            images = [d.parent.name for d in _bzimage_dirs(kernels_dir)]
+            avail = (
+                ", ".join(
+                    [f"{deb_upstream_version(d.name)} ({d.name})" for d in debs]
+                    + [f"{_bzimage_dir_version(n)} ({n}/bzImage)" for n in images]
+                )
+                or "none"
+            )
             raise RunnerError(
                 f"no kernel package for Linux {spec} in {kernels_dir} (available: {avail}); "
                 "pass --kernel PATH to a .deb or vmlinuz, or set TRACEFLEET_KERNELS_DIR",
@@ -882,8 +916,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kernel",
         default="7.2",
-        help="a version with a .deb in ../shared/kernels "
-        "(7.2, 7.2.13), or a path to a kernel .deb or vmlinuz (default 7.2)",
+        help="a version with a .deb (7.2, 7.2.13) or a linux-VERSION*/bzImage build (6.12) "
+        "in ../shared/kernels, or a path to a kernel .deb or vmlinuz (default 7.2)",
     )
     p.add_argument(
         "--kernels-dir",

@@ -211,11 +211,19 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
+    from tracefleet.agent import userevents
+
     engine = _make_engine(args, list(EVENT_SETS))
     try:
         report = dict(engine.capabilities(load=args.load))
     finally:
         engine.close()
+    ok, why = userevents.available()
+    report["user_events"] = {
+        "available": ok,
+        "reason": why,
+        "events": {n: e.to_json() for n, e in userevents.list_events().items()},
+    }
     output = args.output or ("table" if sys.stdout.isatty() else "json")
     if output == "json":
         json.dump(report, sys.stdout, indent=2)
@@ -264,8 +272,14 @@ def probe_table(report: dict[str, Any]) -> str:
         f"  kfunc bpf_copy_from_user_str: {'yes' if f['kfunc_bpf_copy_from_user_str'] else 'no'}",
         f"  user-space fallback: {f['user_fallback']}",
         f"  capabilities: {' '.join(f['capabilities']) or 'none'}",
-        "",
     ]
+    ue = report.get("user_events")
+    if ue:
+        names = ", ".join(sorted(ue["events"])) or "none registered"
+        lines.append(
+            f"  user_events: {names}" if ue["available"] else f"  user_events: no ({ue['reason']})"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -284,7 +298,52 @@ def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any
     return server
 
 
+def _capture_user(args: argparse.Namespace) -> int:
+    """`-e user:NAME`: consume one user_event through perf rings (no BPF)."""
+    from tracefleet.agent import userevents
+
+    name = args.event_set.removeprefix("user:")
+    try:
+        consumer = userevents.UserEventConsumer(name)
+        consumer.open()
+    except userevents.UserEventsError as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, userevents.BadEventName) else EXIT_HOST
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    pids, comms = set(args.pid or ()), set(args.comm or ())
+    print(f"tracefleet-agent: capturing user:{name} with perf", file=sys.stderr)
+    try:
+        if args.ready_file:
+            with open(args.ready_file, "w") as f:
+                f.write(str(os.getpid()))
+        if args.output == "table":
+            sys.stdout.write(human.header() + "\n")
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while not stop.is_set() and not (deadline and time.monotonic() >= deadline):
+            for ev in consumer.poll(0.2):
+                if (pids and ev.pid not in pids) or (comms and ev.comm not in comms):
+                    continue
+                line = (json.dumps(ev.to_json(), separators=(",", ":"))
+                        if args.output == "jsonl" else human.line(ev))  # fmt: skip
+                try:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    stop.set()
+                    break
+    finally:
+        consumer.close()
+    c = consumer.counters
+    print(f"tracefleet-agent: summary\n  user:{name}: events={c.events} dropped={c.dropped} "
+          f"malformed={c.malformed}", file=sys.stderr)  # fmt: skip
+    return EXIT_OK
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
+    if args.event_set.startswith("user:"):
+        return _capture_user(args)
     specs = parse_event_sets(args.event_set)
     names = [s.name for s in specs]
     engine = _make_engine(args, names)
@@ -514,7 +573,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sc.add_argument("-e", "--event-set", required=True,
-                    help="comma-separated: " + ",".join(EVENT_SETS))  # fmt: skip
+                    help="comma-separated: " + ",".join(EVENT_SETS)
+                    + "; or user:NAME for one registered user_event")  # fmt: skip
     sc.add_argument(
         "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
     )
