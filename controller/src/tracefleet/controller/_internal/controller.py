@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import duration_pb2
 
 from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.ackwatch import AckWatches
 from tracefleet.controller._internal.aggregate import (
     FAULT_OUTCOMES,
     Hist,
@@ -132,6 +133,7 @@ class Controller:
         self.fleet = Fleet(stale_after=stale_after, window=window)
         self.fleet.load(store.nodes())
         self.hub = EventHub()
+        self.acks = AckWatches()
         self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
         self.generation = store.generation()
         self.ledger = Ledger(store.ledger())
@@ -245,6 +247,7 @@ class Controller:
             raise RemoveError(f"the database cannot be written ({e}); try again") from None
         self.fleet.forget(name)
         self.ledger.forget(name)
+        self.acks.changed(node, forgotten=True)
         self._notify("on_forget", name)
 
     def flush(self) -> None:
@@ -528,6 +531,7 @@ class Controller:
             "capabilities_json": reg.capabilities_json,
         }
         self.fleet.mark_dirty(node)
+        self.acks.changed(node)
         if reg.applied_generation > self.generation:
             # The agent applied a generation this controller never issued (its database was
             # replaced): move past it so every agent converges on this controller's state.
@@ -559,6 +563,7 @@ class Controller:
         statuses = self.limits.statuses(list(ack.statuses), node.name)
         node.info["statuses"] = [_status_dict(s) for s in statuses]
         self.fleet.mark_dirty(node)
+        self.acks.changed(node)
 
     def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> Outcome:
         """Apply a batch (check ledger.batch_problem() first)."""
@@ -618,6 +623,7 @@ class Controller:
     def on_disconnect(self, node: Node, conn: Connection) -> None:
         if self.fleet.detach(node, conn):
             log.info("node %s disconnected", node.name)
+            self.acks.changed(node)
 
 
 def _batch_ack(instance: str, seq: int) -> agent_pb2.ControllerMessage:
