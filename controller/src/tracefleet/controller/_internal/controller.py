@@ -134,6 +134,10 @@ class Controller:
         self.fleet.load(store.nodes())
         self.hub = EventHub()
         self.acks = AckWatches()
+        # DesiredState messages of the current generation, one per distinct outcome of the
+        # rules (which sets a node gets): built and serialized once, not once per agent
+        self._desired_cache: dict[tuple[Any, ...], agent_pb2.ControllerMessage] = {}
+        self.redact_patterns: tuple[str, ...] = ()  # sent in every DesiredState
         self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
         self.generation = store.generation()
         self.ledger = Ledger(store.ledger())
@@ -434,6 +438,22 @@ class Controller:
     # downstream -------------------------------------------------------------------------
 
     def desired_message(self, node: Node) -> agent_pb2.ControllerMessage:
+        rules = sorted(self.rules.values(), key=lambda r: r.event_set)
+        # the rules and generation identify the state; which rules apply is per node
+        key = (
+            self.generation,
+            self.redact_patterns,
+            tuple(rules),
+            tuple(r.applies_to(node.name, node.labels) for r in rules),
+        )
+        msg = self._desired_cache.get(key)
+        if msg is None:
+            if len(self._desired_cache) > 64:  # older generations and rule sets
+                self._desired_cache.clear()
+            msg = self._desired_cache[key] = self._build_desired(node)
+        return msg
+
+    def _build_desired(self, node: Node) -> agent_pb2.ControllerMessage:
         specs = [
             types_pb2.EventSetSpec(
                 name=s.name,
@@ -450,7 +470,11 @@ class Controller:
             for s in desired_for_node(self.rules.values(), node.name, node.labels)
         ]
         return agent_pb2.ControllerMessage(
-            desired_state=agent_pb2.DesiredState(generation=self.generation, event_sets=specs)
+            desired_state=agent_pb2.DesiredState(
+                generation=self.generation,
+                event_sets=specs,
+                redact_patterns=self.redact_patterns,
+            )
         )
 
     def _expires_ns(self, event_set: str) -> int:
