@@ -223,20 +223,24 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "controller_cpu_percent_during_rounds": ctl_cpu,
         "loadgen_processes": len(lg_pids),
         "loadgen_cpu_percent_during_rounds_max": max(lg_cpu, default=0.0),
-        "limit": _limit(ctl_cpu, lg_cpu),
+        "limit": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
         "loadavg_1m": [load0, os.getloadavg()[0]],
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,
     }
 
 
-def _limit(ctl_cpu: float, lg_cpu: list[float]) -> str:
-    """Which process ran at a full core during the rounds (the limit), if any."""
+def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
+    """Which process ran at a full core during the rounds (the limit), if any; else whether
+    the machine had more runnable work than CPUs (every process got a share of a core)."""
     if ctl_cpu >= LIMIT_CPU:
         return "controller"
     if lg_cpu and max(lg_cpu) >= LIMIT_CPU:
         return "load generator"
-    return "neither at a full core (machine load, see loadavg_1m)"
+    cpus = os.cpu_count() or 1
+    if load > cpus:
+        return f"CPU contention (load {load:.1f} on {cpus} CPUs; no process at a full core)"
+    return "neither at a full core"
 
 
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
