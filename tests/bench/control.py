@@ -1,14 +1,22 @@
 """Section 4: control plane. A real tracefleet-controller process on loopback; fleets of 1 real
 agent (`tracefleet-agent run`, BPF) and N simulated agents (the load generator,
-tracefleet.agent._internal.loadgen). Per round: ConfigureEventSet(file, enabled) over gRPC,
-then GetStatus polled every few ms until every matched node acked the generation
-(enable-to-acked, per node and for all), and a StreamEvents follower on one matched node
-timestamps the first event (enable-to-first-event); then disable and wait for the acks."""
+tracefleet.agent._internal.loadgen, several processes of at most PER_LOADGEN agents). Per
+round: ConfigureEventSet(file, enabled) over gRPC, then the WatchAcks stream of the matched
+nodes until every one acked the generation (enable-to-acked, per node and for all; the
+controller pushes the acks, nothing is polled), and a StreamEvents follower on one matched
+node timestamps the first event (enable-to-first-event); then disable and wait for the acks.
+Each fleet reports what limited it: the controller or a load generator at a full core.
+
+TRACEFLEET_BENCH_FLEETS=100,1000,10000 and TRACEFLEET_BENCH_ROUNDS=N choose the simulated
+fleets and rounds of a full run (for a targeted `tests/bench/run.py --only control`)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import queue
+import resource
 import signal
 import subprocess
 import threading
@@ -28,7 +36,9 @@ from tests.bench.common import (
     summary,
 )
 
-POLL_S = 0.005
+PER_LOADGEN = 250  # simulated agents per load-generator process
+LIMIT_CPU = 85.0  # percent of one core: that process was the limit
+NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
 
 
 def _free_port() -> int:
@@ -40,9 +50,17 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _proc(cmd: list[str], logf: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _proc(cmd: list[str], logf: Path, nofile: int = 0) -> Iterator[subprocess.Popen[bytes]]:
+    def limits() -> None:
+        if nofile:  # as high as allowed: raising the hard limit may be refused (no privilege)
+            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
+            except (ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+
     with open(logf, "ab") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=limits)
     try:
         yield p
     finally:
@@ -67,47 +85,48 @@ class Fleet:
         self.call_s: list[float] = []
 
     def nodes(self, selector: str = "") -> list[Any]:
-        st = self.stub.GetStatus(self.pb.GetStatusRequest(selector=selector), timeout=30)
+        c0 = time.monotonic()
+        st = self.stub.GetStatus(self.pb.GetStatusRequest(selector=selector), timeout=120)
+        self.call_s.append(time.monotonic() - c0)
         return list(st.nodes)
 
-    def connected(self, selector: str) -> int:
-        return sum(n.state == self.pb.NODE_STATE_CONNECTED for n in self.nodes(selector))
-
-    def wait_connected(self, selector: str, n: int, timeout: float) -> float:
+    def wait_connected(self, names: list[str], timeout: float) -> float:
+        """Seconds until every node of ``names`` has an open stream (WatchAcks counts)."""
         t0 = time.monotonic()
-        while self.connected(selector) < n:
-            if time.monotonic() - t0 > timeout:
-                raise RuntimeError(f"only {self.connected(selector)}/{n} agents connected "
-                                   f"after {timeout:.0f}s")  # fmt: skip
-            time.sleep(0.2)
-        return time.monotonic() - t0
+        req = self.pb.WatchAcksRequest(nodes=names)
+        got = 0
+        with contextlib.suppress(Exception):
+            for msg in self.stub.WatchAcks(req, timeout=timeout):
+                got = msg.applied_count + msg.pending_count
+                if got >= len(names):
+                    return time.monotonic() - t0
+        raise RuntimeError(f"only {got}/{len(names)} agents connected after {timeout:.0f}s")
 
     def configure(self, selector: str, enabled: bool) -> tuple[int, list[str], float]:
         req = self.pb.ConfigureEventSetRequest(event_set="file", enabled=enabled,
                                                selector=selector if enabled else "")  # fmt: skip
         t0 = time.monotonic()
-        resp = self.stub.ConfigureEventSet(req, timeout=30)
+        resp = self.stub.ConfigureEventSet(req, timeout=60)
         return int(resp.generation), list(resp.matched_nodes), t0
 
-    def wait_acked(self, selector: str, gen: int, names: set[str], t0: float,
+    def wait_acked(self, gen: int, names: list[str], t0: float,
                    timeout: float) -> tuple[float, dict[str, float]]:  # fmt: skip
-        """Seconds from t0 until every node of ``names`` applied ``gen``; per-node times.
-        The duration of each GetStatus call (the resolution of the per-node times, and load
-        this measurement adds to the controller) is kept in ``self.call_s``."""
+        """Seconds from t0 until every node of ``names`` applied ``gen`` (NaN if not within
+        ``timeout``); per-node times, as the controller pushed them."""
         acked: dict[str, float] = {}
-        while True:
-            c0 = time.monotonic()
-            nodes = self.nodes(selector)
-            self.call_s.append(time.monotonic() - c0)
-            now = time.monotonic() - t0
-            for n in nodes:
-                if n.name in names and n.name not in acked and n.applied_generation >= gen:
-                    acked[n.name] = now
-            if len(acked) >= len(names):
-                return max(acked.values(), default=0.0), acked
-            if now > timeout:
-                return float("nan"), acked
-            time.sleep(POLL_S)
+        applied = self.pb.ACK_STATE_APPLIED
+        req = self.pb.WatchAcksRequest(generation=gen, nodes=names)
+        call = self.stub.WatchAcks(req, timeout=timeout)
+        with contextlib.suppress(Exception):
+            for msg in call:
+                now = time.monotonic() - t0
+                for n in msg.nodes:
+                    if n.state == applied:
+                        acked.setdefault(n.name, now)
+                if len(acked) >= len(names):
+                    call.cancel()
+                    return max(acked.values(), default=0.0), acked
+        return float("nan"), acked
 
     def close(self) -> None:
         self.channel.close()
@@ -152,29 +171,32 @@ class Follower:
 
 
 def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
-            ctl_pid: int) -> dict[str, Any]:  # fmt: skip
+            ctl_pid: int, lg_pids: tuple[int, ...] = ()) -> dict[str, Any]:  # fmt: skip
     follower = Follower(fleet, follow)
     time.sleep(1.0)
     all_acked: list[float] = []
     per_node: list[float] = []
     first_event: list[float] = []
     disable_acked: list[float] = []
-    timeout = 60.0
+    timeout = 60.0 if expect <= 1000 else 180.0
     s0 = proc_sample(ctl_pid)
+    lg0 = [proc_sample(p) for p in lg_pids]
+    load0 = os.getloadavg()[0]
     fleet.call_s.clear()
     try:
         for r in range(rounds):
             gen, matched, t0 = fleet.configure(selector, True)
             if len(matched) != expect:
                 raise RuntimeError(f"enable matched {len(matched)} nodes, expected {expect}")
-            done, acked = fleet.wait_acked(selector, gen, set(matched), t0, timeout)
+            done, acked = fleet.wait_acked(gen, matched, t0, timeout)
             first = follower.first_after(t0, 10.0)
             all_acked.append(done)
             per_node += list(acked.values())
             first_event.append(first)
             gen, _, t1 = fleet.configure(selector, False)
-            off, _ = fleet.wait_acked(selector, gen, set(matched), t1, timeout)
+            off, _ = fleet.wait_acked(gen, matched, t1, timeout)
             disable_acked.append(off)
+            fleet.nodes(selector)  # the cost of one status call of this fleet
             log(f"control:   round {r + 1}/{rounds}: all acked {done * 1e3:.0f} ms, first "
                 f"event {first * 1e3:.0f} ms, disable acked {off * 1e3:.0f} ms")  # fmt: skip
             time.sleep(0.5)
@@ -182,6 +204,9 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     finally:
         follower.close()
     s1 = proc_sample(ctl_pid)
+    lg1 = [proc_sample(p) for p in lg_pids]
+    lg_cpu = [cpu_percent(a, b) for a, b in zip(lg0, lg1, strict=True)]
+    ctl_cpu = cpu_percent(s0, s1)
     ok = [x for x in all_acked if x == x]
     return {
         "agents": expect,
@@ -194,25 +219,48 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "first_event_missing": sum(1 for x in first_event if x != x),
         "not_converged": len(all_acked) - len(ok),
         "disable_to_all_acked_ms": summary([x * 1e3 for x in disable_acked if x == x]),
-        "status_poll_ms": POLL_S * 1e3,
         "status_call_ms": summary([x * 1e3 for x in fleet.call_s]),
-        "controller_cpu_percent_during_rounds": cpu_percent(s0, s1),
+        "controller_cpu_percent_during_rounds": ctl_cpu,
+        "loadgen_processes": len(lg_pids),
+        "loadgen_cpu_percent_during_rounds_max": max(lg_cpu, default=0.0),
+        "limit": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
+        "loadavg_1m": [load0, os.getloadavg()[0]],
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,
     }
 
 
+def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
+    """Which process ran at a full core during the rounds (the limit), if any; else whether
+    the machine had more runnable work than CPUs (every process got a share of a core)."""
+    if ctl_cpu >= LIMIT_CPU:
+        return "controller"
+    if lg_cpu and max(lg_cpu) >= LIMIT_CPU:
+        return "load generator"
+    cpus = os.cpu_count() or 1
+    if load > cpus:
+        return f"CPU contention (load {load:.1f} on {cpus} CPUs; no process at a full core)"
+    return "neither at a full core"
+
+
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
-    rounds = 2 if quick else 10
-    sims = (50,) if quick else (100, 1000)
+    rounds = 2 if quick else int(os.environ.get("TRACEFLEET_BENCH_ROUNDS", "10"))
+    env_fleets = os.environ.get("TRACEFLEET_BENCH_FLEETS", "")
+    sims = (
+        (50,)
+        if quick
+        else tuple(int(x) for x in env_fleets.split(",") if x)
+        if env_fleets
+        else (100, 1000, 10000)
+    )
     port = _free_port()
     addr = f"127.0.0.1:{port}"
     out: dict[str, Any] = {"controller": addr, "fleets": {}}
     ctl_cmd = [PY, "-m", "tracefleet.controller.server", "--listen", addr, "--insecure-listen",
-               "--db", ":memory:",
+               "--db", ":memory:", "--max-nodes", str(2 * sum(sims) + 10),
                "--stale-after", "30", "--window", "5", "--log-level", "WARNING"]  # fmt: skip
     ctl_log = tmp / "controller.log"
-    with _proc([*ctl_cmd], ctl_log) as ctl:
+    with _proc([*ctl_cmd], ctl_log, nofile=NOFILE) as ctl:
         fleet = Fleet(addr)
         try:
             t0 = time.monotonic()
@@ -233,28 +281,49 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                         "--labels", "bench=real", "--hold-seconds", "5"]  # fmt: skip
             src = [str(LOOP), "rate", "/dev/shm/tf-bench-missing/ctl", "3600", "2000"]
             with _proc(real_cmd, tmp / "agent-real.log") as agent, _proc(src, tmp / "src.log"):
-                fleet.wait_connected("bench=real", 1, 60)
+                fleet.wait_connected(["bench-real"], 60)
                 res = _rounds(fleet, "bench=real", 1, rounds, "bench-real", ctl.pid)
                 a = proc_sample(agent.pid)
                 res["agent_rss_kb"] = a.rss_kb
                 out["fleets"]["1 real agent"] = res
             for n in sims:
-                log(f"control: {n} simulated agents")
-                sim_cmd = [PY, "-m", "tracefleet.agent._internal.loadgen", "--controller", addr,
-                           "--agents", str(n), "--name", f"sim{n}", "--labels", f"bench=sim{n}",
-                           "--rate", "50", "--ramp", str(min(10.0, n / 200))]  # fmt: skip
-                with _proc(sim_cmd, tmp / f"loadgen-{n}.log") as lg:
-                    took = fleet.wait_connected(f"bench=sim{n}", n, 180)
+                procs = math.ceil(n / PER_LOADGEN)
+                log(f"control: {n} simulated agents in {procs} load-generator process(es)")
+                counts = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+                names = [f"sim{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
+                with contextlib.ExitStack() as stack:
+                    lgs = [
+                        stack.enter_context(_proc(
+                            [PY, "-m", "tracefleet.agent._internal.loadgen", "--controller",
+                             addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
+                             f"bench=sim{n}", "--rate", "50", "--ramp",
+                             str(min(30.0, n / 200))],
+                            tmp / f"loadgen-{n}-{i}.log", nofile=NOFILE))
+                        for i, c in enumerate(counts)
+                    ]  # fmt: skip
+                    took = fleet.wait_connected(names, 120 + n / 20)
                     log(f"control:   {n} connected in {took:.1f}s")
                     time.sleep(1.0 if quick else 2.0)
-                    c0, l0 = proc_sample(ctl.pid), proc_sample(lg.pid)
+                    pids = tuple(p.pid for p in lgs)
+                    c0, l0 = proc_sample(ctl.pid), [proc_sample(p) for p in pids]
                     time.sleep(2.0 if quick else 5.0)
-                    c1, l1 = proc_sample(ctl.pid), proc_sample(lg.pid)
-                    res = _rounds(fleet, f"bench=sim{n}", n, rounds, f"sim{n}-0000", ctl.pid)
+                    c1, l1 = proc_sample(ctl.pid), [proc_sample(p) for p in pids]
+                    res = _rounds(fleet, f"bench=sim{n}", n, rounds, names[0], ctl.pid, pids)
+                    idle = cpu_percent(c0, c1)
                     res["connect_all_s"] = took
-                    res["controller_cpu_percent_steady"] = cpu_percent(c0, c1)
+                    res["controller_cpu_percent_steady"] = idle
                     res["controller_rss_kb_steady"] = c1.rss_kb
-                    res["loadgen_cpu_percent_steady"] = cpu_percent(l0, l1)
+                    res["controller_rss_kb_before"] = s_idle.rss_kb
+                    # per connected agent; RSS over the controller before any agent (earlier
+                    # fleets' records stay, so this is an upper bound past the first fleet)
+                    res["controller_cpu_percent_per_agent_idle"] = idle / n
+                    res["controller_cpu_percent_per_agent_rounds"] = (
+                        res["controller_cpu_percent_during_rounds"] / n
+                    )
+                    res["controller_rss_kb_per_agent"] = (c1.rss_kb - s_idle.rss_kb) / n
+                    res["loadgen_cpu_percent_steady_max"] = max(
+                        cpu_percent(a, b) for a, b in zip(l0, l1, strict=True)
+                    )
                     out["fleets"][f"{n} simulated agents"] = res
                 time.sleep(1.0)
         finally:

@@ -640,57 +640,73 @@ def cmd_configure(ctx: Ctx, enabled: bool) -> int:
 def wait_applied(
     ctx: Ctx, generation: int, nodes: Sequence[str], a: argparse.Namespace
 ) -> tuple[dict[str, Any], int]:
-    """Poll status until every connected node of ``nodes`` applied ``generation``."""
-    deadline = time.monotonic() + a.wait_timeout
-    wanted = set(nodes)
+    """Follow WatchAcks until every connected node of ``nodes`` applied ``generation`` (the
+    controller pushes each acknowledgement; nothing is polled)."""
+    req = control_pb2.WatchAcksRequest(generation=generation, nodes=nodes)
+    if not nodes:  # nothing matched: nothing to wait for (empty would watch every node)
+        return {"generation": generation, "applied": [], "pending": [], "not_connected": [],
+                "errors": []}, EXIT_OK  # fmt: skip
+    states: dict[str, Any] = {}
     last = ""
-    while True:
-        st = ctx.call(ctx.stub.GetStatus, control_pb2.GetStatusRequest())
-        applied, pending, unreachable, errors = [], [], [], []
-        for n in st.nodes:
-            if n.name not in wanted:
-                continue
-            if n.state != control_pb2.NODE_STATE_CONNECTED:
-                unreachable.append(n.name)
-            elif n.applied_generation >= generation:
-                applied.append(n.name)
-                errors += [
-                    f"{n.name}: {s.name}: {s.error}"
-                    for s in n.statuses
-                    if s.error and s.name == a.event_set
-                ]
-            else:
-                pending.append(n.name)
-        line = (
-            f"generation {generation}: {len(applied)}/{len(applied) + len(pending)} connected "
-            f"node(s) applied" + (f", {len(unreachable)} not connected" if unreachable else "")
-        )
-        if line != last:
-            ctx.progress(line)
-            last = line
-        summary = {
-            "generation": generation,
-            "applied": sorted(applied),
-            "pending": sorted(pending),
-            "not_connected": sorted(unreachable),
-            "errors": errors,
-        }
-        if not pending:
-            for e in errors:
-                ctx.progress(f"error: {e}")
-            if unreachable:
-                ctx.progress(
-                    f"not connected (they apply it when they reconnect): {', '.join(unreachable)}"
+    timed_out = False
+    try:
+        stream = ctx.stub.WatchAcks(req, timeout=a.wait_timeout, metadata=ctx.metadata or None)
+        for resp in stream:
+            for n in resp.nodes:
+                states[n.name] = n
+            line = (
+                f"generation {generation}: {resp.applied_count}/"
+                f"{resp.applied_count + resp.pending_count} connected node(s) applied"
+                + (
+                    f", {resp.not_connected_count + resp.unknown_count} not connected"
+                    if resp.not_connected_count + resp.unknown_count
+                    else ""
                 )
-            return summary, EXIT_NOT_CONVERGED if errors else EXIT_OK
-        if time.monotonic() >= deadline:
-            ctx.progress(
-                f"timed out after {a.wait_timeout:g}s; still pending: {', '.join(pending[:10])}"
-                + (" ..." if len(pending) > 10 else "")
-                + " (see 'tracefleet status')"
             )
-            return summary, EXIT_NOT_CONVERGED
-        time.sleep(0.3)
+            if line != last:
+                ctx.progress(line)
+                last = line
+            if resp.pending_count == 0:
+                stream.cancel()
+                break
+    except grpc.RpcError as e:
+        if not isinstance(e, grpc.Call) or e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
+        timed_out = True
+    by_state: dict[int, list[str]] = {}
+    for name, n in states.items():
+        by_state.setdefault(n.state, []).append(name)
+    errors = [
+        f"{name}: {s.name}: {s.error}"
+        for name, n in sorted(states.items())
+        if n.state == control_pb2.ACK_STATE_APPLIED
+        for s in n.statuses
+        if s.error and s.name == a.event_set
+    ]
+    pending = sorted(by_state.get(control_pb2.ACK_STATE_PENDING, []))
+    unreachable = sorted(
+        by_state.get(control_pb2.ACK_STATE_NOT_CONNECTED, [])
+        + by_state.get(control_pb2.ACK_STATE_UNKNOWN, [])
+    )
+    summary = {
+        "generation": generation,
+        "applied": sorted(by_state.get(control_pb2.ACK_STATE_APPLIED, [])),
+        "pending": pending,
+        "not_connected": unreachable,
+        "errors": errors,
+    }
+    if timed_out or pending:
+        ctx.progress(
+            f"timed out after {a.wait_timeout:g}s; still pending: {', '.join(pending[:10])}"
+            + (" ..." if len(pending) > 10 else "")
+            + " (see 'tracefleet status')"
+        )
+        return summary, EXIT_NOT_CONVERGED
+    for e in errors:
+        ctx.progress(f"error: {e}")
+    if unreachable:
+        ctx.progress(f"not connected (they apply it when they reconnect): {', '.join(unreachable)}")
+    return summary, EXIT_NOT_CONVERGED if errors else EXIT_OK
 
 
 STATUS_HEADERS = [

@@ -18,10 +18,23 @@ class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NODE_STATE_CONNECTED: _ClassVar[NodeState]
     NODE_STATE_DISCONNECTED: _ClassVar[NodeState]
     NODE_STATE_STALE: _ClassVar[NodeState]
+
+class AckState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ACK_STATE_UNSPECIFIED: _ClassVar[AckState]
+    ACK_STATE_PENDING: _ClassVar[AckState]
+    ACK_STATE_APPLIED: _ClassVar[AckState]
+    ACK_STATE_NOT_CONNECTED: _ClassVar[AckState]
+    ACK_STATE_UNKNOWN: _ClassVar[AckState]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_CONNECTED: NodeState
 NODE_STATE_DISCONNECTED: NodeState
 NODE_STATE_STALE: NodeState
+ACK_STATE_UNSPECIFIED: AckState
+ACK_STATE_PENDING: AckState
+ACK_STATE_APPLIED: AckState
+ACK_STATE_NOT_CONNECTED: AckState
+ACK_STATE_UNKNOWN: AckState
 
 class ConfigureEventSetRequest(_message.Message):
     __slots__ = ("event_set", "enabled", "selector", "ttl", "filters", "canary_percent", "sample_rate")
@@ -239,3 +252,39 @@ class RemoveNodeResponse(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class WatchAcksRequest(_message.Message):
+    __slots__ = ("generation", "nodes")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    nodes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, generation: _Optional[int] = ..., nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class NodeAck(_message.Message):
+    __slots__ = ("name", "state", "applied_generation", "statuses")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    state: AckState
+    applied_generation: int
+    statuses: _containers.RepeatedCompositeFieldContainer[_types_pb2.SetStatus]
+    def __init__(self, name: _Optional[str] = ..., state: _Optional[_Union[AckState, str]] = ..., applied_generation: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ...) -> None: ...
+
+class WatchAcksResponse(_message.Message):
+    __slots__ = ("generation", "nodes", "applied_count", "pending_count", "not_connected_count", "unknown_count")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PENDING_COUNT_FIELD_NUMBER: _ClassVar[int]
+    NOT_CONNECTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeAck]
+    applied_count: int
+    pending_count: int
+    not_connected_count: int
+    unknown_count: int
+    def __init__(self, generation: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeAck, _Mapping]]] = ..., applied_count: _Optional[int] = ..., pending_count: _Optional[int] = ..., not_connected_count: _Optional[int] = ..., unknown_count: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class ControlServiceStub:
                 request_serializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
                 response_deserializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeResponse.FromString,
                 _registered_method=True)
+        self.WatchAcks = channel.unary_stream(
+                '/tracefleet.v1.ControlService/WatchAcks',
+                request_serializer=tracefleet_dot_v1_dot_control__pb2.WatchAcksRequest.SerializeToString,
+                response_deserializer=tracefleet_dot_v1_dot_control__pb2.WatchAcksResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -105,6 +110,15 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchAcks(self, request, context):
+        """Which nodes applied a generation, pushed as agents acknowledge it (instead of polling
+        GetStatus): the first message gives every watched node's state, each later one the
+        nodes whose state changed since. The stream stays open until the client ends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -132,6 +146,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.RemoveNode,
                     request_deserializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeRequest.FromString,
                     response_serializer=tracefleet_dot_v1_dot_control__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'WatchAcks': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchAcks,
+                    request_deserializer=tracefleet_dot_v1_dot_control__pb2.WatchAcksRequest.FromString,
+                    response_serializer=tracefleet_dot_v1_dot_control__pb2.WatchAcksResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +289,33 @@ class ControlService:
             '/tracefleet.v1.ControlService/RemoveNode',
             tracefleet_dot_v1_dot_control__pb2.RemoveNodeRequest.SerializeToString,
             tracefleet_dot_v1_dot_control__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchAcks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tracefleet.v1.ControlService/WatchAcks',
+            tracefleet_dot_v1_dot_control__pb2.WatchAcksRequest.SerializeToString,
+            tracefleet_dot_v1_dot_control__pb2.WatchAcksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,7 +51,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
     ) -> None:
         self.ctl = controller
         self.auth = auth  # None: no identity check (in-process tests)
-        self.redact_patterns = tuple(redact_patterns)  # sent in every DesiredState
+        # sent in every DesiredState (the controller builds them once per generation)
+        controller.redact_patterns = tuple(redact_patterns)
 
     async def Connect(
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
@@ -107,11 +108,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 msg = await conn.outbox.get()
                 if msg is None:
                     break
-                if self.redact_patterns and msg.WhichOneof("kind") == "desired_state":
-                    out = agent_pb2.ControllerMessage()
-                    out.CopyFrom(msg)
-                    out.desired_state.redact_patterns[:] = self.redact_patterns
-                    msg = out
                 await context.write(msg)
         finally:
             reader.cancel()

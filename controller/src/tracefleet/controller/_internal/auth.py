@@ -11,9 +11,10 @@ token from ``--tokens-file``), and what they may do.
   - ``k8s-token`` (Kubernetes, one agent certificate shared by the DaemonSet): a projected
     ServiceAccount token, verified with TokenReview, names the node (``kubetoken``). This
     check applies with or without TLS.
-* ControlService: ``read`` may call GetStatus, StreamEvents and GetTop; only ``admin`` may
-  call ConfigureEventSet. A bearer token (``authorization: Bearer T``) decides the identity
-  when present; otherwise the operator certificate does. Agent certificates are refused.
+* ControlService: ``read`` may call GetStatus, StreamEvents, GetTop and WatchAcks; only
+  ``admin`` may call ConfigureEventSet. A bearer token (``authorization: Bearer T``)
+  decides the identity when present; otherwise the operator certificate does. Agent
+  certificates are refused.
 * Unix socket (the default): the kernel checks the socket file's permissions at connect, so
   whoever got through has that socket's role (``with_role``): admin on the main socket (group
   ``tracefleet``), read on the ``-read`` one. A bearer token, when sent, still decides.
@@ -59,7 +60,7 @@ log = logging.getLogger("tracefleet.controller.auth")
 
 TOKENS_FILE_ENV = env.TOKENS_FILE
 
-READ_METHODS = frozenset({"GetStatus", "StreamEvents", "GetTop"})
+READ_METHODS = frozenset({"GetStatus", "StreamEvents", "GetTop", "WatchAcks"})
 ADMIN_METHODS = frozenset({"ConfigureEventSet", "RemoveNode"})
 
 # Every reason Authorizer refuses for (TLS handshake reasons are in tls.HANDSHAKE_REASONS).

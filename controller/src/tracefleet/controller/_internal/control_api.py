@@ -12,6 +12,7 @@ import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.ackwatch import AckState, AckWatch
 from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.auth import Authorizer, require_operator
 from tracefleet.controller._internal.controller import (
@@ -238,6 +239,64 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             raise
         finally:
             self.ctl.hub.remove(follower)
+
+    async def WatchAcks(
+        self,
+        request: control_pb2.WatchAcksRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[control_pb2.WatchAcksResponse]:
+        await require_operator(self.auth, context, "WatchAcks")
+        ctl = self.ctl
+        limit = max(ctl.max_nodes, len(ctl.fleet.nodes))
+        if len(request.nodes) > limit or any(len(n) > 253 for n in request.nodes):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"nodes: at most {limit} names (--max-nodes) of up to 253 characters "
+                f"(got {len(request.nodes)}); or none, to watch every known node",
+            )
+        if request.generation > ctl.generation:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"generation {request.generation} was not issued yet (current: "
+                f"{ctl.generation}); use 0 for the current one",
+            )
+        gen = request.generation or ctl.generation
+        watch = ctl.acks.add(gen, request.nodes or None, ctl.fleet.nodes)
+        try:
+            while True:
+                await watch.wakeup.wait()
+                # let the acks that arrive together (one push reaches every agent at once)
+                # go out in one message
+                await asyncio.sleep(0)
+                yield self._acks_pb(watch, watch.take())
+        finally:
+            ctl.acks.remove(watch)
+
+    def _acks_pb(self, watch: AckWatch, names: list[str]) -> control_pb2.WatchAcksResponse:
+        nodes = self.ctl.fleet.nodes
+        out = []
+        for name in names:
+            state = watch.states[name]
+            n = nodes.get(name)
+            out.append(
+                control_pb2.NodeAck(
+                    name=name,
+                    state=int(state),  # type: ignore[arg-type]
+                    applied_generation=n.applied_generation if n else 0,
+                    statuses=[types_pb2.SetStatus(**s) for s in n.info.get("statuses", [])]
+                    if n
+                    else [],
+                )
+            )
+        c = watch.counts
+        return control_pb2.WatchAcksResponse(
+            generation=watch.generation,
+            nodes=out,
+            applied_count=c[AckState.APPLIED],
+            pending_count=c[AckState.PENDING],
+            not_connected_count=c[AckState.NOT_CONNECTED],
+            unknown_count=c[AckState.UNKNOWN],
+        )
 
     async def RemoveNode(
         self, request: control_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -19,6 +19,7 @@ from typing import Any
 from google.protobuf import duration_pb2
 
 from tracefleet.controller._internal import selector as sel
+from tracefleet.controller._internal.ackwatch import AckWatches
 from tracefleet.controller._internal.aggregate import (
     FAULT_OUTCOMES,
     Hist,
@@ -132,6 +133,11 @@ class Controller:
         self.fleet = Fleet(stale_after=stale_after, window=window)
         self.fleet.load(store.nodes())
         self.hub = EventHub()
+        self.acks = AckWatches()
+        # DesiredState messages of the current generation, one per distinct outcome of the
+        # rules (which sets a node gets): built and serialized once, not once per agent
+        self._desired_cache: dict[tuple[Any, ...], agent_pb2.ControllerMessage] = {}
+        self.redact_patterns: tuple[str, ...] = ()  # sent in every DesiredState
         self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
         self.generation = store.generation()
         self.ledger = Ledger(store.ledger())
@@ -245,6 +251,7 @@ class Controller:
             raise RemoveError(f"the database cannot be written ({e}); try again") from None
         self.fleet.forget(name)
         self.ledger.forget(name)
+        self.acks.changed(node, forgotten=True)
         self._notify("on_forget", name)
 
     def flush(self) -> None:
@@ -431,6 +438,22 @@ class Controller:
     # downstream -------------------------------------------------------------------------
 
     def desired_message(self, node: Node) -> agent_pb2.ControllerMessage:
+        rules = sorted(self.rules.values(), key=lambda r: r.event_set)
+        # the rules and generation identify the state; which rules apply is per node
+        key = (
+            self.generation,
+            self.redact_patterns,
+            tuple(rules),
+            tuple(r.applies_to(node.name, node.labels) for r in rules),
+        )
+        msg = self._desired_cache.get(key)
+        if msg is None:
+            if len(self._desired_cache) > 64:  # older generations and rule sets
+                self._desired_cache.clear()
+            msg = self._desired_cache[key] = self._build_desired(node)
+        return msg
+
+    def _build_desired(self, node: Node) -> agent_pb2.ControllerMessage:
         specs = [
             types_pb2.EventSetSpec(
                 name=s.name,
@@ -447,7 +470,11 @@ class Controller:
             for s in desired_for_node(self.rules.values(), node.name, node.labels)
         ]
         return agent_pb2.ControllerMessage(
-            desired_state=agent_pb2.DesiredState(generation=self.generation, event_sets=specs)
+            desired_state=agent_pb2.DesiredState(
+                generation=self.generation,
+                event_sets=specs,
+                redact_patterns=self.redact_patterns,
+            )
         )
 
     def _expires_ns(self, event_set: str) -> int:
@@ -528,6 +555,7 @@ class Controller:
             "capabilities_json": reg.capabilities_json,
         }
         self.fleet.mark_dirty(node)
+        self.acks.changed(node)
         if reg.applied_generation > self.generation:
             # The agent applied a generation this controller never issued (its database was
             # replaced): move past it so every agent converges on this controller's state.
@@ -559,6 +587,7 @@ class Controller:
         statuses = self.limits.statuses(list(ack.statuses), node.name)
         node.info["statuses"] = [_status_dict(s) for s in statuses]
         self.fleet.mark_dirty(node)
+        self.acks.changed(node)
 
     def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> Outcome:
         """Apply a batch (check ledger.batch_problem() first)."""
@@ -618,6 +647,7 @@ class Controller:
     def on_disconnect(self, node: Node, conn: Connection) -> None:
         if self.fleet.detach(node, conn):
             log.info("node %s disconnected", node.name)
+            self.acks.changed(node)
 
 
 def _batch_ack(instance: str, seq: int) -> agent_pb2.ControllerMessage:
