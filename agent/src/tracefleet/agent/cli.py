@@ -203,13 +203,56 @@ def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any
     return server
 
 
+def _add_export_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--export-file", metavar="PATH", default="",
+                    help="export every event of the captured sets to PATH as JSON lines "
+                    "(the -o jsonl schema, plus node), with accounting records; rotated by "
+                    "size")  # fmt: skip
+    sp.add_argument(
+        "--export-file-max-bytes",
+        metavar="SIZE",
+        default="64M",
+        help="rotate the export file at this size (e.g. 64M; default %(default)s)",
+    )
+    sp.add_argument(
+        "--export-file-keep",
+        metavar="N",
+        type=_int_in("--export-file-keep", 0, 1000),
+        default=5,
+        help="rotated export files kept, PATH.1..PATH.N; older are "
+        "deleted and their events counted as rotated_out (default %(default)s)",
+    )
+
+
+def _export_hub(args: argparse.Namespace, engine: Any, node: str) -> Any:
+    """The export sink for --export-file, started; None without one. ExportConfigError."""
+    from tracefleet.agent import export
+
+    if not args.export_file:
+        return None
+    spec = export.file_spec(args.export_file, args.export_file_max_bytes, args.export_file_keep)
+    exp = export.FileExporter("file", spec, node=node,
+                              accounting=export.engine_accounting(engine))  # fmt: skip
+    hub = export.ExportHub([exp], default=["file"])
+    hub.start()
+    return hub
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     specs = parse_event_sets(args.event_set)
     names = [s.name for s in specs]
     engine = _make_engine(args, names)
     try:
+        hub = _export_hub(args, engine, os.uname().nodename)
+    except (ValueError, OSError) as e:
+        engine.close()
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
         metrics_server = _serve_metrics(args, engine, os.uname().nodename)
     except Exception as e:
+        if hub is not None:
+            hub.close()
         engine.close()
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -231,6 +274,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        if hub is not None:
+            engine.add_sink(hub)
         engine.add_sink(sink)
         statuses = engine.apply({n: EventSetConfig(n, True, _filters(args)) for n in names})
         failed = False
@@ -257,15 +302,19 @@ def cmd_capture(args: argparse.Namespace) -> int:
                 break
         engine.drain()
         out.flush()
-        _summary(engine, names)
+        if hub is not None:
+            hub.close()  # its last accounting record follows the drained events
+        _summary(engine, names, hub)
     finally:
+        if hub is not None:
+            hub.close()
         if metrics_server is not None:
             metrics_server.close()
         engine.close()
     return EXIT_OK
 
 
-def _summary(engine: Any, names: list[str]) -> None:
+def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
     agg = engine.collect()
     print("tracefleet-agent: summary", file=sys.stderr)
     for n in names:
@@ -283,6 +332,8 @@ def _summary(engine: Any, names: list[str]) -> None:
     other = {f"{s}/{c}": v for (s, c), v in engine.errors.snapshot().items() if s not in names}
     if other:
         print(f"  other: record_errors={json.dumps(other)}", file=sys.stderr)
+    for exp in hub.exporters.values() if hub is not None else ():
+        print(f"  export {exp.name}: {json.dumps(exp.snapshot())}", file=sys.stderr)
 
 
 def _tls_options(args: argparse.Namespace) -> Any:
@@ -440,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--metrics-listen", default="", metavar="HOST:PORT",
                     type=_address_or_off,
                     help="serve Prometheus metrics while capturing (default: off)")  # fmt: skip
+    _add_export_flags(sc)
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
 

@@ -1,0 +1,92 @@
+"""Exporter mechanics without a kernel: a full queue never blocks the caller and is counted,
+bad configuration names the fix, per-rule routes report the exporters an agent lacks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracefleet.agent import export
+
+
+class _Blocked(export.Exporter):
+    """An exporter whose writer is stuck until released (a slow disk, a dead receiver)."""
+
+    def __init__(self, queue_size: int) -> None:
+        super().__init__("slow", queue_size=queue_size, accounting_seconds=3600)
+        self.release = threading.Event()
+        self.lines: list[bytes] = []
+
+    def _write(self, data: bytes, *, event: bool) -> None:
+        self.release.wait()
+        self.lines.append(data)
+
+
+def _ev(i: int) -> dict[str, Any]:
+    return {"ts_ns": i, "event_set": "file", "syscall": "openat", "pid": 1, "tid": 1,
+            "comm": "x", "ret": 0, "args": {}}  # fmt: skip
+
+
+def test_full_queue_counts_and_never_blocks():
+    exp = _Blocked(queue_size=4)
+    exp.start()
+    done = threading.Event()
+
+    def offer() -> None:
+        for i in range(100):
+            exp.offer(_ev(i))
+        done.set()
+
+    threading.Thread(target=offer, daemon=True).start()
+    assert done.wait(60), "offer() blocked behind a stuck writer"
+    exp.release.set()
+    exp.close()
+    s = exp.snapshot()
+    assert s["received"] == 100
+    # at most the queue plus the one event the writer held
+    assert s["written"] <= 5 and s["undeliverable"]["queue_full"] >= 95
+    assert s["received"] == s["written"] + sum(s["undeliverable"].values())
+    events = [line for line in exp.lines if b'"type"' not in line]
+    assert len(events) == s["written"]
+    assert b'"type":"tracefleet.accounting"' in exp.lines[-1]
+
+
+def test_file_spec_refuses_bad_configuration_naming_the_fix(tmp_path: Path):
+    with pytest.raises(export.ExportConfigError, match="absolute path"):
+        export.file_spec("relative.jsonl")
+    with pytest.raises(export.ExportConfigError, match="does not exist"):
+        export.file_spec(str(tmp_path / "no" / "x.jsonl"))
+    with pytest.raises(export.ExportConfigError, match="is a directory"):
+        export.file_spec(str(tmp_path))
+    with pytest.raises(export.ExportConfigError, match="64M"):
+        export.file_spec(str(tmp_path / "x"), "lots")
+    with pytest.raises(export.ExportConfigError, match=">= 4096"):
+        export.file_spec(str(tmp_path / "x"), "1K")
+    assert export.file_spec(str(tmp_path / "x"), "2M").max_bytes == 2 << 20
+
+
+def test_hostile_strings_stay_one_escaped_line(tmp_path: Path):
+    spec = export.file_spec(str(tmp_path / "x.jsonl"), "4K", keep=1)
+    exp = export.FileExporter("f", spec, node="n1")
+    exp.start()
+    ev = _ev(1)
+    ev["args"] = {"pathname": {"value": "a\nb\x1b[2J\u2028" + "z" * 5000, "status": "ok"}}
+    exp.offer(ev)
+    exp.close()
+    # a line longer than the bound is written whole (into a file of its own), never cut
+    lines = [line for f in sorted(tmp_path.iterdir()) for line in f.read_bytes().splitlines()]
+    assert all(line.isascii() for line in lines)
+    assert sum(b'"event_set"' in line for line in lines) == 1
+
+
+def test_routes_report_exporters_the_agent_lacks(tmp_path: Path):
+    exp = export.FileExporter("audit", export.file_spec(str(tmp_path / "a")))
+    hub = export.ExportHub([exp])
+    missing = hub.set_routes({"file": ["audit", "siem"], "exec": []})
+    assert missing == {"file": ["siem"]}
+    hub(_ev(1))
+    hub({**_ev(2), "event_set": "exec"})
+    assert exp.snapshot()["received_by_set"] == {"file": 1}
