@@ -90,3 +90,28 @@ def test_routes_report_exporters_the_agent_lacks(tmp_path: Path):
     hub(_ev(1))
     hub({**_ev(2), "event_set": "exec"})
     assert exp.snapshot()["received_by_set"] == {"file": 1}
+
+
+def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tracefleet.agent._internal import metrics
+
+    exp = _Blocked(queue_size=1)
+    exp.start()
+    for i in range(10):
+        exp.offer(_ev(i))
+    exp.release.set()
+    exp.close()
+    reg = CollectorRegistry()
+    reg.register(metrics.AgentCollector(object(), "n1", hub=export.ExportHub([exp])))
+    text = generate_latest(reg).decode()
+    snap = exp.snapshot()
+    full = snap["undeliverable"]["queue_full"]
+    assert full >= 8
+    assert (
+        f'tracefleet_agent_export_events_total{{exporter="slow",node="n1"}} {snap["written"]}.0'
+        in text
+    )
+    assert (f'tracefleet_agent_export_undeliverable_total{{cause="queue_full",exporter="slow",'
+            f'node="n1"}} {full}.0') in text  # fmt: skip

@@ -191,14 +191,16 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return EXIT_OK if all(s["strategy"] for s in report["event_sets"].values()) else EXIT_ERROR
 
 
-def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any = None) -> Any:
+def _serve_metrics(
+    args: argparse.Namespace, engine: Any, node: str, client: Any = None, hub: Any = None
+) -> Any:
     """Start /metrics if --metrics-listen is set (not "" or "off"); None otherwise."""
     address = (args.metrics_listen or "").strip()
     if not address or address == "off":
         return None
     from tracefleet.agent._internal import metrics
 
-    server = metrics.serve(engine, node, address, client)
+    server = metrics.serve(engine, node, address, client, hub=hub)
     print(f"tracefleet-agent: metrics on http://{address}/metrics", file=sys.stderr)
     return server
 
@@ -249,7 +251,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        metrics_server = _serve_metrics(args, engine, os.uname().nodename)
+        metrics_server = _serve_metrics(args, engine, os.uname().nodename, hub=hub)
     except Exception as e:
         if hub is not None:
             hub.close()
