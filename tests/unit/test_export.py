@@ -115,3 +115,50 @@ def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
     )
     assert (f'tracefleet_agent_export_undeliverable_total{{cause="queue_full",exporter="slow",'
             f'node="n1"}} {full}.0') in text  # fmt: skip
+
+
+def test_rule_export_round_trips_through_the_store_and_reaches_the_agent(tmp_path: Path):
+    import sqlite3
+
+    from tracefleet.controller._internal.controller import ConfigError, Controller
+    from tracefleet.controller._internal.fleet import Node
+    from tracefleet.controller._internal.store import Store
+
+    db = str(tmp_path / "c.db")
+    ctl = Controller(Store(db))
+    first = ctl.configure("file", True, export=("audit",))
+    # a different export is a different intent: a new generation
+    assert ctl.configure("file", True, export=("audit", "siem")).generation > first.generation
+    assert not ctl.configure("file", True, export=("audit", "siem")).changed
+    with pytest.raises(ConfigError, match="exporter names"):
+        ctl.configure("file", True, export=("Bad Name",))
+    ctl.store.close()
+    ctl = Controller(Store(db))
+    assert ctl.rules["file"].export == ("audit", "siem")
+    [spec] = ctl.desired_message(Node("n1")).desired_state.event_sets
+    assert list(spec.export) == ["audit", "siem"]
+    ctl.store.close()
+    # a database from before per-rule export gets the column, its rules export nothing
+    old = tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.execute(
+        "CREATE TABLE rules (event_set TEXT PRIMARY KEY, enabled INTEGER NOT NULL, selector "
+        "TEXT NOT NULL, filters TEXT NOT NULL, canary_percent INTEGER NOT NULL, sample_rate "
+        "REAL NOT NULL, expires_at REAL, expired INTEGER NOT NULL, generation INTEGER NOT NULL)"
+    )
+    con.execute("INSERT INTO rules VALUES ('file', 1, 'all', '{}', 0, 0, NULL, 0, 1)")
+    con.execute("PRAGMA user_version=2")
+    con.commit()
+    con.close()
+    assert Store(str(old)).rules()[0].export == ()
+
+
+def test_parse_exporter_names_the_fix(tmp_path: Path):
+    name, spec = export.parse_exporter(f"audit=file:{tmp_path}/a.jsonl,max_bytes=1M,keep=3")
+    assert (name, spec.max_bytes, spec.keep) == ("audit", 1 << 20, 3)
+    with pytest.raises(export.ExportConfigError, match="known: file"):
+        export.parse_exporter("audit=kafka:x")
+    with pytest.raises(export.ExportConfigError, match="NAME=file:/PATH"):
+        export.parse_exporter(f"Audit=file:{tmp_path}/a")
+    with pytest.raises(export.ExportConfigError, match="bad option"):
+        export.parse_exporter(f"audit=file:{tmp_path}/a,keep=lots")

@@ -389,6 +389,12 @@ def _state_file(args: argparse.Namespace) -> str:
     return "" if args.state_file.strip() in ("", "off") else args.state_file
 
 
+def export_parse(text: str) -> tuple[str, Any]:
+    from tracefleet.agent.export import parse_exporter
+
+    return parse_exporter(text)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -422,13 +428,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if options is None:
         return EXIT_USAGE
     options.state_file = _state_file(args)
+    try:
+        exporters = dict(export_parse(e) for e in args.exporter)
+        if len(exporters) < len(args.exporter):
+            raise ValueError("an exporter name is given twice: give each --exporter its own name")
+    except ValueError as e:
+        print(f"tracefleet-agent: {e} (--exporter)", file=sys.stderr)
+        return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
     engine = _make_engine(args, list(EVENT_SETS))
+    if exporters:
+        from tracefleet.agent import export
+
+        acct = export.engine_accounting(engine)
+        options.export_hub = export.ExportHub(
+            [export.FileExporter(n, s, node=args.node, accounting=acct)
+             for n, s in exporters.items()]
+        )  # fmt: skip
+        options.export_hub.start()
     # run_agent() without its wrapper: the metrics endpoint reads the client's state
     client = ControlClient(engine, args.controller, args.node, labels, options)
     try:
-        metrics_server = _serve_metrics(args, engine, args.node, client)
+        metrics_server = _serve_metrics(args, engine, args.node, client, options.export_hub)
     except Exception as e:
         engine.close()
         print(f"tracefleet-agent: {e}", file=sys.stderr)
@@ -448,6 +470,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if metrics_server is not None:
             metrics_server.close()
         engine.close()
+        if options.export_hub is not None:  # after the consumer stopped: nothing is added
+            options.export_hub.close()
     return EXIT_OK
 
 
@@ -528,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fail-static: the last applied desired state (with TTL deadlines) is "
                     "saved here and re-applied at start while the controller is away; 'off' "
                     f"for none (env {env.STATE_FILE}; default: %(default)s)")  # fmt: skip
+    sr.add_argument("--exporter", action="append", default=[],
+                    metavar="NAME=file:/PATH[,max_bytes=64M][,keep=5]",
+                    help="an exporter that rules name (tracefleet enable SET --export NAME) "
+                    "to get every event of their set; repeatable")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)

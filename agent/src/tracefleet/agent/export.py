@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -268,6 +269,35 @@ def parse_size(text: str) -> int:
     return int(digits) * mult
 
 
+EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # as the controller checks it
+
+
+def parse_exporter(text: str) -> tuple[str, FileExportSpec]:
+    """``NAME=file:/PATH[,max_bytes=SIZE][,keep=N]`` (tracefleet-agent run --exporter)."""
+    usage = "use NAME=file:/PATH[,max_bytes=64M][,keep=5], e.g. audit=file:/var/log/tf/audit.jsonl"
+    name, sep, rest = text.partition("=")
+    if not sep or not EXPORTER_NAME.fullmatch(name):
+        raise ExportConfigError(
+            f"bad exporter {text[:80]!r}: NAME is 1..63 of [a-z0-9_.-]; {usage}"
+        )
+    kind, sep, rest = rest.partition(":")
+    if kind != "file" or not sep:
+        raise ExportConfigError(
+            f"exporter {name}: unknown kind {kind[:20]!r} (known: file); {usage}"
+        )
+    path, *opts = rest.split(",")
+    kw: dict[str, Any] = {}
+    for opt in opts:
+        k, sep, v = opt.partition("=")
+        if k == "max_bytes" and sep:
+            kw["max_bytes"] = v
+        elif k == "keep" and sep and v.isdigit():
+            kw["keep"] = int(v)
+        else:
+            raise ExportConfigError(f"exporter {name}: bad option {opt[:40]!r}; {usage}")
+    return name, file_spec(path, **kw)
+
+
 def file_spec(path: str, max_bytes: str | int = 64 << 20, keep: int = 5,
               queue_size: int = 65536) -> FileExportSpec:  # fmt: skip
     """A checked FileExportSpec; ExportConfigError naming the fix."""
@@ -312,6 +342,11 @@ class ExportHub:
                 missing[name] = lacking
         self._routes = new  # replaced whole: the consumer thread reads it without a lock
         return missing
+
+    @property
+    def active(self) -> bool:
+        """True if any event set is routed to an exporter."""
+        return bool(self._default) or any(self._routes.values())
 
     def __call__(self, ev: dict[str, Any]) -> None:
         for exp in self._routes.get(ev.get("event_set", ""), self._default):
