@@ -162,3 +162,13 @@ def test_parse_exporter_names_the_fix(tmp_path: Path):
         export.parse_exporter(f"Audit=file:{tmp_path}/a")
     with pytest.raises(export.ExportConfigError, match="bad option"):
         export.parse_exporter(f"audit=file:{tmp_path}/a,keep=lots")
+
+
+def test_parse_otlp_exporters():
+    assert export.parse_exporter("o=otlp-grpc:collector:4317") == ("o", ("grpc", "collector:4317"))
+    assert export.parse_exporter("h=otlp-http:http://c:4318/v1/logs") == (
+        "h",
+        ("http", "http://c:4318/v1/logs"),
+    )
+    with pytest.raises(export.ExportConfigError, match="otlp-grpc:HOST:PORT"):
+        export.parse_exporter("o=otlp-grpc:collector")

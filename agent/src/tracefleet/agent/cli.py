@@ -442,8 +442,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tracefleet.agent import export
 
         acct = export.engine_accounting(engine)
+        from tracefleet.agent.otlp import OtlpExporter
+
         options.export_hub = export.ExportHub(
             [export.FileExporter(n, s, node=args.node, accounting=acct)
+             if isinstance(s, export.FileExportSpec)
+             else OtlpExporter(n, s[1], s[0], node=args.node, accounting=acct)
              for n, s in exporters.items()]
         )  # fmt: skip
         options.export_hub.start()
@@ -553,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "saved here and re-applied at start while the controller is away; 'off' "
                     f"for none (env {env.STATE_FILE}; default: %(default)s)")  # fmt: skip
     sr.add_argument("--exporter", action="append", default=[],
-                    metavar="NAME=file:/PATH[,max_bytes=64M][,keep=5]",
+                    metavar="NAME=file:/PATH[,max_bytes=64M][,keep=5]|otlp-grpc:HOST:PORT|"
+                    "otlp-http:URL",
                     help="an exporter that rules name (tracefleet enable SET --export NAME) "
                     "to get every event of their set; repeatable")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
