@@ -122,7 +122,7 @@ def test_otlp_grpc_receiver_restarted_mid_run_counts_reconcile(host, tmp_path: P
                    120 * SCALE, "the outage's events counted as undeliverable")  # fmt: skip
         server, _ = _serve(rx, port)
         seen = rx.accounting()
-        wait_until(lambda: rx.accounting() > seen, 120 * SCALE, "the exporter to reconnect")
+        wait_until(lambda: rx.accounting() > seen, 300 * SCALE, "the exporter to reconnect")
         _workload(d, "up2")
         wait_until(lambda: f"{d}/up2-{N - 1:04d}" in rx.paths(), 60 * SCALE, "phase 3 received")
         wait_until(settled, 60 * SCALE, "the exporter to settle")

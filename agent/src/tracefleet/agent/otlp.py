@@ -95,8 +95,14 @@ class OtlpExporter(Exporter):
         if self.protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
 
-            self._sdk = OTLPLogExporter(endpoint=self.endpoint, insecure=True,
-                                        timeout=self.timeout)  # fmt: skip
+            # reconnect within 5 s of a collector coming back (gRPC's default backoff grows
+            # to 120 s, and every event sent meanwhile would be lost)
+            self._sdk = OTLPLogExporter(
+                endpoint=self.endpoint,
+                insecure=True,
+                timeout=self.timeout,
+                channel_options=(("grpc.max_reconnect_backoff_ms", 5000),),  # type: ignore[arg-type]
+            )
         else:
             from opentelemetry.exporter.otlp.proto.http._log_exporter import (
                 OTLPLogExporter as HttpExporter,
