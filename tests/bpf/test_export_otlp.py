@@ -1,10 +1,12 @@
 """OTLP logs export from a real engine (real BPF) to a receiver built on the official
-opentelemetry-proto service definitions (gRPC), stopped and restarted mid-run: every event of
-the workload sent while it is up arrives once with its attributes, what was sent while it was
-down is counted as undeliverable, and the counts reconcile."""
+opentelemetry-proto service definitions (gRPC; HTTP with its protobuf messages), stopped and
+restarted mid-run: every event of the workload sent while it is up arrives once with its
+attributes, what was sent while it was down is counted as undeliverable, and the counts
+reconcile."""
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
@@ -84,12 +86,48 @@ class Receiver(logs_service_pb2_grpc.LogsServiceServicer):
             return sum(r["event_name"] == "tracefleet.accounting" for r in self.records)
 
 
-def _serve(rx: Receiver, port: int) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(4))
-    logs_service_pb2_grpc.add_LogsServiceServicer_to_server(rx, server)
-    port = server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    return server, port
+class _GrpcServer:
+    def __init__(self, rx: Receiver, port: int) -> None:
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(rx, self.server)
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
+        self.server.start()
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(0).wait()
+
+
+class _HttpServer:
+    """OTLP/HTTP: POST /v1/logs with a protobuf ExportLogsServiceRequest."""
+
+    def __init__(self, rx: Receiver, port: int) -> None:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                req = logs_service_pb2.ExportLogsServiceRequest.FromString(body)
+                out = rx.Export(req, None).SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = self.server.server_address[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}/v1/logs"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _serve(protocol: str, rx: Receiver, port: int) -> Any:
+    return (_GrpcServer if protocol == "grpc" else _HttpServer)(rx, port)
 
 
 def _workload(d: Path, phase: str) -> None:
@@ -97,11 +135,12 @@ def _workload(d: Path, phase: str) -> None:
                    timeout=120 * SCALE)  # fmt: skip
 
 
-def test_otlp_grpc_receiver_restarted_mid_run_counts_reconcile(host, tmp_path: Path):
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_otlp_receiver_restarted_mid_run_counts_reconcile(host, tmp_path: Path, protocol: str):
     eng = shared_engine(None)
     rx = Receiver()
-    server, port = _serve(rx, 0)
-    exp = OtlpExporter("otlp", f"127.0.0.1:{port}", "grpc", node="n-otlp", timeout=3,
+    server = _serve(protocol, rx, 0)
+    exp = OtlpExporter("otlp", server.endpoint, protocol, node="n-otlp", timeout=3,
                        accounting_seconds=0.5)  # fmt: skip
     hub = ExportHub([exp], default=["otlp"])
     hub.start()
@@ -116,11 +155,11 @@ def test_otlp_grpc_receiver_restarted_mid_run_counts_reconcile(host, tmp_path: P
         eng.apply({"file": EventSetConfig("file", True, Filters(comms=(COMM,)))})
         _workload(d, "up1")
         wait_until(lambda: f"{d}/up1-{N - 1:04d}" in rx.paths(), 60 * SCALE, "phase 1 received")
-        server.stop(0).wait()
+        server.stop()
         _workload(d, "down")
         wait_until(lambda: exp.snapshot()["undeliverable"]["write"] > 0 and settled(),
                    120 * SCALE, "the outage's events counted as undeliverable")  # fmt: skip
-        server, _ = _serve(rx, port)
+        server = _serve(protocol, rx, server.port)
         seen = rx.accounting()
         wait_until(lambda: rx.accounting() > seen, 300 * SCALE, "the exporter to reconnect")
         _workload(d, "up2")
@@ -130,7 +169,7 @@ def test_otlp_grpc_receiver_restarted_mid_run_counts_reconcile(host, tmp_path: P
         eng.apply({"file": EventSetConfig("file", False)})
         eng.remove_sink(hub)
         hub.close()
-        server.stop(0)
+        server.stop()
     got = rx.paths()
     assert len(got) == len(set(got)), "an event arrived twice"
     for phase in ("up1", "up2"):
