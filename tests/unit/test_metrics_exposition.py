@@ -128,7 +128,10 @@ def _check_conventions(text: str, component: str, allowed: frozenset[str]) -> se
 def test_agent_metric_names_and_labels():
     eng = _engine(cls=FakeProgramsEngine)
     _collect_deltas(eng, 1)
-    text = _scrape(am.AgentCollector(eng, "node-a", _client()))
+    from tracefleet.agent import export
+
+    hub = export.ExportHub([export.Exporter("siem", queue_size=1)])
+    text = _scrape(am.AgentCollector(eng, "node-a", _client(), hub))
     seen = _check_conventions(text, "agent", am.ALLOWED_LABELS)
     assert seen == set(am.METRICS), f"missing: {set(am.METRICS) - seen}"
     for name, (_, labels, _) in am.METRICS.items():

@@ -283,7 +283,9 @@ def probe_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any = None) -> Any:
+def _serve_metrics(
+    args: argparse.Namespace, engine: Any, node: str, client: Any = None, hub: Any = None
+) -> Any:
     """Start /metrics if --metrics-listen is set (not "" or "off"); None otherwise."""
     address = (args.metrics_listen or "").strip()
     if not address or address == "off":
@@ -293,7 +295,7 @@ def _serve_metrics(args: argparse.Namespace, engine: Any, node: str, client: Any
         return None
     from tracefleet.agent._internal import metrics
 
-    server = metrics.serve(engine, node, address, client, bpf_stats=args.bpf_stats)
+    server = metrics.serve(engine, node, address, client, bpf_stats=args.bpf_stats, hub=hub)
     print(f"tracefleet-agent: metrics on http://{address}/metrics", file=sys.stderr)
     return server
 
@@ -341,6 +343,41 @@ def _capture_user(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_export_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--export-file", metavar="PATH", default="",
+                    help="export every event of the captured sets to PATH as JSON lines "
+                    "(the -o jsonl schema, plus node), with accounting records; rotated by "
+                    "size")  # fmt: skip
+    sp.add_argument(
+        "--export-file-max-bytes",
+        metavar="SIZE",
+        default="64M",
+        help="rotate the export file at this size (e.g. 64M; default %(default)s)",
+    )
+    sp.add_argument(
+        "--export-file-keep",
+        metavar="N",
+        type=_int_in("--export-file-keep", 0, 1000),
+        default=5,
+        help="rotated export files kept, PATH.1..PATH.N; older are "
+        "deleted and their events counted as rotated_out (default %(default)s)",
+    )
+
+
+def _export_hub(args: argparse.Namespace, engine: Any, node: str) -> Any:
+    """The export sink for --export-file, started; None without one. ExportConfigError."""
+    from tracefleet.agent import export
+
+    if not args.export_file:
+        return None
+    spec = export.file_spec(args.export_file, args.export_file_max_bytes, args.export_file_keep)
+    exp = export.FileExporter("file", spec, node=node,
+                              accounting=export.engine_accounting(engine))  # fmt: skip
+    hub = export.ExportHub([exp], default=["file"])
+    hub.start()
+    return hub
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     if args.event_set.startswith("user:"):
         return _capture_user(args)
@@ -348,8 +385,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
     names = [s.name for s in specs]
     engine = _make_engine(args, names)
     try:
-        metrics_server = _serve_metrics(args, engine, os.uname().nodename)
+        hub = _export_hub(args, engine, os.uname().nodename)
+    except (ValueError, OSError) as e:
+        engine.close()
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        metrics_server = _serve_metrics(args, engine, os.uname().nodename, hub=hub)
     except Exception as e:
+        if hub is not None:
+            hub.close()
         engine.close()
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_ERROR
@@ -371,6 +416,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        if hub is not None:
+            engine.add_sink(hub)
         engine.add_sink(sink)
         statuses = engine.apply({n: EventSetConfig(n, True, _filters(args)) for n in names})
         failed = False
@@ -397,15 +444,19 @@ def cmd_capture(args: argparse.Namespace) -> int:
                 break
         engine.drain()
         out.flush()
-        _summary(engine, names)
+        if hub is not None:
+            hub.close()  # its last accounting record follows the drained events
+        _summary(engine, names, hub)
     finally:
+        if hub is not None:
+            hub.close()
         if metrics_server is not None:
             metrics_server.close()
         engine.close()
     return EXIT_OK
 
 
-def _summary(engine: Any, names: list[str]) -> None:
+def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
     agg = engine.collect()
     print("tracefleet-agent: summary", file=sys.stderr)
     for n in names:
@@ -431,6 +482,8 @@ def _summary(engine: Any, names: list[str]) -> None:
     other = {f"{s}/{c}": v for (s, c), v in engine.errors.snapshot().items() if s not in names}
     if other:
         print(f"  other: record_errors={json.dumps(other)}", file=sys.stderr)
+    for exp in hub.exporters.values() if hub is not None else ():
+        print(f"  export {exp.name}: {json.dumps(exp.snapshot())}", file=sys.stderr)
 
 
 def _tls_options(args: argparse.Namespace) -> Any:
@@ -484,6 +537,12 @@ def _state_file(args: argparse.Namespace) -> str:
     return "" if args.state_file.strip() in ("", "off") else args.state_file
 
 
+def export_parse(text: str) -> tuple[str, Any]:
+    from tracefleet.agent.export import parse_exporter
+
+    return parse_exporter(text)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -517,13 +576,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     if options is None:
         return EXIT_USAGE
     options.state_file = _state_file(args)
+    try:
+        exporters = dict(export_parse(e) for e in args.exporter)
+        if len(exporters) < len(args.exporter):
+            raise ValueError("an exporter name is given twice: give each --exporter its own name")
+    except ValueError as e:
+        print(f"tracefleet-agent: {e} (--exporter)", file=sys.stderr)
+        return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
     engine = _make_engine(args, list(EVENT_SETS))
+    if exporters:
+        from tracefleet.agent import export
+
+        acct = export.engine_accounting(engine)
+        from tracefleet.agent.otlp import OtlpExporter
+
+        options.export_hub = export.ExportHub(
+            [export.FileExporter(n, s, node=args.node, accounting=acct)
+             if isinstance(s, export.FileExportSpec)
+             else OtlpExporter(n, s[1], s[0], node=args.node, accounting=acct)
+             for n, s in exporters.items()]
+        )  # fmt: skip
+        options.export_hub.start()
     # run_agent() without its wrapper: the metrics endpoint reads the client's state
     client = ControlClient(engine, args.controller, args.node, labels, options)
     try:
-        metrics_server = _serve_metrics(args, engine, args.node, client)
+        metrics_server = _serve_metrics(args, engine, args.node, client, options.export_hub)
     except Exception as e:
         engine.close()
         print(f"tracefleet-agent: {e}", file=sys.stderr)
@@ -543,6 +622,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if metrics_server is not None:
             metrics_server.close()
         engine.close()
+        if options.export_hub is not None:  # after the consumer stopped: nothing is added
+            options.export_hub.close()
     return EXIT_OK
 
 
@@ -598,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
                     help="calls in flight tracked per event set; beyond N they are counted "
                     "lost, never hidden (default: %(default)s)")  # fmt: skip
+    _add_export_flags(sc)
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
 
@@ -636,6 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fail-static: the last applied desired state (with TTL deadlines) is "
                     "saved here and re-applied at start while the controller is away; 'off' "
                     f"for none (env {env.STATE_FILE}; default: %(default)s)")  # fmt: skip
+    sr.add_argument("--exporter", action="append", default=[],
+                    metavar="NAME=file:/PATH[,max_bytes=64M][,keep=5]|otlp-grpc:HOST:PORT|"
+                    "otlp-http:URL",
+                    help="an exporter that rules name (tracefleet enable SET --export NAME) "
+                    "to get every event of their set; repeatable")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)

@@ -98,6 +98,8 @@ class ClientOptions:
     # Fail-static: the last desired state applied (with TTL deadlines) is saved here and
     # re-applied at start while the controller is away. "" = none.
     state_file: str = ""
+    # per-rule export: the agent's exporters (export.ExportHub), routed by each set's rule
+    export_hub: Any = None
 
 
 @dataclass
@@ -172,6 +174,7 @@ class ControlClient:
         # unix seconds at which an enabled set's rule expires (from the controller): enforced
         # here too, so a state re-applied while the controller is away ends on time
         self._deadlines: dict[str, float] = {}
+        self._hub_attached = False
 
     # public ----------------------------------------------------------------------------
 
@@ -237,6 +240,7 @@ class ControlClient:
                     enabled=bool(s["enabled"]),
                     filters=Filters(**{k: tuple(v) for k, v in s["filters"].items()}),
                     sample_rate=float(s["sample_rate"]),
+                    export=tuple(str(n) for n in s.get("export", ())),
                 )
                 expires = float(s.get("expires_at") or 0.0)
                 if cfg.enabled and expires:
@@ -326,7 +330,37 @@ class ControlClient:
             return
         self.stats.applies += 1
         self._applied = effective
-        self.statuses = list(statuses)
+        self.statuses = self._route_exports(effective, list(statuses))
+
+    def _route_exports(
+        self, effective: Mapping[str, EventSetConfig], statuses: list[SetStatus]
+    ) -> list[SetStatus]:
+        """Send each enabled set's events to the exporters its rule names; a name this agent
+        lacks is reported in the set's status (error), never ignored in silence."""
+        hub = self.options.export_hub
+        routes = {n: c.export for n, c in effective.items() if c.enabled}
+        if hub is not None:
+            missing = hub.set_routes(routes)
+            have = ", ".join(sorted(hub.exporters)) or "none"
+            # a sink makes the engine decode every record: attached only while exporting
+            if hub.active != self._hub_attached and hasattr(self.engine, "add_sink"):
+                if hub.active:
+                    self.engine.add_sink(hub)
+                else:
+                    self.engine.remove_sink(hub)
+                self._hub_attached = hub.active
+        else:
+            missing = {n: list(e) for n, e in routes.items() if e}
+            have = "none"
+        out = []
+        for st in statuses:
+            if missing.get(st.name):
+                why = (f"export: no exporter named {', '.join(missing[st.name])} on this agent "
+                       f"(it has: {have}; configure one with tracefleet-agent run "
+                       "--exporter NAME=file:/PATH)")  # fmt: skip
+                st = dataclasses.replace(st, error=f"{st.error}; {why}" if st.error else why)
+            out.append(st)
+        return out
 
     # connection -------------------------------------------------------------------------
 
@@ -477,6 +511,7 @@ class ControlClient:
                     path_prefixes=tuple(s.filters.path_prefixes),
                 ),
                 sample_rate=s.sample_rate,
+                export=tuple(s.export),
             )
             for s in ds.event_sets
         }

@@ -41,6 +41,7 @@ class EventSetConfig:
     enabled: bool
     filters: Filters = Filters()
     sample_rate: float = 0.0  # share of raw events forwarded to the controller (0 = none)
+    export: tuple[str, ...] = ()  # exporters that get every event (the client routes them)
 
 
 @dataclass

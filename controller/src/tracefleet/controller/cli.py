@@ -252,6 +252,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sample-rate", type=_share, default=0.0, metavar="SHARE",
         help="share 0..1 of raw events always forwarded to the controller (default: 0)",
     )  # fmt: skip
+    en.add_argument(
+        "--export", action="append", default=[], metavar="NAME",
+        help="every event of the set, not a sample, to the agents' exporter NAME (configured "
+        "on the agents: tracefleet-agent run --exporter NAME=...; repeatable)",
+    )  # fmt: skip
     _add_wait(en)
 
     dis = add(
@@ -600,6 +605,7 @@ def cmd_configure(ctx: Ctx, enabled: bool) -> int:
         req.filters.CopyFrom(filters)
         req.canary_percent = a.canary
         req.sample_rate = a.sample_rate
+        req.export.extend(a.export)
         if a.ttl:
             ttl = duration_pb2.Duration()
             ttl.FromNanoseconds(int(a.ttl * 1e9))

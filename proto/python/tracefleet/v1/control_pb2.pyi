@@ -37,7 +37,7 @@ ACK_STATE_NOT_CONNECTED: AckState
 ACK_STATE_UNKNOWN: AckState
 
 class ConfigureEventSetRequest(_message.Message):
-    __slots__ = ("event_set", "enabled", "selector", "ttl", "filters", "canary_percent", "sample_rate")
+    __slots__ = ("event_set", "enabled", "selector", "ttl", "filters", "canary_percent", "sample_rate", "export")
     EVENT_SET_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class ConfigureEventSetRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     CANARY_PERCENT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
     event_set: str
     enabled: bool
     selector: str
@@ -52,7 +53,8 @@ class ConfigureEventSetRequest(_message.Message):
     filters: _types_pb2.Filters
     canary_percent: int
     sample_rate: float
-    def __init__(self, event_set: _Optional[str] = ..., enabled: _Optional[bool] = ..., selector: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., filters: _Optional[_Union[_types_pb2.Filters, _Mapping]] = ..., canary_percent: _Optional[int] = ..., sample_rate: _Optional[float] = ...) -> None: ...
+    export: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_set: _Optional[str] = ..., enabled: _Optional[bool] = ..., selector: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., filters: _Optional[_Union[_types_pb2.Filters, _Mapping]] = ..., canary_percent: _Optional[int] = ..., sample_rate: _Optional[float] = ..., export: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ConfigureEventSetResponse(_message.Message):
     __slots__ = ("generation", "changed", "matched_nodes", "selected_count", "expires_at")
@@ -134,7 +136,7 @@ class SetTotals(_message.Message):
     def __init__(self, event_set: _Optional[str] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., discarded: _Optional[int] = ...) -> None: ...
 
 class Rule(_message.Message):
-    __slots__ = ("event_set", "enabled", "selector", "filters", "canary_percent", "sample_rate", "expires_at", "expired", "generation", "matched_nodes")
+    __slots__ = ("event_set", "enabled", "selector", "filters", "canary_percent", "sample_rate", "expires_at", "expired", "generation", "matched_nodes", "export")
     EVENT_SET_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     SELECTOR_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +147,7 @@ class Rule(_message.Message):
     EXPIRED_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     MATCHED_NODES_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
     event_set: str
     enabled: bool
     selector: str
@@ -155,7 +158,8 @@ class Rule(_message.Message):
     expired: bool
     generation: int
     matched_nodes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, event_set: _Optional[str] = ..., enabled: _Optional[bool] = ..., selector: _Optional[str] = ..., filters: _Optional[_Union[_types_pb2.Filters, _Mapping]] = ..., canary_percent: _Optional[int] = ..., sample_rate: _Optional[float] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expired: _Optional[bool] = ..., generation: _Optional[int] = ..., matched_nodes: _Optional[_Iterable[str]] = ...) -> None: ...
+    export: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, event_set: _Optional[str] = ..., enabled: _Optional[bool] = ..., selector: _Optional[str] = ..., filters: _Optional[_Union[_types_pb2.Filters, _Mapping]] = ..., canary_percent: _Optional[int] = ..., sample_rate: _Optional[float] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expired: _Optional[bool] = ..., generation: _Optional[int] = ..., matched_nodes: _Optional[_Iterable[str]] = ..., export: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
     __slots__ = ("generation", "nodes", "rules", "known_event_sets")

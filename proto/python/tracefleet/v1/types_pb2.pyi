@@ -65,18 +65,20 @@ class Filters(_message.Message):
     def __init__(self, pids: _Optional[_Iterable[int]] = ..., comms: _Optional[_Iterable[str]] = ..., cgroup_ids: _Optional[_Iterable[int]] = ..., path_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EventSetSpec(_message.Message):
-    __slots__ = ("name", "enabled", "filters", "sample_rate", "expires_at_unix_ns")
+    __slots__ = ("name", "enabled", "filters", "sample_rate", "expires_at_unix_ns", "export")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_AT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    EXPORT_FIELD_NUMBER: _ClassVar[int]
     name: str
     enabled: bool
     filters: Filters
     sample_rate: float
     expires_at_unix_ns: int
-    def __init__(self, name: _Optional[str] = ..., enabled: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., sample_rate: _Optional[float] = ..., expires_at_unix_ns: _Optional[int] = ...) -> None: ...
+    export: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., enabled: _Optional[bool] = ..., filters: _Optional[_Union[Filters, _Mapping]] = ..., sample_rate: _Optional[float] = ..., expires_at_unix_ns: _Optional[int] = ..., export: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetStatus(_message.Message):
     __slots__ = ("name", "enabled", "attached", "strategy", "error")

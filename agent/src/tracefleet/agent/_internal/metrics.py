@@ -40,7 +40,7 @@ from tracefleet.agent.engine import OUTCOMES, Histogram, SetAggregate
 log = logging.getLogger("tracefleet.agent.metrics")
 
 ALLOWED_LABELS = frozenset(
-    {"node", "event_set", "syscall", "strategy", "outcome", "program", "cause"}
+    {"node", "event_set", "syscall", "strategy", "outcome", "program", "cause", "exporter"}
 )
 DEFAULT_RUN_LISTEN = "0.0.0.0:9091"
 
@@ -100,6 +100,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "User-space fallback reads refused or discarded because the record's tid could not be "
         "tied to the task that made the call (pid-reused, caller-exited, caller-unpinnable): "
         "the arguments stay lost.",
+    ),
+    "tracefleet_agent_export_events_total": (
+        "counter",
+        ("node", "exporter"),
+        "Events an exporter wrote (events later deleted by its file rotation excluded).",
+    ),
+    "tracefleet_agent_export_undeliverable_total": (
+        "counter",
+        ("node", "exporter", "cause"),
+        "Events an exporter received and did not deliver, per cause (queue_full: its writer "
+        "fell behind; write: the destination refused; serialize; rotated_out: written, then "
+        "deleted with the oldest rotated file). Received = exported + undeliverable + queued.",
     ),
     "tracefleet_agent_bpf_program_run_time_seconds_total": (
         "counter",
@@ -229,10 +241,11 @@ class AgentCollector(Collector):
     ``bpf_stats_enabled``. The controller client is read for applied_generation, connected,
     stats (connects, batches_discarded, events_discarded), outbox_state() and statuses."""
 
-    def __init__(self, engine: Any, node: str, client: Any = None) -> None:
+    def __init__(self, engine: Any, node: str, client: Any = None, hub: Any = None) -> None:
         self.engine = engine
         self.node = node
         self.client = client
+        self.hub = hub  # export.ExportHub, if exporters are configured
 
     def describe(self) -> Iterable[Metric]:
         return []  # not probed at registration: collect() reads the kernel
@@ -292,6 +305,13 @@ class AgentCollector(Collector):
             fams["tracefleet_agent_event_set_enabled"].add_metric(
                 [node, st.name], 1.0 if st.enabled and st.attached else 0.0
             )
+        for name, exp in sorted(self.hub.exporters.items() if self.hub is not None else ()):
+            snap = exp.snapshot()
+            fams["tracefleet_agent_export_events_total"].add_metric([node, name], snap["written"])
+            for cause, n in snap["undeliverable"].items():
+                fams["tracefleet_agent_export_undeliverable_total"].add_metric(
+                    [node, name, cause], n
+                )
         client = self.client
         if client is not None:
             fams["tracefleet_agent_applied_generation"].add_metric(
@@ -408,9 +428,15 @@ class MetricsServer:
 
 
 def serve(
-    engine: Any, node: str, address: str, client: Any = None, *, bpf_stats: bool = True
+    engine: Any,
+    node: str,
+    address: str,
+    client: Any = None,
+    *,
+    bpf_stats: bool = True,
+    hub: Any = None,
 ) -> MetricsServer:
     """Start /metrics on ``address`` for ``engine``; turn the kernel's BPF stats on."""
     if bpf_stats and callable(getattr(engine, "enable_run_stats", None)):
         engine.enable_run_stats()
-    return MetricsServer(AgentCollector(engine, node, client), address)
+    return MetricsServer(AgentCollector(engine, node, client, hub), address)

@@ -102,6 +102,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 ),
                 request.canary_percent,
                 request.sample_rate,
+                export=tuple(request.export),
             )
         except ConfigError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -190,6 +191,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             expired=r.expired,
             generation=r.generation,
             matched_nodes=matched if r.active else [],
+            export=r.export,
         )
 
     async def StreamEvents(

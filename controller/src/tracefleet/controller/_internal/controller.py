@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ MAX_TTL_SECONDS = 366 * 86400
 MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 4, 1
 MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
 MAX_EVENT_SET_NAME = 64
+# per-rule export: names of exporters configured on the agents (agent export.EXPORTER_NAME)
+MAX_EXPORTERS = 8
+EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
 
 
 def filters_problem(f: FilterSpec) -> str:
@@ -314,6 +318,7 @@ class Controller:
         canary_percent: int = 0,
         sample_rate: float = 0.0,
         now: float | None = None,
+        export: tuple[str, ...] = (),
     ) -> ConfigureResult:
         now = time.time() if now is None else now
         known = self.known_event_sets()
@@ -341,6 +346,14 @@ class Controller:
                 f"ttl {ttl:.0f}s is beyond the limit of {MAX_TTL_SECONDS // 86400} days; "
                 "omit the ttl for a rule that never expires"
             )
+        export = tuple(dict.fromkeys(export))
+        if len(export) > MAX_EXPORTERS or any(not EXPORTER_NAME.fullmatch(n) for n in export):
+            bad = [n[:40] for n in export if not EXPORTER_NAME.fullmatch(n)]
+            raise ConfigError(
+                f"bad export {bad or list(export)}: at most {MAX_EXPORTERS} exporter names, each "
+                "1..63 of [a-z0-9_.-] starting with a letter or digit, as configured on the "
+                "agents (tracefleet-agent run --exporter NAME=...)"
+            )
         filters = filters or FilterSpec()
         problem = filters_problem(filters)
         if problem:
@@ -354,6 +367,7 @@ class Controller:
             canary_percent,
             sample_rate,
             expires_at,
+            export=export if enabled else (),
         )
         old = self.rules.get(event_set)
         if old is not None and old.same_intent(new):
@@ -466,6 +480,7 @@ class Controller:
                 ),
                 sample_rate=s.sample_rate,
                 expires_at_unix_ns=self._expires_ns(s.name) if s.enabled else 0,
+                export=s.export,
             )
             for s in desired_for_node(self.rules.values(), node.name, node.labels)
         ]

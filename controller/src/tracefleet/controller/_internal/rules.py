@@ -55,6 +55,7 @@ class Rule:
     expires_at: float | None = None  # unix seconds
     expired: bool = False  # the TTL switched the rule off
     generation: int = 0  # fleet generation at which the rule last changed
+    export: tuple[str, ...] = ()  # agents' exporters that get every event of the set
     _parsed: sel.Selector = field(default=sel.ALL, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,7 @@ class Rule:
             and (not self.active or self.filters == other.filters)
             and (not self.active or _share(self.canary_percent) == _share(other.canary_percent))
             and (not self.active or self.sample_rate == other.sample_rate)
+            and (not self.active or self.export == other.export)
         )
 
     def selects(self, node_name: str, labels: Mapping[str, str]) -> bool:
@@ -111,6 +113,7 @@ class SetState:
     enabled: bool
     filters: FilterSpec = FilterSpec()
     sample_rate: float = 0.0
+    export: tuple[str, ...] = ()
 
 
 def desired_for_node(
@@ -119,7 +122,7 @@ def desired_for_node(
     out = []
     for rule in sorted(rules, key=lambda r: r.event_set):
         if rule.applies_to(node_name, labels):
-            out.append(SetState(rule.event_set, True, rule.filters, rule.sample_rate))
+            out.append(SetState(rule.event_set, True, rule.filters, rule.sample_rate, rule.export))
         else:
             out.append(SetState(rule.event_set, False))
     return out

@@ -31,7 +31,8 @@ CREATE TABLE IF NOT EXISTS rules (
     sample_rate REAL NOT NULL,
     expires_at REAL,
     expired INTEGER NOT NULL,
-    generation INTEGER NOT NULL
+    generation INTEGER NOT NULL,
+    export TEXT NOT NULL DEFAULT '[]'
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name TEXT PRIMARY KEY,
@@ -129,6 +130,9 @@ class Store:
             raise StoreError(
                 f"{path} has schema version {version}, this controller knows {_SCHEMA_VERSION}"
             )
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(rules)")}
+        if "export" not in columns:  # a database from before per-rule export
+            self._db.execute("ALTER TABLE rules ADD COLUMN export TEXT NOT NULL DEFAULT '[]'")
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
         try:
             self._check()
@@ -202,7 +206,7 @@ class Store:
     def rules(self) -> list[Rule]:
         rows = self._db.execute(
             "SELECT event_set, enabled, selector, filters, canary_percent, sample_rate,"
-            " expires_at, expired, generation FROM rules ORDER BY event_set"
+            " expires_at, expired, generation, export FROM rules ORDER BY event_set"
         ).fetchall()
         return [
             Rule(
@@ -215,13 +219,16 @@ class Store:
                 expires_at=row[6],
                 expired=bool(row[7]),
                 generation=int(row[8]),
+                export=tuple(str(n) for n in json.loads(row[9])),
             )
             for row in rows
         ]
 
     def _write_rule(self, r: Rule) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO rules VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO rules (event_set, enabled, selector, filters, canary_percent,"
+            " sample_rate, expires_at, expired, generation, export)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 r.event_set,
                 int(r.enabled),
@@ -232,6 +239,7 @@ class Store:
                 r.expires_at,
                 int(r.expired),
                 r.generation,
+                json.dumps(list(r.export)),
             ),
         )
 

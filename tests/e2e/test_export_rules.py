@@ -1,0 +1,121 @@
+"""Per-rule export through the fleet: `tracefleet enable file --export audit` makes a real
+agent (real BPF) write every event of the set to its exporter named audit, and only that one;
+a rule naming an exporter the agent lacks is reported in the set's status."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import BPF_DIR, require_root, wait_until
+from tests.e2e.security_helpers import make_groups, make_sockdir, start_controller, tf
+
+pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
+AGENT = [sys.executable, "-m", "tracefleet.agent"]
+SLOW = 10 if os.environ.get("TRACEFLEET_IN_VM") else 1
+COMM = "tf-export-rule"
+N = 500
+
+WORKLOAD = f"""
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(15, b"{COMM}", 0, 0, 0)
+for i in range({N}):
+    try:
+        os.open(f"{{sys.argv[1]}}/r-{{i:04d}}", os.O_RDONLY)
+    except FileNotFoundError:
+        pass
+"""
+
+
+@pytest.fixture
+def groups() -> Iterator[tuple[str, str]]:
+    yield from make_groups()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    yield from make_sockdir()
+
+
+def _lines(d: Path, stem: str) -> list[dict[str, Any]]:
+    out = []
+    for f in sorted(d.glob(f"{stem}.jsonl*")):
+        out += [json.loads(line) for line in f.read_text().splitlines()]
+    return out
+
+
+def _paths(lines: list[dict[str, Any]]) -> list[str]:
+    return [e["args"]["pathname"]["value"] for e in lines
+            if "type" not in e and e.get("comm") == COMM and e["syscall"] == "openat"]  # fmt: skip
+
+
+def test_rule_exports_every_event_to_the_named_exporter(sockdir, groups):
+    require_root()
+    if not (BPF_DIR / "file.bpf.o").exists():
+        pytest.skip("run `make bpf` first")
+    d = sockdir
+    out = d / "export"
+    out.mkdir()
+    log = d / "agent.log"
+    ctl = start_controller(d, groups)
+    with open(log, "ab") as f:
+        agent = subprocess.Popen(
+            [*AGENT, "run", "--controller", f"unix:{d}/ctl.sock", "--node", "ex-1",
+             "--metrics-listen", "off", "--state-file", "off",
+             "--exporter", f"audit=file:{out}/audit.jsonl,max_bytes=16K,keep=1000",
+             "--exporter", f"spare=file:{out}/spare.jsonl"],
+            stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: "registered with the controller" in log.read_text(),
+                   180 * SLOW, "the agent to register")  # fmt: skip
+        r = tf(d, "enable", "file", "--comm", COMM, "--export", "audit", "--wait")
+        assert r.returncode == 0, r.stdout + r.stderr
+        subprocess.run([sys.executable, "-c", WORKLOAD, str(d / "missing")], check=True,
+                       timeout=120 * SLOW)  # fmt: skip
+        last = f"{d}/missing/r-{N - 1:04d}"
+        # one thread's records leave the ring, and the exporter's queue, in order
+        wait_until(lambda: last in _paths(_lines(out, "audit")), 120 * SLOW,
+                   "the workload's last event in the audit export")  # fmt: skip
+
+        # a rule naming an exporter this agent lacks: reported, not ignored
+        tf(d, "enable", "exec", "--comm", COMM, "--export", "siem", "--wait")
+        st = json.loads(tf(d, "status", "-o", "json").stdout)
+        [node] = [n for n in st["nodes"] if n["name"] == "ex-1"]
+        errors = {s["name"]: s.get("error", "") for s in node["statuses"]}
+        assert "no exporter named siem" in errors["exec"], errors
+        assert "it has: audit, spare" in errors["exec"]
+        assert not errors.get("file"), errors
+        [rule] = [r for r in st["rules"] if r["event_set"] == "file"]
+        assert rule["export"] == ["audit"]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=60 * SLOW)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        ctl.terminate()
+        ctl.wait(timeout=60)
+    audit = _lines(out, "audit")
+    got = _paths(audit)
+    want = [f"{d}/missing/r-{i:04d}" for i in range(N)]
+    assert sorted(got) == want, (len(got), sorted(set(want) - set(got))[:5])
+    assert len(list(out.glob("audit.jsonl*"))) > 2  # rotated
+    acct = max((e for e in audit if e.get("type") == "tracefleet.accounting"),
+               key=lambda e: e["time_ns"])  # fmt: skip
+    c = acct["counts"]
+    assert acct["node"] == "ex-1" and acct["exporter"] == "audit"
+    assert c["received"] == c["written"] + sum(c["undeliverable"].values()) + c["queued"]
+    assert c["written"] == sum(1 for e in audit if "type" not in e)
+    assert set(c["received_by_set"]) == {"file"}
+    spare = _lines(out, "spare")
+    assert spare and all(e.get("type") == "tracefleet.accounting" for e in spare)

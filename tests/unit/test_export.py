@@ -1,0 +1,174 @@
+"""Exporter mechanics without a kernel: a full queue never blocks the caller and is counted,
+bad configuration names the fix, per-rule routes report the exporters an agent lacks."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tracefleet.agent import export
+
+
+class _Blocked(export.Exporter):
+    """An exporter whose writer is stuck until released (a slow disk, a dead receiver)."""
+
+    def __init__(self, queue_size: int) -> None:
+        super().__init__("slow", queue_size=queue_size, accounting_seconds=3600)
+        self.release = threading.Event()
+        self.lines: list[bytes] = []
+
+    def _write(self, data: bytes, *, event: bool) -> None:
+        self.release.wait()
+        self.lines.append(data)
+
+
+def _ev(i: int) -> dict[str, Any]:
+    return {"ts_ns": i, "event_set": "file", "syscall": "openat", "pid": 1, "tid": 1,
+            "comm": "x", "ret": 0, "args": {}}  # fmt: skip
+
+
+def test_full_queue_counts_and_never_blocks():
+    exp = _Blocked(queue_size=4)
+    exp.start()
+    done = threading.Event()
+
+    def offer() -> None:
+        for i in range(100):
+            exp.offer(_ev(i))
+        done.set()
+
+    threading.Thread(target=offer, daemon=True).start()
+    assert done.wait(60), "offer() blocked behind a stuck writer"
+    exp.release.set()
+    exp.close()
+    s = exp.snapshot()
+    assert s["received"] == 100
+    # at most the queue plus the one event the writer held
+    assert s["written"] <= 5 and s["undeliverable"]["queue_full"] >= 95
+    assert s["received"] == s["written"] + sum(s["undeliverable"].values())
+    events = [line for line in exp.lines if b'"type"' not in line]
+    assert len(events) == s["written"]
+    assert b'"type":"tracefleet.accounting"' in exp.lines[-1]
+
+
+def test_file_spec_refuses_bad_configuration_naming_the_fix(tmp_path: Path):
+    with pytest.raises(export.ExportConfigError, match="absolute path"):
+        export.file_spec("relative.jsonl")
+    with pytest.raises(export.ExportConfigError, match="does not exist"):
+        export.file_spec(str(tmp_path / "no" / "x.jsonl"))
+    with pytest.raises(export.ExportConfigError, match="is a directory"):
+        export.file_spec(str(tmp_path))
+    with pytest.raises(export.ExportConfigError, match="64M"):
+        export.file_spec(str(tmp_path / "x"), "lots")
+    with pytest.raises(export.ExportConfigError, match=">= 4096"):
+        export.file_spec(str(tmp_path / "x"), "1K")
+    assert export.file_spec(str(tmp_path / "x"), "2M").max_bytes == 2 << 20
+
+
+def test_hostile_strings_stay_one_escaped_line(tmp_path: Path):
+    spec = export.file_spec(str(tmp_path / "x.jsonl"), "4K", keep=1)
+    exp = export.FileExporter("f", spec, node="n1")
+    exp.start()
+    ev = _ev(1)
+    ev["args"] = {"pathname": {"value": "a\nb\x1b[2J\u2028" + "z" * 5000, "status": "ok"}}
+    exp.offer(ev)
+    exp.close()
+    # a line longer than the bound is written whole (into a file of its own), never cut
+    lines = [line for f in sorted(tmp_path.iterdir()) for line in f.read_bytes().splitlines()]
+    assert all(line.isascii() for line in lines)
+    assert sum(b'"event_set"' in line for line in lines) == 1
+
+
+def test_routes_report_exporters_the_agent_lacks(tmp_path: Path):
+    exp = export.FileExporter("audit", export.file_spec(str(tmp_path / "a")))
+    hub = export.ExportHub([exp])
+    missing = hub.set_routes({"file": ["audit", "siem"], "exec": []})
+    assert missing == {"file": ["siem"]}
+    hub(_ev(1))
+    hub({**_ev(2), "event_set": "exec"})
+    assert exp.snapshot()["received_by_set"] == {"file": 1}
+
+
+def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tracefleet.agent._internal import metrics
+
+    exp = _Blocked(queue_size=1)
+    exp.start()
+    for i in range(10):
+        exp.offer(_ev(i))
+    exp.release.set()
+    exp.close()
+    reg = CollectorRegistry()
+    reg.register(metrics.AgentCollector(object(), "n1", hub=export.ExportHub([exp])))
+    text = generate_latest(reg).decode()
+    snap = exp.snapshot()
+    full = snap["undeliverable"]["queue_full"]
+    assert full >= 8
+    assert (
+        f'tracefleet_agent_export_events_total{{exporter="slow",node="n1"}} {snap["written"]}.0'
+        in text
+    )
+    assert (f'tracefleet_agent_export_undeliverable_total{{cause="queue_full",exporter="slow",'
+            f'node="n1"}} {full}.0') in text  # fmt: skip
+
+
+def test_rule_export_round_trips_through_the_store_and_reaches_the_agent(tmp_path: Path):
+    import sqlite3
+
+    from tracefleet.controller._internal.controller import ConfigError, Controller
+    from tracefleet.controller._internal.fleet import Node
+    from tracefleet.controller._internal.store import Store
+
+    db = str(tmp_path / "c.db")
+    ctl = Controller(Store(db))
+    first = ctl.configure("file", True, export=("audit",))
+    # a different export is a different intent: a new generation
+    assert ctl.configure("file", True, export=("audit", "siem")).generation > first.generation
+    assert not ctl.configure("file", True, export=("audit", "siem")).changed
+    with pytest.raises(ConfigError, match="exporter names"):
+        ctl.configure("file", True, export=("Bad Name",))
+    ctl.store.close()
+    ctl = Controller(Store(db))
+    assert ctl.rules["file"].export == ("audit", "siem")
+    [spec] = ctl.desired_message(Node("n1")).desired_state.event_sets
+    assert list(spec.export) == ["audit", "siem"]
+    ctl.store.close()
+    # a database from before per-rule export gets the column, its rules export nothing
+    old = tmp_path / "old.db"
+    con = sqlite3.connect(old)
+    con.execute(
+        "CREATE TABLE rules (event_set TEXT PRIMARY KEY, enabled INTEGER NOT NULL, selector "
+        "TEXT NOT NULL, filters TEXT NOT NULL, canary_percent INTEGER NOT NULL, sample_rate "
+        "REAL NOT NULL, expires_at REAL, expired INTEGER NOT NULL, generation INTEGER NOT NULL)"
+    )
+    con.execute("INSERT INTO rules VALUES ('file', 1, 'all', '{}', 0, 0, NULL, 0, 1)")
+    con.execute("PRAGMA user_version=2")
+    con.commit()
+    con.close()
+    assert Store(str(old)).rules()[0].export == ()
+
+
+def test_parse_exporter_names_the_fix(tmp_path: Path):
+    name, spec = export.parse_exporter(f"audit=file:{tmp_path}/a.jsonl,max_bytes=1M,keep=3")
+    assert (name, spec.max_bytes, spec.keep) == ("audit", 1 << 20, 3)
+    with pytest.raises(export.ExportConfigError, match="known: file"):
+        export.parse_exporter("audit=kafka:x")
+    with pytest.raises(export.ExportConfigError, match="NAME=file:/PATH"):
+        export.parse_exporter(f"Audit=file:{tmp_path}/a")
+    with pytest.raises(export.ExportConfigError, match="bad option"):
+        export.parse_exporter(f"audit=file:{tmp_path}/a,keep=lots")
+
+
+def test_parse_otlp_exporters():
+    assert export.parse_exporter("o=otlp-grpc:collector:4317") == ("o", ("grpc", "collector:4317"))
+    assert export.parse_exporter("h=otlp-http:http://c:4318/v1/logs") == (
+        "h",
+        ("http", "http://c:4318/v1/logs"),
+    )
+    with pytest.raises(export.ExportConfigError, match="otlp-grpc:HOST:PORT"):
+        export.parse_exporter("o=otlp-grpc:collector")
