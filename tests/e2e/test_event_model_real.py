@@ -70,6 +70,8 @@ def _events(lines: list[str], pid: int) -> list[dict[str, Any]]:
 def _iteration(events: list[dict[str, Any]], n: int, port: int) -> dict[str, dict[str, Any]]:
     """The openat and connect of workload iteration n, keyed by syscall."""
     found: dict[str, dict[str, Any]] = {}
+    # in entry order: each event set has its own ring, so delivery interleaves sets by ring
+    events = sorted(events, key=lambda e: e["ts_ns"])
     for i, ev in enumerate(events):
         path = (ev["args"].get("pathname") or {}).get("value") or ""
         if ev["syscall"] == "openat" and path.endswith(f"{EVIL_NAME}-{n}"):
