@@ -173,9 +173,12 @@ def swap(host: None, tmp_path: Path) -> Iterator[str]:
         yield _swap_devices()[0]
         return
     ctl = Path("/sys/class/zram-control")
-    if not ctl.exists():
-        subprocess.run(["modprobe", "zram", "num_devices=0"], capture_output=True)
     why = []
+    if not ctl.exists():
+        try:
+            subprocess.run(["modprobe", "zram", "num_devices=0"], capture_output=True)
+        except FileNotFoundError:  # no kmod on this machine: zram only if built in
+            why.append("no modprobe (kmod) to load zram")
     if ctl.exists():
         n = int((ctl / "hot_add").read_text())
         dev = f"/dev/zram{n}"
