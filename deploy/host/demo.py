@@ -90,7 +90,10 @@ def main() -> int:
         print("demo: workloads missing: run `make workloads`", file=sys.stderr)
         return 2
     tmp = Path(tempfile.mkdtemp(prefix="tracefleet-demo-"))
-    addr = f"unix:{tmp}/controller.sock"  # root only: the socket is 0660 root:tracefleet
+    # root only: the socket is 0660 root:tracefleet. In /run, not TMPDIR: a unix socket's
+    # path holds at most 107 bytes, and TMPDIR can be deep (a test's tmp_path)
+    sock_dir = Path(tempfile.mkdtemp(prefix="tf-demo-", dir="/run"))
+    addr = f"unix:{sock_dir}/controller.sock"
     node = socket.gethostname()
     say(f"controller on {addr} (state in {tmp}/controller.db, logs in {tmp})")
     ctl_cmd = [str(BIN / "tracefleet-controller"), "--listen", addr, "--db",
@@ -132,6 +135,7 @@ def main() -> int:
             print(f"logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(sock_dir, ignore_errors=True)
     return 0
 
 

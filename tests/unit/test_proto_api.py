@@ -42,6 +42,7 @@ def test_control_service_methods():
         "StreamEvents": (False, True),
         "GetTop": (False, False),
         "RemoveNode": (False, False),
+        "WatchAcks": (False, True),
     }
     assert hasattr(control_pb2_grpc, "ControlServiceStub")
 

@@ -266,6 +266,11 @@ def _unix_sockets(args: argparse.Namespace, path: str) -> list[UnixSocket]:
 def _claim_socket(path: str) -> None:
     """Make ``path`` free to bind: refuse if a live server answers there (grpc would unlink
     and steal it), remove a stale socket file; OSError/ValueError naming the fix."""
+    if len(path.encode()) > 107:  # sun_path: a longer one is cut or refused by the kernel
+        raise ValueError(
+            f"{path} is {len(path.encode())} bytes, more than a unix socket's 107 (the "
+            "read-only socket beside --listen adds 5): pick a shorter --listen unix:/PATH"
+        )
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     try:
         st = os.lstat(path)
