@@ -16,6 +16,7 @@ APT_PACKAGES=(
   prometheus                                # real Prometheus for the dashboard tests (promtool)
   iproute2 iptables                         # network namespaces for partition tests
   e2fsprogs mount util-linux                # vfs tests: mkfs.ext4, loop mounts, taskset
+  kmod                                      # modprobe: zram, ext4, loop, overlay where they are modules
   nodejs                                    # buf comes from the npm registry (npm below)
   python3-venv
 )
