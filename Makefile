@@ -24,11 +24,12 @@ QUICK     ?=
 # kernel (real agents). Kernel-independent e2e tests (synthetic fleets, TLS, Prometheus)
 # run on the host only.
 VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
-# Host only for now (see the issues' notes): test_hardening.py (its parked, rewritten-path
-# and rewritten-sockaddr cases failed in the full 7.2 guest suite, cause not found; the
-# rewritten-path case passes alone there); the vfs rename storms (they wait up to 400 s for
-# a race that emulation may never produce); the perf ring overflow test (failed in the 7.2
-# guest, passes on the host and in the 6.12 guest; cause not found)
+# Host only for now (see the issues' notes): test_hardening.py (in the full 7.2 guest suite
+# its workload reader hit select()'s 1024-fd limit, now poll(); not re-run in the guest yet);
+# the vfs rename storms (the fentry storm reported names the test calls wrong, e.g. a close
+# of "/tmp/#5" walked from a dentry: to be examined); the perf ring overflow test (in the
+# 7.2 guest delivered + dropped fell short of the records written: 147 + 794 < 5001; the
+# lost-record notice comes late)
 VM_ARGS   ?= --memory 3G -- --ignore=tests/bpf/test_hardening.py \
              -k 'not rename_storm and not perf_ring_overflow'
 

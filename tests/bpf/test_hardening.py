@@ -45,7 +45,11 @@ DECOY = "/etc/innocent-looking-path"
 def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
     """One line of the workload's stdout, failing (not hanging) if it never comes."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    # poll, not select: a long session holds fds above 1024 (rings, engines), which
+    # select() refuses ("filedescriptor out of range", seen in the 7.2 guest suite)
+    p = select.poll()
+    p.register(proc.stdout, select.POLLIN)
+    ready = p.poll(timeout * 1000)
     assert ready, f"workload printed nothing in {timeout}s"
     return proc.stdout.readline().strip()
 
