@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tracefleet.agent._internal.decode import WALL_CLOCK
 from tracefleet.model.event import Arg, Event
 
 EVENT_SET = "user"
@@ -431,21 +432,14 @@ class PerfTracepoint:
         return first + r.mm[r.data_off : r.data_off + n - len(first)]
 
 
-# TIME is CLOCK_MONOTONIC (use_clockid); wall time from one offset taken at open.
-def _clock_offsets() -> tuple[int, int]:
-    return time.clock_gettime_ns(time.CLOCK_MONOTONIC), time.time_ns()
-
-
 class UserEventConsumer:
     """Consume one user_event: while open, every registered process has its bit set."""
 
     def __init__(self, name: str, tracefs: Path = DEFAULT_TRACEFS, pages: int = 64) -> None:
         self.event = find_event(name, tracefs)
         self.perf = PerfTracepoint(self.event.id, pages)
-        self._mono0, self._wall0 = 0, 0
 
     def open(self) -> None:
-        self._mono0, self._wall0 = _clock_offsets()
         self.perf.open()
 
     def close(self) -> None:
@@ -466,6 +460,8 @@ class UserEventConsumer:
         self.perf.wait(timeout_s)
         out: list[Event] = []
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        # TIME is CLOCK_MONOTONIC (use_clockid): the syscall path's offset to wall time
+        offset = WALL_CLOCK.offset_at(now)
         comms: dict[int, str] = {}  # one /proc read per pid and batch, not per record
         for pid, tid, ts, _cpu, raw in self.perf.read():
             if pid not in comms:
@@ -480,7 +476,7 @@ class UserEventConsumer:
                     comm=comms[pid],
                     ret=0,
                     args=decode_fields(self.event, raw),
-                    time_ns=self._wall0 + (ts - self._mono0),
+                    time_ns=ts + offset,
                     delivery_latency_ns=max(0, now - ts),
                     strategy="perf",
                 )
