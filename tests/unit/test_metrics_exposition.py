@@ -180,7 +180,7 @@ def test_agent_collector_sees_every_count_collect_handed_out():
         assert [b.value for b in buckets] == cumulative
         assert _samples(lat, "_count", event_set=name)[0].value == delivered
         assert _samples(lat, "_sum", event_set=name)[0].value == pytest.approx(
-            sum(s.latency.total for s in sets)
+            sum(s.latency.sum for s in sets)
         )
 
 
@@ -190,7 +190,7 @@ def test_histogram_buckets_are_cumulative():
     h = Histogram()
     for v in (0.5e-6, 3e-6, 3e-6, 20.0):
         h.observe(v)
-    b = am.histogram_buckets(h)
+    b = h.cumulative_buckets()
     assert b[0] == ("1e-06", 1.0) and b[1] == ("2.5e-06", 1.0) and b[2] == ("5e-06", 3.0)
     assert b[-2][1] == 3.0 and b[-1] == ("+Inf", 4.0)
 
@@ -338,3 +338,21 @@ def test_promtool_check_metrics(component):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.strip() == "" and out.stderr.strip() == "", out.stdout + out.stderr
+
+
+def test_agent_and_controller_expose_the_same_outcomes():
+    """Both zero-fill every outcome of tracefleet.model.names (the agent once lacked torn,
+    both mismatch and reread), so a ratio over outcomes means the same on either side."""
+    from tracefleet.model.names import OUTCOMES as ALL_OUTCOMES
+
+    eng = _engine()
+    _collect_deltas(eng, 1)
+    agent = _families(_scrape(am.AgentCollector(eng, "node-a", _client(), None)))
+    ctl, totals, _ = _controller_fed()
+    controller = _families(_scrape(cm.ControllerCollector(ctl, totals)))
+    for fams, name in (
+        (agent, "tracefleet_agent_arguments"),
+        (controller, "tracefleet_controller_arguments"),
+    ):
+        seen = {s.labels["outcome"] for s in _samples(fams[name], "_total", event_set="file")}
+        assert seen == set(ALL_OUTCOMES), name

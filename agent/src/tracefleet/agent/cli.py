@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -20,18 +19,13 @@ from tracefleet.agent.engine import EventSetConfig, Filters
 from tracefleet.agent.eventsets import EVENT_SETS, UnknownEventSet, parse_event_sets
 from tracefleet.agent.hostcheck import TRACEFS_NOTE, HostCheckError
 from tracefleet.model import Event, human
+from tracefleet.model.argtypes import int_in
+from tracefleet.model.labels import parse_labels
+from tracefleet.model.names import STRATEGIES
+from tracefleet.model.netaddr import check_peer_address, is_loopback, split_host_port
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
-STRATEGY_CHOICES = (
-    "auto",
-    "sleepable",
-    "fentry-sleepable",
-    "exit-retry",
-    "user-fallback",
-    "nofault",
-    "fentry",  # vfs hooks
-    "tracepoint",
-)
+STRATEGY_CHOICES = ("auto", *STRATEGIES)  # the last two are the vfs hooks
 
 EPILOG = """\
 examples:
@@ -82,23 +76,6 @@ def _seconds(text: str) -> float:
 PID_MAX_LIMIT = 4_194_304  # the kernel's highest pid; the filter holds u32
 
 
-def _int_in(what: str, low: int, high: int) -> Any:
-    """argparse type: a whole number low..high; never truncated into a kernel filter."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a whole number {low}..{high}, not {text[:40]!r}"
-            ) from None
-        if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, not {text[:40]!r}")
-        return v
-
-    return parse
-
-
 def _comm(text: str) -> str:
     if not 1 <= len(text.encode()) <= 15 or not text.isprintable():
         raise argparse.ArgumentTypeError(
@@ -116,13 +93,6 @@ def _node_name(text: str) -> str:
     return text
 
 
-# Kubernetes label syntax, as the controller checks it (controller limits.LABEL_KEY/VALUE)
-_LABEL_KEY = re.compile(
-    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
-)
-_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
-
 DEFAULT_STATE_FILE = "/var/lib/tracefleet/agent-state.json"
 
 # the controller's default unix socket (agents run as root, which may use it)
@@ -132,34 +102,19 @@ DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
 INFLIGHT_RANGE = (64, 1 << 20)
 
 
-def _inflight_entries(text: str) -> int:
-    """Per-thread in-flight slots per event set (argparse type)."""
-    lo, hi = INFLIGHT_RANGE
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if not lo <= value <= hi:
-        raise argparse.ArgumentTypeError(
-            f"{value} is outside {lo}..{hi}: pick at least the number of threads that may "
-            "block in a traced syscall at once (each slot holds about 1-3 KiB of kernel memory)"
-        )
-    return value
+# per-thread in-flight slots per event set
+_inflight_entries = int_in(
+    "--inflight-entries",
+    *INFLIGHT_RANGE,
+    hint="pick at least the number of threads that may block in a traced syscall at once "
+    "(each slot holds about 1-3 KiB of kernel memory)",
+)
 
 
 def check_address(text: str, *, listen: bool = False) -> str:
     """host:port (or [v6]:port; port 0 only to listen on), or unix:/PATH for a controller;
     ValueError naming the fix."""
-    if not listen and text.strip().startswith("unix:"):
-        path = text.strip()[5:].removeprefix("//")
-        if not path.startswith("/") or len(path.encode()) > 107:
-            raise ValueError(f"bad address {text!r}: use unix:/ABSOLUTE/PATH")
-        return text.strip()
-    host, sep, port = text.strip().rpartition(":")
-    lowest = 0 if listen else 1
-    if not sep or not host or not port.isdigit() or not lowest <= int(port) <= 65535:
-        raise ValueError(f"bad address {text!r}: use host:port, e.g. 127.0.0.1:7070")
-    return text.strip()
+    return check_peer_address(text, listen=listen)
 
 
 def _address_or_off(text: str) -> str:
@@ -357,7 +312,7 @@ def _add_export_flags(sp: argparse.ArgumentParser) -> None:
     sp.add_argument(
         "--export-file-keep",
         metavar="N",
-        type=_int_in("--export-file-keep", 0, 1000),
+        type=int_in("--export-file-keep", 0, 1000),
         default=5,
         help="rotated export files kept, PATH.1..PATH.N; older are "
         "deleted and their events counted as rotated_out (default %(default)s)",
@@ -488,20 +443,14 @@ def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
 
 def _tls_options(args: argparse.Namespace) -> Any:
     """ClientOptions with mTLS from --tls-dir; None (after printing why) if refused."""
-    import ipaddress
-
     from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
     from tracefleet.agent.controlclient import ClientOptions
 
     if not args.tls_dir and args.controller.startswith("unix:"):
         return ClientOptions()  # guarded by the socket's file permissions
     if not args.tls_dir:
-        host = args.controller.rpartition(":")[0].strip("[]")
-        try:
-            loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = False
-        if not loopback and not args.insecure:
+        host = split_host_port(args.controller.strip())[0]
+        if not is_loopback(host) and not args.insecure:
             print(f"tracefleet-agent: refusing to talk to {args.controller} without TLS: pass "
                   f"--tls-dir DIR (or set {env.TLS_DIR}), or --insecure on a trusted network",
                   file=sys.stderr)  # fmt: skip
@@ -558,20 +507,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"tracefleet-agent: controller: {e} (--controller or ${env.CONTROLLER})",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
-    labels = {}
-    for item in filter(None, (args.labels or "").split(",")):
-        if "=" not in item or not item.split("=", 1)[0].strip():
-            print(f"tracefleet-agent: bad label {item!r}: use key=value[,key=value]",
-                  file=sys.stderr)  # fmt: skip
-            return EXIT_USAGE
-        k, v = item.split("=", 1)
-        if not _LABEL_KEY.fullmatch(k.strip()) or not _LABEL_VALUE.fullmatch(v.strip()):
-            # the controller refuses such a registration: say so now, not on every retry
-            print(f"tracefleet-agent: bad label {item[:80]!r}: keys and values as in "
-                  "Kubernetes ([A-Za-z0-9._-], optional dns-prefix/ on keys, values up to "
-                  "63 characters)", file=sys.stderr)  # fmt: skip
-            return EXIT_USAGE
-        labels[k.strip()] = v.strip()
+    try:
+        # the controller refuses a bad label at registration: say so now, not on every retry
+        labels = parse_labels(args.labels or "")
+    except ValueError as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
     options = _client_options(args)
     if options is None:
         return EXIT_USAGE
@@ -660,11 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
     )
     sc.add_argument("-o", "--output", choices=("jsonl", "table"), default="jsonl")
-    sc.add_argument("--pid", type=_int_in("a pid", 1, PID_MAX_LIMIT), action="append",
+    sc.add_argument("--pid", type=int_in("a pid", 1, PID_MAX_LIMIT), action="append",
                     help="only this process (repeatable)")  # fmt: skip
     sc.add_argument("--comm", type=_comm, action="append",
                     help="only this command name (repeatable)")  # fmt: skip
-    sc.add_argument("--cgroup-id", type=_int_in("a cgroup id", 1, 2**64 - 1), action="append",
+    sc.add_argument("--cgroup-id", type=int_in("a cgroup id", 1, 2**64 - 1), action="append",
                     help="only this cgroup id")  # fmt: skip
     sc.add_argument("--path-prefix", help="only paths starting with this (file, exec)")
     sc.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",

@@ -721,7 +721,7 @@ def _batch_pb(
             delivered=s.delivered,
             dropped=s.dropped,
             latency=types_pb2.Histogram(
-                bounds=s.latency.bounds, counts=s.latency.counts, sum=s.latency.total
+                bounds=s.latency.bounds, counts=s.latency.counts, sum=s.latency.sum
             ),
         )
         out.events_by_syscall.update(s.events_by_syscall)

@@ -13,14 +13,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# Capture-latency histogram bounds (seconds), shared by every engine so the controller can
-# add histograms bucket by bucket. The last bucket is +Inf (implicit).
-LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
-    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4,
-    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-)  # fmt: skip
+# one histogram type (and its bounds), one list of outcomes, for agent and controller
+from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
+from tracefleet.model.names import OUTCOMES
 
-OUTCOMES: tuple[str, ...] = ("ok", "recovered", "lost", "truncated")
+__all__ = ["LATENCY_BUCKETS_SECONDS", "OUTCOMES", "Histogram"]
 
 
 @dataclass(frozen=True)
@@ -42,26 +39,6 @@ class EventSetConfig:
     filters: Filters = Filters()
     sample_rate: float = 0.0  # share of raw events forwarded to the controller (0 = none)
     export: tuple[str, ...] = ()  # exporters that get every event (the client routes them)
-
-
-@dataclass
-class Histogram:
-    """Cumulative-free histogram: counts[i] counts values <= bounds[i]; the last is +Inf."""
-
-    bounds: tuple[float, ...] = LATENCY_BUCKETS_SECONDS
-    counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_SECONDS) + 1))
-    total: float = 0.0  # sum of observed values
-
-    def observe(self, value: float) -> None:
-        i = 0
-        while i < len(self.bounds) and value > self.bounds[i]:
-            i += 1
-        self.counts[i] += 1
-        self.total += value
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
 
 
 @dataclass

@@ -23,6 +23,7 @@ from tracefleet.controller._internal.netaddr import (
     unix_path,
 )
 from tracefleet.model import human, wire
+from tracefleet.model.argtypes import int_in
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 EXIT_OK = 0
@@ -79,28 +80,11 @@ def fail(code: int, message: str) -> NoReturn:
 # argument parsing ----------------------------------------------------------------------------
 
 
-def _int_in(what: str, low: int, high: int) -> Callable[[str], int]:
-    """argparse type: a whole number low..high, with the range in the error."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{what} must be a whole number {low}..{high}, not {text[:40]!r}"
-            ) from None
-        if not low <= v <= high:
-            raise argparse.ArgumentTypeError(f"{what} must be {low}..{high}, not {text[:40]!r}")
-        return v
-
-    return parse
-
-
-_positive_int = _int_in("the value", 1, 2**31 - 1)
-_pid = _int_in("a pid", 1, MAX_PID)
-_cgroup_id = _int_in("a cgroup id", 1, 2**64 - 1)
-_rows = _int_in("the limit", 1, MAX_TOP_ROWS)
-_count = _int_in("the count", 1, 10**9)
+_positive_int = int_in("the value", 1, 2**31 - 1)
+_pid = int_in("a pid", 1, MAX_PID)
+_cgroup_id = int_in("a cgroup id", 1, 2**64 - 1)
+_rows = int_in("the limit", 1, MAX_TOP_ROWS)
+_count = int_in("the count", 1, 10**9)
 
 
 def _percent(text: str) -> int:

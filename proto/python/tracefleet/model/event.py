@@ -6,7 +6,7 @@ JSON shape (one object per event; the agent's ``capture -o jsonl`` and the contr
     {"ts_ns", "time", "time_ns", "duration_ns", "delivery_latency_ns", "event_set",
      "syscall", "pid", "tid", "ppid", "uid", "gid", "comm", "ret", "cgroup_id", "strategy",
      ["node"],
-     "args": {name: {"value": ..., "status": "ok|recovered|lost|truncated|torn",
+     "args": {name: {"value": ..., "status": "ok|recovered|mismatch|reread|lost|truncated|torn",
                      "strategy": "...", ["addr": "0x7f..."], ["error": "EFAULT"],
                      ["names": ["O_RDONLY", ...]], ["kind": "d_path|..."], ...}}}
 
@@ -23,7 +23,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("ok", "recovered", "lost", "truncated", "torn")
+from tracefleet.model.names import OUTCOMES
+
+STATUSES = OUTCOMES  # an argument's status is the outcome it is counted under
 
 
 @dataclass(frozen=True, slots=True)

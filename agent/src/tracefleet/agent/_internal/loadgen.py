@@ -29,15 +29,9 @@ from typing import Any
 
 from tracefleet.agent._internal.metrics import add_all
 from tracefleet.agent.controlclient import ClientOptions, ControlClient
-from tracefleet.agent.engine import (
-    LATENCY_BUCKETS_SECONDS,
-    OUTCOMES,
-    Aggregates,
-    EventSetConfig,
-    Histogram,
-    SetAggregate,
-    SetStatus,
-)
+from tracefleet.agent.engine import Aggregates, EventSetConfig, SetAggregate, SetStatus
+from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
+from tracefleet.model.labels import parse_labels
 
 SYSCALLS: dict[str, tuple[str, ...]] = {
     "file": ("openat", "read", "write", "close", "statx"),
@@ -155,7 +149,7 @@ class SyntheticEngine:
         for i, sc in enumerate(syscalls):
             s.events_by_syscall[sc] = per + (1 if i < rest else 0)
         left = n
-        for outcome in OUTCOMES[1:]:
+        for outcome in _OUTCOME_SHARE:
             c = int(n * _OUTCOME_SHARE[outcome])
             s.outcomes[(STRATEGY, outcome)] = c
             left -= c
@@ -198,21 +192,11 @@ def _histogram(n: int) -> Histogram:
         else LATENCY_BUCKETS_SECONDS[-1]
         for i in range(len(counts))
     ]
-    h.total = sum(c * m for c, m in zip(counts, mids, strict=True))
+    h.sum = sum(c * m for c, m in zip(counts, mids, strict=True))
     return h
 
 
 # many agents in one process ----------------------------------------------------------------
-
-
-def parse_labels(text: str) -> dict[str, str]:
-    out = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if not sep or not key:
-            raise ValueError(f"bad label {part!r}: use key=value[,key=value]")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def simulated_nodes(

@@ -35,7 +35,8 @@ from prometheus_client.registry import Collector
 from tracefleet.agent._internal.contain import CAUSES
 from tracefleet.agent._internal.fallback import CALLER_CAUSES
 from tracefleet.agent._internal.redact import ERRORS as REDACT_ERRORS
-from tracefleet.agent.engine import OUTCOMES, Histogram, SetAggregate
+from tracefleet.agent.engine import SetAggregate
+from tracefleet.model.names import OUTCOMES
 
 log = logging.getLogger("tracefleet.agent.metrics")
 
@@ -181,26 +182,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 # ---- cumulative totals: shared by the engines ----------------------------------------------
 
 
-def copy_histogram(h: Histogram) -> Histogram:
-    return Histogram(h.bounds, list(h.counts), h.total)
-
-
-def add_histogram(into: Histogram, h: Histogram) -> None:
-    if into.bounds != h.bounds:
-        raise ValueError("histograms with different bounds cannot be added")
-    counts = list(h.counts)  # one read: a consumer thread may be adding to it
-    for i, c in enumerate(counts):
-        into.counts[i] += c
-    into.total += h.total
-
-
 def add_events(into: SetAggregate, delta: SetAggregate) -> None:
     """Add the agent-side counts of ``delta`` (delivered, per syscall, latency) into ``into``.
     Kernel-side counts (dropped, outcomes) are not added: engines read them absolute."""
     into.delivered += delta.delivered
     for sc, n in list(delta.events_by_syscall.items()):
         into.events_by_syscall[sc] = into.events_by_syscall.get(sc, 0) + n
-    add_histogram(into.latency, delta.latency)
+    into.latency.add(delta.latency)
 
 
 def add_all(into: SetAggregate, delta: SetAggregate) -> None:
@@ -221,16 +209,6 @@ def _family(name: str) -> Metric:
     if kind == "gauge":
         return GaugeMetricFamily(name, doc, labels=labels)
     return HistogramMetricFamily(name, doc, labels=labels)
-
-
-def histogram_buckets(h: Histogram) -> list[tuple[str, float]]:
-    """Prometheus buckets (cumulative, ending with +Inf) of a non-cumulative Histogram."""
-    out = []
-    acc = 0
-    for bound, c in zip((*h.bounds, float("inf")), h.counts, strict=True):
-        acc += c
-        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(acc)))
-    return out
 
 
 class AgentCollector(Collector):
@@ -258,7 +236,7 @@ class AgentCollector(Collector):
             totals = self.engine.totals()
         for name, sa in sorted(totals.items()):
             fams["tracefleet_agent_capture_latency_seconds"].add_metric(
-                [node, name], histogram_buckets(sa.latency), sa.latency.total
+                [node, name], sa.latency.cumulative_buckets(), sa.latency.sum
             )
             fams["tracefleet_agent_events_delivered_total"].add_metric([node, name], sa.delivered)
             fams["tracefleet_agent_events_dropped_total"].add_metric([node, name], sa.dropped)

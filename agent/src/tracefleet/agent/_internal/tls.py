@@ -7,13 +7,12 @@ next reconnect; ``changed()`` lets the client reconnect on its own when the file
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 import grpc
 
-CA_CERT, TLS_CERT, TLS_KEY = "ca.crt", "tls.crt", "tls.key"
+from tracefleet.model.tlsfiles import TLSFilesError, read_tls_files, tls_digest
 
 
 class AgentTLSError(Exception):
@@ -28,25 +27,14 @@ class AgentTLS:
         self.read()  # fail early on a missing file
 
     def read(self) -> tuple[bytes, bytes, bytes]:
-        out = []
-        for name in (CA_CERT, TLS_CERT, TLS_KEY):
-            try:
-                out.append((self.tls_dir / name).read_bytes())
-            except OSError as e:
-                raise AgentTLSError(
-                    f"cannot read {self.tls_dir / name}: {e.strerror} (the TLS directory "
-                    f"holds {CA_CERT}, {TLS_CERT}, {TLS_KEY}; make them with 'tracefleet "
-                    "certs agent --node NAME')"
-                ) from None
-        return out[0], out[1], out[2]
-
-    @staticmethod
-    def _hash(files: tuple[bytes, bytes, bytes]) -> str:
-        return hashlib.sha256(b"\0".join(files)).hexdigest()
+        try:
+            return read_tls_files(self.tls_dir, "'tracefleet certs agent --node NAME'")
+        except TLSFilesError as e:
+            raise AgentTLSError(str(e)) from None
 
     def credentials(self) -> grpc.ChannelCredentials:
         ca, cert, key = self.read()
-        self._digest = self._hash((ca, cert, key))
+        self._digest = tls_digest((ca, cert, key))
         return grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
@@ -57,6 +45,6 @@ class AgentTLS:
     def changed(self) -> bool:
         """True if the files differ from those of the last ``credentials()``."""
         try:
-            return self._hash(self.read()) != self._digest
+            return tls_digest(self.read()) != self._digest
         except AgentTLSError:
             return False  # mid-rotation: keep the current connection

@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-CA_CERT, CA_KEY = "ca.crt", "ca.key"
-TLS_CERT, TLS_KEY = "tls.crt", "tls.key"
+from tracefleet.model.tlsfiles import CA_CERT, TLS_CERT, TLS_KEY
+
+CA_KEY = "ca.key"
 OU_CONTROLLER, OU_AGENT = "controller", "agent"
 ROLE_ADMIN, ROLE_READ = "admin", "read"
 ROLES = (ROLE_ADMIN, ROLE_READ)

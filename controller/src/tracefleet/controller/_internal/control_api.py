@@ -13,7 +13,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.ackwatch import AckState, AckWatch
-from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.auth import Authorizer, require_operator
 from tracefleet.controller._internal.controller import (
     MAX_TTL_SECONDS,
@@ -27,6 +26,7 @@ from tracefleet.controller._internal.fleet import State
 from tracefleet.controller._internal.limits import MAX_PID, MAX_STREAM_FILTER, MAX_TOP_ROWS
 from tracefleet.controller._internal.policy import Policy
 from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.model.histogram import Histogram, HistogramMismatch
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 log = logging.getLogger("tracefleet.controller.control")
@@ -52,7 +52,7 @@ def _filters_pb(f: FilterSpec) -> types_pb2.Filters:
     )
 
 
-def _hist_pb(h: Hist) -> types_pb2.Histogram:
+def _hist_pb(h: Histogram) -> types_pb2.Histogram:
     return types_pb2.Histogram(bounds=h.bounds, counts=h.counts, sum=h.sum)
 
 
@@ -328,7 +328,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
         limit = request.limit or 20
         rows: list[control_pb2.TopRow] = []
         summaries: dict[str, control_pb2.SetSummary] = {}
-        hists: dict[str, Hist] = {}
+        hists: dict[str, Histogram] = {}
         for name in sorted(ctl.fleet.nodes):
             if request.node and name != request.node:
                 continue
@@ -342,8 +342,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 s.faults_per_second += r.faults_per_second
                 if r.latency is not None:
                     if set_name not in hists:
-                        hists[set_name] = Hist(r.latency.bounds, list(r.latency.counts), 0.0)
-                        hists[set_name].sum = r.latency.sum
+                        hists[set_name] = r.latency.copy()
                     else:
                         try:
                             hists[set_name].add(r.latency)

@@ -23,7 +23,7 @@ from tracefleet.controller._internal import selector as sel
 from tracefleet.controller._internal.ackwatch import AckWatches
 from tracefleet.controller._internal.aggregate import (
     FAULT_OUTCOMES,
-    Hist,
+    Histogram,
     HistogramMismatch,
     SetSample,
 )
@@ -623,7 +623,7 @@ class Controller:
                 if s.HasField("latency") and s.latency.counts:
                     try:
                         h = s.latency
-                        latency = Hist(tuple(h.bounds), list(h.counts), h.sum)
+                        latency = Histogram(tuple(h.bounds), list(h.counts), h.sum)
                     except HistogramMismatch as e:
                         self._warn_hist(node.name, str(e))
                 samples.append(

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tracefleet.controller._internal.auth import Refusals
 from tracefleet.controller._internal.rules import KNOWN_EVENT_SETS
+from tracefleet.model.labels import label_ok
 from tracefleet.v1 import agent_pb2, types_pb2
 
 # Operator requests
@@ -34,10 +35,6 @@ MAX_ARG_VALUE = 64 << 10  # bytes of one argument's value
 # Distinct values of each agent-supplied label, fleet-wide
 BUDGET = {"syscall": 1024, "strategy": 64, "outcome": 32}
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
-# Node labels: Kubernetes label syntax, so that selectors can name them
-LABEL_KEY = re.compile(r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
-                       r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")  # fmt: skip
-LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
 
 REASONS = (
     "agent_unknown_event_set",
@@ -99,7 +96,7 @@ class Limits:
     def labels(self, labels: dict[str, str], node: str) -> str:
         """Why the labels are refused, or ""."""
         for k, v in labels.items():
-            if len(k) > 253 or not LABEL_KEY.fullmatch(k) or not LABEL_VALUE.fullmatch(v):
+            if not label_ok(k, v):  # Kubernetes syntax, so that selectors can name them
                 why = (f"node {node}: label {k[:40]!r}={v[:40]!r} is not a valid label (keys "
                        "and values as in Kubernetes: [A-Za-z0-9._-], values up to 63)")  # fmt: skip
                 self.refuse("agent_bad_label", why)

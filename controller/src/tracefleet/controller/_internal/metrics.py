@@ -6,9 +6,9 @@ node names are the fleet's nodes, the rest are bounded enumerations (refusal rea
 ``auth.REASONS`` and ``tls.HANDSHAKE_REASONS``). Never a pid, path, comm or pod.
 
 Fleet-wide counts are merged exactly from the agents' ResultBatches (histograms bucket by
-bucket, the way ``aggregate.Hist`` adds them) into cumulative totals per node and event set;
-replayed batches (sent after an outage) are counted too, batches resent after a reconnect
-that were already applied are not. Event and batch counts (delivered, dropped, discarded,
+bucket, ``Histogram.add``) into cumulative totals per node and event set; replayed
+batches (sent after an outage) are counted too, batches resent after a reconnect that were
+already applied are not. Event and batch counts (delivered, dropped, discarded,
 batches) are the controller's ledger, persisted in its database: they continue across
 restarts. Per-syscall, per-outcome and latency counts live in this process only. Fleet
 state (connections, staleness, generations, pending acks) is read from the Controller on
@@ -35,12 +35,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from tracefleet.controller._internal.aggregate import Hist, HistogramMismatch
 from tracefleet.controller._internal.auth import REASONS, REFUSALS, Refusals, refusal_kind
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.fleet import State
 from tracefleet.controller._internal.netaddr import split_host_port
 from tracefleet.controller._internal.tls import HANDSHAKE_REASONS
+from tracefleet.model.histogram import Histogram, HistogramMismatch
+from tracefleet.model.names import OUTCOMES
 
 log = logging.getLogger("tracefleet.controller.metrics")
 
@@ -48,7 +49,6 @@ ALLOWED_LABELS = frozenset(
     {"node", "event_set", "syscall", "strategy", "outcome", "kind", "reason"}
 )
 REFUSAL_REASONS = (*REASONS, *(f"tls_{r}" for r in HANDSHAKE_REASONS))
-OUTCOMES = ("ok", "recovered", "lost", "truncated", "torn")
 
 # Batch arrival and enable-to-applied latencies: milliseconds (loopback) to minutes (outage).
 ARRIVAL_BUCKETS_SECONDS: tuple[float, ...] = (
@@ -198,29 +198,11 @@ def _family(name: str) -> Metric:
     return HistogramMetricFamily(name, doc, labels=labels)
 
 
-def buckets(h: Hist) -> list[tuple[str, float]]:
-    """Cumulative Prometheus buckets, ending with +Inf, of a non-cumulative Hist."""
-    out = []
-    acc = 0
-    for bound, c in zip((*h.bounds, float("inf")), h.counts, strict=True):
-        acc += c
-        out.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(acc)))
-    return out
-
-
-def _observe(h: Hist, value: float) -> None:
-    i = 0
-    while i < len(h.bounds) and value > h.bounds[i]:
-        i += 1
-    h.counts[i] += 1
-    h.sum += value
-
-
 @dataclass
 class SetTotals:
     syscalls: dict[str, int] = field(default_factory=dict)
     outcomes: dict[tuple[str, str], int] = field(default_factory=dict)  # (strategy, outcome)
-    latency: Hist | None = None
+    latency: Histogram | None = None
 
 
 class FleetTotals:
@@ -230,8 +212,8 @@ class FleetTotals:
         self._clock = clock
         self._lock = threading.Lock()
         self.sets: dict[tuple[str, str], SetTotals] = {}
-        self.arrival: dict[str, Hist] = {}
-        self.apply_latency = Hist.empty(APPLY_BUCKETS_SECONDS)
+        self.arrival: dict[str, Histogram] = {}
+        self.apply_latency = Histogram.empty(APPLY_BUCKETS_SECONDS)
         self._issued: dict[int, float] = {}  # generation -> unix time it was issued
 
     # Controller observer ---------------------------------------------------------------
@@ -247,15 +229,15 @@ class FleetTotals:
             issued = self._issued.get(ack.generation)
             if issued is None or ack.generation <= previous_generation:
                 return  # not issued by this process, or a re-ack after a reconnect
-            _observe(self.apply_latency, max(0.0, self._clock() - issued))
+            self.apply_latency.observe(max(0.0, self._clock() - issued))
 
     def on_batch(self, node: Any, batch: Any) -> None:
         now = self._clock()
         name = node.name
         with self._lock:
             if batch.interval_end_ns:
-                arrival = self.arrival.setdefault(name, Hist.empty(ARRIVAL_BUCKETS_SECONDS))
-                _observe(arrival, max(0.0, now - batch.interval_end_ns / 1e9))
+                arrival = self.arrival.setdefault(name, Histogram.empty(ARRIVAL_BUCKETS_SECONDS))
+                arrival.observe(max(0.0, now - batch.interval_end_ns / 1e9))
             for s in batch.sets:
                 t = self.sets.setdefault((name, s.event_set), SetTotals())
                 for sc, n in s.events_by_syscall.items():
@@ -265,9 +247,11 @@ class FleetTotals:
                     t.outcomes[key] = t.outcomes.get(key, 0) + o.count
                 if s.HasField("latency") and s.latency.counts:
                     try:
-                        h = Hist(tuple(s.latency.bounds), list(s.latency.counts), s.latency.sum)
+                        h = Histogram(
+                            tuple(s.latency.bounds), list(s.latency.counts), s.latency.sum
+                        )
                         if t.latency is None:
-                            t.latency = Hist.empty(h.bounds)
+                            t.latency = Histogram.empty(h.bounds)
                         t.latency.add(h)
                     except HistogramMismatch:
                         pass  # the controller warns about it once per node
@@ -280,21 +264,18 @@ class FleetTotals:
 
     # snapshot for the collector --------------------------------------------------------
 
-    def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict, Hist]:
+    def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict, Histogram]:
         with self._lock:
             sets = {
                 k: SetTotals(
                     dict(v.syscalls),
                     dict(v.outcomes),
-                    Hist(v.latency.bounds, list(v.latency.counts), v.latency.sum)
-                    if v.latency
-                    else None,
+                    v.latency.copy() if v.latency else None,
                 )
                 for k, v in self.sets.items()
             }
-            arrival = {n: Hist(h.bounds, list(h.counts), h.sum) for n, h in self.arrival.items()}
-            apply = Hist(self.apply_latency.bounds, list(self.apply_latency.counts),
-                         self.apply_latency.sum)  # fmt: skip
+            arrival = {n: h.copy() for n, h in self.arrival.items()}
+            apply = self.apply_latency.copy()
             return sets, arrival, apply
 
 
@@ -328,7 +309,7 @@ class ControllerCollector(Collector):
         for (node, event_set), t in sorted(sets.items()):
             if t.latency is not None:
                 fams["tracefleet_controller_capture_latency_seconds"].add_metric(
-                    [node, event_set], buckets(t.latency), t.latency.sum
+                    [node, event_set], t.latency.cumulative_buckets(), t.latency.sum
                 )
             for sc, n in sorted(t.syscalls.items()):
                 fams["tracefleet_controller_syscall_events_total"].add_metric(
@@ -344,10 +325,10 @@ class ControllerCollector(Collector):
                 )
         for node, h in sorted(arrival.items()):
             fams["tracefleet_controller_arrival_latency_seconds"].add_metric(
-                [node], buckets(h), h.sum
+                [node], h.cumulative_buckets(), h.sum
             )
         fams["tracefleet_controller_enable_to_applied_seconds"].add_metric(
-            [], buckets(apply), apply.sum
+            [], apply.cumulative_buckets(), apply.sum
         )
         refused = dict.fromkeys(REFUSAL_REASONS, 0) | self.refusals.snapshot()
         fam = fams["tracefleet_controller_refused_total"]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import logging
 import os
 import re
@@ -30,7 +29,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tracefleet.controller._internal import env
-from tracefleet.controller._internal.certs import CA_CERT, TLS_CERT, TLS_KEY
+from tracefleet.model.tlsfiles import CA_CERT, TLS_CERT, TLS_KEY, TLSFilesError, read_tls_files
+from tracefleet.model.tlsfiles import tls_digest as _digest
 
 log = logging.getLogger("tracefleet.controller.tls")
 
@@ -45,16 +45,10 @@ def read_tls_dir(tls_dir: str | os.PathLike[str]) -> tuple[bytes, bytes, bytes]:
     """(ca.crt, tls.crt, tls.key) contents; TLSConfigError if one is missing or they do not
     match."""
     d = Path(tls_dir)
-    out = []
-    for name in (CA_CERT, TLS_CERT, TLS_KEY):
-        try:
-            out.append((d / name).read_bytes())
-        except OSError as e:
-            raise TLSConfigError(
-                f"cannot read {d / name}: {e.strerror}; create it with 'tracefleet certs' "
-                f"(directory holds {CA_CERT}, {TLS_CERT}, {TLS_KEY})"
-            ) from None
-    ca, cert, key = out
+    try:
+        ca, cert, key = read_tls_files(d)
+    except TLSFilesError as e:
+        raise TLSConfigError(str(e)) from None
     try:
         x509.load_pem_x509_certificates(ca)
         leaf = x509.load_pem_x509_certificate(cert)
@@ -122,13 +116,6 @@ class ServerTLS:
             self.reloads += 1
             log.info("reloaded TLS certificate from %s: %s", self.tls_dir, self.subject())
             return self._config()
-
-
-def _digest(files: tuple[bytes, ...]) -> str:
-    h = hashlib.sha256()
-    for f in files:
-        h.update(hashlib.sha256(f).digest())
-    return h.hexdigest()
 
 
 # handshakes rejected inside grpc -------------------------------------------------------------
