@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
+import pytest
 
 from tests.conftest import require_root, wait_until
 from tests.e2e.fleet_helpers import PY
@@ -123,3 +124,18 @@ class RawAgent:
         self.out.put(None)
         self.call.cancel()
         self.channel.close()
+
+
+# Fixtures of the security tests (made available to tests/e2e by its conftest.py)
+
+
+@pytest.fixture
+def groups() -> Iterator[tuple[str, str]]:
+    """(admin, read) groups made for the test, deleted after (root)."""
+    yield from make_groups()
+
+
+@pytest.fixture
+def sockdir() -> Iterator[Path]:
+    """A world-reachable directory for the controller's sockets, removed after."""
+    yield from make_sockdir()

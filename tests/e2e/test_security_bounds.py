@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -16,22 +15,10 @@ from tests.conftest import wait_until
 from tests.e2e.fleet_helpers import free_port
 from tests.e2e.security_helpers import (
     RawAgent,
-    make_groups,
-    make_sockdir,
     start_controller,
     tf,
 )
 from tracefleet.v1 import agent_pb2, types_pb2
-
-
-@pytest.fixture
-def groups() -> Iterator[tuple[str, str]]:
-    yield from make_groups()
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    yield from make_sockdir()
 
 
 def metrics(port: int) -> str:

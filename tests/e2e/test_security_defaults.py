@@ -9,33 +9,17 @@ import grp
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import require_root
 from tests.e2e.fleet_helpers import PY, free_port
 from tests.e2e.security_helpers import (
     RawAgent,
     as_user,
-    make_groups,
-    make_sockdir,
     start_controller,
     tf,
 )
 from tracefleet.v1 import agent_pb2, types_pb2
-
-
-@pytest.fixture
-def groups() -> Iterator[tuple[str, str]]:
-    yield from make_groups()
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    yield from make_sockdir()
-
 
 RAW_CONFIGURE = """
 import sys, grpc

@@ -19,22 +19,10 @@ from tests.conftest import require_root, wait_until
 from tests.e2e.fleet_helpers import PY
 from tests.e2e.security_helpers import (
     RawAgent,
-    make_groups,
-    make_sockdir,
     start_controller,
     tf,
 )
 from tracefleet.v1 import agent_pb2
-
-
-@pytest.fixture
-def groups() -> Iterator[tuple[str, str]]:
-    yield from make_groups()
-
-
-@pytest.fixture
-def sockdir() -> Iterator[Path]:
-    yield from make_sockdir()
 
 
 @pytest.fixture
