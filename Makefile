@@ -84,10 +84,10 @@ buf-lint: ## buf lint (STANDARD) on proto/
 buf-breaking: ## buf breaking against main's proto/ (or BUF_AGAINST)
 	@proto/breaking.sh
 
-lint: ## ruff on all Python, mypy --strict on the event model and its wire code
+lint: ## ruff on all Python, mypy --strict on the model, the agent and the controller
 	$(VENV)/bin/ruff check agent controller proto tests
 	$(VENV)/bin/ruff format --check agent controller tests proto/python/tracefleet/model
-	$(VENV)/bin/mypy --strict proto/python/tracefleet/model
+	$(VENV)/bin/mypy --strict -p tracefleet.model -p tracefleet.agent -p tracefleet.controller
 
 test-unit: ## unit tests only (no root needed)
 	$(PY) -m pytest tests/unit -q

@@ -355,6 +355,7 @@ class BpfEngine:
                 log.warning("ignoring unknown event set %r", name)
         # validate filters first so a bad one changes nothing
         errors: dict[str, str] = {}
+        cfg: EventSetConfig | None  # the loops below share the name
         for name, cfg in desired.items():
             if name in self._sets:
                 try:
@@ -593,7 +594,7 @@ class BpfEngine:
         targets = self._fallback_targets(rec)
         if not targets:
             return False, notes
-        hdr = rec.hdr  # type: ignore[attr-defined]
+        hdr = rec.hdr
         base = ctypes.addressof(rec)
         saved = bytes(rec)
         try:
@@ -862,7 +863,7 @@ class BpfEngine:
         return out
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
-        out = []
+        out: list[dict[str, Any]] = []
         while self._samples and len(out) < limit:
             out.append(self._samples.popleft())
         return out

@@ -55,6 +55,7 @@ from tracefleet.agent.engine import (
     EventSetConfig,
     Filters,
     SetStatus,
+    SinkEngine,
 )
 from tracefleet.model import Event, wire
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
@@ -343,7 +344,7 @@ class ControlClient:
             missing = hub.set_routes(routes)
             have = ", ".join(sorted(hub.exporters)) or "none"
             # a sink makes the engine decode every record: attached only while exporting
-            if hub.active != self._hub_attached and hasattr(self.engine, "add_sink"):
+            if hub.active != self._hub_attached and isinstance(self.engine, SinkEngine):
                 if hub.active:
                     self.engine.add_sink(hub)
                 else:

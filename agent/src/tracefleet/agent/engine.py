@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 # one histogram type (and its bounds), one list of outcomes, for agent and controller
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
@@ -102,3 +102,12 @@ class CaptureEngine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SinkEngine(Protocol):
+    """An engine that can hand every decoded event to sinks (the exporters)."""
+
+    def add_sink(self, sink: Any) -> None: ...
+
+    def remove_sink(self, sink: Any) -> None: ...

@@ -335,8 +335,9 @@ def _add_certs(sub: Any) -> None:
     cs = c.add_subparsers(dest="certs_command", metavar="KIND", required=True)
 
     def leaf(name: str, help_: str) -> argparse.ArgumentParser:
-        p = cs.add_parser(name, help=help_, description=help_, epilog=CERTS_EPILOG,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p: argparse.ArgumentParser = cs.add_parser(
+            name, help=help_, description=help_, epilog=CERTS_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
         p.add_argument("--ca-dir", default=".", metavar="DIR",
                        help="directory with ca.crt and ca.key (default: .)")  # fmt: skip
         p.add_argument("--out", default=None, metavar="DIR",
@@ -692,8 +693,8 @@ def wait_applied(
             + " (see 'tracefleet status')"
         )
         return summary, EXIT_NOT_CONVERGED
-    for e in errors:
-        ctx.progress(f"error: {e}")
+    for err in errors:
+        ctx.progress(f"error: {err}")
     if unreachable:
         ctx.progress(f"not connected (they apply it when they reconnect): {', '.join(unreachable)}")
     return summary, EXIT_NOT_CONVERGED if errors else EXIT_OK

@@ -193,7 +193,7 @@ def _int_args(spec: ArgSpec, iargs: Any, syscall: str) -> dict[str, Any]:
 
 
 _MOUNTS = MountTable()
-_PATH_KINDS = {PathKind.D_PATH: "d_path", PathKind.WALK: "walk",
+_PATH_KINDS: dict[int, str] = {PathKind.D_PATH: "d_path", PathKind.WALK: "walk",
                PathKind.MOUNT_REL: "mount-relative", PathKind.USER: "as-passed"}  # fmt: skip
 # what `arg` holds, per operation
 _VFS_ARG = {"vfs_open": "flags", "vfs_truncate": "length", "vfs_mkdir": "mode",
@@ -274,18 +274,18 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
         ev["args"] = args
         return ev, rec
     if hdr.kind == Kind.SYSCALL:
-        rec = TfEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfEvent), b"\0"))
-        args = _int_args(arg_spec, rec.iargs, ev["syscall"])
+        srec = TfEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfEvent), b"\0"))
+        args = _int_args(arg_spec, srec.iargs, ev["syscall"])
         for i, name in enumerate(arg_spec.strs):
-            args[name] = str_arg(rec.str[i])
-        if len(arg_spec.strs) == 1 and rec.str[1].status != Status.NONE:
+            args[name] = str_arg(srec.str[i])
+        if len(arg_spec.strs) == 1 and srec.str[1].status != Status.NONE:
             # open family: the file the returned fd names, resolved in the kernel at exit
             # (set when the name was not read at entry; compare with a mismatch status)
-            args["kernel_path"] = str_arg(rec.str[1])
+            args["kernel_path"] = str_arg(srec.str[1])
         if arg_spec.blob:
-            args[arg_spec.blob] = blob_arg(rec.blob, arg_spec.blob_kind)
+            args[arg_spec.blob] = blob_arg(srec.blob, arg_spec.blob_kind)
         ev["args"] = args
-        return ev, rec
+        return ev, srec
     if hdr.kind == Kind.VFS:
         vrec = TfVfsEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfVfsEvent), b"\0"))
         ev["args"] = _vfs_args(vrec, ev["syscall"])

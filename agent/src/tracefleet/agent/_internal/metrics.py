@@ -202,7 +202,7 @@ def add_all(into: SetAggregate, delta: SetAggregate) -> None:
 # ---- collector ----------------------------------------------------------------------------
 
 
-def _family(name: str) -> Metric:
+def _family(name: str) -> Any:  # add_metric's signature depends on the kind
     kind, labels, doc = METRICS[name]
     if kind == "counter":
         return CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
@@ -369,11 +369,13 @@ class MetricsServer:
             raise MetricsError(f"cannot serve metrics on {address}: {e.strerror or e}") from e
         self.port = self._server.server_port
         metrics_app = self._server.get_app()
+        if metrics_app is None:  # prometheus_client sets it in start_http_server
+            raise MetricsError("the metrics HTTP server came up without its application")
 
         def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
             if path not in ("/healthz", "/readyz"):
-                return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+                return metrics_app(environ, start_response)
             ok, why = self.health() if path == "/healthz" else self.ready()
             body = f"{'ok' if ok else 'unhealthy'}: {why}\n".encode()
             start_response("200 OK" if ok else "503 Service Unavailable",

@@ -55,7 +55,7 @@ class Redactor:
             return [MASK if isinstance(v, str) else v for v in value], any(
                 isinstance(v, str) for v in value
             )
-        return self._rx.strings(value)  # type: ignore[return-value]
+        return self._rx.strings(value)
 
     def _value(self, value: Any) -> tuple[Any, bool]:
         if isinstance(value, str):

@@ -182,8 +182,8 @@ class Ledger:
             n = self.nodes[node]
             rows.node_batches.append((node, n.applied, n.duplicate, n.discarded))
         for key in sorted(self._dirty_cursors):
-            c = self._cursors[key]
-            rows.cursors.append((key[0], key[1], c.applied, c.updated))
+            cur = self._cursors[key]
+            rows.cursors.append((key[0], key[1], cur.applied, cur.updated))
         rows.dropped_cursors = sorted(self._dropped_cursors)
         return rows
 

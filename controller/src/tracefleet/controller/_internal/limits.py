@@ -192,8 +192,8 @@ class Limits:
             events.append(ev)
         if len(events) != len(batch.events):
             copies_e = [type(e)() for e in events]
-            for c, e in zip(copies_e, events, strict=True):
-                c.CopyFrom(e)
+            for copy, e in zip(copies_e, events, strict=True):
+                copy.CopyFrom(e)
             del batch.events[:]
             batch.events.extend(copies_e)
         return ""

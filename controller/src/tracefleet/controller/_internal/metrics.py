@@ -189,7 +189,7 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
 }
 
 
-def _family(name: str) -> Metric:
+def _family(name: str) -> Any:  # add_metric's signature depends on the kind
     kind, labels, doc = METRICS[name]
     if kind == "counter":
         return CounterMetricFamily(name.removesuffix("_total"), doc, labels=labels)
@@ -264,7 +264,9 @@ class FleetTotals:
 
     # snapshot for the collector --------------------------------------------------------
 
-    def snapshot(self) -> tuple[dict[tuple[str, str], SetTotals], dict, Histogram]:
+    def snapshot(
+        self,
+    ) -> tuple[dict[tuple[str, str], SetTotals], dict[str, Histogram], Histogram]:
         with self._lock:
             sets = {
                 k: SetTotals(
@@ -293,15 +295,19 @@ class ControllerCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         fams = {name: _family(name) for name in METRICS}
         sets, arrival, apply = self.totals.snapshot()
-        for node, n in sorted(self.ctl.ledger.snapshot().items()):
-            for event_set, c in sorted(n.sets.items()):
+        for node, counts in sorted(self.ctl.ledger.snapshot().items()):
+            for event_set, c in sorted(counts.sets.items()):
                 labels = [node, event_set]
                 fams["tracefleet_controller_events_delivered_total"].add_metric(labels, c.delivered)
                 fams["tracefleet_controller_events_dropped_total"].add_metric(labels, c.dropped)
                 fams["tracefleet_controller_events_discarded_total"].add_metric(labels, c.discarded)
-            fams["tracefleet_controller_batches_total"].add_metric([node], n.applied)
-            fams["tracefleet_controller_batches_duplicate_total"].add_metric([node], n.duplicate)
-            fams["tracefleet_controller_batches_discarded_total"].add_metric([node], n.discarded)
+            fams["tracefleet_controller_batches_total"].add_metric([node], counts.applied)
+            fams["tracefleet_controller_batches_duplicate_total"].add_metric(
+                [node], counts.duplicate
+            )
+            fams["tracefleet_controller_batches_discarded_total"].add_metric(
+                [node], counts.discarded
+            )
         fams["tracefleet_controller_ledger_commits_total"].add_metric([], self.ctl.commits)
         fams["tracefleet_controller_ledger_commit_seconds_total"].add_metric(
             [], self.ctl.commit_seconds
@@ -337,7 +343,7 @@ class ControllerCollector(Collector):
         self._fleet(fams)
         return [f for f in fams.values() if f.samples]
 
-    def _fleet(self, fams: dict[str, Metric]) -> None:
+    def _fleet(self, fams: dict[str, Any]) -> None:
         ctl = self.ctl
         fleet = ctl.fleet
         now = time.time()

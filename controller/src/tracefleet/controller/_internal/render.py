@@ -11,6 +11,9 @@ import yaml
 from google.protobuf import descriptor, duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+# a field descriptor of the pure-Python or the upb protobuf runtime (the stubs type them apart)
+AnyField = Any
+
 FORMATS = ("table", "json", "yaml")
 
 
@@ -32,13 +35,13 @@ def to_data(msg: Message) -> dict[str, Any]:
     return out
 
 
-def _is_repeated(field: descriptor.FieldDescriptor) -> bool:
+def _is_repeated(field: AnyField) -> bool:
     if hasattr(field, "is_repeated"):
         return bool(field.is_repeated)
     return bool(field.label == descriptor.FieldDescriptor.LABEL_REPEATED)
 
 
-def _value(field: descriptor.FieldDescriptor, value: Any) -> Any:
+def _value(field: AnyField, value: Any) -> Any:
     if isinstance(value, timestamp_pb2.Timestamp):
         return timestamp_text(value)
     if isinstance(value, duration_pb2.Duration):

@@ -89,7 +89,9 @@ class ServerTLS:
 
     def credentials(self) -> grpc.ServerCredentials:
         return grpc.dynamic_ssl_server_credentials(
-            self._config(), self._fetch, require_client_authentication=True
+            self._config(),
+            self._fetch,  # type: ignore[arg-type]  # grpc takes None (no change); its stub does not say so
+            require_client_authentication=True,
         )
 
     def subject(self) -> str:
