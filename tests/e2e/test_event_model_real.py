@@ -3,13 +3,17 @@ jsonl` and a controller + `tracefleet-agent run` read with `tracefleet events -o
 two give the same typed event field by field (the timing fields differ: two agents, two
 probes; both wall-clock times fall inside the test's own clock readings around the call).
 The workload sets an ANSI-escape comm and opens an ESC/BEL/CR/LF path: JSON keeps it
-exact, every table prints it escaped."""
+exact, every table prints it escaped (the controller's like strace, after a time column).
+Its open of an unmapped address is a lost argument: a status and an error, no value."""
 
 from __future__ import annotations
 
+import datetime as dt
+import errno
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +26,7 @@ import pytest
 
 from tests.conftest import BPF_DIR, WORKLOADS, require_root, wait_until
 from tests.e2e.fleet_helpers import ControllerProc, free_port, nodes_by_name, status
+from tracefleet.model import human
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
@@ -68,7 +73,7 @@ def _events(lines: list[str], pid: int) -> list[dict[str, Any]]:
 
 
 def _iteration(events: list[dict[str, Any]], n: int, port: int) -> dict[str, dict[str, Any]]:
-    """The openat and connect of workload iteration n, keyed by syscall."""
+    """The openat, connect and EFAULT openat ("lost") of workload iteration n."""
     found: dict[str, dict[str, Any]] = {}
     # in entry order: each event set has its own ring, so delivery interleaves sets by ring
     events = sorted(events, key=lambda e: e["ts_ns"])
@@ -80,6 +85,9 @@ def _iteration(events: list[dict[str, Any]], n: int, port: int) -> dict[str, dic
                 addr = (nxt["args"].get("addr") or {}).get("value") or {}
                 if nxt["syscall"] == "connect" and addr.get("port") == port:
                     found["connect"] = nxt
+                if "connect" in found and nxt["syscall"] == "openat":
+                    if nxt["ret"] == -errno.EFAULT:
+                        found["lost"] = nxt
                     break
     return found
 
@@ -160,6 +168,13 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
         )  # fmt: skip
         procs.append(events_cli)
         remote = Reader(events_cli)
+        table_cli = subprocess.Popen(
+            [*CLI, "--controller", ctl.address, "events", "--follow", "--pid", str(pid),
+             "-o", "table"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        procs.append(table_cli)
+        remote_table = Reader(table_cli)
 
         # one iteration after another until the controller's stream has one whole (the
         # agents sample only once the follower's wish reached them)
@@ -181,7 +196,7 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
             # on their way (each set has its own ring, delivered in its own batches)
             for m in range(n, 0, -1):
                 got = _iteration(remote_evs, m, port)
-                if len(got) == 2:
+                if len(got) == 3:
                     seen, n = got, m
                     break
         wl.stdin.close()  # the workload re-executes itself: execve with a hostile argv
@@ -197,9 +212,9 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
             "local execve",
         )
         local_it = _iteration(_events(local_lines, pid), n, port)
-        assert set(local_it) == {"openat", "connect"}
+        assert set(local_it) == {"openat", "connect", "lost"}
 
-        for name in ("openat", "connect"):
+        for name in ("openat", "connect", "lost"):
             lo, re_ = local_it[name], seen[name]
             assert _untimed(lo) == _untimed(re_), name
             assert re_["node"] == "typed-1"
@@ -207,6 +222,10 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
             for ev in (lo, re_):  # wall clock: inside the test's own readings
                 assert lo_t <= ev["time_ns"] <= hi_t, (name, lo_t, ev["time_ns"], hi_t)
                 assert 0 < ev["duration_ns"] <= hi_t - lo_t
+                # the readable time is the same instant (UTC, microseconds)
+                t = dt.datetime.fromisoformat(ev["time"].replace("Z", "+00:00"))
+                assert t.tzinfo is not None and t.utcoffset() == dt.timedelta(0), ev["time"]
+                assert int(t.timestamp() * 1e6) == ev["time_ns"] // 1000, ev["time"]
         local_exec = execve(local_lines)
         assert local_exec is not None
         assert _untimed(local_exec) == _untimed(remote_exec)
@@ -219,6 +238,11 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
         assert op["args"]["dfd"]["value"] == -100 and op["ret"] == -2
         assert conn["args"]["addr"]["value"] == {"family": "inet", "address": "127.0.0.1",
                                                  "port": port}  # fmt: skip
+        # a lost argument: explicit status and cause, and a null value (nothing invented)
+        lost = seen["lost"]["args"]["pathname"]
+        assert "value" in lost and lost["value"] is None, lost
+        assert lost["status"] == "lost" and lost["error"] == "EFAULT", lost
+        assert lost["addr"] == "0x8", lost
         assert remote_exec["args"]["argv"]["value"] == ["hostile_names", "a b\x1b[1m", "--exit"]
         assert remote_exec["uid"] == os.getuid() and remote_exec["ppid"] == os.getpid()
 
@@ -234,6 +258,23 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
         escaped = f"{tmp_path}/\\x1b[2J\\x1b]0;pwned\\x07\\r\\nname-{n}"
         assert f'openat(AT_FDCWD, "{escaped}", O_RDONLY|O_CLOEXEC) = -1 ENOENT (No such' in text
         assert '["hostile_names", "a b\\x1b[1m", "--exit"]' in text
+        # the controller's table: a UTC time column, the node, then the call as strace
+        # prints it; the time is the event's own
+        rows = wait_until(
+            lambda: (ls := remote_table.drain(0.5)) and any("EFAULT" in x for x in ls) and ls,
+            60 * SCALE,
+            "controller table",
+        )
+        assert rows[0].split()[:2] == ["TIME", "(UTC)"], rows[0]
+        for name, call in (
+            ("openat", f'openat(AT_FDCWD, "{escaped}", O_RDONLY|O_CLOEXEC) = -1 ENOENT ('),
+            ("lost", "openat(AT_FDCWD, <lost EFAULT>, O_RDONLY|O_CLOEXEC) = -1 EFAULT ("),
+        ):
+            clock = human.clock_text(seen[name]["time_ns"])
+            row = next((r for r in rows if r.startswith(clock) and call in r), None)
+            assert row is not None, (name, clock, call, rows)
+            assert re.match(rf"{re.escape(clock)} typed-1 +{pid} tf\\x1b\[31mevil +", row)
+            assert not any(c in row for c in "\x1b\x07\r"), row
         cmd = [*CLI, "--controller", ctl.address, "events", "--pid", str(pid), "--count", "1"]
         r = subprocess.run([*cmd, "--duration", "1s"], capture_output=True, text=True)
         assert "\x1b" not in r.stdout + r.stderr

@@ -1,7 +1,8 @@
 /* hostile_names: a traced process that tries to write to the terminal of whoever reads
  * its trace. Per line read on stdin it sets its comm to a name with an ANSI escape
  * (prctl PR_SET_NAME), opens a path with ESC/BEL/CR/LF in it under DIR (ENOENT) and
- * connects to 127.0.0.1:PORT, then prints "done N". On EOF it re-executes itself (same
+ * connects to 127.0.0.1:PORT, opens a path at an unmapped address (EFAULT: nothing can
+ * read it, the tracer must say so), then prints "done N". On EOF it re-executes itself (same
  * pid) with an argv holding a space and an escape, and that image exits 0.
  *
  * Usage: hostile_names DIR PORT */
@@ -59,6 +60,11 @@ int main(int argc, char **argv)
 		}
 		connect(fd, (struct sockaddr *)&sa, sizeof(sa));  /* refused or not: traced */
 		close(fd);
+		fd = open((const char *)8, O_RDONLY | O_CLOEXEC);  /* page 0: never mapped */
+		if (fd >= 0 || errno != EFAULT) {
+			fprintf(stderr, "open: expected EFAULT\n");
+			return 1;
+		}
 		printf("done %d\n", n);
 		fflush(stdout);
 	}
