@@ -31,6 +31,17 @@ STRATEGIES: Final[tuple[str, ...]] = (
     "fentry",
     "tracepoint",
 )
-# what an engine reports that is not a kernel strategy
-STRATEGY_NONE: Final = "none"  # the set is not loaded
+# where an argument came from when no capture strategy read it
+STRATEGY_REGISTER: Final = "register"  # a syscall register (integer arguments)
+STRATEGY_KERNEL: Final = "kernel"  # the kernel's own objects (vfs inode, device, ...)
+STRATEGY_USER_SPACE: Final = "user-space"  # looked up by the agent (vfs device of a path)
 STRATEGY_SYNTHETIC: Final = "synthetic"  # the load generator's made-up events
+# every strategy an argument or a set can name, in the order of tracefleet.v1.Strategy
+ALL_STRATEGIES: Final[tuple[str, ...]] = (
+    *STRATEGIES,
+    STRATEGY_REGISTER,
+    STRATEGY_KERNEL,
+    STRATEGY_USER_SPACE,
+    STRATEGY_SYNTHETIC,
+)
+STRATEGY_NONE: Final = "none"  # a set's strategy while it is not loaded

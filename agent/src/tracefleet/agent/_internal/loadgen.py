@@ -32,6 +32,7 @@ from tracefleet.agent.controlclient import ClientOptions, ControlClient
 from tracefleet.agent.engine import Aggregates, EventSetConfig, SetAggregate, SetStatus
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.labels import parse_labels
+from tracefleet.model.names import STRATEGY_SYNTHETIC
 
 SYSCALLS: dict[str, tuple[str, ...]] = {
     "file": ("openat", "read", "write", "close", "statx"),
@@ -39,7 +40,7 @@ SYSCALLS: dict[str, tuple[str, ...]] = {
     "net": ("connect", "accept4", "sendto", "recvfrom"),
     "vfs": ("vfs_open", "vfs_read", "vfs_write"),
 }
-STRATEGY = "synthetic"
+STRATEGY = STRATEGY_SYNTHETIC
 COMMS = ("postgres", "nginx", "python3", "bash", "java")
 PIDS = tuple(range(4000, 4016))
 # Share of events per latency bucket: a made-up log-normal-ish shape around 10-50 us.
