@@ -3,6 +3,10 @@
 ``event`` defines the typed Event and its JSON shape (the agent's jsonl, ``tracefleet events
 -o json``), ``wire`` converts it to and from ``tracefleet.v1.Event``, ``human`` renders it
 like strace for terminals (control characters escaped).
+
+One home each for what else both sides use: ``histogram`` (the latency histogram and its
+bounds), ``names`` (outcomes and strategies), ``netaddr`` (host:port, unix:/PATH),
+``labels`` (node labels), ``tlsfiles`` (the mTLS directory), ``argtypes`` (argparse types).
 """
 
 from tracefleet.model.event import (
