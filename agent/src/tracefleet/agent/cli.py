@@ -22,7 +22,7 @@ from tracefleet.model import Event, human
 from tracefleet.model.argtypes import int_in
 from tracefleet.model.labels import parse_labels
 from tracefleet.model.names import STRATEGIES
-from tracefleet.model.netaddr import check_peer_address, is_loopback, split_host_port
+from tracefleet.model.netaddr import check_peer_address, is_loopback, split_host_port, unix_path
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # the last two are the vfs hooks
@@ -446,7 +446,7 @@ def _tls_options(args: argparse.Namespace) -> Any:
     from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
     from tracefleet.agent.controlclient import ClientOptions
 
-    if not args.tls_dir and args.controller.startswith("unix:"):
+    if not args.tls_dir and unix_path(args.controller.strip()) is not None:
         return ClientOptions()  # guarded by the socket's file permissions
     if not args.tls_dir:
         host = split_host_port(args.controller.strip())[0]

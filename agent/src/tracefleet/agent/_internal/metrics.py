@@ -37,6 +37,7 @@ from tracefleet.agent._internal.fallback import CALLER_CAUSES
 from tracefleet.agent._internal.redact import ERRORS as REDACT_ERRORS
 from tracefleet.agent.engine import SetAggregate
 from tracefleet.model.names import OUTCOMES
+from tracefleet.model.netaddr import split_host_port
 
 log = logging.getLogger("tracefleet.agent.metrics")
 
@@ -339,11 +340,13 @@ class MetricsError(RuntimeError):
 
 def split_listen(address: str) -> tuple[str, int]:
     """``host:port``, ``[v6]:port`` or ``:port`` (all interfaces) -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise MetricsError(f"bad metrics address {address!r}: use host:port, e.g. 0.0.0.0:9091")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    return host or "0.0.0.0", int(port)
+    try:
+        host, port = split_host_port(address)
+    except ValueError:
+        raise MetricsError(
+            f"bad metrics address {address!r}: use host:port, e.g. 0.0.0.0:9091"
+        ) from None
+    return host or "0.0.0.0", port
 
 
 class MetricsServer:
