@@ -114,3 +114,14 @@ def test_api_enums_use_the_shared_names():
     assert tuple(labels(types_pb2.Strategy, "STRATEGY_")) == ALL_STRATEGIES
     # the API's ArgStatus may lag (a status also travels as text): never a name of its own
     assert set(labels(types_pb2.ArgStatus, "ARG_STATUS_")) <= set(OUTCOMES)
+
+
+def test_histogram_bucket_edges():
+    from tracefleet.model.histogram import Histogram
+
+    h = Histogram((0.001, 0.01, 0.1))
+    for v, want in ((0.0, 0), (0.001, 0), (0.0011, 1), (0.01, 1), (0.1, 2), (0.2, 3)):
+        assert h.bucket(v) == want, v
+    for v in (0.0, 0.001, 0.0011, 0.01, 0.1, 0.2):
+        h.observe(v)
+    assert h.counts == [2, 2, 1, 1]
