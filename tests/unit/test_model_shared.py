@@ -98,7 +98,12 @@ def test_tls_directory_errors_are_worded_alike(tmp_path):
         AgentTLS(tmp_path)
     with pytest.raises(TLSConfigError) as controller_err:
         read_tls_dir(tmp_path)
-    for e in (agent_err.value, controller_err.value):
+    from tracefleet.controller import cli as controller_cli
+
+    with pytest.raises(controller_cli.CliError) as operator_err:  # the CLI's --tls-dir
+        controller_cli._operator_credentials(str(tmp_path))
+    assert "'tracefleet certs operator', or unset --tls-dir" in str(operator_err.value)
+    for e in (agent_err.value, controller_err.value, operator_err.value):
         assert str(e).startswith(f"cannot read {tmp_path}/ca.crt: No such file or directory")
         assert "the TLS directory holds ca.crt, tls.crt, tls.key; make them with" in str(e)
 

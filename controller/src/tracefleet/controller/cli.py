@@ -24,6 +24,7 @@ from tracefleet.controller._internal.netaddr import (
 )
 from tracefleet.model import human, wire
 from tracefleet.model.argtypes import int_in
+from tracefleet.model.tlsfiles import TLSFilesError, read_tls_files
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 EXIT_OK = 0
@@ -475,16 +476,11 @@ def _socket_for_caller(address: str) -> str:
 
 
 def _operator_credentials(tls_dir: str) -> grpc.ChannelCredentials:
-    files = []
-    for name in ("ca.crt", "tls.crt", "tls.key"):
-        path = os.path.join(tls_dir, name)
-        try:
-            with open(path, "rb") as f:
-                files.append(f.read())
-        except OSError as e:
-            fail(EXIT_USAGE, f"cannot read {path}: {e.strerror} (make an operator certificate "
-                             "with 'tracefleet certs operator', or unset --tls-dir)")  # fmt: skip
-    return grpc.ssl_channel_credentials(files[0], files[2], files[1])
+    try:
+        ca, cert, key = read_tls_files(tls_dir, "'tracefleet certs operator', or unset --tls-dir")
+    except TLSFilesError as e:
+        fail(EXIT_USAGE, str(e))
+    return grpc.ssl_channel_credentials(ca, key, cert)
 
 
 def _tls_rejection(address: str, tls_dir: str) -> str:
