@@ -35,15 +35,18 @@ def _engine(compiled: bool) -> Any:
     return eng
 
 
-def _opens(eng: Any, n: int) -> dict[str, Any]:
+def _opens(eng: Any, n: int, sample_rate: float = 0.0) -> dict[str, Any]:
     """``n`` opens of /etc/hostname by one shell (pid filter) on a fresh engine; its
     cumulative aggregates once everything the kernel wrote has been consumed."""
     proc = subprocess.Popen(
-        ["sh", "-c", f"read go; i=0; while [ $i -lt {n} ]; do : < /etc/hostname; "
+        ["sh", "-c", f"echo ready; read go; i=0; while [ $i -lt {n} ]; do : < /etc/hostname; "
          "i=$((i+1)); done"],
-        stdin=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"  # its start-up (ld.so opens) is over
+    cfg = EventSetConfig("file", True, Filters(pids=(proc.pid,)), sample_rate=sample_rate)
+    eng.apply({"file": cfg})
     proc.communicate("go\n", timeout=scaled(60))
     k = eng.kernel_counters("file")
     # the consumer thread folds per poll: wait for the kernel's count, not for a time
@@ -136,3 +139,16 @@ def test_compiled_sink_error_is_contained(engines: Any) -> None:
     mine = [e for e in seen if e["syscall"] == "openat"]
     assert len(mine) == 200
     assert eng.errors.snapshot().get(("file", "sink"), 0) == (calls[0] + 1) // 2
+
+
+def test_compiled_samples_without_a_sink(engines: Any) -> None:
+    """Sample rate 1 and no sink: C forwards every record of the set as a sample (and still
+    leaves the aggregation to Python for those, once each)."""
+    eng = engines(True)
+    r = _opens(eng, 100, sample_rate=1.0)
+    k, sa = r["kernel"], r["agg"]
+    assert sa.delivered == k["events"]
+    samples = eng.sample_events(10_000)
+    assert len(samples) == k["events"], (len(samples), k)
+    assert sum(e["syscall"] == "openat" for e in samples) == 100
+    assert eng._rb.counters()["forwarded"] == k["events"]

@@ -13,14 +13,14 @@ from tracefleet.agent._internal.abi import Status, TfHdr
 from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS
 
 
-def test_missing_library_says_how_to_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def test_missing_library_says_how_to_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(fastring.ENV, str(tmp_path / "libtfring.so"))
     lib, why = fastring._load()
     assert lib is None
     assert "not built" in why and "make native" in why, why
 
 
-def test_broken_library_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def test_broken_library_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     bad = tmp_path / "libtfring.so"
     bad.write_bytes(b"not an ELF object")
     monkeypatch.setenv(fastring.ENV, str(bad))
@@ -29,13 +29,13 @@ def test_broken_library_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     assert "does not load" in why and str(bad) in why, why
 
 
-def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch):
+def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(fastring.ENV, "off")
     lib, why = fastring._load()
     assert lib is None and fastring.ENV in why, why
 
 
-def test_layout_comes_from_abi_and_engine():
+def test_layout_comes_from_abi_and_engine() -> None:
     from tracefleet.agent.capture import _LOST_OFFSETS
 
     p = fastring.params(_LOST_OFFSETS)
@@ -51,7 +51,7 @@ def test_layout_comes_from_abi_and_engine():
     assert p.batch_bytes > p.reserve_bytes
 
 
-def test_fold_matches_histogram_observe():
+def test_fold_matches_histogram_observe() -> None:
     """fold() adds C's words the way _on_record adds one record at a time."""
     import struct
 
