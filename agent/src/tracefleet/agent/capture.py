@@ -291,7 +291,8 @@ class BpfEngine:
     def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:
         if self.consumer()[0]:
             try:
-                return fastring.FastRing(fd, self._on_record, lambda: self._agg, _LOST_OFFSETS)
+                return fastring.FastRing(fd, self._on_record, lambda: self._agg, _LOST_OFFSETS,
+                                         self.errors)  # fmt: skip
             except Exception as e:  # said once; the Python consumer does the same work
                 log.warning("compiled ring consumer failed to start, using Python: %s", e)
                 self.opts.compiled_consumer = False

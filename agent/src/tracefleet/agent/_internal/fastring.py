@@ -34,6 +34,7 @@ from tracefleet.agent._internal.abi import (
     TfHdr,
     TfVfsEvent,
 )
+from tracefleet.agent._internal.contain import UNKNOWN_SET, ErrorCounter
 from tracefleet.agent._internal.decode import SYSCALL_NAMES
 from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS, Aggregates, SetAggregate
 from tracefleet.agent.eventsets import BY_ID
@@ -179,6 +180,7 @@ class FastRing:
         on_record: OnRecord,
         aggregates: Callable[[], Aggregates],
         lost_offsets: Mapping[int, Sequence[int]],
+        errors: ErrorCounter | None = None,
     ):
         ok, why = consumer_status()
         if not ok or _lib is None:
@@ -190,6 +192,8 @@ class FastRing:
         words = TF_SET_MAX * (4 + self._params.nbounds + 1 + 2 * self._params.nsyscalls)
         self._take_buf = (ctypes.c_uint64 * words)()
         self._config: dict[int, tuple[int, int]] = {}
+        self._errors = errors
+        self._seen_bad = (0, 0)  # short records, no memory: reported to errors so far
         self.aborted = False
         ptr = self._lib.tf_fast_new(ctypes.byref(self._params), map_fd)
         if not ptr:
@@ -267,10 +271,17 @@ class FastRing:
         assert self._ptr
         buf = self._take_buf
         n = self._lib.tf_fast_take(self._ptr, buf, len(buf))
-        if n <= 0:
-            return
-        words = buf[:n]
-        fold(self._aggregates(), words, int(self._params.nbounds))
+        if n > 0:
+            fold(self._aggregates(), buf[:n], int(self._params.nbounds))
+        c = self.counters()
+        bad = (c["short"], c["nomem"])
+        if bad != self._seen_bad and self._errors is not None:
+            # as the Python consumer counts them: one decode failure per record
+            for _ in range(bad[0] - self._seen_bad[0]):
+                self._errors.count(UNKNOWN_SET, "decode", "record shorter than the header")
+            for _ in range(bad[1] - self._seen_bad[1]):
+                self._errors.count(UNKNOWN_SET, "decode", "no memory to copy the record")
+        self._seen_bad = bad
 
     def counters(self) -> dict[str, int]:
         assert self._ptr
