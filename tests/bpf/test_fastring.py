@@ -20,12 +20,14 @@ pytestmark = pytest.mark.bpf
 OPENS = 2000
 
 
-def _engine(compiled: bool) -> Any:
+def _engine(compiled: bool, strategy: str | None = None) -> Any:
     from tracefleet.agent._internal import fastring
+    from tracefleet.agent._internal.abi import Strategy
     from tracefleet.agent.capture import BpfEngine, EngineOptions
 
+    forced = {"file": Strategy.from_label(strategy)} if strategy else {}
     eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, hold_seconds=3600, sets=("file",),
-                                  compiled_consumer=compiled))  # fmt: skip
+                                  compiled_consumer=compiled, strategies=forced))  # fmt: skip
     ok, why = eng.consumer()
     if compiled:
         # a failure, not a skip: `make native` (part of `make workloads`) builds it
@@ -63,8 +65,8 @@ def _opens(eng: Any, n: int, sample_rate: float = 0.0) -> dict[str, Any]:
 def engines(host: None) -> Any:
     made: list[Any] = []
 
-    def make(compiled: bool) -> Any:
-        eng = _engine(compiled)
+    def make(compiled: bool, strategy: str | None = None) -> Any:
+        eng = _engine(compiled, strategy)
         made.append(eng)
         eng.start()
         return eng
@@ -96,16 +98,11 @@ def test_compiled_counts_equal_kernel_and_python_path(engines: Any) -> None:
 
 
 def test_compiled_forwards_lost_args_to_fallback(engines: Any) -> None:
-    """No sink, no sampling: an argument exit-retry cannot recover (openat with a bare
-    __O_TMPFILE fails before the kernel reads the path) still reaches the user-space
-    fallback, which recovers it while the workload holds on."""
-    from tracefleet.agent._internal.abi import Strategy
-
-    eng = engines(True)
-    st = eng._sets["file"]
-    if not st.user_fallback or st.loaded.strategy not in (Strategy.EXIT_RETRY, Strategy.NOFAULT):
-        pytest.skip(f"file set runs {st.loaded.strategy.label} here: nothing left for the "
-                    "fallback")  # fmt: skip
+    """No sink, no sampling: a lost argument still reaches the user-space fallback, which
+    recovers it while the workload holds on. The rung is forced (nofault + user fallback) so
+    that the path is lost at entry on every kernel (7.2's sleepable rung would read it)."""
+    eng = engines(True, "user-fallback")
+    assert eng._sets["file"].user_fallback, eng.capabilities()["features"]["user_fallback"]
     eng.apply({"file": EventSetConfig("file", True, Filters(comms=("cold_rodata",)))})
     before = eng.totals()["file"].outcomes.get(("user-fallback", "recovered"), 0)
     res = run_workload("cold_rodata", "einval", hold_ms=int(scaled(400)))
