@@ -16,6 +16,8 @@ VMLINUX_BTF ?= /sys/kernel/btf/vmlinux
 BPF_SRCS  := $(wildcard bpf/*.bpf.c)
 BPF_OBJS  := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRCS))
 BPF_HDRS  := $(wildcard bpf/include/*.h bpf/include/*/*.h)
+# the compiled ring consumer, built into the agent package (package data; no compiler at run time)
+NATIVE_SO := agent/src/tracefleet/agent/_internal/libtfring.so
 WL_SRCS   := $(wildcard tests/workloads/*.c)
 WL_BINS   := $(patsubst tests/workloads/%.c,$(WL_OUT)/%,$(WL_SRCS))
 KERNEL    ?= 7.2
@@ -46,7 +48,7 @@ $(error not run as root (see above))
 endif
 endif
 
-.PHONY: help deps bpf workloads proto proto-check buf-lint buf-breaking lint \
+.PHONY: help deps bpf native workloads proto proto-check buf-lint buf-breaking lint \
         test test-unit test-host test-vm test-vm-uevents demo bench images dashboards clean
 
 help: ## this list
@@ -70,7 +72,12 @@ bpf: $(BPF_OBJS) ## build the CO-RE BPF objects into build/bpf
 $(WL_OUT)/%: tests/workloads/%.c $(wildcard tests/workloads/*.h) | $(WL_OUT)
 	gcc -O1 -g -fPIE -pie -Wall -Werror -o $@ $<
 
-workloads: $(WL_BINS) ## build the C test workloads into build/workloads
+workloads: $(WL_BINS) native ## build the C test workloads into build/workloads (and native)
+
+$(NATIVE_SO): agent/native/fastring.c
+	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -o $@.tmp $< -lbpf && mv $@.tmp $@
+
+native: $(NATIVE_SO) ## build the compiled ring consumer (agent/native) into the agent package
 
 proto: ## regenerate the Python code of proto/ (commit the result)
 	@proto/generate.sh

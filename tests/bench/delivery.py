@@ -137,4 +137,7 @@ def measure(quick: bool) -> dict[str, Any]:
             "max_decoded_per_s": max(p["delivered_per_s"] for p in points),
             "all_accounted": all(p["accounted"] for p in points),
         })  # fmt: skip
+    from tests.bench import consumer  # compiled vs Python ring consumer
+
+    out["consumer"] = consumer.measure(quick)
     return out

@@ -148,6 +148,10 @@ def render_delivery(r: dict[str, Any]) -> str:
     out.append(_fmt_table(["config", "offered/s", "achieved/s", "written", "dropped", "drop",
                            "decoded/s", "drain s", "agent CPU", "accounted", "loop CPU"],
                           rows))  # fmt: skip
+    if "consumer" in r:
+        from tests.bench import consumer
+
+        out.extend(consumer.render(r["consumer"]))
     for c in r["configs"]:
         out.append(
             f"{c['name']}: highest rate with no drop {c['max_rate_no_drop']:.0f}/s "
@@ -281,6 +285,11 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             "core; one producer core itself tops out near "
             f"{max(p['achieved_rate'] for c in dl for p in c['points']):.0f} calls/s here",
         )
+    if "consumer" in res.get("delivery", {}):
+        from tests.bench import consumer
+
+        for name, value, met, note in consumer.targets(res["delivery"]["consumer"]):
+            add(name, value, met, note)
     fl = res.get("control", {}).get("fleets", {})
     sims = {int(k.split()[0]): f for k, f in fl.items() if "simulated" in k}
     for n, goal in ((1000, 200), (10000, 1000)):

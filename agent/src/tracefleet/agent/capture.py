@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracefleet.agent._internal import libbpf
+from tracefleet.agent._internal import fastring, libbpf
 from tracefleet.agent._internal.abi import (
     TF_COMM_LEN,
     TF_FILTER_CGROUPS,
@@ -161,6 +161,8 @@ class EngineOptions:
     mount_tracefs: bool = False
     # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
     stale_seconds: float = 30.0
+    # the compiled ring consumer (fastring) where it loads; False: the Python one
+    compiled_consumer: bool = True
 
 
 def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
@@ -255,7 +257,7 @@ class BpfEngine:
         # libbpf ring_buffer in one poll; memory: loaded sets x ring_bytes. _rb_lock
         # serialises ring_buffer__add with poll/consume.
         self._rings: dict[str, int] = {}
-        self._rb: libbpf.RingBuffer | None = None
+        self._rb: libbpf.RingBuffer | fastring.FastRing | None = None
         self._rb_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -274,11 +276,27 @@ class BpfEngine:
                               self.opts.ring_bytes)  # fmt: skip
             with self._rb_lock:
                 if self._rb is None:
-                    self._rb = libbpf.RingBuffer(fd, self._on_record)
+                    self._rb = self._new_consumer(fd)
                 else:
                     self._rb.add(fd)
             self._rings[name] = fd
         return self._rings[name]
+
+    def consumer(self) -> tuple[bool, str]:
+        """(compiled consumer in use, why): fastring where it loads, else the Python one."""
+        if not self.opts.compiled_consumer:
+            return False, "Python consumer asked for (compiled_consumer=False)"
+        return fastring.consumer_status()
+
+    def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:
+        if self.consumer()[0]:
+            try:
+                return fastring.FastRing(fd, self._on_record, lambda: self._agg, _LOST_OFFSETS,
+                                         self.errors)  # fmt: skip
+            except Exception as e:  # said once; the Python consumer does the same work
+                log.warning("compiled ring consumer failed to start, using Python: %s", e)
+                self.opts.compiled_consumer = False
+        return libbpf.RingBuffer(fd, self._on_record)
 
     def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
@@ -385,6 +403,7 @@ class BpfEngine:
                     st.enabled = False
                     st.disabled_at = now
             self._write_control()
+            self._sync_consumer()
             return [self._status(name, errors.get(name, "")) for name in self._sets]
 
     def _status(self, name: str, err: str = "") -> SetStatus:
@@ -467,16 +486,20 @@ class BpfEngine:
     # ---- events ------------------------------------------------------------------------
     def add_sink(self, sink: EventSink) -> None:
         self._sinks = [*self._sinks, sink]  # copy on write: the consumer thread iterates it
+        self._sync_consumer()  # now, not at the next poll: a poll in progress sees it
 
     def remove_sink(self, sink: EventSink) -> None:
         self._sinks = [s for s in self._sinks if s is not sink]
+        self._sync_consumer()
 
-    def _on_record(self, raw: bytes) -> None:
+    def _on_record(self, raw: bytes, now: int = 0, flags: int = -1) -> None:
         """Per record: aggregates from the header alone (cheap); the full decode only when
         someone reads the event (a sink, a sample) or an argument is left for the fallback.
         Every step after the header is contained (contain.py): a failure is counted per
-        cause and never reaches the ring buffer's consumer."""
-        now = time.monotonic_ns()
+        cause and never reaches the ring buffer's consumer. From the compiled consumer
+        (fastring): its receive time, and ``flags`` saying whether it sampled the record
+        and found a lost argument (-1: decide here)."""
+        now = now or time.monotonic_ns()
         self.heartbeat_ns = now
         if len(raw) < _HDR_SIZE:
             self.errors.count(UNKNOWN_SET, "decode", f"record of {len(raw)} bytes")
@@ -486,12 +509,16 @@ class BpfEngine:
         name = spec.name if spec else str(set_id)
         label = name if spec else UNKNOWN_SET
         st = self._sets.get(name)
-        fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
-        sample = (
-            st is not None
-            and st.sample_rate > 0
-            and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
-        )
+        if flags >= 0:
+            fallback = st is not None and st.user_fallback and bool(flags & fastring.REC_FALLBACK)
+            sample = st is not None and bool(flags & fastring.REC_SAMPLE)
+        else:
+            fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
+            sample = (
+                st is not None
+                and st.sample_rate > 0
+                and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
+            )
         ev: dict[str, Any] | None = None
         if self._sinks or sample or fallback:
             try:
@@ -635,13 +662,26 @@ class BpfEngine:
         timeout = self.opts.poll_ms if timeout_ms is None else timeout_ms
         with self._rb_lock:
             if self._rb is not None:
+                self._sync_consumer()
                 return self._rb.poll(timeout)
         self._stop.wait(timeout / 1000)  # no set loaded yet: nothing to poll
         return 0
 
     def drain(self) -> int:
         with self._rb_lock:
-            return self._rb.consume() if self._rb is not None else 0
+            if self._rb is None:
+                return 0
+            self._sync_consumer()
+            return self._rb.consume()
+
+    def _sync_consumer(self) -> None:
+        """Tell the compiled consumer which records Python needs (sinks, samples, fallback);
+        safe during its poll (atomic per-set flags in C)."""
+        rb = self._rb
+        if isinstance(rb, fastring.FastRing):
+            deliver = bool(self._sinks)
+            rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
+                               for st in self._sets.values())  # fmt: skip
 
     def start(self) -> None:
         if self._thread:
@@ -922,6 +962,7 @@ class BpfEngine:
                 "kfunc_bpf_copy_from_user_str": btf_has_name("bpf_copy_from_user_str"),
                 "sleepable_tracepoints": self._sleepable_seen(),
                 "user_fallback": self._fallback.reason,
+                "compiled_consumer": dict(zip(("ok", "reason"), self.consumer(), strict=True)),
                 "capabilities": list(self.host.capabilities),
                 "probes": {
                     f: {"ok": r.ok, "reason": r.reason, "ms": round(r.ms, 1)}

@@ -226,6 +226,13 @@ def probe_table(report: dict[str, Any]) -> str:
         + f"; lockdown {f['lockdown']}",
         f"  kfunc bpf_copy_from_user_str: {'yes' if f['kfunc_bpf_copy_from_user_str'] else 'no'}",
         f"  user-space fallback: {f['user_fallback']}",
+        "  ring consumer: "
+        + (
+            "compiled"
+            if f.get("compiled_consumer", {}).get("ok")
+            else "Python (one call per record)"
+        )
+        + f" ({f.get('compiled_consumer', {}).get('reason', '?')})",
         f"  capabilities: {' '.join(f['capabilities']) or 'none'}",
     ]
     ue = report.get("user_events")

@@ -209,6 +209,11 @@ class Program:
         self._log_buf = ctypes.create_string_buffer(size)
         lib().bpf_program__set_log_buf(self._ptr, ctypes.addressof(self._log_buf), size)
 
+    def release_verifier_log(self) -> None:
+        if self._log_buf is not None:
+            lib().bpf_program__set_log_buf(self._ptr, None, 0)
+            self._log_buf = None
+
     def verifier_log(self) -> str:
         return self._log_buf.value.decode(errors="replace") if self._log_buf else ""
 
@@ -315,6 +320,10 @@ class BpfObject:
         if rc:
             logs = {p.name: p.verifier_log() for p in self.programs.values() if p.verifier_log()}
             raise LibbpfError(rc, f"load {os.path.basename(self.path)}", logs)
+        # loaded: the logs are of no use now, and 1 MiB each (zero-filled, so resident) for
+        # every program of every loaded set was most of the agent's idle memory
+        for prog in self.programs.values():
+            prog.release_verifier_log()
 
     def close(self) -> None:
         if self._ptr:

@@ -72,6 +72,9 @@ class SyntheticEngine:
 
     # CaptureEngine ----------------------------------------------------------------------
 
+    def consumer(self) -> tuple[bool, str]:
+        return False, "synthetic engine: no ring buffer"
+
     def capabilities(self) -> Mapping[str, Any]:
         return {
             "engine": "synthetic",

@@ -42,7 +42,17 @@ from tracefleet.model.netaddr import split_host_port
 log = logging.getLogger("tracefleet.agent.metrics")
 
 ALLOWED_LABELS = frozenset(
-    {"node", "event_set", "syscall", "strategy", "outcome", "program", "cause", "exporter"}
+    {
+        "node",
+        "event_set",
+        "syscall",
+        "strategy",
+        "outcome",
+        "program",
+        "cause",
+        "exporter",
+        "consumer",
+    }
 )
 DEFAULT_RUN_LISTEN = "0.0.0.0:9091"
 
@@ -135,6 +145,11 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "gauge",
         ("node", "event_set", "strategy"),
         "Capture strategy in use per event set (always 1; the strategy is the label).",
+    ),
+    "tracefleet_agent_ring_consumer_info": (
+        "gauge",
+        ("node", "consumer"),
+        "Ring buffer consumer in use: compiled (fastring) or python (always 1; why: probe).",
     ),
     "tracefleet_agent_event_set_enabled": (
         "gauge",
@@ -278,6 +293,11 @@ class AgentCollector(Collector):
         fams["tracefleet_agent_bpf_stats_enabled"].add_metric(
             [node], 1.0 if getattr(self.engine, "bpf_stats_enabled", False) else 0.0
         )
+        if callable(getattr(self.engine, "consumer", None)):
+            ok, _ = self.engine.consumer()
+            fams["tracefleet_agent_ring_consumer_info"].add_metric(
+                [node, "compiled" if ok else "python"], 1
+            )
         for st in self._statuses():
             if st.strategy and st.strategy != "none":
                 fams["tracefleet_agent_strategy_info"].add_metric([node, st.name, st.strategy], 1)

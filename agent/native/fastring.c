@@ -1,0 +1,381 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * tracefleet compiled ring-buffer consumer (loaded with ctypes by
+ * tracefleet/agent/_internal/fastring.py).
+ *
+ * Owns the libbpf ring_buffer poll loop. Per record, in C: the aggregates the agent keeps
+ * from the header (records per set and syscall, the delivery-latency histogram); a record is
+ * copied into a batch for Python only when something needs it decoded (a sink, a sample,
+ * a lost argument for the user-space fallback, a header this code does not know). Python
+ * drains the batch once per poll: no Python call per record.
+ *
+ * No layout is defined here: the header offsets, the histogram bounds and the offsets of
+ * argument status bytes come from Python (abi.py, engine.py) at init, so the ABI and the
+ * buckets have one definition each. Only struct tf_hdr fields and the sample size are read
+ * (records may be variable-length).
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <bpf/libbpf.h>
+
+#define TF_FAST_ABI 1
+#define MAX_BOUNDS 64
+#define MAX_KINDS 8
+#define MAX_LOST_OFFS 8
+
+/* per-set flags */
+#define SET_DELIVER 1u  /* every record: a sink reads the events */
+#define SET_SAMPLE 2u   /* sample_threshold: share of records sampled, of 2^32 */
+#define SET_FALLBACK 4u /* records with a lost argument go to the user-space fallback */
+#define SET_SAMPLE_ALL 8u /* sample rate >= 1 */
+
+/* per batch entry flags */
+#define REC_SAMPLE 1u
+#define REC_FALLBACK 2u
+#define REC_RAW 4u /* unknown set or syscall: Python handles it entirely */
+
+struct tf_fast_params {
+	uint32_t abi;
+	uint32_t hdr_size;
+	uint32_t off_ts, off_kind, off_syscall, off_set;
+	uint32_t nsets, nsyscalls;
+	uint32_t nbounds;
+	uint32_t lost_status;
+	uint32_t batch_bytes;
+	uint32_t reserve_bytes; /* stop filling the batch when less than this is left */
+	double bounds[MAX_BOUNDS];
+	uint32_t lost_offs[MAX_KINDS][MAX_LOST_OFFS]; /* 0-terminated, per kind */
+};
+
+struct set_agg {
+	uint64_t delivered;
+	double sum;
+	uint64_t *hist;    /* nbounds + 1 */
+	uint64_t *by_sc;   /* nsyscalls */
+	uint32_t *touched; /* syscalls counted since the last take */
+	uint32_t ntouched;
+};
+
+struct tf_fast {
+	struct tf_fast_params p;
+	struct ring_buffer *rb;
+	volatile int aborted;
+	uint64_t records;   /* every record seen */
+	uint64_t forwarded; /* copied into the batch */
+	uint64_t short_records;
+	uint64_t nomem;
+	uint64_t rng;
+	uint32_t *set_flags;
+	uint32_t *sample_thr;
+	struct set_agg *agg;
+	uint8_t *batch;
+	size_t batch_len, batch_cap;
+	int full;
+};
+
+/* batch entry: u32 size, u32 flags, u64 receive time (CLOCK_MONOTONIC ns), record, padded */
+void tf_fast_free(struct tf_fast *f);
+
+struct entry_hdr {
+	uint32_t size;
+	uint32_t flags;
+	uint64_t recv_ns;
+};
+
+static inline uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static inline uint32_t rand32(struct tf_fast *f)
+{
+	uint64_t x = f->rng; /* xorshift64* */
+	x ^= x >> 12;
+	x ^= x << 25;
+	x ^= x >> 27;
+	f->rng = x;
+	return (uint32_t)((x * 0x2545F4914F6CDD1Dull) >> 32);
+}
+
+static inline uint64_t rd_u64(const uint8_t *p)
+{
+	uint64_t v;
+	memcpy(&v, p, 8);
+	return v;
+}
+
+static inline uint16_t rd_u16(const uint8_t *p)
+{
+	uint16_t v;
+	memcpy(&v, p, 2);
+	return v;
+}
+
+static int has_lost_arg(const struct tf_fast *f, const uint8_t *d, size_t size, uint16_t kind)
+{
+	if (kind >= MAX_KINDS)
+		return 0;
+	for (int i = 0; i < MAX_LOST_OFFS && f->p.lost_offs[kind][i]; i++) {
+		uint32_t off = f->p.lost_offs[kind][i];
+		if (off < size && d[off] == f->p.lost_status)
+			return 1;
+	}
+	return 0;
+}
+
+static int forward(struct tf_fast *f, const uint8_t *d, size_t size, uint32_t flags,
+		   uint64_t now)
+{
+	size_t need = sizeof(struct entry_hdr) + ((size + 7) & ~(size_t)7);
+	if (f->batch_len + need > f->batch_cap) {
+		/* a record larger than the reserve: grow (Python re-reads the pointer per drain) */
+		size_t cap = f->batch_cap * 2;
+		while (cap < f->batch_len + need)
+			cap *= 2;
+		uint8_t *nb = realloc(f->batch, cap);
+		if (!nb) {
+			f->nomem++; /* the record is consumed: Python counts it as an error */
+			return 0;
+		}
+		f->batch = nb;
+		f->batch_cap = cap;
+	}
+	struct entry_hdr *e = (struct entry_hdr *)(f->batch + f->batch_len);
+	e->size = (uint32_t)size;
+	e->flags = flags;
+	e->recv_ns = now;
+	memcpy(e + 1, d, size);
+	f->batch_len += need;
+	f->forwarded++;
+	if (f->batch_cap - f->batch_len < f->p.reserve_bytes) {
+		f->full = 1;
+		return -ENOSPC; /* stop this poll: Python drains, then consumes again */
+	}
+	return 0;
+}
+
+static int on_sample(void *ctx, void *data, size_t size)
+{
+	struct tf_fast *f = ctx;
+	const uint8_t *d = data;
+
+	if (f->aborted)
+		return -ECANCELED;
+	f->records++;
+	uint64_t now = mono_ns();
+	if (size < f->p.hdr_size) {
+		f->short_records++;
+		return 0;
+	}
+	uint32_t set = d[f->p.off_set];
+	uint32_t sc = rd_u16(d + f->p.off_syscall);
+	if (set >= f->p.nsets || sc >= f->p.nsyscalls)
+		return forward(f, d, size, REC_RAW, now);
+	/* written by tf_fast_set from other threads while this poll runs */
+	uint32_t fl = __atomic_load_n(&f->set_flags[set], __ATOMIC_RELAXED);
+	if (fl) {
+		uint32_t flags = 0;
+		if ((fl & SET_SAMPLE_ALL) ||
+		    ((fl & SET_SAMPLE) &&
+		     rand32(f) < __atomic_load_n(&f->sample_thr[set], __ATOMIC_RELAXED)))
+			flags |= REC_SAMPLE;
+		if ((fl & SET_FALLBACK) && has_lost_arg(f, d, size, rd_u16(d + f->p.off_kind)))
+			flags |= REC_FALLBACK;
+		if ((fl & SET_DELIVER) || flags)
+			return forward(f, d, size, flags, now);
+	}
+	/* aggregate-only: what capture.py's _on_record counts, bucketed like Histogram.observe */
+	struct set_agg *a = &f->agg[set];
+	uint64_t ts = rd_u64(d + f->p.off_ts);
+	double v = (double)(now > ts ? now - ts : 0) / 1e9;
+	uint32_t i = 0;
+	while (i < f->p.nbounds && v > f->p.bounds[i])
+		i++;
+	a->hist[i]++;
+	a->sum += v;
+	a->delivered++;
+	if (a->by_sc[sc]++ == 0)
+		a->touched[a->ntouched++] = sc;
+	return 0;
+}
+
+struct tf_fast *tf_fast_new(const struct tf_fast_params *p, int map_fd)
+{
+	if (p->abi != TF_FAST_ABI || p->nbounds > MAX_BOUNDS || !p->nsets || !p->nsyscalls ||
+	    p->off_ts + 8 > p->hdr_size || p->off_kind + 2 > p->hdr_size ||
+	    p->off_syscall + 2 > p->hdr_size || p->off_set >= p->hdr_size ||
+	    p->reserve_bytes >= p->batch_bytes) {
+		errno = EINVAL;
+		return NULL;
+	}
+	struct tf_fast *f = calloc(1, sizeof(*f));
+	if (!f)
+		return NULL;
+	f->p = *p;
+	f->rng = mono_ns() | 1;
+	f->set_flags = calloc(p->nsets, sizeof(uint32_t));
+	f->sample_thr = calloc(p->nsets, sizeof(uint32_t));
+	f->agg = calloc(p->nsets, sizeof(struct set_agg));
+	f->batch_cap = p->batch_bytes;
+	f->batch = malloc(f->batch_cap);
+	if (!f->set_flags || !f->sample_thr || !f->agg || !f->batch)
+		goto fail;
+	for (uint32_t s = 0; s < p->nsets; s++) {
+		f->agg[s].hist = calloc(p->nbounds + 1, sizeof(uint64_t));
+		f->agg[s].by_sc = calloc(p->nsyscalls, sizeof(uint64_t));
+		f->agg[s].touched = calloc(p->nsyscalls, sizeof(uint32_t));
+		if (!f->agg[s].hist || !f->agg[s].by_sc || !f->agg[s].touched)
+			goto fail;
+	}
+	f->rb = ring_buffer__new(map_fd, on_sample, f, NULL);
+	if (!f->rb)
+		goto fail;
+	return f;
+fail:;
+	int err = errno ? errno : ENOMEM;
+	tf_fast_free(f);
+	errno = err;
+	return NULL;
+}
+
+void tf_fast_free(struct tf_fast *f)
+{
+	if (!f)
+		return;
+	if (f->rb)
+		ring_buffer__free(f->rb);
+	if (f->agg)
+		for (uint32_t s = 0; s < f->p.nsets; s++) {
+			free(f->agg[s].hist);
+			free(f->agg[s].by_sc);
+			free(f->agg[s].touched);
+		}
+	free(f->agg);
+	free(f->set_flags);
+	free(f->sample_thr);
+	free(f->batch);
+	free(f);
+}
+
+int tf_fast_abi(void)
+{
+	return TF_FAST_ABI;
+}
+
+int tf_fast_add(struct tf_fast *f, int map_fd)
+{
+	return ring_buffer__add(f->rb, map_fd, on_sample, f);
+}
+
+int tf_fast_set(struct tf_fast *f, uint32_t set, uint32_t flags, uint32_t sample_thr)
+{
+	if (set >= f->p.nsets)
+		return -EINVAL;
+	__atomic_store_n(&f->sample_thr[set], sample_thr, __ATOMIC_RELAXED);
+	__atomic_store_n(&f->set_flags[set], flags, __ATOMIC_RELAXED);
+	return 0;
+}
+
+void tf_fast_abort(struct tf_fast *f)
+{
+	f->aborted = 1;
+}
+
+/* Consume what is queued (after waiting up to timeout_ms for a wakeup when timeout_ms >= 0).
+ * Returns the records seen, or -errno. Stops early when the batch is full (tf_fast_full):
+ * the caller drains the batch and calls again with timeout_ms < 0. */
+long tf_fast_poll(struct tf_fast *f, int timeout_ms)
+{
+	uint64_t before = f->records;
+	int err;
+
+	if (f->full)
+		return -EBUSY; /* the batch was not drained */
+	if (timeout_ms >= 0) {
+		err = ring_buffer__poll(f->rb, timeout_ms);
+		if (f->aborted)
+			return 0;
+		if (err < 0 && !f->full && err != -EINTR)
+			return err;
+	}
+	/* records submitted without a wakeup are not signalled: always drain */
+	if (!f->full) {
+		err = ring_buffer__consume(f->rb);
+		if (f->aborted)
+			return 0;
+		if (err < 0 && !f->full && err != -EINTR)
+			return err;
+	}
+	return (long)(f->records - before);
+}
+
+int tf_fast_full(const struct tf_fast *f)
+{
+	return f->full;
+}
+
+/* The batch: entries of struct entry_hdr + record. Valid until tf_fast_reset. */
+const uint8_t *tf_fast_batch(const struct tf_fast *f, size_t *len)
+{
+	*len = f->batch_len;
+	return f->batch;
+}
+
+void tf_fast_reset(struct tf_fast *f)
+{
+	f->batch_len = 0;
+	f->full = 0;
+}
+
+/* counters[0..3] = records seen, forwarded to the batch, shorter than a header, not
+ * forwarded for want of memory */
+void tf_fast_counters(const struct tf_fast *f, uint64_t *out)
+{
+	out[0] = f->records;
+	out[1] = f->forwarded;
+	out[2] = f->short_records;
+	out[3] = f->nomem;
+}
+
+/* Move the aggregates out (they restart at zero) into out (cap words): per set with
+ * records, [set, delivered, sum (double bits), ntouched, hist[nbounds + 1],
+ * (syscall, count) x ntouched]. Returns words written, or -ENOSPC (nothing moved) when
+ * cap is too small. */
+long tf_fast_take(struct tf_fast *f, uint64_t *out, size_t cap)
+{
+	size_t need = 0;
+	for (uint32_t s = 0; s < f->p.nsets; s++)
+		if (f->agg[s].delivered)
+			need += 4 + f->p.nbounds + 1 + 2 * (size_t)f->agg[s].ntouched;
+	if (need > cap)
+		return -ENOSPC;
+	size_t w = 0;
+	for (uint32_t s = 0; s < f->p.nsets; s++) {
+		struct set_agg *a = &f->agg[s];
+		if (!a->delivered)
+			continue;
+		out[w++] = s;
+		out[w++] = a->delivered;
+		memcpy(&out[w++], &a->sum, 8);
+		out[w++] = a->ntouched;
+		memcpy(&out[w], a->hist, (f->p.nbounds + 1) * 8);
+		memset(a->hist, 0, (f->p.nbounds + 1) * 8);
+		w += f->p.nbounds + 1;
+		for (uint32_t i = 0; i < a->ntouched; i++) {
+			uint32_t sc = a->touched[i];
+			out[w++] = sc;
+			out[w++] = a->by_sc[sc];
+			a->by_sc[sc] = 0;
+		}
+		a->ntouched = 0;
+		a->delivered = 0;
+		a->sum = 0;
+	}
+	return (long)w;
+}

@@ -1,0 +1,151 @@
+"""The compiled ring consumer (agent/native/fastring.c) against the kernel's own counters,
+and against the Python consumer on the same workload: the two paths cannot drift.
+
+Aggregate-only capture (no sink, no sampling): the C side counts every record; Python sees
+only the records it must decode (lost arguments for the user-space fallback)."""
+
+from __future__ import annotations
+
+import subprocess
+from typing import Any
+
+import pytest
+
+from tests.bpf.conftest import run_workload
+from tests.conftest import BPF_DIR, scaled, wait_until
+from tracefleet.agent.engine import EventSetConfig, Filters
+
+pytestmark = pytest.mark.bpf
+
+OPENS = 2000
+
+
+def _engine(compiled: bool, strategy: str | None = None) -> Any:
+    from tracefleet.agent._internal import fastring
+    from tracefleet.agent._internal.abi import Strategy
+    from tracefleet.agent.capture import BpfEngine, EngineOptions
+
+    forced = {"file": Strategy.from_label(strategy)} if strategy else {}
+    eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, hold_seconds=3600, sets=("file",),
+                                  compiled_consumer=compiled, strategies=forced))  # fmt: skip
+    ok, why = eng.consumer()
+    if compiled:
+        # a failure, not a skip: `make native` (part of `make workloads`) builds it
+        assert ok, f"compiled consumer unavailable: {why}"
+    eng.ensure_loaded("file")
+    assert isinstance(eng._rb, fastring.FastRing) == compiled, eng._rb
+    return eng
+
+
+def _opens(eng: Any, n: int, sample_rate: float = 0.0) -> dict[str, Any]:
+    """``n`` opens of /etc/hostname by one shell (pid filter) on a fresh engine; its
+    cumulative aggregates once everything the kernel wrote has been consumed."""
+    proc = subprocess.Popen(
+        ["sh", "-c", f"echo ready; read go; i=0; while [ $i -lt {n} ]; do : < /etc/hostname; "
+         "i=$((i+1)); done"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"  # its start-up (ld.so opens) is over
+    cfg = EventSetConfig("file", True, Filters(pids=(proc.pid,)), sample_rate=sample_rate)
+    eng.apply({"file": cfg})
+    proc.communicate("go\n", timeout=scaled(60))
+    k = eng.kernel_counters("file")
+    # the consumer thread folds per poll: wait for the kernel's count, not for a time
+    sa = wait_until(
+        lambda: (t := eng.totals().get("file")) is not None and t.delivered >= k["events"] and t,
+        timeout=scaled(30),
+        what=f"the consumer to count the kernel's {k['events']} records",
+    )
+    eng.apply({})
+    return {"kernel": k, "agg": sa}
+
+
+@pytest.fixture
+def engines(host: None) -> Any:
+    made: list[Any] = []
+
+    def make(compiled: bool, strategy: str | None = None) -> Any:
+        eng = _engine(compiled, strategy)
+        made.append(eng)
+        eng.start()
+        return eng
+
+    yield make
+    for eng in made:
+        eng.close()
+
+
+def test_compiled_counts_equal_kernel_and_python_path(engines: Any) -> None:
+    results = {}
+    for compiled in (True, False):
+        eng = engines(compiled)
+        r = _opens(eng, OPENS)
+        k, sa = r["kernel"], r["agg"]
+        assert k["dropped"] == 0, k
+        # every record the kernel wrote, counted once, in the right syscall and bucket
+        assert sa.delivered == k["events"], (compiled, sa.delivered, k)
+        assert sa.events_by_syscall.get("openat") == OPENS, (compiled, sa.events_by_syscall)
+        assert sum(sa.events_by_syscall.values()) == sa.delivered
+        assert sa.latency.count == sa.delivered, (compiled, sa.latency.counts)
+        if compiled:
+            c = eng._rb.counters()
+            assert c["forwarded"] == 0, c  # aggregate-only: no record went to Python
+            assert c["short"] == 0 and c["nomem"] == 0, c
+        results[compiled] = (sa.delivered, dict(sa.events_by_syscall))
+        eng.close()
+    assert results[True] == results[False], results
+
+
+def test_compiled_forwards_lost_args_to_fallback(engines: Any) -> None:
+    """No sink, no sampling: a lost argument still reaches the user-space fallback, which
+    recovers it while the workload holds on. The rung is forced (nofault + user fallback) so
+    that the path is lost at entry on every kernel (7.2's sleepable rung would read it)."""
+    eng = engines(True, "user-fallback")
+    assert eng._sets["file"].user_fallback, eng.capabilities()["features"]["user_fallback"]
+    eng.apply({"file": EventSetConfig("file", True, Filters(comms=("cold_rodata",)))})
+    before = eng.totals()["file"].outcomes.get(("user-fallback", "recovered"), 0)
+    res = run_workload("cold_rodata", "einval", hold_ms=int(scaled(400)))
+    assert res, res
+    got = wait_until(
+        lambda: eng.totals()["file"].outcomes.get(("user-fallback", "recovered"), 0) > before,
+        timeout=scaled(10),
+        what="the user-space fallback to recover the lost openat path",
+    )
+    assert got
+    assert eng._rb.counters()["forwarded"] >= 1
+
+
+def test_compiled_sink_error_is_contained(engines: Any) -> None:
+    """A sink that fails on every other event: each failure is counted, every record is
+    still counted and delivered to the other sink."""
+    eng = engines(True)
+    seen: list[dict[str, Any]] = []
+    calls = [0]
+
+    def bad(ev: dict[str, Any]) -> None:
+        calls[0] += 1
+        if calls[0] % 2:
+            raise RuntimeError("sink failure")
+
+    eng.add_sink(bad)
+    eng.add_sink(seen.append)
+    r = _opens(eng, 200)
+    k, sa = r["kernel"], r["agg"]
+    assert sa.delivered == k["events"]
+    mine = [e for e in seen if e["syscall"] == "openat"]
+    assert len(mine) == 200
+    assert eng.errors.snapshot().get(("file", "sink"), 0) == (calls[0] + 1) // 2
+
+
+def test_compiled_samples_without_a_sink(engines: Any) -> None:
+    """Sample rate 1 and no sink: C forwards every record of the set as a sample (and still
+    leaves the aggregation to Python for those, once each)."""
+    eng = engines(True)
+    r = _opens(eng, 100, sample_rate=1.0)
+    k, sa = r["kernel"], r["agg"]
+    assert sa.delivered == k["events"]
+    samples = eng.sample_events(10_000)
+    assert len(samples) == k["events"], (len(samples), k)
+    assert sum(e["syscall"] == "openat" for e in samples) == 100
+    assert eng._rb.counters()["forwarded"] == k["events"]

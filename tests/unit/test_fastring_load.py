@@ -1,0 +1,73 @@
+"""The compiled ring consumer's loading and layout, without root: where it cannot load, the
+reason names the cause and the fix; its layout comes from abi.py and engine.py."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+from tracefleet.agent._internal import fastring
+from tracefleet.agent._internal.abi import Status, TfHdr
+from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS
+
+
+def test_missing_library_says_how_to_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(fastring.ENV, str(tmp_path / "libtfring.so"))
+    lib, why = fastring._load()
+    assert lib is None
+    assert "not built" in why and "make native" in why, why
+
+
+def test_broken_library_is_refused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    bad = tmp_path / "libtfring.so"
+    bad.write_bytes(b"not an ELF object")
+    monkeypatch.setenv(fastring.ENV, str(bad))
+    lib, why = fastring._load()
+    assert lib is None
+    assert "does not load" in why and str(bad) in why, why
+
+
+def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(fastring.ENV, "off")
+    lib, why = fastring._load()
+    assert lib is None and fastring.ENV in why, why
+
+
+def test_layout_comes_from_abi_and_engine() -> None:
+    from tracefleet.agent.capture import _LOST_OFFSETS
+
+    p = fastring.params(_LOST_OFFSETS)
+    assert p.hdr_size == ctypes.sizeof(TfHdr)
+    assert (p.off_ts, p.off_kind, p.off_syscall, p.off_set) == (
+        TfHdr.ts_ns.offset, TfHdr.kind.offset, TfHdr.syscall.offset, TfHdr.event_set.offset
+    )  # fmt: skip
+    assert tuple(p.bounds[: p.nbounds]) == LATENCY_BUCKETS_SECONDS
+    assert p.lost_status == Status.LOST
+    for kind, offs in _LOST_OFFSETS.items():
+        assert list(p.lost_offs[kind][: len(offs)]) == offs
+        assert p.lost_offs[kind][len(offs)] == 0  # terminated
+    assert p.batch_bytes > p.reserve_bytes
+
+
+def test_fold_matches_histogram_observe() -> None:
+    """fold() adds C's words the way _on_record adds one record at a time."""
+    import struct
+
+    from tracefleet.agent.engine import Aggregates, Histogram
+
+    values = [0.0, 1e-6, 3e-6, 0.2, 20.0]
+    h = Histogram()
+    for v in values:
+        h.observe(v)
+    (bits,) = struct.unpack("=Q", struct.pack("=d", sum(values)))
+    n = len(LATENCY_BUCKETS_SECONDS)
+    words = [0, len(values), bits, 2, *h.counts, 1, 3, 99, 2]  # file: openat x3, #99 x2
+    agg = Aggregates(0, 0)
+    fastring.fold(agg, words, n)
+    assert list(agg.sets) == ["file"]
+    sa = agg.sets["file"]
+    assert sa.delivered == len(values)
+    assert sa.latency.counts == h.counts
+    assert sa.events_by_syscall == {"openat": 3, "99": 2}
