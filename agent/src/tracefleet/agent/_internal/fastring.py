@@ -325,4 +325,4 @@ def fold(agg: Aggregates, words: Sequence[int], nbounds: int) -> None:
         for b, c in enumerate(hist):
             if c:
                 counts[b] += c
-        sa.latency.total += _DOUBLE.unpack(_U64.pack(sum_bits))[0]
+        sa.latency.sum += _DOUBLE.unpack(_U64.pack(sum_bits))[0]
