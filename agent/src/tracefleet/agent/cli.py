@@ -619,11 +619,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(main())
     finally:
-        if metrics_server is not None:
-            metrics_server.close()
-        engine.close()
-        if options.export_hub is not None:  # after the consumer stopped: nothing is added
-            options.export_hub.close()
+        # what is still in the rings reaches the exporters, then their last accounting
+        # record is written while the engine can still be read
+        try:
+            engine.stop_and_drain()
+        finally:
+            if options.export_hub is not None:  # after the consumer stopped: nothing is added
+                options.export_hub.close()
+            if metrics_server is not None:
+                metrics_server.close()
+            engine.close()
     return EXIT_OK
 
 
