@@ -86,6 +86,11 @@ class Exporter:
             self._qlen += 1
         self._q.put(ev)
 
+    def healthy(self) -> bool:
+        """True while the writer thread runs (a dead writer only fills the queue)."""
+        t = self._thread
+        return t is not None and t.is_alive() and not self._closed
+
     # ---- writer thread ---------------------------------------------------------------------
     def start(self) -> None:
         self._open()
