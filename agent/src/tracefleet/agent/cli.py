@@ -583,6 +583,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tracefleet-agent: {e} (--exporter)", file=sys.stderr)
         return EXIT_USAGE
+    otlp_metrics = None
+    if args.otlp_metrics:
+        from tracefleet.agent.otlpmetrics import parse_endpoint
+
+        try:
+            otlp_metrics = parse_endpoint(args.otlp_metrics)
+            if not 0.1 <= args.otlp_metrics_interval <= 3600:
+                raise ValueError(f"--otlp-metrics-interval {args.otlp_metrics_interval:g} is "
+                                 "out of range: use 0.1 to 3600 seconds")  # fmt: skip
+        except ValueError as e:
+            print(f"tracefleet-agent: {e}", file=sys.stderr)
+            return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
     engine = _make_engine(args, list(EVENT_SETS))
@@ -608,6 +620,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_ERROR
 
+    pusher = None
+    if otlp_metrics is not None:
+        from tracefleet.agent._internal.metrics import AgentCollector
+        from tracefleet.agent.otlpmetrics import OtlpMetricsExporter
+
+        collector = AgentCollector(engine, args.node, client, options.export_hub)
+        pusher = OtlpMetricsExporter(collector, otlp_metrics[1], otlp_metrics[0],
+                                     interval=args.otlp_metrics_interval)  # fmt: skip
+        pusher.start()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -626,6 +648,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         finally:
             if options.export_hub is not None:  # after the consumer stopped: nothing is added
                 options.export_hub.close()
+            if pusher is not None:  # the final counts, the exporters' included
+                pusher.close()
             if metrics_server is not None:
                 metrics_server.close()
             engine.close()
@@ -728,6 +752,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "otlp-http:URL",
                     help="an exporter that rules name (tracefleet enable SET --export NAME) "
                     "to get every event of their set; repeatable")  # fmt: skip
+    sr.add_argument("--otlp-metrics", default="", metavar="grpc:HOST:PORT|http://H:P/v1/metrics",
+                    help="also push the /metrics aggregates (same names and labels) over OTLP "
+                    "metrics, for collectors without Prometheus")  # fmt: skip
+    sr.add_argument(
+        "--otlp-metrics-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between OTLP metrics exports (default: %(default)s)",
+    )
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)
