@@ -323,8 +323,11 @@ def _capture_user(args: argparse.Namespace) -> int:
         if args.output == "table":
             sys.stdout.write(human.header() + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
-        while not stop.is_set() and not (deadline and time.monotonic() >= deadline):
-            for ev in consumer.poll(0.2):
+        broken = False
+        while not broken:
+            done = stop.is_set() or bool(deadline and time.monotonic() >= deadline)
+            # one last read after the stop: what is still in the rings is printed too
+            for ev in consumer.poll(0 if done else 0.2):
                 if (pids and ev.pid not in pids) or (comms and ev.comm not in comms):
                     continue
                 line = (json.dumps(ev.to_json(), separators=(",", ":"))
@@ -333,8 +336,10 @@ def _capture_user(args: argparse.Namespace) -> int:
                     sys.stdout.write(line + "\n")
                     sys.stdout.flush()
                 except BrokenPipeError:
-                    stop.set()
+                    broken = True
                     break
+            if done:
+                break
     finally:
         consumer.close()
     c = consumer.counters
@@ -597,7 +602,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
-    engine = _make_engine(args, list(EVENT_SETS))
+    from tracefleet.agent.userevents import UserEventsEngine
+
+    # user:NAME sets (application user_events) beside the BPF sets
+    engine = UserEventsEngine(_make_engine(args, list(EVENT_SETS)))
     if exporters:
         from tracefleet.agent import export
 
