@@ -335,9 +335,18 @@ def test_fleet_enable_user_event_through_controller(producer: Producer, tmp_path
         assert producer.ask("emit 3")["skipped"] == 3
         [st] = [s for s in node()["statuses"] if s["name"] == "user:tf_test"]
         assert not st.get("enabled") and not st.get("error"), st
-        # a name nobody registered: the node's status says so
-        r = cli(ctl.address, "enable", "user:tf_nobody", "--wait")
+        # a name nobody registered yet: the node's status says so, and once a process
+        # registers it the agent attaches (it looks again every few seconds)
+        r = cli(ctl.address, "enable", "user:tf_late", "--wait")
         assert r.returncode != 0 and "no such user_event" in r.stdout + r.stderr, r
+        from tracefleet.agent import emit
+
+        late = emit.UserEvent("tf_late", "u32 n")
+        try:
+            assert late.registered, late.reason
+            wait_until(lambda: late.enabled, DEADLINE, "tf_late enabled after it registered")
+        finally:
+            late.close()
     finally:
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=DEADLINE)

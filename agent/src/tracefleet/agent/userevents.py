@@ -7,10 +7,10 @@ program on that tracepoint never runs: payloads reach only ftrace and perf buffe
 agent opens one perf event per CPU on the tracepoint id with ``PERF_SAMPLE_RAW`` and reads
 the mmap'd rings; opening is what sets the bits, closing clears them.
 
-First slice: records are decoded one by one in Python (``struct.unpack_from`` per field).
-The syscall path's no-Python-call-per-record rule is not met here yet; bulk decoding is the
-follow-up. Lost-record notices (``PERF_RECORD_LOST``) are counted as drops; perf writes one
-at the first record that fits after the reader freed space, so drops show up late.
+Records are decoded per batch (``BatchDecoder``: one struct call per record for all of its
+fixed fields, compiled once per event); building each Event is still Python per record.
+Drops are the kernel's per-event lost counts (``PERF_FORMAT_LOST``), read after each read
+and before the rings close.
 """
 
 from __future__ import annotations
@@ -268,6 +268,74 @@ def decode_fields(ev: UserEvent, raw: bytes) -> dict[str, Arg]:
     return args
 
 
+_INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+class BatchDecoder:
+    """Decodes a batch of one event's records: the whole fixed part of a record (every
+    field, the loc words included) in one ``struct`` call compiled once per event, instead
+    of one call per field; records too short for it, and formats a struct cannot express,
+    go through decode_fields (same results, tests/unit/test_userevents.py)."""
+
+    def __init__(self, ev: UserEvent) -> None:
+        self.ev = ev
+        self.fields = tuple(sorted(ev.fields, key=lambda f: f.offset))
+        fmt, pos, ok = "<", 0, True
+        for f in self.fields:
+            if f.offset < pos:
+                ok = False  # overlapping fields: not a layout a struct can express
+                break
+            if f.offset > pos:
+                fmt += f"{f.offset - pos}x"
+            kind = f.kind
+            if kind == "int":
+                code = _INT_CODES[f.size]
+                fmt += code if f.signed else code.upper()
+            elif kind in ("rel_loc", "data_loc"):
+                ok = ok and f.size == 4
+                fmt += "I"
+            else:
+                fmt += f"{f.size}s"
+            pos = f.offset + f.size
+        self._struct = struct.Struct(fmt) if ok else None
+        self._end = pos
+        self._kinds = tuple(f.kind for f in self.fields)
+
+    def decode(self, raws: Sequence[bytes]) -> list[dict[str, Arg]]:
+        st = self._struct
+        if st is None:
+            return [decode_fields(self.ev, r) for r in raws]
+        unpack, end, fields, kinds = st.unpack_from, self._end, self.fields, self._kinds
+        out: list[dict[str, Arg]] = []
+        for raw in raws:
+            if len(raw) < end:
+                out.append(decode_fields(self.ev, raw))
+                continue
+            args: dict[str, Arg] = {}
+            n = len(raw)
+            for f, kind, v in zip(fields, kinds, unpack(raw), strict=True):
+                if kind == "int":
+                    args[f.name] = Arg(value=v, strategy="perf")
+                elif kind == "chars":
+                    args[f.name] = Arg(value=_cstr(v), strategy="perf")
+                elif kind == "bytes":
+                    args[f.name] = Arg(value=v.hex(), strategy="perf")
+                else:
+                    start, length = v & 0xFFFF, v >> 16
+                    if kind == "rel_loc":
+                        start += f.offset + f.size
+                    if start + length > n:
+                        args[f.name] = Arg(value=None, status="truncated", strategy="perf")
+                    elif f.type.endswith("char[]"):
+                        args[f.name] = Arg(value=_cstr(raw[start : start + length]),
+                                           strategy="perf")  # fmt: skip
+                    else:
+                        args[f.name] = Arg(value=raw[start : start + length].hex(),
+                                           strategy="perf")  # fmt: skip
+            out.append(args)
+        return out
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
@@ -477,6 +545,7 @@ class UserEventConsumer:
         self.event = find_event(name, tracefs)
         self.perf = PerfTracepoint(self.event.id, pages)
         self.reported_drops = 0  # counters.dropped already handed out as aggregates
+        self.decoder = BatchDecoder(self.event)
 
     def open(self) -> None:
         self.perf.open()
@@ -502,7 +571,9 @@ class UserEventConsumer:
         # TIME is CLOCK_MONOTONIC (use_clockid): the syscall path's offset to wall time
         offset = WALL_CLOCK.offset_at(now)
         comms: dict[int, str] = {}  # one /proc read per pid and batch, not per record
-        for pid, tid, ts, _cpu, raw in self.perf.read():
+        recs = list(self.perf.read())
+        decoded = self.decoder.decode([r[4] for r in recs])  # the whole batch at once
+        for (pid, tid, ts, _cpu, _raw), args in zip(recs, decoded, strict=True):
             if pid not in comms:
                 comms[pid] = _comm(pid)
             out.append(
@@ -514,7 +585,7 @@ class UserEventConsumer:
                     tid=tid,
                     comm=comms[pid],
                     ret=0,
-                    args=decode_fields(self.event, raw),
+                    args=args,
                     time_ns=ts + offset,
                     delivery_latency_ns=max(0, now - ts),
                     strategy="perf",
@@ -530,6 +601,7 @@ class UserEventConsumer:
 USER_SET_PREFIX = "user:"
 # every user set counts its events under this one key: a bounded label, whatever the names
 USER_SYSCALL_KEY = "event"
+RETRY_SECONDS = 5.0  # how often an enabled event that is not registered yet is looked for
 
 
 def _user_agg() -> Any:
@@ -555,6 +627,7 @@ class UserEventsEngine:
         self._consumers: dict[str, UserEventConsumer] = {}
         self._rates: dict[str, float] = {}
         self._errors: dict[str, str] = {}
+        self._wanted: set[str] = set()  # user sets the desired state enables
         self._agg: dict[str, Any] = {}  # set -> SetAggregate of this interval
         self._cum: dict[str, Any] = {}  # set -> SetAggregate since start (metrics, export)
         self._samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
@@ -588,25 +661,29 @@ class UserEventsEngine:
                     self._read(c)  # what is left, then the lost counts, then the bits clear
                     c.close()
                     self._count_drops_of(c)
+            self._wanted = {n for n, cfg in mine.items() if cfg.enabled}
             for name, cfg in mine.items():
                 self._rates[name] = cfg.sample_rate
                 self._errors.pop(name, None)
-                if not cfg.enabled or name in self._consumers:
-                    continue
-                try:
-                    c = UserEventConsumer(name.removeprefix(USER_SET_PREFIX), self.tracefs,
-                                          self.pages)  # fmt: skip
-                    c.open()
-                except (UserEventsError, OSError) as e:
-                    self._errors[name] = str(e)
-                    continue
-                self._consumers[name] = c
+                if cfg.enabled and name not in self._consumers:
+                    self._try_open(name)
             for name in mine:
                 on = name in self._consumers
                 statuses.append(SetStatus(name, on, on, "perf", self._errors.get(name, "")))
-        if self._consumers:
+        if self._wanted:
             self._start()
         return statuses
+
+    def _try_open(self, name: str) -> None:
+        """Under _lock: open ``name``'s rings, or keep why not in _errors."""
+        try:
+            c = UserEventConsumer(name.removeprefix(USER_SET_PREFIX), self.tracefs, self.pages)
+            c.open()
+        except (UserEventsError, OSError) as e:
+            self._errors[name] = str(e)
+            return
+        self._errors.pop(name, None)
+        self._consumers[name] = c
 
     def collect(self) -> Any:
         agg = self.inner.collect()
@@ -668,8 +745,14 @@ class UserEventsEngine:
             self._thread.start()
 
     def _run(self) -> None:
+        retry_at = time.monotonic() + RETRY_SECONDS
         while not self._stop.is_set():
             with self._lock:
+                if time.monotonic() >= retry_at:
+                    # an event enabled before any process registered it: opened once one has
+                    retry_at = time.monotonic() + RETRY_SECONDS
+                    for name in sorted(self._wanted - set(self._consumers)):
+                        self._try_open(name)
                 fds = [r.fd for c in self._consumers.values() for r in c.perf.rings]
             if not fds:
                 self._stop.wait(0.2)
@@ -694,21 +777,29 @@ class UserEventsEngine:
     def _read(self, c: UserEventConsumer) -> None:
         """Under _lock: the records in ``c``'s rings into aggregates, samples and sinks."""
         name = USER_SET_PREFIX + c.event.name
-        evs = c.poll(0)
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         rate = self._rates.get(name, 0.0)
+        decode = bool(self._sinks) or rate > 0
+        # nobody reads the events (no export, no sampling): count them, decode nothing
+        evs = c.poll(0) if decode else []
+        stamps = [e.ts_ns for e in evs] if decode else [r[2] for r in c.perf.read()]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for table in (self._agg, self._cum):
             sa = self._set_agg(table, name)
-            sa.delivered += len(evs)
-            if evs:
+            sa.delivered += len(stamps)
+            if stamps:
                 by = sa.events_by_syscall
-                by[USER_SYSCALL_KEY] = by.get(USER_SYSCALL_KEY, 0) + len(evs)
-        sa = self._set_agg(self._agg, name)
-        for ev in evs:
-            sa.latency.observe(max(0, now - ev.ts_ns) / 1e9)
+                by[USER_SYSCALL_KEY] = by.get(USER_SYSCALL_KEY, 0) + len(stamps)
+        if stamps:  # the batch's latencies, added to the interval and to the totals
+            from tracefleet.agent.engine import Histogram
+
+            h = Histogram()
+            for ts in stamps:
+                h.observe(max(0, now - ts) / 1e9)
+            for table in (self._agg, self._cum):
+                lat = self._set_agg(table, name).latency
+                lat.counts = [a + b for a, b in zip(lat.counts, h.counts, strict=True)]
+                lat.total += h.total
         self._count_drops()
-        if not evs or not (self._sinks or rate > 0):
-            return
         for ev in evs:
             d = ev.to_json()
             if rate >= 1.0 or (rate > 0 and random.random() < rate):
