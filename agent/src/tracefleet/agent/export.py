@@ -362,7 +362,10 @@ class ExportHub:
         return bool(self._default) or any(self._routes.values())
 
     def __call__(self, ev: dict[str, Any]) -> None:
-        for exp in self._routes.get(ev.get("event_set", ""), self._default):
+        key = ev.get("event_set", "")
+        if key == "user":  # an application event: its rule is the set user:NAME
+            key = f"user:{ev.get('syscall', '')}"
+        for exp in self._routes.get(key, self._default):
             exp.offer(ev)
 
     def start(self) -> None:
