@@ -31,14 +31,15 @@ if str(ROOT) not in sys.path:
 from tests.bench import common  # noqa: E402
 from tests.bench.common import log  # noqa: E402
 
-SECTIONS = ("overhead", "completeness", "delivery", "control", "footprint")
+SECTIONS = ("overhead", "completeness", "delivery", "control", "footprint", "export")
 TITLES = {
     "overhead": "1. Overhead per syscall",
     "completeness": "2. Capture completeness (cold-page workloads)",
     "delivery": "3. Delivery (ring buffer -> agent)",
     "control": "4. Control plane",
     "footprint": "5. Agent footprint",
-    "targets": "6. Targets (benchmark goals, not assertions)",
+    "export": "6. Export (events/s each exporter sustains on one core)",
+    "targets": "7. Targets (benchmark goals, not assertions)",
 }
 DEFAULT_OUT = ROOT / "tests" / "bench" / "results"
 
@@ -319,7 +320,14 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "delivery": render_delivery,
     "control": render_control,
     "footprint": render_footprint,
+    "export": lambda r: _export_render(r),
 }
+
+
+def _export_render(r: dict[str, Any]) -> str:
+    from tests.bench import export
+
+    return export.render(r)
 
 
 def _clean(x: Any) -> Any:
@@ -376,6 +384,7 @@ def main(argv: list[str] | None = None) -> int:
         "delivery": lambda: _delivery(q),
         "control": lambda: _control(q, tmp),
         "footprint": lambda: _footprint(q, tmp),
+        "export": lambda: _export(q),
     }
     errors: dict[str, str] = {}
     for sec in SECTIONS:
@@ -457,6 +466,12 @@ def _control(quick: bool, tmp: Path) -> dict[str, Any]:
     from tests.bench import control
 
     return control.measure(quick, tmp)
+
+
+def _export(quick: bool) -> dict[str, Any]:
+    from tests.bench import export
+
+    return export.measure_all(10_000 if quick else 100_000)
 
 
 def _footprint(quick: bool, tmp: Path) -> dict[str, Any]:

@@ -26,7 +26,8 @@ SECTIONS = (
     "== 3. Delivery (ring buffer -> agent) ==",
     "== 4. Control plane ==",
     "== 5. Agent footprint ==",
-    "== 6. Targets (benchmark goals, not assertions) ==",
+    "== 6. Export (events/s each exporter sustains on one core) ==",
+    "== 7. Targets (benchmark goals, not assertions) ==",
 )
 CONDITIONS = (
     "untraced", "floor", "tf-capture", "tf-bit-off", "tf-detached", "tf-capture-nowake",
@@ -91,6 +92,15 @@ def test_json_overhead(quick_run: tuple[str, dict[str, Any], Path]) -> None:
     d = w["capture_delivery"]
     assert d["iterations"] > 0 and d["decoded_by_agent"] > 0
     assert "connect (UDP, loopback)" in data["overhead"]["workloads"]
+
+
+def test_json_export(quick_run: tuple[str, dict[str, Any], Path]) -> None:
+    _, data, _ = quick_run
+    ex = data["export"]
+    for name in ("file", "otlp-grpc"):
+        e = ex["exporters"][name]
+        assert e["written"] == ex["events"] and e["undeliverable"] == 0, (name, e)
+        assert e["events_per_s"] > 0 and e["cpu_us_per_event"] > 0, (name, e)
 
 
 def test_json_completeness(quick_run: tuple[str, dict[str, Any], Path]) -> None:

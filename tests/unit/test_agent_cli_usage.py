@@ -61,3 +61,15 @@ def test_build_filter_refuses_values_ctypes_would_truncate() -> None:
         build_filter(ctl, 0, Filters(pids=(-5,)))
     build_filter(ctl, 0, Filters(pids=(42,)))
     assert ctl.filter[0].pids[0] == 42
+
+
+def test_bad_otlp_metrics_endpoint_is_a_usage_error():
+    for value, fragment in (("collector:4317", "use grpc:HOST:PORT or http://"),):
+        out = subprocess.run([*AGENT, "run", "--controller", "unix:/nonexistent.sock",
+                              "--node", "n1", "--otlp-metrics", value],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert out.returncode == 2 and fragment in out.stderr, out.stderr
+    out = subprocess.run([*AGENT, "run", "--controller", "unix:/nonexistent.sock", "--node",
+                          "n1", "--otlp-metrics", "grpc:h:4317", "--otlp-metrics-interval",
+                          "0"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 2 and "0.1 to 3600 seconds" in out.stderr, out.stderr

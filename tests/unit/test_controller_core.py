@@ -159,3 +159,25 @@ def test_sampled_events_reach_matching_followers_and_trigger_sampling():
     ctl.refresh_sampling()
     (stop,) = drain(conn)
     assert stop.sample_request.lease.seconds == 0
+
+
+def test_user_event_sets_validated_bounded_and_sent_to_agents():
+    """`tracefleet enable user:NAME` (issue 18): a valid name becomes a rule like any set;
+    bad names and more than MAX_USER_SETS user sets are refused with the fix."""
+    from tracefleet.controller._internal.rules import MAX_USER_SETS
+
+    ctl = Controller(Store(":memory:"))
+    _, conn = register(ctl, "web-1", {"role": "web"})
+    drain(conn)
+    res = ctl.configure("user:checkout_latency", True, "role=web", ttl=60)
+    assert res.matched_nodes == ["web-1"] and res.rule.expires_at is not None
+    assert desired_sets(drain(conn))[1] == {"user:checkout_latency": True}
+    for bad in ("user:", "user:9x", "user:a-b", "user:a/../b"):
+        with pytest.raises(ConfigError, match=r"bad user event set .*\[A-Za-z0-9_\]"):
+            ctl.configure(bad, True)
+    for i in range(MAX_USER_SETS - 1):
+        ctl.configure(f"user:ev{i}", True)
+    with pytest.raises(ConfigError, match=f"the limit is {MAX_USER_SETS}"):
+        ctl.configure("user:one_too_many", True)
+    ctl.configure("user:checkout_latency", False)  # an existing one may still change
+    assert desired_sets(drain(conn))[1]["user:checkout_latency"] is False

@@ -68,3 +68,23 @@ def test_register_keeps_only_known_sets_capabilities_and_statuses() -> None:
     assert [(s.name, s.enabled) for s in reg.statuses] == [("exec", True)]
     bad = agent_pb2.Register(node_name="n2", labels={"role": "x" * 64})
     assert "is not a valid label" in Limits(refusals).register(bad)
+
+
+def test_user_sets_are_accepted_only_with_a_rule() -> None:
+    """user:NAME sets (issue 18): an agent may report one only if the controller has a rule
+    for it, so agents cannot add names; sampled user events are checked the same way."""
+    refusals = Refusals()
+    rules: dict[str, object] = {"user:tf_test": object()}
+    limits = Limits(refusals, user_sets=lambda: rules)
+    b = agent_pb2.ResultBatch(instance_id="i", seq=1)
+    b.sets.add(event_set="user:tf_test", delivered=5).events_by_syscall["event"] = 5
+    b.sets.add(event_set="user:nobody_asked", delivered=7)
+    b.sets.add(event_set="user:../x", delivered=1)
+    b.events.add(event_set="user", syscall="tf_test")
+    b.events.add(event_set="user", syscall="nobody_asked")
+    assert limits.batch(b, "n1") == ""
+    assert [(s.event_set, s.delivered) for s in b.sets] == [("user:tf_test", 5)]
+    assert [e.syscall for e in b.events] == ["tf_test"]
+    assert refusals.snapshot()["agent_unknown_event_set"] == 2
+    st = [types_pb2.SetStatus(name="user:tf_test"), types_pb2.SetStatus(name="user:other")]
+    assert [s.name for s in limits.statuses(st, "n1")] == ["user:tf_test"]

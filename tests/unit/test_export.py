@@ -92,6 +92,17 @@ def test_routes_report_exporters_the_agent_lacks(tmp_path: Path):
     assert exp.snapshot()["received_by_set"] == {"file": 1}
 
 
+def test_user_events_route_by_their_rule_user_name(tmp_path: Path):
+    """`tracefleet enable user:tf_test --export audit`: the event's event_set is "user" and
+    its name is the syscall; the route is the rule's set, user:tf_test."""
+    exp = export.FileExporter("audit", export.file_spec(str(tmp_path / "a")))
+    hub = export.ExportHub([exp])
+    assert hub.set_routes({"user:tf_test": ["audit"], "user:other": []}) == {}
+    hub({**_ev(1), "event_set": "user", "syscall": "tf_test"})
+    hub({**_ev(2), "event_set": "user", "syscall": "other"})
+    assert exp.snapshot()["received_by_set"] == {"user": 1}
+
+
 def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
     from prometheus_client import CollectorRegistry, generate_latest
 

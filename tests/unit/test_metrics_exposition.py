@@ -17,6 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import wait_until
 from tracefleet.agent._internal import metrics as am
 from tracefleet.agent._internal.contain import ErrorCounter
 from tracefleet.agent._internal.loadgen import SyntheticEngine
@@ -42,6 +43,7 @@ UNITS = (
     "_stale",
     "_enabled",
     "_batches",
+    "_healthy",
 )
 
 
@@ -356,3 +358,39 @@ def test_agent_and_controller_expose_the_same_outcomes():
     ):
         seen = {s.labels["outcome"] for s in _samples(fams[name], "_total", event_set="file")}
         assert seen == set(ALL_OUTCOMES), name
+
+
+def test_unhealthy_consumer_and_exporter_show_as_zero():
+    """The gauges the unhealthy-consumer/exporter alerts read (deploy/prometheus)."""
+    from tracefleet.agent import export
+
+    class Dying(export.Exporter):
+        def _run(self) -> None:  # the writer thread ends at once, as if it had crashed
+            return
+
+    class Sink(export.Exporter):
+        def _write(self, data: bytes, *, event: bool) -> None:
+            pass
+
+    class Eng:
+        ok = True
+
+        def health(self) -> tuple[bool, str]:
+            return self.ok, "test"
+
+    good, bad = Sink("good", queue_size=10), Dying("bad", queue_size=10)
+    hub = export.ExportHub([good, bad])
+    hub.start()
+    try:
+        wait_until(lambda: not bad.healthy(), 30, "the dying exporter's thread to end")
+        eng = Eng()
+        for ok in (True, False):
+            eng.ok = ok
+            fams = _families(_scrape(am.AgentCollector(eng, "node-a", None, hub)))
+            (c,) = _samples(fams["tracefleet_agent_consumer_healthy"])
+            assert c.value == (1 if ok else 0)
+            ex = {s.labels["exporter"]: s.value
+                  for s in _samples(fams["tracefleet_agent_export_healthy"])}  # fmt: skip
+            assert ex == {"good": 1, "bad": 0}
+    finally:
+        hub.close()

@@ -134,3 +134,28 @@ def test_find_event_names_the_cause(tmp_path: Path) -> None:
     d.mkdir(parents=True)
     (d / "format").write_text(FORMAT)
     assert userevents.find_event("tf_test", tmp_path).id == 1234
+
+
+def test_batch_decoder_matches_decode_fields_on_every_case() -> None:
+    """BatchDecoder (one struct call per record) gives decode_fields' results, record for
+    record: whole, hostile loc words, cut short, and a format a struct cannot express."""
+    _, fields = userevents.parse_format(FORMAT)
+    ev = userevents.UserEvent("tf_test", 1234, fields)
+    note, path = b"hello\0", b"/etc/x\0"
+    rel = len(note) << 16 | (44 - 40)
+    data = len(path) << 16 | (44 + len(note))
+    raws = [
+        _record(struct.pack("<I16sqII", 7, b"msg-7", -5, rel, data), note + path),
+        _record(struct.pack("<I16sqII", 2**32 - 1, b"x" * 16, -(2**63), 0xFFFF << 16, 0xFFFFFFFF)),
+        _record(struct.pack("<I", 3)),
+        _record(b""),
+    ]
+    dec = userevents.BatchDecoder(ev)
+    assert dec.decode(raws) == [userevents.decode_fields(ev, r) for r in raws]
+    assert dec.decode(raws)[0]["note"].value == "hello"
+    overlap = userevents.UserEvent("o", 1, (
+        userevents.Field("a", "u32", 8, 4, False), userevents.Field("b", "u16", 10, 2, False),
+    ))  # fmt: skip
+    assert userevents.BatchDecoder(overlap).decode(raws) == [
+        userevents.decode_fields(overlap, r) for r in raws
+    ]

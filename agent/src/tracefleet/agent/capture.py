@@ -981,10 +981,35 @@ class BpfEngine:
             a.strategy == "sleepable" and a.ok for st in self._sets.values() for a in st.attempts
         )
 
+    def stop_and_drain(self) -> int:
+        """Stop the consumer thread, detach every set (nothing more is written), then hand
+        what is still in the rings to the sinks: records a SIGTERM would otherwise leave
+        neither exported nor counted. Returns the records drained."""
+        self._stop.set()
+        if self._rb is not None:
+            self._rb.abort()  # a drain in progress stops after its current record
+        if self._thread:
+            self._thread.join(timeout=30)
+            if self._thread.is_alive():
+                return 0  # never consume beside it; close() says why
+        with self._lock:
+            for st in self._sets.values():
+                if st.loaded and st.loaded.attached:
+                    st.loaded.detach()
+            with self._rb_lock:
+                if self._rb is None:
+                    return 0
+                self._rb.aborted = False
+                try:
+                    return self._rb.consume()
+                except Exception as e:
+                    self.errors.count(ANY_SET, "poll", e)
+                    return 0
+
     def close(self) -> None:
         self._stop.set()
         if self._rb is not None:
-            self._rb.abort()  # a drain in progress stops at its next record
+            self._rb.abort()  # a drain in progress stops after its current record
         alive = False
         if self._thread:
             self._thread.join(timeout=30)

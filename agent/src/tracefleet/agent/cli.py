@@ -285,8 +285,11 @@ def _capture_user(args: argparse.Namespace) -> int:
         if args.output == "table":
             sys.stdout.write(human.header() + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
-        while not stop.is_set() and not (deadline and time.monotonic() >= deadline):
-            for ev in consumer.poll(0.2):
+        broken = False
+        while not broken:
+            done = stop.is_set() or bool(deadline and time.monotonic() >= deadline)
+            # one last read after the stop: what is still in the rings is printed too
+            for ev in consumer.poll(0 if done else 0.2):
                 if (pids and ev.pid not in pids) or (comms and ev.comm not in comms):
                     continue
                 line = (json.dumps(ev.to_json(), separators=(",", ":"))
@@ -295,8 +298,10 @@ def _capture_user(args: argparse.Namespace) -> int:
                     sys.stdout.write(line + "\n")
                     sys.stdout.flush()
                 except BrokenPipeError:
-                    stop.set()
+                    broken = True
                     break
+            if done:
+                break
     finally:
         consumer.close()
     c = consumer.counters
@@ -531,9 +536,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"tracefleet-agent: {e} (--exporter)", file=sys.stderr)
         return EXIT_USAGE
+    otlp_metrics = None
+    if args.otlp_metrics:
+        from tracefleet.agent.otlpmetrics import parse_endpoint
+
+        try:
+            otlp_metrics = parse_endpoint(args.otlp_metrics)
+            if not 0.1 <= args.otlp_metrics_interval <= 3600:
+                raise ValueError(f"--otlp-metrics-interval {args.otlp_metrics_interval:g} is "
+                                 "out of range: use 0.1 to 3600 seconds")  # fmt: skip
+        except ValueError as e:
+            print(f"tracefleet-agent: {e}", file=sys.stderr)
+            return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
-    engine = _make_engine(args, list(EVENT_SETS))
+    from tracefleet.agent.userevents import UserEventsEngine
+
+    # user:NAME sets (application user_events) beside the BPF sets
+    engine = UserEventsEngine(_make_engine(args, list(EVENT_SETS)))
     if exporters:
         from tracefleet.agent import export
 
@@ -556,6 +576,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_ERROR
 
+    pusher = None
+    if otlp_metrics is not None:
+        from tracefleet.agent._internal.metrics import AgentCollector
+        from tracefleet.agent.otlpmetrics import OtlpMetricsExporter
+
+        collector = AgentCollector(engine, args.node, client, options.export_hub)
+        pusher = OtlpMetricsExporter(collector, otlp_metrics[1], otlp_metrics[0],
+                                     interval=args.otlp_metrics_interval)  # fmt: skip
+        pusher.start()
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -567,11 +597,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(main())
     finally:
-        if metrics_server is not None:
-            metrics_server.close()
-        engine.close()
-        if options.export_hub is not None:  # after the consumer stopped: nothing is added
-            options.export_hub.close()
+        # what is still in the rings reaches the exporters, then their last accounting
+        # record is written while the engine can still be read
+        try:
+            engine.stop_and_drain()
+        finally:
+            if options.export_hub is not None:  # after the consumer stopped: nothing is added
+                options.export_hub.close()
+            if pusher is not None:  # the final counts, the exporters' included
+                pusher.close()
+            if metrics_server is not None:
+                metrics_server.close()
+            engine.close()
     return EXIT_OK
 
 
@@ -671,6 +708,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "otlp-http:URL",
                     help="an exporter that rules name (tracefleet enable SET --export NAME) "
                     "to get every event of their set; repeatable")  # fmt: skip
+    sr.add_argument("--otlp-metrics", default="", metavar="grpc:HOST:PORT|http://H:P/v1/metrics",
+                    help="also push the /metrics aggregates (same names and labels) over OTLP "
+                    "metrics, for collectors without Prometheus")  # fmt: skip
+    sr.add_argument(
+        "--otlp-metrics-interval",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds between OTLP metrics exports (default: %(default)s)",
+    )
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
     sr.set_defaults(func=cmd_run)

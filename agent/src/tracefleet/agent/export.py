@@ -86,6 +86,11 @@ class Exporter:
             self._qlen += 1
         self._q.put(ev)
 
+    def healthy(self) -> bool:
+        """True while the writer thread runs (a dead writer only fills the queue)."""
+        t = self._thread
+        return t is not None and t.is_alive() and not self._closed
+
     # ---- writer thread ---------------------------------------------------------------------
     def start(self) -> None:
         self._open()
@@ -357,7 +362,10 @@ class ExportHub:
         return bool(self._default) or any(self._routes.values())
 
     def __call__(self, ev: dict[str, Any]) -> None:
-        for exp in self._routes.get(ev.get("event_set", ""), self._default):
+        key = ev.get("event_set", "")
+        if key == "user":  # an application event: its rule is the set user:NAME
+            key = f"user:{ev.get('syscall', '')}"
+        for exp in self._routes.get(key, self._default):
             exp.offer(ev)
 
     def start(self) -> None:

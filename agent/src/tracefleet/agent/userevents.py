@@ -7,28 +7,35 @@ program on that tracepoint never runs: payloads reach only ftrace and perf buffe
 agent opens one perf event per CPU on the tracepoint id with ``PERF_SAMPLE_RAW`` and reads
 the mmap'd rings; opening is what sets the bits, closing clears them.
 
-First slice: records are decoded one by one in Python (``struct.unpack_from`` per field).
-The syscall path's no-Python-call-per-record rule is not met here yet; bulk decoding is the
-follow-up. Lost-record notices (``PERF_RECORD_LOST``) are counted as drops; perf writes one
-at the first record that fits after the reader freed space, so drops show up late.
+Records are decoded per batch (``BatchDecoder``: one struct call per record for all of its
+fixed fields, compiled once per event); building each Event is still Python per record.
+Drops are the kernel's per-event lost counts (``PERF_FORMAT_LOST``), read after each read
+and before the rings close.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
+import logging
 import mmap
 import os
+import random
 import re
 import select
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tracefleet.agent._internal.decode import WALL_CLOCK
 from tracefleet.model.event import Arg, Event
+
+log = logging.getLogger("tracefleet.agent.userevents")
 
 EVENT_SET = "user"
 GROUP = "user_events"
@@ -41,6 +48,7 @@ PERF_SAMPLE_TID = 1 << 1
 PERF_SAMPLE_TIME = 1 << 2
 PERF_SAMPLE_CPU = 1 << 7
 PERF_SAMPLE_RAW = 1 << 10
+PERF_FORMAT_LOST = 1 << 4  # read() gives {value, lost}: samples the ring had no room for (6.0+)
 PERF_RECORD_LOST = 2
 PERF_RECORD_SAMPLE = 9
 _PERF_FLAG_FD_CLOEXEC = 1 << 3
@@ -260,6 +268,74 @@ def decode_fields(ev: UserEvent, raw: bytes) -> dict[str, Arg]:
     return args
 
 
+_INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
+
+
+class BatchDecoder:
+    """Decodes a batch of one event's records: the whole fixed part of a record (every
+    field, the loc words included) in one ``struct`` call compiled once per event, instead
+    of one call per field; records too short for it, and formats a struct cannot express,
+    go through decode_fields (same results, tests/unit/test_userevents.py)."""
+
+    def __init__(self, ev: UserEvent) -> None:
+        self.ev = ev
+        self.fields = tuple(sorted(ev.fields, key=lambda f: f.offset))
+        fmt, pos, ok = "<", 0, True
+        for f in self.fields:
+            if f.offset < pos:
+                ok = False  # overlapping fields: not a layout a struct can express
+                break
+            if f.offset > pos:
+                fmt += f"{f.offset - pos}x"
+            kind = f.kind
+            if kind == "int":
+                code = _INT_CODES[f.size]
+                fmt += code if f.signed else code.upper()
+            elif kind in ("rel_loc", "data_loc"):
+                ok = ok and f.size == 4
+                fmt += "I"
+            else:
+                fmt += f"{f.size}s"
+            pos = f.offset + f.size
+        self._struct = struct.Struct(fmt) if ok else None
+        self._end = pos
+        self._kinds = tuple(f.kind for f in self.fields)
+
+    def decode(self, raws: Sequence[bytes]) -> list[dict[str, Arg]]:
+        st = self._struct
+        if st is None:
+            return [decode_fields(self.ev, r) for r in raws]
+        unpack, end, fields, kinds = st.unpack_from, self._end, self.fields, self._kinds
+        out: list[dict[str, Arg]] = []
+        for raw in raws:
+            if len(raw) < end:
+                out.append(decode_fields(self.ev, raw))
+                continue
+            args: dict[str, Arg] = {}
+            n = len(raw)
+            for f, kind, v in zip(fields, kinds, unpack(raw), strict=True):
+                if kind == "int":
+                    args[f.name] = Arg(value=v, strategy="perf")
+                elif kind == "chars":
+                    args[f.name] = Arg(value=_cstr(v), strategy="perf")
+                elif kind == "bytes":
+                    args[f.name] = Arg(value=v.hex(), strategy="perf")
+                else:
+                    start, length = v & 0xFFFF, v >> 16
+                    if kind == "rel_loc":
+                        start += f.offset + f.size
+                    if start + length > n:
+                        args[f.name] = Arg(value=None, status="truncated", strategy="perf")
+                    elif f.type.endswith("char[]"):
+                        args[f.name] = Arg(value=_cstr(raw[start : start + length]),
+                                           strategy="perf")  # fmt: skip
+                    else:
+                        args[f.name] = Arg(value=raw[start : start + length].hex(),
+                                           strategy="perf")  # fmt: skip
+            out.append(args)
+        return out
+
+
 def _comm(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
@@ -295,7 +371,7 @@ class _PerfAttr(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def perf_event_open(tp_id: int, cpu: int) -> int:
+def perf_event_open(tp_id: int, cpu: int, pid: int = -1, read_lost: bool = True) -> int:
     nr = _NR_PERF_EVENT_OPEN.get(os.uname().machine)
     if nr is None:
         raise UserEventsError(f"perf_event_open: unsupported architecture {os.uname().machine}")
@@ -308,9 +384,13 @@ def perf_event_open(tp_id: int, cpu: int) -> int:
     attr.wakeup_events = 1
     attr.flags = _USE_CLOCKID  # TIME in CLOCK_MONOTONIC, the clock of every tracefleet ts_ns
     attr.clockid = time.CLOCK_MONOTONIC
-    fd = _libc.syscall(nr, ctypes.byref(attr), -1, cpu, -1, _PERF_FLAG_FD_CLOEXEC)
+    if read_lost:
+        attr.read_format = PERF_FORMAT_LOST
+    fd = _libc.syscall(nr, ctypes.byref(attr), pid, cpu, -1, _PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         e = ctypes.get_errno()
+        if read_lost and e == errno.EINVAL:  # before 6.0: LOST records only
+            return perf_event_open(tp_id, cpu, pid, read_lost=False)
         hint = (
             "run as root or lower /proc/sys/kernel/perf_event_paranoid"
             if e in (errno.EACCES, errno.EPERM)
@@ -345,24 +425,30 @@ class _Ring:
 @dataclass
 class Counters:
     events: int = 0
-    dropped: int = 0  # PERF_RECORD_LOST totals
+    # samples the rings had no room for: the kernel's own count per event (PERF_FORMAT_LOST,
+    # exact at any time); before 6.0 the PERF_RECORD_LOST notices, which come late
+    dropped: int = 0
     malformed: int = 0
 
 
 @dataclass
 class PerfTracepoint:
-    """One perf ring per online CPU on a tracepoint; yields (pid, tid, time_ns, cpu, raw)."""
+    """One perf ring per online CPU on a tracepoint (or one ring for one process, ``pid``);
+    yields (pid, tid, time_ns, cpu, raw)."""
 
     tp_id: int
     pages: int = 64  # data pages per CPU (power of two)
+    pid: int = -1  # -1: every process
     rings: list[_Ring] = field(default_factory=list)
     counters: Counters = field(default_factory=Counters)
+    _record_lost: int = 0  # PERF_RECORD_LOST totals (what the kernel reported in-band)
+    _format_lost: bool = True  # every ring reads its lost count (PERF_FORMAT_LOST)
 
     def open(self) -> None:
         page = mmap.PAGESIZE
         try:
-            for cpu in _online_cpus():
-                fd = perf_event_open(self.tp_id, cpu)
+            for cpu in _online_cpus() if self.pid == -1 else [-1]:
+                fd = perf_event_open(self.tp_id, cpu, self.pid)
                 try:
                     mm = mmap.mmap(fd, (1 + self.pages) * page, mmap.MAP_SHARED,
                                    mmap.PROT_READ | mmap.PROT_WRITE)  # fmt: skip
@@ -375,7 +461,26 @@ class PerfTracepoint:
             self.close()
             raise
 
+    def _update_lost(self) -> None:
+        """counters.dropped from the kernel's per-event lost counts: exact now, not at the
+        next record that fits (as PERF_RECORD_LOST is)."""
+        total = 0
+        for r in self.rings if self._format_lost else ():
+            try:
+                data = os.read(r.fd, 16)
+            except OSError:
+                data = b""
+            if len(data) != 16:  # opened without PERF_FORMAT_LOST (before 6.0)
+                self._format_lost = False
+                break
+            total += struct.unpack("<QQ", data)[1]
+        self.counters.dropped = total if self._format_lost else self._record_lost
+
     def close(self) -> None:
+        """Close the rings; records not read by then are gone, so read() first. The lost
+        counts are read before the fds close: delivered + dropped == written."""
+        if self.rings:
+            self._update_lost()
         for r in self.rings:
             r.mm.close()
             os.close(r.fd)
@@ -411,7 +516,7 @@ class PerfTracepoint:
                 rec = self._bytes(r, pos, rsize)
                 tail += rsize
                 if rtype == PERF_RECORD_LOST:
-                    self.counters.dropped += struct.unpack_from("<Q", rec, 16)[0]
+                    self._record_lost += struct.unpack_from("<Q", rec, 16)[0]
                 elif rtype == PERF_RECORD_SAMPLE:
                     # TID, TIME, CPU, RAW in sample_type bit order
                     pid, tid, ts, cpu, _res, rawlen = struct.unpack_from("<IIQIII", rec, 8)
@@ -421,6 +526,7 @@ class PerfTracepoint:
                     self.counters.events += 1
                     yield pid, tid, ts, cpu, bytes(rec[36 : 36 + rawlen])
             struct.pack_into("<Q", mm, _TAIL_OFF, tail)
+        self._update_lost()
 
     @staticmethod
     def _bytes(r: _Ring, pos: int, n: int) -> bytes:
@@ -438,6 +544,8 @@ class UserEventConsumer:
     def __init__(self, name: str, tracefs: Path = DEFAULT_TRACEFS, pages: int = 64) -> None:
         self.event = find_event(name, tracefs)
         self.perf = PerfTracepoint(self.event.id, pages)
+        self.reported_drops = 0  # counters.dropped already handed out as aggregates
+        self.decoder = BatchDecoder(self.event)
 
     def open(self) -> None:
         self.perf.open()
@@ -463,7 +571,9 @@ class UserEventConsumer:
         # TIME is CLOCK_MONOTONIC (use_clockid): the syscall path's offset to wall time
         offset = WALL_CLOCK.offset_at(now)
         comms: dict[int, str] = {}  # one /proc read per pid and batch, not per record
-        for pid, tid, ts, _cpu, raw in self.perf.read():
+        recs = list(self.perf.read())
+        decoded = self.decoder.decode([r[4] for r in recs])  # the whole batch at once
+        for (pid, tid, ts, _cpu, _raw), args in zip(recs, decoded, strict=True):
             if pid not in comms:
                 comms[pid] = _comm(pid)
             out.append(
@@ -475,10 +585,241 @@ class UserEventConsumer:
                     tid=tid,
                     comm=comms[pid],
                     ret=0,
-                    args=decode_fields(self.event, raw),
+                    args=args,
                     time_ns=ts + offset,
                     delivery_latency_ns=max(0, now - ts),
                     strategy="perf",
                 )
             )
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Fleet control: user:NAME sets beside the BPF engine's
+
+
+USER_SET_PREFIX = "user:"
+# every user set counts its events under this one key: a bounded label, whatever the names
+USER_SYSCALL_KEY = "event"
+RETRY_SECONDS = 5.0  # how often an enabled event that is not registered yet is looked for
+
+
+def _user_agg() -> Any:
+    from tracefleet.agent.engine import SetAggregate
+
+    return SetAggregate()
+
+
+class UserEventsEngine:
+    """A CaptureEngine that adds ``user:NAME`` sets to another engine (the BPF one).
+
+    Enabling ``user:NAME`` opens the event's perf rings (the kernel sets the enable bit in
+    every registered process); disabling closes them (the bits clear). One thread reads all
+    rings; each event counts in the set's aggregate (delivered, perf's lost records as
+    dropped, latency), is sampled at the rule's rate and goes to the engine's sinks (export).
+    Everything else is the inner engine's."""
+
+    def __init__(self, inner: Any, tracefs: Path = DEFAULT_TRACEFS, pages: int = 64) -> None:
+        self.inner = inner
+        self.tracefs = tracefs
+        self.pages = pages
+        self._lock = threading.Lock()
+        self._consumers: dict[str, UserEventConsumer] = {}
+        self._rates: dict[str, float] = {}
+        self._errors: dict[str, str] = {}
+        self._wanted: set[str] = set()  # user sets the desired state enables
+        self._agg: dict[str, Any] = {}  # set -> SetAggregate of this interval
+        self._cum: dict[str, Any] = {}  # set -> SetAggregate since start (metrics, export)
+        self._samples: collections.deque[dict[str, Any]] = collections.deque(maxlen=10_000)
+        self._sinks: list[Callable[[dict[str, Any]], None]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __getattr__(self, name: str) -> Any:  # health, errors, drain, metrics: the inner's
+        return getattr(self.inner, name)
+
+    # ---- CaptureEngine ---------------------------------------------------------------------
+    def event_sets(self) -> Sequence[str]:
+        return list(self.inner.event_sets())
+
+    def capabilities(self, **kw: Any) -> Mapping[str, Any]:
+        caps = dict(self.inner.capabilities(**kw))
+        ok, why = available(self.tracefs)
+        caps["user_events"] = {"available": ok, "reason": why}
+        return caps
+
+    def apply(self, desired: Mapping[str, Any]) -> Sequence[Any]:
+        from tracefleet.agent.engine import SetStatus
+
+        mine = {n: c for n, c in desired.items() if n.startswith(USER_SET_PREFIX)}
+        statuses = list(self.inner.apply({n: c for n, c in desired.items() if n not in mine}))
+        with self._lock:
+            for name in list(self._consumers):
+                cfg = mine.get(name)
+                if cfg is None or not cfg.enabled:
+                    c = self._consumers.pop(name)
+                    self._read(c)  # what is left, then the lost counts, then the bits clear
+                    c.close()
+                    self._count_drops_of(c)
+            self._wanted = {n for n, cfg in mine.items() if cfg.enabled}
+            for name, cfg in mine.items():
+                self._rates[name] = cfg.sample_rate
+                self._errors.pop(name, None)
+                if cfg.enabled and name not in self._consumers:
+                    self._try_open(name)
+            for name in mine:
+                on = name in self._consumers
+                statuses.append(SetStatus(name, on, on, "perf", self._errors.get(name, "")))
+        if self._wanted:
+            self._start()
+        return statuses
+
+    def _try_open(self, name: str) -> None:
+        """Under _lock: open ``name``'s rings, or keep why not in _errors."""
+        try:
+            c = UserEventConsumer(name.removeprefix(USER_SET_PREFIX), self.tracefs, self.pages)
+            c.open()
+        except (UserEventsError, OSError) as e:
+            self._errors[name] = str(e)
+            return
+        self._errors.pop(name, None)
+        self._consumers[name] = c
+
+    def collect(self) -> Any:
+        agg = self.inner.collect()
+        with self._lock:
+            self._count_drops()
+            mine, self._agg = self._agg, {}
+        for name, sa in mine.items():
+            agg.sets[name] = sa
+        return agg
+
+    def totals(self) -> dict[str, Any]:
+        out = dict(self.inner.totals())
+        with self._lock:
+            self._count_drops()
+            out.update(self._cum)
+        return out
+
+    def sample_events(self, limit: int) -> list[dict[str, Any]]:
+        out = list(self.inner.sample_events(limit))
+        while self._samples and len(out) < limit:
+            out.append(self._samples.popleft())
+        return out
+
+    def add_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        self.inner.add_sink(sink)
+        self._sinks = [*self._sinks, sink]
+
+    def remove_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        self.inner.remove_sink(sink)
+        self._sinks = [s for s in self._sinks if s is not sink]
+
+    def stop_and_drain(self) -> int:
+        """Stop reading, hand what is still in the rings to the sinks, then the inner
+        engine's; the rings stay open (the bits set) until close()."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            for c in self._consumers.values():
+                self._read(c)
+        return int(self.inner.stop_and_drain())
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with self._lock:
+            for c in self._consumers.values():
+                self._read(c)  # what is still in the rings, before they are freed
+                c.close()  # reads the kernel's lost counts first
+                self._count_drops_of(c)
+            self._consumers.clear()
+        self.inner.close()
+
+    # ---- consumer --------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tf-user-events", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        retry_at = time.monotonic() + RETRY_SECONDS
+        while not self._stop.is_set():
+            with self._lock:
+                if time.monotonic() >= retry_at:
+                    # an event enabled before any process registered it: opened once one has
+                    retry_at = time.monotonic() + RETRY_SECONDS
+                    for name in sorted(self._wanted - set(self._consumers)):
+                        self._try_open(name)
+                fds = [r.fd for c in self._consumers.values() for r in c.perf.rings]
+            if not fds:
+                self._stop.wait(0.2)
+                continue
+            p = select.poll()
+            for fd in fds:
+                p.register(fd, select.POLLIN)
+            p.poll(200)
+            with self._lock:
+                for c in self._consumers.values():
+                    try:
+                        self._read(c)
+                    except Exception as e:  # one bad record must not end the consumer
+                        log.warning("user_events %s: %s", c.event.name, e)
+
+    def _set_agg(self, table: dict[str, Any], name: str) -> Any:
+        sa = table.get(name)
+        if sa is None:
+            sa = table[name] = _user_agg()
+        return sa
+
+    def _read(self, c: UserEventConsumer) -> None:
+        """Under _lock: the records in ``c``'s rings into aggregates, samples and sinks."""
+        name = USER_SET_PREFIX + c.event.name
+        rate = self._rates.get(name, 0.0)
+        decode = bool(self._sinks) or rate > 0
+        # nobody reads the events (no export, no sampling): count them, decode nothing
+        evs = c.poll(0) if decode else []
+        stamps = [e.ts_ns for e in evs] if decode else [r[2] for r in c.perf.read()]
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        for table in (self._agg, self._cum):
+            sa = self._set_agg(table, name)
+            sa.delivered += len(stamps)
+            if stamps:
+                by = sa.events_by_syscall
+                by[USER_SYSCALL_KEY] = by.get(USER_SYSCALL_KEY, 0) + len(stamps)
+        if stamps:  # the batch's latencies, added to the interval and to the totals
+            from tracefleet.agent.engine import Histogram
+
+            h = Histogram()
+            for ts in stamps:
+                h.observe(max(0, now - ts) / 1e9)
+            for table in (self._agg, self._cum):
+                lat = self._set_agg(table, name).latency
+                lat.counts = [a + b for a, b in zip(lat.counts, h.counts, strict=True)]
+                lat.total += h.total
+        self._count_drops()
+        for ev in evs:
+            d = ev.to_json()
+            if rate >= 1.0 or (rate > 0 and random.random() < rate):
+                self._samples.append(d)
+            for sink in self._sinks:
+                try:
+                    sink(d)
+                except Exception as e:
+                    log.warning("user_events %s: sink: %s", name, e)
+
+    def _count_drops(self) -> None:
+        """Under _lock: perf's lost-record counts since the last call, as drops."""
+        for c in self._consumers.values():
+            self._count_drops_of(c)
+
+    def _count_drops_of(self, c: UserEventConsumer) -> None:
+        name = USER_SET_PREFIX + c.event.name
+        seen = c.counters.dropped
+        new = seen - c.reported_drops
+        if new:
+            c.reported_drops = seen
+            self._set_agg(self._agg, name).dropped += new
+            self._set_agg(self._cum, name).dropped += new

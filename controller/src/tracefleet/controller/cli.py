@@ -201,7 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Repeating enable for a set replaces its previous rule; repeating it unchanged\n"
         "is a no-op (a --ttl is restarted).",
     )
-    en.add_argument("event_set", metavar="EVENT_SET", help="e.g. file, exec, net, vfs")
+    en.add_argument(
+        "event_set",
+        metavar="EVENT_SET",
+        help="e.g. file, exec, net, vfs, or user:NAME (an application's user_event)",
+    )
     en.add_argument(
         "-s", "--selector", type=_selector, default=None,
         help="nodes to enable on (default: all)",
@@ -748,6 +752,16 @@ def cmd_status(ctx: Ctx) -> int:
         if short:
             out += ["", "discarded by agents (outbox over its memory budget, never delivered):",
                     *short]  # fmt: skip
+        # application events (user:NAME sets): totals per node, since the agent started
+        user = [
+            [n.name, t.event_set, t.delivered, t.dropped, t.discarded]
+            for n in st.nodes
+            for t in n.totals
+            if t.event_set.startswith("user:")
+        ]
+        if user:
+            out += ["", render.table(["NODE", "USER EVENT", "DELIVERED", "DROPPED",
+                                      "DISCARDED"], user)]  # fmt: skip
         if st.rules:
             rule_rows = []
             for r in st.rules:

@@ -477,14 +477,14 @@ class RingBuffer:
         self.aborted = False
 
         def _cb(_ctx: int, data: int, size: int) -> int:
-            if self.aborted:
-                return -1  # stops ring_buffer__consume/poll at once
+            # libbpf has already moved its consumer position past this record: deliver it
+            # even when aborted, or it is neither delivered nor counted
             try:
                 callback(ctypes.string_at(data, size))
             except BaseException as e:  # never unwind through C
                 self._errors.append(e)
                 return -1
-            return 0
+            return -1 if self.aborted else 0  # -1 stops ring_buffer__consume/poll
 
         self._cb = _SAMPLE_FN(_cb)
         ptr = lib().ring_buffer__new(map_fd, ctypes.cast(self._cb, _vp), None, None)

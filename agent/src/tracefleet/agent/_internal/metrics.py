@@ -125,6 +125,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "fell behind; write: the destination refused; serialize; rotated_out: written, then "
         "deleted with the oldest rotated file). Received = exported + undeliverable + queued.",
     ),
+    "tracefleet_agent_export_healthy": (
+        "gauge",
+        ("node", "exporter"),
+        "1 while the exporter's writer thread runs, 0 once it has died or stopped (its queue "
+        "then only fills: every event it is offered becomes undeliverable).",
+    ),
+    "tracefleet_agent_consumer_healthy": (
+        "gauge",
+        ("node",),
+        "1 while the ring buffer consumer runs with a fresh heartbeat (the /healthz check), "
+        "else 0: events stay in the ring and are dropped once it is full.",
+    ),
     "tracefleet_agent_bpf_program_run_time_seconds_total": (
         "counter",
         ("node", "event_set", "program"),
@@ -304,7 +316,16 @@ class AgentCollector(Collector):
             fams["tracefleet_agent_event_set_enabled"].add_metric(
                 [node, st.name], 1.0 if st.enabled and st.attached else 0.0
             )
+        health = getattr(self.engine, "health", None)
+        try:
+            alive = bool(health()[0]) if callable(health) else True  # nothing to watch
+        except Exception:
+            alive = False
+        fams["tracefleet_agent_consumer_healthy"].add_metric([node], 1.0 if alive else 0.0)
         for name, exp in sorted(self.hub.exporters.items() if self.hub is not None else ()):
+            fams["tracefleet_agent_export_healthy"].add_metric(
+                [node, name], 1.0 if exp.healthy() else 0.0
+            )
             snap = exp.snapshot()
             fams["tracefleet_agent_export_events_total"].add_metric([node, name], snap["written"])
             for cause, n in snap["undeliverable"].items():

@@ -35,9 +35,12 @@ from tracefleet.controller._internal.limits import MAX_PID, Limits
 from tracefleet.controller._internal.redaction import TextRedactor, default_patterns
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
+    MAX_USER_SETS,
+    USER_PREFIX,
     FilterSpec,
     Rule,
     desired_for_node,
+    is_user_set,
 )
 from tracefleet.controller._internal.store import Store
 from tracefleet.v1 import agent_pb2, types_pb2
@@ -129,7 +132,8 @@ class Controller:
         forget_after: float = 0.0,
     ) -> None:
         self.store = store
-        self.limits = Limits(REFUSALS)
+        # user sets an agent may report: those with a rule here (the operator named them)
+        self.limits = Limits(REFUSALS, user_sets=lambda: self.rules)
         self.max_nodes = max_nodes
         # nodes not heard from for this long are forgotten (0: never)
         self.forget_after = forget_after
@@ -308,6 +312,20 @@ class Controller:
         # the controller's own registry: agents cannot add names (issue 15)
         return sorted(KNOWN_EVENT_SETS)
 
+    def _check_user_set(self, event_set: str) -> None:
+        if not is_user_set(event_set):
+            raise ConfigError(
+                f"bad user event set {event_set!r}: user:NAME, NAME 1..59 of [A-Za-z0-9_] "
+                "not starting with a digit, as the application registered it"
+            )
+        users = [n for n in self.rules if n.startswith(USER_PREFIX)]
+        if event_set not in self.rules and len(users) >= MAX_USER_SETS:
+            raise ConfigError(
+                f"{event_set}: this controller already has rules for {len(users)} user event "
+                f"sets (the limit is {MAX_USER_SETS}); reuse one of them (a disabled rule "
+                "keeps its slot)"
+            )
+
     def configure(
         self,
         event_set: str,
@@ -327,9 +345,12 @@ class Controller:
                 f"unknown event set {event_set[:40]!r}... ({len(event_set)} characters); "
                 f"known event sets: {', '.join(known)}"
             )
-        if event_set not in known:
+        if event_set.startswith(USER_PREFIX):
+            self._check_user_set(event_set)
+        elif event_set not in known:
             raise ConfigError(
-                f"unknown event set {event_set!r}; known event sets: {', '.join(known)}"
+                f"unknown event set {event_set!r}; known event sets: {', '.join(known)}, "
+                "or user:NAME for an application's user_event"
             )
         try:
             parsed = sel.parse(selector)

@@ -2,7 +2,8 @@
 and sizes within stated limits, and label values within a cardinality budget.
 
 Agents are not trusted with strings: every name an agent sends can become a status row, a
-stored record or a metric label. Event-set names must be in ``rules.KNOWN_EVENT_SETS``;
+stored record or a metric label. Event-set names must be in ``rules.KNOWN_EVENT_SETS``, or
+be a user set (``user:NAME``) the controller has a rule for;
 syscall, strategy and outcome names must be short identifiers, and the controller keeps at
 most ``BUDGET`` distinct values of each for the whole fleet (a value past the budget is
 dropped, not added). Whatever is dropped is counted and logged with its reason
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from tracefleet.controller._internal.auth import Refusals
-from tracefleet.controller._internal.rules import KNOWN_EVENT_SETS
+from tracefleet.controller._internal.rules import KNOWN_EVENT_SETS, USER_PREFIX, is_user_set
 from tracefleet.model.labels import label_ok
 from tracefleet.v1 import agent_pb2, types_pb2
 
@@ -47,13 +49,33 @@ REASONS = (
 )
 
 
+class _Known:
+    """The fixed event sets, and the user sets the controller has a rule for (read live)."""
+
+    def __init__(self, fixed: frozenset[str], user_sets: Callable[[], Container[str]]) -> None:
+        self.fixed = fixed
+        self.user_sets = user_sets
+
+    def __contains__(self, name: object) -> bool:
+        if name in self.fixed:
+            return True
+        return isinstance(name, str) and is_user_set(name) and name in self.user_sets()
+
+
 class Limits:
     """Validates agent messages in place; what it drops is counted in ``refusals`` and
     logged (the 1st, 2nd, 4th, 8th, ... time per reason: one line each, never a flood)."""
 
-    def __init__(self, refusals: Refusals, known: tuple[str, ...] = KNOWN_EVENT_SETS) -> None:
+    def __init__(
+        self,
+        refusals: Refusals,
+        known: tuple[str, ...] = KNOWN_EVENT_SETS,
+        user_sets: Callable[[], Container[str]] = lambda: (),
+    ) -> None:
         self.refusals = refusals
-        self.known = frozenset(known)
+        self._fixed = frozenset(known)
+        self._user_sets = user_sets
+        self.known = _Known(self._fixed, user_sets)
         self._lock = threading.Lock()
         self.seen: dict[str, set[str]] = {kind: set() for kind in BUDGET}
 
@@ -184,7 +206,12 @@ class Limits:
             big = len(ev.args) > MAX_ARGS or any(
                 len(a.value) > MAX_ARG_VALUE for a in ev.args.values()
             )
-            if ev.event_set not in self.known or big or not NAME.fullmatch(ev.syscall):
+            known = ev.event_set in self.known or (
+                ev.event_set == "user" and f"{USER_PREFIX}{ev.syscall}" in self.known
+            )
+            # a user event's name is its "syscall": checked against the rules, not NAME
+            name_ok = ev.event_set == "user" or NAME.fullmatch(ev.syscall)
+            if not known or big or not name_ok:
                 self.refuse("agent_too_many_entries" if big else "agent_bad_name",
                             f"node {node}: sampled event of {ev.event_set[:40]!r}/"
                             f"{ev.syscall[:40]!r} not valid: dropped")  # fmt: skip

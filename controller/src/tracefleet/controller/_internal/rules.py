@@ -9,6 +9,7 @@ in the rule's canary share; disabled otherwise.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,6 +18,17 @@ from tracefleet.controller._internal import selector as sel
 
 # Event sets the controller accepts even before an agent registered them.
 KNOWN_EVENT_SETS: tuple[str, ...] = ("exec", "file", "net", "vfs")
+
+# Application events (user_events): one set per event, "user:NAME". The name is the kernel's
+# (letters, digits, '_'), bounded so the set name fits MAX_EVENT_SET_NAME; the controller
+# keeps at most MAX_USER_SETS of them (each is a rule, a status row and a metric label).
+USER_PREFIX = "user:"
+USER_SET = re.compile(r"user:[A-Za-z_][A-Za-z0-9_]{0,58}")
+MAX_USER_SETS = 64
+
+
+def is_user_set(name: str) -> bool:
+    return USER_SET.fullmatch(name) is not None
 
 
 @dataclass(frozen=True)
