@@ -141,8 +141,8 @@ class OtlpMetricsExporter:
         try:
             data = to_metrics_data(self.collector.collect(), self.collector.node,
                                    self._start_ns, time.time_ns())  # fmt: skip
-            ok = self._sdk.export(data, timeout_millis=self.timeout * 1000)
-            ok = ok == MetricExportResult.SUCCESS
+            result = self._sdk.export(data, timeout_millis=self.timeout * 1000)
+            ok = bool(result == MetricExportResult.SUCCESS)
             err = "" if ok else f"OTLP metrics export to {self.endpoint} failed after retries"
         except Exception as e:  # a scrape or conversion failure must not end the thread
             ok, err = False, f"{type(e).__name__}: {e}"

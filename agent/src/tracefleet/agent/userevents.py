@@ -797,8 +797,7 @@ class UserEventsEngine:
                 h.observe(max(0, now - ts) / 1e9)
             for table in (self._agg, self._cum):
                 lat = self._set_agg(table, name).latency
-                lat.counts = [a + b for a, b in zip(lat.counts, h.counts, strict=True)]
-                lat.total += h.total
+                lat.add(h)
         self._count_drops()
         for ev in evs:
             d = ev.to_json()
