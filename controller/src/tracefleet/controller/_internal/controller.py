@@ -54,6 +54,8 @@ MAX_TTL_SECONDS = 366 * 86400
 MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 4, 1
 MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
 MAX_EVENT_SET_NAME = 64
+# Longest gap between the result batches of an idle agent (DesiredState.idle_batch_interval)
+MAX_IDLE_BATCH_INTERVAL = 30.0
 # per-rule export: names of exporters configured on the agents (agent export.EXPORTER_NAME)
 MAX_EXPORTERS = 8
 EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -115,6 +117,11 @@ class Timings:
     # seconds a result batch may wait for the group commit of the ledger (and so for its
     # acknowledgement): one fsync per commit, not per batch
     commit: float = 0.05
+    # BatchAcks are merged: a node gets at most one per ack_every seconds, covering the
+    # highest seq committed (cumulative), unless ack_burst of its batches wait for one (an
+    # agent replaying its outbox must not stall on its send window)
+    ack_every: float = 2.0
+    ack_burst: int = 8
 
 
 class Controller:
@@ -135,6 +142,8 @@ class Controller:
         self.forget_after = forget_after
         self.timings = timings or Timings()
         self.fleet = Fleet(stale_after=stale_after, window=window)
+        # idle agents report this far apart: three chances before the node counts as stale
+        self.idle_batch_interval = min(MAX_IDLE_BATCH_INTERVAL, stale_after / 3)
         self.fleet.load(store.nodes())
         self.hub = EventHub()
         self.acks = AckWatches()
@@ -148,6 +157,12 @@ class Controller:
         self._commit_wanted = asyncio.Event()
         self.commit_seconds = 0.0  # time spent in ledger commits (all of them)
         self.commits = 0
+        # committed and not acknowledged yet, and the last acknowledged: node -> (instance, seq)
+        self._acks_due: dict[str, tuple[str, int]] = {}
+        self._acked: dict[str, tuple[str, int]] = {}
+        self._last_ack: dict[str, float] = {}  # node -> monotonic time of its last BatchAck
+        self._ack_burst: dict[str, int] = {}  # node -> batches held back at most (ack_window)
+        self.batch_acks_sent = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
         # Fail safe: what switches tracing off (disable, TTL expiry) is applied in memory and
@@ -183,6 +198,7 @@ class Controller:
             asyncio.create_task(self._every(self.timings.flush, self.flush)),
             asyncio.create_task(self._sampling_loop()),
             asyncio.create_task(self._commit_loop()),
+            asyncio.create_task(self._every(self.timings.ack_every / 4, self.send_due_acks)),
         ]
 
     async def stop(self) -> None:
@@ -192,6 +208,7 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.commit()
+        self.send_due_acks(force=True)
         for node in self.fleet.connected():
             if node.conn is not None:
                 node.conn.close()
@@ -255,6 +272,10 @@ class Controller:
             raise RemoveError(f"the database cannot be written ({e}); try again") from None
         self.fleet.forget(name)
         self.ledger.forget(name)
+        self._acks_due.pop(name, None)
+        self._last_ack.pop(name, None)
+        self._ack_burst.pop(name, None)
+        self._acked.pop(name, None)
         self.acks.changed(node, forgotten=True)
         self._notify("on_forget", name)
 
@@ -296,11 +317,38 @@ class Controller:
         acks = self.ledger.committed(rows)
         self.commit_seconds += time.monotonic() - t0
         self.commits += 1
+        now = time.monotonic()
+        sent = 0
         for name, instance, seq in acks:
-            node = self.fleet.nodes.get(name)
-            if node is not None and node.conn is not None:
-                node.conn.send(_batch_ack(instance, seq))
-        return len(acks)
+            self._acks_due[name] = (instance, seq)
+            last = self._acked.get(name)
+            waiting = seq - last[1] if last is not None and last[0] == instance else seq
+            if (
+                waiting >= self._ack_burst.get(name, self.timings.ack_burst)
+                or now - self._last_ack.get(name, -math.inf) >= self.timings.ack_every
+            ):
+                sent += self._send_ack(name, now)
+        return sent
+
+    def send_due_acks(self, force: bool = False) -> int:
+        """Send the BatchAcks held back by ack_every whose time has come (all: force)."""
+        now = time.monotonic()
+        every = self.timings.ack_every
+        due = [
+            n for n in self._acks_due if force or now - self._last_ack.get(n, -math.inf) >= every
+        ]
+        return sum(self._send_ack(n, now) for n in due)
+
+    def _send_ack(self, name: str, now: float) -> int:
+        instance, seq = self._acks_due.pop(name)
+        node = self.fleet.nodes.get(name)
+        if node is None or node.conn is None:
+            return 0  # resent batches are acked after the reconnect (duplicates)
+        node.conn.send(_batch_ack(instance, seq))
+        self._last_ack[name] = now
+        self._acked[name] = (instance, seq)
+        self.batch_acks_sent += 1
+        return 1
 
     # rules ------------------------------------------------------------------------------
 
@@ -489,6 +537,10 @@ class Controller:
                 generation=self.generation,
                 event_sets=specs,
                 redact_patterns=self.redact_patterns,
+                idle_batch_interval=duration_pb2.Duration(
+                    nanos=int(self.idle_batch_interval % 1 * 1e9),
+                    seconds=int(self.idle_batch_interval),
+                ),
             )
         )
 
@@ -550,7 +602,11 @@ class Controller:
             # batches (seq 0: none of this instance applied yet)
             seq = self.ledger.committed_seq(reg.node_name, reg.instance_id)
             conn.send(_batch_ack(reg.instance_id, seq))
+            self._acked[reg.node_name] = (reg.instance_id, seq)
         node = self.fleet.attach(reg.node_name, conn)
+        # an agent whose window is small must not stall (or discard) waiting for an ack
+        window = reg.ack_window or 2 * self.timings.ack_burst
+        self._ack_burst[node.name] = max(1, min(self.timings.ack_burst, window // 2))
         node.labels = dict(reg.labels)
         node.kernel_version = reg.kernel_version
         node.agent_version = reg.agent_version
