@@ -24,7 +24,7 @@ from tracefleet.controller._internal import env
 from tracefleet.controller._internal import kubetoken as kt
 from tracefleet.controller._internal import policy as pol
 from tracefleet.controller._internal import tls as tlsmod
-from tracefleet.controller._internal.agent_api import AgentService
+from tracefleet.controller._internal.agent_api import AgentService, add_agent_service
 from tracefleet.controller._internal.certs import ROLE_ADMIN, ROLE_READ
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller
@@ -38,7 +38,7 @@ from tracefleet.controller._internal.netaddr import (
 )
 from tracefleet.controller._internal.redaction import TextRedactor
 from tracefleet.controller._internal.store import Store, StoreError
-from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+from tracefleet.v1 import agent_pb2, control_pb2, control_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller")
 
@@ -356,9 +356,7 @@ async def serve(args: argparse.Namespace) -> int:
     def make_server(auth: authz.Authorizer, agents: bool) -> grpc.aio.Server:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         if agents:
-            agent_pb2_grpc.add_AgentServiceServicer_to_server(
-                AgentService(controller, auth, policy.redact), server
-            )
+            add_agent_service(AgentService(controller, auth, policy.redact), server)
         control_pb2_grpc.add_ControlServiceServicer_to_server(
             ControlService(controller, auth, policy), server
         )

@@ -40,6 +40,7 @@ from tracefleet.controller._internal.rules import (
     desired_for_node,
 )
 from tracefleet.controller._internal.store import Store
+from tracefleet.controller._internal.wire import WIRE
 from tracefleet.v1 import agent_pb2, types_pb2
 
 log = logging.getLogger("tracefleet.controller")
@@ -148,8 +149,11 @@ class Controller:
         self.hub = EventHub()
         self.acks = AckWatches()
         # DesiredState messages of the current generation, one per distinct outcome of the
-        # rules (which sets a node gets): built and serialized once, not once per agent
-        self._desired_cache: dict[tuple[Any, ...], agent_pb2.ControllerMessage] = {}
+        # rules (which sets a node gets): built and serialized once, not once per agent.
+        # Keyed by the rules, then by the outcome: a push hashes the rules once, not per node
+        self._desired_cache: dict[
+            tuple[Any, ...], dict[tuple[bool, ...], agent_pb2.ControllerMessage]
+        ] = {}
         self.redact_patterns: tuple[str, ...] = ()  # sent in every DesiredState
         self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
         self.generation = store.generation()
@@ -500,19 +504,36 @@ class Controller:
     # downstream -------------------------------------------------------------------------
 
     def desired_message(self, node: Node) -> agent_pb2.ControllerMessage:
+        rules, states = self._desired_states()
+        return self._desired_for(rules, states, node)
+
+    def _desired_states(
+        self,
+    ) -> tuple[list[Rule], dict[tuple[bool, ...], agent_pb2.ControllerMessage]]:
+        """The rules in order, and the messages of their outcomes built so far."""
         rules = sorted(self.rules.values(), key=lambda r: r.event_set)
         # the rules and generation identify the state; which rules apply is per node
-        key = (
-            self.generation,
-            self.redact_patterns,
-            tuple(rules),
-            tuple(r.applies_to(node.name, node.labels) for r in rules),
-        )
-        msg = self._desired_cache.get(key)
-        if msg is None:
-            if len(self._desired_cache) > 64:  # older generations and rule sets
+        key = (self.generation, self.redact_patterns, tuple(rules))
+        states = self._desired_cache.get(key)
+        if states is None:
+            if len(self._desired_cache) >= 8:  # older generations and rule sets
+                for old in self._desired_cache.values():
+                    for msg in old.values():
+                        WIRE.discard(msg)
                 self._desired_cache.clear()
-            msg = self._desired_cache[key] = self._build_desired(node)
+            states = self._desired_cache[key] = {}
+        return rules, states
+
+    def _desired_for(
+        self,
+        rules: list[Rule],
+        states: dict[tuple[bool, ...], agent_pb2.ControllerMessage],
+        node: Node,
+    ) -> agent_pb2.ControllerMessage:
+        outcome = tuple(r.applies_to(node.name, node.labels) for r in rules)
+        msg = states.get(outcome)
+        if msg is None:  # at most one per subset of the event sets
+            msg = states[outcome] = WIRE.add(self._build_desired(node))
         return msg
 
     def _build_desired(self, node: Node) -> agent_pb2.ControllerMessage:
@@ -549,10 +570,13 @@ class Controller:
         return int(rule.expires_at * 1e9) if rule is not None and rule.expires_at else 0
 
     def push_all(self) -> None:
+        """One write per connected agent: the message of its outcome, built and serialized
+        once per outcome."""
         self._notify("on_generation", self.generation)
+        rules, states = self._desired_states()
         for node in self.fleet.connected():
             assert node.conn is not None
-            node.conn.send(self.desired_message(node))
+            node.conn.send(self._desired_for(rules, states, node))
 
     def sample_message(self, node: Node) -> agent_pb2.ControllerMessage | None:
         spec = self.hub.sample_spec(node.name)
