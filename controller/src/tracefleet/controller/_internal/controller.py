@@ -458,6 +458,17 @@ class Controller:
         matched, selected = self.matched_nodes(rule)
         return ConfigureResult(rule.generation, changed, rule, matched, selected)
 
+    def take_shared(self, generation: int, rules: list[Rule]) -> None:
+        """The shared store's desired state changed (another replica, or this one): take it
+        and push it to this replica's agents, unless it is what this replica has."""
+        new = {r.event_set: r for r in rules}
+        if generation < self.generation or (generation == self.generation and new == self.rules):
+            return
+        log.info("generation %d: desired state changed by another replica", generation)
+        self.rules = new
+        self.generation = generation
+        self.push_all()
+
     def _unavailable(self, doing: str, event_set: str, e: Exception) -> StoreUnavailable:
         return StoreUnavailable(
             f"the controller's database {self.store.path} cannot be written ({e}): "
