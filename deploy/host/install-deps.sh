@@ -14,6 +14,7 @@ APT_PACKAGES=(
   bpftrace strace linux-perf                # peers compared against in tests and benchmarks
   qemu-system-x86 busybox-static            # Linux 7.2 guest for the kernel matrix (make test-vm)
   prometheus                                # real Prometheus for the dashboard tests (promtool)
+  etcd-server                               # controller replicas on etcd (a 3-member test cluster)
   iproute2 iptables                         # network namespaces for partition tests
   e2fsprogs mount util-linux                # vfs tests: mkfs.ext4, loop mounts, taskset
   kmod                                      # modprobe: zram, ext4, loop, overlay where they are modules

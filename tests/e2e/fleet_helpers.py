@@ -27,7 +27,14 @@ def free_port() -> int:
 
 
 class ControllerProc:
-    def __init__(self, tmp: Path, port: int | None = None, stale_after: float = 2.0) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        port: int | None = None,
+        stale_after: float = 2.0,
+        extra_args: list[str] | None = None,
+    ) -> None:
+        self.extra_args = list(extra_args or [])
         self.db = tmp / "controller.db"
         self.log = tmp / "controller.log"
         self.port = port or free_port()
@@ -43,7 +50,7 @@ class ControllerProc:
                     PY, "-m", "tracefleet.controller.server", "--listen", self.address,
                     "--insecure-listen", "--db", str(self.db),
                     "--stale-after", str(self.stale_after),
-                    "--window", "5",
+                    "--window", "5", *self.extra_args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

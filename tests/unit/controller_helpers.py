@@ -8,11 +8,11 @@ import threading
 import grpc
 
 from tests.conftest import wait_until as _wait_until
-from tracefleet.controller._internal.agent_api import AgentService
+from tracefleet.controller._internal.agent_api import AgentService, add_agent_service
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller, Timings
 from tracefleet.controller._internal.store import Store
-from tracefleet.v1 import agent_pb2_grpc, control_pb2_grpc
+from tracefleet.v1 import control_pb2_grpc
 
 
 class InProcessController:
@@ -39,7 +39,7 @@ class InProcessController:
     async def _start(self, port: int) -> int:
         self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         agent, control = self._services()
-        agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, self.server)
+        add_agent_service(agent, self.server)
         control_pb2_grpc.add_ControlServiceServicer_to_server(control, self.server)
         bound = self._bind(self.server, port)
         await self.controller.start()

@@ -123,6 +123,8 @@ class ClientStats:
     batches_discarded: int = 0  # outbox over its budget: never sent
     events_discarded: int = 0  # delivered + dropped events of those batches
     events_sent: int = 0  # sampled events written
+    ticks: int = 0  # collection intervals passed
+    idle_ticks: int = 0  # of those, skipped while idle (DesiredState.idle_batch_interval)
 
 
 def _agent_version() -> str:
@@ -176,6 +178,9 @@ class ControlClient:
         # here too, so a state re-applied while the controller is away ends on time
         self._deadlines: dict[str, float] = {}
         self._hub_attached = False
+        # DesiredState.idle_batch_interval: batches this far apart while nothing is enabled
+        # (0: every interval); a fleet of idle agents then costs the controller less
+        self._idle_interval = 0.0
 
     # public ----------------------------------------------------------------------------
 
@@ -521,6 +526,11 @@ class ControlClient:
             for s in ds.event_sets
             if s.enabled and s.expires_at_unix_ns > 0
         }
+        self._idle_interval = (
+            ds.idle_batch_interval.ToTimedelta().total_seconds()
+            if ds.HasField("idle_batch_interval")
+            else 0.0
+        )
         if tuple(ds.redact_patterns) != self._redactor.patterns:
             self._redactor = Redactor(ds.redact_patterns)
             for err in self._redactor.errors:
@@ -595,13 +605,18 @@ class ControlClient:
             applied_generation=self.applied_generation,
             statuses=[_status_pb(s) for s in self.statuses],
             instance_id=self.instance_id,
+            ack_window=self._outbox.window,
         )
 
     # collection -------------------------------------------------------------------------
 
+    def _idle(self) -> bool:
+        """Nothing to report but liveness: no set enabled, no sampling lease."""
+        return self._lease is None and not any(c.enabled for c in (self.desired or {}).values())
+
     async def _collect_loop(self, stop: asyncio.Event) -> None:
         interval = self.options.interval
-        next_t = time.monotonic()
+        next_t = last = time.monotonic()
         while not stop.is_set():
             next_t += interval
             delay = next_t - time.monotonic()
@@ -612,6 +627,12 @@ class ControlClient:
                 await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set():
                 return
+            self.stats.ticks += 1
+            # idle: skip ticks (the next batch covers them) up to the controller's idle gap
+            if self._idle() and time.monotonic() - last < self._idle_interval - interval / 2:
+                self.stats.idle_ticks += 1
+                continue
+            last = time.monotonic()
             try:
                 await self._collect_once()
             except Exception:

@@ -24,10 +24,11 @@ from tracefleet.controller._internal import env
 from tracefleet.controller._internal import kubetoken as kt
 from tracefleet.controller._internal import policy as pol
 from tracefleet.controller._internal import tls as tlsmod
-from tracefleet.controller._internal.agent_api import AgentService
+from tracefleet.controller._internal.agent_api import AgentService, add_agent_service
 from tracefleet.controller._internal.certs import ROLE_ADMIN, ROLE_READ
 from tracefleet.controller._internal.control_api import ControlService
 from tracefleet.controller._internal.controller import Controller
+from tracefleet.controller._internal.etcdstore import EtcdClient, EtcdStore
 from tracefleet.controller._internal.metrics import start_metrics
 from tracefleet.controller._internal.netaddr import (
     check_address,
@@ -38,7 +39,7 @@ from tracefleet.controller._internal.netaddr import (
 )
 from tracefleet.controller._internal.redaction import TextRedactor
 from tracefleet.controller._internal.store import Store, StoreError
-from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
+from tracefleet.v1 import agent_pb2, control_pb2, control_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller")
 
@@ -210,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="SQLite file of the desired state, ':memory:' for none (default: %(default)s)",
     )
     p.add_argument(
+        "--etcd",
+        default="",
+        metavar="URL[,URL...]",
+        help="keep the desired state and the node registry in etcd (http://HOST:2379,...), "
+        "shared by every controller replica given the same --etcd-prefix; the result-batch "
+        "ledger stays in --db",
+    )
+    p.add_argument("--etcd-prefix", default="/tracefleet", help="key prefix in etcd")
+    p.add_argument(
         "--stale-after",
         type=_seconds,
         default=10.0,
@@ -313,6 +323,13 @@ async def serve(args: argparse.Namespace) -> int:
         return 2
     try:
         store = Store(args.db)
+        if args.etcd:
+            try:
+                client = EtcdClient(args.etcd.split(","))
+            except ValueError as e:
+                store.close()
+                raise StoreError(str(e)) from None
+            store = EtcdStore(client, args.etcd_prefix, store)  # type: ignore[assignment]
     except StoreError as e:
         hint = f"pass --db PATH or set {env.CONTROLLER_DB}"
         print(f"tracefleet-controller: {e} ({hint})", file=sys.stderr)
@@ -356,9 +373,7 @@ async def serve(args: argparse.Namespace) -> int:
     def make_server(auth: authz.Authorizer, agents: bool) -> grpc.aio.Server:
         server = grpc.aio.server(options=SERVER_OPTIONS)
         if agents:
-            agent_pb2_grpc.add_AgentServiceServicer_to_server(
-                AgentService(controller, auth, policy.redact), server
-            )
+            add_agent_service(AgentService(controller, auth, policy.redact), server)
         control_pb2_grpc.add_ControlServiceServicer_to_server(
             ControlService(controller, auth, policy), server
         )
@@ -417,6 +432,11 @@ async def serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     await controller.start()
+    if isinstance(store, EtcdStore):  # changes by other replicas reach this one's agents
+        loop = asyncio.get_running_loop()
+        store.watch(
+            lambda gen, rules: loop.call_soon_threadsafe(controller.take_shared, gen, rules)
+        )
     for server in servers:
         await server.start()
     for name in services[:2]:

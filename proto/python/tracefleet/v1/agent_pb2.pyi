@@ -33,7 +33,7 @@ class ControllerMessage(_message.Message):
     def __init__(self, desired_state: _Optional[_Union[DesiredState, _Mapping]] = ..., sample_request: _Optional[_Union[SampleRequest, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ...) -> None: ...
 
 class Register(_message.Message):
-    __slots__ = ("node_name", "labels", "kernel_version", "agent_version", "capabilities", "capabilities_json", "event_sets", "applied_generation", "statuses", "instance_id")
+    __slots__ = ("node_name", "labels", "kernel_version", "agent_version", "capabilities", "capabilities_json", "event_sets", "applied_generation", "statuses", "instance_id", "ack_window")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class Register(_message.Message):
     APPLIED_GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ACK_WINDOW_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     labels: _containers.ScalarMap[str, str]
     kernel_version: str
@@ -61,7 +62,8 @@ class Register(_message.Message):
     applied_generation: int
     statuses: _containers.RepeatedCompositeFieldContainer[_types_pb2.SetStatus]
     instance_id: str
-    def __init__(self, node_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., capabilities_json: _Optional[str] = ..., event_sets: _Optional[_Iterable[str]] = ..., applied_generation: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    ack_window: int
+    def __init__(self, node_name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., capabilities: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., capabilities_json: _Optional[str] = ..., event_sets: _Optional[_Iterable[str]] = ..., applied_generation: _Optional[int] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., instance_id: _Optional[str] = ..., ack_window: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("generation", "statuses")
@@ -92,14 +94,16 @@ class ResultBatch(_message.Message):
     def __init__(self, interval_start_ns: _Optional[int] = ..., interval_end_ns: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[_types_pb2.SetAggregate, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., lost_intervals: _Optional[int] = ..., replayed: _Optional[bool] = ..., instance_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class DesiredState(_message.Message):
-    __slots__ = ("generation", "event_sets", "redact_patterns")
+    __slots__ = ("generation", "event_sets", "redact_patterns", "idle_batch_interval")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EVENT_SETS_FIELD_NUMBER: _ClassVar[int]
     REDACT_PATTERNS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_BATCH_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     generation: int
     event_sets: _containers.RepeatedCompositeFieldContainer[_types_pb2.EventSetSpec]
     redact_patterns: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, generation: _Optional[int] = ..., event_sets: _Optional[_Iterable[_Union[_types_pb2.EventSetSpec, _Mapping]]] = ..., redact_patterns: _Optional[_Iterable[str]] = ...) -> None: ...
+    idle_batch_interval: _duration_pb2.Duration
+    def __init__(self, generation: _Optional[int] = ..., event_sets: _Optional[_Iterable[_Union[_types_pb2.EventSetSpec, _Mapping]]] = ..., redact_patterns: _Optional[_Iterable[str]] = ..., idle_batch_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
     __slots__ = ("event_sets", "pids", "sample_rate", "max_events_per_interval", "lease")

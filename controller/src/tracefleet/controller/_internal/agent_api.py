@@ -13,6 +13,7 @@ from tracefleet.controller._internal.auth import Authorizer
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.fleet import Connection, Node
 from tracefleet.controller._internal.ledger import MAX_INSTANCE_ID, batch_problem
+from tracefleet.controller._internal.wire import WIRE
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller.agents")
@@ -40,6 +41,21 @@ def register_problem(reg: agent_pb2.Register) -> str:
         if not k or len(k) > MAX_NAME or len(v) > MAX_NAME:
             return f"label {k[:40]!r}: keys 1..{MAX_NAME} and values up to {MAX_NAME} characters"
     return ""
+
+
+def add_agent_service(servicer: agent_pb2_grpc.AgentServiceServicer, server: Any) -> None:
+    """Serve AgentService like agent_pb2_grpc.add_AgentServiceServicer_to_server, with a
+    response serializer that writes the controller's pre-serialized messages as they are."""
+    handlers = {
+        "Connect": grpc.stream_stream_rpc_method_handler(
+            servicer.Connect,
+            request_deserializer=agent_pb2.AgentMessage.FromString,
+            response_serializer=WIRE.serialize,
+        )
+    }
+    name = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):

@@ -43,6 +43,7 @@ from tracefleet.controller._internal.rules import (
     is_user_set,
 )
 from tracefleet.controller._internal.store import Store
+from tracefleet.controller._internal.wire import WIRE
 from tracefleet.v1 import agent_pb2, types_pb2
 
 log = logging.getLogger("tracefleet.controller")
@@ -57,6 +58,8 @@ MAX_TTL_SECONDS = 366 * 86400
 MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 4, 1
 MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
 MAX_EVENT_SET_NAME = 64
+# Longest gap between the result batches of an idle agent (DesiredState.idle_batch_interval)
+MAX_IDLE_BATCH_INTERVAL = 30.0
 # per-rule export: names of exporters configured on the agents (agent export.EXPORTER_NAME)
 MAX_EXPORTERS = 8
 EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -118,6 +121,11 @@ class Timings:
     # seconds a result batch may wait for the group commit of the ledger (and so for its
     # acknowledgement): one fsync per commit, not per batch
     commit: float = 0.05
+    # BatchAcks are merged: a node gets at most one per ack_every seconds, covering the
+    # highest seq committed (cumulative), unless ack_burst of its batches wait for one (an
+    # agent replaying its outbox must not stall on its send window)
+    ack_every: float = 2.0
+    ack_burst: int = 8
 
 
 class Controller:
@@ -139,12 +147,17 @@ class Controller:
         self.forget_after = forget_after
         self.timings = timings or Timings()
         self.fleet = Fleet(stale_after=stale_after, window=window)
+        # idle agents report this far apart: three chances before the node counts as stale
+        self.idle_batch_interval = min(MAX_IDLE_BATCH_INTERVAL, stale_after / 3)
         self.fleet.load(store.nodes())
         self.hub = EventHub()
         self.acks = AckWatches()
         # DesiredState messages of the current generation, one per distinct outcome of the
-        # rules (which sets a node gets): built and serialized once, not once per agent
-        self._desired_cache: dict[tuple[Any, ...], agent_pb2.ControllerMessage] = {}
+        # rules (which sets a node gets): built and serialized once, not once per agent.
+        # Keyed by the rules, then by the outcome: a push hashes the rules once, not per node
+        self._desired_cache: dict[
+            tuple[Any, ...], dict[tuple[bool, ...], agent_pb2.ControllerMessage]
+        ] = {}
         self.redact_patterns: tuple[str, ...] = ()  # sent in every DesiredState
         self.rules: dict[str, Rule] = {r.event_set: r for r in store.rules()}
         self.generation = store.generation()
@@ -152,6 +165,12 @@ class Controller:
         self._commit_wanted = asyncio.Event()
         self.commit_seconds = 0.0  # time spent in ledger commits (all of them)
         self.commits = 0
+        # committed and not acknowledged yet, and the last acknowledged: node -> (instance, seq)
+        self._acks_due: dict[str, tuple[str, int]] = {}
+        self._acked: dict[str, tuple[str, int]] = {}
+        self._last_ack: dict[str, float] = {}  # node -> monotonic time of its last BatchAck
+        self._ack_burst: dict[str, int] = {}  # node -> batches held back at most (ack_window)
+        self.batch_acks_sent = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
         # Fail safe: what switches tracing off (disable, TTL expiry) is applied in memory and
@@ -187,6 +206,7 @@ class Controller:
             asyncio.create_task(self._every(self.timings.flush, self.flush)),
             asyncio.create_task(self._sampling_loop()),
             asyncio.create_task(self._commit_loop()),
+            asyncio.create_task(self._every(self.timings.ack_every / 4, self.send_due_acks)),
         ]
 
     async def stop(self) -> None:
@@ -196,6 +216,7 @@ class Controller:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self.commit()
+        self.send_due_acks(force=True)
         for node in self.fleet.connected():
             if node.conn is not None:
                 node.conn.close()
@@ -259,6 +280,10 @@ class Controller:
             raise RemoveError(f"the database cannot be written ({e}); try again") from None
         self.fleet.forget(name)
         self.ledger.forget(name)
+        self._acks_due.pop(name, None)
+        self._last_ack.pop(name, None)
+        self._ack_burst.pop(name, None)
+        self._acked.pop(name, None)
         self.acks.changed(node, forgotten=True)
         self._notify("on_forget", name)
 
@@ -300,11 +325,38 @@ class Controller:
         acks = self.ledger.committed(rows)
         self.commit_seconds += time.monotonic() - t0
         self.commits += 1
+        now = time.monotonic()
+        sent = 0
         for name, instance, seq in acks:
-            node = self.fleet.nodes.get(name)
-            if node is not None and node.conn is not None:
-                node.conn.send(_batch_ack(instance, seq))
-        return len(acks)
+            self._acks_due[name] = (instance, seq)
+            last = self._acked.get(name)
+            waiting = seq - last[1] if last is not None and last[0] == instance else seq
+            if (
+                waiting >= self._ack_burst.get(name, self.timings.ack_burst)
+                or now - self._last_ack.get(name, -math.inf) >= self.timings.ack_every
+            ):
+                sent += self._send_ack(name, now)
+        return sent
+
+    def send_due_acks(self, force: bool = False) -> int:
+        """Send the BatchAcks held back by ack_every whose time has come (all: force)."""
+        now = time.monotonic()
+        every = self.timings.ack_every
+        due = [
+            n for n in self._acks_due if force or now - self._last_ack.get(n, -math.inf) >= every
+        ]
+        return sum(self._send_ack(n, now) for n in due)
+
+    def _send_ack(self, name: str, now: float) -> int:
+        instance, seq = self._acks_due.pop(name)
+        node = self.fleet.nodes.get(name)
+        if node is None or node.conn is None:
+            return 0  # resent batches are acked after the reconnect (duplicates)
+        node.conn.send(_batch_ack(instance, seq))
+        self._last_ack[name] = now
+        self._acked[name] = (instance, seq)
+        self.batch_acks_sent += 1
+        return 1
 
     # rules ------------------------------------------------------------------------------
 
@@ -427,6 +479,17 @@ class Controller:
         matched, selected = self.matched_nodes(rule)
         return ConfigureResult(rule.generation, changed, rule, matched, selected)
 
+    def take_shared(self, generation: int, rules: list[Rule]) -> None:
+        """The shared store's desired state changed (another replica, or this one): take it
+        and push it to this replica's agents, unless it is what this replica has."""
+        new = {r.event_set: r for r in rules}
+        if generation < self.generation or (generation == self.generation and new == self.rules):
+            return
+        log.info("generation %d: desired state changed by another replica", generation)
+        self.rules = new
+        self.generation = generation
+        self.push_all()
+
     def _unavailable(self, doing: str, event_set: str, e: Exception) -> StoreUnavailable:
         return StoreUnavailable(
             f"the controller's database {self.store.path} cannot be written ({e}): "
@@ -473,19 +536,36 @@ class Controller:
     # downstream -------------------------------------------------------------------------
 
     def desired_message(self, node: Node) -> agent_pb2.ControllerMessage:
+        rules, states = self._desired_states()
+        return self._desired_for(rules, states, node)
+
+    def _desired_states(
+        self,
+    ) -> tuple[list[Rule], dict[tuple[bool, ...], agent_pb2.ControllerMessage]]:
+        """The rules in order, and the messages of their outcomes built so far."""
         rules = sorted(self.rules.values(), key=lambda r: r.event_set)
         # the rules and generation identify the state; which rules apply is per node
-        key = (
-            self.generation,
-            self.redact_patterns,
-            tuple(rules),
-            tuple(r.applies_to(node.name, node.labels) for r in rules),
-        )
-        msg = self._desired_cache.get(key)
-        if msg is None:
-            if len(self._desired_cache) > 64:  # older generations and rule sets
+        key = (self.generation, self.redact_patterns, tuple(rules))
+        states = self._desired_cache.get(key)
+        if states is None:
+            if len(self._desired_cache) >= 8:  # older generations and rule sets
+                for old in self._desired_cache.values():
+                    for msg in old.values():
+                        WIRE.discard(msg)
                 self._desired_cache.clear()
-            msg = self._desired_cache[key] = self._build_desired(node)
+            states = self._desired_cache[key] = {}
+        return rules, states
+
+    def _desired_for(
+        self,
+        rules: list[Rule],
+        states: dict[tuple[bool, ...], agent_pb2.ControllerMessage],
+        node: Node,
+    ) -> agent_pb2.ControllerMessage:
+        outcome = tuple(r.applies_to(node.name, node.labels) for r in rules)
+        msg = states.get(outcome)
+        if msg is None:  # at most one per subset of the event sets
+            msg = states[outcome] = WIRE.add(self._build_desired(node))
         return msg
 
     def _build_desired(self, node: Node) -> agent_pb2.ControllerMessage:
@@ -510,6 +590,10 @@ class Controller:
                 generation=self.generation,
                 event_sets=specs,
                 redact_patterns=self.redact_patterns,
+                idle_batch_interval=duration_pb2.Duration(
+                    nanos=int(self.idle_batch_interval % 1 * 1e9),
+                    seconds=int(self.idle_batch_interval),
+                ),
             )
         )
 
@@ -518,10 +602,13 @@ class Controller:
         return int(rule.expires_at * 1e9) if rule is not None and rule.expires_at else 0
 
     def push_all(self) -> None:
+        """One write per connected agent: the message of its outcome, built and serialized
+        once per outcome."""
         self._notify("on_generation", self.generation)
+        rules, states = self._desired_states()
         for node in self.fleet.connected():
             assert node.conn is not None
-            node.conn.send(self.desired_message(node))
+            node.conn.send(self._desired_for(rules, states, node))
 
     def sample_message(self, node: Node) -> agent_pb2.ControllerMessage | None:
         spec = self.hub.sample_spec(node.name)
@@ -571,7 +658,11 @@ class Controller:
             # batches (seq 0: none of this instance applied yet)
             seq = self.ledger.committed_seq(reg.node_name, reg.instance_id)
             conn.send(_batch_ack(reg.instance_id, seq))
+            self._acked[reg.node_name] = (reg.instance_id, seq)
         node = self.fleet.attach(reg.node_name, conn)
+        # an agent whose window is small must not stall (or discard) waiting for an ack
+        window = reg.ack_window or 2 * self.timings.ack_burst
+        self._ack_burst[node.name] = max(1, min(self.timings.ack_burst, window // 2))
         node.labels = dict(reg.labels)
         node.kernel_version = reg.kernel_version
         node.agent_version = reg.agent_version

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -49,6 +50,9 @@ class Node:
     last_seen: float = 0.0  # unix seconds
     conn: Connection | None = None
     window: NodeWindow = field(default_factory=NodeWindow)
+    # info's values as JSON, each with the object it encodes: an ack replaces the statuses
+    # and leaves the capabilities, which are then not encoded again (node-record saves)
+    _info_parts: dict[str, tuple[Any, str]] = field(default_factory=dict, repr=False)
 
     def record(self) -> NodeRecord:
         return NodeRecord(
@@ -59,7 +63,21 @@ class Node:
             self.info,
             self.applied_generation,
             self.last_seen,
+            self.info_json(),
         )
+
+    def info_json(self) -> str:
+        """json.dumps(self.info, sort_keys=True), encoding only the values replaced since
+        the last call (values are replaced, never changed in place)."""
+        parts = []
+        for key in sorted(self.info):
+            value = self.info[key]
+            hit = self._info_parts.get(key)
+            if hit is None or hit[0] is not value:
+                text = f"{json.dumps(key)}: {json.dumps(value, sort_keys=True)}"
+                hit = self._info_parts[key] = (value, text)
+            parts.append(hit[1])
+        return "{" + ", ".join(parts) + "}"
 
 
 class Fleet:

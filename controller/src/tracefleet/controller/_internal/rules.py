@@ -114,7 +114,8 @@ def canary_bucket(node_name: str) -> int:
 
 
 def in_canary(node_name: str, percent: int) -> bool:
-    return canary_bucket(node_name) < _share(percent)
+    share = _share(percent)
+    return share >= 100 or canary_bucket(node_name) < share  # no hash for a whole fleet
 
 
 @dataclass(frozen=True)

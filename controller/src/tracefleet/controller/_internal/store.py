@@ -77,6 +77,8 @@ class NodeRecord:
     info: dict[str, Any] = field(default_factory=dict)
     applied_generation: int = 0
     last_seen: float = 0.0  # unix seconds
+    # json.dumps(info, sort_keys=True) when the caller has it already ("": encoded here)
+    info_json: str = ""
 
 
 @dataclass
@@ -255,7 +257,7 @@ class Store:
                         json.dumps(n.labels, sort_keys=True),
                         n.kernel_version,
                         n.agent_version,
-                        json.dumps(n.info, sort_keys=True),
+                        n.info_json or json.dumps(n.info, sort_keys=True),
                         n.applied_generation,
                         n.last_seen,
                     )

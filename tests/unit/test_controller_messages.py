@@ -1,0 +1,98 @@
+"""Fewer messages per agent (fleet scale): BatchAcks merged per node, idle agents reporting
+at the controller's idle gap rather than every interval."""
+
+import asyncio
+import threading
+
+from tests.unit.controller_helpers import InProcessController, wait_until
+from tests.unit.test_controller_core import drain
+from tracefleet.agent._internal.loadgen import SyntheticEngine
+from tracefleet.agent.controlclient import ClientOptions, ControlClient
+from tracefleet.controller._internal.controller import Controller, Timings
+from tracefleet.controller._internal.fleet import Connection
+from tracefleet.controller._internal.store import Store
+from tracefleet.v1 import agent_pb2
+
+
+def _acks(conn):
+    return [m.batch_ack.seq for m in drain(conn) if m.WhichOneof("kind") == "batch_ack"]
+
+
+def test_batch_acks_are_merged_per_node_and_cover_the_highest_committed_seq():
+    ctl = Controller(Store(":memory:"), timings=Timings(ack_every=3600.0, ack_burst=8))
+    conn = Connection()
+    reg = agent_pb2.Register(node_name="n1", instance_id="i1", event_sets=["file"])
+    node = ctl.on_register(reg, conn)
+    assert _acks(conn) == [0]  # the first message of a stream is never held back
+
+    def batch(seq):
+        b = agent_pb2.ResultBatch(instance_id="i1", seq=seq)
+        b.sets.add(event_set="file", delivered=seq)
+        ctl.on_batch(node, b)
+        ctl.commit()
+
+    batch(1)
+    assert _acks(conn) == [1]  # no ack for a while: sent at once
+    for seq in range(2, 6):
+        batch(seq)
+    assert _acks(conn) == []  # held back: at most one per ack_every
+    assert ctl.send_due_acks() == 0 and _acks(conn) == []
+    assert ctl.send_due_acks(force=True) == 1
+    assert _acks(conn) == [5]  # one ack, cumulative: the highest committed seq
+    for seq in range(6, 14):  # ack_burst batches waiting: acked without waiting
+        batch(seq)
+    assert _acks(conn) == [13]
+    # what was acknowledged is exactly what the store holds
+    totals = ctl.store.ledger().set_totals
+    assert totals == [("n1", "file", sum(range(1, 14)), 0, 0)]
+    assert ctl.ledger.committed_seq("n1", "i1") == 13
+
+
+def test_an_agent_with_a_small_ack_window_is_never_kept_waiting():
+    # an outbox of 3 batches (window 2) would fill, and discard, while an ack is held back
+    ctl = Controller(Store(":memory:"), timings=Timings(ack_every=3600.0, ack_burst=8))
+    conn = Connection()
+    reg = agent_pb2.Register(node_name="n2", instance_id="i2", ack_window=2)
+    node = ctl.on_register(reg, conn)
+    drain(conn)
+    for seq in range(1, 5):
+        ctl.on_batch(node, agent_pb2.ResultBatch(instance_id="i2", seq=seq))
+        ctl.commit()
+        assert _acks(conn) == [seq]
+
+
+def test_an_idle_agent_reports_at_the_controllers_idle_gap_and_resumes_when_enabled():
+    ctl = InProcessController(stale_after=300.0)  # idle gap: min(300 / 3, 30 s cap) = 30 s
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    client = ControlClient(
+        SyntheticEngine(rate=100, seed=3),
+        ctl.address,
+        "idle-1",
+        {"role": "db"},
+        ClientOptions(interval=0.05, offload_engine_calls=False, agent_version="test"),
+    )
+    t = threading.Thread(target=loop.run_until_complete, args=(client.run(stop),), daemon=True)
+    t.start()
+    try:
+        node = wait_until(lambda: ctl.controller.fleet.nodes.get("idle-1"), what="register")
+        wait_until(lambda: client.applied_generation == 0 and client.stats.acks, what="ack")
+        assert ctl.controller.idle_batch_interval == 30.0
+        # 20 intervals pass while nothing is enabled: no batch is sent in them
+        ticks, sent = client.stats.ticks, client.stats.batches_sent
+        wait_until(lambda: client.stats.ticks >= ticks + 20, what="20 intervals")
+        assert client.stats.batches_sent == sent, "an idle agent sent batches every interval"
+        assert client.stats.idle_ticks >= 20
+        # enabled: a batch every interval again, and the controller gets its events
+        res = ctl.call(ctl.controller.configure, "file", True, "role=db")
+        wait_until(lambda: node.applied_generation == res.generation, what="enable acked")
+        sent = client.stats.batches_sent
+        wait_until(lambda: client.stats.batches_sent >= sent + 5, what="batches resume")
+        wait_until(
+            lambda: ctl.controller.ledger.snapshot()["idle-1"].sets.get("file"),
+            what="file events counted",
+        )
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        t.join(timeout=20)
+        ctl.stop()

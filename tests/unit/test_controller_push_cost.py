@@ -1,0 +1,90 @@
+"""What a change costs the controller per connected agent: one write of a message built and
+serialized once per outcome of the rules (no per-node hashing of the rules, no canary hash
+for a rule without a canary), and node-record saves that do not encode again what did not
+change."""
+
+import json
+
+from tests.unit.test_controller_core import drain, register
+from tracefleet.controller._internal import rules as rules_mod
+from tracefleet.controller._internal.controller import Controller
+from tracefleet.controller._internal.rules import Rule
+from tracefleet.controller._internal.store import Store
+from tracefleet.controller._internal.wire import WIRE
+from tracefleet.v1 import agent_pb2, types_pb2
+
+
+def _fleet(n):
+    ctl = Controller(Store(":memory:"))
+    conns = [register(ctl, f"n{i:04d}", {"role": "db" if i % 2 else "web"})[1] for i in range(n)]
+    for c in conns:
+        drain(c)
+    return ctl, conns
+
+
+def test_a_push_does_not_hash_the_rules_or_the_node_names_per_node(monkeypatch):
+    hashes = {"rule": 0, "canary": 0}
+    rule_hash = Rule.__hash__
+    bucket = rules_mod.canary_bucket
+
+    def counting_hash(self):
+        hashes["rule"] += 1
+        return rule_hash(self)
+
+    def counting_bucket(name):
+        hashes["canary"] += 1
+        return bucket(name)
+
+    monkeypatch.setattr(Rule, "__hash__", counting_hash)
+    monkeypatch.setattr(rules_mod, "canary_bucket", counting_bucket)
+    per_fleet = {}
+    for n in (20, 200):
+        ctl, conns = _fleet(n)
+        ctl.configure("exec", True, "role=web")
+        hashes.update(rule=0, canary=0)
+        ctl.configure("file", True, "role=db")
+        assert all(drain(c) for c in conns)  # every node got its state
+        per_fleet[n] = dict(hashes)
+    assert per_fleet[200]["rule"] == per_fleet[20]["rule"], per_fleet
+    assert per_fleet[200]["canary"] == 0, per_fleet  # no canary: no sha256 per node
+
+
+def test_one_serialization_per_outcome_written_to_every_stream():
+    ctl, conns = _fleet(50)
+    ctl.configure("file", True, "role=db")
+    msgs = [drain(c)[-1] for c in conns]
+    wire = [WIRE.serialize(m) for m in msgs]  # what the AgentService writes per stream
+    on = [w for m, w in zip(msgs, wire, strict=True) if m.desired_state.event_sets[0].enabled]
+    off = [w for m, w in zip(msgs, wire, strict=True) if not m.desired_state.event_sets[0].enabled]
+    assert len(on) == len(off) == 25
+    assert all(w is on[0] for w in on) and all(w is off[0] for w in off)
+    assert on[0] == msgs[1].SerializeToString() and off[0] == msgs[0].SerializeToString()
+    # the registry lets go of older generations' messages
+    before = len(WIRE)
+    for i in range(40):
+        ctl.configure("file", True, "role=db" if i % 2 else "role=web")
+    assert len(WIRE) - before <= 8 * 2
+
+
+def test_node_record_saves_do_not_encode_the_capabilities_again(monkeypatch):
+    ctl, _ = _fleet(30)
+    ctl.flush()
+    encoded = []
+    dumps = json.dumps
+
+    def recording(obj, *a, **k):
+        encoded.append(obj)
+        return dumps(obj, *a, **k)
+
+    monkeypatch.setattr(json, "dumps", recording)
+    for _, node in sorted(ctl.fleet.nodes.items()):
+        ack = agent_pb2.Ack(generation=1, statuses=[types_pb2.SetStatus(name="file")])
+        ctl.on_ack(node, ack)
+    ctl.flush()
+    assert not [o for o in encoded if isinstance(o, dict) and "capabilities_json" in o]
+    assert any(isinstance(o, list) and o and "attached" in o[0] for o in encoded)  # statuses
+    monkeypatch.undo()
+    stored = {r.name: r for r in ctl.store.nodes()}
+    for name, node in ctl.fleet.nodes.items():
+        assert stored[name].info == node.info and stored[name].applied_generation == 1
+        assert node.info_json() == json.dumps(node.info, sort_keys=True)
