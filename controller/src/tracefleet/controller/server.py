@@ -38,6 +38,7 @@ from tracefleet.controller._internal.netaddr import (
     unix_path,
 )
 from tracefleet.controller._internal.redaction import TextRedactor
+from tracefleet.controller._internal.rules import Rule
 from tracefleet.controller._internal.store import Store, StoreError
 from tracefleet.v1 import agent_pb2, control_pb2, control_pb2_grpc
 
@@ -434,9 +435,11 @@ async def serve(args: argparse.Namespace) -> int:
     await controller.start()
     if isinstance(store, EtcdStore):  # changes by other replicas reach this one's agents
         loop = asyncio.get_running_loop()
-        store.watch(
-            lambda gen, rules: loop.call_soon_threadsafe(controller.take_shared, gen, rules)
-        )
+
+        def on_change(gen: int, rules: list[Rule]) -> None:
+            loop.call_soon_threadsafe(controller.take_shared, gen, rules)
+
+        store.watch(on_change)
     for server in servers:
         await server.start()
     for name in services[:2]:
