@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any, TextIO
 
+from tracefleet.agent import workload
 from tracefleet.agent._internal import env
 from tracefleet.agent._internal.abi import Strategy
 from tracefleet.agent.engine import EventSetConfig, Filters
@@ -182,6 +183,8 @@ def _filters(args: argparse.Namespace) -> Filters:
         comms=tuple(args.comm or ()),
         cgroup_ids=tuple(args.cgroup_id or ()),
         path_prefixes=(args.path_prefix,) if args.path_prefix else (),
+        workload=workload.selector_from_args(args),
+        follow=args.follow,
     )
 
 
@@ -202,6 +205,7 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
             hold_seconds=getattr(args, "hold_seconds", 30.0),
             inflight_entries=getattr(args, "inflight_entries", 4096),
             mount_tracefs=True,
+            attributor=getattr(args, "attributor", None),
         )
     )
     if engine.host.tracefs_mounted_by_agent:
@@ -383,7 +387,21 @@ def cmd_capture(args: argparse.Namespace) -> int:
         return _capture_user(args)
     specs = parse_event_sets(args.event_set)
     names = [s.name for s in specs]
+    try:
+        filters = _filters(args)
+        node = os.environ.get(env.NODE_NAME) or os.uname().nodename
+        attributor = workload.attributor_from_args(args, node, bool(filters.workload))
+    except (ValueError, workload.PodSourceError) as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    args.attributor = attributor
     engine = _make_engine(args, names)
+    attributor.start()
+    show_workload = attributor.pods is not None  # NAMESPACE/POD/CONTAINER columns
+    if attributor.pods is not None and not attributor.pods.synced.wait(30):
+        why = attributor.pods.last_error or "the API server is slow"
+        print(f"tracefleet-agent: no pod metadata yet ({why}); events name containers "
+              "until it comes", file=sys.stderr)  # fmt: skip
     try:
         hub = _export_hub(args, engine, os.uname().nodename)
     except (ValueError, OSError) as e:
@@ -409,7 +427,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
                 if args.output == "jsonl":
                     out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
                 else:  # strace-like, control characters escaped
-                    out.write(human.line(event) + "\n")
+                    out.write(human.line(event, workload=show_workload) + "\n")
             except BrokenPipeError:  # the reader went away (| head): stop, not an error
                 stop.set()
 
@@ -419,7 +437,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if hub is not None:
             engine.add_sink(hub)
         engine.add_sink(sink)
-        statuses = engine.apply({n: EventSetConfig(n, True, _filters(args)) for n in names})
+        statuses = engine.apply({n: EventSetConfig(n, True, filters) for n in names})
         failed = False
         for st in statuses:
             if st.name in names:
@@ -435,7 +453,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             with open(args.ready_file, "w") as f:
                 f.write(str(os.getpid()))
         if args.output == "table":
-            out.write(human.header() + "\n")
+            out.write(human.header(workload=show_workload) + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set():
             engine.poll_once()
@@ -452,6 +470,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             hub.close()
         if metrics_server is not None:
             metrics_server.close()
+        attributor.close()
         engine.close()
     return EXIT_OK
 
@@ -667,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--cgroup-id", type=_int_in("a cgroup id", 1, 2**64 - 1), action="append",
                     help="only this cgroup id")  # fmt: skip
     sc.add_argument("--path-prefix", help="only paths starting with this (file, exec)")
+    workload.add_filter_flags(sc)
+    workload.add_source_flags(sc)
     sc.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                     help="force one rung instead of the best available "
                          "(vfs: fentry or tracepoint)")  # fmt: skip

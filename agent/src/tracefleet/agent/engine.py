@@ -13,6 +13,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from tracefleet.agent.workload import WorkloadSelector
+
+_ANY_WORKLOAD = WorkloadSelector()
+
 # Capture-latency histogram bounds (seconds), shared by every engine so the controller can
 # add histograms bucket by bucket. The last bucket is +Inf (implicit).
 LATENCY_BUCKETS_SECONDS: tuple[float, ...] = (
@@ -31,6 +35,8 @@ class Filters:
     comms: tuple[str, ...] = ()
     cgroup_ids: tuple[int, ...] = ()
     path_prefixes: tuple[str, ...] = ()
+    workload: WorkloadSelector = _ANY_WORKLOAD  # resolved by the agent to cgroup ids
+    follow: bool = False  # pids include their descendants, followed in the kernel
 
 
 @dataclass(frozen=True)
