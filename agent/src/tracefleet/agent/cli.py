@@ -604,7 +604,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
+    try:  # pod metadata when in a pod (or --kube-api); rules' workload selectors need it
+        args.attributor = workload.attributor_from_args(args, args.node, need_pods=False)
+    except workload.PodSourceError as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
     engine = _make_engine(args, list(EVENT_SETS))
+    args.attributor.start()
     if exporters:
         from tracefleet.agent import export
 
@@ -640,6 +646,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if metrics_server is not None:
             metrics_server.close()
+        args.attributor.close()
         engine.close()
         if options.export_hub is not None:  # after the consumer stopped: nothing is added
             options.export_hub.close()
@@ -746,6 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "to get every event of their set; repeatable")  # fmt: skip
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
+    workload.add_source_flags(sr)
     sr.set_defaults(func=cmd_run)
     return p
 

@@ -53,16 +53,32 @@ STRATEGY_USER_SPACE: Strategy
 STRATEGY_SYNTHETIC: Strategy
 
 class Filters(_message.Message):
-    __slots__ = ("pids", "comms", "cgroup_ids", "path_prefixes")
+    __slots__ = ("pids", "comms", "cgroup_ids", "path_prefixes", "workload", "follow")
     PIDS_FIELD_NUMBER: _ClassVar[int]
     COMMS_FIELD_NUMBER: _ClassVar[int]
     CGROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     PATH_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
     pids: _containers.RepeatedScalarFieldContainer[int]
     comms: _containers.RepeatedScalarFieldContainer[str]
     cgroup_ids: _containers.RepeatedScalarFieldContainer[int]
     path_prefixes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, pids: _Optional[_Iterable[int]] = ..., comms: _Optional[_Iterable[str]] = ..., cgroup_ids: _Optional[_Iterable[int]] = ..., path_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
+    workload: WorkloadSelector
+    follow: bool
+    def __init__(self, pids: _Optional[_Iterable[int]] = ..., comms: _Optional[_Iterable[str]] = ..., cgroup_ids: _Optional[_Iterable[int]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., workload: _Optional[_Union[WorkloadSelector, _Mapping]] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class WorkloadSelector(_message.Message):
+    __slots__ = ("namespace", "pod", "container", "labels")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod: str
+    container: str
+    labels: str
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ..., container: _Optional[str] = ..., labels: _Optional[str] = ...) -> None: ...
 
 class EventSetSpec(_message.Message):
     __slots__ = ("name", "enabled", "filters", "sample_rate", "expires_at_unix_ns", "export")
