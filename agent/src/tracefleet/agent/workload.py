@@ -39,6 +39,7 @@ from urllib.parse import quote, urlsplit
 log = logging.getLogger("tracefleet.agent.workload")
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+CGROUP_ROOT_ENV = "TRACEFLEET_CGROUP_ROOT"  # _internal/env.CGROUP_ROOT
 MAX_CGROUPS = 65536  # a node with more cgroups than this is truncated, counted and logged
 MAX_RESPONSE_LINE = 4 << 20  # one watch event (a pod object) larger than this is refused
 
@@ -546,6 +547,13 @@ def add_source_flags(sp: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="directory with token and ca.crt (default: %(default)s)",
     )
+    sp.add_argument(
+        "--cgroup-root",
+        default=os.environ.get(CGROUP_ROOT_ENV, ""),
+        metavar="DIR",
+        help=f"the host's cgroup2 mount (env {CGROUP_ROOT_ENV}; default: the cgroup2 "
+        "mount this process sees)",
+    )
 
 
 def selector_from_args(args: argparse.Namespace) -> WorkloadSelector:
@@ -562,4 +570,8 @@ def attributor_from_args(args: argparse.Namespace, node: str, need_pods: bool) -
     if args.kube_api or need_pods or os.environ.get("KUBERNETES_SERVICE_HOST"):
         cfg = KubeConfig.from_env(node, args.kube_api, args.kube_credentials)
         pods = PodWatcher(cfg)
-    return Attributor(node=node, pods=pods)
+    root = getattr(args, "cgroup_root", "") or None
+    if root is not None and not os.path.isfile(os.path.join(root, "cgroup.procs")):
+        raise PodSourceError(f"--cgroup-root {root}: not a cgroup2 mount (no cgroup.procs); "
+                             "mount the host's /sys/fs/cgroup there")  # fmt: skip
+    return Attributor(node=node, cgroups=CgroupCache(root), pods=pods)
