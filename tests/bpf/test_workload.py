@@ -157,13 +157,14 @@ def env(host: None, tmp_path: Path) -> Iterator[Env]:
 
 
 class Capture:
-    def __init__(self, env: Env, filters: Filters | None = None) -> None:
+    def __init__(self, env: Env, filters: Filters | None = None, ns_budget: int = 0) -> None:
         filters = filters or Filters()
         cfg = KubeConfig(server=env.fake.url, token_file=str(env.creds / "token"),
                          ca_file=str(env.creds / "ca.crt"), node=NODE)  # fmt: skip
         self.att = Attributor(node=NODE, pods=PodWatcher(cfg))
-        self.engine = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, sets=("file",),
-                                              attributor=self.att))  # fmt: skip
+        opts = EngineOptions(bpf_dir=BPF_DIR, sets=("file",), attributor=self.att,
+                             namespace_budget=ns_budget)  # fmt: skip
+        self.engine = BpfEngine(opts)
         self.events: list[dict[str, Any]] = []
         self.cond = threading.Condition()
         self.engine.add_sink(self._sink)
@@ -276,5 +277,30 @@ def test_label_selector_and_container_filter(env: Env) -> None:
         skipped = b.open()
         assert identity(cap.wait(a.open())) == a.expect  # type: ignore[attr-defined]
         assert not cap.of(skipped)
+    finally:
+        cap.close()
+
+
+def test_namespace_metric_label_is_opt_in_and_bounded(env: Env) -> None:
+    from tracefleet.agent._internal.metrics import AgentCollector
+
+    a = env.pod("containerd", "prod", "db-0", "postgres")
+    b = env.pod("cri-o", "shop", "web-0", "nginx")
+    plain = env.worker("plain.scope", "plain")
+    cap = Capture(env, Filters(comms=(COMM,)), ns_budget=1)
+    try:
+        for w in (a, b, plain):
+            cap.wait(w.open())
+        counts = dict(cap.engine.namespace_events)
+        # one namespace value allowed: the first seen keeps its name, the next is _other
+        assert counts.get(("file", "prod"), 0) >= 1
+        assert counts.get(("file", "_other"), 0) >= 1
+        assert ("file", "shop") not in counts
+        assert counts.get(("file", ""), 0) >= 1  # outside pods: not charged to the budget
+        fam = {f.name: f for f in AgentCollector(cap.engine, NODE).collect()}
+        values = {s.labels["namespace"] for s in fam["tracefleet_agent_namespace_events"].samples
+                  if s.name.endswith("_total")}  # fmt: skip
+        assert values == {"prod", "_other", ""}
+        assert all("pod" not in s.labels for f in fam.values() for s in f.samples)
     finally:
         cap.close()

@@ -87,3 +87,23 @@ def test_workload_fields_through_json_protobuf_and_table() -> None:
     # an event without attribution keeps the old JSON shape
     assert "attribution" not in Event(ts_ns=1, event_set="f", syscall="x", pid=1, tid=1,
                                       comm="c", ret=0).to_json()  # fmt: skip
+
+
+def test_unknown_attribution_is_counted_and_exposed() -> None:
+    """A cgroup not walked yet: the event goes out as unknown, counted per cause, and the
+    resolver is woken; /metrics shows the count."""
+    from types import SimpleNamespace
+
+    from tracefleet.agent._internal.metrics import AgentCollector
+    from tracefleet.agent.workload import Attributor, CgroupCache
+
+    att = Attributor(node="n1", cgroups=CgroupCache(root=""))
+    ev = {"cgroup_id": 12345}
+    att.annotate(ev)
+    assert (ev["attribution"], ev["container_id"], ev["node"]) == ("unknown", "", "n1")
+    assert att.unknown["cgroup"] == 1 and att._wake.is_set()
+    engine = SimpleNamespace(opts=SimpleNamespace(attributor=att))
+    fam = {f.name: f for f in AgentCollector(engine, "n1").collect()}
+    got = {s.labels["cause"]: s.value for s in fam["tracefleet_agent_attribution_unknown"].samples
+           if s.name.endswith("_total")}  # fmt: skip
+    assert got == {"cgroup": 1, "pod": 0, "container-name": 0}

@@ -164,6 +164,9 @@ class EngineOptions:
     # workload selectors resolve to cgroup ids; None: neither
     attributor: Any = None
     filter_entries: int = 65536  # cgroup ids / followed processes the kernel maps hold
+    # events per namespace for /metrics: off (0), else at most this many namespace label
+    # values; events of namespaces beyond it count under "_other" (bounded cardinality)
+    namespace_budget: int = 0
 
 
 def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
@@ -272,6 +275,9 @@ class BpfEngine:
         self._follow_links: list[libbpf.Link] = []
         self._follow_seeded: dict[str, tuple[int, ...]] = {}
         self.filter_map_full = 0  # cgroup ids the kernel map refused (full), counted
+        # (set, namespace) -> events, when opted in (namespace_budget); "" = not in a pod
+        self.namespace_events: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._namespaces: set[str] = set()
         if self.opts.attributor is not None:
             self.opts.attributor.add_listener(self._sync_cgroups)
         self._ncpu = libbpf.num_possible_cpus()
@@ -646,6 +652,11 @@ class BpfEngine:
         sc = SYSCALL_NAMES.get(syscall, str(syscall))
         agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
         agg.latency.observe(max(0, now - ts_ns) / 1e9)
+        if self.opts.namespace_budget and self.opts.attributor is not None:
+            try:
+                self._count_namespace(name, raw)
+            except Exception as e:
+                self.errors.count(label, "attribution", e)
         if ev is None:
             return
         if fallback:
@@ -672,6 +683,16 @@ class BpfEngine:
                 sink(ev)
             except Exception as e:
                 self.errors.count(label, "sink", e)
+
+    def _count_namespace(self, name: str, raw: bytes) -> None:
+        cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
+        ns = self.opts.attributor.namespace_of(cg)
+        if ns and ns not in self._namespaces:
+            if len(self._namespaces) >= self.opts.namespace_budget:
+                ns = "_other"
+            else:
+                self._namespaces.add(ns)
+        self.namespace_events[(name, ns)] += 1
 
     def _fallback_event(
         self, ev: dict[str, Any], rec: ctypes.Structure, name: str, now: int

@@ -206,6 +206,7 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
             inflight_entries=getattr(args, "inflight_entries", 4096),
             mount_tracefs=True,
             attributor=getattr(args, "attributor", None),
+            namespace_budget=max(0, getattr(args, "metrics_namespaces", 0)),
         )
     )
     if engine.host.tracefs_mounted_by_agent:

@@ -499,6 +499,14 @@ class Attributor:
             self.unknown["container-name"] += 1
         return out
 
+    def namespace_of(self, cgroup_id: int) -> str:
+        """The namespace of the pod a cgroup belongs to; "" when not (yet) known."""
+        info = self.cgroups.get(cgroup_id)
+        if info is None or not info.pod_uid or self.pods is None:
+            return ""
+        pod = self.pods.get(info.pod_uid)
+        return pod.namespace if pod is not None else ""
+
     def annotate(self, ev: dict[str, Any]) -> None:
         ev.update(self.identity(int(ev.get("cgroup_id") or 0)))
 
@@ -546,6 +554,14 @@ def add_source_flags(sp: argparse.ArgumentParser) -> None:
         default=SERVICEACCOUNT_DIR,
         metavar="DIR",
         help="directory with token and ca.crt (default: %(default)s)",
+    )
+    sp.add_argument(
+        "--metrics-namespaces",
+        type=int,
+        default=0,
+        metavar="N",
+        help="count events per namespace on /metrics for at most N namespaces, the rest as "
+        "_other (default: 0, off; pod names and UIDs are never labels)",
     )
     sp.add_argument(
         "--cgroup-root",
