@@ -304,3 +304,36 @@ def test_namespace_metric_label_is_opt_in_and_bounded(env: Env) -> None:
         assert all("pod" not in s.labels for f in fam.values() for s in f.samples)
     finally:
         cap.close()
+
+
+def test_agent_capture_cli_namespace_and_pod_glob_table(env: Env) -> None:
+    """`tracefleet-agent capture -e file --namespace prod --pod 'db-*' -o table` as a user
+    runs it (pod metadata from the stand-in via --kube-api): only the db pods of prod, with
+    their NAMESPACE/POD/CONTAINER columns."""
+    from tests.bpf.test_agent_cli import AGENT
+
+    db = env.pod("containerd", "prod", "db-0", "postgres")
+    other = env.pod("containerd", "dev", "db-0", "postgres")
+    ready = env.creds.parent / "ready"
+    proc = subprocess.Popen(
+        [*AGENT, "capture", "-e", "file", "--namespace", "prod", "--pod", "db-*", "-o", "table",
+         "--kube-api", env.fake.url, "--kube-credentials", str(env.creds),
+         "--duration", str(scaled(10)), "--ready-file", str(ready)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TRACEFLEET_NODE_NAME": NODE},
+    )  # fmt: skip
+    try:
+        wait_until(lambda: ready.exists() or proc.poll() is not None, scaled(60), "agent ready")
+        skipped, seen = other.open(), db.open()
+        out, err = proc.communicate(timeout=scaled(60))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[2:5] == ["NAMESPACE", "POD", "CONTAINER"]
+    (line,) = [ln for ln in lines if seen in ln]
+    assert line.split()[1:4] == ["prod", "db-0", "postgres"]
+    assert not [ln for ln in lines if skipped in ln]
+    assert all(ln.split()[1:3] == ["prod", "db-0"] for ln in lines[1:]), lines
