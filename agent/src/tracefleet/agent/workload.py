@@ -409,7 +409,7 @@ class Attributor:
         node: str = "",
         cgroups: CgroupCache | None = None,
         pods: PodWatcher | None = None,
-        rescan_seconds: float = 2.0,
+        rescan_seconds: float = 30.0,  # a safety net: misses and pod events wake it at once
     ) -> None:
         self.node = node
         self.cgroups = cgroups or CgroupCache()
