@@ -1,6 +1,8 @@
-"""A fake Kubernetes API server for TokenReview: a stdlib HTTPS server with its own CA, in the
-test process, answering the way kube-apiserver does. Shared by the unit and e2e tests of
-``--agent-identity=k8s-token``."""
+"""A fake Kubernetes API server (a stand-in with the real API's shape, not kube-apiserver):
+a stdlib HTTPS server with its own CA, in the test process, answering the way kube-apiserver
+does. TokenReview and Node reads for the tests of ``--agent-identity=k8s-token``; Pod list
+and watch (``fieldSelector=spec.nodeName=``, resourceVersion, ADDED/MODIFIED/DELETED) for
+the agent's workload attribution."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import ssl
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ AUDIENCE = "tracefleet"
 AGENT_USER = "system:serviceaccount:tracefleet:tracefleet-agent"
 CONTROLLER_API_TOKEN = "controller-own-token"
 API_AUDIENCE = "https://kubernetes.default.svc.cluster.local"
+AGENT_API_TOKEN = "agent-own-token"  # the agent's ServiceAccount token (pods of its node)
 
 
 def jwt(name: str, exp_in: float = 600) -> str:
@@ -49,6 +53,12 @@ class FakeAPIServer:
         self.forced: tuple[int, bytes] | None = None  # answer this (status, body) instead
         self.node_labels: dict[str, dict[str, str]] = {}  # GET /api/v1/nodes/NAME
         self.node_reads = 0
+        self.pods: dict[str, dict[str, Any]] = {}  # uid -> Pod object
+        self.pod_events: list[tuple[int, str, dict[str, Any]]] = []  # (rv, type, Pod)
+        self.pod_queries: list[str] = []  # request paths of pod lists and watches
+        self.rv = 100
+        self.cond = threading.Condition()
+        self.stopping = False
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,6 +78,8 @@ class FakeAPIServer:
                 self._send(201, {**body, "status": fake.status(body["spec"])})
 
             def do_GET(self) -> None:
+                if self.path.startswith("/api/v1/pods"):
+                    return self._pods()
                 if self.headers.get("Authorization") != f"Bearer {CONTROLLER_API_TOKEN}":
                     return self._send(401, {"kind": "Status", "code": 401})
                 name = self.path.removeprefix("/api/v1/nodes/")
@@ -76,6 +88,43 @@ class FakeAPIServer:
                 fake.node_reads += 1
                 meta = {"name": name, "labels": fake.node_labels[name]}
                 self._send(200, {"kind": "Node", "apiVersion": "v1", "metadata": meta})
+
+            def _pods(self) -> None:
+                if self.headers.get("Authorization") != f"Bearer {AGENT_API_TOKEN}":
+                    return self._send(401, {"kind": "Status", "code": 401})
+                fake.pod_queries.append(self.path)
+                q = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                node = (q.get("fieldSelector") or [""])[0].removeprefix("spec.nodeName=")
+
+                def mine(pod: dict[str, Any]) -> bool:
+                    return not node or pod["spec"].get("nodeName") == node
+
+                if (q.get("watch") or [""])[0] not in ("1", "true"):
+                    with fake.cond:
+                        items = [p for p in fake.pods.values() if mine(p)]
+                        rv = fake.rv
+                    return self._send(200, {"kind": "PodList", "apiVersion": "v1",
+                                            "metadata": {"resourceVersion": str(rv)},
+                                            "items": items})  # fmt: skip
+                since = int((q.get("resourceVersion") or ["0"])[0] or 0)
+                end = time.monotonic() + int((q.get("timeoutSeconds") or ["300"])[0])
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()  # HTTP/1.0: the stream ends when the connection closes
+                while time.monotonic() < end:
+                    with fake.cond:
+                        fake.cond.wait_for(lambda s=since: fake.stopping or any(
+                            rv > s for rv, *_ in fake.pod_events), timeout=0.5)  # fmt: skip
+                        if fake.stopping:
+                            return
+                        new = [e for e in fake.pod_events if e[0] > since]
+                    for rv, kind, obj in new:
+                        since = rv
+                        if mine(obj):
+                            line = json.dumps({"type": kind, "object": obj}) + "\n"
+                            self.wfile.write(line.encode())
+                    self.wfile.flush()
 
             def _send(self, code: int, doc: dict[str, Any]) -> None:
                 self._raw(code, json.dumps(doc).encode())
@@ -127,9 +176,45 @@ class FakeAPIServer:
         self.node_labels.setdefault(node, {})
         return token
 
+    def put_pod(
+        self,
+        uid: str,
+        name: str,
+        namespace: str,
+        node: str,
+        containers: dict[str, str],
+        labels: dict[str, str] | None = None,
+        runtime: str = "containerd",
+    ) -> None:
+        """Create or update a Pod (containers: name -> container id), as a watch sees it."""
+        with self.cond:
+            self.rv += 1
+            kind = "MODIFIED" if uid in self.pods else "ADDED"
+            pod = {"kind": "Pod", "apiVersion": "v1",
+                   "metadata": {"uid": uid, "name": name, "namespace": namespace,
+                                "labels": labels or {}, "resourceVersion": str(self.rv)},
+                   "spec": {"nodeName": node,
+                            "containers": [{"name": n} for n in containers]},
+                   "status": {"phase": "Running", "containerStatuses": [
+                       {"name": n, "containerID": f"{runtime}://{c}", "ready": True}
+                       for n, c in containers.items()]}}  # fmt: skip
+            self.pods[uid] = pod
+            self.pod_events.append((self.rv, kind, pod))
+            self.cond.notify_all()
+
+    def delete_pod(self, uid: str) -> None:
+        with self.cond:
+            self.rv += 1
+            pod = self.pods.pop(uid)
+            self.pod_events.append((self.rv, "DELETED", pod))
+            self.cond.notify_all()
+
     def reviews_of(self, token: str) -> int:
         return sum(1 for r in self.reviews if r["spec"]["token"] == token)
 
     def stop(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.cond.notify_all()
         self.httpd.shutdown()
         self.httpd.server_close()

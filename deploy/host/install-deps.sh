@@ -18,6 +18,7 @@ APT_PACKAGES=(
   iproute2 iptables                         # network namespaces for partition tests
   e2fsprogs mount util-linux                # vfs tests: mkfs.ext4, loop mounts, taskset
   kmod                                      # modprobe: zram, ext4, loop, overlay where they are modules
+  containerd runc                           # a real container runtime for the workload attribution test
   nodejs                                    # buf comes from the npm registry (npm below)
   python3-venv
 )

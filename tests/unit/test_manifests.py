@@ -332,7 +332,9 @@ def test_host_namespaces_only_on_agent():
         assert not spec.get("hostNetwork", False) and not spec.get("hostIPC", False), obj_id(wl)
         host_paths = {v["hostPath"]["path"] for v in spec.get("volumes", []) if "hostPath" in v}
         assert host_paths == (
-            {"/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf"} if is_agent else set()
+            {"/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/bpf", "/sys/fs/cgroup"}
+            if is_agent
+            else set()
         ), obj_id(wl)
 
 
@@ -384,7 +386,11 @@ def test_images_pinned_and_not_latest():
 
 def test_rbac_minimal():
     role = get("ClusterRole", "tracefleet-agent")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}]
+    # nodes: its own Node's labels; pods: list+watch of its node's pods (attribution)
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    ]
     # the controller's API calls: TokenReview of the agents' ServiceAccount tokens, then the
     # labels of the agent's Node
     role = get("ClusterRole", "tracefleet-controller")
@@ -612,3 +618,21 @@ def test_cert_manager_subjects_carry_what_the_controller_checks(private_ca):
     (agent,) = containers(get("DaemonSet", "tracefleet-agent"))
     host = _env(agent)["TRACEFLEET_CONTROLLER"]["value"].rpartition(":")[0]
     assert host in certs["tracefleet-controller-tls"]["dnsNames"]
+
+
+def test_agent_attribution_mounts_and_settings():
+    """Workload attribution: the host's cgroup2 tree read-only, where the agent is told to
+    look for it; pod metadata from the API server only (no CRI socket, no /run)."""
+    ds = get("DaemonSet", "tracefleet-agent")
+    (agent,) = containers(ds)
+    mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert mounts[env["TRACEFLEET_CGROUP_ROOT"]]["readOnly"] is True
+    vols = {v["name"]: v for v in pod_spec(ds)["volumes"]}
+    cg = vols[mounts[env["TRACEFLEET_CGROUP_ROOT"]]["name"]]["hostPath"]
+    assert cg == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    host = {v["hostPath"]["path"] for v in vols.values() if "hostPath" in v}
+    assert not any(p.startswith(("/run", "/var/run")) for p in host)
+    assert pod_spec(ds)["automountServiceAccountToken"] is True  # in-cluster API access
+    src = (ROOT / "deploy/kubernetes/agent/daemonset.yaml").read_text()
+    assert "cgroup id -> path -> container and pod" in src  # the mount says why

@@ -53,6 +53,8 @@ class FakeProgramsEngine(SyntheticEngine):
     bpf_stats_enabled = True
     errors = ErrorCounter()
     fallback_rejected = {("file", "pid-reused"): 2}
+    opts = SimpleNamespace(attributor=SimpleNamespace(unknown={"cgroup": 1}))  # workload.py
+    namespace_events = {("file", "prod"): 3}  # --metrics-namespaces
 
     def program_stats(self) -> list[tuple[str, str, int, int]]:
         return [("file", "tps_enter_openat", 2_500_000_000, 10), ("file", "tp_exit_openat", 0, 0)]

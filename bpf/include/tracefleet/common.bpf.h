@@ -49,6 +49,25 @@ struct {
 	__type(value, __u64);
 } tf_stats SEC(".maps");
 
+/* Workload filters: cgroup id -> bit mask of the sets that trace it. A hash sized by the
+ * agent (--cgroup-filter-entries), kept current by it as pods come and go. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u64);
+} tf_cgroups SEC(".maps");
+
+/* Followed processes (--pid P --follow): tgid -> bit mask of sets. Seeded by the agent with
+ * P and its descendants; follow.bpf.c adds each child forked by a followed process and
+ * removes a process when its last thread exits. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u32);
+	__type(value, __u64);
+} tf_follow SEC(".maps");
+
 static __always_inline void tf_count(__u32 set, __u32 stat)
 {
 	__u32 key = set * TF_STAT_MAX + stat;
@@ -113,11 +132,16 @@ static __always_inline struct tf_control *tf_should_trace(__u32 set, __u32 tgid)
 		return NULL;
 
 	struct tf_filter *f = &ctl->filter[set];
-	if (f->npids) {
+	if (f->npids || f->follow) {
 		bool hit = false;
 		for (int i = 0; i < TF_FILTER_PIDS; i++)
 			if (i < f->npids && f->pids[i] == tgid)
 				hit = true;
+		if (!hit && f->follow) {
+			__u64 *sets = bpf_map_lookup_elem(&tf_follow, &tgid);
+
+			hit = sets && (*sets & (1ULL << set));
+		}
 		if (!hit)
 			goto filtered;
 	}
@@ -132,14 +156,11 @@ static __always_inline struct tf_control *tf_should_trace(__u32 set, __u32 tgid)
 		if (!hit)
 			goto filtered;
 	}
-	if (f->ncgroups) {
+	if (f->cgroup_filter) {
 		__u64 cg = bpf_get_current_cgroup_id();
-		bool hit = false;
+		__u64 *sets = bpf_map_lookup_elem(&tf_cgroups, &cg);
 
-		for (int i = 0; i < TF_FILTER_CGROUPS; i++)
-			if (i < f->ncgroups && f->cgroups[i] == cg)
-				hit = true;
-		if (!hit)
+		if (!sets || !(*sets & (1ULL << set)))
 			goto filtered;
 	}
 	return ctl;

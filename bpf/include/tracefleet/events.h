@@ -19,7 +19,6 @@
 #define TF_SET_MAX 8             /* event-set slots in the control map */
 #define TF_FILTER_PIDS 8
 #define TF_FILTER_COMMS 4
-#define TF_FILTER_CGROUPS 4
 #define TF_PREFIX_MAX 64
 
 /* Event sets: bit N of tf_control.enabled_bits enables set N. */
@@ -224,11 +223,12 @@ struct tf_vfs_event {
 struct tf_filter {
 	__u32 npids;
 	__u32 ncomms;
-	__u32 ncgroups;
+	__u32 cgroup_filter;    /* nonzero: only cgroups whose tf_cgroups bits have this set */
 	__u32 prefix_len;
+	__u32 follow;           /* nonzero: pids also match every tgid in tf_follow for this set */
+	__u32 _pad;
 	__u32 pids[TF_FILTER_PIDS];
 	char comms[TF_FILTER_COMMS][TF_COMM_LEN];
-	__u64 cgroups[TF_FILTER_CGROUPS];
 	char prefix[TF_PREFIX_MAX];
 };
 

@@ -28,7 +28,6 @@ from typing import Any
 from tracefleet.agent._internal import fastring, libbpf
 from tracefleet.agent._internal.abi import (
     TF_COMM_LEN,
-    TF_FILTER_CGROUPS,
     TF_FILTER_COMMS,
     TF_FILTER_PIDS,
     TF_PREFIX_MAX,
@@ -163,6 +162,13 @@ class EngineOptions:
     stale_seconds: float = 30.0
     # the compiled ring consumer (fastring) where it loads; False: the Python one
     compiled_consumer: bool = True
+    # workload identity (workload.Attributor): events get container/pod fields, and
+    # workload selectors resolve to cgroup ids; None: neither
+    attributor: Any = None
+    filter_entries: int = 65536  # cgroup ids / followed processes the kernel maps hold
+    # events per namespace for /metrics: off (0), else at most this many namespace label
+    # values; events of namespaces beyond it count under "_other" (bounded cardinality)
+    namespace_budget: int = 0
 
 
 def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
@@ -176,7 +182,7 @@ def build_filter(ctl: TfControl, slot: int, f: Filters) -> None:
     k = ctl.filter[slot]
     pids = _bounded(f.pids, TF_FILTER_PIDS, "pids")
     comms = _bounded(f.comms, TF_FILTER_COMMS, "comm filters")
-    cgroups = _bounded(f.cgroup_ids, TF_FILTER_CGROUPS, "cgroup filters")
+    cgroups = f.cgroup_ids  # a hash map in the kernel (tf_cgroups): no slot count here
     prefixes = _bounded(f.path_prefixes, 1, "path prefixes")
     # ctypes would truncate silently (-5 -> 4294967291): a filter on the wrong process
     if any(not 0 < p < 2**32 for p in pids) or any(not 0 < g < 2**64 for g in cgroups):
@@ -190,15 +196,56 @@ def build_filter(ctl: TfControl, slot: int, f: Filters) -> None:
         if len(raw) >= TF_COMM_LEN:
             raise FilterError(f"comm {c!r} is longer than {TF_COMM_LEN - 1} bytes")
         k.comms[i].value = raw
-    k.ncgroups = len(cgroups)
-    for i, g in enumerate(cgroups):
-        k.cgroups[i] = g
+    # a selector matching no pod yet still filters: nothing passes until one appears
+    k.cgroup_filter = int(bool(cgroups or f.workload))
+    if f.follow and not pids:
+        raise FilterError("--follow follows the processes of --pid: add --pid P")
+    k.follow = int(f.follow)
     if prefixes:
         raw = prefixes[0].encode()
         if not raw or len(raw) > TF_PREFIX_MAX:
             raise FilterError(f"path prefix must be 1..{TF_PREFIX_MAX} bytes")
         k.prefix = raw
         k.prefix_len = len(raw)
+
+
+def _check_workload(f: Filters, attributor: Any) -> None:
+    if not f.workload:
+        return
+    try:
+        f.workload.check()
+    except ValueError as e:
+        raise FilterError(str(e)) from None
+    if attributor is None or attributor.pods is None:
+        raise FilterError(
+            "--namespace/--pod/--container/--selector need pod metadata: run "
+            "in the cluster (in-cluster credentials) or pass --kube-api URL"
+        )
+
+
+def _descendants(seed: Mapping[int, int]) -> dict[int, int]:
+    """``seed`` (tgid -> set bits) plus every live descendant of those tgids, inheriting
+    the bits, from /proc (stat field 4 is the parent's tgid)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # comm may hold spaces and parentheses: fields follow the last ')'
+        parent[int(d)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+    out = dict(seed)
+    changed = True
+    while changed:
+        changed = False
+        for pid, ppid in parent.items():
+            if ppid in out and (out.get(pid, 0) | out[ppid]) != out.get(pid, 0):
+                out[pid] = out.get(pid, 0) | out[ppid]
+                changed = True
+    return out
 
 
 class BpfEngine:
@@ -219,7 +266,22 @@ class BpfEngine:
             events=-1,  # one ring per set, created when the set loads (_ring_for)
             stats=self._create(libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, "tf_stats", 4, 8,
                                TF_SET_MAX * TF_STAT_MAX),
+            cgroups=self._create(libbpf.BPF_MAP_TYPE_HASH, "tf_cgroups", 8, 8,
+                                 self.opts.filter_entries),
+            follow=self._create(libbpf.BPF_MAP_TYPE_HASH, "tf_follow", 4, 8,
+                                self.opts.filter_entries),
         )  # fmt: skip
+        self._cg_lock = threading.Lock()
+        self._cg_written: dict[int, int] = {}  # tf_cgroups as last written
+        self._follow_obj: libbpf.BpfObject | None = None
+        self._follow_links: list[libbpf.Link] = []
+        self._follow_seeded: dict[str, tuple[int, ...]] = {}
+        self.filter_map_full = 0  # cgroup ids the kernel map refused (full), counted
+        # (set, namespace) -> events, when opted in (namespace_budget); "" = not in a pod
+        self.namespace_events: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._namespaces: set[str] = set()
+        if self.opts.attributor is not None:
+            self.opts.attributor.add_listener(self._sync_cgroups)
         self._ncpu = libbpf.num_possible_cpus()
         self._sets = {
             name: _SetState(spec)
@@ -378,6 +440,7 @@ class BpfEngine:
             if name in self._sets:
                 try:
                     build_filter(TfControl(), 0, cfg.filters)
+                    _check_workload(cfg.filters, self.opts.attributor)
                 except FilterError as e:
                     errors[name] = str(e)
         for name, cfg in desired.items():  # first enable: load, outside the engine's lock
@@ -402,9 +465,93 @@ class BpfEngine:
                 elif st.enabled:
                     st.enabled = False
                     st.disabled_at = now
+            # the maps first, then the control word that makes the kernel consult them
+            self._sync_cgroups()
+            try:
+                self._sync_follow()
+            except (libbpf.LibbpfError, OSError) as e:
+                for st in self._sets.values():
+                    if st.filters.follow:
+                        st.error = f"--follow unavailable: {e}"
+                        errors[st.spec.name] = st.error
             self._write_control()
             self._sync_consumer()
             return [self._status(name, errors.get(name, "")) for name in self._sets]
+
+    def _sync_cgroups(self) -> None:
+        """Write tf_cgroups: every cgroup id a set's filter names (explicit ids, and the
+        containers its workload selector matches now) with the bits of those sets. Called on
+        apply() and by the attributor after each refresh (pods and cgroups come and go)."""
+        want: dict[int, int] = collections.defaultdict(int)
+        att = self.opts.attributor
+        for st in list(self._sets.values()):
+            bit = 1 << int(st.spec.set_id)
+            ids = set(st.filters.cgroup_ids)
+            if st.filters.workload and att is not None:
+                ids |= att.resolve(st.filters.workload)
+            for cg in ids:
+                want[cg] |= bit
+        with self._cg_lock:
+            for cg in [c for c in self._cg_written if c not in want]:
+                libbpf.map_delete(self.shared.cgroups, ctypes.c_uint64(cg))
+                del self._cg_written[cg]
+            for cg, bits in want.items():
+                if self._cg_written.get(cg) == bits:
+                    continue
+                try:
+                    libbpf.map_update(self.shared.cgroups, ctypes.c_uint64(cg),
+                                      ctypes.c_uint64(bits))  # fmt: skip
+                    self._cg_written[cg] = bits
+                except libbpf.LibbpfError:
+                    self.filter_map_full += 1  # E2BIG: --filter-entries too small
+
+    def _sync_follow(self) -> None:
+        """Seed tf_follow with each following set's pids and their descendants, and load
+        the fork/exit programs that keep it current (once, on the first --follow)."""
+        want = {n: st.filters.pids for n, st in self._sets.items() if st.filters.follow}
+        if want == self._follow_seeded:
+            return
+        if want and self._follow_obj is None:
+            obj = libbpf.BpfObject(str(self.bpf_dir / "follow.bpf.o"))
+            try:
+                for mname, mfd in (("tf_control", self.shared.control),
+                                   ("tf_stats", self.shared.stats),
+                                   ("tf_cgroups", self.shared.cgroups),
+                                   ("tf_follow", self.shared.follow)):  # fmt: skip
+                    obj.maps[mname].reuse_fd(mfd)
+                obj.maps["tf_events"].set_max_entries(4096)  # unused here
+                obj.load()
+                self._follow_links = [p.attach() for p in obj.programs.values()]
+            except BaseException:
+                obj.close()
+                raise
+            self._follow_obj = obj
+        # the kernel adds children once the parent is in the map; walking again until
+        # nothing new appears catches those forked while an ancestor was being added
+        for k in list(libbpf.map_keys(self.shared.follow, ctypes.c_uint32)):
+            libbpf.map_delete(self.shared.follow, ctypes.c_uint32(k))
+        masks: dict[int, int] = collections.defaultdict(int)
+        for name, pids in want.items():
+            for p in pids:
+                masks[p] |= 1 << int(self._sets[name].spec.set_id)
+        written: dict[int, int] = {}
+        while True:
+            new = {p: m for p, m in masks.items() if written.get(p) != m}
+            for p, m in new.items():
+                libbpf.map_update(self.shared.follow, ctypes.c_uint32(p), ctypes.c_uint64(m))
+                written[p] = m
+            if not new:
+                break
+            masks = _descendants(masks)
+        self._follow_seeded = want
+
+    def follow_full(self) -> int:
+        """Children not followed because tf_follow was full."""
+        if self._follow_obj is None:
+            return 0
+        v = ctypes.c_uint64()
+        libbpf.map_lookup(self._follow_obj.maps["tf_follow_full"].fd, ctypes.c_uint32(0), v)
+        return v.value
 
     def _status(self, name: str, err: str = "") -> SetStatus:
         st = self._sets[name]
@@ -533,10 +680,20 @@ class BpfEngine:
         sc = SYSCALL_NAMES.get(syscall, str(syscall))
         agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
         agg.latency.observe(max(0, now - ts_ns) / 1e9)
+        if self.opts.namespace_budget and self.opts.attributor is not None:
+            try:
+                self._count_namespace(name, raw)
+            except Exception as e:
+                self.errors.count(label, "attribution", e)
         if ev is None:
             return
         if fallback:
             ev = self._fallback_event(ev, rec, name, now)
+        if self.opts.attributor is not None:
+            try:
+                self.opts.attributor.annotate(ev)
+            except Exception as e:
+                self.errors.count(label, "attribution", e)
         if st is not None and st.filters.path_prefixes:
             try:
                 if not _prefix_ok(ev, st.filters):
@@ -554,6 +711,16 @@ class BpfEngine:
                 sink(ev)
             except Exception as e:
                 self.errors.count(label, "sink", e)
+
+    def _count_namespace(self, name: str, raw: bytes) -> None:
+        cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
+        ns = self.opts.attributor.namespace_of(cg)
+        if ns and ns not in self._namespaces:
+            if len(self._namespaces) >= self.opts.namespace_budget:
+                ns = "_other"
+            else:
+                self._namespaces.add(ns)
+        self.namespace_events[(name, ns)] += 1
 
     def _fallback_event(
         self, ev: dict[str, Any], rec: ctypes.Structure, name: str, now: int
@@ -1017,6 +1184,11 @@ class BpfEngine:
             if alive:
                 log.error("ring buffer consumer did not stop in 30 s; leaving its ring mapped")
         with self._lock:
+            for link in self._follow_links:
+                link.destroy()
+            if self._follow_obj is not None:
+                self._follow_obj.close()
+                self._follow_obj = None
             for st in self._sets.values():
                 if st.loaded:
                     st.loaded.close()

@@ -13,6 +13,7 @@ import threading
 import time
 from typing import Any, TextIO
 
+from tracefleet.agent import workload
 from tracefleet.agent._internal import env
 from tracefleet.agent._internal.abi import Strategy
 from tracefleet.agent.engine import EventSetConfig, Filters
@@ -137,6 +138,8 @@ def _filters(args: argparse.Namespace) -> Filters:
         comms=tuple(args.comm or ()),
         cgroup_ids=tuple(args.cgroup_id or ()),
         path_prefixes=(args.path_prefix,) if args.path_prefix else (),
+        workload=workload.selector_from_args(args),
+        follow=args.follow,
     )
 
 
@@ -157,6 +160,8 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
             hold_seconds=getattr(args, "hold_seconds", 30.0),
             inflight_entries=getattr(args, "inflight_entries", 4096),
             mount_tracefs=True,
+            attributor=getattr(args, "attributor", None),
+            namespace_budget=max(0, getattr(args, "metrics_namespaces", 0)),
         )
     )
     if engine.host.tracefs_mounted_by_agent:
@@ -350,7 +355,21 @@ def cmd_capture(args: argparse.Namespace) -> int:
         return _capture_user(args)
     specs = parse_event_sets(args.event_set)
     names = [s.name for s in specs]
+    try:
+        filters = _filters(args)
+        node = os.environ.get(env.NODE_NAME) or os.uname().nodename
+        attributor = workload.attributor_from_args(args, node, bool(filters.workload))
+    except (ValueError, workload.PodSourceError) as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    args.attributor = attributor
     engine = _make_engine(args, names)
+    attributor.start()
+    show_workload = attributor.pods is not None  # NAMESPACE/POD/CONTAINER columns
+    if attributor.pods is not None and not attributor.pods.synced.wait(30):
+        why = attributor.pods.last_error or "the API server is slow"
+        print(f"tracefleet-agent: no pod metadata yet ({why}); events name containers "
+              "until it comes", file=sys.stderr)  # fmt: skip
     try:
         hub = _export_hub(args, engine, os.uname().nodename)
     except (ValueError, OSError) as e:
@@ -376,7 +395,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
                 if args.output == "jsonl":
                     out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
                 else:  # strace-like, control characters escaped
-                    out.write(human.line(event) + "\n")
+                    out.write(human.line(event, workload=show_workload) + "\n")
             except BrokenPipeError:  # the reader went away (| head): stop, not an error
                 stop.set()
 
@@ -386,7 +405,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if hub is not None:
             engine.add_sink(hub)
         engine.add_sink(sink)
-        statuses = engine.apply({n: EventSetConfig(n, True, _filters(args)) for n in names})
+        statuses = engine.apply({n: EventSetConfig(n, True, filters) for n in names})
         failed = False
         for st in statuses:
             if st.name in names:
@@ -402,7 +421,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             with open(args.ready_file, "w") as f:
                 f.write(str(os.getpid()))
         if args.output == "table":
-            out.write(human.header() + "\n")
+            out.write(human.header(workload=show_workload) + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set():
             engine.poll_once()
@@ -419,6 +438,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
             hub.close()
         if metrics_server is not None:
             metrics_server.close()
+        attributor.close()
         engine.close()
     return EXIT_OK
 
@@ -552,8 +572,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
     from tracefleet.agent.userevents import UserEventsEngine
 
+    try:  # pod metadata when in a pod (or --kube-api); rules' workload selectors need it
+        args.attributor = workload.attributor_from_args(args, args.node, need_pods=False)
+    except workload.PodSourceError as e:
+        print(f"tracefleet-agent: {e}", file=sys.stderr)
+        return EXIT_USAGE
     # user:NAME sets (application user_events) beside the BPF sets
     engine = UserEventsEngine(_make_engine(args, list(EVENT_SETS)))
+    args.attributor.start()
     if exporters:
         from tracefleet.agent import export
 
@@ -608,6 +634,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 pusher.close()
             if metrics_server is not None:
                 metrics_server.close()
+            args.attributor.close()
             engine.close()
     return EXIT_OK
 
@@ -652,6 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--cgroup-id", type=int_in("a cgroup id", 1, 2**64 - 1), action="append",
                     help="only this cgroup id")  # fmt: skip
     sc.add_argument("--path-prefix", help="only paths starting with this (file, exec)")
+    workload.add_filter_flags(sc)
+    workload.add_source_flags(sc)
     sc.add_argument("--strategy", choices=STRATEGY_CHOICES, default="auto",
                     help="force one rung instead of the best available "
                          "(vfs: fentry or tracepoint)")  # fmt: skip
@@ -720,6 +749,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("--insecure", action="store_true",
                     help="allow a non-loopback controller without TLS")  # fmt: skip
+    workload.add_source_flags(sr)
     sr.set_defaults(func=cmd_run)
     return p
 

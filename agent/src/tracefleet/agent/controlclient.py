@@ -57,6 +57,7 @@ from tracefleet.agent.engine import (
     SetStatus,
     SinkEngine,
 )
+from tracefleet.agent.workload import WorkloadSelector
 from tracefleet.model import Event, wire
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -515,6 +516,13 @@ class ControlClient:
                     comms=tuple(s.filters.comms),
                     cgroup_ids=tuple(s.filters.cgroup_ids),
                     path_prefixes=tuple(s.filters.path_prefixes),
+                    workload=WorkloadSelector(
+                        namespace=s.filters.workload.namespace,
+                        pod=s.filters.workload.pod,
+                        container=s.filters.workload.container,
+                        labels=s.filters.workload.labels,
+                    ),
+                    follow=s.filters.follow,
                 ),
                 sample_rate=s.sample_rate,
                 export=tuple(s.export),

@@ -13,9 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from tracefleet.agent.workload import WorkloadSelector
+
 # one histogram type (and its bounds), one list of outcomes, for agent and controller
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.names import OUTCOMES
+
+_ANY_WORKLOAD = WorkloadSelector()
 
 __all__ = ["LATENCY_BUCKETS_SECONDS", "OUTCOMES", "Histogram"]
 
@@ -28,6 +32,8 @@ class Filters:
     comms: tuple[str, ...] = ()
     cgroup_ids: tuple[int, ...] = ()
     path_prefixes: tuple[str, ...] = ()
+    workload: WorkloadSelector = _ANY_WORKLOAD  # resolved by the agent to cgroup ids
+    follow: bool = False  # pids include their descendants, followed in the kernel
 
 
 @dataclass(frozen=True)

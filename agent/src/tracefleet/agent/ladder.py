@@ -45,6 +45,8 @@ class SharedMaps:
     control: int
     events: int
     stats: int
+    cgroups: int = -1  # workload filter: cgroup id -> sets (created by the engine)
+    follow: int = -1  # followed tgids -> sets
 
 
 @dataclass(frozen=True)
@@ -316,6 +318,9 @@ def open_configured(
         obj.maps["tf_control"].reuse_fd(shared.control)
         obj.maps["tf_events"].reuse_fd(shared.events)
         obj.maps["tf_stats"].reuse_fd(shared.stats)
+        for mname, mfd in (("tf_cgroups", shared.cgroups), ("tf_follow", shared.follow)):
+            if mfd >= 0 and mname in obj.maps:
+                obj.maps[mname].reuse_fd(mfd)
         obj.maps[spec.inflight_map].set_max_entries(inflight_entries)
     except BaseException:
         obj.close()

@@ -237,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--cgroup-id", type=_cgroup_id, action="append", default=[], metavar="ID",
         help="capture only this cgroup (repeatable)",
     )  # fmt: skip
+    en.add_argument("--namespace", default="", help="capture only pods of this namespace")
+    en.add_argument("--pod", default="", metavar="GLOB", help="only pods named so (db-*)")
+    en.add_argument("--container", default="", help="only containers of this name")
+    en.add_argument(
+        "--pod-selector", default="", metavar="LABELS",
+        help="only pods with these labels (app=db,tier!=cache); --selector picks nodes",
+    )  # fmt: skip
+    en.add_argument(
+        "--follow", action="store_true",
+        help="--pid also covers its descendants, present and future (strace -f)",
+    )  # fmt: skip
     en.add_argument(
         "--sample-rate", type=_share, default=0.0, metavar="SHARE",
         help="share 0..1 of raw events always forwarded to the controller (default: 0)",
@@ -584,8 +595,11 @@ def cmd_configure(ctx: Ctx, enabled: bool) -> int:
                 fail(EXIT_USAGE, f"bad --node: {e}")
             selector = nodes if selector in ("", "all") else f"{selector},{nodes}"
         filters = types_pb2.Filters(
-            pids=a.pid, comms=a.comm, cgroup_ids=a.cgroup_id, path_prefixes=a.path_prefix
-        )
+            pids=a.pid, comms=a.comm, cgroup_ids=a.cgroup_id, path_prefixes=a.path_prefix,
+            workload=types_pb2.WorkloadSelector(namespace=a.namespace, pod=a.pod,
+                                                container=a.container, labels=a.pod_selector),
+            follow=a.follow,
+        )  # fmt: skip
         req.selector = selector
         req.filters.CopyFrom(filters)
         req.canary_percent = a.canary
@@ -805,16 +819,20 @@ def cmd_events(ctx: Ctx) -> int:
     except grpc.RpcError as e:
         raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     node_width = max([12, *(len(n) for n in a.node)])
-    if ctx.output == "table":
-        print(human.header(node_width), file=ctx.out, flush=True)
+    # NAMESPACE/POD/CONTAINER columns when the agents attribute events: decided on the first
+    # event (the header waits for it)
+    workload: bool | None = None
     seen = 0
     try:
         for resp in stream:
             if resp.missed:
                 ctx.progress(f"missed {resp.missed} event(s): reading too slowly")
             event = wire.event_from_pb(resp.event)
+            if ctx.output == "table" and workload is None:
+                workload = bool(event.attribution)
+                print(human.header(node_width, workload), file=ctx.out, flush=True)
             if ctx.output == "table":  # strace-like, control characters escaped
-                print(human.line(event, node_width), file=ctx.out, flush=True)
+                print(human.line(event, node_width, bool(workload)), file=ctx.out, flush=True)
             elif ctx.output == "json":  # the agent's jsonl shape, exact (not escaped)
                 print(json.dumps(event.to_json()), file=ctx.out, flush=True)
             else:
@@ -829,6 +847,8 @@ def cmd_events(ctx: Ctx) -> int:
             raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     except KeyboardInterrupt:
         stream.cancel()
+    if ctx.output == "table" and workload is None:
+        print(human.header(node_width), file=ctx.out, flush=True)
     if seen == 0:
         ctx.progress(
             "no events: is the event set enabled on the matching nodes? "

@@ -5,7 +5,7 @@ JSON shape (one object per event; the agent's ``capture -o jsonl`` and the contr
 
     {"ts_ns", "time", "time_ns", "duration_ns", "delivery_latency_ns", "event_set",
      "syscall", "pid", "tid", "ppid", "uid", "gid", "comm", "ret", "cgroup_id", "strategy",
-     ["node"],
+     ["node"], ["attribution", "container_id", "pod", "namespace", "pod_uid", "container"],
      "args": {name: {"value": ..., "status": "ok|recovered|mismatch|reread|lost|truncated|torn",
                      "strategy": "...", ["addr": "0x7f..."], ["error": "EFAULT"],
                      ["names": ["O_RDONLY", ...]], ["kind": "d_path|..."], ...}}}
@@ -26,6 +26,7 @@ from typing import Any
 from tracefleet.model.names import OUTCOMES
 
 STATUSES = OUTCOMES  # an argument's status is the outcome it is counted under
+WORKLOAD_FIELDS = ("container_id", "pod", "namespace", "pod_uid", "container")
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,13 @@ class Event:
     uid: int | None = None
     gid: int | None = None
     node: str = ""  # set by the controller
+    # workload identity (agent/.../workload.py); "" = not known
+    attribution: str = ""  # host, container, pod, unknown; "" = not attributed at all
+    container_id: str = ""
+    pod: str = ""
+    namespace: str = ""
+    pod_uid: str = ""
+    container: str = ""
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -204,6 +212,10 @@ class Event:
         }
         if self.node:
             out["node"] = self.node
+        if self.attribution:
+            out["attribution"] = self.attribution
+            for k in WORKLOAD_FIELDS:
+                out[k] = getattr(self, k)
         out["args"] = {k: a.to_json() for k, a in self.args.items()}
         return out
 
@@ -234,6 +246,8 @@ class Event:
             uid=opt("uid"),
             gid=opt("gid"),
             node=str(d.get("node", "")),
+            attribution=str(d.get("attribution") or ""),
+            **{k: str(d.get(k) or "") for k in WORKLOAD_FIELDS},
         )
 
 

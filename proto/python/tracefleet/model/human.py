@@ -161,12 +161,24 @@ def clock_text(time_ns: int) -> str:
     return time.strftime("%H:%M:%S", time.gmtime(secs)) + f".{time_ns % 1_000_000_000 // 1000:06d}"
 
 
-def line(e: Event, node_width: int = 0) -> str:
-    """One aligned line; with node_width, a NODE column after the time."""
+def workload_text(e: Event) -> str:
+    """NAMESPACE POD CONTAINER columns: ``-`` for what is not known; a container without pod
+    metadata shows its short id; a process in no container shows ``(host)``."""
+    if e.attribution == "host":
+        return f"{'-':<14} {'(host)':<28} {'-':<14}"
+    cont = e.container or (e.container_id[:12] if e.container_id else "-")
+    return f"{escape(e.namespace or '-'):<14} {escape(e.pod or '-'):<28} {escape(cont):<14}"
+
+
+def line(e: Event, node_width: int = 0, workload: bool = False) -> str:
+    """One aligned line; with node_width, a NODE column after the time; with workload, the
+    NAMESPACE, POD and CONTAINER columns."""
     node = f" {escape(e.node):<{node_width}}" if node_width else ""
-    return f"{clock_text(e.time_ns)}{node} {e.pid:>7} {escape(e.comm):<16} {call_text(e)}"
+    wl = f" {workload_text(e)}" if workload else ""
+    return f"{clock_text(e.time_ns)}{node}{wl} {e.pid:>7} {escape(e.comm):<16} {call_text(e)}"
 
 
-def header(node_width: int = 0) -> str:
+def header(node_width: int = 0, workload: bool = False) -> str:
     node = f" {'NODE':<{node_width}}" if node_width else ""
-    return f"{'TIME (UTC)':<15}{node} {'PID':>7} {'COMM':<16} CALL"
+    wl = f" {'NAMESPACE':<14} {'POD':<28} {'CONTAINER':<14}" if workload else ""
+    return f"{'TIME (UTC)':<15}{node}{wl} {'PID':>7} {'COMM':<16} CALL"

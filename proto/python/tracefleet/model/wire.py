@@ -141,6 +141,12 @@ def event_to_pb(e: Event) -> types_pb2.Event:
         uid=e.uid,
         gid=e.gid,
         strategy=e.strategy,
+        attribution=e.attribution,
+        container_id=e.container_id,
+        pod=e.pod,
+        namespace=e.namespace,
+        pod_uid=e.pod_uid,
+        container=e.container,
     )
     if e.time_ns:
         pb.time.FromNanoseconds(e.time_ns)
@@ -168,4 +174,10 @@ def event_from_pb(pb: types_pb2.Event) -> Event:
         uid=pb.uid if pb.HasField("uid") else None,
         gid=pb.gid if pb.HasField("gid") else None,
         node=pb.node,
+        attribution=pb.attribution,
+        container_id=pb.container_id,
+        pod=pb.pod,
+        namespace=pb.namespace,
+        pod_uid=pb.pod_uid,
+        container=pb.container,
     )

@@ -53,16 +53,32 @@ STRATEGY_USER_SPACE: Strategy
 STRATEGY_SYNTHETIC: Strategy
 
 class Filters(_message.Message):
-    __slots__ = ("pids", "comms", "cgroup_ids", "path_prefixes")
+    __slots__ = ("pids", "comms", "cgroup_ids", "path_prefixes", "workload", "follow")
     PIDS_FIELD_NUMBER: _ClassVar[int]
     COMMS_FIELD_NUMBER: _ClassVar[int]
     CGROUP_IDS_FIELD_NUMBER: _ClassVar[int]
     PATH_PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
     pids: _containers.RepeatedScalarFieldContainer[int]
     comms: _containers.RepeatedScalarFieldContainer[str]
     cgroup_ids: _containers.RepeatedScalarFieldContainer[int]
     path_prefixes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, pids: _Optional[_Iterable[int]] = ..., comms: _Optional[_Iterable[str]] = ..., cgroup_ids: _Optional[_Iterable[int]] = ..., path_prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
+    workload: WorkloadSelector
+    follow: bool
+    def __init__(self, pids: _Optional[_Iterable[int]] = ..., comms: _Optional[_Iterable[str]] = ..., cgroup_ids: _Optional[_Iterable[int]] = ..., path_prefixes: _Optional[_Iterable[str]] = ..., workload: _Optional[_Union[WorkloadSelector, _Mapping]] = ..., follow: _Optional[bool] = ...) -> None: ...
+
+class WorkloadSelector(_message.Message):
+    __slots__ = ("namespace", "pod", "container", "labels")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    pod: str
+    container: str
+    labels: str
+    def __init__(self, namespace: _Optional[str] = ..., pod: _Optional[str] = ..., container: _Optional[str] = ..., labels: _Optional[str] = ...) -> None: ...
 
 class EventSetSpec(_message.Message):
     __slots__ = ("name", "enabled", "filters", "sample_rate", "expires_at_unix_ns", "export")
@@ -224,7 +240,7 @@ class EventArg(_message.Message):
     def __init__(self, value: _Optional[str] = ..., status: _Optional[str] = ..., strategy: _Optional[str] = ..., redacted: _Optional[bool] = ..., status_code: _Optional[_Union[ArgStatus, str]] = ..., strategy_code: _Optional[_Union[Strategy, str]] = ..., error: _Optional[str] = ..., addr: _Optional[int] = ..., path_kind: _Optional[str] = ..., int_value: _Optional[int] = ..., string_value: _Optional[str] = ..., string_list: _Optional[_Union[StringList, _Mapping]] = ..., socket_address: _Optional[_Union[SocketAddress, _Mapping]] = ..., open_how: _Optional[_Union[OpenHow, _Mapping]] = ..., flag_set: _Optional[_Union[FlagSet, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args", "time", "duration_ns", "delivery_latency_ns", "cgroup_id", "ppid", "uid", "gid", "strategy")
+    __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args", "time", "duration_ns", "delivery_latency_ns", "cgroup_id", "ppid", "uid", "gid", "strategy", "attribution", "container_id", "pod", "namespace", "pod_uid", "container")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +265,12 @@ class Event(_message.Message):
     UID_FIELD_NUMBER: _ClassVar[int]
     GID_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    ATTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_UID_FIELD_NUMBER: _ClassVar[int]
+    CONTAINER_FIELD_NUMBER: _ClassVar[int]
     ts_ns: int
     node: str
     event_set: str
@@ -266,4 +288,10 @@ class Event(_message.Message):
     uid: int
     gid: int
     strategy: str
-    def __init__(self, ts_ns: _Optional[int] = ..., node: _Optional[str] = ..., event_set: _Optional[str] = ..., syscall: _Optional[str] = ..., pid: _Optional[int] = ..., tid: _Optional[int] = ..., comm: _Optional[str] = ..., ret: _Optional[int] = ..., args: _Optional[_Mapping[str, EventArg]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ns: _Optional[int] = ..., delivery_latency_ns: _Optional[int] = ..., cgroup_id: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., strategy: _Optional[str] = ...) -> None: ...
+    attribution: str
+    container_id: str
+    pod: str
+    namespace: str
+    pod_uid: str
+    container: str
+    def __init__(self, ts_ns: _Optional[int] = ..., node: _Optional[str] = ..., event_set: _Optional[str] = ..., syscall: _Optional[str] = ..., pid: _Optional[int] = ..., tid: _Optional[int] = ..., comm: _Optional[str] = ..., ret: _Optional[int] = ..., args: _Optional[_Mapping[str, EventArg]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ns: _Optional[int] = ..., delivery_latency_ns: _Optional[int] = ..., cgroup_id: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., strategy: _Optional[str] = ..., attribution: _Optional[str] = ..., container_id: _Optional[str] = ..., pod: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_uid: _Optional[str] = ..., container: _Optional[str] = ...) -> None: ...

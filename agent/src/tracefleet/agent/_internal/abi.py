@@ -21,7 +21,6 @@ TF_NSTR = 2
 TF_SET_MAX = 8
 TF_FILTER_PIDS = 8
 TF_FILTER_COMMS = 4
-TF_FILTER_CGROUPS = 4
 TF_PREFIX_MAX = 64
 
 
@@ -235,11 +234,12 @@ class TfFilter(ctypes.Structure):
     _fields_ = [
         ("npids", u32),
         ("ncomms", u32),
-        ("ncgroups", u32),
+        ("cgroup_filter", u32),
         ("prefix_len", u32),
+        ("follow", u32),
+        ("_pad", u32),
         ("pids", u32 * TF_FILTER_PIDS),
         ("comms", (ctypes.c_char * TF_COMM_LEN) * TF_FILTER_COMMS),
-        ("cgroups", u64 * TF_FILTER_CGROUPS),
         ("prefix", ctypes.c_char * TF_PREFIX_MAX),
     ]
 

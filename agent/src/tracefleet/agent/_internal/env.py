@@ -10,3 +10,5 @@ TLS_DIR = "TRACEFLEET_TLS_DIR"  # ca.crt, tls.crt, tls.key for mTLS to the contr
 TOKEN_FILE = "TRACEFLEET_AGENT_TOKEN_FILE"
 # Fail-static state file of `tracefleet-agent run` ('off': none)
 STATE_FILE = "TRACEFLEET_AGENT_STATE_FILE"
+# The host's cgroup2 hierarchy (a pod sees only its own under /sys/fs/cgroup)
+CGROUP_ROOT = "TRACEFLEET_CGROUP_ROOT"

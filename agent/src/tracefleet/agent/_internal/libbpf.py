@@ -21,6 +21,7 @@ log = logging.getLogger("tracefleet.agent.libbpf")
 
 BPF_F_SLEEPABLE = 1 << 4
 BPF_ANY = 0
+BPF_MAP_TYPE_HASH = 1
 BPF_MAP_TYPE_ARRAY = 2
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_RINGBUF = 27

@@ -41,6 +41,8 @@ from tracefleet.model.netaddr import split_host_port
 
 log = logging.getLogger("tracefleet.agent.metrics")
 
+# bounded label sets only; "namespace" is opt-in with a cardinality budget (never pod
+# names or UIDs: a label per pod would grow without bound)
 ALLOWED_LABELS = frozenset(
     {
         "node",
@@ -52,6 +54,7 @@ ALLOWED_LABELS = frozenset(
         "cause",
         "exporter",
         "consumer",
+        "namespace",
     }
 )
 DEFAULT_RUN_LISTEN = "0.0.0.0:9091"
@@ -105,6 +108,18 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "unusable and not delivered; fallback, filter, sample, sink, redact: one step failed "
         "and the rest of the record went on; housekeeping, poll: consumer steps, retried). Events "
         "produced = delivered + dropped + record errors with cause decode.",
+    ),
+    "tracefleet_agent_attribution_unknown_total": (
+        "counter",
+        ("node", "cause"),
+        "Events sent without full workload metadata, per cause (cgroup: the cgroup was not "
+        "resolved yet; pod: the pod of a container is not known yet; container-name).",
+    ),
+    "tracefleet_agent_namespace_events_total": (
+        "counter",
+        ("node", "event_set", "namespace"),
+        "Events per pod namespace, opt-in (--metrics-namespaces N): at most N namespace "
+        'values, the rest as _other; "" outside pods. Never pod names or UIDs.',
     ),
     "tracefleet_agent_fallback_rejected_total": (
         "counter",
@@ -287,6 +302,14 @@ class AgentCollector(Collector):
                     fams["tracefleet_agent_record_errors_total"].add_metric(
                         [node, es, cause], counts.get((es, cause), 0)
                     )
+        att = getattr(getattr(self.engine, "opts", None), "attributor", None)
+        if att is not None:
+            for cause in ("cgroup", "pod", "container-name"):
+                fams["tracefleet_agent_attribution_unknown_total"].add_metric(
+                    [node, cause], att.unknown.get(cause, 0)
+                )
+        for (es, ns), n in sorted(dict(getattr(self.engine, "namespace_events", {})).items()):
+            fams["tracefleet_agent_namespace_events_total"].add_metric([node, es, ns], n)
         rejected = getattr(self.engine, "fallback_rejected", None)
         if rejected is not None:
             rej = dict(rejected)

@@ -47,9 +47,7 @@ def _ts(unix: float | None) -> timestamp_pb2.Timestamp | None:
 
 
 def _filters_pb(f: FilterSpec) -> types_pb2.Filters:
-    return types_pb2.Filters(
-        pids=f.pids, comms=f.comms, cgroup_ids=f.cgroup_ids, path_prefixes=f.path_prefixes
-    )
+    return types_pb2.Filters(**f.to_pb_fields())
 
 
 def _hist_pb(h: Histogram) -> types_pb2.Histogram:
@@ -97,9 +95,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 request.enabled,
                 request.selector,
                 ttl,
-                FilterSpec(
-                    tuple(f.pids), tuple(f.comms), tuple(f.cgroup_ids), tuple(f.path_prefixes)
-                ),
+                FilterSpec.from_pb(f),
                 request.canary_percent,
                 request.sample_rate,
                 export=tuple(request.export),

@@ -55,7 +55,8 @@ MAX_TTL_SECONDS = 366 * 86400
 # What one rule's filters may hold: the capacity of the kernel filter of an event set
 # (bpf/include/tracefleet/events.h: TF_FILTER_*, TF_COMM_LEN, TF_PREFIX_MAX); a value past a
 # limit is refused here rather than truncated into a filter on the nodes.
-MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 4, 1
+# Cgroup ids go to a BPF hash map on the agents (no slot count): bounded here for the rule's size.
+MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 1024, 1
 MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
 MAX_EVENT_SET_NAME = 64
 # Longest gap between the result batches of an idle agent (DesiredState.idle_batch_interval)
@@ -63,6 +64,10 @@ MAX_IDLE_BATCH_INTERVAL = 30.0
 # per-rule export: names of exporters configured on the agents (agent export.EXPORTER_NAME)
 MAX_EXPORTERS = 8
 EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
+# one term of a pod label selector (the agents' workload.parse_label_selector)
+_LABEL_TERM = re.compile(r"\s*!?[A-Za-z0-9][-A-Za-z0-9_./]*\s*((!=|==?)\s*[-A-Za-z0-9_.]*)?\s*")
 
 
 def filters_problem(f: FilterSpec) -> str:
@@ -87,6 +92,16 @@ def filters_problem(f: FilterSpec) -> str:
     for p in f.path_prefixes:
         if not p.startswith("/") or len(p.encode()) > MAX_PREFIX_BYTES or "\0" in p:
             return f"path prefix {p[:40]!r}: an absolute path of up to {MAX_PREFIX_BYTES} bytes"
+    if f.follow and not f.pids:
+        return "--follow follows the processes of --pid: add --pid P"
+    for what, v in (("namespace", f.namespace), ("pod", f.pod), ("container", f.container),
+                    ("pod selector", f.pod_labels)):  # fmt: skip
+        if len(v) > 253 or not v.isprintable():
+            return f"{what} {v[:40]!r}: up to 253 printable characters"
+    bad = [t for t in f.pod_labels.split(",") if f.pod_labels and not _LABEL_TERM.fullmatch(t)]
+    if bad:
+        return (f"pod selector term {bad[0][:40]!r}: use key=value, key!=value, key or !key, "
+                "comma-separated")  # fmt: skip
     return ""
 
 
@@ -573,12 +588,7 @@ class Controller:
             types_pb2.EventSetSpec(
                 name=s.name,
                 enabled=s.enabled,
-                filters=types_pb2.Filters(
-                    pids=s.filters.pids,
-                    comms=s.filters.comms,
-                    cgroup_ids=s.filters.cgroup_ids,
-                    path_prefixes=s.filters.path_prefixes,
-                ),
+                filters=types_pb2.Filters(**s.filters.to_pb_fields()),
                 sample_rate=s.sample_rate,
                 expires_at_unix_ns=self._expires_ns(s.name) if s.enabled else 0,
                 export=s.export,
