@@ -245,7 +245,7 @@ class ControlClient:
                 cfg = EventSetConfig(
                     name=str(s["name"]),
                     enabled=bool(s["enabled"]),
-                    filters=Filters(**{k: tuple(v) for k, v in s["filters"].items()}),
+                    filters=_filters_from_state(s["filters"]),
                     sample_rate=float(s["sample_rate"]),
                     export=tuple(str(n) for n in s.get("export", ())),
                 )
@@ -794,3 +794,18 @@ def run_agent(
 
     asyncio.run(main())
     return client.stats
+
+
+def _filters_from_state(d: dict[str, Any]) -> Filters:
+    """The Filters saved by _save_state (dataclasses.asdict): tuples, the workload selector
+    as its fields, follow as a bool; fields a newer agent saved are ignored."""
+    wl = d.get("workload") or {}
+    return Filters(
+        pids=tuple(int(p) for p in d.get("pids", ())),
+        comms=tuple(str(c) for c in d.get("comms", ())),
+        cgroup_ids=tuple(int(c) for c in d.get("cgroup_ids", ())),
+        path_prefixes=tuple(str(p) for p in d.get("path_prefixes", ())),
+        workload=WorkloadSelector(**{k: str(v) for k, v in wl.items()
+                                     if k in ("namespace", "pod", "container", "labels")}),
+        follow=bool(d.get("follow", False)),
+    )  # fmt: skip
