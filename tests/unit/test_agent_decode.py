@@ -10,7 +10,12 @@ import time
 import pytest
 
 from tracefleet.agent._internal.abi import Kind, Status, Strategy, Syscall, TfControl, TfEvent
-from tracefleet.agent._internal.decode import decode_record, decode_sockaddr
+from tracefleet.agent._internal.decode import (
+    decode_record,
+    decode_sockaddr,
+    encode_record,
+    expand,
+)
 from tracefleet.agent.capture import FilterError, build_filter
 from tracefleet.agent.engine import Filters, Histogram
 from tracefleet.agent.eventsets import UnknownEventSet, parse_event_sets
@@ -36,7 +41,7 @@ def make_event(path: bytes, status: Status, strategy: Strategy) -> bytes:
         s.len = len(path)
     else:
         s.err = -14
-    return bytes(e)
+    return encode_record(e)
 
 
 def test_openat_record_decodes_to_the_documented_shape():
@@ -103,10 +108,10 @@ def test_histogram_buckets():
 
 
 def test_time_duration_and_process_context():
-    raw = TfEvent.from_buffer_copy(make_event(b"/x", Status.OK, Strategy.EXIT_RETRY))
+    raw = expand(make_event(b"/x", Status.OK, Strategy.EXIT_RETRY))
     raw.hdr.exit_ns = 1000 + 12_345
     raw.hdr.ppid, raw.hdr.uid, raw.hdr.gid, raw.hdr.ctx_ok = 7, 1000, 100, 1
-    ev, _ = decode_record(bytes(raw), 5000)
+    ev, _ = decode_record(encode_record(raw), 5000)
     assert ev["duration_ns"] == 12_345 and ev["delivery_latency_ns"] == 4000
     assert (ev["ppid"], ev["uid"], ev["gid"]) == (7, 1000, 100)
     # the wall clock is the monotonic entry time moved by this host's realtime offset
@@ -114,5 +119,5 @@ def test_time_duration_and_process_context():
     assert abs(ev["time_ns"] - (1000 + offset)) < 1_000_000_000
     assert ev["args"]["flags"]["names"] == ["O_RDONLY", "O_CREAT"]
     raw.hdr.ctx_ok = 0  # not read: unknown, never uid 0 (root)
-    ev, _ = decode_record(bytes(raw), 5000)
+    ev, _ = decode_record(encode_record(raw), 5000)
     assert ev["uid"] is None and ev["ppid"] is None
