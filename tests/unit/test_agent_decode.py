@@ -6,6 +6,7 @@ import ctypes
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 
@@ -121,3 +122,59 @@ def test_time_duration_and_process_context():
     raw.hdr.ctx_ok = 0  # not read: unknown, never uid 0 (root)
     ev, _ = decode_record(encode_record(raw), 5000)
     assert ev["uid"] is None and ev["ppid"] is None
+
+
+def _records() -> list[Any]:
+    """One record of each kind, with strings of different lengths."""
+    from tracefleet.agent._internal.abi import TfExecEvent, TfVfsEvent
+
+    sc = expand(make_event(b"/etc/passwd", Status.OK, Strategy.EXIT_RETRY))
+    ex = TfExecEvent()
+    ex.hdr.kind, ex.hdr.syscall, ex.hdr.event_set = Kind.EXEC, Syscall.EXECVE, 1
+    ex.filename.status, ex.filename.len, ex.filename.data = Status.OK, 9, b"/bin/true"
+    ex.argv_status, ex.argc = Status.OK, 2
+    for i, a in enumerate((b"true", b"x" * 100)):
+        ex.arg_len[i] = len(a)
+        ex.argv[i].value = a
+    vf = TfVfsEvent()
+    vf.hdr.kind, vf.hdr.syscall, vf.hdr.event_set = Kind.VFS, Syscall.VFS_RENAME, 3
+    vf.path.status, vf.path.len, vf.path.data = Status.OK, 6, b"/a/old"
+    vf.path2.status, vf.path2.len, vf.path2.data = Status.OK, 8, b"/a/newer"
+    return [sc, ex, vf]
+
+
+def test_records_are_as_long_as_their_data_and_round_trip():
+    from tracefleet.agent._internal.decode import record_size
+
+    for rec in _records():
+        raw = encode_record(rec)
+        assert len(raw) == record_size(rec) < ctypes.sizeof(rec) // 2
+        assert bytes(expand(raw)) == bytes(rec), type(rec).__name__
+    ev, _ = decode_record(encode_record(_records()[1]), 0)
+    assert ev["args"]["argv"]["value"] == ["true", "x" * 100]
+    ev, _ = decode_record(encode_record(_records()[2]), 0)
+    assert ev["args"]["path"]["value"] == "/a/old"
+    assert ev["args"]["new_path"]["value"] == "/a/newer"
+
+
+def test_truncated_or_padded_records_are_refused_with_the_cause():
+    from tracefleet.agent._internal.decode import RecordError
+
+    for rec in _records():
+        raw = encode_record(rec)
+        for cut in range(len(raw)):  # every truncation, header included
+            with pytest.raises(RecordError, match=r"truncated|shorter than the header"):
+                expand(raw[:cut])
+        with pytest.raises(RecordError, match="1 bytes after the last string"):
+            expand(raw + b"\0")
+
+
+def test_a_string_length_past_its_buffer_is_refused():
+    from tracefleet.agent._internal.abi import TfEvent
+    from tracefleet.agent._internal.decode import RecordError
+
+    raw = bytearray(make_event(b"/etc/passwd", Status.OK, Strategy.EXIT_RETRY))
+    len_at = TfEvent.str.offset + 12  # str[0]'s len in its head
+    struct.pack_into("=H", raw, len_at, 300)
+    with pytest.raises(RecordError, match="string of 300 bytes at byte 128: its buffer holds 255"):
+        expand(bytes(raw + bytes(300)))
