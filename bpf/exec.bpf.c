@@ -168,6 +168,43 @@ int tp_sched_exec(struct trace_event_raw_sched_process_exec *ctx)
 	return 0;
 }
 
+/* The record: hdr and iargs, filename, the argv head, then each argument as a __u16 length
+ * and its bytes. */
+static __always_inline void tf_emit_exec(struct tf_exec_event *e)
+{
+	__u32 lf = tf_str_out_len(&e->filename), size, argc = e->argc;
+	struct tf_rec r;
+
+	if (argc > TF_ARGV_COUNT)
+		argc = e->argc = TF_ARGV_COUNT;
+	size = offsetof(struct tf_exec_event, filename) + TF_STRH_SIZE + lf + TF_ARGVH_SIZE;
+	for (int i = 0; i < TF_ARGV_COUNT; i++) {
+		if (i >= argc)
+			break;
+		if (e->arg_len[i] > TF_ARG_MAX - 1)
+			e->arg_len[i] = TF_ARG_MAX - 1;
+		size += sizeof(__u16) + e->arg_len[i];
+	}
+	if (!tf_rec_begin(&r, SET, size))
+		return;
+	tf_rec_put(&r, e, offsetof(struct tf_exec_event, filename));
+	tf_rec_str(&r, &e->filename, lf, TF_PATH_MAX - 1);
+	tf_rec_put(&r, &e->argv_uptr, TF_ARGVH_SIZE);
+	for (int i = 0; i < TF_ARGV_COUNT; i++) {
+		__u64 n;
+
+		if (i >= argc)
+			break;
+		n = e->arg_len[i];
+		tf_rec_put(&r, &e->arg_len[i], sizeof(__u16));
+		tf_barrier_var(n);
+		if (n > TF_ARG_MAX - 1)
+			n = TF_ARG_MAX - 1;
+		tf_rec_put(&r, e->argv[i], n);
+	}
+	tf_rec_end(&r, SET);
+}
+
 static __always_inline int tf_exec_exit(long ret)
 {
 	__u32 tid = (__u32)bpf_get_current_pid_tgid();
@@ -195,7 +232,7 @@ static __always_inline int tf_exec_exit(long ret)
 	}
 	tf_count_status(SET, e->filename.status);
 	tf_count_status(SET, e->argv_status);
-	tf_submit(SET, e, sizeof(*e));
+	tf_emit_exec(e);
 	bpf_map_delete_elem(&tf_exec_inflight, &tid);
 	return 0;
 }

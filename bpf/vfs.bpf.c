@@ -20,14 +20,28 @@
 #define TF_AT_REMOVEDIR 0x200
 #define TF_MAX_ERRNO 4095
 
-/* Reads and writes of one open file, keyed by its struct file; reported with its close. */
+/*
+ * One open file's state, keyed by its struct file: the reads and writes since open, and its
+ * identity and path, resolved once when it was opened (or at the first close seen, for a
+ * file opened before tracing started) so its close does not walk the dentries again.
+ */
 struct tf_vfs_io {
 	__u64 bytes_read;
 	__u64 bytes_written;
 	__u64 pos;
 	__u32 reads;
 	__u32 writes;
+	__u64 ino;
+	__u32 dev;
+	__u8 has_path;  /* the fields below are set: TF_IO_AT_OPEN or TF_IO_AT_CLOSE */
+	__u8 path_kind; /* enum tf_path_kind */
+	__u8 _pad[2];
+	char fstype[16];
+	struct tf_str path;
 };
+
+#define TF_IO_AT_OPEN 1  /* resolved when the file was opened */
+#define TF_IO_AT_CLOSE 2 /* opened before tracing started: resolved at its close */
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -35,6 +49,27 @@ struct {
 	__type(key, __u64);
 	__type(value, struct tf_vfs_io);
 } tf_vfs_io SEC(".maps");
+
+/* the value a new tf_vfs_io entry is inserted from (per CPU: too big for the stack) */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct tf_vfs_io);
+} tf_vfs_io_new SEC(".maps");
+
+/* close (tracepoint hook), between entry and exit: which file, since when */
+struct tf_vfs_closing {
+	__u64 file;
+	__u64 ts_ns;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096); /* resized by the agent */
+	__type(key, __u32);
+	__type(value, struct tf_vfs_closing);
+} tf_vfs_closing SEC(".maps");
 
 /* Per-thread record between the two halves of an operation (entry/exit); a plain hash, so
  * that a full map is counted rather than evicting another thread's call. */
@@ -65,17 +100,35 @@ static __always_inline void tf_vfs_init(struct tf_vfs_event *e, __u16 op)
 	tf_fill_hdr(&e->hdr, TF_KIND_VFS, SET, op);
 }
 
-/* A zeroed record for this run (per CPU), or NULL. */
+static __always_inline void tf_str_reset(struct tf_str *s)
+{
+	s->uptr = 0;
+	s->err = 0;
+	s->len = 0;
+	s->status = TF_ST_NONE;
+	s->strategy = TF_STRAT_NONE;
+}
+
+/* A record for this run (per CPU), or NULL. Only what a record carries is reset (header,
+ * fixed part, string heads): the string bytes past their length never leave the kernel. */
 static __always_inline struct tf_vfs_event *tf_vfs_new(__u16 op)
 {
 	__u32 zero = 0;
-	struct tf_vfs_event *tmpl = bpf_map_lookup_elem(&tf_vfs_zero, &zero), *e;
+	struct tf_vfs_event *e = bpf_map_lookup_elem(&tf_vfs_rec, &zero);
 
-	if (!tmpl || bpf_map_update_elem(&tf_vfs_rec, &zero, tmpl, BPF_ANY))
+	if (!e)
 		return NULL;
-	e = bpf_map_lookup_elem(&tf_vfs_rec, &zero);
-	if (e)
-		tf_vfs_init(e, op);
+	e->hdr.exit_ns = 0;
+	e->hdr.ret = 0;
+	e->hdr._pad[0] = e->hdr._pad[1] = 0;
+	e->ino = e->bytes_read = e->bytes_written = e->pos = e->arg = 0;
+	e->dev = e->reads = e->writes = 0;
+	e->path_kind = e->path2_kind = 0;
+	e->_pad[0] = e->_pad[1] = 0;
+	__builtin_memset(e->fstype, 0, sizeof(e->fstype));
+	tf_str_reset(&e->path);
+	tf_str_reset(&e->path2);
+	tf_vfs_init(e, op);
 	return e;
 }
 
@@ -112,19 +165,35 @@ static __always_inline void tf_vfs_unstash(void)
 	bpf_map_delete_elem(&tf_vfs_inflight, &tid);
 }
 
-static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
+/* Send e, its path taken from `path` (e->path, or the one cached with the open file). */
+static __always_inline void tf_vfs_emit_path(struct tf_vfs_event *e, long ret, struct tf_str *path)
 {
+	__u32 l1, l2;
+	struct tf_rec r;
+
 	e->hdr.ret = ret;
 	e->hdr.exit_ns = bpf_ktime_get_ns();
 	/* a mount-relative path cannot be matched here: the agent matches it once it has
 	 * prefixed the mount point */
-	if (e->path_kind != TF_PATH_MOUNT_REL && !tf_prefix_ok(SET, &e->path)) {
+	if (e->path_kind != TF_PATH_MOUNT_REL && !tf_prefix_ok(SET, path)) {
 		tf_count(SET, TF_STAT_FILTERED);
 		return;
 	}
-	tf_count_status(SET, e->path.status);
+	tf_count_status(SET, path->status);
 	tf_count_status(SET, e->path2.status);
-	tf_submit(SET, e, sizeof(*e));
+	l1 = tf_str_out_len(path);
+	l2 = tf_str_out_len(&e->path2);
+	if (!tf_rec_begin(&r, SET, offsetof(struct tf_vfs_event, path) + 2 * TF_STRH_SIZE + l1 + l2))
+		return;
+	tf_rec_put(&r, e, offsetof(struct tf_vfs_event, path));
+	tf_rec_str(&r, path, l1, TF_PATH_MAX - 1);
+	tf_rec_str(&r, &e->path2, l2, TF_PATH_MAX - 1);
+	tf_rec_end(&r, SET);
+}
+
+static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
+{
+	tf_vfs_emit_path(e, ret, &e->path);
 }
 
 /* The second half of an operation whose record was stashed by the first: send it. */
@@ -148,13 +217,21 @@ static __always_inline bool tf_vfs_on(void)
 static __always_inline void tf_vfs_account(struct file *f, long ret, bool write, __u64 pos)
 {
 	__u64 key = (__u64)f;
-	struct tf_vfs_io *io, zero = {};
+	struct tf_vfs_io *io;
 
 	if (ret <= 0 || !f || !tf_vfs_on() || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
 		return;
 	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 	if (!io) {
-		bpf_map_update_elem(&tf_vfs_io, &key, &zero, BPF_NOEXIST);
+		__u32 z = 0;
+		struct tf_vfs_io *n = bpf_map_lookup_elem(&tf_vfs_io_new, &z);
+
+		if (!n)
+			return;
+		n->bytes_read = n->bytes_written = n->pos = 0;
+		n->reads = n->writes = 0;
+		n->has_path = 0; /* opened before tracing started: resolved at close */
+		bpf_map_update_elem(&tf_vfs_io, &key, n, BPF_NOEXIST);
 		io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 		if (!io)
 			return;
@@ -169,24 +246,84 @@ static __always_inline void tf_vfs_account(struct file *f, long ret, bool write,
 	io->pos = pos;
 }
 
-/* A file's identity and path, and, for a close, what was read and written through it. */
+/* Copy a path (head and bytes) between two tf_str. */
+static __always_inline void tf_str_copy(struct tf_str *dst, const struct tf_str *src)
+{
+	__u64 n = src->len; /* 64 bits: the verifier keeps the bound checked below */
+
+	tf_barrier_var(n);
+	if (n > TF_PATH_MAX - 1)
+		n = TF_PATH_MAX - 1;
+	bpf_probe_read_kernel(dst, TF_STRH_SIZE + n, src);
+	dst->len = n;
+}
+
+/* Keep an opened file's identity and path with its state, for its close. */
+static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e, __u8 when)
+{
+	__u64 key = (__u64)f;
+	__u32 zero = 0;
+	struct tf_vfs_io *n = bpf_map_lookup_elem(&tf_vfs_io_new, &zero);
+
+	if (!n)
+		return;
+	/* a new open file (a struct file's address is reused only after the old one is freed):
+	 * its totals start at zero */
+	n->bytes_read = n->bytes_written = n->pos = 0;
+	n->reads = n->writes = 0;
+	n->ino = e->ino;
+	n->dev = e->dev;
+	n->has_path = when;
+	n->path_kind = e->path_kind;
+	n->_pad[0] = n->_pad[1] = 0;
+	__builtin_memcpy(n->fstype, e->fstype, sizeof(n->fstype));
+	tf_str_copy(&n->path, &e->path);
+	bpf_map_update_elem(&tf_vfs_io, &key, n, BPF_ANY);
+}
+
+/* Fill e's identity and path from an open file's cached state; false if it has none. */
+static __always_inline bool tf_vfs_from_cache(struct tf_vfs_event *e, struct tf_vfs_io *io)
+{
+	if (!io || !io->has_path)
+		return false;
+	e->ino = io->ino;
+	e->dev = io->dev;
+	__builtin_memcpy(e->fstype, io->fstype, sizeof(e->fstype));
+	/* the name at open (a rename since is not seen): said so by the path kind (a
+	 * mount-relative path stays so: the agent still has to prefix its mount point) */
+	e->path_kind = io->has_path == TF_IO_AT_OPEN && io->path_kind != TF_PATH_MOUNT_REL
+			       ? TF_PATH_AT_OPEN
+			       : io->path_kind;
+	return true;
+}
+
+static __always_inline void tf_vfs_take_io(struct tf_vfs_event *e, struct tf_vfs_io *io)
+{
+	e->bytes_read = io->bytes_read;
+	e->bytes_written = io->bytes_written;
+	e->reads = io->reads;
+	e->writes = io->writes;
+	e->pos = io->pos;
+}
+
+/* A file's identity and path, and, for a close, what was read and written through it (its
+ * path then from the open file's state when it was resolved at open). */
 static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, bool take_io)
 {
 	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
 	__u64 key = (__u64)f;
-	struct tf_vfs_io *io;
+	struct tf_vfs_io *io = take_io ? bpf_map_lookup_elem(&tf_vfs_io, &key) : NULL;
 
-	tf_fill_inode(e, d);
-	e->path_kind = tf_walk_path(&e->path, d, BPF_CORE_READ(f, f_path.mnt));
+	if (tf_vfs_from_cache(e, io)) {
+		tf_str_copy(&e->path, &io->path);
+	} else {
+		tf_fill_inode(e, d);
+		e->path_kind = tf_walk_path(&e->path, d, BPF_CORE_READ(f, f_path.mnt));
+	}
 	if (!take_io)
 		return;
-	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 	if (io) {
-		e->bytes_read = io->bytes_read;
-		e->bytes_written = io->bytes_written;
-		e->reads = io->reads;
-		e->writes = io->writes;
-		e->pos = io->pos;
+		tf_vfs_take_io(e, io);
 		bpf_map_delete_elem(&tf_vfs_io, &key);
 	}
 }
@@ -238,8 +375,11 @@ int BPF_PROG(vf_open, const struct path *path, struct file *file)
 	struct tf_vfs_event *e;
 	long ret = tf_func_ret(ctx);
 
-	if (tf_vfs_stashed(TF_VFS_OPEN))
+	if ((e = tf_vfs_stashed(TF_VFS_OPEN))) {
+		if (!ret)
+			tf_vfs_cache(file, e, TF_IO_AT_OPEN);
 		return tf_vfs_finish(TF_VFS_OPEN, ret);
+	}
 	/* failed before the LSM hook, or no LSM: walk */
 	if (!tf_vfs_on() || tf_pseudo_fs(path->dentry))
 		return 0;
@@ -249,6 +389,8 @@ int BPF_PROG(vf_open, const struct path *path, struct file *file)
 	tf_fill_inode(e, path->dentry);
 	e->arg = file->f_flags;
 	e->path_kind = tf_walk_path(&e->path, path->dentry, path->mnt);
+	if (!ret)
+		tf_vfs_cache(file, e, TF_IO_AT_OPEN);
 	tf_vfs_emit(e, ret);
 	return 0;
 }
@@ -576,6 +718,7 @@ static __always_inline int tf_vfs_sc_open(long ret, int dfd, int p, int flags)
 		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
 			return 0;
 		tf_vfs_file(e, f, false);
+		tf_vfs_cache(f, e, TF_IO_AT_OPEN);
 		e->arg = BPF_CORE_READ(f, f_flags);
 	} else {
 		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
@@ -676,26 +819,79 @@ TF_VFS_SC(chown,      TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
 TF_VFS_SC(lchown,     TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
 #endif
 
-/* close: the fd is gone at exit, so the file is looked up at entry */
+/*
+ * close: the fd is gone at exit, so the file is looked up at entry. Its path was resolved at
+ * open and kept with its state (tf_vfs_io); only a file opened before tracing started (or
+ * whose state the LRU evicted) is walked here, once. Entry parks only the file's address.
+ */
 SEC("tp/syscalls/sys_enter_close")
 int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 {
+	struct tf_vfs_closing c;
 	struct tf_vfs_event *e;
+	struct tf_vfs_io *io;
 	struct file *f;
+	__u32 tid;
+	__u64 key;
 
 	if (!tf_vfs_on())
 		return 0;
 	f = tf_fd_file(ctx->args[0]);
 	if (!f || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
 		return 0;
-	if (!(e = tf_vfs_stash(TF_VFS_CLOSE)))
-		return 0;
-	tf_vfs_file(e, f, true);
+	key = (__u64)f;
+	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	if (!io || !io->has_path) {
+		if (!(e = tf_vfs_new(TF_VFS_CLOSE)))
+			return 0;
+		tf_vfs_file(e, f, false);
+		if (io) { /* keep its totals */
+			io->ino = e->ino;
+			io->dev = e->dev;
+			io->path_kind = e->path_kind;
+			__builtin_memcpy(io->fstype, e->fstype, sizeof(io->fstype));
+			tf_str_copy(&io->path, &e->path);
+			io->has_path = TF_IO_AT_CLOSE;
+		} else {
+			tf_vfs_cache(f, e, TF_IO_AT_CLOSE);
+		}
+		io = NULL;
+	}
+	c.file = key;
+	c.ts_ns = bpf_ktime_get_ns();
+	tid = (__u32)bpf_get_current_pid_tgid();
+	if (bpf_map_update_elem(&tf_vfs_closing, &tid, &c, BPF_ANY))
+		tf_count(SET, TF_STAT_INFLIGHT_FULL);
 	return 0;
 }
 
 SEC("tp/syscalls/sys_exit_close")
 int vt_close(struct trace_event_raw_sys_exit *ctx)
 {
-	return tf_vfs_finish(TF_VFS_CLOSE, ctx->ret);
+	__u32 tid = (__u32)bpf_get_current_pid_tgid();
+	struct tf_vfs_closing *c = bpf_map_lookup_elem(&tf_vfs_closing, &tid);
+	struct tf_vfs_event *e;
+	struct tf_vfs_io *io;
+	__u64 key;
+
+	if (!c)
+		return 0;
+	key = c->file;
+	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	e = tf_vfs_new(TF_VFS_CLOSE);
+	if (e) {
+		e->hdr.ts_ns = c->ts_ns;
+		if (tf_vfs_from_cache(e, io)) {
+			tf_vfs_take_io(e, io);
+			tf_vfs_emit_path(e, ctx->ret, &io->path);
+		} else { /* its state was evicted between entry and exit: say the path is lost */
+			e->path.status = TF_ST_LOST;
+			e->path.err = -2; /* ENOENT */
+			tf_vfs_emit(e, ctx->ret);
+		}
+	}
+	if (io)
+		bpf_map_delete_elem(&tf_vfs_io, &key);
+	bpf_map_delete_elem(&tf_vfs_closing, &tid);
+	return 0;
 }

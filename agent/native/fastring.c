@@ -22,10 +22,10 @@
 
 #include <bpf/libbpf.h>
 
-#define TF_FAST_ABI 1
+#define TF_FAST_ABI 2
 #define MAX_BOUNDS 64
 #define MAX_KINDS 8
-#define MAX_LOST_OFFS 8
+#define MAX_HEADS 8
 
 /* per-set flags */
 #define SET_DELIVER 1u  /* every record: a sink reads the events */
@@ -48,7 +48,12 @@ struct tf_fast_params {
 	uint32_t batch_bytes;
 	uint32_t reserve_bytes; /* stop filling the batch when less than this is left */
 	double bounds[MAX_BOUNDS];
-	uint32_t lost_offs[MAX_KINDS][MAX_LOST_OFFS]; /* 0-terminated, per kind */
+	/* records are variable-length: a kind's argument statuses are found by walking its
+	 * string heads (each strh_size bytes, then its len bytes of data) */
+	uint32_t strh_size, strh_len_off, strh_status_off;
+	uint32_t lost_start[MAX_KINDS]; /* offset of the first string head; 0: none */
+	uint32_t lost_heads[MAX_KINDS]; /* string heads in a row */
+	uint32_t lost_argv[MAX_KINDS];  /* 1: an argv head (status at strh_status_off) follows */
 };
 
 struct set_agg {
@@ -119,14 +124,20 @@ static inline uint16_t rd_u16(const uint8_t *p)
 
 static int has_lost_arg(const struct tf_fast *f, const uint8_t *d, size_t size, uint16_t kind)
 {
-	if (kind >= MAX_KINDS)
+	const struct tf_fast_params *p = &f->p;
+
+	if (kind >= MAX_KINDS || !p->lost_start[kind])
 		return 0;
-	for (int i = 0; i < MAX_LOST_OFFS && f->p.lost_offs[kind][i]; i++) {
-		uint32_t off = f->p.lost_offs[kind][i];
-		if (off < size && d[off] == f->p.lost_status)
+	size_t off = p->lost_start[kind];
+	for (uint32_t i = 0; i < p->lost_heads[kind] && i < MAX_HEADS; i++) {
+		if (off + p->strh_size > size) /* malformed: decoding it reports it */
+			return 0;
+		if (d[off + p->strh_status_off] == p->lost_status)
 			return 1;
+		off += p->strh_size + rd_u16(d + off + p->strh_len_off);
 	}
-	return 0;
+	return p->lost_argv[kind] && off + p->strh_status_off < size &&
+	       d[off + p->strh_status_off] == p->lost_status;
 }
 
 static int forward(struct tf_fast *f, const uint8_t *d, size_t size, uint32_t flags,

@@ -195,7 +195,7 @@ def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, An
     counter = Counter()
     counter2 = Counter()
     with pinned({tracer_cpu}):
-        # The ring holds a whole measurement (800-byte records), so no record is dropped while
+        # The ring holds a whole measurement (records of ~200 bytes), so none is dropped while
         # the agent decodes concurrently on the other CPU: the cost measured is the cost
         # with every event delivered. Wakeup and poll settings are the agent's defaults.
         engine = BpfEngine(EngineOptions(hold_seconds=3600.0, ring_bytes=RING_BYTES))

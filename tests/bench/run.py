@@ -251,7 +251,7 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             r <= 1.25 and drops == 0,
             f"{drops} dropped" if drops else
             "" if r <= 1.25 else f"capture adds {cap - flo:.0f} ns over the floor "
-            "(argument copy + 800-byte ring record + exit program)")  # fmt: skip
+            "(argument copy + ring record + exit program)")  # fmt: skip
         rt, ra = bt / cap, (bt - unt) / max(1.0, cap - unt)
         rw = s["bpftrace"]["wall_median"] / max(1.0, s["tf-capture"]["wall_median"])
         lost = d["bpftrace_lost"]

@@ -174,8 +174,9 @@ def test_flood_in_one_set_does_not_drop_another(host, tmp_path):
     from tracefleet.agent.capture import BpfEngine, EngineOptions
 
     opens, execs = 3000, 100
-    # 1 MiB per ring: ~1,200 file records (3,000 overflow it), ~470 exec records
-    eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, sets=("file", "exec"), ring_bytes=1 << 20,
+    # 256 KiB per ring (records are as long as their data, ~200 bytes here): ~1,300 file
+    # records (3,000 overflow it), ~1,300 exec records
+    eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, sets=("file", "exec"), ring_bytes=1 << 18,
                                   wakeup_bytes=1 << 30, user_fallback=False))  # fmt: skip
     # a shell under its own name: the comm its forked children have at execve entry
     launcher = tmp_path / "tfisoexec"

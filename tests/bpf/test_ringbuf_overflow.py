@@ -19,7 +19,8 @@ def test_overflow_is_counted_exactly(host):
     from tests.conftest import BPF_DIR
     from tracefleet.agent.capture import BpfEngine, EngineOptions
 
-    # 64 KiB holds ~75 records of 848 bytes; nobody consumes until the loop is done
+    # 64 KiB holds ~330 records of ~200 bytes (header + path); nobody consumes until the
+    # loop is done
     eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, ring_bytes=64 << 10, wakeup_bytes=1 << 30))
     try:
         delivered: list[dict] = []

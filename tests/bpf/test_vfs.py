@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BPF_DIR, scaled, skip_if_known_refusal
+from tests.conftest import BPF_DIR, scaled, skip_if_known_refusal, wait_until
 
 HOOKS = ("fentry", "tracepoint")
 _engines: dict[str, Any] = {}
@@ -302,6 +302,42 @@ READER = textwrap.dedent(
     print(opened)
     """
 )
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_close_reports_the_path_at_open_even_after_a_rename(hook: str, tmp_path: Path) -> None:
+    """The path is resolved once per open file and kept with its state: the close reports
+    the name the file had at open (path kind `at-open`), not the one a rename gave it since,
+    with the bytes written through it."""
+    eng = _engine(hook)
+    d = Path(os.path.realpath(tmp_path)) / "ren"
+    d.mkdir()
+    before, after = d / "before.txt", d / "after.txt"
+    script = textwrap.dedent("""
+        import os, sys
+        fd = os.open(sys.argv[1], os.O_CREAT | os.O_WRONLY, 0o600)
+        os.rename(sys.argv[1], sys.argv[2])
+        os.write(fd, b"12345")
+        os.close(fd)
+    """)
+    with vfs_capture(hook, "tf_vfs_ren") as events:
+        run_as("tf_vfs_ren", script, str(before), str(after))
+
+        def closed() -> list[dict[str, Any]]:
+            eng.drain()
+            return [e for e in _in(events, d) if e["syscall"] == "vfs_close"]
+
+        [close] = wait_until(closed, scaled(30), "the close of the renamed file")
+    [opened] = [e for e in _in(events, d) if e["syscall"] == "vfs_open"]
+    assert opened["args"]["path"]["value"] == str(before)
+    assert [e["args"]["new_path"]["value"] for e in _in(events, d)
+            if e["syscall"] == "vfs_rename"] == [str(after)]  # fmt: skip
+    assert close["args"]["path"]["value"] == str(before), close["args"]["path"]
+    assert close["args"]["path"]["kind"] == "at-open"
+    assert close["args"]["path"]["status"] == "ok"
+    assert close["args"]["inode"]["value"] == opened["args"]["inode"]["value"]
+    assert close["args"]["bytes_written"]["value"] == 5
+    assert close["args"]["writes"]["value"] == 1
 
 
 def _storm(hook: str, d: Path, engine: Any = None) -> tuple[int, int, list[Any]]:

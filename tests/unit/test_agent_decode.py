@@ -6,11 +6,17 @@ import ctypes
 import socket
 import struct
 import time
+from typing import Any
 
 import pytest
 
 from tracefleet.agent._internal.abi import Kind, Status, Strategy, Syscall, TfControl, TfEvent
-from tracefleet.agent._internal.decode import decode_record, decode_sockaddr
+from tracefleet.agent._internal.decode import (
+    decode_record,
+    decode_sockaddr,
+    encode_record,
+    expand,
+)
 from tracefleet.agent.capture import FilterError, build_filter
 from tracefleet.agent.engine import Filters, Histogram
 from tracefleet.agent.eventsets import UnknownEventSet, parse_event_sets
@@ -36,7 +42,7 @@ def make_event(path: bytes, status: Status, strategy: Strategy) -> bytes:
         s.len = len(path)
     else:
         s.err = -14
-    return bytes(e)
+    return encode_record(e)
 
 
 def test_openat_record_decodes_to_the_documented_shape():
@@ -103,10 +109,10 @@ def test_histogram_buckets():
 
 
 def test_time_duration_and_process_context():
-    raw = TfEvent.from_buffer_copy(make_event(b"/x", Status.OK, Strategy.EXIT_RETRY))
+    raw = expand(make_event(b"/x", Status.OK, Strategy.EXIT_RETRY))
     raw.hdr.exit_ns = 1000 + 12_345
     raw.hdr.ppid, raw.hdr.uid, raw.hdr.gid, raw.hdr.ctx_ok = 7, 1000, 100, 1
-    ev, _ = decode_record(bytes(raw), 5000)
+    ev, _ = decode_record(encode_record(raw), 5000)
     assert ev["duration_ns"] == 12_345 and ev["delivery_latency_ns"] == 4000
     assert (ev["ppid"], ev["uid"], ev["gid"]) == (7, 1000, 100)
     # the wall clock is the monotonic entry time moved by this host's realtime offset
@@ -114,5 +120,61 @@ def test_time_duration_and_process_context():
     assert abs(ev["time_ns"] - (1000 + offset)) < 1_000_000_000
     assert ev["args"]["flags"]["names"] == ["O_RDONLY", "O_CREAT"]
     raw.hdr.ctx_ok = 0  # not read: unknown, never uid 0 (root)
-    ev, _ = decode_record(bytes(raw), 5000)
+    ev, _ = decode_record(encode_record(raw), 5000)
     assert ev["uid"] is None and ev["ppid"] is None
+
+
+def _records() -> list[Any]:
+    """One record of each kind, with strings of different lengths."""
+    from tracefleet.agent._internal.abi import TfExecEvent, TfVfsEvent
+
+    sc = expand(make_event(b"/etc/passwd", Status.OK, Strategy.EXIT_RETRY))
+    ex = TfExecEvent()
+    ex.hdr.kind, ex.hdr.syscall, ex.hdr.event_set = Kind.EXEC, Syscall.EXECVE, 1
+    ex.filename.status, ex.filename.len, ex.filename.data = Status.OK, 9, b"/bin/true"
+    ex.argv_status, ex.argc = Status.OK, 2
+    for i, a in enumerate((b"true", b"x" * 100)):
+        ex.arg_len[i] = len(a)
+        ex.argv[i].value = a
+    vf = TfVfsEvent()
+    vf.hdr.kind, vf.hdr.syscall, vf.hdr.event_set = Kind.VFS, Syscall.VFS_RENAME, 3
+    vf.path.status, vf.path.len, vf.path.data = Status.OK, 6, b"/a/old"
+    vf.path2.status, vf.path2.len, vf.path2.data = Status.OK, 8, b"/a/newer"
+    return [sc, ex, vf]
+
+
+def test_records_are_as_long_as_their_data_and_round_trip():
+    from tracefleet.agent._internal.decode import record_size
+
+    for rec in _records():
+        raw = encode_record(rec)
+        assert len(raw) == record_size(rec) < ctypes.sizeof(rec) // 2
+        assert bytes(expand(raw)) == bytes(rec), type(rec).__name__
+    ev, _ = decode_record(encode_record(_records()[1]), 0)
+    assert ev["args"]["argv"]["value"] == ["true", "x" * 100]
+    ev, _ = decode_record(encode_record(_records()[2]), 0)
+    assert ev["args"]["path"]["value"] == "/a/old"
+    assert ev["args"]["new_path"]["value"] == "/a/newer"
+
+
+def test_truncated_or_padded_records_are_refused_with_the_cause():
+    from tracefleet.agent._internal.decode import RecordError
+
+    for rec in _records():
+        raw = encode_record(rec)
+        for cut in range(len(raw)):  # every truncation, header included
+            with pytest.raises(RecordError, match=r"truncated|shorter than the header"):
+                expand(raw[:cut])
+        with pytest.raises(RecordError, match="1 bytes after the last string"):
+            expand(raw + b"\0")
+
+
+def test_a_string_length_past_its_buffer_is_refused():
+    from tracefleet.agent._internal.abi import TfEvent
+    from tracefleet.agent._internal.decode import RecordError
+
+    raw = bytearray(make_event(b"/etc/passwd", Status.OK, Strategy.EXIT_RETRY))
+    len_at = TfEvent.str.offset + 12  # str[0]'s len in its head
+    struct.pack_into("=H", raw, len_at, 300)
+    with pytest.raises(RecordError, match="string of 300 bytes at byte 128: its buffer holds 255"):
+        expand(bytes(raw + bytes(300)))

@@ -36,18 +36,18 @@ def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_layout_comes_from_abi_and_engine() -> None:
-    from tracefleet.agent.capture import _LOST_OFFSETS
+    from tracefleet.agent._internal.decode import LOST_HEADS, TF_STRH_SIZE
 
-    p = fastring.params(_LOST_OFFSETS)
+    p = fastring.params(LOST_HEADS)
     assert p.hdr_size == ctypes.sizeof(TfHdr)
     assert (p.off_ts, p.off_kind, p.off_syscall, p.off_set) == (
         TfHdr.ts_ns.offset, TfHdr.kind.offset, TfHdr.syscall.offset, TfHdr.event_set.offset
     )  # fmt: skip
     assert tuple(p.bounds[: p.nbounds]) == LATENCY_BUCKETS_SECONDS
     assert p.lost_status == Status.LOST
-    for kind, offs in _LOST_OFFSETS.items():
-        assert list(p.lost_offs[kind][: len(offs)]) == offs
-        assert p.lost_offs[kind][len(offs)] == 0  # terminated
+    assert p.strh_size == TF_STRH_SIZE
+    for kind, (start, heads, argv) in LOST_HEADS.items():
+        assert (p.lost_start[kind], p.lost_heads[kind], p.lost_argv[kind]) == (start, heads, argv)
     assert p.batch_bytes > p.reserve_bytes
 
 

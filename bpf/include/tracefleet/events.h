@@ -98,6 +98,29 @@ enum tf_syscall {
 	TF_VFS_SETATTR = 49,
 };
 
+/*
+ * Ring buffer records are as long as what they hold. The structs below (tf_event,
+ * tf_exec_event, tf_vfs_event) are the programs' working state between a call's entry and
+ * exit; a record written to the ring is a compact encoding of one of them:
+ *
+ *   struct tf_hdr (at offset 0, unchanged), then the kind's fixed part, then its strings,
+ *   each a string head of TF_STRH_SIZE bytes (the first fields of struct tf_str and of
+ *   struct tf_blob: uptr, err, len, status, strategy) followed by exactly `len` bytes (no
+ *   NUL, no padding; nothing after the fixed part is aligned). The record ends with the last
+ *   string: its size is the ring sample's size.
+ *
+ *   TF_KIND_SYSCALL  tf_event up to str (hdr, iargs); str[0], str[1], blob
+ *   TF_KIND_EXEC     tf_exec_event up to filename; filename; the argv head (tf_exec_event
+ *                    argv_uptr .. argv_strategy, TF_ARGVH_SIZE bytes); then argc entries,
+ *                    each a __u16 length and that many bytes
+ *   TF_KIND_VFS      tf_vfs_event up to path; path; path2
+ *
+ * A 3-byte path costs its head and 3 bytes, not TF_PATH_MAX.
+ */
+#define TF_STRH_SIZE 16
+#define TF_ARGVH_SIZE 16
+#define TF_REC_MAX 4096 /* bound of any record (exec: 128 + 16 + 255 + 16 + 16 * 129) */
+
 /* Record kinds in the ring buffer; each record starts with struct tf_hdr. */
 enum tf_kind {
 	TF_KIND_SYSCALL = 1, /* struct tf_event */
@@ -195,6 +218,9 @@ enum tf_path_kind {
 	TF_PATH_WALK = 2,      /* full path, dentries and mounts walked up to the task's root */
 	TF_PATH_MOUNT_REL = 3, /* only a dentry was at hand: path from the file system's root */
 	TF_PATH_USER = 4,      /* the name the process passed (joined to its directory fd) */
+	TF_PATH_AT_OPEN = 5,   /* close: the full path resolved when the file was opened, kept
+				* with the open file's state: the name at open, even if the
+				* file was renamed or unlinked since */
 };
 
 /*
@@ -244,5 +270,12 @@ struct tf_config {
 	__u32 strategy;          /* enum tf_strategy of this object */
 	__u64 wakeup_bytes;      /* wake the consumer once this much data is queued */
 };
+
+/* the record encoding relies on these */
+_Static_assert(__builtin_offsetof(struct tf_str, data) == TF_STRH_SIZE, "tf_str head");
+_Static_assert(__builtin_offsetof(struct tf_blob, data) == TF_STRH_SIZE, "tf_blob head");
+_Static_assert(__builtin_offsetof(struct tf_exec_event, arg_len) -
+		       __builtin_offsetof(struct tf_exec_event, argv_uptr) == TF_ARGVH_SIZE,
+	       "argv head");
 
 #endif /* __TRACEFLEET_EVENTS_H */

@@ -138,6 +138,22 @@ static __always_inline void tf_check_open(struct tf_event *e, long fd)
 		e->str[0].status = TF_ST_MISMATCH;
 }
 
+/* The record: hdr and iargs, then str[0], str[1] and blob, each only as long as its data. */
+static __always_inline void tf_emit_syscall(__u32 set, struct tf_event *e)
+{
+	__u32 l0 = tf_str_out_len(&e->str[0]), l1 = tf_str_out_len(&e->str[1]);
+	__u32 lb = tf_blob_out_len(&e->blob);
+	struct tf_rec r;
+
+	if (!tf_rec_begin(&r, set, offsetof(struct tf_event, str) + 3 * TF_STRH_SIZE + l0 + l1 + lb))
+		return;
+	tf_rec_put(&r, e, offsetof(struct tf_event, str));
+	tf_rec_str(&r, &e->str[0], l0, TF_PATH_MAX - 1);
+	tf_rec_str(&r, &e->str[1], l1, TF_PATH_MAX - 1);
+	tf_rec_str(&r, &e->blob, lb, TF_BLOB_MAX);
+	tf_rec_end(&r, set);
+}
+
 static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, int blob_len,
 				       bool blob_out)
 {
@@ -177,7 +193,7 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, 
 	for (int i = 0; i < TF_NSTR; i++)
 		tf_count_status(set, e->str[i].status);
 	tf_count_status(set, e->blob.status);
-	tf_submit(set, e, sizeof(*e));
+	tf_emit_syscall(set, e);
 	bpf_map_delete_elem(&tf_inflight, &tid);
 	return 0;
 }

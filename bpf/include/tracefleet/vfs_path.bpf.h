@@ -21,8 +21,6 @@
 #define TF_NAME_MAX 256   /* NAME_MAX + NUL */
 #define TF_AT_FDCWD (-100)
 #define TF_SB_NOUSER (1U << 31) /* pseudo file systems: pipes, sockets, anon inodes */
-/* hide a value from clang's range analysis, so a mask after it stays for the verifier */
-#define tf_barrier_var(v) asm volatile("" : "+r"(v))
 
 struct tf_vfs_scratch {
 	char walk[2 * TF_SCRATCH];

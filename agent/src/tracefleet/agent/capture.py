@@ -33,7 +33,6 @@ from tracefleet.agent._internal.abi import (
     TF_PREFIX_MAX,
     TF_SET_MAX,
     TF_STAT_MAX,
-    Kind,
     Stat,
     Status,
     Strategy,
@@ -45,7 +44,13 @@ from tracefleet.agent._internal.abi import (
     TfStr,
 )
 from tracefleet.agent._internal.contain import ANY_SET, UNKNOWN_SET, ErrorCounter
-from tracefleet.agent._internal.decode import SYSCALL_NAMES, decode_record
+from tracefleet.agent._internal.decode import (
+    LOST_HEADS,
+    SYSCALL_NAMES,
+    decode_record,
+    decode_struct,
+    has_lost_arg,
+)
 from tracefleet.agent._internal.fallback import CallerGone, UserFallback
 from tracefleet.agent._internal.metrics import add_events
 from tracefleet.agent.engine import (
@@ -74,18 +79,6 @@ log = logging.getLogger("tracefleet.agent")
 
 _HDR_SIZE = ctypes.sizeof(TfHdr)
 _HDR = struct.Struct("=Q24x8xHHB")  # ts_ns, (exit_ns, cgroup_id, ret, pid, tid), kind, syscall, set
-_ST_LOST = int(Status.LOST)
-# offsets of every argument's status byte, per record kind
-_LOST_OFFSETS = {
-    int(Kind.SYSCALL): [
-        TfEvent.str.offset + i * ctypes.sizeof(TfStr) + TfStr.status.offset for i in range(2)
-    ]
-    + [TfEvent.blob.offset + TfBlob.status.offset],
-    int(Kind.EXEC): [
-        TfExecEvent.filename.offset + TfStr.status.offset,
-        TfExecEvent.argv_status.offset,
-    ],
-}
 
 
 def raise_fd_limit(want: int = 65536) -> int:
@@ -106,11 +99,6 @@ def raise_fd_limit(want: int = 65536) -> int:
 def _peek_header(raw: bytes) -> tuple[int, int, int]:
     ts_ns, _kind, syscall, set_id = _HDR.unpack_from(raw)
     return set_id, syscall, ts_ns
-
-
-def _has_lost_arg(raw: bytes) -> bool:
-    kind = int.from_bytes(raw[TfHdr.kind.offset : TfHdr.kind.offset + 2], "little")
-    return any(off < len(raw) and raw[off] == _ST_LOST for off in _LOST_OFFSETS.get(kind, ()))
 
 
 EventSink = Callable[[dict[str, Any]], None]
@@ -353,7 +341,7 @@ class BpfEngine:
     def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:
         if self.consumer()[0]:
             try:
-                return fastring.FastRing(fd, self._on_record, lambda: self._agg, _LOST_OFFSETS,
+                return fastring.FastRing(fd, self._on_record, lambda: self._agg, LOST_HEADS,
                                          self.errors)  # fmt: skip
             except Exception as e:  # said once; the Python consumer does the same work
                 log.warning("compiled ring consumer failed to start, using Python: %s", e)
@@ -660,7 +648,7 @@ class BpfEngine:
             fallback = st is not None and st.user_fallback and bool(flags & fastring.REC_FALLBACK)
             sample = st is not None and bool(flags & fastring.REC_SAMPLE)
         else:
-            fallback = st is not None and st.user_fallback and _has_lost_arg(raw)
+            fallback = st is not None and st.user_fallback and has_lost_arg(raw)
             sample = (
                 st is not None
                 and st.sample_rate > 0
@@ -734,7 +722,7 @@ class BpfEngine:
             return ev
         if changed:
             try:
-                ev, _ = decode_record(bytes(rec), now)  # re-decode with the recovered values
+                ev = decode_struct(rec, now)  # re-decode with the recovered values
             except Exception as e:
                 self.errors.count(name, "decode", e)
         for arg, note in notes.items():

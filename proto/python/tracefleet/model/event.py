@@ -84,7 +84,7 @@ class Arg:
     error: str = ""  # errno name of the failed read
     addr: int | None = None  # user address read; None for registers and kernel values
     redacted: bool = False
-    path_kind: str = ""  # vfs paths: d_path, walk, mount-relative, as-passed
+    path_kind: str = ""  # vfs paths: d_path, walk, mount-relative, as-passed, at-open
     # JSON-only details the API does not carry (vfs mount, mount_relative)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -134,6 +134,7 @@ class PathKind(enum.IntEnum):
     WALK = 2
     MOUNT_REL = 3
     USER = 4
+    AT_OPEN = 5  # close: the path resolved at open, kept with the open file (name at open)
 
     @property
     def label(self) -> str:

@@ -19,6 +19,10 @@ from typing import Any
 
 from tracefleet.agent import eventsets
 from tracefleet.agent._internal.abi import (
+    TF_ARG_MAX,
+    TF_ARGV_COUNT,
+    TF_BLOB_MAX,
+    TF_PATH_MAX,
     Kind,
     PathKind,
     Status,
@@ -36,6 +40,21 @@ from tracefleet.agent.eventsets import BY_ID, ArgSpec
 from tracefleet.model import flag_names
 
 HDR_SIZE = ctypes.sizeof(TfHdr)
+# the record encoding (events.h): a fixed part, then strings, each a head of TF_STRH_SIZE
+# bytes (uptr, err, len, status, strategy) and len bytes
+TF_STRH_SIZE = TfStr.data.offset
+TF_ARGVH_SIZE = TfExecEvent.arg_len.offset - TfExecEvent.argv_uptr.offset
+_STRH = struct.Struct("=QiHBB")
+STRH_LEN_OFF, STRH_STATUS_OFF = TfStr.len.offset, TfStr.status.offset
+# where a record's argument statuses are, for the lost check of the user-space fallback (here
+# and in the compiled consumer): kind -> (offset of the first string head, string heads in a
+# row, whether an argv head follows them; its status sits where a string head's does)
+LOST_HEADS: dict[int, tuple[int, int, bool]] = {
+    Kind.SYSCALL: (TfEvent.str.offset, 3, False),
+    Kind.EXEC: (TfExecEvent.filename.offset, 1, True),
+}
+assert TfExecEvent.argv_status.offset - TfExecEvent.argv_uptr.offset == STRH_STATUS_OFF
+_U16 = struct.Struct("=H")
 SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
 
 
@@ -194,7 +213,8 @@ def _int_args(spec: ArgSpec, iargs: Any, syscall: str) -> dict[str, Any]:
 
 _MOUNTS = MountTable()
 _PATH_KINDS: dict[int, str] = {PathKind.D_PATH: "d_path", PathKind.WALK: "walk",
-               PathKind.MOUNT_REL: "mount-relative", PathKind.USER: "as-passed"}  # fmt: skip
+               PathKind.MOUNT_REL: "mount-relative", PathKind.USER: "as-passed",
+               PathKind.AT_OPEN: "at-open"}  # fmt: skip
 # what `arg` holds, per operation
 _VFS_ARG = {"vfs_open": "flags", "vfs_truncate": "length", "vfs_mkdir": "mode",
             "vfs_setattr": "attr"}  # fmt: skip
@@ -249,15 +269,162 @@ def _vfs_args(rec: TfVfsEvent, op: str) -> dict[str, Any]:
     return args
 
 
+class RecordError(ValueError):
+    """A record that does not follow the encoding (truncated, or lengths that do not add up
+    to its size): counted as a decode error by the consumer."""
+
+
+def _put_str(rec: ctypes.Structure, dst: int, raw: bytes, off: int, limit: int) -> int:
+    """Copy the string at raw[off:] (head and bytes) to offset dst of rec; returns the offset
+    after it. Every length is checked against the record's size and the string's buffer."""
+    n = len(raw)
+    if off + TF_STRH_SIZE > n:
+        raise RecordError(f"record truncated: {n} bytes, a string head at byte {off}")
+    length: int = _STRH.unpack_from(raw, off)[2]
+    if length > limit:
+        raise RecordError(f"string of {length} bytes at byte {off}: its buffer holds {limit}")
+    end = off + TF_STRH_SIZE + length
+    if end > n:
+        raise RecordError(f"record truncated: {n} bytes, a {length}-byte string ends at {end}")
+    ctypes.memmove(ctypes.addressof(rec) + dst, raw[off:end], end - off)
+    return end
+
+
+def _put_fixed(rec: ctypes.Structure, raw: bytes, size: int) -> int:
+    if len(raw) < size:
+        raise RecordError(f"record truncated: {len(raw)} bytes, its fixed part is {size}")
+    ctypes.memmove(ctypes.addressof(rec), raw[:size], size)
+    return size
+
+
+def _str_off(field: Any, i: int = 0) -> int:
+    return int(field.offset) + i * ctypes.sizeof(TfStr)
+
+
+def expand(raw: bytes) -> ctypes.Structure:
+    """A ring buffer record (events.h's compact encoding) -> the kernel's working struct for
+    its kind (TfEvent, TfExecEvent, TfVfsEvent), string bytes past their length zeroed.
+    Raises RecordError when the record is truncated or its lengths do not add up to its
+    size exactly."""
+    n = len(raw)
+    if n < HDR_SIZE:
+        raise RecordError(f"record of {n} bytes is shorter than the header ({HDR_SIZE})")
+    kind = TfHdr.from_buffer_copy(raw, 0).kind
+    rec: ctypes.Structure
+    if kind == Kind.SYSCALL:
+        rec = TfEvent()
+        off = _put_fixed(rec, raw, TfEvent.str.offset)
+        off = _put_str(rec, _str_off(TfEvent.str, 0), raw, off, TF_PATH_MAX - 1)
+        off = _put_str(rec, _str_off(TfEvent.str, 1), raw, off, TF_PATH_MAX - 1)
+        off = _put_str(rec, TfEvent.blob.offset, raw, off, TF_BLOB_MAX)
+    elif kind == Kind.EXEC:
+        erec = rec = TfExecEvent()
+        off = _put_fixed(erec, raw, TfExecEvent.filename.offset)
+        off = _put_str(erec, TfExecEvent.filename.offset, raw, off, TF_PATH_MAX - 1)
+        if off + TF_ARGVH_SIZE > n:
+            raise RecordError(f"record truncated: {n} bytes, the argv head at byte {off}")
+        ctypes.memmove(ctypes.addressof(erec) + TfExecEvent.argv_uptr.offset,
+                       raw[off : off + TF_ARGVH_SIZE], TF_ARGVH_SIZE)  # fmt: skip
+        off += TF_ARGVH_SIZE
+        if erec.argc > TF_ARGV_COUNT:
+            raise RecordError(f"argc {erec.argc} exceeds the {TF_ARGV_COUNT} entries kept")
+        for i in range(erec.argc):
+            if off + 2 > n:
+                raise RecordError(f"record truncated: {n} bytes, argv[{i}] at byte {off}")
+            length = _U16.unpack_from(raw, off)[0]
+            if length > TF_ARG_MAX - 1:
+                raise RecordError(f"argv[{i}] of {length} bytes: its buffer holds "
+                                  f"{TF_ARG_MAX - 1}")  # fmt: skip
+            off += 2
+            if off + length > n:
+                raise RecordError(f"record truncated: {n} bytes, argv[{i}] ends at "
+                                  f"{off + length}")  # fmt: skip
+            erec.arg_len[i] = length
+            ctypes.memmove(ctypes.addressof(erec) + TfExecEvent.argv.offset + i * TF_ARG_MAX,
+                           raw[off : off + length], length)  # fmt: skip
+            off += length
+    elif kind == Kind.VFS:
+        rec = TfVfsEvent()
+        off = _put_fixed(rec, raw, TfVfsEvent.path.offset)
+        off = _put_str(rec, TfVfsEvent.path.offset, raw, off, TF_PATH_MAX - 1)
+        off = _put_str(rec, TfVfsEvent.path2.offset, raw, off, TF_PATH_MAX - 1)
+    else:
+        raise RecordError(f"unknown record kind {kind}")
+    if off != n:
+        raise RecordError(f"{n - off} bytes after the last string of a {n}-byte record")
+    return rec
+
+
+def record_size(rec: ctypes.Structure) -> int:
+    """The size of rec's record in the ring (the encoding's length, as the kernel computes
+    it): for tests and the benchmark's bytes per record."""
+    if isinstance(rec, TfEvent):
+        strs = [rec.str[0].len, rec.str[1].len, rec.blob.len]
+        return TfEvent.str.offset + sum(TF_STRH_SIZE + int(n) for n in strs)
+    if isinstance(rec, TfExecEvent):
+        argv = sum(2 + int(rec.arg_len[i]) for i in range(rec.argc))
+        fixed = TfExecEvent.filename.offset + TF_STRH_SIZE + TF_ARGVH_SIZE
+        return fixed + int(rec.filename.len) + argv
+    if isinstance(rec, TfVfsEvent):
+        return TfVfsEvent.path.offset + 2 * TF_STRH_SIZE + int(rec.path.len) + int(rec.path2.len)
+    raise TypeError(f"not a record struct: {type(rec).__name__}")
+
+
+def encode_record(rec: ctypes.Structure) -> bytes:
+    """The record the kernel writes for rec (the inverse of expand): for tests."""
+    raw = bytes(rec)
+
+    def s(off: int, length: int) -> bytes:
+        return raw[off : off + TF_STRH_SIZE + length]
+
+    if isinstance(rec, TfEvent):
+        return (raw[: TfEvent.str.offset] + s(_str_off(TfEvent.str, 0), rec.str[0].len)
+                + s(_str_off(TfEvent.str, 1), rec.str[1].len)
+                + s(TfEvent.blob.offset, rec.blob.len))  # fmt: skip
+    if isinstance(rec, TfExecEvent):
+        out = raw[: TfExecEvent.filename.offset] + s(TfExecEvent.filename.offset,
+                                                     rec.filename.len)  # fmt: skip
+        out += raw[TfExecEvent.argv_uptr.offset : TfExecEvent.arg_len.offset]
+        for i in range(rec.argc):
+            out += _U16.pack(rec.arg_len[i]) + bytes(rec.argv[i])[: rec.arg_len[i]]
+        return out
+    if isinstance(rec, TfVfsEvent):
+        return (raw[: TfVfsEvent.path.offset] + s(TfVfsEvent.path.offset, rec.path.len)
+                + s(TfVfsEvent.path2.offset, rec.path2.len))  # fmt: skip
+    raise TypeError(f"not a record struct: {type(rec).__name__}")
+
+
+def has_lost_arg(raw: bytes) -> bool:
+    """Is any argument of this record (syscall or exec) lost? Read from the string heads; a
+    malformed record says no here (decoding it reports it)."""
+    try:
+        kind = TfHdr.kind.offset
+        where = LOST_HEADS.get(int.from_bytes(raw[kind : kind + 2], "little"))
+        if where is None:
+            return False
+        off, heads, argv_head = where
+        for _ in range(heads):
+            _, _, length, status, _ = _STRH.unpack_from(raw, off)
+            if status == Status.LOST:
+                return True
+            off += TF_STRH_SIZE + length
+        return argv_head and raw[off + STRH_STATUS_OFF] == Status.LOST
+    except (struct.error, IndexError):
+        return False
+
+
 def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Structure]:
     """Decode one ring buffer record; returns (event dict, the ctypes struct)."""
-    if len(raw) < HDR_SIZE:
-        raise ValueError(f"record of {len(raw)} bytes is shorter than the header")
-    hdr = TfHdr.from_buffer_copy(raw, 0)
+    rec = expand(raw)
+    return decode_struct(rec, now_ns), rec
+
+
+def decode_struct(rec: ctypes.Structure, now_ns: int) -> dict[str, Any]:
+    """The event dict of an expanded record (after the fallback patched it, say)."""
+    hdr: TfHdr = rec.hdr
     ev = _header(hdr, now_ns)
     arg_spec = eventsets.arg_spec(hdr.event_set, ev["syscall"])
-    if hdr.kind == Kind.EXEC:
-        rec = TfExecEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfExecEvent), b"\0"))
+    if isinstance(rec, TfExecEvent):
         args = _int_args(arg_spec, rec.iargs, ev["syscall"])
         args["filename"] = str_arg(rec.filename)
         argv: dict[str, Any] = {
@@ -272,22 +439,20 @@ def decode_record(raw: bytes, now_ns: int) -> tuple[dict[str, Any], ctypes.Struc
             argv["error"] = _err(rec.argv_err)
         args["argv"] = argv
         ev["args"] = args
-        return ev, rec
-    if hdr.kind == Kind.SYSCALL:
-        srec = TfEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfEvent), b"\0"))
-        args = _int_args(arg_spec, srec.iargs, ev["syscall"])
+        return ev
+    if isinstance(rec, TfEvent):
+        args = _int_args(arg_spec, rec.iargs, ev["syscall"])
         for i, name in enumerate(arg_spec.strs):
-            args[name] = str_arg(srec.str[i])
-        if len(arg_spec.strs) == 1 and srec.str[1].status != Status.NONE:
+            args[name] = str_arg(rec.str[i])
+        if len(arg_spec.strs) == 1 and rec.str[1].status != Status.NONE:
             # open family: the file the returned fd names, resolved in the kernel at exit
             # (set when the name was not read at entry; compare with a mismatch status)
-            args["kernel_path"] = str_arg(srec.str[1])
+            args["kernel_path"] = str_arg(rec.str[1])
         if arg_spec.blob:
-            args[arg_spec.blob] = blob_arg(srec.blob, arg_spec.blob_kind)
+            args[arg_spec.blob] = blob_arg(rec.blob, arg_spec.blob_kind)
         ev["args"] = args
-        return ev, srec
-    if hdr.kind == Kind.VFS:
-        vrec = TfVfsEvent.from_buffer_copy(raw.ljust(ctypes.sizeof(TfVfsEvent), b"\0"))
-        ev["args"] = _vfs_args(vrec, ev["syscall"])
-        return ev, vrec
-    raise ValueError(f"unknown record kind {hdr.kind}")
+        return ev
+    if isinstance(rec, TfVfsEvent):
+        ev["args"] = _vfs_args(rec, ev["syscall"])
+        return ev
+    raise RecordError(f"unknown record kind {hdr.kind}")

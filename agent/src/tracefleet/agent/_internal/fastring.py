@@ -35,7 +35,12 @@ from tracefleet.agent._internal.abi import (
     TfVfsEvent,
 )
 from tracefleet.agent._internal.contain import UNKNOWN_SET, ErrorCounter
-from tracefleet.agent._internal.decode import SYSCALL_NAMES
+from tracefleet.agent._internal.decode import (
+    STRH_LEN_OFF,
+    STRH_STATUS_OFF,
+    SYSCALL_NAMES,
+    TF_STRH_SIZE,
+)
 from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS, Aggregates, SetAggregate
 from tracefleet.agent.eventsets import BY_ID
 
@@ -43,8 +48,8 @@ log = logging.getLogger("tracefleet.agent")
 
 ENV = "TRACEFLEET_FASTRING"  # "off": Python consumer; a path: that library
 LIB_NAME = "libtfring.so"
-ABI = 1
-_MAX_BOUNDS, _MAX_KINDS, _MAX_LOST_OFFS = 64, 8, 8
+ABI = 2
+_MAX_BOUNDS, _MAX_KINDS, _MAX_HEADS = 64, 8, 8
 
 # per-set flags and per-entry flags (fastring.c)
 SET_DELIVER, SET_SAMPLE, SET_FALLBACK, SET_SAMPLE_ALL = 1, 2, 4, 8
@@ -69,7 +74,12 @@ class _Params(ctypes.Structure):
         ("batch_bytes", ctypes.c_uint32),
         ("reserve_bytes", ctypes.c_uint32),
         ("bounds", ctypes.c_double * _MAX_BOUNDS),
-        ("lost_offs", (ctypes.c_uint32 * _MAX_LOST_OFFS) * _MAX_KINDS),
+        ("strh_size", ctypes.c_uint32),
+        ("strh_len_off", ctypes.c_uint32),
+        ("strh_status_off", ctypes.c_uint32),
+        ("lost_start", ctypes.c_uint32 * _MAX_KINDS),
+        ("lost_heads", ctypes.c_uint32 * _MAX_KINDS),
+        ("lost_argv", ctypes.c_uint32 * _MAX_KINDS),
     ]
 
 
@@ -137,7 +147,7 @@ def consumer_status() -> tuple[bool, str]:
         return _status
 
 
-def params(lost_offsets: Mapping[int, Sequence[int]], batch_bytes: int = 4 << 20) -> _Params:
+def params(lost_heads: Mapping[int, tuple[int, int, bool]], batch_bytes: int = 4 << 20) -> _Params:
     """The layout the C side works with, from abi.py and engine.py (one definition)."""
     p = _Params()
     p.abi = ABI
@@ -154,11 +164,11 @@ def params(lost_offsets: Mapping[int, Sequence[int]], batch_bytes: int = 4 << 20
     for i, b in enumerate(LATENCY_BUCKETS_SECONDS):
         p.bounds[i] = b
     p.lost_status = int(Status.LOST)
-    for kind, offs in lost_offsets.items():
-        if not 0 <= kind < _MAX_KINDS or len(offs) >= _MAX_LOST_OFFS or 0 in offs:
-            raise ValueError(f"lost-argument offsets of kind {kind} do not fit: {offs}")
-        for i, off in enumerate(offs):
-            p.lost_offs[kind][i] = off
+    p.strh_size, p.strh_len_off, p.strh_status_off = TF_STRH_SIZE, STRH_LEN_OFF, STRH_STATUS_OFF
+    for kind, (start, heads, argv) in lost_heads.items():
+        if not 0 <= kind < _MAX_KINDS or not start > 0 or not 0 <= heads <= _MAX_HEADS:
+            raise ValueError(f"string heads of record kind {kind} do not fit: {start}, {heads}")
+        p.lost_start[kind], p.lost_heads[kind], p.lost_argv[kind] = start, heads, int(argv)
     biggest = max(ctypes.sizeof(t) for t in (TfEvent, TfExecEvent, TfVfsEvent))
     p.reserve_bytes = biggest + _ENTRY.size + 8
     p.batch_bytes = max(batch_bytes, 4 * p.reserve_bytes)
@@ -179,7 +189,7 @@ class FastRing:
         map_fd: int,
         on_record: OnRecord,
         aggregates: Callable[[], Aggregates],
-        lost_offsets: Mapping[int, Sequence[int]],
+        lost_heads: Mapping[int, tuple[int, int, bool]],
         errors: ErrorCounter | None = None,
     ):
         ok, why = consumer_status()
@@ -188,7 +198,7 @@ class FastRing:
         self._lib = _lib
         self._on_record = on_record
         self._aggregates = aggregates
-        self._params = params(lost_offsets)
+        self._params = params(lost_heads)
         words = TF_SET_MAX * (4 + self._params.nbounds + 1 + 2 * self._params.nsyscalls)
         self._take_buf = (ctypes.c_uint64 * words)()
         self._config: dict[int, tuple[int, int]] = {}
