@@ -330,9 +330,9 @@ def test_unusable_records_are_counted_as_decode_errors_not_delivered(capture):
     """Records no kernel object of ours writes (too short for a header; an unknown kind),
     handed to the real engine's record handler: counted under cause=decode, not delivered,
     and the next good record is handled as usual."""
-    import ctypes
 
-    from tracefleet.agent._internal.abi import TfHdr
+    from tracefleet.agent._internal.abi import TfEvent, TfHdr
+    from tracefleet.agent._internal.decode import encode_record
     from tracefleet.agent.engine import Filters
 
     cap = capture(["file"], None, Filters(comms=("tf-no-such-comm",)), hold_seconds=3600)
@@ -343,8 +343,10 @@ def test_unusable_records_are_counted_as_decode_errors_not_delivered(capture):
     hdr = TfHdr(ts_ns=1, pid=1, tid=1, kind=99, syscall=1, event_set=0)
     eng._on_record(b"\x01" * 7)
     eng._on_record(bytes(hdr) + b"\0" * 64)
-    hdr.kind = 1
-    eng._on_record(bytes(hdr).ljust(ctypes.sizeof(TfHdr) + 2048, b"\0"))
+    good = TfEvent()
+    good.hdr = hdr
+    good.hdr.kind = 1
+    eng._on_record(encode_record(good))  # a well-formed openat record (records vary in length)
     assert eng.errors.snapshot() == {("unknown", "decode"): 1, ("file", "decode"): 1}
     assert eng.totals()["file"].delivered - before.get("file", 0) == 1
     assert [e["syscall"] for e in cap.events[-1:]] == ["openat"]

@@ -35,9 +35,9 @@ class Tapped:
                                            sets=(set_name,)))  # fmt: skip
         consume = self.eng._on_record
 
-        def tap(raw: bytes) -> None:
+        def tap(raw: bytes, *rest: Any) -> None:  # (raw, receive time, flags) or (raw,)
             self.raws.append(bytes(raw))
-            consume(raw)
+            consume(raw, *rest)
 
         self.eng._on_record = tap  # type: ignore[method-assign]
         self.eng.add_sink(lambda ev: None)  # decode every record, as a real consumer does
