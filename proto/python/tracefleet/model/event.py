@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-STATUSES = ("ok", "recovered", "lost", "truncated", "torn")
+STATUSES = ("ok", "recovered", "lost", "truncated", "torn", "reread", "mismatch")
 
 
 @dataclass(frozen=True, slots=True)
