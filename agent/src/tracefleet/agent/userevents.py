@@ -42,6 +42,9 @@ PERF_SAMPLE_TIME = 1 << 2
 PERF_SAMPLE_CPU = 1 << 7
 PERF_SAMPLE_RAW = 1 << 10
 PERF_RECORD_LOST = 2
+# read(2) of the event gives its own count of records it could not write (Linux 6.0+): exact
+# at any time, where the PERF_RECORD_LOST notice waits for the next record on that CPU
+PERF_FORMAT_LOST = 1 << 4
 PERF_RECORD_SAMPLE = 9
 _PERF_FLAG_FD_CLOEXEC = 1 << 3
 _USE_CLOCKID = 1 << 25  # perf_event_attr.use_clockid
@@ -295,7 +298,7 @@ class _PerfAttr(ctypes.Structure):
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def perf_event_open(tp_id: int, cpu: int) -> int:
+def perf_event_open(tp_id: int, cpu: int, read_lost: bool = True) -> int:
     nr = _NR_PERF_EVENT_OPEN.get(os.uname().machine)
     if nr is None:
         raise UserEventsError(f"perf_event_open: unsupported architecture {os.uname().machine}")
@@ -308,7 +311,10 @@ def perf_event_open(tp_id: int, cpu: int) -> int:
     attr.wakeup_events = 1
     attr.flags = _USE_CLOCKID  # TIME in CLOCK_MONOTONIC, the clock of every tracefleet ts_ns
     attr.clockid = time.CLOCK_MONOTONIC
+    attr.read_format = PERF_FORMAT_LOST if read_lost else 0
     fd = _libc.syscall(nr, ctypes.byref(attr), -1, cpu, -1, _PERF_FLAG_FD_CLOEXEC)
+    if fd < 0 and read_lost and ctypes.get_errno() == errno.EINVAL:
+        return perf_event_open(tp_id, cpu, read_lost=False)  # before 6.0: notices only
     if fd < 0:
         e = ctypes.get_errno()
         hint = (
@@ -340,12 +346,33 @@ class _Ring:
     mm: mmap.mmap
     data_off: int
     data_size: int
+    noticed: int = 0  # records lost, from PERF_RECORD_LOST notices read so far
+    lost: int | None = None  # the event's own count (PERF_FORMAT_LOST), None if unreadable
+    lost_readable: bool = True
+
+    def read_lost(self) -> None:
+        if not self.lost_readable:
+            return
+        try:
+            data = os.read(self.fd, 16)  # {u64 value; u64 lost}
+        except OSError:
+            data = b""
+        if len(data) == 16:
+            self.lost = struct.unpack("<QQ", data)[1]
+        else:  # opened without PERF_FORMAT_LOST (a kernel before 6.0): notices only
+            self.lost_readable = False
+
+    @property
+    def dropped(self) -> int:
+        return max(self.noticed, self.lost or 0)
 
 
 @dataclass
 class Counters:
     events: int = 0
-    dropped: int = 0  # PERF_RECORD_LOST totals
+    # records the rings could not hold: the events' own counts (Linux 6.0+), else the
+    # PERF_RECORD_LOST notices read so far
+    dropped: int = 0
     malformed: int = 0
 
 
@@ -376,6 +403,9 @@ class PerfTracepoint:
             raise
 
     def close(self) -> None:
+        for r in self.rings:  # losses no notice reported yet are counted too
+            r.read_lost()
+        self._count_dropped()
         for r in self.rings:
             r.mm.close()
             os.close(r.fd)
@@ -411,7 +441,7 @@ class PerfTracepoint:
                 rec = self._bytes(r, pos, rsize)
                 tail += rsize
                 if rtype == PERF_RECORD_LOST:
-                    self.counters.dropped += struct.unpack_from("<Q", rec, 16)[0]
+                    r.noticed += struct.unpack_from("<Q", rec, 16)[0]
                 elif rtype == PERF_RECORD_SAMPLE:
                     # TID, TIME, CPU, RAW in sample_type bit order
                     pid, tid, ts, cpu, _res, rawlen = struct.unpack_from("<IIQIII", rec, 8)
@@ -421,6 +451,11 @@ class PerfTracepoint:
                     self.counters.events += 1
                     yield pid, tid, ts, cpu, bytes(rec[36 : 36 + rawlen])
             struct.pack_into("<Q", mm, _TAIL_OFF, tail)
+            r.read_lost()
+            self._count_dropped()
+
+    def _count_dropped(self) -> None:
+        self.counters.dropped = sum(r.dropped for r in self.rings)
 
     @staticmethod
     def _bytes(r: _Ring, pos: int, n: int) -> bytes:
