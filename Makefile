@@ -24,17 +24,16 @@ QUICK     ?=
 # kernel (real agents). Kernel-independent e2e tests (synthetic fleets, TLS, Prometheus)
 # run on the host only.
 VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
-# Host only for now: test_hardening.py's parked-threads test (in the 7.2 guest both cases,
-# 1,500 threads released from a FIFO, timed out after 600 s waiting for the accounting to
-# settle, about 10 min each; the test now prints the accounting when it times out, so the
-# next guest run says which term is off); the rename storm's negative control on the fentry
-# hook (torn check off: in the guest no wrong name of the storm file came up in its 400 s;
-# the wrong names it found before were closes at exit of inherited files, see below). The
-# rest of test_hardening.py, the vfs rename storms (the fentry hook also sees the closes at
-# exit of inherited files, /dev/null and pytest's O_TMPFILE "#5", which the test had called
-# wrong names; a walked name of an unlinked file now ends in " (deleted)") and the perf
-# ring overflow (lost records read from the event's own count, not the late notice) run in
-# the guest.
+# Host only for now: test_hardening.py's parked-threads test (7.2 guest, map-larger: the
+# identity held, unaccounted 0, but passed 1476 of 1,500 and 319 counted lost with a map
+# larger than the threads, so its wait for passed >= 1,500 and no loss timed out at 600 s:
+# to be examined, likely the agent deleting live threads' entries in the guest); the rename
+# storm's fentry negative control (its storm processes outlived communicate(timeout=120)
+# in the guest). The rest of test_hardening.py, the rename storms (the fentry hook also
+# sees closes at exit of inherited files, /dev/null and pytest's O_TMPFILE "#5", which the
+# test had called wrong; an unlinked file's walked name now ends in " (deleted)") and the
+# perf ring overflow (lost records from the event's own count, not the late notice) passed
+# in the guest.
 VM_ARGS   ?= --memory 3G -- -k 'not parked_threads and not (without_the_torn_check and fentry)'
 
 # The 6.12 guest (user_events built in): its own short stage, user_events + cold openat.
