@@ -26,14 +26,17 @@ QUICK     ?=
 # kernel (real agents). Kernel-independent e2e tests (synthetic fleets, TLS, Prometheus)
 # run on the host only.
 VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
-# Host only for now (see the issues' notes): test_hardening.py (in the full 7.2 guest suite
-# its workload reader hit select()'s 1024-fd limit, now poll(); not re-run in the guest yet);
-# the vfs rename storms (the fentry storm reported names the test calls wrong, e.g. a close
-# of "/tmp/#5" walked from a dentry: to be examined); the perf ring overflow test (in the
-# 7.2 guest delivered + dropped fell short of the records written: 147 + 794 < 5001; the
-# lost-record notice comes late)
-VM_ARGS   ?= --memory 3G -- --ignore=tests/bpf/test_hardening.py \
-             -k 'not rename_storm and not perf_ring_overflow'
+# Host only for now: test_hardening.py's parked-threads test (7.2 guest, map-larger: the
+# identity held, unaccounted 0, but passed 1476 of 1,500 and 319 counted lost with a map
+# larger than the threads, so its wait for passed >= 1,500 and no loss timed out at 600 s:
+# to be examined, likely the agent deleting live threads' entries in the guest); the rename
+# storm's fentry negative control (its storm processes outlived communicate(timeout=120)
+# in the guest). The rest of test_hardening.py, the rename storms (the fentry hook also
+# sees closes at exit of inherited files, /dev/null and pytest's O_TMPFILE "#5", which the
+# test had called wrong; an unlinked file's walked name now ends in " (deleted)") and the
+# perf ring overflow (lost records from the event's own count, not the late notice) passed
+# in the guest.
+VM_ARGS   ?= --memory 3G -- -k 'not parked_threads and not (without_the_torn_check and fentry)'
 
 # The 6.12 guest (user_events built in): its own short stage, user_events + cold openat.
 VM612_TESTS ?= tests/bpf/test_user_events.py tests/bpf/test_capture_cold.py

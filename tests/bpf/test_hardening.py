@@ -99,7 +99,14 @@ def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries)
             done = a["passed"] >= PARKED and a["in_flight"] == 0 and mine == a["written"]
             return a if done else None
 
-        acc = wait_until(settled, timeout=60 * SCALE, what="every parked call settled")
+        try:
+            acc = wait_until(settled, timeout=60 * SCALE, what="every parked call settled")
+        except AssertionError as err:  # say which term of the identity is off
+            mine = sum(1 for e in list(events) if e["pid"] == proc.pid)
+            raise AssertionError(
+                f"{err}; accounting {eng.accounting('file')}, {mine} events of the workload "
+                f"delivered, {len(events)} in all"
+            ) from None
         assert acc["passed"] == PARKED, acc
         assert acc["unaccounted"] == 0, acc
         assert acc["written"] + acc["dropped"] + acc["lost"] == PARKED, acc

@@ -270,12 +270,12 @@ def test_perf_ring_overflow_is_counted_as_drops() -> None:
         n = 5000
         for _ in range(n):
             os.getppid()
+        # no record follows the overflow on the rings it filled (one per CPU the process ran
+        # on), so perf has not written its LOST notices: the events' own counts have them
         mine = sum(1 for r in ring.read() if r[0] == os.getpid())
-        # perf writes its LOST notice at the first record after the reader freed space
-        os.getppid()
-        mine += sum(1 for r in ring.read() if r[0] == os.getpid())
-        n += 1
+        print(f"\nperf ring overflow: {n} calls, {mine} read, {ring.counters.dropped} dropped")
         assert ring.counters.dropped > 0, "a 4 KiB ring cannot hold 5000 records"
+        # dropped also counts other processes' getppid calls the rings could not hold
         assert mine < n and mine + ring.counters.dropped >= n
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from tracefleet.model import Arg, Event, FlagSet, OpenHow, SocketAddress, flag_names, human, wire
+from tracefleet.model.event import STATUSES
 from tracefleet.v1 import types_pb2
 
 
@@ -67,6 +68,25 @@ def test_older_clients_still_read_the_text_value_and_enums_match_it():
     assert pb.args["lost"].status_code == types_pb2.ARG_STATUS_LOST
     pb2 = wire.arg_to_pb(Arg(1, strategy="exit-retry"))
     assert pb2.strategy_code == types_pb2.STRATEGY_EXIT_RETRY
+
+
+def test_every_status_round_trips_with_its_own_enum_value_and_string():
+    """Each status the model knows has its own ArgStatus value (never UNSPECIFIED), the
+    string stays for older clients, and a peer that sends only the enum is read back."""
+    assert {"reread", "mismatch"} <= set(STATUSES)
+    codes = set()
+    for status in STATUSES:
+        value = None if status == "lost" else "/x"
+        a = Arg(value, status=status, strategy="exit-retry")
+        pb = types_pb2.EventArg.FromString(wire.arg_to_pb(a).SerializeToString())
+        assert pb.status == status  # older clients read the string
+        assert pb.status_code != types_pb2.ARG_STATUS_UNSPECIFIED, status
+        assert types_pb2.ArgStatus.Name(pb.status_code) == f"ARG_STATUS_{status.upper()}"
+        codes.add(pb.status_code)
+        assert wire.arg_from_pb(pb) == a
+        pb.ClearField("status")  # a newer peer that fills only the enum
+        assert wire.arg_from_pb(pb).status == status
+    assert len(codes) == len(STATUSES)
 
 
 def test_an_older_agents_event_reads_back_without_inventing_values():

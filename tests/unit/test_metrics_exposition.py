@@ -254,7 +254,13 @@ def _controller_fed() -> tuple[Controller, cm.FleetTotals, list[Any]]:
     batches = []
     for node in ("n1", "n2"):
         eng = _engine()
-        for agg in _collect_deltas(eng):
+        for i, agg in enumerate(_collect_deltas(eng)):
+            for j, sa in enumerate(agg.sets.values()):  # call accounting, distinct per batch
+                sa.lost_inflight_full, sa.lost_inflight_stale, sa.lost_deleted = i + 1, j, 2
+                sa.lost = sa.lost_inflight_full + sa.lost_inflight_stale + sa.lost_deleted
+                sa.prefix_filtered, sa.decode_errors = 3 * i + j, j
+                sa.passed = (sa.delivered + sa.dropped + sa.lost + sa.prefix_filtered
+                             + sa.decode_errors)  # fmt: skip
             b = _batch_pb(agg, [], replayed=False)
             ctl.on_batch(ctl.fleet.nodes[node], b)
             batches.append((node, agg))
@@ -293,6 +299,19 @@ def test_controller_merges_batches_exactly():
             assert _samples(fam, "_total", **lbl)[0].value == sum(s.delivered for s in sets)
             fam = fams["tracefleet_controller_events_dropped"]
             assert _samples(fam, "_total", **lbl)[0].value == sum(s.dropped for s in sets)
+            fam = fams["tracefleet_controller_calls_passed"]
+            assert _samples(fam, "_total", **lbl)[0].value == sum(s.passed for s in sets) > 0
+            for reason, part in (("inflight_full", "lost_inflight_full"),
+                                 ("inflight_stale", "lost_inflight_stale"),
+                                 ("deleted", "lost_deleted")):  # fmt: skip
+                fam = fams["tracefleet_controller_calls_lost"]
+                got = _samples(fam, "_total", **lbl, reason=reason)[0].value
+                assert got == sum(getattr(s, part) for s in sets)
+            fam = fams["tracefleet_controller_calls_prefix_filtered"]
+            want = sum(s.prefix_filtered for s in sets)
+            assert _samples(fam, "_total", **lbl)[0].value == want
+            fam = fams["tracefleet_controller_records_undecodable"]
+            assert _samples(fam, "_total", **lbl)[0].value == sum(s.decode_errors for s in sets)
             for outcome in OUTCOMES:
                 want = sum(s.outcomes.get(("synthetic", outcome), 0) for s in sets)
                 got = _samples(

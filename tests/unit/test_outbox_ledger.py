@@ -144,6 +144,35 @@ def test_store_upgrades_schema_1(tmp_path):
     assert s._db.execute("PRAGMA user_version").fetchone()[0] == 2
 
 
+def test_store_adds_the_call_accounting_columns_in_place(tmp_path):
+    """A database from before the call accounting keeps its totals (the new counts start
+    at 0) and stores the new counts from then on."""
+    import sqlite3
+
+    path = str(tmp_path / "old.db")
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE set_totals (node TEXT NOT NULL, event_set TEXT NOT NULL, "
+               "delivered INTEGER NOT NULL, dropped INTEGER NOT NULL, discarded INTEGER NOT "
+               "NULL, PRIMARY KEY (node, event_set))")  # fmt: skip
+    db.execute("INSERT INTO set_totals VALUES ('n', 'file', 10, 2, 1)")
+    db.execute("PRAGMA user_version=2")
+    db.commit()
+    db.close()
+    store = Store(path)
+    led = Ledger(store.ledger())
+    c = led.nodes["n"].sets["file"]
+    assert (c.delivered, c.dropped, c.discarded, c.passed, c.lost) == (10, 2, 1, 0, 0)
+    b = batch(5, 1)
+    s = b.sets[0]
+    s.passed, s.lost, s.lost_inflight_full, s.prefix_filtered, s.decode_errors = 9, 2, 2, 1, 0
+    led.apply("n", b)
+    store.put_ledger(led.changes())
+    store.close()
+    c = Ledger(Store(path).ledger()).nodes["n"].sets["file"]
+    assert (c.delivered, c.dropped, c.passed, c.lost, c.lost_inflight_full) == (15, 3, 9, 2, 2)
+    assert c.prefix_filtered == 1
+
+
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, seed):
     """An agent producing batches, a lossy stream that breaks at random, and a controller that
@@ -158,12 +187,23 @@ def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, see
     cursor = 0
     in_flight: list[agent_pb2.ResultBatch] = []  # written, not yet read by the controller
     up = True
+    passed = 0
     for _ in range(3000):
         r = rng.random()
         if r < 0.3:
             n = rng.randrange(0, 500)
             produced += n + n // 7
-            ob.add(batch(n, n // 7, name=rng.choice(["file", "net"])))
+            b = batch(n, n // 7, name=rng.choice(["file", "net"]))
+            # the call accounting of the interval: passed = delivered + dropped + lost + ...
+            s = b.sets[0]
+            s.lost_inflight_full, s.lost_inflight_stale, s.lost_deleted = (
+                rng.randrange(0, 9), rng.randrange(0, 3), rng.randrange(0, 2)
+            )  # fmt: skip
+            s.lost = s.lost_inflight_full + s.lost_inflight_stale + s.lost_deleted
+            s.prefix_filtered, s.decode_errors = rng.randrange(0, 20), rng.randrange(0, 2)
+            s.passed = n + n // 7 + s.lost + s.prefix_filtered + s.decode_errors
+            passed += s.passed
+            ob.add(b)
         elif r < 0.55 and up:
             b = ob.next_to_send(cursor)
             if b is not None:
@@ -219,6 +259,13 @@ def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, see
     assert counted + discarded == produced
     assert discarded == ob.discarded_events
     assert final.discarded == ob.discarded_batches
+    # the call accounting of discarded batches is carried, not lost: the identity holds in
+    # the controller's totals, every count once
+    assert sum(c.passed for c in final.sets.values()) == passed
+    for c in final.sets.values():
+        assert c.lost == c.lost_inflight_full + c.lost_inflight_stale + c.lost_deleted
+        assert c.passed == (c.delivered + c.dropped + c.discarded + c.lost + c.prefix_filtered
+                            + c.decode_errors)  # fmt: skip
 
 
 def test_outbox_defaults_are_what_the_agent_runs_with_and_what_the_readme_says():

@@ -91,6 +91,28 @@ static __always_inline long tf_dentry_name(struct tf_vfs_scratch *s, struct dent
 	return n - 1;
 }
 
+/*
+ * Whether d is no longer in the namespace (d_unlinked(): unhashed and not a root): a file
+ * unlinked while open, or an O_TMPFILE, which never had a name (the kernel names its dentry
+ * "#<inode>"). Its walked path then ends in " (deleted)", as d_path() and /proc/PID/fd say,
+ * never passed off as a name that exists. Read inside the d_seq window: a rename keeps the
+ * dentry hashed, but a changed count marks the path torn.
+ */
+#define TF_DELETED " (deleted)"
+#define TF_DELETED_LEN (sizeof(TF_DELETED) - 1)
+
+static __always_inline bool tf_dentry_unlinked(struct dentry *d, bool *torn)
+{
+	unsigned int seq1 = BPF_CORE_READ(d, d_seq.seqcount.sequence);
+	void *pprev = BPF_CORE_READ(d, d_hash.pprev);
+	struct dentry *p = BPF_CORE_READ(d, d_parent);
+	unsigned int seq2 = BPF_CORE_READ(d, d_seq.seqcount.sequence);
+
+	if (!tf_vfs_no_torn_check && ((seq1 & 1) || seq1 != seq2))
+		*torn = true;
+	return !pprev && p != d;
+}
+
 /* Set status, length and error of a path produced by the walk or d_path. */
 static __always_inline void tf_path_result(struct tf_str *out, long len, long err, bool torn,
 					   bool truncated)
@@ -179,9 +201,11 @@ done:
  * Walk from dentry d up to the task's root, crossing mounts when vmnt is known (full path,
  * TF_PATH_WALK), or up to the file system's root when it is not (TF_PATH_MOUNT_REL). A path
  * longer than the buffer keeps its last components and is marked truncated. bpf_loop keeps
- * the verifier's work to one step, however deep the path.
+ * the verifier's work to one step, however deep the path. An unlinked d ends in " (deleted)"
+ * unless mark_unlinked is false (a directory a user path is joined to).
  */
-static __noinline int tf_walk_path(struct tf_str *out, struct dentry *d, struct vfsmount *vmnt)
+static __noinline int tf_walk_path_ex(struct tf_str *out, struct dentry *d,
+				      struct vfsmount *vmnt, bool mark_unlinked)
 {
 	struct tf_vfs_scratch *s = tf_scratch();
 	struct task_struct *task = bpf_get_current_task_btf();
@@ -199,6 +223,17 @@ static __noinline int tf_walk_path(struct tf_str *out, struct dentry *d, struct 
 		w.root_m = (__u64)BPF_CORE_READ(task, fs, root.mnt);
 	}
 	s->walk[TF_SCRATCH - 1] = 0;
+	if (mark_unlinked) {
+		bool torn = false;
+
+		if (tf_dentry_unlinked(d, &torn)) { /* the walk prepends the components to it */
+			w.off = TF_SCRATCH - 1 - TF_DELETED_LEN;
+			__builtin_memcpy(&s->walk[TF_SCRATCH - 1 - TF_DELETED_LEN], TF_DELETED,
+					 TF_DELETED_LEN);
+		}
+		if (torn)
+			w.torn = 1;
+	}
 	bpf_loop(TF_WALK_MAX, tf_walk_step, &w, 0);
 	if (!w.done)
 		w.truncated = 1;
@@ -222,6 +257,8 @@ static __noinline int tf_walk_path(struct tf_str *out, struct dentry *d, struct 
 	tf_path_result(out, len, w.err, w.torn, w.truncated);
 	return vmnt ? TF_PATH_WALK : TF_PATH_MOUNT_REL;
 }
+
+#define tf_walk_path(out, d, vmnt) tf_walk_path_ex(out, d, vmnt, true)
 
 /* The file behind descriptor fd of the current task, or NULL. */
 static __always_inline struct file *tf_fd_file(int fd)
@@ -285,7 +322,7 @@ static __noinline int tf_user_path(struct tf_str *out, unsigned long uptr, int d
 		tf_fill_inode(e, dir_d);
 		e->ino = 0; /* the directory's, not the file's */
 	}
-	tf_walk_path(out, dir_d, dir_m);
+	tf_walk_path_ex(out, dir_d, dir_m, false);
 	if (out->status == TF_ST_LOST)
 		return TF_PATH_USER;
 	/* join: "<dir>/<name>" built in scratch, then copied back */

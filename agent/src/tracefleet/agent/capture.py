@@ -660,6 +660,8 @@ class BpfEngine:
                 ev, rec = decode_record(raw, now)
             except Exception as e:  # unusable: counted as a decode failure, not delivered
                 self.errors.count(label, "decode", e)
+                if spec is not None:  # passed = delivered + ... + decode_errors
+                    self._agg.sets.setdefault(name, SetAggregate()).decode_errors += 1
                 return
         agg = self._agg.sets.get(name)
         if agg is None:
@@ -964,6 +966,10 @@ class BpfEngine:
             sa.passed = d[Stat.PASSED]
             deleted = agent_lost[name] - prev_lost.get(name, 0)
             sa.lost = d[Stat.INFLIGHT_FULL] + d[Stat.INFLIGHT_STALE] + deleted
+            sa.lost_inflight_full, sa.lost_inflight_stale = (
+                d[Stat.INFLIGHT_FULL], d[Stat.INFLIGHT_STALE]
+            )  # fmt: skip
+            sa.lost_deleted, sa.prefix_filtered = deleted, d[Stat.PREFIX_FILTERED]
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             truncated_user = user.get(f"{name}/truncated", 0)
@@ -1006,6 +1012,11 @@ class BpfEngine:
             sa.passed = k[Stat.PASSED]
             sa.lost = (k[Stat.INFLIGHT_FULL] + k[Stat.INFLIGHT_STALE] + self.reaped[name]
                        + self.cleared[name])  # fmt: skip
+            sa.lost_inflight_full, sa.lost_inflight_stale = (
+                k[Stat.INFLIGHT_FULL], k[Stat.INFLIGHT_STALE]
+            )  # fmt: skip
+            sa.lost_deleted = self.reaped[name] + self.cleared[name]
+            sa.prefix_filtered = k[Stat.PREFIX_FILTERED]
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             truncated_user = user.get(f"{name}/truncated", 0)

@@ -750,6 +750,13 @@ def _batch_pb(
             event_set=name,
             delivered=s.delivered,
             dropped=s.dropped,
+            passed=s.passed,
+            lost=s.lost,
+            lost_inflight_full=s.lost_inflight_full,
+            lost_inflight_stale=s.lost_inflight_stale,
+            lost_deleted=s.lost_deleted,
+            prefix_filtered=s.prefix_filtered,
+            decode_errors=s.decode_errors,
             latency=types_pb2.Histogram(
                 bounds=s.latency.bounds, counts=s.latency.counts, sum=s.latency.sum
             ),

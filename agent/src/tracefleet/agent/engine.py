@@ -62,6 +62,12 @@ class SetAggregate:
     # prefix-filtered + in flight
     passed: int = 0
     lost: int = 0
+    # parts: lost = lost_inflight_full + lost_inflight_stale + lost_deleted
+    lost_inflight_full: int = 0
+    lost_inflight_stale: int = 0
+    lost_deleted: int = 0
+    prefix_filtered: int = 0  # dropped at exit by the path-prefix filter (in the kernel)
+    decode_errors: int = 0  # records read but not decodable: not delivered
     latency: Histogram = field(default_factory=Histogram)  # syscall entry -> decoded in agent
 
 

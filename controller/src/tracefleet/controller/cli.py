@@ -720,6 +720,22 @@ STATUS_HEADERS = [
 ]  # fmt: skip
 
 
+CALLS_HEADERS = [
+    "NODE", "SET", "PASSED", "DELIVERED", "DROPPED", "DISCARDED", "LOST", "LOST FULL/STALE/DEL",
+    "PREFIX-FILTERED", "UNDECODABLE", "PENDING",
+]  # fmt: skip
+
+
+def _calls_row(node: str, t: control_pb2.SetTotals) -> list[object]:
+    accounted = (t.delivered + t.dropped + t.discarded + t.lost + t.prefix_filtered
+                 + t.decode_errors)  # fmt: skip
+    return [
+        node, t.event_set, t.passed, t.delivered, t.dropped, t.discarded, t.lost,
+        f"{t.lost_inflight_full}/{t.lost_inflight_stale}/{t.lost_deleted}", t.prefix_filtered,
+        t.decode_errors, t.passed - accounted,
+    ]  # fmt: skip
+
+
 def cmd_status(ctx: Ctx) -> int:
     st = ctx.call(ctx.stub.GetStatus, control_pb2.GetStatusRequest(selector=ctx.args.selector))
     now = time.time()
@@ -776,6 +792,11 @@ def cmd_status(ctx: Ctx) -> int:
         if user:
             out += ["", render.table(["NODE", "USER EVENT", "DELIVERED", "DROPPED",
                                       "DISCARDED"], user)]  # fmt: skip
+        # syscall sets: where every call that passed the filters went
+        calls = [_calls_row(n.name, t) for n in st.nodes for t in n.totals if t.passed]
+        if calls:
+            out += ["", "calls that passed the filters (totals; PENDING: in flight or not "
+                    "reported yet, 0 once quiet):", render.table(CALLS_HEADERS, calls)]  # fmt: skip
         if st.rules:
             rule_rows = []
             for r in st.rules:

@@ -7,15 +7,22 @@ from __future__ import annotations
 import json
 from typing import cast
 
-from tracefleet.model.event import Arg, ArgValue, Event, FlagSet, OpenHow, SocketAddress
+from tracefleet.model.event import (
+    STATUSES,
+    Arg,
+    ArgValue,
+    Event,
+    FlagSet,
+    OpenHow,
+    SocketAddress,
+)
 from tracefleet.v1 import types_pb2
 
+# every status of the model has its enum value (ARG_STATUS_<NAME>): a status missing from the
+# enum would go out as UNSPECIFIED, and only clients reading the string would see it
 _STATUS_CODE: dict[str, types_pb2.ArgStatus] = {
-    "ok": types_pb2.ARG_STATUS_OK,
-    "recovered": types_pb2.ARG_STATUS_RECOVERED,
-    "lost": types_pb2.ARG_STATUS_LOST,
-    "truncated": types_pb2.ARG_STATUS_TRUNCATED,
-    "torn": types_pb2.ARG_STATUS_TORN,
+    name: cast(types_pb2.ArgStatus, types_pb2.ArgStatus.Value(f"ARG_STATUS_{name.upper()}"))
+    for name in STATUSES
 }
 _STRATEGY_CODE: dict[str, types_pb2.Strategy] = {
     name.removeprefix("STRATEGY_").lower().replace("_", "-"): cast(

@@ -18,6 +18,8 @@ class ArgStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ARG_STATUS_LOST: _ClassVar[ArgStatus]
     ARG_STATUS_TRUNCATED: _ClassVar[ArgStatus]
     ARG_STATUS_TORN: _ClassVar[ArgStatus]
+    ARG_STATUS_REREAD: _ClassVar[ArgStatus]
+    ARG_STATUS_MISMATCH: _ClassVar[ArgStatus]
 
 class Strategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -39,6 +41,8 @@ ARG_STATUS_RECOVERED: ArgStatus
 ARG_STATUS_LOST: ArgStatus
 ARG_STATUS_TRUNCATED: ArgStatus
 ARG_STATUS_TORN: ArgStatus
+ARG_STATUS_REREAD: ArgStatus
+ARG_STATUS_MISMATCH: ArgStatus
 STRATEGY_UNSPECIFIED: Strategy
 STRATEGY_SLEEPABLE: Strategy
 STRATEGY_FENTRY_SLEEPABLE: Strategy
@@ -143,7 +147,7 @@ class OutcomeCount(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., outcome: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SetAggregate(_message.Message):
-    __slots__ = ("event_set", "events_by_syscall", "outcomes", "delivered", "dropped", "latency", "discarded")
+    __slots__ = ("event_set", "events_by_syscall", "outcomes", "delivered", "dropped", "latency", "discarded", "passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted", "prefix_filtered", "decode_errors")
     class EventsBySyscallEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +162,13 @@ class SetAggregate(_message.Message):
     DROPPED_FIELD_NUMBER: _ClassVar[int]
     LATENCY_FIELD_NUMBER: _ClassVar[int]
     DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    LOST_INFLIGHT_FULL_FIELD_NUMBER: _ClassVar[int]
+    LOST_INFLIGHT_STALE_FIELD_NUMBER: _ClassVar[int]
+    LOST_DELETED_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FILTERED_FIELD_NUMBER: _ClassVar[int]
+    DECODE_ERRORS_FIELD_NUMBER: _ClassVar[int]
     event_set: str
     events_by_syscall: _containers.ScalarMap[str, int]
     outcomes: _containers.RepeatedCompositeFieldContainer[OutcomeCount]
@@ -165,7 +176,14 @@ class SetAggregate(_message.Message):
     dropped: int
     latency: Histogram
     discarded: int
-    def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ..., discarded: _Optional[int] = ...) -> None: ...
+    passed: int
+    lost: int
+    lost_inflight_full: int
+    lost_inflight_stale: int
+    lost_deleted: int
+    prefix_filtered: int
+    decode_errors: int
+    def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ..., discarded: _Optional[int] = ..., passed: _Optional[int] = ..., lost: _Optional[int] = ..., lost_inflight_full: _Optional[int] = ..., lost_inflight_stale: _Optional[int] = ..., lost_deleted: _Optional[int] = ..., prefix_filtered: _Optional[int] = ..., decode_errors: _Optional[int] = ...) -> None: ...
 
 class StringList(_message.Message):
     __slots__ = ("values",)

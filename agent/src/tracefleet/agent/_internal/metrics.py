@@ -229,6 +229,7 @@ def add_events(into: SetAggregate, delta: SetAggregate) -> None:
     """Add the agent-side counts of ``delta`` (delivered, per syscall, latency) into ``into``.
     Kernel-side counts (dropped, outcomes) are not added: engines read them absolute."""
     into.delivered += delta.delivered
+    into.decode_errors += delta.decode_errors
     for sc, n in list(delta.events_by_syscall.items()):
         into.events_by_syscall[sc] = into.events_by_syscall.get(sc, 0) + n
     into.latency.add(delta.latency)

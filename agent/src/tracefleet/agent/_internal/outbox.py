@@ -16,7 +16,10 @@ A discarded batch was never sent (its seq, if it had one, is a gap the controlle
 sees); its events (delivered + dropped, per event set) and the number of batches are
 carried into the next batch that is kept (``SetAggregate.discarded``,
 ``ResultBatch.lost_intervals``), so that for every event the agent produced the controller
-receives exactly one of: the event counted, or the event counted as discarded.
+receives exactly one of: the event counted, or the event counted as discarded. The call
+accounting of a discarded batch (``passed``, ``lost`` and its parts, ``prefix_filtered``,
+``decode_errors``: counts, not events) is carried into that batch as is, so the controller's
+``passed = delivered + dropped + discarded + lost + prefix_filtered + decode_errors`` holds.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from collections import deque
 from dataclasses import dataclass
 
 from tracefleet.v1 import agent_pb2
+
+# SetAggregate counts carried unchanged from a discarded batch into the next one kept
+_CARRIED = ("passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted",
+            "prefix_filtered", "decode_errors")  # fmt: skip
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Outbox:
         # what discarded batches held, not reported yet
         self._carry_batches = 0
         self._carry_events: dict[str, int] = {}
+        self._carry_counts: dict[str, dict[str, int]] = {}
         # cumulative counters of this instance
         self.discarded_batches = 0
         self.discarded_events = 0
@@ -116,6 +124,9 @@ class Outbox:
             self._carry_events[s.event_set] = (
                 self._carry_events.get(s.event_set, 0) + n + s.discarded
             )
+            carry = self._carry_counts.setdefault(s.event_set, {})
+            for f in _CARRIED:
+                carry[f] = carry.get(f, 0) + getattr(s, f)
 
     def _attach_carry(self, batch: agent_pb2.ResultBatch) -> None:
         if not self._carry_batches and not self._carry_events:
@@ -127,8 +138,11 @@ class Outbox:
             if target is None:
                 target = by_name[name] = batch.sets.add(event_set=name)
             target.discarded += n
+            for f, v in self._carry_counts.get(name, {}).items():
+                setattr(target, f, getattr(target, f) + v)
         self._carry_batches = 0
         self._carry_events = {}
+        self._carry_counts = {}
 
     # sender -----------------------------------------------------------------------------
 

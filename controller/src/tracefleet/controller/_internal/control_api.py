@@ -23,6 +23,7 @@ from tracefleet.controller._internal.controller import (
 )
 from tracefleet.controller._internal.events import Follower
 from tracefleet.controller._internal.fleet import State
+from tracefleet.controller._internal.ledger import ACCOUNTING
 from tracefleet.controller._internal.limits import MAX_PID, MAX_STREAM_FILTER, MAX_TOP_ROWS
 from tracefleet.controller._internal.policy import Policy
 from tracefleet.controller._internal.rules import FilterSpec, Rule
@@ -157,6 +158,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                             delivered=c.delivered,
                             dropped=c.dropped,
                             discarded=c.discarded,
+                            **{f: getattr(c, f) for f in ACCOUNTING},
                         )
                         for k, c in sorted(counts.sets.items())
                     ]

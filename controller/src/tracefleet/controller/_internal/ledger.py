@@ -1,13 +1,15 @@
 """The ledger of result batches: every batch counted exactly once, and the totals durable.
 
 Per node and event set it sums what the agents reported (delivered, dropped in the kernel,
-discarded from an agent's outbox); per agent instance it keeps the last ``seq`` applied. A
-batch whose seq is not above that is a resend of a batch already applied (the agent did not
-get the acknowledgement before the stream broke) and is ignored. The Controller writes the
-changed rows with the seqs they include in one SQLite transaction (a group commit of every
-batch applied since the previous one) and only then acknowledges those seqs to the agents,
-so after a crash the store holds exactly the batches that were acknowledged or that will be
-ignored when sent again, never a batch counted twice or a seq without its counts.
+discarded from an agent's outbox, and the call accounting: passed the filters, counted lost
+and its parts, filtered by path prefix, undecodable); per agent instance it keeps the last
+``seq`` applied. A batch whose seq is not above that is a resend of a batch already
+applied (the agent did not get the acknowledgement before the stream broke) and is ignored.
+The Controller writes the changed rows with the seqs they include in one SQLite transaction
+(a group commit of every batch applied since the previous one) and only then acknowledges
+those seqs to the agents, so after a crash the store holds exactly the batches that were
+acknowledged or that will be ignored when sent again, never a batch counted twice or a seq
+without its counts.
 
 Not thread-safe for writers (the controller's asyncio loop); ``snapshot()`` may be called
 from the metrics thread.
@@ -15,13 +17,14 @@ from the metrics thread.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
-from tracefleet.controller._internal.store import LedgerRows
+from tracefleet.controller._internal.store import SET_ACCOUNTING, LedgerRows
 from tracefleet.v1 import agent_pb2
 
 # Bounds of what one batch may say (checked before anything is applied): SQLite integers are
@@ -39,11 +42,28 @@ class Outcome(Enum):
     LEGACY = "legacy"  # no instance_id (an older agent): counted, never acknowledged
 
 
+# SetAggregate's call accounting, summed like delivered: for the syscall sets, once the
+# node is quiet, passed = delivered + dropped + discarded + lost + prefix_filtered +
+# decode_errors (lost = lost_inflight_full + lost_inflight_stale + lost_deleted). Totals of
+# a database from before these columns count from the upgrade on.
+ACCOUNTING = SET_ACCOUNTING
+
+
 @dataclass
 class SetCounts:
     delivered: int = 0
     dropped: int = 0
     discarded: int = 0
+    passed: int = 0
+    lost: int = 0
+    lost_inflight_full: int = 0
+    lost_inflight_stale: int = 0
+    lost_deleted: int = 0
+    prefix_filtered: int = 0
+    decode_errors: int = 0
+
+    def copy(self) -> SetCounts:
+        return dataclasses.replace(self)
 
 
 @dataclass
@@ -68,7 +88,9 @@ def batch_problem(batch: agent_pb2.ResultBatch) -> str:
     if batch.instance_id and not 1 <= batch.seq <= MAX_SEQ:
         return f"seq {batch.seq} out of range 1..{MAX_SEQ}"
     for s in batch.sets:
-        if max(s.delivered, s.dropped, s.discarded) > MAX_COUNT:
+        if max(s.delivered, s.dropped, s.discarded, *(getattr(s, f) for f in ACCOUNTING)) > (
+            MAX_COUNT
+        ):
             return f"event set {s.event_set[:40]!r}: a count beyond {MAX_COUNT}"
     return ""
 
@@ -84,8 +106,8 @@ class Ledger:
         self._dirty_cursors: set[tuple[str, str]] = set()
         self._dropped_cursors: set[tuple[str, str]] = set()
         if rows is not None:
-            for node, name, delivered, dropped, discarded in rows.set_totals:
-                self._node(node).sets[name] = SetCounts(delivered, dropped, discarded)
+            for node, name, *counts in rows.set_totals:
+                self._node(node).sets[name] = SetCounts(*counts)
             for node, applied, duplicate, discarded in rows.node_batches:
                 n = self._node(node)
                 n.applied, n.duplicate, n.discarded = applied, duplicate, discarded
@@ -109,7 +131,7 @@ class Ledger:
         with self._lock:
             return {
                 name: NodeCounts(
-                    {k: SetCounts(v.delivered, v.dropped, v.discarded) for k, v in n.sets.items()},
+                    {k: v.copy() for k, v in n.sets.items()},
                     n.applied,
                     n.duplicate,
                     n.discarded,
@@ -140,6 +162,8 @@ class Ledger:
                 c.delivered = min(MAX_TOTAL, c.delivered + s.delivered)
                 c.dropped = min(MAX_TOTAL, c.dropped + s.dropped)
                 c.discarded = min(MAX_TOTAL, c.discarded + s.discarded)
+                for f in ACCOUNTING:
+                    setattr(c, f, min(MAX_TOTAL, getattr(c, f) + getattr(s, f)))
                 self._dirty_sets.add((node, s.event_set))
             n.applied += 1
             n.discarded = min(MAX_TOTAL, n.discarded + batch.lost_intervals)
@@ -177,7 +201,7 @@ class Ledger:
         rows = LedgerRows()
         for node, name in sorted(self._dirty_sets):
             c = self.nodes[node].sets[name]
-            rows.set_totals.append((node, name, c.delivered, c.dropped, c.discarded))
+            rows.set_totals.append((node, name, *dataclasses.astuple(c)))
         for node in sorted(self._dirty_nodes):
             n = self.nodes[node]
             rows.node_batches.append((node, n.applied, n.duplicate, n.discarded))

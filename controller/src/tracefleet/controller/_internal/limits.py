@@ -28,7 +28,7 @@ MAX_STREAM_FILTER = 1000  # pids or nodes a StreamEvents request may name
 MAX_TOP_ROWS = 10_000
 
 # Stated limits of one ResultBatch (a real agent sends one per interval, ~1 s):
-MAX_COUNT = 2**32  # delivered, dropped, discarded or one syscall's events, per set
+MAX_COUNT = 2**32  # delivered, dropped, discarded, call accounting or one syscall's events, per set
 MAX_SYSCALLS_PER_SET = 512  # Linux has ~460 syscalls
 MAX_OUTCOMES_PER_SET = 64
 MAX_EVENTS = 10_000  # sampled events per batch
@@ -166,7 +166,9 @@ class Limits:
                 continue
             seen_sets.add(s.event_set)
             counts = [s.delivered, s.dropped, s.discarded, *s.events_by_syscall.values(),
-                      *(o.count for o in s.outcomes)]  # fmt: skip
+                      *(o.count for o in s.outcomes), s.passed, s.lost, s.lost_inflight_full,
+                      s.lost_inflight_stale, s.lost_deleted, s.prefix_filtered,
+                      s.decode_errors]  # fmt: skip
             if max(counts) > MAX_COUNT:
                 why = (f"event set {s.event_set}: a count of {max(counts)} is beyond the limit "
                        f"of {MAX_COUNT} per batch")  # fmt: skip

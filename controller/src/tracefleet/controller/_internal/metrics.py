@@ -6,15 +6,15 @@ node names are the fleet's nodes, the rest are bounded enumerations (refusal rea
 ``auth.REASONS`` and ``tls.HANDSHAKE_REASONS``). Never a pid, path, comm or pod.
 
 Fleet-wide counts are merged exactly from the agents' ResultBatches (histograms bucket by
-bucket, ``Histogram.add``) into cumulative totals per node and event set; replayed
-batches (sent after an outage) are counted too, batches resent after a reconnect that were
-already applied are not. Event and batch counts (delivered, dropped, discarded,
-batches) are the controller's ledger, persisted in its database: they continue across
-restarts. Per-syscall, per-outcome and latency counts live in this process only. Fleet
-state (connections, staleness, generations, pending acks) is read from the Controller on
-every scrape (a custom collector). The Controller calls this module through
-``Controller.observers`` (on_generation, on_ack, on_batch) on its asyncio loop; scrapes run
-on the HTTP server's thread, hence the lock.
+bucket, ``Histogram.add``) into cumulative totals per node and event set;
+replayed batches (sent after an outage) are counted too, batches resent after a reconnect
+that were already applied are not. Event, call and batch counts (delivered, dropped,
+discarded, passed, lost, prefix-filtered, undecodable, batches) are the controller's ledger,
+persisted in its database: they continue across restarts. Per-syscall, per-outcome and
+latency counts live in this process only. Fleet state (connections, staleness, generations,
+pending acks) is read from the Controller on every scrape (a custom collector). The
+Controller calls this module through ``Controller.observers`` (on_generation, on_ack,
+on_batch) on its asyncio loop; scrapes run on the HTTP server's thread, hence the lock.
 """
 
 from __future__ import annotations
@@ -92,6 +92,31 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node", "event_set"),
         "Events of result batches an agent discarded (its outbox exceeded its memory budget "
         "during an outage), as reported by the agent: the shortfall of the delivered counts.",
+    ),
+    "tracefleet_controller_calls_passed_total": (
+        "counter",
+        ("node", "event_set"),
+        "Syscalls that passed the event set's filters, counted in the kernel at entry (syscall "
+        "sets), as reported: once quiet, passed = delivered + dropped + discarded + lost + "
+        "prefix-filtered + undecodable.",
+    ),
+    "tracefleet_controller_calls_lost_total": (
+        "counter",
+        ("node", "event_set", "reason"),
+        "Syscalls that passed the filters but never reached the ring buffer, counted, as "
+        "reported; reason: inflight_full (in-flight map full), inflight_stale (a dead thread's "
+        "slot retaken), deleted (in-flight entries the agent deleted).",
+    ),
+    "tracefleet_controller_calls_prefix_filtered_total": (
+        "counter",
+        ("node", "event_set"),
+        "Syscalls that passed the filters at entry and were dropped at exit by the path-prefix "
+        "filter, as reported.",
+    ),
+    "tracefleet_controller_records_undecodable_total": (
+        "counter",
+        ("node", "event_set"),
+        "Records an agent read from the ring buffer but could not decode (not delivered).",
     ),
     "tracefleet_controller_syscall_events_total": (
         "counter",
@@ -301,6 +326,19 @@ class ControllerCollector(Collector):
                 fams["tracefleet_controller_events_delivered_total"].add_metric(labels, c.delivered)
                 fams["tracefleet_controller_events_dropped_total"].add_metric(labels, c.dropped)
                 fams["tracefleet_controller_events_discarded_total"].add_metric(labels, c.discarded)
+                fams["tracefleet_controller_calls_passed_total"].add_metric(labels, c.passed)
+                for reason, count in (("inflight_full", c.lost_inflight_full),
+                                  ("inflight_stale", c.lost_inflight_stale),
+                                  ("deleted", c.lost_deleted)):  # fmt: skip
+                    fams["tracefleet_controller_calls_lost_total"].add_metric(
+                        [*labels, reason], count
+                    )
+                fams["tracefleet_controller_calls_prefix_filtered_total"].add_metric(
+                    labels, c.prefix_filtered
+                )
+                fams["tracefleet_controller_records_undecodable_total"].add_metric(
+                    labels, c.decode_errors
+                )
             fams["tracefleet_controller_batches_total"].add_metric([node], counts.applied)
             fams["tracefleet_controller_batches_duplicate_total"].add_metric(
                 [node], counts.duplicate

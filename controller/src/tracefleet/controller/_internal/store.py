@@ -20,6 +20,12 @@ from typing import Any
 from tracefleet.controller._internal.rules import FilterSpec, Rule
 
 _SCHEMA_VERSION = 2
+# set_totals' call accounting columns (ledger.SetCounts' fields after delivered, dropped,
+# discarded), added in place to older databases
+SET_ACCOUNTING = ("passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted",
+                  "prefix_filtered", "decode_errors")  # fmt: skip
+_SET_COLUMNS = ", ".join(("node", "event_set", "delivered", "dropped", "discarded",
+                          *SET_ACCOUNTING))  # fmt: skip
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS rules (
@@ -49,6 +55,13 @@ CREATE TABLE IF NOT EXISTS set_totals (
     delivered INTEGER NOT NULL,
     dropped INTEGER NOT NULL,
     discarded INTEGER NOT NULL,
+    passed INTEGER NOT NULL DEFAULT 0,
+    lost INTEGER NOT NULL DEFAULT 0,
+    lost_inflight_full INTEGER NOT NULL DEFAULT 0,
+    lost_inflight_stale INTEGER NOT NULL DEFAULT 0,
+    lost_deleted INTEGER NOT NULL DEFAULT 0,
+    prefix_filtered INTEGER NOT NULL DEFAULT 0,
+    decode_errors INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (node, event_set)
 );
 CREATE TABLE IF NOT EXISTS node_batches (
@@ -85,8 +98,8 @@ class NodeRecord:
 class LedgerRows:
     """What the ledger writes in one transaction (absolute values, not increments)."""
 
-    # (node, event_set, delivered, dropped, discarded)
-    set_totals: list[tuple[str, str, int, int, int]] = field(default_factory=list)
+    # (node, event_set, delivered, dropped, discarded, *SET_ACCOUNTING)
+    set_totals: list[tuple[Any, ...]] = field(default_factory=list)
     # (node, applied, duplicate, discarded batches)
     node_batches: list[tuple[str, int, int, int]] = field(default_factory=list)
     # (node, instance, seq, updated)
@@ -135,6 +148,12 @@ class Store:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(rules)")}
         if "export" not in columns:  # a database from before per-rule export
             self._db.execute("ALTER TABLE rules ADD COLUMN export TEXT NOT NULL DEFAULT '[]'")
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(set_totals)")}
+        for col in SET_ACCOUNTING:  # a database from before the call accounting
+            if col not in columns:
+                self._db.execute(
+                    f"ALTER TABLE set_totals ADD COLUMN {col} INTEGER NOT NULL DEFAULT 0"
+                )
         self._db.execute("INSERT OR IGNORE INTO meta VALUES ('generation', 0)")
         try:
             self._check()
@@ -298,7 +317,9 @@ class Store:
         db = self._db
         with self._tx():
             db.executemany(
-                "INSERT OR REPLACE INTO set_totals VALUES (?, ?, ?, ?, ?)", rows.set_totals
+                f"INSERT OR REPLACE INTO set_totals ({_SET_COLUMNS}) "
+                f"VALUES ({', '.join('?' * len(_SET_COLUMNS.split(',')))})",
+                rows.set_totals,
             )
             db.executemany(
                 "INSERT OR REPLACE INTO node_batches VALUES (?, ?, ?, ?)", rows.node_batches
@@ -310,11 +331,11 @@ class Store:
 
     def ledger(self) -> LedgerRows:
         q = self._db.execute
-        totals = q("SELECT node, event_set, delivered, dropped, discarded FROM set_totals")
+        totals = q(f"SELECT {_SET_COLUMNS} FROM set_totals")
         batches = q("SELECT node, applied, duplicate, discarded FROM node_batches")
         cursors = q("SELECT node, instance, seq, updated FROM batch_cursors")
         return LedgerRows(
-            set_totals=[(r[0], r[1], int(r[2]), int(r[3]), int(r[4])) for r in totals],
+            set_totals=[(r[0], r[1], *(int(v) for v in r[2:])) for r in totals],
             node_batches=[(r[0], int(r[1]), int(r[2]), int(r[3])) for r in batches],
             cursors=[(r[0], r[1], int(r[2]), float(r[3])) for r in cursors],
         )
