@@ -269,7 +269,8 @@ def test_stopped_consumer_drops_are_counted_exactly(host, tmp_path: Path):
         f"{k2['events'] - k1['events']} kept in the ring; with the consumer running "
         f"{k1['dropped']} dropped; agent summary events={events} dropped={dropped}; "
         f"traced loop {base_run:.2f}s with consumer vs {stopped_run:.2f}s stopped "
-        f"({stopped_run / base_run * OPENS / STALL_OPENS:.2f}x per open); shell startup opens={startup}"
+        f"({stopped_run / base_run * OPENS / STALL_OPENS:.2f}x per open); "
+        f"shell startup opens={startup}"
     )
     assert k1["events"] + k1["dropped"] == 2 * startup + OPENS, (startup, k1)
     assert k2["events"] + k2["dropped"] == 3 * startup + OPENS + STALL_OPENS, (startup, k2)
