@@ -183,3 +183,25 @@ def test_parse_otlp_exporters():
     )
     with pytest.raises(export.ExportConfigError, match="otlp-grpc:HOST:PORT"):
         export.parse_exporter("o=otlp-grpc:collector")
+
+
+def test_otlp_attributes_name_the_workload_with_semantic_conventions():
+    """Pod, namespace and container reach OTLP under the k8s.* / container.* names a log
+    store indexes, when the agent attributed the event; a host process gets none of them."""
+    from tracefleet.agent.otlp import attributes
+
+    ev = {"pid": 10, "tid": 10, "comm": "psql", "event_set": "file", "syscall": "openat",
+          "ret": 3, "args": {}, "attribution": "pod", "container_id": "abc123", "pod": "db-0",
+          "namespace": "prod", "pod_uid": "u-1", "container": "postgres"}  # fmt: skip
+    a = attributes(ev)
+    assert {k: a[k] for k in a if k.startswith(("k8s.", "container."))} == {
+        "container.id": "abc123",
+        "k8s.container.name": "postgres",
+        "k8s.pod.name": "db-0",
+        "k8s.pod.uid": "u-1",
+        "k8s.namespace.name": "prod",
+    }
+    assert a["tracefleet.attribution"] == "pod"
+    host = dict(ev, attribution="host", container_id="", pod="", namespace="", pod_uid="",
+                container="")  # fmt: skip
+    assert not [k for k in attributes(host) if k.startswith(("k8s.", "container."))]

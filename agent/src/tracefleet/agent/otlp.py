@@ -33,6 +33,16 @@ def _attr(value: Any) -> Any:
     return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
+_WORKLOAD_ATTRS = (
+    ("container_id", "container.id"),
+    ("container", "k8s.container.name"),
+    ("pod", "k8s.pod.name"),
+    ("pod_uid", "k8s.pod.uid"),
+    ("namespace", "k8s.namespace.name"),
+    ("attribution", "tracefleet.attribution"),
+)
+
+
 def attributes(ev: dict[str, Any]) -> dict[str, Any]:
     """Stable attribute names of one event (the JSON shape of tracefleet.model.Event)."""
     out: dict[str, Any] = {
@@ -49,6 +59,10 @@ def attributes(ev: dict[str, Any]) -> dict[str, Any]:
     for key, name in (("ppid", "process.parent_pid"), ("uid", "process.user.id"),
                       ("gid", "process.group.id")):  # fmt: skip
         if ev.get(key) is not None:
+            out[name] = ev[key]
+    # workload identity (when the agent attributed the event): semantic-convention names
+    for key, name in _WORKLOAD_ATTRS:
+        if ev.get(key):
             out[name] = ev[key]
     for name, arg in (ev.get("args") or {}).items():
         value = arg.get("value")
