@@ -106,6 +106,16 @@ class AgentProc:
             self.proc.wait(timeout=30)
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
+    """SIGTERM (a clean shutdown flushes what the process holds), SIGKILL after timeout."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def cli(controller: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PY, "-m", "tracefleet.controller.cli", "--controller", controller, *args],

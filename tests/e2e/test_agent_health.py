@@ -5,7 +5,6 @@ naming the cause while /healthz (the consumer) stays 200, and both recover. Real
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import urllib.error
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BPF_DIR, require_root
-from tests.e2e.fleet_helpers import ControllerProc, free_port, wait_until
+from tests.e2e.fleet_helpers import ControllerProc, free_port, stop_process, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
@@ -58,10 +57,6 @@ def test_run_serves_health_and_readiness(tmp_path: Path):
         ctl.start()
         wait_until(lambda: _get(base + "/readyz")[0] == 200, DEADLINE, "/readyz 200 again")
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
+        stop_process(agent, timeout=60)
         ctl.stop()
         log.close()

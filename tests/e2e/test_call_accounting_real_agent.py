@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, WORKLOADS, require_root, scaled, wait_until
-from tests.e2e.fleet_helpers import cli, free_port
+from tests.e2e.fleet_helpers import cli, free_port, stop_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
@@ -172,11 +172,7 @@ def test_controller_totals_account_for_every_call_that_passed(tmp_path: Path) ->
         assert int(row[2]) == t["passed"], r.stdout
         assert row[-1] == "0", r.stdout  # nothing pending once quiet
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
+        stop_process(agent, timeout=60)
         log.close()
         ctl.stop()
         shutil.rmtree(short, ignore_errors=True)

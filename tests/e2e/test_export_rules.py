@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, require_root, wait_until
+from tests.e2e.fleet_helpers import stop_process
 from tests.e2e.security_helpers import make_groups, make_sockdir, start_controller, tf
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
@@ -97,12 +98,7 @@ def test_rule_exports_every_event_to_the_named_exporter(sockdir, groups):
         [rule] = [r for r in st["rules"] if r["event_set"] == "file"]
         assert rule["export"] == ["audit"]
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=60 * SLOW)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+        stop_process(agent, timeout=60 * SLOW)
         ctl.terminate()
         ctl.wait(timeout=60)
     audit = _lines(out, "audit")

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, require_root, scaled, wait_until
-from tests.e2e.fleet_helpers import cli, free_port
+from tests.e2e.fleet_helpers import cli, free_port, stop_process
 from tests.e2e.test_reliability_controller_restart import Ctl
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf, pytest.mark.slow]
@@ -112,11 +112,7 @@ def test_real_agent_counts_survive_controller_sigkill_exactly(tmp_path: Path) ->
               f"controller counted {final} across 2 SIGKILLs")  # fmt: skip
         assert final == made
     finally:
-        agent.send_signal(signal.SIGTERM)
-        try:
-            agent.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            agent.kill()
+        stop_process(agent, timeout=60)
         log.close()
         if ctl.proc is not None and ctl.proc.poll() is None:
             ctl.proc.send_signal(signal.SIGTERM)
