@@ -35,8 +35,13 @@ struct tf_vfs_io {
 	__u32 dev;
 	__u8 has_path;  /* the fields below are set: TF_IO_AT_OPEN or TF_IO_AT_CLOSE */
 	__u8 path_kind; /* enum tf_path_kind */
-	__u8 _pad[2];
+	__u8 unlinked;  /* 1: the path already tells (walked when the file had no name: it
+			 * ends in " (deleted)", or walked at close) */
+	__u8 _pad;
 	char fstype[16];
+	__u64 dentry;   /* the file's dentry when cached: a struct file's address is reused
+			 * after a close this hook did not see (process exit, close_range...), and
+			 * an entry whose dentry differs is another file's, never reported as this */
 	struct tf_str path;
 };
 
@@ -258,6 +263,20 @@ static __always_inline void tf_str_copy(struct tf_str *dst, const struct tf_str 
 	dst->len = n;
 }
 
+/* The cached state of open file f, or NULL; a stale entry (another file that had the same
+ * address) is dropped. */
+static __always_inline struct tf_vfs_io *tf_vfs_io_of(struct file *f)
+{
+	__u64 key = (__u64)f;
+	struct tf_vfs_io *io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+
+	if (io && io->has_path && io->dentry != (__u64)BPF_CORE_READ(f, f_path.dentry)) {
+		bpf_map_delete_elem(&tf_vfs_io, &key);
+		return NULL;
+	}
+	return io;
+}
+
 /* Keep an opened file's identity and path with its state, for its close. */
 static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e, __u8 when)
 {
@@ -275,7 +294,14 @@ static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e,
 	n->dev = e->dev;
 	n->has_path = when;
 	n->path_kind = e->path_kind;
-	n->_pad[0] = n->_pad[1] = 0;
+	n->dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
+	{
+		bool torn = false; /* an O_TMPFILE's walk at open already said " (deleted)" */
+
+		n->unlinked = when == TF_IO_AT_CLOSE ||
+			      tf_dentry_unlinked(BPF_CORE_READ(f, f_path.dentry), &torn);
+	}
+	n->_pad = 0;
 	__builtin_memcpy(n->fstype, e->fstype, sizeof(n->fstype));
 	tf_str_copy(&n->path, &e->path);
 	bpf_map_update_elem(&tf_vfs_io, &key, n, BPF_ANY);
@@ -297,6 +323,30 @@ static __always_inline bool tf_vfs_from_cache(struct tf_vfs_event *e, struct tf_
 	return true;
 }
 
+/*
+ * At close, a cached name at open may have been unlinked since (or the file was an
+ * O_TMPFILE): end it in " (deleted)" as d_path() would, never passing it off as a live
+ * name. A name with no room left for the marker is said truncated.
+ */
+static __always_inline void tf_vfs_io_unlinked(struct tf_vfs_io *io, struct file *f)
+{
+	bool torn = false;
+	__u32 len;
+
+	if (!io || !io->has_path || io->unlinked || io->path.status == TF_ST_LOST)
+		return;
+	if (!tf_dentry_unlinked(BPF_CORE_READ(f, f_path.dentry), &torn))
+		return;
+	io->unlinked = 1;
+	len = io->path.len;
+	if (len > TF_PATH_MAX - 1 - TF_DELETED_LEN) {
+		io->path.status = TF_ST_TRUNCATED;
+		return;
+	}
+	__builtin_memcpy(&io->path.data[len], TF_DELETED, TF_DELETED_LEN);
+	io->path.len = len + TF_DELETED_LEN;
+}
+
 static __always_inline void tf_vfs_take_io(struct tf_vfs_event *e, struct tf_vfs_io *io)
 {
 	e->bytes_read = io->bytes_read;
@@ -312,8 +362,9 @@ static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, 
 {
 	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
 	__u64 key = (__u64)f;
-	struct tf_vfs_io *io = take_io ? bpf_map_lookup_elem(&tf_vfs_io, &key) : NULL;
+	struct tf_vfs_io *io = take_io ? tf_vfs_io_of(f) : NULL;
 
+	tf_vfs_io_unlinked(io, f);
 	if (tf_vfs_from_cache(e, io)) {
 		tf_str_copy(&e->path, &io->path);
 	} else {
@@ -840,7 +891,7 @@ int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 	if (!f || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
 		return 0;
 	key = (__u64)f;
-	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	io = tf_vfs_io_of(f);
 	if (!io || !io->has_path) {
 		if (!(e = tf_vfs_new(TF_VFS_CLOSE)))
 			return 0;
@@ -852,10 +903,14 @@ int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 			__builtin_memcpy(io->fstype, e->fstype, sizeof(io->fstype));
 			tf_str_copy(&io->path, &e->path);
 			io->has_path = TF_IO_AT_CLOSE;
+			io->unlinked = 1; /* walked just now: marked if so */
+			io->dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
 		} else {
 			tf_vfs_cache(f, e, TF_IO_AT_CLOSE);
 		}
 		io = NULL;
+	} else {
+		tf_vfs_io_unlinked(io, f);
 	}
 	c.file = key;
 	c.ts_ns = bpf_ktime_get_ns();
