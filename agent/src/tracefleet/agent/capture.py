@@ -148,8 +148,11 @@ class EngineOptions:
     mount_tracefs: bool = False
     # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
     stale_seconds: float = 30.0
-    # the compiled ring consumer (fastring) where it loads; False: the Python one
-    compiled_consumer: bool = True
+    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) until a known
+    # defect is fixed: under CPU load it sometimes only counts records a sink should get
+    # (tests/bpf/test_event_sets.py's file test missed all 10 events in ~1 of 8 loaded runs;
+    # the Python consumer, 0 of 8). Counts stay exact either way.
+    compiled_consumer: bool = field(default_factory=lambda: fastring.requested())
     # workload identity (workload.Attributor): events get container/pod fields, and
     # workload selectors resolve to cgroup ids; None: neither
     attributor: Any = None
@@ -335,7 +338,9 @@ class BpfEngine:
     def consumer(self) -> tuple[bool, str]:
         """(compiled consumer in use, why): fastring where it loads, else the Python one."""
         if not self.opts.compiled_consumer:
-            return False, "Python consumer asked for (compiled_consumer=False)"
+            return False, (
+                f"Python consumer (the compiled one is opt-in for now: {fastring.ENV}=on)"
+            )
         return fastring.consumer_status()
 
     def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:

@@ -46,7 +46,7 @@ from tracefleet.agent.eventsets import BY_ID
 
 log = logging.getLogger("tracefleet.agent")
 
-ENV = "TRACEFLEET_FASTRING"  # "off": Python consumer; a path: that library
+ENV = "TRACEFLEET_FASTRING"  # "on": compiled consumer (opt-in); a path: that library
 LIB_NAME = "libtfring.so"
 ABI = 2
 _MAX_BOUNDS, _MAX_KINDS, _MAX_HEADS = 64, 8, 8
@@ -91,7 +91,7 @@ _lock = threading.Lock()
 
 def library_path() -> Path:
     env = os.environ.get(ENV, "")
-    if env and env.lower() not in ("off", "0", "no"):
+    if env and env.lower() not in ("off", "0", "no", "on", "1", "yes"):
         return Path(env)
     return Path(__file__).with_name(LIB_NAME)
 
@@ -133,6 +133,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     except AttributeError as e:
         return None, f"{path} lacks a symbol: {e} (rebuild: make native)"
     return lib, f"compiled consumer {path}"
+
+
+def requested() -> bool:
+    """Whether the environment asks for the compiled consumer (opt-in for now)."""
+    env = os.environ.get(ENV, "")
+    return env.lower() in ("on", "1", "yes") or "/" in env  # on, or a library path
 
 
 def consumer_status() -> tuple[bool, str]:
