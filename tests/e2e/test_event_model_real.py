@@ -273,7 +273,11 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
             clock = human.clock_text(seen[name]["time_ns"])
             row = next((r for r in rows if r.startswith(clock) and call in r), None)
             assert row is not None, (name, clock, call, rows)
-            assert re.match(rf"{re.escape(clock)} typed-1 +{pid} tf\\x1b\[31mevil +", row)
+            # TIME NODE [NAMESPACE POD CONTAINER: this agent attributes, a host process
+            # shows "- (host) -"] PID COMM (escaped) CALL
+            assert re.match(
+                rf"{re.escape(clock)} typed-1 +- +\(host\) +- +{pid} tf\\x1b\[31mevil +", row
+            ), row
             assert not any(c in row for c in "\x1b\x07\r"), row
         cmd = [*CLI, "--controller", ctl.address, "events", "--pid", str(pid), "--count", "1"]
         r = subprocess.run([*cmd, "--duration", "1s"], capture_output=True, text=True)
