@@ -30,13 +30,13 @@ VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
 # identity held, unaccounted 0, but passed 1476 of 1,500 and 319 counted lost with a map
 # larger than the threads, so its wait for passed >= 1,500 and no loss timed out at 600 s:
 # to be examined, likely the agent deleting live threads' entries in the guest); the rename
-# storm's fentry negative control (its storm processes outlived communicate(timeout=120)
-# in the guest). The rest of test_hardening.py, the rename storms (the fentry hook also
-# sees closes at exit of inherited files, /dev/null and pytest's O_TMPFILE "#5", which the
-# test had called wrong; an unlinked file's walked name now ends in " (deleted)") and the
-# perf ring overflow (lost records from the event's own count, not the late notice) passed
-# in the guest.
-VM_ARGS   ?= --memory 3G -- -k 'not parked_threads and not (without_the_torn_check and fentry)'
+# storms, for CI time: they passed in the guest once the fentry hook's closes at exit of
+# inherited files (/dev/null, pytest's O_TMPFILE "#5") were judged right (an unlinked
+# file's name ends in " (deleted)"), but the storms with their negative controls took most
+# of a 36-minute guest run under load, and the fentry negative control's storm processes
+# outlived communicate(timeout=120) there. The rest of test_hardening.py and the perf ring
+# overflow (lost records from the event's own count, not the late notice) run in the guest.
+VM_ARGS   ?= --memory 3G -- -k 'not parked_threads and not rename_storm'
 
 # The 6.12 guest (user_events built in): its own short stage, user_events + cold openat.
 VM612_TESTS ?= tests/bpf/test_user_events.py tests/bpf/test_capture_cold.py
