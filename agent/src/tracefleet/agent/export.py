@@ -178,11 +178,22 @@ class Exporter:
         return rec
 
     def _write_accounting(self) -> None:
-        line = json.dumps(self.accounting_record(), separators=(",", ":")) + "\n"
         try:
-            self._write(line.encode(), event=False)
+            data = self._accounting_line()
+            # a rotation its write would make deletes events after the snapshot: make room
+            # first, then count again, so the record's counts hold for the files kept
+            if self._make_room(len(data)):
+                data = self._accounting_line()
+            self._write(data, event=False)
         except Exception as e:
             log.error("exporter %s: cannot write the accounting record: %s", self.name, e)
+
+    def _accounting_line(self) -> bytes:
+        return (json.dumps(self.accounting_record(), separators=(",", ":")) + "\n").encode()
+
+    def _make_room(self, n: int) -> bool:
+        """Rotate now if a write of n bytes would; True if it did (per kind)."""
+        return False
 
     # ---- per kind ----------------------------------------------------------------------
     def _open(self) -> None:
@@ -244,6 +255,14 @@ class FileExporter(Exporter):
             os.replace(self.path, f"{self.path}.1")
             self._rotated.appendleft(self._events_in_file)
         self._open()
+
+    def _make_room(self, n: int) -> bool:
+        if self._fd < 0:
+            self._open()
+        if self._size and self._size + n > self.spec.max_bytes:
+            self._rotate()
+            return True
+        return False
 
     def _count_rotated_out(self, n: int) -> None:
         with self._lock:
