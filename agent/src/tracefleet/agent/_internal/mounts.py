@@ -4,14 +4,13 @@ into a full one when the file system is mounted at exactly one place."""
 from __future__ import annotations
 
 import os
+import select
 import threading
-import time
 from pathlib import Path
 
 # the host's mount table when the agent shares the host's PID namespace (DaemonSet hostPID),
 # else the agent's own
 MOUNTINFO = (Path("/proc/1/mountinfo"), Path("/proc/self/mountinfo"))
-_REFRESH_SECONDS = 2.0
 
 
 def kernel_dev(major: int, minor: int) -> int:
@@ -53,39 +52,76 @@ def parse_mountinfo(text: str) -> dict[int, list[tuple[str, str, str]]]:
     return out
 
 
+class _Table:
+    """One mount namespace's table and the open mountinfo file that tells when it changes."""
+
+    def __init__(self, fd: int, mounts: dict[int, list[tuple[str, str, str]]]):
+        self.fd = fd
+        self.mounts = mounts
+        self.poller = select.poll()
+        self.poller.register(fd, select.POLLPRI | select.POLLERR)
+
+    def changed(self) -> bool:
+        # the kernel flags an open mountinfo (POLLPRI|POLLERR) once per mount or unmount in
+        # its namespace since the last poll: exact, where a timed re-read is not (a device
+        # number is reused by the next mount as soon as it is freed)
+        return any(ev & (select.POLLPRI | select.POLLERR) for _, ev in self.poller.poll(0))
+
+
+def _read_fd(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="surrogateescape")
+
+
 class MountTable:
-    """Mount tables as processes see them, one per mount namespace, cached: re-read at most
-    every couple of seconds, and when a device is not found (mounted since). A process's own
-    table comes first (a container's mounts are not the host's); the host's (pid 1, when the
-    agent shares the host's PID namespace) and the agent's own are the fallbacks."""
+    """Mount tables as processes see them, one per mount namespace, cached until the kernel
+    reports a change in that namespace. A process's own table comes first (a container's
+    mounts are not the host's); the host's (pid 1, when the agent shares the host's PID
+    namespace) and the agent's own are the fallbacks."""
+
+    _MAX_NAMESPACES = 256
 
     def __init__(self, sources: tuple[Path, ...] = MOUNTINFO):
         self._sources = sources
         self._lock = threading.Lock()
-        self._tables: dict[str, tuple[float, dict[int, list[tuple[str, str, str]]]]] = {}
+        self._tables: dict[str, _Table] = {}
 
-    def _table(self, src: Path, dev: int) -> dict[int, list[tuple[str, str, str]]] | None:
+    def _table(self, src: Path) -> dict[int, list[tuple[str, str, str]]] | None:
         try:
             key = f"{os.stat(src.parent / 'ns' / 'mnt').st_ino}"
         except OSError:
             key = str(src)
-        read_at, table = self._tables.get(key, (0.0, {}))
-        age = time.monotonic() - read_at
-        if age > _REFRESH_SECONDS or (dev not in table and age > 0.1):
-            try:
-                table = parse_mountinfo(src.read_text())
-            except OSError:
-                return None
-            if len(self._tables) > 256:
-                self._tables.clear()
-            self._tables[key] = (time.monotonic(), table)
-        return table
+        t = self._tables.get(key)
+        try:
+            if t is None:
+                if len(self._tables) >= self._MAX_NAMESPACES:
+                    self.close()
+                fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    t = _Table(fd, parse_mountinfo(_read_fd(fd)))
+                except OSError:
+                    os.close(fd)
+                    raise
+                self._tables[key] = t
+            elif t.changed():
+                t.mounts = parse_mountinfo(_read_fd(t.fd))
+        except OSError:
+            return None
+        return t.mounts
+
+    def close(self) -> None:
+        for t in self._tables.values():
+            os.close(t.fd)
+        self._tables.clear()
 
     def _mounts(self, dev: int, pid: int = 0) -> list[tuple[str, str, str]]:
         sources = ((Path(f"/proc/{pid}/mountinfo"),) if pid else ()) + self._sources
         with self._lock:
             for src in sources:
-                table = self._table(src, dev)
+                table = self._table(src)
                 if table is not None and dev in table:
                     return list(table[dev])
         return []
