@@ -1,12 +1,12 @@
 """Rules -> desired state: selectors, canary share, TTL intent comparison."""
 
 from tracefleet.controller._internal.rules import (
-    FilterSpec,
     Rule,
     canary_bucket,
     desired_for_node,
     in_canary,
 )
+from tracefleet.model.filters import Filters
 
 
 def test_canary_subset_is_deterministic_and_proportional():
@@ -23,7 +23,7 @@ def test_canary_subset_is_deterministic_and_proportional():
 
 def test_desired_state_per_node():
     rules = [
-        Rule("file", True, "role=db", FilterSpec(pids=(5,))),
+        Rule("file", True, "role=db", Filters(pids=(5,))),
         Rule("exec", False),
         Rule("net", True, "role=db", expired=True),
     ]

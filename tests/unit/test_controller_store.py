@@ -2,8 +2,9 @@
 
 import pytest
 
-from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.controller._internal.rules import Rule
 from tracefleet.controller._internal.store import NodeRecord, Store, StoreError
+from tracefleet.model.filters import Filters
 
 
 def test_generation_is_monotonic_and_survives_reopen(tmp_path):
@@ -27,7 +28,7 @@ def test_rules_round_trip(tmp_path):
         "file",
         True,
         "role=db,zone=a",
-        FilterSpec(pids=(1, 2), comms=("postgres",), cgroup_ids=(7,), path_prefixes=("/etc",)),
+        Filters(pids=(1, 2), comms=("postgres",), cgroup_ids=(7,), path_prefixes=("/etc",)),
         canary_percent=10,
         sample_rate=0.25,
         expires_at=1234.5,

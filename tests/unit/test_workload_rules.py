@@ -8,15 +8,15 @@ import sqlite3
 
 import pytest
 
-from tracefleet.agent.engine import Filters
-from tracefleet.agent.workload import WorkloadSelector
-from tracefleet.controller._internal.controller import filters_problem
-from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.controller._internal.rules import Rule
 from tracefleet.controller._internal.store import Store
+from tracefleet.model.filters import Filters, WorkloadSelector
+from tracefleet.model.wire import filters_from_pb, filters_to_pb
 from tracefleet.v1 import types_pb2
 
-SPEC = FilterSpec(pids=(42,), namespace="prod", pod="db-*", container="postgres",
-                  pod_labels="app=db,tier!=cache", follow=True)  # fmt: skip
+SPEC = Filters(pids=(42,), follow=True,
+               workload=WorkloadSelector(namespace="prod", pod="db-*", container="postgres",
+                                         labels="app=db,tier!=cache"))  # fmt: skip
 
 
 def test_selector_survives_store_reopen(tmp_path):
@@ -36,19 +36,17 @@ def test_selector_survives_store_reopen(tmp_path):
 
 def test_rule_stored_before_selectors_reads_back_unchanged():
     old = {"pids": [1], "comms": [], "cgroup_ids": [7], "path_prefixes": []}
-    spec = FilterSpec.from_dict(old)
-    assert spec == FilterSpec(pids=(1,), cgroup_ids=(7,))
-    assert spec.to_dict() == old  # no new keys for a rule without a selector
+    spec = Filters.from_json(old)
+    assert spec == Filters(pids=(1,), cgroup_ids=(7,))
+    assert spec.to_json() == old  # no new keys for a rule without a selector
 
 
 def test_selector_on_the_wire_to_the_agent():
-    pb = types_pb2.Filters(**SPEC.to_pb_fields())
-    wire = types_pb2.Filters.FromString(pb.SerializeToString())
-    assert FilterSpec.from_pb(wire) == SPEC
-    # the agent's side (controlclient): the same selector, to be resolved on its node
-    w = wire.workload
-    got = Filters(pids=tuple(wire.pids), follow=wire.follow,
-                  workload=WorkloadSelector(w.namespace, w.pod, w.container, w.labels))  # fmt: skip
+    wire = types_pb2.Filters.FromString(filters_to_pb(SPEC).SerializeToString())
+    # the agent reads it with the same conversion (controlclient): the selector itself, to be
+    # resolved on its node
+    got = filters_from_pb(wire)
+    assert got == SPEC
     assert got.workload == WorkloadSelector("prod", "db-*", "postgres", "app=db,tier!=cache")
     assert got.follow
 
@@ -56,14 +54,17 @@ def test_selector_on_the_wire_to_the_agent():
 @pytest.mark.parametrize(
     ("spec", "why"),
     [
-        (FilterSpec(follow=True), "--follow follows the processes of --pid"),
-        (FilterSpec(pod_labels="app=db,=x"), "pod selector term '=x'"),
-        (FilterSpec(namespace="a\nb"), "namespace"),
+        (Filters(follow=True), "--follow follows the processes of --pid"),
+        (
+            Filters(workload=WorkloadSelector(labels="app=db,=x")),
+            "pod selector: bad label selector term '=x'",
+        ),
+        (Filters(workload=WorkloadSelector(namespace="a\nb")), "namespace"),
     ],
 )
 def test_bad_selectors_are_refused_naming_the_fix(spec, why):
-    assert why in filters_problem(spec)
+    assert why in spec.problem()
 
 
 def test_cgroup_ids_have_no_small_slot_count():
-    assert filters_problem(FilterSpec(cgroup_ids=tuple(range(1, 101)))) == ""
+    assert Filters(cgroup_ids=tuple(range(1, 101))).problem() == ""

@@ -27,10 +27,6 @@ from typing import Any
 
 from tracefleet.agent._internal import fastring, libbpf
 from tracefleet.agent._internal.abi import (
-    TF_COMM_LEN,
-    TF_FILTER_COMMS,
-    TF_FILTER_PIDS,
-    TF_PREFIX_MAX,
     TF_SET_MAX,
     TF_STAT_MAX,
     Stat,
@@ -52,6 +48,7 @@ from tracefleet.agent._internal.decode import (
     has_lost_arg,
 )
 from tracefleet.agent._internal.fallback import CallerGone, UserFallback
+from tracefleet.agent._internal.kfilter import to_kernel
 from tracefleet.agent._internal.metrics import add_events
 from tracefleet.agent.engine import (
     Aggregates,
@@ -74,6 +71,7 @@ from tracefleet.agent.ladder import (
     plan,
     probe_features,
 )
+from tracefleet.model.filters import FilterError
 
 log = logging.getLogger("tracefleet.agent")
 
@@ -111,10 +109,6 @@ def _prefix_ok(ev: dict[str, Any], f: Filters) -> bool:
     if path.get("kind") != "mount-relative" or path.get("value") is None:
         return True
     return any(str(path["value"]).startswith(p) for p in f.path_prefixes)
-
-
-class FilterError(ValueError):
-    pass
 
 
 @dataclass
@@ -162,51 +156,14 @@ class EngineOptions:
     namespace_budget: int = 0
 
 
-def _bounded(items: Sequence[Any], limit: int, what: str) -> Sequence[Any]:
-    if len(items) > limit:
-        raise FilterError(f"at most {limit} {what} per event set (got {len(items)})")
-    return items
-
-
 def build_filter(ctl: TfControl, slot: int, f: Filters) -> None:
     """Write ``f`` into control slot ``slot``; FilterError if the kernel cannot express it."""
-    k = ctl.filter[slot]
-    pids = _bounded(f.pids, TF_FILTER_PIDS, "pids")
-    comms = _bounded(f.comms, TF_FILTER_COMMS, "comm filters")
-    cgroups = f.cgroup_ids  # a hash map in the kernel (tf_cgroups): no slot count here
-    prefixes = _bounded(f.path_prefixes, 1, "path prefixes")
-    # ctypes would truncate silently (-5 -> 4294967291): a filter on the wrong process
-    if any(not 0 < p < 2**32 for p in pids) or any(not 0 < g < 2**64 for g in cgroups):
-        raise FilterError(f"pid or cgroup id out of range: {list(pids)} {list(cgroups)}")
-    k.npids = len(pids)
-    for i, p in enumerate(pids):
-        k.pids[i] = p
-    k.ncomms = len(comms)
-    for i, c in enumerate(comms):
-        raw = c.encode()
-        if len(raw) >= TF_COMM_LEN:
-            raise FilterError(f"comm {c!r} is longer than {TF_COMM_LEN - 1} bytes")
-        k.comms[i].value = raw
-    # a selector matching no pod yet still filters: nothing passes until one appears
-    k.cgroup_filter = int(bool(cgroups or f.workload))
-    if f.follow and not pids:
-        raise FilterError("--follow follows the processes of --pid: add --pid P")
-    k.follow = int(f.follow)
-    if prefixes:
-        raw = prefixes[0].encode()
-        if not raw or len(raw) > TF_PREFIX_MAX:
-            raise FilterError(f"path prefix must be 1..{TF_PREFIX_MAX} bytes")
-        k.prefix = raw
-        k.prefix_len = len(raw)
+    ctl.filter[slot] = to_kernel(f)
 
 
 def _check_workload(f: Filters, attributor: Any) -> None:
     if not f.workload:
         return
-    try:
-        f.workload.check()
-    except ValueError as e:
-        raise FilterError(str(e)) from None
     if attributor is None or attributor.pods is None:
         raise FilterError(
             "--namespace/--pod/--container/--selector need pod metadata: run "

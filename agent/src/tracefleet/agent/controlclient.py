@@ -57,7 +57,6 @@ from tracefleet.agent.engine import (
     SetStatus,
     SinkEngine,
 )
-from tracefleet.agent.workload import WorkloadSelector
 from tracefleet.model import Event, wire
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -213,7 +212,7 @@ class ControlClient:
             "saved_at": time.time(),
             "redact_patterns": list(self._redactor.patterns),
             "event_sets": [
-                {**dataclasses.asdict(c), "expires_at": self._deadlines.get(name, 0.0)}
+                _set_state(c, self._deadlines.get(name, 0.0))
                 for name, c in sorted(self.desired.items())
             ],
         }
@@ -245,7 +244,7 @@ class ControlClient:
                 cfg = EventSetConfig(
                     name=str(s["name"]),
                     enabled=bool(s["enabled"]),
-                    filters=_filters_from_state(s["filters"]),
+                    filters=Filters.from_json(s["filters"]),
                     sample_rate=float(s["sample_rate"]),
                     export=tuple(str(n) for n in s.get("export", ())),
                 )
@@ -511,19 +510,7 @@ class ControlClient:
             s.name: EventSetConfig(
                 name=s.name,
                 enabled=s.enabled,
-                filters=Filters(
-                    pids=tuple(s.filters.pids),
-                    comms=tuple(s.filters.comms),
-                    cgroup_ids=tuple(s.filters.cgroup_ids),
-                    path_prefixes=tuple(s.filters.path_prefixes),
-                    workload=WorkloadSelector(
-                        namespace=s.filters.workload.namespace,
-                        pod=s.filters.workload.pod,
-                        container=s.filters.workload.container,
-                        labels=s.filters.workload.labels,
-                    ),
-                    follow=s.filters.follow,
-                ),
+                filters=wire.filters_from_pb(s.filters),
                 sample_rate=s.sample_rate,
                 export=tuple(s.export),
             )
@@ -803,16 +790,13 @@ def run_agent(
     return client.stats
 
 
-def _filters_from_state(d: dict[str, Any]) -> Filters:
-    """The Filters saved by _save_state (dataclasses.asdict): tuples, the workload selector
-    as its fields, follow as a bool; fields a newer agent saved are ignored."""
-    wl = d.get("workload") or {}
-    return Filters(
-        pids=tuple(int(p) for p in d.get("pids", ())),
-        comms=tuple(str(c) for c in d.get("comms", ())),
-        cgroup_ids=tuple(int(c) for c in d.get("cgroup_ids", ())),
-        path_prefixes=tuple(str(p) for p in d.get("path_prefixes", ())),
-        workload=WorkloadSelector(**{k: str(v) for k, v in wl.items()
-                                     if k in ("namespace", "pod", "container", "labels")}),
-        follow=bool(d.get("follow", False)),
-    )  # fmt: skip
+def _set_state(c: EventSetConfig, expires_at: float) -> dict[str, Any]:
+    """One event set in the fail-static state file (read back by _restore_state)."""
+    return {
+        "name": c.name,
+        "enabled": c.enabled,
+        "filters": c.filters.to_json(),
+        "sample_rate": c.sample_rate,
+        "export": list(c.export),
+        "expires_at": expires_at,
+    }

@@ -13,27 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from tracefleet.agent.workload import WorkloadSelector
+# the one filter type of agent and controller (tracefleet.model.filters), named here too
+from tracefleet.model.filters import NO_FILTERS, Filters
 
 # one histogram type (and its bounds), one list of outcomes, for agent and controller
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.names import OUTCOMES
 
-_ANY_WORKLOAD = WorkloadSelector()
-
-__all__ = ["LATENCY_BUCKETS_SECONDS", "OUTCOMES", "Histogram"]
-
-
-@dataclass(frozen=True)
-class Filters:
-    """In-kernel filters of one event set; empty means no filtering."""
-
-    pids: tuple[int, ...] = ()
-    comms: tuple[str, ...] = ()
-    cgroup_ids: tuple[int, ...] = ()
-    path_prefixes: tuple[str, ...] = ()
-    workload: WorkloadSelector = _ANY_WORKLOAD  # resolved by the agent to cgroup ids
-    follow: bool = False  # pids include their descendants, followed in the kernel
+__all__ = ["LATENCY_BUCKETS_SECONDS", "OUTCOMES", "Filters", "Histogram"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +29,7 @@ class EventSetConfig:
 
     name: str
     enabled: bool
-    filters: Filters = Filters()
+    filters: Filters = NO_FILTERS
     sample_rate: float = 0.0  # share of raw events forwarded to the controller (0 = none)
     export: tuple[str, ...] = ()  # exporters that get every event (the client routes them)
 

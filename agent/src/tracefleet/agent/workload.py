@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import fnmatch
 import http.client
 import json
 import logging
@@ -35,6 +34,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlsplit
+
+# one selector type and one label-selector syntax for agent and controller (the model's)
+from tracefleet.model.filters import WorkloadSelector as WorkloadSelector
+from tracefleet.model.filters import parse_label_selector as parse_label_selector
 
 log = logging.getLogger("tracefleet.agent.workload")
 
@@ -334,67 +337,6 @@ class PodWatcher:
                 self.last_error = str(e)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 30.0)
-
-
-# ---- selectors -------------------------------------------------------------------------
-
-
-def parse_label_selector(text: str) -> tuple[tuple[str, str, str], ...]:
-    """``k=v``, ``k==v``, ``k!=v``, ``k`` (exists), ``!k`` (absent), comma-separated:
-    (op, key, value) terms; ValueError naming the bad term."""
-    terms = []
-    for raw in text.split(","):
-        t = raw.strip()
-        if not t:
-            continue
-        if "!=" in t:
-            k, v = t.split("!=", 1)
-            op = "!="
-        elif "=" in t:
-            k, v = t.replace("==", "=", 1).split("=", 1)
-            op = "="
-        elif t.startswith("!"):
-            k, v, op = t[1:], "", "!"
-        else:
-            k, v, op = t, "", "exists"
-        k, v = k.strip(), v.strip()
-        if not re.fullmatch(r"[A-Za-z0-9][-A-Za-z0-9_./]*", k) or not re.fullmatch(
-            r"[-A-Za-z0-9_.]*", v
-        ):
-            raise ValueError(f"bad label selector term {t!r}: use key=value, key!=value, "
-                             "key or !key, comma-separated")  # fmt: skip
-        terms.append((op, k, v))
-    return tuple(terms)
-
-
-@dataclass(frozen=True)
-class WorkloadSelector:
-    """Pods a rule applies to; empty fields match anything, an empty selector is off."""
-
-    namespace: str = ""
-    pod: str = ""  # glob: db-*
-    container: str = ""
-    labels: str = ""  # label selector
-
-    def __bool__(self) -> bool:
-        return bool(self.namespace or self.pod or self.container or self.labels)
-
-    def check(self) -> None:
-        parse_label_selector(self.labels)
-
-    def matches(self, pod: Pod, container: str) -> bool:
-        if self.namespace and pod.namespace != self.namespace:
-            return False
-        if self.pod and not fnmatch.fnmatchcase(pod.name, self.pod):
-            return False
-        if self.container and container != self.container:
-            return False
-        for op, k, v in parse_label_selector(self.labels):
-            have = pod.labels.get(k)
-            ok = {"=": have == v, "!=": have != v, "exists": have is not None, "!": have is None}
-            if not ok[op]:
-                return False
-        return True
 
 
 # ---- the resolver ----------------------------------------------------------------------

@@ -24,7 +24,9 @@ from tracefleet.controller._internal.netaddr import (
 )
 from tracefleet.model import human, wire
 from tracefleet.model.argtypes import int_in
+from tracefleet.model.filters import Filters, WorkloadSelector
 from tracefleet.model.tlsfiles import TLSFilesError, read_tls_files
+from tracefleet.model.wire import filters_to_pb
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 EXIT_OK = 0
@@ -594,12 +596,13 @@ def cmd_configure(ctx: Ctx, enabled: bool) -> int:
             except sel.SelectorError as e:
                 fail(EXIT_USAGE, f"bad --node: {e}")
             selector = nodes if selector in ("", "all") else f"{selector},{nodes}"
-        filters = types_pb2.Filters(
-            pids=a.pid, comms=a.comm, cgroup_ids=a.cgroup_id, path_prefixes=a.path_prefix,
-            workload=types_pb2.WorkloadSelector(namespace=a.namespace, pod=a.pod,
-                                                container=a.container, labels=a.pod_selector),
+        filters = filters_to_pb(Filters(
+            pids=tuple(a.pid), comms=tuple(a.comm), cgroup_ids=tuple(a.cgroup_id),
+            path_prefixes=tuple(a.path_prefix),
+            workload=WorkloadSelector(namespace=a.namespace, pod=a.pod, container=a.container,
+                                      labels=a.pod_selector),
             follow=a.follow,
-        )  # fmt: skip
+        ))  # fmt: skip
         req.selector = selector
         req.filters.CopyFrom(filters)
         req.canary_percent = a.canary

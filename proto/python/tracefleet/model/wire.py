@@ -1,4 +1,6 @@
-"""Event <-> tracefleet.v1.Event. The typed oneof carries the value; the deprecated string
+"""The API edge of the model: Event <-> tracefleet.v1.Event, Filters <-> tracefleet.v1.Filters.
+
+Events: the typed oneof carries the value; the deprecated string
 fields (value, status, strategy) stay filled so older clients still show something, and an
 event from an older agent (no oneof, no enums) is read back from those strings."""
 
@@ -16,6 +18,7 @@ from tracefleet.model.event import (
     OpenHow,
     SocketAddress,
 )
+from tracefleet.model.filters import Filters, WorkloadSelector
 from tracefleet.v1 import types_pb2
 
 # every status of the model has its enum value (ARG_STATUS_<NAME>): a status missing from the
@@ -187,4 +190,34 @@ def event_from_pb(pb: types_pb2.Event) -> Event:
         namespace=pb.namespace,
         pod_uid=pb.pod_uid,
         container=pb.container,
+    )
+
+
+def filters_to_pb(f: Filters) -> types_pb2.Filters:
+    w = f.workload
+    return types_pb2.Filters(
+        pids=f.pids,
+        comms=f.comms,
+        cgroup_ids=f.cgroup_ids,
+        path_prefixes=f.path_prefixes,
+        workload=types_pb2.WorkloadSelector(
+            namespace=w.namespace, pod=w.pod, container=w.container, labels=w.labels
+        ),
+        follow=f.follow,
+    )
+
+
+def filters_from_pb(pb: types_pb2.Filters) -> Filters:
+    """Not checked here: the receiver calls Filters.check() (controller: refuses the request;
+    agent: the set's status says why)."""
+    w = pb.workload
+    return Filters(
+        pids=tuple(pb.pids),
+        comms=tuple(pb.comms),
+        cgroup_ids=tuple(pb.cgroup_ids),
+        path_prefixes=tuple(pb.path_prefixes),
+        workload=WorkloadSelector(
+            namespace=w.namespace, pod=w.pod, container=w.container, labels=w.labels
+        ),
+        follow=pb.follow,
     )

@@ -26,8 +26,9 @@ from tracefleet.controller._internal.fleet import State
 from tracefleet.controller._internal.ledger import ACCOUNTING
 from tracefleet.controller._internal.limits import MAX_PID, MAX_STREAM_FILTER, MAX_TOP_ROWS
 from tracefleet.controller._internal.policy import Policy
-from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.controller._internal.rules import Rule
 from tracefleet.model.histogram import Histogram, HistogramMismatch
+from tracefleet.model.wire import filters_from_pb, filters_to_pb
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
 
 log = logging.getLogger("tracefleet.controller.control")
@@ -45,10 +46,6 @@ def _ts(unix: float | None) -> timestamp_pb2.Timestamp | None:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(unix * 1e9))
     return ts
-
-
-def _filters_pb(f: FilterSpec) -> types_pb2.Filters:
-    return types_pb2.Filters(**f.to_pb_fields())
 
 
 def _hist_pb(h: Histogram) -> types_pb2.Histogram:
@@ -89,14 +86,13 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                 f"({MAX_TTL_SECONDS // 86400} days); omit it for a rule that never expires",
             )
         ttl = d.seconds + d.nanos / 1e9
-        f = request.filters
         try:
             res = self.ctl.configure(
                 request.event_set,
                 request.enabled,
                 request.selector,
                 ttl,
-                FilterSpec.from_pb(f),
+                filters_from_pb(request.filters),
                 request.canary_percent,
                 request.sample_rate,
                 export=tuple(request.export),
@@ -182,7 +178,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             event_set=r.event_set,
             enabled=r.enabled,
             selector=r.selector,
-            filters=_filters_pb(r.filters),
+            filters=filters_to_pb(r.filters),
             canary_percent=r.canary_percent,
             sample_rate=r.sample_rate,
             expires_at=_ts(r.expires_at),

@@ -31,19 +31,20 @@ from tracefleet.controller._internal.auth import REFUSALS
 from tracefleet.controller._internal.events import EventHub
 from tracefleet.controller._internal.fleet import Connection, Fleet, Node
 from tracefleet.controller._internal.ledger import Ledger, Outcome
-from tracefleet.controller._internal.limits import MAX_PID, Limits
+from tracefleet.controller._internal.limits import Limits
 from tracefleet.controller._internal.redaction import TextRedactor, default_patterns
 from tracefleet.controller._internal.rules import (
     KNOWN_EVENT_SETS,
     MAX_USER_SETS,
     USER_PREFIX,
-    FilterSpec,
     Rule,
     desired_for_node,
     is_user_set,
 )
 from tracefleet.controller._internal.store import Store
 from tracefleet.controller._internal.wire import WIRE
+from tracefleet.model.filters import FilterError, Filters
+from tracefleet.model.wire import filters_to_pb
 from tracefleet.v1 import agent_pb2, types_pb2
 
 log = logging.getLogger("tracefleet.controller")
@@ -52,57 +53,12 @@ log = logging.getLogger("tracefleet.controller")
 # Longest TTL a rule may have: far enough for any real use, near enough that the expiry
 # time stays representable everywhere (datetime, protobuf Timestamp).
 MAX_TTL_SECONDS = 366 * 86400
-# What one rule's filters may hold: the capacity of the kernel filter of an event set
-# (bpf/include/tracefleet/events.h: TF_FILTER_*, TF_COMM_LEN, TF_PREFIX_MAX); a value past a
-# limit is refused here rather than truncated into a filter on the nodes.
-# Cgroup ids go to a BPF hash map on the agents (no slot count): bounded here for the rule's size.
-MAX_FILTER_PIDS, MAX_FILTER_COMMS, MAX_FILTER_CGROUPS, MAX_FILTER_PREFIXES = 8, 4, 1024, 1
-MAX_COMM_BYTES, MAX_PREFIX_BYTES = 15, 64
 MAX_EVENT_SET_NAME = 64
 # Longest gap between the result batches of an idle agent (DesiredState.idle_batch_interval)
 MAX_IDLE_BATCH_INTERVAL = 30.0
 # per-rule export: names of exporters configured on the agents (agent export.EXPORTER_NAME)
 MAX_EXPORTERS = 8
 EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
-
-
-# one term of a pod label selector (the agents' workload.parse_label_selector)
-_LABEL_TERM = re.compile(r"\s*!?[A-Za-z0-9][-A-Za-z0-9_./]*\s*((!=|==?)\s*[-A-Za-z0-9_.]*)?\s*")
-
-
-def filters_problem(f: FilterSpec) -> str:
-    """Why the filters cannot be applied, or ""."""
-    for what, items, limit in (
-        ("pids", f.pids, MAX_FILTER_PIDS),
-        ("comms", f.comms, MAX_FILTER_COMMS),
-        ("cgroup ids", f.cgroup_ids, MAX_FILTER_CGROUPS),
-        ("path prefixes", f.path_prefixes, MAX_FILTER_PREFIXES),
-    ):
-        if len(items) > limit:
-            return f"at most {limit} {what} per rule (got {len(items)})"
-    bad_pids = [p for p in f.pids if not 1 <= p <= MAX_PID]
-    if bad_pids:
-        return f"pids must be 1..{MAX_PID}, got {bad_pids[0]}"
-    bad_cg = [c for c in f.cgroup_ids if not 1 <= c < 2**64]
-    if bad_cg:
-        return f"cgroup ids must be 1..2^64-1, got {bad_cg[0]}"
-    for c in f.comms:
-        if not 1 <= len(c.encode()) <= MAX_COMM_BYTES or not c.isprintable():
-            return f"comm {c[:40]!r}: 1..{MAX_COMM_BYTES} printable bytes (the kernel's comm)"
-    for p in f.path_prefixes:
-        if not p.startswith("/") or len(p.encode()) > MAX_PREFIX_BYTES or "\0" in p:
-            return f"path prefix {p[:40]!r}: an absolute path of up to {MAX_PREFIX_BYTES} bytes"
-    if f.follow and not f.pids:
-        return "--follow follows the processes of --pid: add --pid P"
-    for what, v in (("namespace", f.namespace), ("pod", f.pod), ("container", f.container),
-                    ("pod selector", f.pod_labels)):  # fmt: skip
-        if len(v) > 253 or not v.isprintable():
-            return f"{what} {v[:40]!r}: up to 253 printable characters"
-    bad = [t for t in f.pod_labels.split(",") if f.pod_labels and not _LABEL_TERM.fullmatch(t)]
-    if bad:
-        return (f"pod selector term {bad[0][:40]!r}: use key=value, key!=value, key or !key, "
-                "comma-separated")  # fmt: skip
-    return ""
 
 
 class StoreUnavailable(RuntimeError):
@@ -399,7 +355,7 @@ class Controller:
         enabled: bool,
         selector: str = "",
         ttl: float = 0.0,
-        filters: FilterSpec | None = None,
+        filters: Filters | None = None,
         canary_percent: int = 0,
         sample_rate: float = 0.0,
         now: float | None = None,
@@ -442,10 +398,11 @@ class Controller:
                 "1..63 of [a-z0-9_.-] starting with a letter or digit, as configured on the "
                 "agents (tracefleet-agent run --exporter NAME=...)"
             )
-        filters = filters or FilterSpec()
-        problem = filters_problem(filters)
-        if problem:
-            raise ConfigError(problem)
+        filters = filters or Filters()
+        try:
+            filters.check()
+        except FilterError as e:
+            raise ConfigError(str(e)) from None
         expires_at = now + ttl if ttl > 0 and enabled else None
         new = Rule(
             event_set,
@@ -588,7 +545,7 @@ class Controller:
             types_pb2.EventSetSpec(
                 name=s.name,
                 enabled=s.enabled,
-                filters=types_pb2.Filters(**s.filters.to_pb_fields()),
+                filters=filters_to_pb(s.filters),
                 sample_rate=s.sample_rate,
                 expires_at_unix_ns=self._expires_ns(s.name) if s.enabled else 0,
                 export=s.export,

@@ -27,8 +27,9 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.controller._internal.rules import Rule
 from tracefleet.controller._internal.store import LedgerRows, NodeRecord, Store, StoreError
+from tracefleet.model.filters import Filters
 
 log = logging.getLogger("tracefleet.controller.etcd")
 
@@ -153,7 +154,7 @@ def _rule_dict(r: Rule) -> dict[str, Any]:
         "event_set": r.event_set,
         "enabled": r.enabled,
         "selector": r.selector,
-        "filters": r.filters.to_dict(),
+        "filters": r.filters.to_json(),
         "canary_percent": r.canary_percent,
         "sample_rate": r.sample_rate,
         "expires_at": r.expires_at,
@@ -168,7 +169,7 @@ def _rule(d: dict[str, Any]) -> Rule:
         event_set=str(d["event_set"]),
         enabled=bool(d["enabled"]),
         selector=str(d["selector"]),
-        filters=FilterSpec.from_dict(d["filters"]),
+        filters=Filters.from_json(d["filters"]),
         canary_percent=int(d["canary_percent"]),
         sample_rate=float(d["sample_rate"]),
         expires_at=None if d["expires_at"] is None else float(d["expires_at"]),

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tracefleet.controller._internal import selector as sel
+from tracefleet.model.filters import NO_FILTERS, Filters
 
 # Event sets the controller accepts even before an agent registered them.
 KNOWN_EVENT_SETS: tuple[str, ...] = ("exec", "file", "net", "vfs")
@@ -32,67 +33,11 @@ def is_user_set(name: str) -> bool:
 
 
 @dataclass(frozen=True)
-class FilterSpec:
-    pids: tuple[int, ...] = ()
-    comms: tuple[str, ...] = ()
-    cgroup_ids: tuple[int, ...] = ()
-    path_prefixes: tuple[str, ...] = ()
-    # workload selector (resolved by each agent to its node's cgroups) and --follow
-    namespace: str = ""
-    pod: str = ""
-    container: str = ""
-    pod_labels: str = ""
-    follow: bool = False
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "pids": list(self.pids),
-            "comms": list(self.comms),
-            "cgroup_ids": list(self.cgroup_ids),
-            "path_prefixes": list(self.path_prefixes),
-        }
-        # only when set: rules stored before these keys existed read back unchanged
-        for k in ("namespace", "pod", "container", "pod_labels", "follow"):
-            if getattr(self, k):
-                out[k] = getattr(self, k)
-        return out
-
-    def to_pb_fields(self) -> dict[str, Any]:
-        """Keyword arguments of types_pb2.Filters (WorkloadSelector as a dict)."""
-        wl = {"namespace": self.namespace, "pod": self.pod, "container": self.container,
-              "labels": self.pod_labels}  # fmt: skip
-        return {"pids": self.pids, "comms": self.comms, "cgroup_ids": self.cgroup_ids,
-                "path_prefixes": self.path_prefixes, "workload": wl,
-                "follow": self.follow}  # fmt: skip
-
-    @classmethod
-    def from_pb(cls, f: Any) -> FilterSpec:
-        w = f.workload
-        return cls(tuple(f.pids), tuple(f.comms), tuple(f.cgroup_ids), tuple(f.path_prefixes),
-                   namespace=w.namespace, pod=w.pod, container=w.container,
-                   pod_labels=w.labels, follow=f.follow)  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FilterSpec:
-        return cls(
-            pids=tuple(int(p) for p in d.get("pids", ())),
-            comms=tuple(str(c) for c in d.get("comms", ())),
-            cgroup_ids=tuple(int(c) for c in d.get("cgroup_ids", ())),
-            path_prefixes=tuple(str(p) for p in d.get("path_prefixes", ())),
-            namespace=str(d.get("namespace", "")),
-            pod=str(d.get("pod", "")),
-            container=str(d.get("container", "")),
-            pod_labels=str(d.get("pod_labels", "")),
-            follow=bool(d.get("follow", False)),
-        )
-
-
-@dataclass(frozen=True)
 class Rule:
     event_set: str
     enabled: bool
     selector: str = "all"  # canonical text (selector.parse(...).__str__())
-    filters: FilterSpec = FilterSpec()
+    filters: Filters = NO_FILTERS
     canary_percent: int = 0  # 0 or 100 = every selected node
     sample_rate: float = 0.0
     expires_at: float | None = None  # unix seconds
@@ -155,7 +100,7 @@ class SetState:
 
     name: str
     enabled: bool
-    filters: FilterSpec = FilterSpec()
+    filters: Filters = NO_FILTERS
     sample_rate: float = 0.0
     export: tuple[str, ...] = ()
 

@@ -17,7 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from tracefleet.controller._internal.rules import FilterSpec, Rule
+from tracefleet.controller._internal.rules import Rule
+from tracefleet.model.filters import Filters
 
 _SCHEMA_VERSION = 2
 # set_totals' call accounting columns (ledger.SetCounts' fields after delivered, dropped,
@@ -234,7 +235,7 @@ class Store:
                 event_set=row[0],
                 enabled=bool(row[1]),
                 selector=row[2],
-                filters=FilterSpec.from_dict(json.loads(row[3])),
+                filters=Filters.from_json(json.loads(row[3])),
                 canary_percent=int(row[4]),
                 sample_rate=float(row[5]),
                 expires_at=row[6],
@@ -254,7 +255,7 @@ class Store:
                 r.event_set,
                 int(r.enabled),
                 r.selector,
-                json.dumps(r.filters.to_dict(), sort_keys=True),
+                json.dumps(r.filters.to_json(), sort_keys=True),
                 r.canary_percent,
                 r.sample_rate,
                 r.expires_at,
