@@ -57,7 +57,7 @@ def test_selector_on_the_wire_to_the_agent():
         (Filters(follow=True), "--follow follows the processes of --pid"),
         (
             Filters(workload=WorkloadSelector(labels="app=db,=x")),
-            "pod selector: bad label selector term '=x'",
+            "pod selector term '=x'",
         ),
         (Filters(workload=WorkloadSelector(namespace="a\nb")), "namespace"),
     ],

@@ -33,9 +33,11 @@ class FilterError(ValueError):
     """A filter that cannot be applied; the message names the field and the fix."""
 
 
-def parse_label_selector(text: str) -> tuple[tuple[str, str, str], ...]:
+def parse_label_selector(
+    text: str, what: str = "bad label selector"
+) -> tuple[tuple[str, str, str], ...]:
     """``k=v``, ``k==v``, ``k!=v``, ``k`` (exists), ``!k`` (absent), comma-separated:
-    (op, key, value) terms; FilterError naming the bad term."""
+    (op, key, value) terms; FilterError naming the bad term (``what`` names the field)."""
     terms = []
     for raw in text.split(","):
         t = raw.strip()
@@ -53,7 +55,7 @@ def parse_label_selector(text: str) -> tuple[tuple[str, str, str], ...]:
             k, v, op = t, "", "exists"
         k, v = k.strip(), v.strip()
         if not _LABEL_KEY.fullmatch(k) or not _LABEL_VALUE.fullmatch(v):
-            raise FilterError(f"bad label selector term {t[:40]!r}: {LABEL_SELECTOR_SYNTAX}")
+            raise FilterError(f"{what} term {t[:40]!r}: {LABEL_SELECTOR_SYNTAX}")
         terms.append((op, k, v))
     return tuple(terms)
 
@@ -87,10 +89,7 @@ class WorkloadSelector:
                 raise FilterError(
                     f"{what} {v[:40]!r}: up to {MAX_SELECTOR_TEXT} printable characters"
                 )
-        try:
-            parse_label_selector(self.labels)
-        except FilterError as e:
-            raise FilterError(f"pod selector: {e}") from None
+        parse_label_selector(self.labels, "pod selector")
 
     def matches(self, pod: PodLike, container: str) -> bool:
         if self.namespace and pod.namespace != self.namespace:
@@ -142,15 +141,14 @@ class Filters:
                 raise FilterError(f"at most {limit} {what} per rule (got {len(items)})")
         for p in self.pids:
             if isinstance(p, bool) or not 1 <= p <= PID_MAX_LIMIT:
-                raise FilterError(f"pid {p} is out of range: pids must be 1..{PID_MAX_LIMIT}")
+                raise FilterError(f"pids must be 1..{PID_MAX_LIMIT}, got {p}")
         for c in self.cgroup_ids:
             if isinstance(c, bool) or not 1 <= c < 2**64:
-                raise FilterError(f"cgroup id {c} is out of range: cgroup ids must be 1..2^64-1")
+                raise FilterError(f"cgroup ids must be 1..2^64-1, got {c}")
         for m in self.comms:
             if not 1 <= len(m.encode()) <= MAX_COMM_BYTES or not m.isprintable():
                 raise FilterError(
-                    f"comm {m[:40]!r}: 1..{MAX_COMM_BYTES} printable bytes (the kernel's comm "
-                    "is at most 15 bytes: use the first 15)"
+                    f"comm {m[:40]!r}: 1..{MAX_COMM_BYTES} printable bytes (the kernel's comm)"
                 )
         for pfx in self.path_prefixes:
             if not pfx.startswith("/") or len(pfx.encode()) > MAX_PREFIX_BYTES or "\0" in pfx:
