@@ -21,6 +21,7 @@ from tracefleet.agent.eventsets import EVENT_SETS, UnknownEventSet, parse_event_
 from tracefleet.agent.hostcheck import TRACEFS_NOTE, HostCheckError
 from tracefleet.model import Event, human
 from tracefleet.model.argtypes import int_in
+from tracefleet.model.filters import PID_MAX_LIMIT
 from tracefleet.model.labels import parse_labels
 from tracefleet.model.names import STRATEGIES
 from tracefleet.model.netaddr import check_peer_address, is_loopback, split_host_port, unix_path
@@ -74,14 +75,10 @@ def _seconds(text: str) -> float:
     return value
 
 
-PID_MAX_LIMIT = 4_194_304  # the kernel's highest pid; the filter holds u32
-
-
 def _comm(text: str) -> str:
-    if not 1 <= len(text.encode()) <= 15 or not text.isprintable():
-        raise argparse.ArgumentTypeError(
-            f"comm {text[:40]!r}: 1..15 printable bytes (the kernel keeps 15 of a command name)"
-        )
+    problem = Filters(comms=(text,)).problem()  # the one filter check (tracefleet.model)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 

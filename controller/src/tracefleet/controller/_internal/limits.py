@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from tracefleet.controller._internal.auth import Refusals
 from tracefleet.controller._internal.rules import KNOWN_EVENT_SETS, USER_PREFIX, is_user_set
+from tracefleet.model.filters import PID_MAX_LIMIT
 from tracefleet.model.labels import label_ok
 from tracefleet.v1 import agent_pb2, types_pb2
 
 # Operator requests
-MAX_PID = 4_194_304  # PID_MAX_LIMIT
+MAX_PID = PID_MAX_LIMIT  # the filters' limit (tracefleet.model.filters)
 MAX_STREAM_FILTER = 1000  # pids or nodes a StreamEvents request may name
 MAX_TOP_ROWS = 10_000
 
