@@ -72,6 +72,13 @@ def test_saved_state_restores_the_same_filters(tmp_path):
     writer.desired = dict(desired)
     writer._save_state(3)
     assert _restored(path) == desired
+    # what the previous agent reads from it (an agent downgraded after a save: its reader
+    # took the selector from "workload" only): the same selector, not a wider filter
+    with open(path) as f:
+        saved = {s["name"]: s["filters"] for s in json.load(f)["event_sets"]}
+    assert saved["file"]["workload"] == {"namespace": "prod", "pod": "db-*", "container": "",
+                                         "labels": "app=db"}  # fmt: skip
+    assert saved["net"]["workload"]["container"] == "c" and saved["file"]["follow"] is True
 
 
 def test_state_of_an_older_agent_without_workload_fields_loads():

@@ -792,10 +792,14 @@ def run_agent(
 
 def _set_state(c: EventSetConfig, expires_at: float) -> dict[str, Any]:
     """One event set in the fail-static state file (read back by _restore_state)."""
+    filters = c.filters.to_json()
+    # the previous agent reads the selector only nested (its dataclasses.asdict): an agent
+    # downgraded after this one saved must not restore a wider, selector-less filter
+    filters["workload"] = dataclasses.asdict(c.filters.workload)
     return {
         "name": c.name,
         "enabled": c.enabled,
-        "filters": c.filters.to_json(),
+        "filters": filters,
         "sample_rate": c.sample_rate,
         "export": list(c.export),
         "expires_at": expires_at,
