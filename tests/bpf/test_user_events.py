@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -294,11 +295,34 @@ def test_perf_ring_drops_counted_exactly_at_close() -> None:
     assert (mine, ring.counters.dropped) == (mine, n - mine)
 
 
-def test_fleet_enable_user_event_through_controller(producer: Producer, tmp_path: Path) -> None:
+# an application that emits all along, whether anyone listens or not (the enable-to-first-
+# event measurement): emit() is one load of the enable word while nobody does
+EMIT_LOOP = """
+import time
+from tracefleet.agent import emit
+ev = emit.UserEvent("tf_lat", "u32 n")
+assert ev.registered, ev.reason
+print("ready", flush=True)
+i = 0
+while True:
+    i += ev.emit(i)
+    time.sleep(0.001)
+"""
+
+
+def test_fleet_enable_user_event_through_controller(
+    producer: Producer, tmp_path: Path, record_property: Any
+) -> None:
     """`tracefleet enable user:tf_test` through a real controller and agent: the kernel sets
     the producer's enable bit, every emitted event is counted at the controller (exact), and
-    `disable` clears the bit (issue 18)."""
-    from tests.e2e.fleet_helpers import ControllerProc, cli, nodes_by_name, status
+    `disable` clears the bit (issue 18). The agent reports what is registered (`status`:
+    REGISTERED, ENABLED, USED BY), and a rule's late registration reaches the node's status
+    once attached. Prints the time from `enable` to the first event at the controller."""
+    import grpc
+
+    from tests.e2e.fleet_helpers import ControllerProc, cli, cli_json, nodes_by_name
+    from tracefleet.controller._internal import render
+    from tracefleet.v1 import control_pb2, control_pb2_grpc
 
     ctl = ControllerProc(tmp_path, stale_after=5 * SCALE).start()
     log = tmp_path / "agent.log"
@@ -309,11 +333,24 @@ def test_fleet_enable_user_event_through_controller(producer: Producer, tmp_path
             stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
         )  # fmt: skip
 
+    # GetStatus in-process, as `status -o json` renders it: a CLI per poll costs seconds of
+    # Python start-up in the emulated guest (the CLI itself is run below, once per output)
+    channel = grpc.insecure_channel(ctl.address)
+    stub = control_pb2_grpc.ControlServiceStub(channel)
+
     def node() -> dict[str, Any]:
-        return nodes_by_name(status(ctl.address)).get("ue-1", {})
+        st = render.to_data(stub.GetStatus(control_pb2.GetStatusRequest()))
+        return nodes_by_name(st).get("ue-1", {})
 
     def totals() -> dict[str, Any]:
         return {t["event_set"]: t for t in node().get("totals", [])}.get("user:tf_test", {})
+
+    def registered(name: str) -> dict[str, Any]:
+        ue = node().get("user_events") or {}
+        return {e["name"]: e for e in ue.get("events", [])}.get(name, {})
+
+    def set_status(name: str) -> dict[str, Any]:
+        return {s["name"]: s for s in node().get("statuses", [])}.get(name, {})
 
     try:
         wait_until(lambda: node().get("state") == "connected", DEADLINE * 6, "agent registered")
@@ -327,14 +364,24 @@ def test_fleet_enable_user_event_through_controller(producer: Producer, tmp_path
         wait_until(lambda: totals().get("delivered", 0) >= n, DEADLINE, "counts at controller")
         # exact: nothing more arrives, nothing was dropped
         assert (totals().get("delivered", 0), totals().get("dropped", 0)) == (n, 0), totals()
+        # discovery: registered, attached by this agent, perf using it
+        wait_until(lambda: registered("tf_test").get("attached"), DEADLINE, "tf_test reported")
+        assert registered("tf_test")["used_by"] == ["perf"], registered("tf_test")
         text = cli(ctl.address, "status").stdout
-        assert "USER EVENT" in text and "user:tf_test" in text, text
+        assert re.search(r"ue-1 +user:tf_test +yes +yes +perf +40 +0 +0", text), text
+        [js] = [n for n in cli_json(ctl.address, "status")["nodes"] if n["name"] == "ue-1"]
+        assert {"name": "tf_test", "used_by": ["perf"], "attached": True} in js["user_events"][
+            "events"
+        ], js["user_events"]
         r = cli(ctl.address, "disable", "user:tf_test", "--wait")
         assert r.returncode == 0, r.stdout + r.stderr
         producer.wait_bit(0)
         assert producer.ask("emit 3")["skipped"] == 3
         [st] = [s for s in node()["statuses"] if s["name"] == "user:tf_test"]
         assert not st.get("enabled") and not st.get("error"), st
+        off = wait_until(lambda: (e := registered("tf_test")) and not e["attached"] and e,
+                         DEADLINE, "tf_test reported detached")  # fmt: skip
+        assert off["used_by"] == [], off
         # a name nobody registered yet: the node's status says so, and once a process
         # registers it the agent attaches (it looks again every few seconds)
         r = cli(ctl.address, "enable", "user:tf_late", "--wait")
@@ -345,9 +392,52 @@ def test_fleet_enable_user_event_through_controller(producer: Producer, tmp_path
         try:
             assert late.registered, late.reason
             wait_until(lambda: late.enabled, DEADLINE, "tf_late enabled after it registered")
+            # and the node says so at its next report, not at the next rule change
+            st = wait_until(lambda: (s := set_status("user:tf_late")).get("attached") and s,
+                            DEADLINE, "tf_late attached in the node's status")  # fmt: skip
+            assert (st["enabled"], st["error"]) == (True, ""), st
+            wait_until(lambda: registered("tf_late").get("attached"), DEADLINE, "tf_late listed")
         finally:
             late.close()
+        seconds = _enable_to_first_event(stub)
+        # kept in the junit report too (build/vm/junit-6.12.xml): a passing test's print is not
+        record_property("user_events_enable_to_first_event_s", f"{seconds:.2f}")
     finally:
+        channel.close()
         agent.send_signal(signal.SIGTERM)
         agent.wait(timeout=DEADLINE)
         ctl.stop()
+
+
+def _enable_to_first_event(stub: Any) -> float:
+    """Figure only (printed): enabling user:tf_lat (the ConfigureEventSet call `tracefleet
+    enable` makes; the CLI's own start-up left out) to its first event counted at the
+    controller, for a process that was emitting all along."""
+    from tracefleet.v1 import control_pb2
+
+    app = subprocess.Popen([sys.executable, "-c", EMIT_LOOP], stdout=subprocess.PIPE,
+                           text=True, cwd=REPO)  # fmt: skip
+    try:
+        assert app.stdout is not None and app.stdout.readline() == "ready\n"
+
+        def delivered() -> int:
+            st = stub.GetStatus(control_pb2.GetStatusRequest())
+            return sum(t.delivered for n in st.nodes for t in n.totals
+                       if t.event_set == "user:tf_lat")  # fmt: skip
+
+        def configure(on: bool) -> None:
+            stub.ConfigureEventSet(control_pb2.ConfigureEventSetRequest(
+                event_set="user:tf_lat", enabled=on))  # fmt: skip
+
+        t0 = time.monotonic()
+        configure(True)
+        t_rpc = time.monotonic()
+        wait_until(delivered, DEADLINE, "tf_lat's first event at the controller", every=0.02)
+        t1 = time.monotonic()
+        print(f"\nuser_events enable->first event at the controller: {t1 - t0:.2f} s "
+              f"(the enable call {t_rpc - t0:.3f} s of it; agent batches every 1 s)")  # fmt: skip
+        configure(False)
+        return t1 - t0
+    finally:
+        app.kill()
+        app.wait(timeout=DEADLINE)

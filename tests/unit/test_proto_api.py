@@ -29,6 +29,7 @@ def test_agent_service_is_one_bidi_stream():
         "register",
         "ack",
         "result_batch",
+        "node_report",
     ]
     assert hasattr(agent_pb2_grpc, "AgentServiceStub")
 

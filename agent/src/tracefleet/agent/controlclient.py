@@ -181,6 +181,13 @@ class ControlClient:
         # DesiredState.idle_batch_interval: batches this far apart while nothing is enabled
         # (0: every interval); a fleet of idle agents then costs the controller less
         self._idle_interval = 0.0
+        # NodeReport: the user_events the engine found (None: it does not look), and what
+        # was last written on this stream (a report goes out only when it differs)
+        self._user_events: Mapping[str, Any] | None = None
+        self._report_sent: bytes | None = None
+        self._reporting = False  # the engine has something to report (else: no NodeReport)
+        self._export_missing: dict[str, list[str]] = {}
+        self._export_have = "none"
 
     # public ----------------------------------------------------------------------------
 
@@ -358,15 +365,61 @@ class ControlClient:
         else:
             missing = {n: list(e) for n, e in routes.items() if e}
             have = "none"
-        out = []
-        for st in statuses:
-            if missing.get(st.name):
-                why = (f"export: no exporter named {', '.join(missing[st.name])} on this agent "
-                       f"(it has: {have}; configure one with tracefleet-agent run "
-                       "--exporter NAME=file:/PATH)")  # fmt: skip
-                st = dataclasses.replace(st, error=f"{st.error}; {why}" if st.error else why)
-            out.append(st)
-        return out
+        self._export_missing, self._export_have = dict(missing), have
+        return [self._export_error(st) for st in statuses]
+
+    def _export_error(self, st: SetStatus) -> SetStatus:
+        names = self._export_missing.get(st.name)
+        if not names:
+            return st
+        why = (f"export: no exporter named {', '.join(names)} on this agent "
+               f"(it has: {self._export_have}; configure one with tracefleet-agent run "
+               "--exporter NAME=file:/PATH)")  # fmt: skip
+        return dataclasses.replace(st, error=f"{st.error}; {why}" if st.error else why)
+
+    # node report ------------------------------------------------------------------------
+
+    async def _refresh_report(self) -> None:
+        """Take the statuses that changed in the engine since apply() (a user_event that
+        registered after its rule, now attached) and the user_events registered here; the
+        send loop writes a NodeReport when they differ from the last one."""
+        updates_fn = getattr(self.engine, "status_updates", None)
+        report_fn = getattr(self.engine, "user_events_report", None)
+        self._reporting = callable(updates_fn) or callable(report_fn)
+        if not self._reporting:
+            return
+        if callable(updates_fn) and not self._engine_lock.locked():
+            # under the engine lock: never older than what a concurrent apply() returns
+            updates = await self._engine(updates_fn)
+            if updates:
+                by_name = {u.name: self._export_error(u) for u in updates}
+                self.statuses = [by_name.pop(st.name, st) for st in self.statuses]
+                self.statuses += by_name.values()
+        if callable(report_fn):
+            self._user_events = await self._engine(report_fn, exclusive=False)
+        self._wake.set()
+
+    def _node_report(self) -> agent_pb2.NodeReport:
+        msg = agent_pb2.NodeReport(statuses=[_status_pb(s) for s in self.statuses])
+        ue = self._user_events
+        if ue is not None:
+            rep = msg.user_events
+            rep.available = bool(ue.get("available"))
+            rep.reason = str(ue.get("reason") or "")
+            rep.total = int(ue.get("total") or 0)
+            for e in ue.get("events") or ():
+                rep.events.add(name=str(e["name"]), used_by=[str(u) for u in e["used_by"]],
+                               attached=bool(e["attached"]))  # fmt: skip
+        return msg
+
+    async def _send_report(self, call: Any) -> None:
+        if not self._synced or not self._reporting:
+            return  # the first Ack carries the statuses; the report follows it
+        msg = self._node_report()
+        data = msg.SerializeToString(deterministic=True)
+        if data != self._report_sent:
+            await self._write(call, agent_pb2.AgentMessage(node_report=msg))
+            self._report_sent = data
 
     # connection -------------------------------------------------------------------------
 
@@ -431,6 +484,7 @@ class ControlClient:
     ) -> None:
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect(metadata=metadata or None)
         self._acks_seen = self._legacy_controller = False
+        self._report_sent = None  # a new stream (maybe a new controller): report again
         await call.write(agent_pb2.AgentMessage(register=self._register_message()))
         self.connected = True
         self.stats.connects += 1
@@ -568,6 +622,7 @@ class ControlClient:
         cursor = 0  # last seq written on this stream
         while True:
             self._wake.clear()
+            await self._send_report(call)
             while (batch := self._outbox.next_to_send(cursor)) is not None:
                 cursor = batch.seq
                 msg = agent_pb2.AgentMessage(result_batch=batch)
@@ -623,6 +678,10 @@ class ControlClient:
             if stop.is_set():
                 return
             self.stats.ticks += 1
+            try:  # also while idle: a registration is news even with nothing enabled
+                await self._refresh_report()
+            except Exception:
+                log.exception("%s: refreshing the node report failed", self.node_name)
             # idle: skip ticks (the next batch covers them) up to the controller's idle gap
             if self._idle() and time.monotonic() - last < self._idle_interval - interval / 2:
                 self.stats.idle_ticks += 1

@@ -209,6 +209,36 @@ def list_events(tracefs: Path = DEFAULT_TRACEFS) -> dict[str, UserEvent]:
     return out
 
 
+MAX_REPORTED = 100  # registered events per report to the controller (NodeReport)
+_TRACERS = ("ftrace", "perf", "other")  # the kernel's "Used by" words
+
+
+def discovery_report(
+    tracefs: Path = DEFAULT_TRACEFS, attached: frozenset[str] = frozenset(),
+    cap: int = MAX_REPORTED,
+) -> dict[str, Any]:  # fmt: skip
+    """What is registered on this host, for the controller: {available, reason, events:
+    [{name, used_by, attached}], total}. One read of user_events_status (no format files:
+    this runs every report interval). The kernel does not say how many processes registered
+    an event, so no count is given. At most ``cap`` events, those in ``attached`` first;
+    ``total`` counts them all, so a capped list says so."""
+    ok, why = available(tracefs)
+    if not ok:
+        return {"available": False, "reason": why, "events": [], "total": 0}
+    path = tracefs / "user_events_status"
+    try:
+        status = parse_status(path.read_text())
+    except OSError as e:
+        return {"available": True, "reason": f"cannot read {path}: {e.strerror or e}",
+                "events": [], "total": 0}  # fmt: skip
+    names = sorted((n for n in status if _NAME.match(n)), key=lambda n: (n not in attached, n))
+    events = [
+        {"name": n, "used_by": [u for u in status[n] if u in _TRACERS], "attached": n in attached}
+        for n in names[: max(0, cap)]
+    ]
+    return {"available": True, "reason": "", "events": events, "total": len(names)}
+
+
 def find_event(name: str, tracefs: Path = DEFAULT_TRACEFS) -> UserEvent:
     if not _NAME.match(name):
         raise BadEventName(
@@ -634,6 +664,10 @@ class UserEventsEngine:
         self._sinks: list[Callable[[dict[str, Any]], None]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._names: list[str] = []  # the user sets of the last desired state
+        # a set attached after apply() returned its status (registered late): reported by
+        # status_updates(), else the node would show the stale error until the next change
+        self._status_changed = False
 
     def __getattr__(self, name: str) -> Any:  # health, errors, drain, metrics: the inner's
         return getattr(self.inner, name)
@@ -649,8 +683,6 @@ class UserEventsEngine:
         return caps
 
     def apply(self, desired: Mapping[str, Any]) -> Sequence[Any]:
-        from tracefleet.agent.engine import SetStatus
-
         mine = {n: c for n, c in desired.items() if n.startswith(USER_SET_PREFIX)}
         statuses = list(self.inner.apply({n: c for n, c in desired.items() if n not in mine}))
         with self._lock:
@@ -667,12 +699,37 @@ class UserEventsEngine:
                 self._errors.pop(name, None)
                 if cfg.enabled and name not in self._consumers:
                     self._try_open(name)
-            for name in mine:
-                on = name in self._consumers
-                statuses.append(SetStatus(name, on, on, "perf", self._errors.get(name, "")))
+            self._names = list(mine)
+            self._status_changed = False
+            statuses += self._statuses()
         if self._wanted:
             self._start()
         return statuses
+
+    def _statuses(self) -> list[Any]:
+        """Under _lock: the SetStatus of every user set of the desired state."""
+        from tracefleet.agent.engine import SetStatus
+
+        out = []
+        for name in self._names:
+            on = name in self._consumers
+            out.append(SetStatus(name, on, on, "perf", self._errors.get(name, "")))
+        return out
+
+    def status_updates(self) -> list[Any]:
+        """The user sets' statuses if one changed since apply() (or the last call) returned
+        them, else []."""
+        with self._lock:
+            if not self._status_changed:
+                return []
+            self._status_changed = False
+            return self._statuses()
+
+    def user_events_report(self, cap: int = MAX_REPORTED) -> dict[str, Any]:
+        """discovery_report() with the events this engine has attached marked."""
+        with self._lock:
+            attached = frozenset(c.event.name for c in self._consumers.values())
+        return discovery_report(self.tracefs, attached, cap)
 
     def _try_open(self, name: str) -> None:
         """Under _lock: open ``name``'s rings, or keep why not in _errors."""
@@ -753,6 +810,8 @@ class UserEventsEngine:
                     retry_at = time.monotonic() + RETRY_SECONDS
                     for name in sorted(self._wanted - set(self._consumers)):
                         self._try_open(name)
+                        if name in self._consumers:
+                            self._status_changed = True
                 fds = [r.fd for c in self._consumers.values() for r in c.perf.rings]
             if not fds:
                 self._stop.wait(0.2)

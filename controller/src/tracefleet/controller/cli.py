@@ -739,6 +739,52 @@ def _calls_row(node: str, t: control_pb2.SetTotals) -> list[object]:
     ]  # fmt: skip
 
 
+USER_EVENT_HEADERS = ["NODE", "USER EVENT", "REGISTERED", "ENABLED", "USED BY", "DELIVERED",
+                      "DROPPED", "DISCARDED"]  # fmt: skip
+
+
+def user_events_text(nodes: Sequence[control_pb2.NodeStatus]) -> list[str]:
+    """The user_events table of `status`: per node, what its agent found registered
+    (REGISTERED: yes/no, "?" where it did not say: an older agent, or a capped list), whether
+    a user:NAME rule has it attached there (ENABLED: yes, "waiting" while the rule is on
+    and the event cannot be attached: see errors), the tracers using it and the totals."""
+    rows: list[list[object]] = []
+    notes: list[str] = []
+    for n in nodes:
+        ue = n.user_events if n.HasField("user_events") else None
+        listed = {e.name: e for e in ue.events} if ue is not None else {}
+        status = {s.name[5:]: s for s in n.statuses if s.name.startswith("user:")}
+        totals = {t.event_set[5:]: t for t in n.totals if t.event_set.startswith("user:")}
+        before = len(rows)
+        for name in sorted({*listed, *status, *totals}):
+            if ue is None or (ue.available and name not in listed and ue.total > len(listed)):
+                registered = "?"
+            elif not ue.available:
+                registered = "no (kernel)"
+            else:
+                registered = "yes" if name in listed else "no"
+            s = status.get(name)
+            enabled = "no" if s is None else "yes" if s.enabled else "waiting" if s.error else "no"
+            e = listed.get(name)
+            t = totals.get(name) or control_pb2.SetTotals()
+            rows.append([n.name, f"user:{name}", registered, enabled,
+                         ",".join(e.used_by) if e is not None and e.used_by else "-",
+                         t.delivered, t.dropped, t.discarded])  # fmt: skip
+        if ue is not None and ue.total > len(ue.events):
+            notes.append(f"  {n.name}: {len(ue.events)} of {ue.total} registered user_events "
+                         "listed (the report is capped; attached ones first)")  # fmt: skip
+        # a kernel without user_events is said only where a user set is in use
+        if ue is not None and ue.reason and (ue.available or len(rows) > before):
+            notes.append(f"  {n.name}: {ue.reason}")
+    if not rows and not notes:
+        return []
+    out = ["", "user_events (REGISTERED: now, as the node's agent reads tracefs; the kernel "
+           "does not say how many processes registered one):"]  # fmt: skip
+    if rows:
+        out.append(render.table(USER_EVENT_HEADERS, rows))
+    return out + notes
+
+
 def cmd_status(ctx: Ctx) -> int:
     st = ctx.call(ctx.stub.GetStatus, control_pb2.GetStatusRequest(selector=ctx.args.selector))
     now = time.time()
@@ -785,16 +831,7 @@ def cmd_status(ctx: Ctx) -> int:
         if short:
             out += ["", "discarded by agents (outbox over its memory budget, never delivered):",
                     *short]  # fmt: skip
-        # application events (user:NAME sets): totals per node, since the agent started
-        user = [
-            [n.name, t.event_set, t.delivered, t.dropped, t.discarded]
-            for n in st.nodes
-            for t in n.totals
-            if t.event_set.startswith("user:")
-        ]
-        if user:
-            out += ["", render.table(["NODE", "USER EVENT", "DELIVERED", "DROPPED",
-                                      "DISCARDED"], user)]  # fmt: skip
+        out += user_events_text(st.nodes)
         # syscall sets: where every call that passed the filters went
         calls = [_calls_row(n.name, t) for n in st.nodes for t in n.totals if t.passed]
         if calls:

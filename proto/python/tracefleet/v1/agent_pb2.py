@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from tracefleet.v1 import types_pb2 as tracefleet_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tracefleet/v1/agent.proto\x12\rtracefleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x19tracefleet/v1/types.proto\"\x9a\x01\n\x0c\x41gentMessage\x12+\n\x08register\x18\x01 \x01(\x0b\x32\x17.tracefleet.v1.RegisterH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.tracefleet.v1.AckH\x00\x12\x32\n\x0cresult_batch\x18\x03 \x01(\x0b\x32\x1a.tracefleet.v1.ResultBatchH\x00\x42\x06\n\x04kind\"\xe6\x01\n\x11\x43ontrollerMessage\x12\x34\n\rdesired_state\x18\x01 \x01(\x0b\x32\x1b.tracefleet.v1.DesiredStateH\x00\x12\x36\n\x0esample_request\x18\x02 \x01(\x0b\x32\x1c.tracefleet.v1.SampleRequestH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.tracefleet.v1.HeartbeatH\x00\x12,\n\tbatch_ack\x18\x04 \x01(\x0b\x32\x17.tracefleet.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x85\x03\n\x08Register\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.tracefleet.v1.Register.LabelsEntry\x12\x16\n\x0ekernel_version\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61pabilities\x18\x05 \x03(\x0b\x32\x1d.tracefleet.v1.StrategyChoice\x12\x19\n\x11\x63\x61pabilities_json\x18\x06 \x01(\t\x12\x12\n\nevent_sets\x18\x07 \x03(\t\x12\x1a\n\x12\x61pplied_generation\x18\x08 \x01(\x04\x12*\n\x08statuses\x18\t \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x12\n\nack_window\x18\x0b \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12*\n\x08statuses\x18\x02 \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\"\xde\x01\n\x0bResultBatch\x12\x19\n\x11interval_start_ns\x18\x01 \x01(\x03\x12\x17\n\x0finterval_end_ns\x18\x02 \x01(\x03\x12)\n\x04sets\x18\x03 \x03(\x0b\x32\x1b.tracefleet.v1.SetAggregate\x12$\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x14.tracefleet.v1.Event\x12\x16\n\x0elost_intervals\x18\x05 \x01(\r\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\"\xa4\x01\n\x0c\x44\x65siredState\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12/\n\nevent_sets\x18\x02 \x03(\x0b\x32\x1b.tracefleet.v1.EventSetSpec\x12\x17\n\x0fredact_patterns\x18\x03 \x03(\t\x12\x36\n\x13idle_batch_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x91\x01\n\rSampleRequest\x12\x12\n\nevent_sets\x18\x01 \x03(\t\x12\x0c\n\x04pids\x18\x02 \x03(\x05\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\x12\x1f\n\x17max_events_per_interval\x18\x04 \x01(\r\x12(\n\x05lease\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\x08\x42\x61tchAck\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x1f\n\tHeartbeat\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x32\\\n\x0c\x41gentService\x12L\n\x07\x43onnect\x12\x1b.tracefleet.v1.AgentMessage\x1a .tracefleet.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19tracefleet/v1/agent.proto\x12\rtracefleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x19tracefleet/v1/types.proto\"\xcc\x01\n\x0c\x41gentMessage\x12+\n\x08register\x18\x01 \x01(\x0b\x32\x17.tracefleet.v1.RegisterH\x00\x12!\n\x03\x61\x63k\x18\x02 \x01(\x0b\x32\x12.tracefleet.v1.AckH\x00\x12\x32\n\x0cresult_batch\x18\x03 \x01(\x0b\x32\x1a.tracefleet.v1.ResultBatchH\x00\x12\x30\n\x0bnode_report\x18\x04 \x01(\x0b\x32\x19.tracefleet.v1.NodeReportH\x00\x42\x06\n\x04kind\"\xe6\x01\n\x11\x43ontrollerMessage\x12\x34\n\rdesired_state\x18\x01 \x01(\x0b\x32\x1b.tracefleet.v1.DesiredStateH\x00\x12\x36\n\x0esample_request\x18\x02 \x01(\x0b\x32\x1c.tracefleet.v1.SampleRequestH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.tracefleet.v1.HeartbeatH\x00\x12,\n\tbatch_ack\x18\x04 \x01(\x0b\x32\x17.tracefleet.v1.BatchAckH\x00\x42\x06\n\x04kind\"\x85\x03\n\x08Register\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.tracefleet.v1.Register.LabelsEntry\x12\x16\n\x0ekernel_version\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x33\n\x0c\x63\x61pabilities\x18\x05 \x03(\x0b\x32\x1d.tracefleet.v1.StrategyChoice\x12\x19\n\x11\x63\x61pabilities_json\x18\x06 \x01(\t\x12\x12\n\nevent_sets\x18\x07 \x03(\t\x12\x1a\n\x12\x61pplied_generation\x18\x08 \x01(\x04\x12*\n\x08statuses\x18\t \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\x12\x13\n\x0binstance_id\x18\n \x01(\t\x12\x12\n\nack_window\x18\x0b \x01(\r\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x03\x41\x63k\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12*\n\x08statuses\x18\x02 \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\"\xde\x01\n\x0bResultBatch\x12\x19\n\x11interval_start_ns\x18\x01 \x01(\x03\x12\x17\n\x0finterval_end_ns\x18\x02 \x01(\x03\x12)\n\x04sets\x18\x03 \x03(\x0b\x32\x1b.tracefleet.v1.SetAggregate\x12$\n\x06\x65vents\x18\x04 \x03(\x0b\x32\x14.tracefleet.v1.Event\x12\x16\n\x0elost_intervals\x18\x05 \x01(\r\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x13\n\x0binstance_id\x18\x07 \x01(\t\x12\x0b\n\x03seq\x18\x08 \x01(\x04\"n\n\nNodeReport\x12*\n\x08statuses\x18\x01 \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\x12\x34\n\x0buser_events\x18\x02 \x01(\x0b\x32\x1f.tracefleet.v1.UserEventsReport\"\xa4\x01\n\x0c\x44\x65siredState\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12/\n\nevent_sets\x18\x02 \x03(\x0b\x32\x1b.tracefleet.v1.EventSetSpec\x12\x17\n\x0fredact_patterns\x18\x03 \x03(\t\x12\x36\n\x13idle_batch_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x91\x01\n\rSampleRequest\x12\x12\n\nevent_sets\x18\x01 \x03(\t\x12\x0c\n\x04pids\x18\x02 \x03(\x05\x12\x13\n\x0bsample_rate\x18\x03 \x01(\x01\x12\x1f\n\x17max_events_per_interval\x18\x04 \x01(\r\x12(\n\x05lease\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\",\n\x08\x42\x61tchAck\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\"\x1f\n\tHeartbeat\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x32\\\n\x0c\x41gentService\x12L\n\x07\x43onnect\x12\x1b.tracefleet.v1.AgentMessage\x1a .tracefleet.v1.ControllerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,25 +36,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTER_LABELSENTRY']._loaded_options = None
   _globals['_REGISTER_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_AGENTMESSAGE']._serialized_start=104
-  _globals['_AGENTMESSAGE']._serialized_end=258
-  _globals['_CONTROLLERMESSAGE']._serialized_start=261
-  _globals['_CONTROLLERMESSAGE']._serialized_end=491
-  _globals['_REGISTER']._serialized_start=494
-  _globals['_REGISTER']._serialized_end=883
-  _globals['_REGISTER_LABELSENTRY']._serialized_start=838
-  _globals['_REGISTER_LABELSENTRY']._serialized_end=883
-  _globals['_ACK']._serialized_start=885
-  _globals['_ACK']._serialized_end=954
-  _globals['_RESULTBATCH']._serialized_start=957
-  _globals['_RESULTBATCH']._serialized_end=1179
-  _globals['_DESIREDSTATE']._serialized_start=1182
-  _globals['_DESIREDSTATE']._serialized_end=1346
-  _globals['_SAMPLEREQUEST']._serialized_start=1349
-  _globals['_SAMPLEREQUEST']._serialized_end=1494
-  _globals['_BATCHACK']._serialized_start=1496
-  _globals['_BATCHACK']._serialized_end=1540
-  _globals['_HEARTBEAT']._serialized_start=1542
-  _globals['_HEARTBEAT']._serialized_end=1573
-  _globals['_AGENTSERVICE']._serialized_start=1575
-  _globals['_AGENTSERVICE']._serialized_end=1667
+  _globals['_AGENTMESSAGE']._serialized_end=308
+  _globals['_CONTROLLERMESSAGE']._serialized_start=311
+  _globals['_CONTROLLERMESSAGE']._serialized_end=541
+  _globals['_REGISTER']._serialized_start=544
+  _globals['_REGISTER']._serialized_end=933
+  _globals['_REGISTER_LABELSENTRY']._serialized_start=888
+  _globals['_REGISTER_LABELSENTRY']._serialized_end=933
+  _globals['_ACK']._serialized_start=935
+  _globals['_ACK']._serialized_end=1004
+  _globals['_RESULTBATCH']._serialized_start=1007
+  _globals['_RESULTBATCH']._serialized_end=1229
+  _globals['_NODEREPORT']._serialized_start=1231
+  _globals['_NODEREPORT']._serialized_end=1341
+  _globals['_DESIREDSTATE']._serialized_start=1344
+  _globals['_DESIREDSTATE']._serialized_end=1508
+  _globals['_SAMPLEREQUEST']._serialized_start=1511
+  _globals['_SAMPLEREQUEST']._serialized_end=1656
+  _globals['_BATCHACK']._serialized_start=1658
+  _globals['_BATCHACK']._serialized_end=1702
+  _globals['_HEARTBEAT']._serialized_start=1704
+  _globals['_HEARTBEAT']._serialized_end=1735
+  _globals['_AGENTSERVICE']._serialized_start=1737
+  _globals['_AGENTSERVICE']._serialized_end=1829
 # @@protoc_insertion_point(module_scope)

@@ -11,14 +11,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AgentMessage(_message.Message):
-    __slots__ = ("register", "ack", "result_batch")
+    __slots__ = ("register", "ack", "result_batch", "node_report")
     REGISTER_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     RESULT_BATCH_FIELD_NUMBER: _ClassVar[int]
+    NODE_REPORT_FIELD_NUMBER: _ClassVar[int]
     register: Register
     ack: Ack
     result_batch: ResultBatch
-    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., result_batch: _Optional[_Union[ResultBatch, _Mapping]] = ...) -> None: ...
+    node_report: NodeReport
+    def __init__(self, register: _Optional[_Union[Register, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., result_batch: _Optional[_Union[ResultBatch, _Mapping]] = ..., node_report: _Optional[_Union[NodeReport, _Mapping]] = ...) -> None: ...
 
 class ControllerMessage(_message.Message):
     __slots__ = ("desired_state", "sample_request", "heartbeat", "batch_ack")
@@ -92,6 +94,14 @@ class ResultBatch(_message.Message):
     instance_id: str
     seq: int
     def __init__(self, interval_start_ns: _Optional[int] = ..., interval_end_ns: _Optional[int] = ..., sets: _Optional[_Iterable[_Union[_types_pb2.SetAggregate, _Mapping]]] = ..., events: _Optional[_Iterable[_Union[_types_pb2.Event, _Mapping]]] = ..., lost_intervals: _Optional[int] = ..., replayed: _Optional[bool] = ..., instance_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class NodeReport(_message.Message):
+    __slots__ = ("statuses", "user_events")
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    USER_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    statuses: _containers.RepeatedCompositeFieldContainer[_types_pb2.SetStatus]
+    user_events: _types_pb2.UserEventsReport
+    def __init__(self, statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., user_events: _Optional[_Union[_types_pb2.UserEventsReport, _Mapping]] = ...) -> None: ...
 
 class DesiredState(_message.Message):
     __slots__ = ("generation", "event_sets", "redact_patterns", "idle_batch_interval")

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tracefleet.v1 import types_pb2 as tracefleet_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btracefleet/v1/control.proto\x12\rtracefleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tracefleet/v1/types.proto\"\xde\x01\n\x18\x43onfigureEventSetRequest\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08selector\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x16\n\x0e\x63\x61nary_percent\x18\x06 \x01(\r\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x01\x12\x0e\n\x06\x65xport\x18\x08 \x03(\t\"\x9f\x01\n\x19\x43onfigureEventSetResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x15\n\rmatched_nodes\x18\x03 \x03(\t\x12\x16\n\x0eselected_count\x18\x04 \x01(\r\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x10GetStatusRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\"\xf8\x04\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x06labels\x18\x02 \x03(\x0b\x32%.tracefleet.v1.NodeStatus.LabelsEntry\x12\x16\n\x0ekernel_version\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x31\n\nstrategies\x18\x05 \x03(\x0b\x32\x1d.tracefleet.v1.StrategyChoice\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.tracefleet.v1.NodeState\x12\x1a\n\x12\x61pplied_generation\x18\x07 \x01(\x04\x12\x1a\n\x12\x64\x65sired_generation\x18\x08 \x01(\x04\x12\x0f\n\x07pending\x18\t \x01(\x08\x12-\n\tlast_seen\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08statuses\x18\x0b \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\x12\x19\n\x11\x65vents_per_second\x18\x0c \x01(\x01\x12\x19\n\x11\x66\x61ults_per_second\x18\r \x01(\x01\x12\x18\n\x10\x64rops_per_second\x18\x0e \x01(\x01\x12(\n\x06totals\x18\x0f \x03(\x0b\x32\x18.tracefleet.v1.SetTotals\x12\x17\n\x0f\x62\x61tches_applied\x18\x10 \x01(\x04\x12\x19\n\x11\x62\x61tches_duplicate\x18\x11 \x01(\x04\x12\x19\n\x11\x62\x61tches_discarded\x18\x12 \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf2\x01\n\tSetTotals\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x11\n\tdelivered\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x11\n\tdiscarded\x18\x04 \x01(\x04\x12\x0e\n\x06passed\x18\x05 \x01(\x04\x12\x0c\n\x04lost\x18\x06 \x01(\x04\x12\x1a\n\x12lost_inflight_full\x18\x07 \x01(\x04\x12\x1b\n\x13lost_inflight_stale\x18\x08 \x01(\x04\x12\x14\n\x0clost_deleted\x18\t \x01(\x04\x12\x17\n\x0fprefix_filtered\x18\n \x01(\x04\x12\x15\n\rdecode_errors\x18\x0b \x01(\x04\"\x8e\x02\n\x04Rule\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\'\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\r\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x01\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x08 \x01(\x08\x12\x12\n\ngeneration\x18\t \x01(\x04\x12\x15\n\rmatched_nodes\x18\n \x03(\t\x12\x0e\n\x06\x65xport\x18\x0b \x03(\t\"\x8f\x01\n\x11GetStatusResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12(\n\x05nodes\x18\x02 \x03(\x0b\x32\x19.tracefleet.v1.NodeStatus\x12\"\n\x05rules\x18\x03 \x03(\x0b\x32\x13.tracefleet.v1.Rule\x12\x18\n\x10known_event_sets\x18\x04 \x03(\t\"[\n\x13StreamEventsRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\x12\x12\n\nevent_sets\x18\x02 \x03(\t\x12\x0c\n\x04pids\x18\x03 \x03(\x05\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x01\"K\n\x14StreamEventsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tracefleet.v1.Event\x12\x0e\n\x06missed\x18\x02 \x01(\x04\"?\n\rGetTopRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tevent_set\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"U\n\x06TopRow\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tevent_set\x18\x02 \x01(\t\x12\x0f\n\x07syscall\x18\x03 \x01(\t\x12\x19\n\x11\x65vents_per_second\x18\x04 \x01(\x01\"\xe3\x01\n\nSetSummary\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x19\n\x11\x65vents_per_second\x18\x03 \x01(\x01\x12\x18\n\x10\x64rops_per_second\x18\x04 \x01(\x01\x12\x19\n\x11\x66\x61ults_per_second\x18\x05 \x01(\x01\x12)\n\x07latency\x18\x06 \x01(\x0b\x32\x18.tracefleet.v1.Histogram\x12\x1b\n\x13latency_p50_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13latency_p99_seconds\x18\x08 \x01(\x01\"\x89\x01\n\x0eGetTopResponse\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x04rows\x18\x02 \x03(\x0b\x32\x15.tracefleet.v1.TopRow\x12\'\n\x04sets\x18\x03 \x03(\x0b\x32\x19.tracefleet.v1.SetSummary\"!\n\x11RemoveNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12RemoveNodeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x10WatchAcksRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\r\n\x05nodes\x18\x02 \x03(\t\"\x87\x01\n\x07NodeAck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.tracefleet.v1.AckState\x12\x1a\n\x12\x61pplied_generation\x18\x03 \x01(\x04\x12*\n\x08statuses\x18\x04 \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\"\xb0\x01\n\x11WatchAcksResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.tracefleet.v1.NodeAck\x12\x15\n\rapplied_count\x18\x03 \x01(\r\x12\x15\n\rpending_count\x18\x04 \x01(\r\x12\x1b\n\x13not_connected_count\x18\x05 \x01(\r\x12\x15\n\runknown_count\x18\x06 \x01(\r*t\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14NODE_STATE_CONNECTED\x10\x01\x12\x1b\n\x17NODE_STATE_DISCONNECTED\x10\x02\x12\x14\n\x10NODE_STATE_STALE\x10\x03*\x87\x01\n\x08\x41\x63kState\x12\x19\n\x15\x41\x43K_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATE_PENDING\x10\x01\x12\x15\n\x11\x41\x43K_STATE_APPLIED\x10\x02\x12\x1b\n\x17\x41\x43K_STATE_NOT_CONNECTED\x10\x03\x12\x15\n\x11\x41\x43K_STATE_UNKNOWN\x10\x04\x32\x8f\x04\n\x0e\x43ontrolService\x12\x66\n\x11\x43onfigureEventSet\x12\'.tracefleet.v1.ConfigureEventSetRequest\x1a(.tracefleet.v1.ConfigureEventSetResponse\x12N\n\tGetStatus\x12\x1f.tracefleet.v1.GetStatusRequest\x1a .tracefleet.v1.GetStatusResponse\x12Y\n\x0cStreamEvents\x12\".tracefleet.v1.StreamEventsRequest\x1a#.tracefleet.v1.StreamEventsResponse0\x01\x12\x45\n\x06GetTop\x12\x1c.tracefleet.v1.GetTopRequest\x1a\x1d.tracefleet.v1.GetTopResponse\x12Q\n\nRemoveNode\x12 .tracefleet.v1.RemoveNodeRequest\x1a!.tracefleet.v1.RemoveNodeResponse\x12P\n\tWatchAcks\x12\x1f.tracefleet.v1.WatchAcksRequest\x1a .tracefleet.v1.WatchAcksResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btracefleet/v1/control.proto\x12\rtracefleet.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19tracefleet/v1/types.proto\"\xde\x01\n\x18\x43onfigureEventSetRequest\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08selector\x18\x03 \x01(\t\x12&\n\x03ttl\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\'\n\x07\x66ilters\x18\x05 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x16\n\x0e\x63\x61nary_percent\x18\x06 \x01(\r\x12\x13\n\x0bsample_rate\x18\x07 \x01(\x01\x12\x0e\n\x06\x65xport\x18\x08 \x03(\t\"\x9f\x01\n\x19\x43onfigureEventSetResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\x0f\n\x07\x63hanged\x18\x02 \x01(\x08\x12\x15\n\rmatched_nodes\x18\x03 \x03(\t\x12\x16\n\x0eselected_count\x18\x04 \x01(\r\x12.\n\nexpires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"$\n\x10GetStatusRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\"\xae\x05\n\nNodeStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x06labels\x18\x02 \x03(\x0b\x32%.tracefleet.v1.NodeStatus.LabelsEntry\x12\x16\n\x0ekernel_version\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x31\n\nstrategies\x18\x05 \x03(\x0b\x32\x1d.tracefleet.v1.StrategyChoice\x12\'\n\x05state\x18\x06 \x01(\x0e\x32\x18.tracefleet.v1.NodeState\x12\x1a\n\x12\x61pplied_generation\x18\x07 \x01(\x04\x12\x1a\n\x12\x64\x65sired_generation\x18\x08 \x01(\x04\x12\x0f\n\x07pending\x18\t \x01(\x08\x12-\n\tlast_seen\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x08statuses\x18\x0b \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\x12\x19\n\x11\x65vents_per_second\x18\x0c \x01(\x01\x12\x19\n\x11\x66\x61ults_per_second\x18\r \x01(\x01\x12\x18\n\x10\x64rops_per_second\x18\x0e \x01(\x01\x12(\n\x06totals\x18\x0f \x03(\x0b\x32\x18.tracefleet.v1.SetTotals\x12\x17\n\x0f\x62\x61tches_applied\x18\x10 \x01(\x04\x12\x19\n\x11\x62\x61tches_duplicate\x18\x11 \x01(\x04\x12\x19\n\x11\x62\x61tches_discarded\x18\x12 \x01(\x04\x12\x34\n\x0buser_events\x18\x13 \x01(\x0b\x32\x1f.tracefleet.v1.UserEventsReport\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf2\x01\n\tSetTotals\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x11\n\tdelivered\x18\x02 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x03 \x01(\x04\x12\x11\n\tdiscarded\x18\x04 \x01(\x04\x12\x0e\n\x06passed\x18\x05 \x01(\x04\x12\x0c\n\x04lost\x18\x06 \x01(\x04\x12\x1a\n\x12lost_inflight_full\x18\x07 \x01(\x04\x12\x1b\n\x13lost_inflight_stale\x18\x08 \x01(\x04\x12\x14\n\x0clost_deleted\x18\t \x01(\x04\x12\x17\n\x0fprefix_filtered\x18\n \x01(\x04\x12\x15\n\rdecode_errors\x18\x0b \x01(\x04\"\x8e\x02\n\x04Rule\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\x0f\n\x07\x65nabled\x18\x02 \x01(\x08\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\'\n\x07\x66ilters\x18\x04 \x01(\x0b\x32\x16.tracefleet.v1.Filters\x12\x16\n\x0e\x63\x61nary_percent\x18\x05 \x01(\r\x12\x13\n\x0bsample_rate\x18\x06 \x01(\x01\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x65xpired\x18\x08 \x01(\x08\x12\x12\n\ngeneration\x18\t \x01(\x04\x12\x15\n\rmatched_nodes\x18\n \x03(\t\x12\x0e\n\x06\x65xport\x18\x0b \x03(\t\"\x8f\x01\n\x11GetStatusResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12(\n\x05nodes\x18\x02 \x03(\x0b\x32\x19.tracefleet.v1.NodeStatus\x12\"\n\x05rules\x18\x03 \x03(\x0b\x32\x13.tracefleet.v1.Rule\x12\x18\n\x10known_event_sets\x18\x04 \x03(\t\"[\n\x13StreamEventsRequest\x12\r\n\x05nodes\x18\x01 \x03(\t\x12\x12\n\nevent_sets\x18\x02 \x03(\t\x12\x0c\n\x04pids\x18\x03 \x03(\x05\x12\x13\n\x0bsample_rate\x18\x04 \x01(\x01\"K\n\x14StreamEventsResponse\x12#\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x14.tracefleet.v1.Event\x12\x0e\n\x06missed\x18\x02 \x01(\x04\"?\n\rGetTopRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tevent_set\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\r\"U\n\x06TopRow\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x11\n\tevent_set\x18\x02 \x01(\t\x12\x0f\n\x07syscall\x18\x03 \x01(\t\x12\x19\n\x11\x65vents_per_second\x18\x04 \x01(\x01\"\xe3\x01\n\nSetSummary\x12\x11\n\tevent_set\x18\x01 \x01(\t\x12\r\n\x05nodes\x18\x02 \x01(\r\x12\x19\n\x11\x65vents_per_second\x18\x03 \x01(\x01\x12\x18\n\x10\x64rops_per_second\x18\x04 \x01(\x01\x12\x19\n\x11\x66\x61ults_per_second\x18\x05 \x01(\x01\x12)\n\x07latency\x18\x06 \x01(\x0b\x32\x18.tracefleet.v1.Histogram\x12\x1b\n\x13latency_p50_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13latency_p99_seconds\x18\x08 \x01(\x01\"\x89\x01\n\x0eGetTopResponse\x12)\n\x06window\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12#\n\x04rows\x18\x02 \x03(\x0b\x32\x15.tracefleet.v1.TopRow\x12\'\n\x04sets\x18\x03 \x03(\x0b\x32\x19.tracefleet.v1.SetSummary\"!\n\x11RemoveNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\"\n\x12RemoveNodeResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x10WatchAcksRequest\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12\r\n\x05nodes\x18\x02 \x03(\t\"\x87\x01\n\x07NodeAck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.tracefleet.v1.AckState\x12\x1a\n\x12\x61pplied_generation\x18\x03 \x01(\x04\x12*\n\x08statuses\x18\x04 \x03(\x0b\x32\x18.tracefleet.v1.SetStatus\"\xb0\x01\n\x11WatchAcksResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x04\x12%\n\x05nodes\x18\x02 \x03(\x0b\x32\x16.tracefleet.v1.NodeAck\x12\x15\n\rapplied_count\x18\x03 \x01(\r\x12\x15\n\rpending_count\x18\x04 \x01(\r\x12\x1b\n\x13not_connected_count\x18\x05 \x01(\r\x12\x15\n\runknown_count\x18\x06 \x01(\r*t\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14NODE_STATE_CONNECTED\x10\x01\x12\x1b\n\x17NODE_STATE_DISCONNECTED\x10\x02\x12\x14\n\x10NODE_STATE_STALE\x10\x03*\x87\x01\n\x08\x41\x63kState\x12\x19\n\x15\x41\x43K_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41\x43K_STATE_PENDING\x10\x01\x12\x15\n\x11\x41\x43K_STATE_APPLIED\x10\x02\x12\x1b\n\x17\x41\x43K_STATE_NOT_CONNECTED\x10\x03\x12\x15\n\x11\x41\x43K_STATE_UNKNOWN\x10\x04\x32\x8f\x04\n\x0e\x43ontrolService\x12\x66\n\x11\x43onfigureEventSet\x12\'.tracefleet.v1.ConfigureEventSetRequest\x1a(.tracefleet.v1.ConfigureEventSetResponse\x12N\n\tGetStatus\x12\x1f.tracefleet.v1.GetStatusRequest\x1a .tracefleet.v1.GetStatusResponse\x12Y\n\x0cStreamEvents\x12\".tracefleet.v1.StreamEventsRequest\x1a#.tracefleet.v1.StreamEventsResponse0\x01\x12\x45\n\x06GetTop\x12\x1c.tracefleet.v1.GetTopRequest\x1a\x1d.tracefleet.v1.GetTopResponse\x12Q\n\nRemoveNode\x12 .tracefleet.v1.RemoveNodeRequest\x1a!.tracefleet.v1.RemoveNodeResponse\x12P\n\tWatchAcks\x12\x1f.tracefleet.v1.WatchAcksRequest\x1a .tracefleet.v1.WatchAcksResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,10 +36,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODESTATUS_LABELSENTRY']._loaded_options = None
   _globals['_NODESTATUS_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NODESTATE']._serialized_start=2997
-  _globals['_NODESTATE']._serialized_end=3113
-  _globals['_ACKSTATE']._serialized_start=3116
-  _globals['_ACKSTATE']._serialized_end=3251
+  _globals['_NODESTATE']._serialized_start=3051
+  _globals['_NODESTATE']._serialized_end=3167
+  _globals['_ACKSTATE']._serialized_start=3170
+  _globals['_ACKSTATE']._serialized_end=3305
   _globals['_CONFIGUREEVENTSETREQUEST']._serialized_start=139
   _globals['_CONFIGUREEVENTSETREQUEST']._serialized_end=361
   _globals['_CONFIGUREEVENTSETRESPONSE']._serialized_start=364
@@ -47,37 +47,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSTATUSREQUEST']._serialized_start=525
   _globals['_GETSTATUSREQUEST']._serialized_end=561
   _globals['_NODESTATUS']._serialized_start=564
-  _globals['_NODESTATUS']._serialized_end=1196
-  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=1151
-  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=1196
-  _globals['_SETTOTALS']._serialized_start=1199
-  _globals['_SETTOTALS']._serialized_end=1441
-  _globals['_RULE']._serialized_start=1444
-  _globals['_RULE']._serialized_end=1714
-  _globals['_GETSTATUSRESPONSE']._serialized_start=1717
-  _globals['_GETSTATUSRESPONSE']._serialized_end=1860
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=1862
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=1953
-  _globals['_STREAMEVENTSRESPONSE']._serialized_start=1955
-  _globals['_STREAMEVENTSRESPONSE']._serialized_end=2030
-  _globals['_GETTOPREQUEST']._serialized_start=2032
-  _globals['_GETTOPREQUEST']._serialized_end=2095
-  _globals['_TOPROW']._serialized_start=2097
-  _globals['_TOPROW']._serialized_end=2182
-  _globals['_SETSUMMARY']._serialized_start=2185
-  _globals['_SETSUMMARY']._serialized_end=2412
-  _globals['_GETTOPRESPONSE']._serialized_start=2415
-  _globals['_GETTOPRESPONSE']._serialized_end=2552
-  _globals['_REMOVENODEREQUEST']._serialized_start=2554
-  _globals['_REMOVENODEREQUEST']._serialized_end=2587
-  _globals['_REMOVENODERESPONSE']._serialized_start=2589
-  _globals['_REMOVENODERESPONSE']._serialized_end=2623
-  _globals['_WATCHACKSREQUEST']._serialized_start=2625
-  _globals['_WATCHACKSREQUEST']._serialized_end=2678
-  _globals['_NODEACK']._serialized_start=2681
-  _globals['_NODEACK']._serialized_end=2816
-  _globals['_WATCHACKSRESPONSE']._serialized_start=2819
-  _globals['_WATCHACKSRESPONSE']._serialized_end=2995
-  _globals['_CONTROLSERVICE']._serialized_start=3254
-  _globals['_CONTROLSERVICE']._serialized_end=3781
+  _globals['_NODESTATUS']._serialized_end=1250
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_start=1205
+  _globals['_NODESTATUS_LABELSENTRY']._serialized_end=1250
+  _globals['_SETTOTALS']._serialized_start=1253
+  _globals['_SETTOTALS']._serialized_end=1495
+  _globals['_RULE']._serialized_start=1498
+  _globals['_RULE']._serialized_end=1768
+  _globals['_GETSTATUSRESPONSE']._serialized_start=1771
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1914
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=1916
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=2007
+  _globals['_STREAMEVENTSRESPONSE']._serialized_start=2009
+  _globals['_STREAMEVENTSRESPONSE']._serialized_end=2084
+  _globals['_GETTOPREQUEST']._serialized_start=2086
+  _globals['_GETTOPREQUEST']._serialized_end=2149
+  _globals['_TOPROW']._serialized_start=2151
+  _globals['_TOPROW']._serialized_end=2236
+  _globals['_SETSUMMARY']._serialized_start=2239
+  _globals['_SETSUMMARY']._serialized_end=2466
+  _globals['_GETTOPRESPONSE']._serialized_start=2469
+  _globals['_GETTOPRESPONSE']._serialized_end=2606
+  _globals['_REMOVENODEREQUEST']._serialized_start=2608
+  _globals['_REMOVENODEREQUEST']._serialized_end=2641
+  _globals['_REMOVENODERESPONSE']._serialized_start=2643
+  _globals['_REMOVENODERESPONSE']._serialized_end=2677
+  _globals['_WATCHACKSREQUEST']._serialized_start=2679
+  _globals['_WATCHACKSREQUEST']._serialized_end=2732
+  _globals['_NODEACK']._serialized_start=2735
+  _globals['_NODEACK']._serialized_end=2870
+  _globals['_WATCHACKSRESPONSE']._serialized_start=2873
+  _globals['_WATCHACKSRESPONSE']._serialized_end=3049
+  _globals['_CONTROLSERVICE']._serialized_start=3308
+  _globals['_CONTROLSERVICE']._serialized_end=3835
 # @@protoc_insertion_point(module_scope)

@@ -77,7 +77,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self, selector: _Optional[str] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("name", "labels", "kernel_version", "agent_version", "strategies", "state", "applied_generation", "desired_generation", "pending", "last_seen", "statuses", "events_per_second", "faults_per_second", "drops_per_second", "totals", "batches_applied", "batches_duplicate", "batches_discarded")
+    __slots__ = ("name", "labels", "kernel_version", "agent_version", "strategies", "state", "applied_generation", "desired_generation", "pending", "last_seen", "statuses", "events_per_second", "faults_per_second", "drops_per_second", "totals", "batches_applied", "batches_duplicate", "batches_discarded", "user_events")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class NodeStatus(_message.Message):
     BATCHES_APPLIED_FIELD_NUMBER: _ClassVar[int]
     BATCHES_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     BATCHES_DISCARDED_FIELD_NUMBER: _ClassVar[int]
+    USER_EVENTS_FIELD_NUMBER: _ClassVar[int]
     name: str
     labels: _containers.ScalarMap[str, str]
     kernel_version: str
@@ -121,7 +122,8 @@ class NodeStatus(_message.Message):
     batches_applied: int
     batches_duplicate: int
     batches_discarded: int
-    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., strategies: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., state: _Optional[_Union[NodeState, str]] = ..., applied_generation: _Optional[int] = ..., desired_generation: _Optional[int] = ..., pending: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., events_per_second: _Optional[float] = ..., faults_per_second: _Optional[float] = ..., drops_per_second: _Optional[float] = ..., totals: _Optional[_Iterable[_Union[SetTotals, _Mapping]]] = ..., batches_applied: _Optional[int] = ..., batches_duplicate: _Optional[int] = ..., batches_discarded: _Optional[int] = ...) -> None: ...
+    user_events: _types_pb2.UserEventsReport
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., strategies: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., state: _Optional[_Union[NodeState, str]] = ..., applied_generation: _Optional[int] = ..., desired_generation: _Optional[int] = ..., pending: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., events_per_second: _Optional[float] = ..., faults_per_second: _Optional[float] = ..., drops_per_second: _Optional[float] = ..., totals: _Optional[_Iterable[_Union[SetTotals, _Mapping]]] = ..., batches_applied: _Optional[int] = ..., batches_duplicate: _Optional[int] = ..., batches_discarded: _Optional[int] = ..., user_events: _Optional[_Union[_types_pb2.UserEventsReport, _Mapping]] = ...) -> None: ...
 
 class SetTotals(_message.Message):
     __slots__ = ("event_set", "delivered", "dropped", "discarded", "passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted", "prefix_filtered", "decode_errors")

@@ -114,6 +114,28 @@ class SetStatus(_message.Message):
     error: str
     def __init__(self, name: _Optional[str] = ..., enabled: _Optional[bool] = ..., attached: _Optional[bool] = ..., strategy: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
 
+class UserEventsReport(_message.Message):
+    __slots__ = ("available", "reason", "events", "total")
+    AVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    available: bool
+    reason: str
+    events: _containers.RepeatedCompositeFieldContainer[UserEventInfo]
+    total: int
+    def __init__(self, available: _Optional[bool] = ..., reason: _Optional[str] = ..., events: _Optional[_Iterable[_Union[UserEventInfo, _Mapping]]] = ..., total: _Optional[int] = ...) -> None: ...
+
+class UserEventInfo(_message.Message):
+    __slots__ = ("name", "used_by", "attached")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    USED_BY_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    used_by: _containers.RepeatedScalarFieldContainer[str]
+    attached: bool
+    def __init__(self, name: _Optional[str] = ..., used_by: _Optional[_Iterable[str]] = ..., attached: _Optional[bool] = ...) -> None: ...
+
 class StrategyChoice(_message.Message):
     __slots__ = ("event_set", "strategy", "reason", "available")
     EVENT_SET_FIELD_NUMBER: _ClassVar[int]

@@ -155,6 +155,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                                     "its stream", node.name, msg.ack.generation)  # fmt: skip
                         break
                     self.ctl.on_ack(node, msg.ack)
+                elif kind == "node_report":
+                    self.ctl.on_report(node, msg.node_report)
                 elif kind == "register":
                     log.warning("node %s sent Register twice on one stream", node.name)
         except asyncio.CancelledError:

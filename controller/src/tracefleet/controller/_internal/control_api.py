@@ -52,6 +52,19 @@ def _hist_pb(h: Histogram) -> types_pb2.Histogram:
     return types_pb2.Histogram(bounds=h.bounds, counts=h.counts, sum=h.sum)
 
 
+def _user_events_pb(d: Any) -> types_pb2.UserEventsReport | None:
+    """The node's stored NodeReport user_events (limits.user_events' shape); None if its
+    agent never reported them."""
+    if not isinstance(d, dict):
+        return None
+    return types_pb2.UserEventsReport(
+        available=bool(d.get("available")),
+        reason=str(d.get("reason", "")),
+        events=[types_pb2.UserEventInfo(**e) for e in d.get("events", [])],
+        total=int(d.get("total", 0)),
+    )
+
+
 class ControlService(control_pb2_grpc.ControlServiceServicer):
     def __init__(
         self,
@@ -163,6 +176,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     batches_applied=counts.applied if counts else 0,
                     batches_duplicate=counts.duplicate if counts else 0,
                     batches_discarded=counts.discarded if counts else 0,
+                    user_events=_user_events_pb(n.info.get("user_events")),
                 )
             )
         return control_pb2.GetStatusResponse(

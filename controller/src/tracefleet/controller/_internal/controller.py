@@ -683,6 +683,17 @@ class Controller:
         self.fleet.mark_dirty(node)
         self.acks.changed(node)
 
+    def on_report(self, node: Node, report: agent_pb2.NodeReport) -> None:
+        """The agent's statuses and user_events changed outside an Ack (e.g. a user_event
+        registered after its rule, now attached): replace what the node showed."""
+        self.fleet.seen(node)
+        statuses = self.limits.statuses(list(report.statuses), node.name)
+        node.info["statuses"] = [_status_dict(s) for s in statuses]
+        if report.HasField("user_events"):
+            node.info["user_events"] = self.limits.user_events(report.user_events, node.name)
+        self.fleet.mark_dirty(node)
+        self.acks.changed(node)  # a waiting `enable --wait` sees the new status
+
     def on_batch(self, node: Node, batch: agent_pb2.ResultBatch) -> Outcome:
         """Apply a batch (check ledger.batch_problem() first)."""
         self.fleet.seen(node)

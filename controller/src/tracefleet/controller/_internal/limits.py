@@ -35,6 +35,9 @@ MAX_OUTCOMES_PER_SET = 64
 MAX_EVENTS = 10_000  # sampled events per batch
 MAX_ARGS = 32  # arguments per event
 MAX_ARG_VALUE = 64 << 10  # bytes of one argument's value
+MAX_USER_EVENTS = 256  # registered user_events kept per node (NodeReport); more: capped
+MAX_REASON = 512  # characters of a NodeReport's user_events.reason
+TRACERS = ("ftrace", "perf", "other")  # what user_events_status says uses an event
 # Distinct values of each agent-supplied label, fleet-wide
 BUDGET = {"syscall": 1024, "strategy": 64, "outcome": 32}
 NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,47}")
@@ -151,6 +154,31 @@ class Limits:
         """The statuses of known event sets."""
         self.event_sets([s.name for s in statuses], node)
         return [s for s in statuses if s.name in self.known]
+
+    def user_events(self, rep: types_pb2.UserEventsReport, node: str) -> dict[str, object]:
+        """A NodeReport's user_events as the controller keeps and shows them: names a
+        user:NAME rule could take, at most MAX_USER_EVENTS, tracers from the kernel's list;
+        ``total`` is never below what is kept, so a capped list stays marked capped."""
+        events: list[dict[str, object]] = []
+        bad = 0
+        for e in rep.events:
+            if not is_user_set(USER_PREFIX + e.name):
+                bad += 1
+            elif len(events) < MAX_USER_EVENTS:
+                used = [t for t in TRACERS if t in e.used_by]
+                events.append({"name": e.name, "used_by": used, "attached": e.attached})
+        if bad:
+            self.refuse("agent_bad_name", f"node {node}: {bad} user_event name(s) that no "
+                        "user:NAME set can take: dropped")  # fmt: skip
+        if len(rep.events) - bad > MAX_USER_EVENTS:
+            self.refuse("agent_too_many_entries", f"node {node}: {len(rep.events) - bad} "
+                        f"user_events in one report: {MAX_USER_EVENTS} kept")  # fmt: skip
+        return {
+            "available": rep.available,
+            "reason": rep.reason[:MAX_REASON],
+            "events": events,
+            "total": max(rep.total, len(events)),
+        }
 
     def batch(self, batch: agent_pb2.ResultBatch, node: str) -> str:
         """Cleans ``batch`` in place (unknown sets, bad or over-budget names, oversized
