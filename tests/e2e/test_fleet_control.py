@@ -2,10 +2,15 @@
 their own processes, and the tracefleet CLI."""
 
 import json
+import random
 import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
+from tests.conftest import scaled
 from tests.e2e.fleet_helpers import (
     AgentProc,
     ControllerProc,
@@ -182,3 +187,31 @@ def test_restarts_converge_without_reapplying_and_stale_agents(fleet, tmp_path):
         lambda: (st := agents["web-1"].stats()) and st[0]["enabled"] == ["file", "exec"],
         what="web-1 reports file and exec enabled",
     )
+
+
+def test_ctrl_c_ends_a_following_events_stream_promptly(fleet):
+    """`tracefleet events --follow` ends on Ctrl-C (or SIGTERM) with its lines whole, wherever
+    the signal lands: a KeyboardInterrupt raised inside grpc's iterator could leave the CLI
+    unable to close its channel (CI saw it still running 120 s after SIGINT)."""
+    ctl, _ = fleet
+    addr = ctl.address
+    assert cli(addr, "enable", "file", "--selector", "role=db", "--wait").returncode == 0
+    for i in range(12):
+        p = subprocess.Popen(
+            [sys.executable, "-m", "tracefleet.controller.cli", "--controller", addr, "-o",
+             "json", "events", "--follow", "--event-set", "file"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert p.stdout is not None
+        first = p.stdout.readline()  # events flow: the signal lands while the stream runs
+        assert first.strip(), p.stderr.read() if p.stderr else ""
+        time.sleep(random.uniform(0, 0.3))
+        p.send_signal(signal.SIGINT if i % 2 == 0 else signal.SIGTERM)
+        try:
+            out, err = p.communicate(timeout=scaled(30))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            pytest.fail(f"round {i}: `tracefleet events` still running 30 s after the signal")
+        assert p.returncode == 0, err
+        for line in [first, *out.splitlines()]:
+            json.loads(line)  # whole lines only

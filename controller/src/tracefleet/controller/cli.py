@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TextIO
@@ -880,6 +882,7 @@ def cmd_events(ctx: Ctx) -> int:
     except grpc.RpcError as e:
         raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     node_width = max([12, *(len(n) for n in a.node)])
+    interrupted = _SignalCancel(stream)
     # NAMESPACE/POD/CONTAINER columns when the agents attribute events: decided on the first
     # event (the header waits for it)
     workload: bool | None = None
@@ -906,8 +909,8 @@ def cmd_events(ctx: Ctx) -> int:
         code = e.code() if isinstance(e, grpc.Call) else None
         if code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
             raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
-    except KeyboardInterrupt:
-        stream.cancel()
+    finally:
+        interrupted.restore()
     if ctx.output == "table" and workload is None:
         print(human.header(node_width), file=ctx.out, flush=True)
     if seen == 0:
@@ -916,6 +919,31 @@ def cmd_events(ctx: Ctx) -> int:
             "(tracefleet status; tracefleet enable SET)"
         )
     return EXIT_OK
+
+
+class _SignalCancel:
+    """Ctrl-C or SIGTERM ends a stream by cancelling it from another thread: a
+    KeyboardInterrupt raised inside grpc's iterator can leave the channel unable to close
+    (grpc/grpc#19973), and the CLI then never exits."""
+
+    def __init__(self, stream: Any):
+        self.fired = threading.Event()
+        self._stream = stream
+        self._old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.fired.is_set():  # a second Ctrl-C: the user insists
+            raise KeyboardInterrupt
+        self.fired.set()
+        threading.Thread(target=self._stream.cancel, name="tf-cancel", daemon=True).start()
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
 
 
 def cmd_top(ctx: Ctx) -> int:
@@ -988,16 +1016,23 @@ def main(
         print(f"tracefleet: {e}", file=err)
         return e.code
     try:
-        return COMMANDS[args.command](ctx)
+        code = COMMANDS[args.command](ctx)
     except CliError as e:
         print(f"tracefleet: {e}", file=err)
+        ctx.channel.close()
         return e.code
     except KeyboardInterrupt:
+        # no channel.close(): after an interrupt inside a call it can wait forever
+        # (grpc/grpc#19973); the process ends here anyway
         return 130
     except BrokenPipeError:
-        return EXIT_OK
-    finally:
         ctx.channel.close()
+        return EXIT_OK
+    except BaseException:
+        ctx.channel.close()
+        raise
+    ctx.channel.close()
+    return code
 
 
 if __name__ == "__main__":
