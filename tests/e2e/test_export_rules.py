@@ -47,10 +47,15 @@ def sockdir() -> Iterator[Path]:
 
 
 def _lines(d: Path, stem: str) -> list[dict[str, Any]]:
-    out = []
-    for f in sorted(d.glob(f"{stem}.jsonl*")):
-        out += [json.loads(line) for line in f.read_text().splitlines()]
-    return out
+    """Every whole line of the export, read while the exporter may still write and rotate:
+    a file renamed between the listing and its read means listing again, and a line not
+    yet ended is not read."""
+    while True:
+        try:
+            texts = [f.read_text() for f in sorted(d.glob(f"{stem}.jsonl*"))]
+        except FileNotFoundError:
+            continue
+        return [json.loads(ln) for t in texts for ln in t.split("\n")[:-1] if ln]
 
 
 def _paths(lines: list[dict[str, Any]]) -> list[str]:
