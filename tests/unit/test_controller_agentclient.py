@@ -318,11 +318,13 @@ def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(contr
     engine = SyntheticEngine(rate=100, seed=7)
     stop = threading.Event()
     options = dataclasses.replace(FAST, answer_timeout=0.5)
-    t = threading.Thread(
-        target=run_agent,
-        args=(engine, [f"127.0.0.1:{port}", controller.address], "fo-1", {}, stop, options),
-        daemon=True,
-    )
+    result = {}
+
+    def target():
+        addresses = [f"127.0.0.1:{port}", controller.address]
+        result["stats"] = run_agent(engine, addresses, "fo-1", {}, stop, options)
+
+    t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
         wait_until(lambda: svc.registers >= 1, what="the agent dialed the silent replica first")
@@ -338,3 +340,4 @@ def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(contr
         stop.set()
         t.join(timeout=10)
         server.stop(0)
+    assert result["stats"].failovers >= 1 and result["stats"].connects >= 1

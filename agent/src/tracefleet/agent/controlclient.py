@@ -124,6 +124,7 @@ class _Lease:
 @dataclass
 class ClientStats:
     connects: int = 0  # streams that registered
+    failovers: int = 0  # moves to the next controller address (several replicas given)
     applies: int = 0  # engine.apply() calls
     acks: int = 0
     batches_sent: int = 0  # writes, resends included
@@ -160,7 +161,6 @@ class ControlClient:
         if not self.controllers:
             raise ValueError("no controller address")
         self.controller = self.controllers[0]
-        self.failovers = 0  # moves to another address after a failed or broken stream
         self.node_name = node_name
         self.labels = dict(labels or {})
         self.options = options or ClientOptions()
@@ -439,7 +439,7 @@ class ControlClient:
             attempt = 0 if self._synced else attempt + 1
             if len(self.controllers) > 1:  # the next replica; backoff as below
                 i = (self.controllers.index(self.controller) + 1) % len(self.controllers)
-                self.failovers += 1
+                self.stats.failovers += 1
                 log.warning("%s: moving to the next controller %s", self.node_name,
                             self.controllers[i])  # fmt: skip
                 self.controller = self.controllers[i]
