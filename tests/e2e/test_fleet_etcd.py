@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,9 +203,11 @@ def test_an_agent_given_both_replicas_moves_to_the_survivor_when_its_replica_is_
                    "the agent registered with replica A (the first address)")  # fmt: skip
         assert _node(b, "fo-1").get("state") != "connected"
         a.stop(signal.SIGKILL)
+        t0 = time.monotonic()
         # the stream breaks at once (RST); then a jittered backoff under a second, and B
         wait_until(lambda: _node(b, "fo-1").get("state") == "connected", scaled(60),
                    "the agent registered with replica B after A was killed")  # fmt: skip
+        print(f"failover: connected to B {time.monotonic() - t0:.1f}s after A's SIGKILL")
         assert f"moving to the next controller {b.address}" in log.read_text()
         r = cli(b.address, "enable", "file", "--selector", "role=fo", "--wait",
                 "--wait-timeout", f"{scaled(90):.0f}s", "-o", "json",
