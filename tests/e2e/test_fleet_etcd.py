@@ -1,21 +1,33 @@
 """Controller replicas sharing the desired state and the node registry in etcd: a real
 3-member etcd cluster on loopback (Debian etcd-server), two controller processes, a simulated
 agent on each. A change made through one replica reaches the agent of the other, and
-concurrent changes through two stores never issue the same generation."""
+concurrent changes through two stores never issue the same generation. A real agent given
+both replicas' addresses moves to the survivor when its replica is SIGKILLed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import scaled
-from tests.e2e.fleet_helpers import AgentProc, ControllerProc, cli_json, free_port, wait_until
+from tests.conftest import BPF_DIR, require_root, scaled
+from tests.e2e.fleet_helpers import (
+    AgentProc,
+    ControllerProc,
+    cli,
+    cli_json,
+    free_port,
+    nodes_by_name,
+    wait_until,
+)
 from tracefleet.controller._internal.etcdstore import EtcdClient, EtcdError, EtcdStore
 from tracefleet.controller._internal.rules import Rule
 from tracefleet.controller._internal.store import Store
@@ -152,3 +164,67 @@ def test_concurrent_changes_through_two_stores_never_share_a_generation(etcd3):
     assert stores[0].generation() == max(gens) == 30
     # neither writer lost the other's rule
     assert {r.event_set for r in stores[1].rules()} == {"exec", "file"}
+
+
+def _node(ctl: ControllerProc, name: str) -> dict:
+    r = cli(ctl.address, "status", "-o", "json")
+    if r.returncode != 0:
+        return {}
+    return nodes_by_name(json.loads(r.stdout)).get(name, {})
+
+
+def test_an_agent_given_both_replicas_moves_to_the_survivor_when_its_replica_is_killed(
+    tmp_path, etcd3
+):
+    """`tracefleet-agent run --controller A,B` (a real agent, real BPF): it registers with A;
+    A is SIGKILLed; it registers with B within a scaled deadline, B's `tracefleet status`
+    shows it connected, and a set enabled through B reaches it (its ack arrives: --wait)."""
+    require_root()
+    if not (BPF_DIR / "file.bpf.o").exists():
+        pytest.fail("run `make bpf` first", pytrace=False)
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    a = ControllerProc(dirs[0], stale_after=10, extra_args=["--etcd", etcd3[0]])
+    b = ControllerProc(dirs[1], stale_after=10, extra_args=["--etcd", etcd3[1]])
+    a.start()
+    b.start()
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "tracefleet.agent", "run",
+             "--controller", f"{a.address},{b.address}", "--node", "fo-1",
+             "--labels", "role=fo", "--metrics-listen", "off", "--state-file", "off",
+             "--hold-seconds", "2"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_until(lambda: _node(a, "fo-1").get("state") == "connected", scaled(180),
+                   "the agent registered with replica A (the first address)")  # fmt: skip
+        assert _node(b, "fo-1").get("state") != "connected"
+        a.stop(signal.SIGKILL)
+        t0 = time.monotonic()
+        # the stream breaks at once (RST); then a jittered backoff under a second, and B
+        wait_until(lambda: _node(b, "fo-1").get("state") == "connected", scaled(60),
+                   "the agent registered with replica B after A was killed")  # fmt: skip
+        print(f"failover: connected to B {time.monotonic() - t0:.1f}s after A's SIGKILL")
+        assert f"moving to the next controller {b.address}" in log.read_text()
+        r = cli(b.address, "enable", "file", "--selector", "role=fo", "--wait",
+                "--wait-timeout", f"{scaled(90):.0f}s", "-o", "json",
+                timeout=scaled(120))  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        res = json.loads(r.stdout)
+        assert res["matched_nodes"] == ["fo-1"]
+        node = _node(b, "fo-1")
+        assert node["applied_generation"] == res["generation"]
+        assert [s["name"] for s in node["statuses"] if s["enabled"] and s["attached"]] == ["file"]
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=scaled(60))
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+        for ctl in (a, b):
+            if ctl.proc is not None and ctl.proc.poll() is None:
+                ctl.stop(signal.SIGKILL)

@@ -73,3 +73,28 @@ def test_bad_otlp_metrics_endpoint_is_a_usage_error():
                           "n1", "--otlp-metrics", "grpc:h:4317", "--otlp-metrics-interval",
                           "0"], capture_output=True, text=True, timeout=30)  # fmt: skip
     assert out.returncode == 2 and "0.1 to 3600 seconds" in out.stderr, out.stderr
+
+
+def test_controller_takes_a_list_of_replicas_and_names_a_bad_address():
+    from tracefleet.agent.cli import controller_addresses
+
+    got = controller_addresses(["10.0.0.5:7070,10.0.0.6:7070", " 10.0.0.7:7070", "10.0.0.5:7070"])
+    assert got == ["10.0.0.5:7070", "10.0.0.6:7070", "10.0.0.7:7070"]
+    assert controller_addresses(["unix:/run/tracefleet/controller.sock"]) == [
+        "unix:/run/tracefleet/controller.sock"
+    ]
+    out = subprocess.run([*AGENT, "run", "--controller", "127.0.0.1:7070,ctl-b", "--node", "n1",
+                          "--metrics-listen", "off"], capture_output=True, text=True,
+                         timeout=30)  # fmt: skip
+    assert out.returncode == 2 and "'ctl-b'" in out.stderr and "host:port" in out.stderr
+    out = subprocess.run([*AGENT, "run", "--controller", "127.0.0.1:7070,,127.0.0.1:7071",
+                          "--node", "n1"], capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 2 and "empty address" in out.stderr
+    # every address is held to the TLS rule, not only the first
+    out = subprocess.run([*AGENT, "run", "--controller", "127.0.0.1:7070",
+                          "--controller", "10.0.0.6:7070", "--node", "n1"],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert out.returncode == 2 and "refusing to talk to 10.0.0.6:7070 without TLS" in out.stderr
+    help_text = subprocess.run([*AGENT, "run", "--help"], capture_output=True, text=True,
+                               timeout=30).stdout  # fmt: skip
+    assert "moves to the next" in " ".join(help_text.split())

@@ -5,6 +5,7 @@ import time
 
 import pytest
 
+from tests.conftest import scaled
 from tests.unit.controller_helpers import InProcessController, wait_until
 from tracefleet.agent._internal.loadgen import SyntheticEngine
 from tracefleet.agent.controlclient import (
@@ -276,3 +277,67 @@ def test_agent_keeps_reporting_while_an_apply_loads_a_set(controller):
         stop.set()
         t.join(timeout=10)
     assert not t.is_alive()
+
+
+class SilentController(agent_pb2_grpc.AgentServiceServicer):
+    """Accepts the stream and the Register, then never answers (a hung replica)."""
+
+    def __init__(self) -> None:
+        self.registers = 0
+
+    def Connect(self, request_iterator, context):
+        next(request_iterator)
+        self.registers += 1
+        for _ in request_iterator:  # until the agent gives up on this stream
+            pass
+        return
+        yield  # a generator: a stream that never sends
+
+
+def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(controller):
+    """Given [silent, working]: the agent stays on neither a refused nor a hung replica; it
+    gives the silent one answer_timeout, then registers with the next address."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    svc = SilentController()
+    # accept the agent's keepalive pings (20 s) as the controller does: else this server's
+    # GOAWAY for too many pings would break the stream after a minute or so anyway
+    server = grpc.server(
+        ThreadPoolExecutor(4),
+        options=[
+            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ],
+    )
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(svc, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    engine = SyntheticEngine(rate=100, seed=7)
+    stop = threading.Event()
+    options = dataclasses.replace(FAST, answer_timeout=0.5)
+    result = {}
+
+    def target():
+        addresses = [f"127.0.0.1:{port}", controller.address]
+        result["stats"] = run_agent(engine, addresses, "fo-1", {}, stop, options)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    try:
+        wait_until(lambda: svc.registers >= 1, what="the agent dialed the silent replica first")
+        node = wait_until(
+            lambda: controller.controller.fleet.nodes.get("fo-1"),
+            timeout=scaled(30),
+            what="the agent registered with the next replica",
+        )
+        res = controller.call(controller.controller.configure, "file", True, "")
+        wait_until(lambda: node.applied_generation == res.generation, what="ack")
+        assert engine.enabled() == ["file"]
+    finally:
+        stop.set()
+        t.join(timeout=10)
+        server.stop(0)
+    assert result["stats"].failovers >= 1 and result["stats"].connects >= 1

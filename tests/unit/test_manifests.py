@@ -59,6 +59,7 @@ KUSTOMIZATIONS = {
     "base": K8S,
     "cert-manager": K8S / "cert-manager",
     "prometheus-operator": K8S / "prometheus-operator",
+    "replicated": K8S / "replicated",
 }
 WORKLOAD_KINDS = {"DaemonSet", "Deployment", "StatefulSet", "Job", "CronJob", "Pod", "ReplicaSet"}
 
@@ -636,3 +637,111 @@ def test_agent_attribution_mounts_and_settings():
     assert pod_spec(ds)["automountServiceAccountToken"] is True  # in-cluster API access
     src = (ROOT / "deploy/kubernetes/agent/daemonset.yaml").read_text()
     assert "cgroup id -> path -> container and pod" in src  # the mount says why
+
+
+# ---------------------------------------------------------------- replicated controllers
+
+
+def test_replicated_overlay_is_the_base_with_replicas_and_nothing_drifts():
+    """deploy/kubernetes/replicated: the base's objects (no PVC) plus the headless Service and
+    the etcd ConfigMap; what it does not patch is identical to the base's, its copies of
+    namespace.yaml and networkpolicy.yaml included, and the component kustomizations list what
+    the base lists."""
+    base = {obj_id(o): o for o in render("base")}
+    rep = {obj_id(o): o for o in render("replicated")}
+    (cm,) = [k for k in rep if k.startswith("ConfigMap/tracefleet-controller-replicated-")]
+    assert set(rep) == (set(base) - {"PersistentVolumeClaim/tracefleet-controller-state"}) | {
+        "Service/tracefleet-controller-replicas",
+        cm,
+    }
+    patched = {"Deployment/tracefleet-controller", "DaemonSet/tracefleet-agent",
+               "PodDisruptionBudget/tracefleet-controller"}  # fmt: skip
+    for key in set(base) & set(rep) - patched:
+        assert rep[key] == base[key], f"replicated {key} differs from the base's"
+    base_kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    rep_kust = yaml.safe_load((K8S / "replicated" / "kustomization.yaml").read_text())
+    assert rep_kust["images"] == base_kust["images"]
+    for part in ("agent", "controller"):
+        listed = yaml.safe_load((K8S / part / "kustomization.yaml").read_text())["resources"]
+        assert [f"{part}/{f}" for f in listed] == [
+            r for r in base_kust["resources"] if r.startswith(f"{part}/")
+        ], f"{part}/kustomization.yaml and the base list different files"
+
+
+def test_replicated_controller_replicas_spread_and_share_etcd():
+    from tracefleet.controller import server
+
+    dep = get("Deployment", "tracefleet-controller", "replicated")
+    base_dep = get("Deployment", "tracefleet-controller")
+    spec = dep["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0},
+    }
+    (term,) = pod_spec(dep)["affinity"]["podAntiAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"] == spec["selector"]["matchLabels"]
+    assert not [v for v in pod_spec(dep)["volumes"] if "persistentVolumeClaim" in v]
+    vols = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    assert "emptyDir" in vols["state"]
+    # the container is the base's plus the ConfigMap's environment
+    (c,) = containers(dep)
+    (base_c,) = containers(base_dep)
+    assert {k: v for k, v in c.items() if k != "envFrom"} == base_c
+    (ref,) = c["envFrom"]
+    cm = get("ConfigMap", ref["configMapRef"]["name"], "replicated")
+    assert set(cm["data"]) == {controller_env.ETCD, controller_env.ETCD_PREFIX}
+    # what the controller makes of it: its own parser, with that environment
+    old = {k: os.environ.get(k) for k in cm["data"]}
+    os.environ.update(cm["data"])
+    try:
+        args = server.build_parser().parse_args(c["args"])
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k)
+            else:
+                os.environ[k] = v
+    urls = args.etcd.split(",")
+    assert len(urls) >= 3 and all(u.startswith("http://") and u.endswith(":2379") for u in urls)
+    assert args.etcd_prefix == "/tracefleet"
+    pdb = get("PodDisruptionBudget", "tracefleet-controller", "replicated")
+    assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
+    assert pdb["spec"]["minAvailable"] < spec["replicas"]  # a drain can still take one
+    assert pdb["spec"]["selector"]["matchLabels"] == spec["selector"]["matchLabels"]
+
+
+def test_replicated_agents_are_given_every_replica_and_check_the_certificate_name():
+    from tracefleet.agent import cli as agent_cli
+
+    ds = get("DaemonSet", "tracefleet-agent", "replicated")
+    (agent,) = containers(ds)
+    (base_agent,) = containers(get("DaemonSet", "tracefleet-agent"))
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    base_env = {e["name"]: e.get("value") for e in base_agent["env"]}
+    assert {k: v for k, v in env.items() if k != agent_env.CONTROLLER} == {
+        k: v for k, v in base_env.items() if k != agent_env.CONTROLLER
+    }
+    addresses = agent_cli.controller_addresses([env[agent_env.CONTROLLER]])
+    headless = get("Service", "tracefleet-controller-replicas", "replicated")
+    cluster_ip = get("Service", "tracefleet-controller", "replicated")
+    dep = get("Deployment", "tracefleet-controller", "replicated")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    port = {p["name"]: p["port"] for p in headless["spec"]["ports"]}["grpc"]
+    assert addresses == [
+        f"tracefleet-controller-replicas.tracefleet.svc:{port}",
+        f"tracefleet-controller.tracefleet.svc:{port}",
+    ]
+    assert {p["name"]: p["port"] for p in cluster_ip["spec"]["ports"]}["grpc"] == port
+    # the replicas are dialed by a name the certificate lacks: the agent checks another one
+    args = agent_cli.build_parser().parse_args(agent["args"])
+    certs = {
+        o["spec"]["secretName"]: o["spec"]
+        for o in render("cert-manager")
+        if o["kind"] == "Certificate" and not o["spec"].get("isCA")
+    }
+    assert args.tls_server_name in certs["tracefleet-controller-tls"]["dnsNames"]

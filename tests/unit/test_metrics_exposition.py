@@ -70,7 +70,7 @@ def _client() -> Any:
     return SimpleNamespace(
         applied_generation=7,
         connected=True,
-        stats=SimpleNamespace(connects=2, batches_discarded=3, events_discarded=1200),
+        stats=SimpleNamespace(connects=2, failovers=1, batches_discarded=3, events_discarded=1200),
         statuses=[],
         outbox_state=lambda: (5, 4096),
     )

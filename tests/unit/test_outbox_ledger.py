@@ -285,3 +285,32 @@ def test_outbox_defaults_are_what_the_agent_runs_with_and_what_the_readme_says()
                   " ".join((REPO / "README.md").read_text().split()))  # fmt: skip
     assert m, "the README no longer states the outbox defaults"
     assert (outbox.max_batches, outbox.max_bytes) == (int(m[1]), int(m[2]) << 20) == (600, 32 << 20)
+
+
+def test_ledger_counts_resent_batches_of_an_agent_that_came_from_another_replica():
+    """Two replicas' ledgers: the agent's batches 1-3 went to A (A applied 3, its ack was
+    lost), then it moved to B and resent 3 and sent 4. B applies 3 again (the double count
+    across replicas that is not fixed yet) and counts it as adopted; 4 and an agent B saw from
+    seq 1 are not."""
+    a, b = Ledger(), Ledger()
+    for seq in (1, 2, 3):
+        x = batch(1)
+        x.instance_id, x.seq = "moved", seq
+        assert a.apply("n", x) is Outcome.APPLIED
+    resent = batch(1)
+    resent.instance_id, resent.seq, resent.replayed = "moved", 3, True
+    assert b.apply("n", resent) is Outcome.APPLIED
+    new = batch(1)
+    new.instance_id, new.seq = "moved", 4
+    assert b.apply("n", new) is Outcome.APPLIED
+    own = batch(1)
+    own.instance_id, own.seq = "own", 1
+    b.apply("m", own)
+    own2 = batch(1)
+    own2.instance_id, own2.seq, own2.replayed = "own", 2, True  # a resend after a reconnect
+    b.apply("m", own2)
+    snap = b.snapshot()
+    assert (snap["n"].adopted, snap["m"].adopted) == (1, 0)
+    assert a.snapshot()["n"].adopted == 0
+    # what the fleet counted: A's three batches and B's two, one of them A's third again
+    assert a.nodes["n"].sets["file"].delivered + b.nodes["n"].sets["file"].delivered == 5

@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, TextIO
 
 from tracefleet.agent import workload
@@ -113,6 +114,26 @@ def check_address(text: str, *, listen: bool = False) -> str:
     """host:port (or [v6]:port; port 0 only to listen on), or unix:/PATH for a controller;
     ValueError naming the fix."""
     return check_peer_address(text, listen=listen)
+
+
+def controller_addresses(values: Sequence[str]) -> list[str]:
+    """--controller values (repeated and/or comma-separated: the replicas) -> the addresses in
+    order, each checked, duplicates dropped; ValueError naming the bad address."""
+    out: list[str] = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                raise ValueError(
+                    f"empty address in {value!r}: separate the replicas' addresses with "
+                    "single commas, e.g. 10.0.0.5:7070,10.0.0.6:7070"
+                )
+            try:
+                address = check_address(part)
+            except ValueError as e:
+                raise ValueError(f"address {part.strip()!r}: {e}") from None
+            if address not in out:
+                out.append(address)
+    return out
 
 
 def _address_or_off(text: str) -> str:
@@ -475,16 +496,19 @@ def _tls_options(args: argparse.Namespace) -> Any:
     from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
     from tracefleet.agent.controlclient import ClientOptions
 
-    if not args.tls_dir and unix_path(args.controller.strip()) is not None:
+    if not hasattr(args, "controllers"):  # cmd_run sets it; a direct caller may not have
+        args.controllers = controller_addresses(args.controller or [DEFAULT_CONTROLLER])
+    tcp = [a for a in args.controllers if unix_path(a) is None]
+    if not args.tls_dir and not tcp:
         return ClientOptions()  # guarded by the socket's file permissions
     if not args.tls_dir:
-        host = split_host_port(args.controller.strip())[0]
-        if not is_loopback(host) and not args.insecure:
-            print(f"tracefleet-agent: refusing to talk to {args.controller} without TLS: pass "
-                  f"--tls-dir DIR (or set {env.TLS_DIR}), or --insecure on a trusted network",
-                  file=sys.stderr)  # fmt: skip
-            return None
-        print(f"tracefleet-agent: WARNING: connecting to {args.controller} WITHOUT TLS "
+        for address in tcp:
+            if not is_loopback(split_host_port(address)[0]) and not args.insecure:
+                print(f"tracefleet-agent: refusing to talk to {address} without TLS: pass "
+                      f"--tls-dir DIR (or set {env.TLS_DIR}), or --insecure on a trusted "
+                      "network", file=sys.stderr)  # fmt: skip
+                return None
+        print(f"tracefleet-agent: WARNING: connecting to {', '.join(tcp)} WITHOUT TLS "
               "(captured arguments travel in clear text)", file=sys.stderr)  # fmt: skip
         return ClientOptions()
     try:
@@ -526,12 +550,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from tracefleet.agent.controlclient import ControlClient
 
-    if not args.controller:
+    values = args.controller
+    if values is None:  # not on the command line: the environment, else the local socket
+        values = [os.environ.get(env.CONTROLLER, DEFAULT_CONTROLLER)]
+    if not any(v.strip() for v in values):
         print(f"tracefleet-agent: no controller: pass --controller or set {env.CONTROLLER}",
               file=sys.stderr)  # fmt: skip
         return EXIT_USAGE
     try:
-        check_address(args.controller)
+        args.controllers = controller_addresses(values)
     except ValueError as e:
         print(f"tracefleet-agent: controller: {e} (--controller or ${env.CONTROLLER})",
               file=sys.stderr)  # fmt: skip
@@ -591,7 +618,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         options.export_hub.start()
     # run_agent() without its wrapper: the metrics endpoint reads the client's state
-    client = ControlClient(engine, args.controller, args.node, labels, options)
+    client = ControlClient(engine, args.controllers, args.node, labels, options)
     try:
         metrics_server = _serve_metrics(args, engine, args.node, client, options.export_hub)
     except Exception as e:
@@ -695,9 +722,14 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_capture)
 
     sr = sub.add_parser("run", help="run under a controller (the DaemonSet mode)")
-    sr.add_argument("--controller", default=os.environ.get(env.CONTROLLER, DEFAULT_CONTROLLER),
+    sr.add_argument("--controller", action="append", metavar="ADDR[,ADDR...]",
                     help=f"unix:/PATH or host:port of the controller (env {env.CONTROLLER}; "
-                    "default: %(default)s)")  # fmt: skip
+                    f"default: {DEFAULT_CONTROLLER}). Replicas sharing etcd: give every "
+                    "replica's address, comma-separated or with --controller again; the agent "
+                    "dials one and, when its stream fails or it does not answer the "
+                    "registration within 20s, moves to the next (round robin, jittered backoff "
+                    "up to 30s), registers there and resends the result batches not "
+                    "acknowledged yet")  # fmt: skip
     sr.add_argument("--node", default=os.environ.get(env.NODE_NAME) or os.uname().nodename,
                     type=_node_name,
                     help=f"node name (env {env.NODE_NAME}; default: hostname)")  # fmt: skip

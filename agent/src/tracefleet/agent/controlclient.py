@@ -11,6 +11,12 @@ Failure behaviour:
 * reconnect with exponential backoff and jitter; on reconnect the agent registers again with
   the generation it applied, and the controller answers with its current desired state
   (a state already applied is acked, not applied again);
+* several controller addresses (replicas sharing etcd): the agent dials one; when its stream
+  fails, or the controller does not answer the registration within ``answer_timeout``, it
+  moves to the next address (round robin, same backoff) and registers there. Not exactly-once
+  across replicas: each replica keeps its own ledger of batch seqs, so a batch the old replica
+  applied but whose BatchAck never arrived is applied again by the new one (counted by the
+  new replica as ``batches_adopted``);
 * every ResultBatch is numbered (``instance_id`` chosen at start, ``seq``) and kept in the
   outbox (``tracefleet.agent._internal.outbox``) until the controller acknowledges it with a
   BatchAck, which it sends once the batch is durably applied; after a reconnect the batches
@@ -101,6 +107,9 @@ class ClientOptions:
     state_file: str = ""
     # per-rule export: the agent's exporters (export.ExportHub), routed by each set's rule
     export_hub: Any = None
+    # with several controller addresses: seconds a dialed controller has to answer the
+    # Register before the agent moves on (a blackholed address never refuses the connection)
+    answer_timeout: float = 20.0
 
 
 @dataclass
@@ -115,6 +124,7 @@ class _Lease:
 @dataclass
 class ClientStats:
     connects: int = 0  # streams that registered
+    failovers: int = 0  # moves to the next controller address (several replicas given)
     applies: int = 0  # engine.apply() calls
     acks: int = 0
     batches_sent: int = 0  # writes, resends included
@@ -138,7 +148,7 @@ class ControlClient:
     def __init__(
         self,
         engine: CaptureEngine,
-        controller: str,
+        controller: str | Sequence[str],
         node_name: str,
         labels: Mapping[str, str] | None = None,
         options: ClientOptions | None = None,
@@ -146,7 +156,11 @@ class ControlClient:
         if not node_name:
             raise ValueError("node_name must not be empty")
         self.engine = engine
-        self.controller = controller
+        # every replica's address; self.controller is the one dialed now
+        self.controllers = (controller,) if isinstance(controller, str) else tuple(controller)
+        if not self.controllers:
+            raise ValueError("no controller address")
+        self.controller = self.controllers[0]
         self.node_name = node_name
         self.labels = dict(labels or {})
         self.options = options or ClientOptions()
@@ -169,6 +183,7 @@ class ControlClient:
         self._engine_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
         self._synced = False
+        self._answered = False  # per stream: the controller sent something
         # per stream: the controller acknowledges batches (it sent a BatchAck before its
         # first DesiredState); a controller that never does gets at-most-once delivery
         self._acks_seen = False
@@ -214,7 +229,7 @@ class ControlClient:
         state = {
             "version": 1,
             "node": self.node_name,
-            "controller": self.controller,
+            "controller": ",".join(self.controllers),
             "generation": generation,
             "saved_at": time.time(),
             "redact_patterns": list(self._redactor.patterns),
@@ -243,7 +258,9 @@ class ControlClient:
         try:
             with open(path) as f:
                 state = json.load(f)
-            if state.get("node") != self.node_name or state.get("controller") != self.controller:
+            if state.get("node") != self.node_name or state.get("controller") != ",".join(
+                self.controllers
+            ):
                 return
             now = time.time()
             desired, deadlines = {}, {}
@@ -463,6 +480,8 @@ class ControlClient:
                     e.code().name,
                     e.details(),
                 )
+            except TimeoutError as e:  # _answer_watch
+                log.warning("%s: %s", self.node_name, e)
             except Exception:
                 log.exception("%s: controller stream failed", self.node_name)
             finally:
@@ -471,6 +490,12 @@ class ControlClient:
             if stop.is_set():
                 break
             attempt = 0 if self._synced else attempt + 1
+            if len(self.controllers) > 1:  # the next replica; backoff as below
+                i = (self.controllers.index(self.controller) + 1) % len(self.controllers)
+                self.stats.failovers += 1
+                log.warning("%s: moving to the next controller %s", self.node_name,
+                            self.controllers[i])  # fmt: skip
+                self.controller = self.controllers[i]
             ceiling = min(self.options.backoff_max, self.options.backoff_initial * 2**attempt)
             delay = ceiling * random.uniform(0.5, 1.0)  # jitter spreads a fleet's reconnects
             with contextlib.suppress(TimeoutError):
@@ -483,7 +508,7 @@ class ControlClient:
         metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         call = agent_pb2_grpc.AgentServiceStub(channel).Connect(metadata=metadata or None)
-        self._acks_seen = self._legacy_controller = False
+        self._acks_seen = self._legacy_controller = self._answered = False
         self._report_sent = None  # a new stream (maybe a new controller): report again
         await call.write(agent_pb2.AgentMessage(register=self._register_message()))
         self.connected = True
@@ -495,6 +520,8 @@ class ControlClient:
         }
         if self.options.tls is not None:
             tasks.add(asyncio.create_task(self._tls_watch()))
+        if len(self.controllers) > 1:
+            tasks.add(asyncio.create_task(self._answer_watch()))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -507,6 +534,14 @@ class ControlClient:
         for t in done:
             if not t.cancelled() and t.exception() is not None:
                 raise t.exception()  # type: ignore[misc]
+
+    async def _answer_watch(self) -> None:
+        """Fail the session if the controller did not answer the Register in time, so that
+        an agent given several replicas moves on from one that accepts and never answers."""
+        await asyncio.sleep(self.options.answer_timeout)
+        if not self._answered:
+            raise TimeoutError(f"controller {self.controller} did not answer the registration "
+                               f"within {self.options.answer_timeout:g}s")  # fmt: skip
 
     async def _tls_watch(self) -> None:
         """Return (ending the session, so the client reconnects with the new files) once the
@@ -527,6 +562,7 @@ class ControlClient:
             if msg is grpc.aio.EOF:
                 log.info("%s: controller closed the stream", self.node_name)
                 return
+            self._answered = True
             kind = msg.WhichOneof("kind")
             if kind == "desired_state":
                 if not self._acks_seen and not self._legacy_controller:

@@ -57,6 +57,7 @@ EPILOG = f"""\
 environment:
   {env.CONTROLLER_LISTEN}   default of --listen ({env.DEFAULT_LISTEN})
   {env.CONTROLLER_DB}       default of --db ({env.DEFAULT_DB})
+  {env.ETCD}, {env.ETCD_PREFIX}  default of --etcd, --etcd-prefix (replicas)
   {tlsmod.TLS_DIR_ENV}         default of --tls-dir
   {authz.TOKENS_FILE_ENV}     default of --tokens-file
   {pol.POLICY_FILE_ENV}     default of --policy
@@ -213,13 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--etcd",
-        default="",
+        default=os.environ.get(env.ETCD, ""),
         metavar="URL[,URL...]",
         help="keep the desired state and the node registry in etcd (http://HOST:2379,...), "
         "shared by every controller replica given the same --etcd-prefix; the result-batch "
-        "ledger stays in --db",
+        f"ledger stays in --db (env {env.ETCD})",
     )
-    p.add_argument("--etcd-prefix", default="/tracefleet", help="key prefix in etcd")
+    p.add_argument(
+        "--etcd-prefix",
+        default=os.environ.get(env.ETCD_PREFIX, "/tracefleet"),
+        help=f"key prefix in etcd (env {env.ETCD_PREFIX}; default: %(default)s)",
+    )
     p.add_argument(
         "--stale-after",
         type=_seconds,

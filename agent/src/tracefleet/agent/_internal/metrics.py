@@ -198,6 +198,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node",),
         "Streams to the controller that registered (reconnects included).",
     ),
+    "tracefleet_agent_controller_failovers_total": (
+        "counter",
+        ("node",),
+        "Moves to the next controller address after a failed, broken or unanswered stream "
+        "(run --controller with several replicas).",
+    ),
     "tracefleet_agent_outbox_batches": (
         "gauge",
         ("node",),
@@ -366,6 +372,9 @@ class AgentCollector(Collector):
             )
             fams["tracefleet_agent_controller_connects_total"].add_metric(
                 [node], client.stats.connects
+            )
+            fams["tracefleet_agent_controller_failovers_total"].add_metric(
+                [node], client.stats.failovers
             )
             batches, size = client.outbox_state()
             fams["tracefleet_agent_outbox_batches"].add_metric([node], batches)

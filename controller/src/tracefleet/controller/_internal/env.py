@@ -8,6 +8,9 @@ CONTROLLER = "TRACEFLEET_CONTROLLER"
 CONTROLLER_LISTEN = "TRACEFLEET_CONTROLLER_LISTEN"
 # SQLite file holding the desired state; --db wins.
 CONTROLLER_DB = "TRACEFLEET_CONTROLLER_DB"
+# Replicated mode: etcd client URLs (comma-separated) and key prefix; --etcd, --etcd-prefix win.
+ETCD = "TRACEFLEET_ETCD"
+ETCD_PREFIX = "TRACEFLEET_ETCD_PREFIX"
 # Directory with ca.crt, tls.crt, tls.key (the controller's server certificate, or the CLI's
 # operator certificate); --tls-dir wins.
 TLS_DIR = "TRACEFLEET_TLS_DIR"

@@ -11,6 +11,14 @@ those seqs to the agents, so after a crash the store holds exactly the batches t
 acknowledged or that will be ignored when sent again, never a batch counted twice or a seq
 without its counts.
 
+Exactly once per controller, not across replicas (``--etcd``): the cursors live in each
+replica's own ``--db``. An agent that moves to another replica resends there the batches the
+old one had not acknowledged; those the old replica had applied (its commit done, the BatchAck
+lost with the stream) are applied again by the new one, so the fleet's totals may count them
+twice. ``NodeCounts.adopted`` counts the candidates: resent batches applied for an agent
+instance this replica first saw past seq 1 (its earlier batches went elsewhere). An upper
+bound of the double count, since this replica started (not stored).
+
 Not thread-safe for writers (the controller's asyncio loop); ``snapshot()`` may be called
 from the metrics thread.
 """
@@ -72,6 +80,7 @@ class NodeCounts:
     applied: int = 0  # batches
     duplicate: int = 0  # batches ignored as already applied
     discarded: int = 0  # batches the agent said it discarded
+    adopted: int = 0  # resent batches from an instance first seen past seq 1 (in memory)
 
 
 @dataclass
@@ -79,6 +88,7 @@ class _Cursor:
     applied: int  # last seq applied (in memory, maybe not committed yet)
     committed: int  # last seq written to the store
     updated: float
+    adopted: bool = False  # first seen here past seq 1: came from another controller
 
 
 def batch_problem(batch: agent_pb2.ResultBatch) -> str:
@@ -135,6 +145,7 @@ class Ledger:
                     n.applied,
                     n.duplicate,
                     n.discarded,
+                    n.adopted,
                 )
                 for name, n in self.nodes.items()
             }
@@ -172,8 +183,10 @@ class Ledger:
             return Outcome.LEGACY
         now = self._clock()
         if cursor is None:
-            cursor = self._cursors[key] = _Cursor(0, 0, now)
+            cursor = self._cursors[key] = _Cursor(0, 0, now, adopted=batch.seq > 1)
             self._forget_old_instances(node)
+        if cursor.adopted and batch.replayed:
+            n.adopted += 1  # perhaps applied by the replica it came from too
         cursor.applied, cursor.updated = batch.seq, now
         self._dirty_cursors.add(key)
         self._dropped_cursors.discard(key)

@@ -133,6 +133,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node",),
         "Result batches received again after a reconnect that had already been applied (ignored).",
     ),
+    "tracefleet_controller_batches_adopted_total": (
+        "counter",
+        ("node",),
+        "Resent result batches applied for an agent that came from another controller replica "
+        "(its first batch here was past seq 1): the old replica may have applied them too. "
+        "Since this controller started.",
+    ),
     "tracefleet_controller_batches_discarded_total": (
         "counter",
         ("node",),
@@ -346,6 +353,7 @@ class ControllerCollector(Collector):
             fams["tracefleet_controller_batches_discarded_total"].add_metric(
                 [node], counts.discarded
             )
+            fams["tracefleet_controller_batches_adopted_total"].add_metric([node], counts.adopted)
         fams["tracefleet_controller_ledger_commits_total"].add_metric([], self.ctl.commits)
         fams["tracefleet_controller_ledger_commit_seconds_total"].add_metric(
             [], self.ctl.commit_seconds
