@@ -218,6 +218,39 @@ static __always_inline bool tf_vfs_on(void)
 	return tf_should_trace(SET, bpf_get_current_pid_tgid() >> 32);
 }
 
+/* The cached state of open file f, or NULL; a stale entry (another file that had the same
+ * address: every entry carries its file's dentry) is dropped. */
+static __always_inline struct tf_vfs_io *tf_vfs_io_of(struct file *f)
+{
+	__u64 key = (__u64)f;
+	struct tf_vfs_io *io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+
+	if (io && io->dentry != (__u64)BPF_CORE_READ(f, f_path.dentry)) {
+		bpf_map_delete_elem(&tf_vfs_io, &key);
+		return NULL;
+	}
+	return io;
+}
+
+/* A new entry for open file f, in the per-CPU template (too big for the stack): totals at
+ * zero, no path yet, and f's dentry, by which tf_vfs_io_of tells it from a later file at
+ * the same address. */
+static __always_inline struct tf_vfs_io *tf_vfs_io_fresh(struct file *f)
+{
+	__u32 zero = 0;
+	struct tf_vfs_io *n = bpf_map_lookup_elem(&tf_vfs_io_new, &zero);
+
+	if (!n)
+		return NULL;
+	n->bytes_read = n->bytes_written = n->pos = 0;
+	n->reads = n->writes = 0;
+	n->has_path = 0;
+	n->unlinked = 0;
+	n->_pad = 0;
+	n->dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
+	return n;
+}
+
 /* Reads and writes: add to the open file's totals. */
 static __always_inline void tf_vfs_account(struct file *f, long ret, bool write, __u64 pos)
 {
@@ -226,16 +259,15 @@ static __always_inline void tf_vfs_account(struct file *f, long ret, bool write,
 
 	if (ret <= 0 || !f || !tf_vfs_on() || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
 		return;
-	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	/* checked like at close: a stale entry's totals are another file's, and the close of
+	 * this one would drop them with it */
+	io = tf_vfs_io_of(f);
 	if (!io) {
-		__u32 z = 0;
-		struct tf_vfs_io *n = bpf_map_lookup_elem(&tf_vfs_io_new, &z);
+		/* opened before tracing started, or unseen (memfd_create...): resolved at close */
+		struct tf_vfs_io *n = tf_vfs_io_fresh(f);
 
 		if (!n)
 			return;
-		n->bytes_read = n->bytes_written = n->pos = 0;
-		n->reads = n->writes = 0;
-		n->has_path = 0; /* opened before tracing started: resolved at close */
 		bpf_map_update_elem(&tf_vfs_io, &key, n, BPF_NOEXIST);
 		io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 		if (!io)
@@ -263,45 +295,26 @@ static __always_inline void tf_str_copy(struct tf_str *dst, const struct tf_str 
 	dst->len = n;
 }
 
-/* The cached state of open file f, or NULL; a stale entry (another file that had the same
- * address) is dropped. */
-static __always_inline struct tf_vfs_io *tf_vfs_io_of(struct file *f)
-{
-	__u64 key = (__u64)f;
-	struct tf_vfs_io *io = bpf_map_lookup_elem(&tf_vfs_io, &key);
-
-	if (io && io->has_path && io->dentry != (__u64)BPF_CORE_READ(f, f_path.dentry)) {
-		bpf_map_delete_elem(&tf_vfs_io, &key);
-		return NULL;
-	}
-	return io;
-}
-
 /* Keep an opened file's identity and path with its state, for its close. */
 static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e, __u8 when)
 {
 	__u64 key = (__u64)f;
-	__u32 zero = 0;
-	struct tf_vfs_io *n = bpf_map_lookup_elem(&tf_vfs_io_new, &zero);
+	/* a new open file (a struct file's address is reused only after the old one is freed):
+	 * its totals start at zero */
+	struct tf_vfs_io *n = tf_vfs_io_fresh(f);
 
 	if (!n)
 		return;
-	/* a new open file (a struct file's address is reused only after the old one is freed):
-	 * its totals start at zero */
-	n->bytes_read = n->bytes_written = n->pos = 0;
-	n->reads = n->writes = 0;
 	n->ino = e->ino;
 	n->dev = e->dev;
 	n->has_path = when;
 	n->path_kind = e->path_kind;
-	n->dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
 	{
 		bool torn = false; /* an O_TMPFILE's walk at open already said " (deleted)" */
 
 		n->unlinked = when == TF_IO_AT_CLOSE ||
 			      tf_dentry_unlinked(BPF_CORE_READ(f, f_path.dentry), &torn);
 	}
-	n->_pad = 0;
 	__builtin_memcpy(n->fstype, e->fstype, sizeof(n->fstype));
 	tf_str_copy(&n->path, &e->path);
 	bpf_map_update_elem(&tf_vfs_io, &key, n, BPF_ANY);

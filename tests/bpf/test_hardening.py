@@ -6,7 +6,9 @@ before its calls).
   parked threads   >= 10,000 threads blocked in openat on a FIFO, then released: every call
                    that passed the filters is delivered, dropped or counted lost, exactly
                    (the in-flight map is a plain hash: a full one refuses and counts, where
-                   the LRU it replaces evicted live calls silently).
+                   the LRU it replaces evicted live calls silently). A call whose entry
+                   program the kernel skipped (recursion_misses: the 7.2 guest under load)
+                   never reaches the filters: it is counted as missed instead.
   rewritten path   openat's path faults at entry, the open blocks, a sibling rewrites the
                    buffer: the exit re-read is marked `mismatch` and the record carries the
                    kernel's path of the opened file; never a clean `recovered`.
@@ -96,7 +98,10 @@ def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries)
         def settled() -> dict[str, int] | None:
             a = eng.accounting("file")
             mine = sum(1 for e in list(events) if e["pid"] == proc.pid)
-            done = a["passed"] >= PARKED and a["in_flight"] == 0 and mine == a["written"]
+            # an entry the kernel skipped (a BPF program already running on that CPU: the
+            # 7.2 guest's sleepable entries) never reaches the filters: counted as missed
+            seen = a["passed"] + a["missed"] >= PARKED
+            done = seen and a["in_flight"] == 0 and mine == a["written"]
             return a if done else None
 
         try:
@@ -107,9 +112,15 @@ def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries)
                 f"{err}; accounting {eng.accounting('file')}, {mine} events of the workload "
                 f"delivered, {len(events)} in all"
             ) from None
-        assert acc["passed"] == PARKED, acc
+        print(f"\nparked {PARKED}, map {entries}: {acc}")
+        assert acc["passed"] <= PARKED and acc["passed"] + acc["missed"] >= PARKED, acc
         assert acc["unaccounted"] == 0, acc
-        assert acc["written"] + acc["dropped"] + acc["lost"] == PARKED, acc
+        assert acc["written"] + acc["dropped"] + acc["lost"] == acc["passed"], acc
+        k = eng.kernel_counters("file")
+        # lost beyond a full map: entries whose exit the kernel skipped, reaped once dead
+        assert acc["lost"] - k["inflight_full"] - k["inflight_stale"] <= acc["missed_exit"], acc
+        if acc["missed"] == acc["missed_exit"] == 0:  # this host: nothing skipped, the strict form
+            assert acc["passed"] == PARKED, acc
         # the same figures reach the metrics endpoint and the controller's aggregates
         total = eng.totals()["file"]
         assert (total.passed, total.lost, total.dropped) == (
@@ -121,10 +132,14 @@ def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries)
         assert all(e["args"]["pathname"]["value"] == str(fifo) for e in opens)
         if entries < PARKED:
             # the map cannot hold every parked call: the rest is counted, not hidden
-            assert acc["lost"] == eng.kernel_counters("file")["inflight_full"] > 0, acc
+            assert k["inflight_full"] > 0, (acc, k)
+            if acc["missed_exit"] == 0:
+                assert acc["lost"] == k["inflight_full"], (acc, k)
         else:
-            assert acc["lost"] == 0 and acc["dropped"] == 0, acc
-            assert len(opens) == PARKED
+            assert k["inflight_full"] == 0 and acc["dropped"] == 0, (acc, k)
+            assert len(opens) == acc["written"], acc
+            if acc["missed"] == acc["missed_exit"] == 0:
+                assert acc["lost"] == 0 and len(opens) == PARKED, acc
     finally:
         eng.close()
 

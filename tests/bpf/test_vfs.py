@@ -385,6 +385,66 @@ def test_close_reports_the_path_at_open_even_after_a_rename(hook: str, tmp_path:
     assert close["args"]["writes"]["value"] == 1
 
 
+REUSE = textwrap.dedent(
+    """
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: its slab reuses
+    d, n = sys.argv[1], int(sys.argv[2])
+    old, new = os.path.join(d, "old"), os.path.join(d, "new")
+    h = ctypes.create_string_buffer(8 + 128)  # struct file_handle, MAX_HANDLE_SZ
+    ctypes.c_uint.from_buffer(h).value = 128
+    mnt = ctypes.c_int()
+    if libc.name_to_handle_at(-100, new.encode(), h, ctypes.byref(mnt), 0):
+        sys.exit(f"name_to_handle_at: {os.strerror(ctypes.get_errno())}")
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    for i in range(n):
+        fd = os.open(old, os.O_RDONLY)  # an open the hook sees: its state is cached
+        os.read(fd, 3)
+        # closed without close(2), then a file opened without an open the tracepoint hook
+        # sees: the freed struct file's address is likely the new file's
+        if libc.syscall(436, fd, fd, 0):  # close_range
+            sys.exit(f"close_range: {os.strerror(ctypes.get_errno())}")
+        nfd = libc.open_by_handle_at(dfd, h, os.O_WRONLY)
+        if nfd < 0:
+            sys.exit(f"open_by_handle_at: {os.strerror(ctypes.get_errno())}")
+        os.write(nfd, b"x" * (i + 1))
+        os.close(nfd)
+    """
+)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_reused_file_address_reports_only_its_own_bytes(hook: str, tmp_path: Path) -> None:
+    """A struct file's address is reused once the file is freed; its state in the kernel is
+    keyed by that address. A file closed unseen (close_range) leaves its state behind, and a
+    file opened unseen (open_by_handle_at: no tracepoint) at the same address must neither add
+    its writes to that state (its close then dropped them as another file's: 0 bytes) nor
+    report the old file's reads: each close of `new` reports exactly the i+1 bytes written."""
+    n = 40
+    _engine(hook)
+    with mounted("tmpfs", tmp_path) as root:  # file handles: tmpfs exports them everywhere
+        (root / "old").write_bytes(b"abc")
+        (root / "new").write_bytes(b"")
+        new = str(root / "new")
+        with vfs_capture(hook, "tfvfsreuse") as events:
+            run_as("tfvfsreuse", REUSE, str(root), str(n))
+
+            def closes() -> list[dict[str, Any]]:
+                got = [e["args"] for e in list(events) if e["syscall"] == "vfs_close"]
+                got = [a for a in got if a["path"]["value"] == new]
+                return got if len(got) >= n else []
+
+            got = wait_until(closes, scaled(30), f"{n} closes of {new}")
+    wrong = [(i, c["bytes_written"]["value"], c["writes"]["value"], c["bytes_read"]["value"])
+             for i, c in enumerate(got)
+             if (c["bytes_written"]["value"], c["writes"]["value"], c["bytes_read"]["value"],
+                 c["reads"]["value"]) != (i + 1, 1, 0, 0)]  # fmt: skip
+    print(f"\nVFS {hook}: {len(got)} closes of a file opened by handle, {len(wrong)} wrong")
+    assert len(got) == n, got
+    assert not wrong, f"(iteration, bytes written, writes, bytes read) off: {wrong}"
+
+
 def _storm(hook: str, d: Path, engine: Any = None) -> tuple[int, int, list[Any]]:
     """Rename a file back and forth between two names in two directories in a tight loop on
     one CPU while another CPU opens and reads it (a torn read can pair one name with the

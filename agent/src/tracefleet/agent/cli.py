@@ -474,7 +474,7 @@ def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
         acc = engine.accounting(n) if n != "vfs" else None
         ident = (
             f" passed={acc['passed']} lost={acc['lost']} in_flight={acc['in_flight']}"
-            f" unaccounted={acc['unaccounted']}"
+            f" unaccounted={acc['unaccounted']} kernel_missed={acc['missed']}"
             if acc
             else ""
         )

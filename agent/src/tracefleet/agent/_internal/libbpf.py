@@ -465,6 +465,17 @@ def prog_stats(prog_fd: int) -> tuple[int, int, int]:
     return int(info.id), int(info.run_time_ns), int(info.run_cnt)
 
 
+def prog_recursion_misses(prog_fd: int) -> int:
+    """Runs of the program the kernel skipped (bpf_prog_info.recursion_misses): another BPF
+    program was running on that CPU. Counted whether or not BPF stats are on."""
+    info = _BpfProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
+    if rc:
+        raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
+    return int(info.recursion_misses)
+
+
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, ctypes.c_size_t)
 
 
