@@ -22,7 +22,7 @@
 
 #include <bpf/libbpf.h>
 
-#define TF_FAST_ABI 2
+#define TF_FAST_ABI 3
 #define MAX_BOUNDS 64
 #define MAX_KINDS 8
 #define MAX_HEADS 8
@@ -291,6 +291,12 @@ int tf_fast_set(struct tf_fast *f, uint32_t set, uint32_t flags, uint32_t sample
 	__atomic_store_n(&f->sample_thr[set], sample_thr, __ATOMIC_RELAXED);
 	__atomic_store_n(&f->set_flags[set], flags, __ATOMIC_RELAXED);
 	return 0;
+}
+
+/* The flags a set's records are consumed with now (what tf_fast_set last stored). */
+uint32_t tf_fast_flags(const struct tf_fast *f, uint32_t set)
+{
+	return set < f->p.nsets ? __atomic_load_n(&f->set_flags[set], __ATOMIC_RELAXED) : 0;
 }
 
 void tf_fast_abort(struct tf_fast *f)

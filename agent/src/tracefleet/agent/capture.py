@@ -312,6 +312,7 @@ class BpfEngine:
         self._rings: dict[str, int] = {}
         self._rb: libbpf.RingBuffer | fastring.FastRing | None = None
         self._rb_lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # _sync_consumer: state read + push, as one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_control()
@@ -841,9 +842,12 @@ class BpfEngine:
         safe during its poll (atomic per-set flags in C)."""
         rb = self._rb
         if isinstance(rb, fastring.FastRing):
-            deliver = bool(self._sinks)
-            rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
-                               for st in self._sets.values())  # fmt: skip
+            # read and pushed under one lock: the consumer thread's push, computed before an
+            # add_sink and delayed, landed after it and one poll's records went uncopied
+            with self._sync_lock:
+                deliver = bool(self._sinks)
+                rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
+                             for st in self._sets.values())  # fmt: skip
 
     def start(self) -> None:
         if self._thread:

@@ -48,7 +48,7 @@ log = logging.getLogger("tracefleet.agent")
 
 ENV = "TRACEFLEET_FASTRING"  # "on": compiled consumer (opt-in); a path: that library
 LIB_NAME = "libtfring.so"
-ABI = 2
+ABI = 3
 _MAX_BOUNDS, _MAX_KINDS, _MAX_HEADS = 64, 8, 8
 
 # per-set flags and per-entry flags (fastring.c)
@@ -117,6 +117,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.tf_fast_free.restype = None
         lib.tf_fast_add.argtypes = [_vp, ctypes.c_int]
         lib.tf_fast_set.argtypes = [_vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32]
+        lib.tf_fast_flags.argtypes = [_vp, ctypes.c_uint32]
+        lib.tf_fast_flags.restype = ctypes.c_uint32
         lib.tf_fast_abort.argtypes = [_vp]
         lib.tf_fast_abort.restype = None
         lib.tf_fast_poll.argtypes = [_vp, ctypes.c_int]
@@ -225,7 +227,9 @@ class FastRing:
 
     def configure(self, sets: Iterable[tuple[int, bool, float, bool]]) -> None:
         """Per set (id, deliver every record, sample rate, user fallback): which records the C
-        side copies for Python. Pushed only when changed."""
+        side copies for Python. Pushed only when changed. Callers serialise it with their
+        reading of that state (capture.py's _sync_lock): a push computed from older state
+        must not land after a newer one."""
         if not self._ptr:
             return
         for set_id, deliver, rate, fallback in sets:
@@ -239,6 +243,11 @@ class FastRing:
             if self._config.get(set_id) != (flags, thr):
                 self._lib.tf_fast_set(self._ptr, set_id, flags, thr)
                 self._config[set_id] = (flags, thr)
+
+    def flags(self, set_id: int) -> int:
+        """The flags the C side consumes this set's records with now (SET_*)."""
+        assert self._ptr
+        return int(self._lib.tf_fast_flags(self._ptr, set_id))
 
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for a wakeup, then consume everything queued: the C side
