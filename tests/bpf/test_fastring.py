@@ -224,3 +224,29 @@ def test_compiled_consumer_push_cannot_undo_add_sink(host: None) -> None:
         assert len(seen) == k["events"] and len(mine) == 5, (len(seen), rb.counters(), k)
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_stop_and_drain_hands_over_what_is_queued(host: None, compiled: bool) -> None:
+    """The agent's SIGTERM path: the abort that stops the consumer thread must not stick, the
+    final drain hands every queued record to the sink (before the fix, with the compiled
+    consumer: none, and the first was consumed without being counted)."""
+    eng = _engine(compiled)
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", "echo ready; read go; for i in 1 2 3 4 5; do : < /etc/hostname; done"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        seen: list[dict[str, Any]] = []
+        eng.add_sink(seen.append)
+        eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+        proc.communicate("go\n", timeout=scaled(60))  # no consumer thread: all still queued
+        k = eng.kernel_counters("file")
+        assert k["events"] >= 5 and k["dropped"] == 0, k
+        drained = eng.stop_and_drain()
+        assert (drained, len(seen)) == (k["events"], k["events"]), (drained, len(seen), k)
+        assert sum(e["syscall"] == "openat" for e in seen) == 5, seen
+        assert eng.totals()["file"].delivered == k["events"]
+    finally:
+        eng.close()

@@ -121,6 +121,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.tf_fast_flags.restype = ctypes.c_uint32
         lib.tf_fast_abort.argtypes = [_vp]
         lib.tf_fast_abort.restype = None
+        lib.tf_fast_resume.argtypes = [_vp]
+        lib.tf_fast_resume.restype = None
         lib.tf_fast_poll.argtypes = [_vp, ctypes.c_int]
         lib.tf_fast_poll.restype = ctypes.c_long
         lib.tf_fast_full.argtypes = [_vp]
@@ -212,7 +214,7 @@ class FastRing:
         self._config: dict[int, tuple[int, int]] = {}
         self._errors = errors
         self._seen_bad = (0, 0)  # short records, no memory: reported to errors so far
-        self.aborted = False
+        self._aborted = False
         ptr = self._lib.tf_fast_new(ctypes.byref(self._params), map_fd)
         if not ptr:
             err = ctypes.get_errno()
@@ -257,17 +259,15 @@ class FastRing:
         timeout = timeout_ms
         while True:
             n = self._lib.tf_fast_poll(self._ptr, timeout)
-            if self.aborted:
-                return total
             full = self._lib.tf_fast_full(self._ptr)
-            try:
+            try:  # also when aborted: these records left the ring, only Python has them now
                 self._drain()
             finally:
                 self._fold()
             if n < 0:
                 raise libbpf.LibbpfError(n, "ring buffer poll")
             total += int(n)
-            if not full:
+            if not full or self._aborted:
                 return total
             timeout = -1  # the batch filled: consume the rest without waiting
 
@@ -314,10 +314,19 @@ class FastRing:
         self._lib.tf_fast_counters(self._ptr, out)
         return {"records": out[0], "forwarded": out[1], "short": out[2], "nomem": out[3]}
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    @aborted.setter
+    def aborted(self, value: bool) -> None:
+        """False: resume after abort() (the final drain); the C side's flag too."""
+        self._aborted = value
+        if self._ptr:
+            (self._lib.tf_fast_abort if value else self._lib.tf_fast_resume)(self._ptr)
+
     def abort(self) -> None:
         self.aborted = True
-        if self._ptr:
-            self._lib.tf_fast_abort(self._ptr)
 
     def close(self) -> None:
         if self._ptr:
