@@ -89,16 +89,26 @@ _status: tuple[bool, str] | None = None
 _lock = threading.Lock()
 
 
+_ON, _OFF = ("on", "1", "yes"), ("off", "0", "no")
+
+
+class SettingError(ValueError):
+    """TRACEFLEET_FASTRING holds a value that is neither on, off nor a library path."""
+
+
 def library_path() -> Path:
     env = os.environ.get(ENV, "")
-    if env and env.lower() not in ("off", "0", "no", "on", "1", "yes"):
+    if "/" in env:
         return Path(env)
     return Path(__file__).with_name(LIB_NAME)
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(ENV, "").lower() in ("off", "0", "no"):
-        return None, f"disabled by {ENV}={os.environ[ENV]}"
+    try:
+        if not requested() and os.environ.get(ENV):
+            return None, f"disabled by {ENV}={os.environ[ENV]}"
+    except SettingError as e:
+        return None, str(e)
     path = library_path()
     if not path.exists():
         return None, f"{path} not built (run `make native`)"
@@ -140,9 +150,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def requested() -> bool:
-    """Whether the environment asks for the compiled consumer (opt-in for now)."""
+    """Whether the environment asks for the compiled consumer (opt-in for now). Any other
+    value raises SettingError: a typo must not quietly mean the Python consumer."""
     env = os.environ.get(ENV, "")
-    return env.lower() in ("on", "1", "yes") or "/" in env  # on, or a library path
+    if env.lower() in _ON or "/" in env:  # on, or a library path
+        return True
+    if not env or env.lower() in _OFF:
+        return False
+    raise SettingError(
+        f"{ENV}={env!r} is not a setting: use one of {', '.join(_ON)} (the compiled ring "
+        f"consumer), {', '.join(_OFF)} (the Python one), or a path containing '/' to a "
+        f"{LIB_NAME}; unset means the Python consumer for now"
+    )
 
 
 def consumer_status() -> tuple[bool, str]:
