@@ -148,10 +148,8 @@ class EngineOptions:
     mount_tracefs: bool = False
     # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
     stale_seconds: float = 30.0
-    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) until a known
-    # defect is fixed: under CPU load it sometimes only counts records a sink should get
-    # (tests/bpf/test_event_sets.py's file test missed all 10 events in ~1 of 8 loaded runs;
-    # the Python consumer, 0 of 8). Counts stay exact either way.
+    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) for now; its
+    # loaded-machine delivery defect (a stale flag push, see _sync_consumer) is fixed
     compiled_consumer: bool = field(default_factory=lambda: fastring.requested())
     # workload identity (workload.Attributor): events get container/pod fields, and
     # workload selectors resolve to cgroup ids; None: neither
