@@ -22,7 +22,7 @@
 
 #include <bpf/libbpf.h>
 
-#define TF_FAST_ABI 2
+#define TF_FAST_ABI 3
 #define MAX_BOUNDS 64
 #define MAX_KINDS 8
 #define MAX_HEADS 8
@@ -68,7 +68,7 @@ struct set_agg {
 struct tf_fast {
 	struct tf_fast_params p;
 	struct ring_buffer *rb;
-	volatile int aborted;
+	int aborted; /* tf_fast_abort from another thread: atomic */
 	uint64_t records;   /* every record seen */
 	uint64_t forwarded; /* copied into the batch */
 	uint64_t short_records;
@@ -171,13 +171,8 @@ static int forward(struct tf_fast *f, const uint8_t *d, size_t size, uint32_t fl
 	return 0;
 }
 
-static int on_sample(void *ctx, void *data, size_t size)
+static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 {
-	struct tf_fast *f = ctx;
-	const uint8_t *d = data;
-
-	if (f->aborted)
-		return -ECANCELED;
 	f->records++;
 	uint64_t now = mono_ns();
 	if (size < f->p.hdr_size) {
@@ -214,6 +209,17 @@ static int on_sample(void *ctx, void *data, size_t size)
 	if (a->by_sc[sc]++ == 0)
 		a->touched[a->ntouched++] = sc;
 	return 0;
+}
+
+static int on_sample(void *ctx, void *data, size_t size)
+{
+	struct tf_fast *f = ctx;
+	/* libbpf has moved its consumer position past this record whatever we return: take it
+	 * even when aborted (refusing it lost it uncounted), then stop */
+	int err = take_record(f, data, size);
+	if (err)
+		return err;
+	return __atomic_load_n(&f->aborted, __ATOMIC_RELAXED) ? -ECANCELED : 0;
 }
 
 struct tf_fast *tf_fast_new(const struct tf_fast_params *p, int map_fd)
@@ -293,9 +299,22 @@ int tf_fast_set(struct tf_fast *f, uint32_t set, uint32_t flags, uint32_t sample
 	return 0;
 }
 
+/* The flags a set's records are consumed with now (what tf_fast_set last stored). */
+uint32_t tf_fast_flags(const struct tf_fast *f, uint32_t set)
+{
+	return set < f->p.nsets ? __atomic_load_n(&f->set_flags[set], __ATOMIC_RELAXED) : 0;
+}
+
 void tf_fast_abort(struct tf_fast *f)
 {
-	f->aborted = 1;
+	__atomic_store_n(&f->aborted, 1, __ATOMIC_RELAXED);
+}
+
+/* Undo tf_fast_abort: the final drain after the consumer thread stopped (it stuck before,
+ * and that drain handed over nothing) */
+void tf_fast_resume(struct tf_fast *f)
+{
+	__atomic_store_n(&f->aborted, 0, __ATOMIC_RELAXED);
 }
 
 /* Consume what is queued (after waiting up to timeout_ms for a wakeup when timeout_ms >= 0).
@@ -310,19 +329,20 @@ long tf_fast_poll(struct tf_fast *f, int timeout_ms)
 		return -EBUSY; /* the batch was not drained */
 	if (timeout_ms >= 0) {
 		err = ring_buffer__poll(f->rb, timeout_ms);
-		if (f->aborted)
-			return 0;
+		if (__atomic_load_n(&f->aborted, __ATOMIC_RELAXED))
+			goto out;
 		if (err < 0 && !f->full && err != -EINTR)
 			return err;
 	}
 	/* records submitted without a wakeup are not signalled: always drain */
 	if (!f->full) {
 		err = ring_buffer__consume(f->rb);
-		if (f->aborted)
-			return 0;
+		if (__atomic_load_n(&f->aborted, __ATOMIC_RELAXED))
+			goto out;
 		if (err < 0 && !f->full && err != -EINTR)
 			return err;
 	}
+out:
 	return (long)(f->records - before);
 }
 

@@ -7,6 +7,7 @@ only the records it must decode (lost arguments for the user-space fallback)."""
 from __future__ import annotations
 
 import subprocess
+import threading
 from typing import Any
 
 import pytest
@@ -149,3 +150,103 @@ def test_compiled_samples_without_a_sink(engines: Any) -> None:
     assert len(samples) == k["events"], (len(samples), k)
     assert sum(e["syscall"] == "openat" for e in samples) == 100
     assert eng._rb.counters()["forwarded"] == k["events"]
+
+
+class _PausingLib:
+    """The library, with the consumer thread's first flag push held at the push until the
+    test releases it (the interleaving a loaded machine produced)."""
+
+    def __init__(self, lib: Any, consumer: threading.Thread):
+        self._lib = lib
+        self._consumer = consumer
+        self.paused = threading.Event()
+        self.release = threading.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lib, name)
+
+    def tf_fast_set(self, *args: Any) -> int:
+        if threading.current_thread() is self._consumer and not self.paused.is_set():
+            self.paused.set()
+            self.release.wait()
+        return int(self._lib.tf_fast_set(*args))
+
+
+class _SignallingLock:
+    """The engine's lock around its flag pushes: releases the paused consumer once another
+    thread waits for it (where the fix makes add_sink wait)."""
+
+    def __init__(self, lib: _PausingLib):
+        self._lock = threading.Lock()
+        self._lib = lib
+
+    def __enter__(self) -> None:
+        if threading.current_thread() is not self._lib._consumer:
+            self._lib.release.set()
+        self._lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_compiled_consumer_push_cannot_undo_add_sink(host: None) -> None:
+    """The consumer thread reads "no sink" and is delayed before pushing that to C; a sink is
+    added and the set enabled meanwhile; then the consumer's push lands and it polls. Every
+    record the kernel wrote must still reach the sink (before the fix: none did, the C side
+    only counted them; test_event_sets' file test under load, ~1 run in 8)."""
+    from tracefleet.agent._internal import fastring
+
+    eng = _engine(True)  # loaded, never synced: the consumer's first poll pushes the flags
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", "echo ready; read go; for i in 1 2 3 4 5; do : < /etc/hostname; done"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        rb = eng._rb
+        consumer = threading.Thread(target=eng.poll_once, args=(0,), name="test-consumer")
+        lib = rb._lib = _PausingLib(rb._lib, consumer)
+        eng._sync_lock = _SignallingLock(lib)
+        consumer.start()
+        lib.paused.wait()  # the consumer has read the state (no sink) and pushes it now
+        seen: list[dict[str, Any]] = []
+        eng.add_sink(seen.append)
+        eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+        proc.communicate("go\n", timeout=scaled(60))
+        lib.release.set()  # the push lands (unless add_sink waited for it), then the poll
+        consumer.join()
+        eng.drain()
+        k = eng.kernel_counters("file")
+        file_id = int(eng._sets["file"].spec.set_id)
+        assert rb.flags(file_id) & fastring.SET_DELIVER, rb.flags(file_id)
+        mine = [e for e in seen if e["pid"] == proc.pid and e["syscall"] == "openat"]
+        assert k["events"] >= 5 and k["dropped"] == 0, k
+        assert len(seen) == k["events"] and len(mine) == 5, (len(seen), rb.counters(), k)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_stop_and_drain_hands_over_what_is_queued(host: None, compiled: bool) -> None:
+    """The agent's SIGTERM path: the abort that stops the consumer thread must not stick, the
+    final drain hands every queued record to the sink (before the fix, with the compiled
+    consumer: none, and the first was consumed without being counted)."""
+    eng = _engine(compiled)
+    try:
+        proc = subprocess.Popen(
+            ["sh", "-c", "echo ready; read go; for i in 1 2 3 4 5; do : < /etc/hostname; done"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        seen: list[dict[str, Any]] = []
+        eng.add_sink(seen.append)
+        eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+        proc.communicate("go\n", timeout=scaled(60))  # no consumer thread: all still queued
+        k = eng.kernel_counters("file")
+        assert k["events"] >= 5 and k["dropped"] == 0, k
+        drained = eng.stop_and_drain()
+        assert (drained, len(seen)) == (k["events"], k["events"]), (drained, len(seen), k)
+        assert sum(e["syscall"] == "openat" for e in seen) == 5, seen
+        assert eng.totals()["file"].delivered == k["events"]
+    finally:
+        eng.close()

@@ -71,3 +71,30 @@ def test_fold_matches_histogram_observe() -> None:
     assert sa.delivered == len(values)
     assert sa.latency.counts == h.counts
     assert sa.events_by_syscall == {"openat": 3, "99": 2}
+
+
+@pytest.mark.parametrize("value", ["fast", "true", "ON ", "enabled"])
+def test_unknown_setting_is_an_error_at_agent_start(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    """Not on/off/1/0/yes/no and no '/': an error naming the variable, the value and what it
+    accepts, before anything loads; it meant the Python consumer silently before."""
+    from tracefleet.agent import cli
+
+    monkeypatch.setenv(fastring.ENV, value)
+    assert cli.main(["probe", "-o", "json"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    for text in (fastring.ENV, repr(value), "on, 1, yes", "off, 0, no", "'/'"):
+        assert text in err, (text, err)
+    with pytest.raises(ValueError, match=fastring.ENV):  # engines built in-process too
+        fastring.requested()
+
+
+ACCEPTED = [("on", True), ("YES", True), ("1", True), ("off", False), ("No", False),
+            ("0", False), ("", False), ("/opt/x/libtfring.so", True)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("value", "want"), ACCEPTED)
+def test_accepted_settings(monkeypatch: pytest.MonkeyPatch, value: str, want: bool) -> None:
+    monkeypatch.setenv(fastring.ENV, value)
+    assert fastring.requested() is want

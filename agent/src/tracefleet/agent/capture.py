@@ -142,10 +142,8 @@ class EngineOptions:
     mount_tracefs: bool = False
     # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
     stale_seconds: float = 30.0
-    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) until a known
-    # defect is fixed: under CPU load it sometimes only counts records a sink should get
-    # (tests/bpf/test_event_sets.py's file test missed all 10 events in ~1 of 8 loaded runs;
-    # the Python consumer, 0 of 8). Counts stay exact either way.
+    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) for now; its
+    # loaded-machine delivery defect (a stale flag push, see _sync_consumer) is fixed
     compiled_consumer: bool = field(default_factory=lambda: fastring.requested())
     # workload identity (workload.Attributor): events get container/pod fields, and
     # workload selectors resolve to cgroup ids; None: neither
@@ -269,6 +267,7 @@ class BpfEngine:
         self._rings: dict[str, int] = {}
         self._rb: libbpf.RingBuffer | fastring.FastRing | None = None
         self._rb_lock = threading.Lock()
+        self._sync_lock = threading.Lock()  # _sync_consumer: state read + push, as one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_control()
@@ -817,9 +816,12 @@ class BpfEngine:
         safe during its poll (atomic per-set flags in C)."""
         rb = self._rb
         if isinstance(rb, fastring.FastRing):
-            deliver = bool(self._sinks)
-            rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
-                               for st in self._sets.values())  # fmt: skip
+            # read and pushed under one lock: the consumer thread's push, computed before an
+            # add_sink and delayed, landed after it and one poll's records went uncopied
+            with self._sync_lock:
+                deliver = bool(self._sinks)
+                rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
+                             for st in self._sets.values())  # fmt: skip
 
     def start(self) -> None:
         if self._thread:

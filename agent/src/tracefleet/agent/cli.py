@@ -791,9 +791,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("tracefleet.agent.libbpf").setLevel(logging.ERROR)
+    from tracefleet.agent._internal import fastring
+
     try:
+        fastring.requested()  # a bad TRACEFLEET_FASTRING stops the start, naming itself
         return int(args.func(args))
-    except UnknownEventSet as e:
+    except (UnknownEventSet, fastring.SettingError) as e:
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_USAGE
     except HostCheckError as e:

@@ -48,7 +48,7 @@ log = logging.getLogger("tracefleet.agent")
 
 ENV = "TRACEFLEET_FASTRING"  # "on": compiled consumer (opt-in); a path: that library
 LIB_NAME = "libtfring.so"
-ABI = 2
+ABI = 3
 _MAX_BOUNDS, _MAX_KINDS, _MAX_HEADS = 64, 8, 8
 
 # per-set flags and per-entry flags (fastring.c)
@@ -89,16 +89,26 @@ _status: tuple[bool, str] | None = None
 _lock = threading.Lock()
 
 
+_ON, _OFF = ("on", "1", "yes"), ("off", "0", "no")
+
+
+class SettingError(ValueError):
+    """TRACEFLEET_FASTRING holds a value that is neither on, off nor a library path."""
+
+
 def library_path() -> Path:
     env = os.environ.get(ENV, "")
-    if env and env.lower() not in ("off", "0", "no", "on", "1", "yes"):
+    if "/" in env:
         return Path(env)
     return Path(__file__).with_name(LIB_NAME)
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
-    if os.environ.get(ENV, "").lower() in ("off", "0", "no"):
-        return None, f"disabled by {ENV}={os.environ[ENV]}"
+    try:
+        if not requested() and os.environ.get(ENV):
+            return None, f"disabled by {ENV}={os.environ[ENV]}"
+    except SettingError as e:
+        return None, str(e)
     path = library_path()
     if not path.exists():
         return None, f"{path} not built (run `make native`)"
@@ -117,8 +127,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.tf_fast_free.restype = None
         lib.tf_fast_add.argtypes = [_vp, ctypes.c_int]
         lib.tf_fast_set.argtypes = [_vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32]
+        lib.tf_fast_flags.argtypes = [_vp, ctypes.c_uint32]
+        lib.tf_fast_flags.restype = ctypes.c_uint32
         lib.tf_fast_abort.argtypes = [_vp]
         lib.tf_fast_abort.restype = None
+        lib.tf_fast_resume.argtypes = [_vp]
+        lib.tf_fast_resume.restype = None
         lib.tf_fast_poll.argtypes = [_vp, ctypes.c_int]
         lib.tf_fast_poll.restype = ctypes.c_long
         lib.tf_fast_full.argtypes = [_vp]
@@ -136,9 +150,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def requested() -> bool:
-    """Whether the environment asks for the compiled consumer (opt-in for now)."""
+    """Whether the environment asks for the compiled consumer (opt-in for now). Any other
+    value raises SettingError: a typo must not quietly mean the Python consumer."""
     env = os.environ.get(ENV, "")
-    return env.lower() in ("on", "1", "yes") or "/" in env  # on, or a library path
+    if env.lower() in _ON or "/" in env:  # on, or a library path
+        return True
+    if not env or env.lower() in _OFF:
+        return False
+    raise SettingError(
+        f"{ENV}={env!r} is not a setting: use one of {', '.join(_ON)} (the compiled ring "
+        f"consumer), {', '.join(_OFF)} (the Python one), or a path containing '/' to a "
+        f"{LIB_NAME}; unset means the Python consumer for now"
+    )
 
 
 def consumer_status() -> tuple[bool, str]:
@@ -210,7 +233,7 @@ class FastRing:
         self._config: dict[int, tuple[int, int]] = {}
         self._errors = errors
         self._seen_bad = (0, 0)  # short records, no memory: reported to errors so far
-        self.aborted = False
+        self._aborted = False
         ptr = self._lib.tf_fast_new(ctypes.byref(self._params), map_fd)
         if not ptr:
             err = ctypes.get_errno()
@@ -225,7 +248,9 @@ class FastRing:
 
     def configure(self, sets: Iterable[tuple[int, bool, float, bool]]) -> None:
         """Per set (id, deliver every record, sample rate, user fallback): which records the C
-        side copies for Python. Pushed only when changed."""
+        side copies for Python. Pushed only when changed. Callers serialise it with their
+        reading of that state (capture.py's _sync_lock): a push computed from older state
+        must not land after a newer one."""
         if not self._ptr:
             return
         for set_id, deliver, rate, fallback in sets:
@@ -240,6 +265,11 @@ class FastRing:
                 self._lib.tf_fast_set(self._ptr, set_id, flags, thr)
                 self._config[set_id] = (flags, thr)
 
+    def flags(self, set_id: int) -> int:
+        """The flags the C side consumes this set's records with now (SET_*)."""
+        assert self._ptr
+        return int(self._lib.tf_fast_flags(self._ptr, set_id))
+
     def poll(self, timeout_ms: int) -> int:
         """Wait up to timeout_ms for a wakeup, then consume everything queued: the C side
         aggregates, Python decodes the batch (drained as often as it fills)."""
@@ -248,17 +278,15 @@ class FastRing:
         timeout = timeout_ms
         while True:
             n = self._lib.tf_fast_poll(self._ptr, timeout)
-            if self.aborted:
-                return total
             full = self._lib.tf_fast_full(self._ptr)
-            try:
+            try:  # also when aborted: these records left the ring, only Python has them now
                 self._drain()
             finally:
                 self._fold()
             if n < 0:
                 raise libbpf.LibbpfError(n, "ring buffer poll")
             total += int(n)
-            if not full:
+            if not full or self._aborted:
                 return total
             timeout = -1  # the batch filled: consume the rest without waiting
 
@@ -305,10 +333,19 @@ class FastRing:
         self._lib.tf_fast_counters(self._ptr, out)
         return {"records": out[0], "forwarded": out[1], "short": out[2], "nomem": out[3]}
 
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    @aborted.setter
+    def aborted(self, value: bool) -> None:
+        """False: resume after abort() (the final drain); the C side's flag too."""
+        self._aborted = value
+        if self._ptr:
+            (self._lib.tf_fast_abort if value else self._lib.tf_fast_resume)(self._ptr)
+
     def abort(self) -> None:
         self.aborted = True
-        if self._ptr:
-            self._lib.tf_fast_abort(self._ptr)
 
     def close(self) -> None:
         if self._ptr:
