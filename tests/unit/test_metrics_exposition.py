@@ -56,6 +56,9 @@ class FakeProgramsEngine(SyntheticEngine):
     opts = SimpleNamespace(attributor=SimpleNamespace(unknown={"cgroup": 1}))  # workload.py
     namespace_events = {("file", "prod"): 3}  # --metrics-namespaces
 
+    def kernel_missed(self, name: str) -> tuple[int, int]:
+        return {"file": (121, 404)}.get(name, (0, 0))
+
     def program_stats(self) -> list[tuple[str, str, int, int]]:
         return [("file", "tps_enter_openat", 2_500_000_000, 10), ("file", "tp_exit_openat", 0, 0)]
 
@@ -148,6 +151,10 @@ def test_agent_metric_names_and_labels():
     assert _samples(run, "_total", program="tps_enter_openat")[0].value == 2.5
     assert _samples(fams["tracefleet_agent_applied_generation"])[0].value == 7
     assert _samples(fams["tracefleet_agent_controller_connected"])[0].value == 1
+    missed = fams["tracefleet_agent_bpf_runs_missed"]
+    got = [(s.labels["event_set"], s.labels["stage"], s.value) for s in _samples(missed, "_total")]
+    assert got == [("file", "entry", 121), ("file", "exit", 404), ("net", "entry", 0),
+                   ("net", "exit", 0)]  # fmt: skip
 
 
 def test_agent_collector_sees_every_count_collect_handed_out():

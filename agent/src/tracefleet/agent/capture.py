@@ -583,7 +583,7 @@ class BpfEngine:
         entry = exit_ = 0
         for prog, fd in st.loaded.program_fds().items():
             n = libbpf.prog_recursion_misses(fd)
-            if prog.startswith(("tp_enter_", "tps_enter_", "fs_enter_")):
+            if "enter" in prog:  # tp_enter_*, tps_enter_*, fs_enter_*, vt_close_enter
                 entry += n
             else:
                 exit_ += n

@@ -55,6 +55,7 @@ ALLOWED_LABELS = frozenset(
         "exporter",
         "consumer",
         "namespace",
+        "stage",  # entry, exit
     }
 )
 DEFAULT_RUN_LISTEN = "0.0.0.0:9091"
@@ -95,6 +96,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node", "event_set"),
         "Syscalls that passed the filters but never reached the ring buffer, counted: "
         "in-flight map full, a dead thread's slot retaken, entries deleted by the agent.",
+    ),
+    "tracefleet_agent_bpf_runs_missed_total": (
+        "counter",
+        ("node", "event_set", "stage"),
+        "Runs of the set's programs the kernel skipped (its per-CPU guard saw another BPF "
+        "program running; recursion_misses), stage entry or exit: a skipped entry is a call "
+        "the filters never saw, of any process (not in calls passed); a skipped exit leaves an "
+        "entry counted lost once its thread is gone.",
     ),
     "tracefleet_agent_syscall_events_total": (
         "counter",
@@ -294,6 +303,16 @@ class AgentCollector(Collector):
             fams["tracefleet_agent_calls_lost_total"].add_metric([node, name], sa.lost)
             for sc, n in sorted(sa.events_by_syscall.items()):
                 fams["tracefleet_agent_syscall_events_total"].add_metric([node, name, sc], n)
+            if callable(getattr(self.engine, "kernel_missed", None)):
+                try:
+                    missed = self.engine.kernel_missed(name)
+                except KeyError:  # not a BPF set (user_events): nothing the kernel skips
+                    missed = None
+                if missed is not None:
+                    for stage, n in zip(("entry", "exit"), missed, strict=True):
+                        fams["tracefleet_agent_bpf_runs_missed_total"].add_metric(
+                            [node, name, stage], n
+                        )
             for (strategy, outcome), n in sorted(with_all_outcomes(sa.outcomes).items()):
                 fams["tracefleet_agent_arguments_total"].add_metric(
                     [node, name, strategy, outcome], n
