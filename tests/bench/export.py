@@ -74,7 +74,7 @@ def measure_all(n: int) -> dict[str, Any]:
                 logs_service_pb2_grpc,
             )
 
-            from tracefleet.agent.otlp import OtlpExporter
+            from tracefleet.agent.export.otlp import OtlpExporter
         except ImportError as e:
             skipped["otlp-grpc"] = str(e)
         else:

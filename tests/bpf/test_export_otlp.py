@@ -29,7 +29,7 @@ from opentelemetry.proto.collector.logs.v1 import (
 
 from tracefleet.agent.engine import EventSetConfig, Filters
 from tracefleet.agent.export import ExportHub
-from tracefleet.agent.otlp import OtlpExporter
+from tracefleet.agent.export.otlp import OtlpExporter
 
 pytestmark = pytest.mark.bpf
 SCALE = 10 if os.environ.get("TRACEFLEET_IN_VM") == "1" else 1

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from tracefleet.controller._internal.auth import Refusals
-from tracefleet.controller._internal.limits import BUDGET, Limits
+from tracefleet.controller._internal.limits import BUDGET, Limits, Refusals
 from tracefleet.v1 import agent_pb2, types_pb2
 
 

@@ -188,7 +188,7 @@ def test_parse_otlp_exporters():
 def test_otlp_attributes_name_the_workload_with_semantic_conventions():
     """Pod, namespace and container reach OTLP under the k8s.* / container.* names a log
     store indexes, when the agent attributed the event; a host process gets none of them."""
-    from tracefleet.agent.otlp import attributes
+    from tracefleet.agent.export.otlp import attributes
 
     ev = {"pid": 10, "tid": 10, "comm": "psql", "event_set": "file", "syscall": "openat",
           "ret": 3, "args": {}, "attribution": "pod", "container_id": "abc123", "pod": "db-0",

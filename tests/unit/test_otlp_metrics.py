@@ -19,7 +19,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
 from tracefleet.agent._internal.metrics import AgentCollector
 from tracefleet.agent.engine import SetAggregate
 from tracefleet.agent.export import ExportConfigError
-from tracefleet.agent.otlpmetrics import OtlpMetricsExporter, parse_endpoint
+from tracefleet.agent.export.otlpmetrics import OtlpMetricsExporter, parse_endpoint
 
 
 class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):

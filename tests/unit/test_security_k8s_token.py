@@ -18,8 +18,8 @@ from tracefleet.controller import server
 from tracefleet.controller._internal import certs, env
 from tracefleet.controller._internal import kubetoken as kt
 from tracefleet.controller._internal import metrics as cm
-from tracefleet.controller._internal.auth import Refusals
 from tracefleet.controller._internal.controller import Controller
+from tracefleet.controller._internal.limits import Refusals
 from tracefleet.controller._internal.store import Store
 
 

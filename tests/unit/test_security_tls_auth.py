@@ -14,11 +14,11 @@ from tracefleet.controller._internal import certs
 from tracefleet.controller._internal.agent_api import AgentService
 from tracefleet.controller._internal.auth import (
     Authorizer,
-    Refusals,
     identity_from_pem,
     token_digest,
 )
 from tracefleet.controller._internal.control_api import ControlService
+from tracefleet.controller._internal.limits import Refusals
 from tracefleet.controller._internal.policy import parse_policy
 from tracefleet.controller._internal.redaction import default_patterns
 from tracefleet.controller._internal.tls import ServerTLS, handshake_reason

@@ -21,8 +21,7 @@ from tracefleet.agent._internal.loadgen import SyntheticEngine
 from tracefleet.agent.controlclient import ClientOptions, run_agent
 from tracefleet.agent.engine import EventSetConfig
 from tracefleet.controller import cli
-from tracefleet.controller._internal.auth import Refusals
-from tracefleet.controller._internal.limits import MAX_USER_EVENTS, Limits
+from tracefleet.controller._internal.limits import MAX_USER_EVENTS, Limits, Refusals
 from tracefleet.v1 import control_pb2, types_pb2
 
 

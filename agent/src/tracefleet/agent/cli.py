@@ -582,7 +582,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     otlp_metrics = None
     if args.otlp_metrics:
-        from tracefleet.agent.otlpmetrics import parse_endpoint
+        from tracefleet.agent.export.otlpmetrics import parse_endpoint
 
         try:
             otlp_metrics = parse_endpoint(args.otlp_metrics)
@@ -608,7 +608,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from tracefleet.agent import export
 
         acct = export.engine_accounting(engine)
-        from tracefleet.agent.otlp import OtlpExporter
+        from tracefleet.agent.export.otlp import OtlpExporter
 
         options.export_hub = export.ExportHub(
             [export.FileExporter(n, s, node=args.node, accounting=acct)
@@ -629,7 +629,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     pusher = None
     if otlp_metrics is not None:
         from tracefleet.agent._internal.metrics import AgentCollector
-        from tracefleet.agent.otlpmetrics import OtlpMetricsExporter
+        from tracefleet.agent.export.otlpmetrics import OtlpMetricsExporter
 
         collector = AgentCollector(engine, args.node, client, options.export_hub)
         pusher = OtlpMetricsExporter(collector, otlp_metrics[1], otlp_metrics[0],

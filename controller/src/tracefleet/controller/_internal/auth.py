@@ -30,8 +30,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import threading
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +53,7 @@ from tracefleet.controller._internal.kubetoken import (
     ReviewError,
 )
 from tracefleet.controller._internal.limits import REASONS as LIMIT_REASONS
+from tracefleet.controller._internal.limits import Refusals
 
 log = logging.getLogger("tracefleet.controller.auth")
 
@@ -91,25 +90,6 @@ def refusal_kind(reason: str) -> str:
     """agent, operator, tls, or other: the ``kind`` label of a refusal reason."""
     kind = reason.split("_", 1)[0]
     return kind if kind in ("agent", "operator", "tls") else "other"
-
-
-class Refusals:
-    """Counter of refused clients by reason; thread-safe (grpc threads count TLS rejects)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.counts: Counter[str] = Counter()
-
-    def refuse(self, reason: str, peer: str, detail: str, *, log_it: bool = True) -> None:
-        with self._lock:
-            self.counts[reason] += 1
-            n = self.counts[reason]
-        if log_it:
-            log.warning("refused %s (%s): %s [%d so far]", peer or "client", reason, detail, n)
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.counts)
 
 
 REFUSALS = Refusals()

@@ -11,13 +11,12 @@ dropped, not added). Whatever is dropped is counted and logged with its reason
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
+from collections import Counter
 from collections.abc import Callable, Container
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from tracefleet.controller._internal.auth import Refusals
 from tracefleet.controller._internal.rules import KNOWN_EVENT_SETS, USER_PREFIX, is_user_set
 from tracefleet.model.filters import PID_MAX_LIMIT
 from tracefleet.model.labels import label_ok
@@ -51,6 +50,31 @@ REASONS = (
     "agent_bad_label",
     "agent_too_many_nodes",
 )
+
+# Refusals log under the auth logger, as they did when the class lived in auth (auth imports
+# this module for its REASONS: the class lives here so imports run one way).
+_refusal_log = logging.getLogger("tracefleet.controller.auth")
+
+
+class Refusals:
+    """Counter of refused clients by reason; thread-safe (grpc threads count TLS rejects)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+
+    def refuse(self, reason: str, peer: str, detail: str, *, log_it: bool = True) -> None:
+        with self._lock:
+            self.counts[reason] += 1
+            n = self.counts[reason]
+        if log_it:
+            _refusal_log.warning(
+                "refused %s (%s): %s [%d so far]", peer or "client", reason, detail, n
+            )
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
 
 
 class _Known:

@@ -35,9 +35,10 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from tracefleet.controller._internal.auth import REASONS, REFUSALS, Refusals, refusal_kind
+from tracefleet.controller._internal.auth import REASONS, REFUSALS, refusal_kind
 from tracefleet.controller._internal.controller import Controller
 from tracefleet.controller._internal.fleet import State
+from tracefleet.controller._internal.limits import Refusals
 from tracefleet.controller._internal.netaddr import split_host_port
 from tracefleet.controller._internal.tls import HANDSHAKE_REASONS
 from tracefleet.model.histogram import Histogram, HistogramMismatch

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any
 
-from tracefleet.agent.export import ExportConfigError
+from tracefleet.agent.export.base import ExportConfigError
 
 log = logging.getLogger("tracefleet.agent.otlpmetrics")
 

@@ -4,7 +4,7 @@ One log record per event: ``event_name`` ``tracefleet.<set>.<syscall>``, the str
 as body, the typed fields as attributes under stable names (OpenTelemetry semantic
 conventions where they exist: ``process.pid``, ``process.command_line``...; ``tracefleet.*``
 otherwise), the node as resource attributes. Batches come from the same bounded queue as the
-file exporter (export.Exporter): the SDK exporter retries a batch with backoff until its
+file exporter (export.base.Exporter): the SDK exporter retries a batch with backoff until its
 timeout, then the batch is counted as undeliverable (cause ``write``) and the next one goes;
 capture never waits. Accounting records are sent as log records named
 ``tracefleet.accounting`` (the JSON as body).
@@ -18,7 +18,7 @@ import queue
 import time
 from typing import Any
 
-from tracefleet.agent.export import ACCOUNTING_TYPE, Accounting, ExportConfigError, Exporter
+from tracefleet.agent.export.base import ACCOUNTING_TYPE, Accounting, ExportConfigError, Exporter
 from tracefleet.model import Event, human
 
 MAX_BATCH = 512

@@ -1,32 +1,15 @@
-"""Durable export of events from the node: every event of the exported sets, not a sample.
-
-An exporter never blocks capture: the consumer thread only appends the event to a bounded
-queue; a thread per exporter serialises and writes it. What cannot be written is counted per
-exporter and cause (``queue_full``: the writer fell behind; ``write``: the file system refused;
-``rotated_out``: written, then deleted with the oldest file of the rotation), never silently
-lost, and the node's own accounting (events delivered and dropped in the kernel per set, and
-this exporter's counts) is written into the same stream as a typed record, so the store
-knows what is missing:
-
-    {"type": "tracefleet.accounting", "time": ..., "node": ..., "exporter": ..., ...}
-
-Event lines are exactly ``capture -o jsonl`` (tracefleet.model.Event) plus ``node``; they
-have no ``type`` key, which is how a shipper tells the two apart.
-"""
+"""What every exporter shares: the bounded queue and its writer thread (Exporter), the
+accounting record, the error type, and the hub that routes events to exporters."""
 
 from __future__ import annotations
 
 import collections
 import json
 import logging
-import os
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tracefleet.model import Event
@@ -43,15 +26,6 @@ Accounting = Callable[[], Mapping[str, Any]]
 
 class ExportConfigError(ValueError):
     """A bad exporter configuration; the message names the cause and the fix."""
-
-
-@dataclass(frozen=True)
-class FileExportSpec:
-    path: str
-    max_bytes: int = 64 << 20
-    keep: int = 5  # rotated files kept beside the current one (PATH.1 .. PATH.keep)
-    queue_size: int = 65536
-    accounting_seconds: float = 10.0
 
 
 class Exporter:
@@ -204,149 +178,6 @@ class Exporter:
 
     def _write(self, data: bytes, *, event: bool) -> None:
         raise NotImplementedError
-
-
-class FileExporter(Exporter):
-    """JSON lines to PATH, rotated by size: PATH -> PATH.1 -> ... -> PATH.keep (deleted after).
-    A line is never split across files; the events of a deleted file are counted as
-    ``rotated_out``."""
-
-    kind = "file"
-
-    def __init__(self, name: str, spec: FileExportSpec, *, node: str = "",
-                 accounting: Accounting | None = None) -> None:  # fmt: skip
-        super().__init__(name, queue_size=spec.queue_size, node=node, accounting=accounting,
-                         accounting_seconds=spec.accounting_seconds)  # fmt: skip
-        self.spec = spec
-        self.path = Path(spec.path)
-        self._fd = -1
-        self._size = 0
-        self._events_in_file = 0
-        # events in each rotated file, PATH.1 first (to count what deleting one loses)
-        self._rotated: collections.deque[int] = collections.deque()
-
-    def _open(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                           0o600)  # fmt: skip
-        self._size = os.fstat(self._fd).st_size
-        self._events_in_file = 0
-
-    def _close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def _rotate(self) -> None:
-        os.close(self._fd)
-        self._fd = -1
-        keep = self.spec.keep
-        oldest = Path(f"{self.path}.{keep}")
-        if keep == 0:
-            self._count_rotated_out(self._events_in_file)
-            self.path.unlink(missing_ok=True)
-        else:
-            if oldest.exists() and len(self._rotated) >= keep:
-                self._count_rotated_out(self._rotated.pop())
-            oldest.unlink(missing_ok=True)
-            for i in range(keep - 1, 0, -1):
-                src = Path(f"{self.path}.{i}")
-                if src.exists():
-                    os.replace(src, f"{self.path}.{i + 1}")
-            os.replace(self.path, f"{self.path}.1")
-            self._rotated.appendleft(self._events_in_file)
-        self._open()
-
-    def _make_room(self, n: int) -> bool:
-        if self._fd < 0:
-            self._open()
-        if self._size and self._size + n > self.spec.max_bytes:
-            self._rotate()
-            return True
-        return False
-
-    def _count_rotated_out(self, n: int) -> None:
-        with self._lock:
-            self.undeliverable["rotated_out"] += n
-            self.written -= n
-
-    def _write(self, data: bytes, *, event: bool) -> None:
-        if self._fd < 0:  # a failed rotation or write closed it: try again
-            self._open()
-        if self._size and self._size + len(data) > self.spec.max_bytes:
-            self._rotate()
-        n = os.write(self._fd, data)
-        if n != len(data):  # O_APPEND: a short write (ENOSPC midway) leaves a cut line
-            self._size += n
-            raise OSError(f"short write: {n} of {len(data)} bytes (file system full?)")
-        self._size += n
-        self._events_in_file += event
-
-
-def parse_size(text: str) -> int:
-    """Bytes with an optional K/M/G suffix (powers of 1024)."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
-    digits = t[:-1] if t[-1:] in "KMG" and t[-1:] else t
-    if not digits.isdigit() or int(digits) * mult < 4096:
-        raise ExportConfigError(f"bad size {text!r}: use bytes >= 4096, optionally with K, M "
-                                "or G (e.g. 64M)")  # fmt: skip
-    return int(digits) * mult
-
-
-EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")  # as the controller checks it
-
-
-def parse_exporter(text: str) -> tuple[str, Any]:
-    """``NAME=file:/PATH[,max_bytes=SIZE][,keep=N]``, ``NAME=otlp-grpc:HOST:PORT`` or
-    ``NAME=otlp-http:URL`` (tracefleet-agent run --exporter): (name, FileExportSpec or
-    (protocol, endpoint))."""
-    usage = ("use NAME=file:/PATH[,max_bytes=64M][,keep=5], NAME=otlp-grpc:HOST:PORT or "
-             "NAME=otlp-http:http://HOST:PORT/v1/logs")  # fmt: skip
-    name, sep, rest = text.partition("=")
-    if not sep or not EXPORTER_NAME.fullmatch(name):
-        raise ExportConfigError(
-            f"bad exporter {text[:80]!r}: NAME is 1..63 of [a-z0-9_.-]; {usage}"
-        )
-    kind, sep, rest = rest.partition(":")
-    if kind in ("otlp-grpc", "otlp-http") and sep:
-        from tracefleet.agent.otlp import parse_otlp
-
-        return name, parse_otlp(name, kind, rest)
-    if kind != "file" or not sep:
-        raise ExportConfigError(
-            f"exporter {name}: unknown kind {kind[:20]!r} (known: file, otlp-grpc, otlp-http); "
-            f"{usage}"
-        )
-    path, *opts = rest.split(",")
-    kw: dict[str, Any] = {}
-    for opt in opts:
-        k, sep, v = opt.partition("=")
-        if k == "max_bytes" and sep:
-            kw["max_bytes"] = v
-        elif k == "keep" and sep and v.isdigit():
-            kw["keep"] = int(v)
-        else:
-            raise ExportConfigError(f"exporter {name}: bad option {opt[:40]!r}; {usage}")
-    return name, file_spec(path, **kw)
-
-
-def file_spec(path: str, max_bytes: str | int = 64 << 20, keep: int = 5,
-              queue_size: int = 65536) -> FileExportSpec:  # fmt: skip
-    """A checked FileExportSpec; ExportConfigError naming the fix."""
-    if not path or not path.startswith("/"):
-        raise ExportConfigError(f"export file {path!r}: use an absolute path")
-    parent = os.path.dirname(path) or "/"
-    if not os.path.isdir(parent):
-        raise ExportConfigError(f"export file {path}: directory {parent} does not exist: "
-                                "create it (or mount a volume there)")  # fmt: skip
-    if os.path.isdir(path):
-        raise ExportConfigError(f"export file {path} is a directory: name a file in it")
-    size = max_bytes if isinstance(max_bytes, int) else parse_size(max_bytes)
-    if size < 4096:
-        raise ExportConfigError(f"export file max bytes {size}: use >= 4096")
-    if not 0 <= keep <= 1000:
-        raise ExportConfigError(f"export file keep {keep}: use 0..1000 rotated files")
-    return FileExportSpec(path=path, max_bytes=size, keep=keep, queue_size=queue_size)
 
 
 class ExportHub:
