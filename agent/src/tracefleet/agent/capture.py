@@ -548,10 +548,6 @@ class BpfEngine:
         return self.acct.reaped
 
     @property
-    def cleared(self) -> collections.Counter[str]:
-        return self.acct.cleared
-
-    @property
     def fallback_rejected(self) -> collections.Counter[tuple[str, str]]:
         return self.acct.fallback_rejected
 
