@@ -6,6 +6,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -189,7 +190,7 @@ def test_restarts_converge_without_reapplying_and_stale_agents(fleet, tmp_path):
     )
 
 
-def test_ctrl_c_ends_a_following_events_stream_promptly(fleet):
+def test_ctrl_c_ends_a_following_events_stream_promptly(fleet, tmp_path):
     """`tracefleet events --follow` ends on Ctrl-C (or SIGTERM) with its lines whole, wherever
     the signal lands: a KeyboardInterrupt raised inside grpc's iterator could leave the CLI
     unable to close its channel (CI saw it still running 120 s after SIGINT)."""
@@ -197,21 +198,26 @@ def test_ctrl_c_ends_a_following_events_stream_promptly(fleet):
     addr = ctl.address
     assert cli(addr, "enable", "file", "--selector", "role=db", "--wait").returncode == 0
     for i in range(12):
-        p = subprocess.Popen(
-            [sys.executable, "-m", "tracefleet.controller.cli", "--controller", addr, "-o",
-             "json", "events", "--follow", "--event-set", "file"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert p.stdout is not None
-        first = p.stdout.readline()  # events flow: the signal lands while the stream runs
-        assert first.strip(), p.stderr.read() if p.stderr else ""
-        time.sleep(random.uniform(0, 0.3))
+        err_path = tmp_path / f"events-{i}.err"
+        with open(err_path, "w") as err:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "tracefleet.controller.cli", "--controller", addr, "-o",
+                 "json", "events", "--follow", "--event-set", "file"],
+                stdout=subprocess.PIPE, stderr=err, text=True,
+            )  # fmt: skip
+        # one reader of stdout, to the end (a second one on the same pipe splits lines)
+        lines: list[str] = []
+        reader = threading.Thread(target=lines.extend, args=(p.stdout,), daemon=True)
+        reader.start()
+        wait_until(lines.copy, timeout=scaled(60), what="the first event")
+        time.sleep(random.uniform(0, 0.3))  # the signal lands while the stream runs
         p.send_signal(signal.SIGINT if i % 2 == 0 else signal.SIGTERM)
         try:
-            out, err = p.communicate(timeout=scaled(30))
+            p.wait(timeout=scaled(30))
         except subprocess.TimeoutExpired:
             p.kill()
             pytest.fail(f"round {i}: `tracefleet events` still running 30 s after the signal")
-        assert p.returncode == 0, err
-        for line in [first, *out.splitlines()]:
+        reader.join(timeout=scaled(30))
+        assert p.returncode == 0, err_path.read_text()
+        for line in lines:
             json.loads(line)  # whole lines only
