@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.bpf.kernel_view import bpftool, fd_bpf_ids, process_map_id, u64
+from tests.conftest import scaled
 
 pytestmark = [pytest.mark.bpf, pytest.mark.slow]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
@@ -185,9 +186,10 @@ def test_fork_exec_exit_and_kill_mid_syscall_leave_no_inflight_entry(capture, tm
     # the syscall's exit, and the engine's reaper (every second) those of threads that died
     # without one; none may stay
     leaked: dict[str, set[int]] = {}
-    for _ in range(50):
+    deadline = time.monotonic() + scaled(5.0)  # the reaper runs once a second
+    while True:
         leaked = {n: _dead(_inflight_of(eng, n, tgids)) for n in ("file", "exec")}
-        if not any(leaked.values()):
+        if not any(leaked.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
     after = {n: eng.inflight_count(n) for n in ("file", "exec")}
