@@ -180,7 +180,10 @@ def test_otlp_receiver_restarted_mid_run_counts_reconcile(host, tmp_path: Path, 
     # the outage's events: delivered (sent before the stop took effect) or counted
     assert len(down) + s["undeliverable"]["write"] >= N
     events = [r for r in rx.records if r["event_name"] != "tracefleet.accounting"]
-    assert s["written"] == len(events)
+    # a batch in flight when the receiver stopped can be stored there and still fail at the
+    # exporter (the call is cancelled: GOAWAY): counted undeliverable, yet it arrived. The
+    # exporter cannot tell; it never counts more written than arrived
+    assert s["written"] <= len(events) <= s["written"] + s["undeliverable"]["write"]
     assert s["received"] == s["written"] + sum(s["undeliverable"].values())
     # typed attributes under stable names, the node as a resource attribute
     [r] = [r for r in rx.records if r.get("file.path") == f"{d}/up1-0000"]
