@@ -1015,24 +1015,22 @@ def main(
     except CliError as e:
         print(f"tracefleet: {e}", file=err)
         return e.code
+    interrupted = False
     try:
-        code = COMMANDS[args.command](ctx)
+        return COMMANDS[args.command](ctx)
     except CliError as e:
         print(f"tracefleet: {e}", file=err)
-        ctx.channel.close()
         return e.code
     except KeyboardInterrupt:
-        # no channel.close(): after an interrupt inside a call it can wait forever
-        # (grpc/grpc#19973); the process ends here anyway
+        interrupted = True
         return 130
     except BrokenPipeError:
-        ctx.channel.close()
         return EXIT_OK
-    except BaseException:
-        ctx.channel.close()
-        raise
-    ctx.channel.close()
-    return code
+    finally:
+        # not after an interrupt inside a call: channel.close() can then wait forever
+        # (grpc/grpc#19973); the process ends here anyway
+        if not interrupted:
+            ctx.channel.close()
 
 
 if __name__ == "__main__":
