@@ -248,3 +248,7 @@ def test_status_table_registered_enabled_and_caps() -> None:
         ["web-1", "user:tf_late", "no", "waiting"]
     ]
     assert cli.user_events_text([bare]) == []
+    # the agent's text reaches a terminal escaped, never as control sequences
+    web.user_events.reason = "tracefs\x1b[2J gone"
+    text = "\n".join(cli.user_events_text([web]))
+    assert "\x1b" not in text and "tracefs\\x1b[2J gone" in text, text

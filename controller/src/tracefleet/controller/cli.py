@@ -687,7 +687,7 @@ def wait_applied(
     for name, n in states.items():
         by_state.setdefault(n.state, []).append(name)
     errors = [
-        f"{name}: {s.name}: {s.error}"
+        f"{name}: {s.name}: {human.escape(s.error)}"
         for name, n in sorted(states.items())
         if n.state == control_pb2.ACK_STATE_APPLIED
         for s in n.statuses
@@ -777,7 +777,7 @@ def user_events_text(nodes: Sequence[control_pb2.NodeStatus]) -> list[str]:
                          "listed (the report is capped; attached ones first)")  # fmt: skip
         # a kernel without user_events is said only where a user set is in use
         if ue is not None and ue.reason and (ue.available or len(rows) > before):
-            notes.append(f"  {n.name}: {ue.reason}")
+            notes.append(f"  {n.name}: {human.escape(ue.reason)}")  # the agent's text
     if not rows and not notes:
         return []
     out = ["", "user_events (REGISTERED: now, as the node's agent reads tracefs; the kernel "
@@ -820,7 +820,10 @@ def cmd_status(ctx: Ctx) -> int:
             render.table(STATUS_HEADERS, rows),
         ]
         errors = [
-            f"  {n.name}: {s.name}: {s.error}" for n in st.nodes for s in n.statuses if s.error
+            f"  {n.name}: {s.name}: {human.escape(s.error)}"  # the agent's text
+            for n in st.nodes
+            for s in n.statuses
+            if s.error
         ]
         if errors:
             out += ["", "errors:", *errors]
