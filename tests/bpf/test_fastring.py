@@ -152,6 +152,17 @@ def test_compiled_samples_without_a_sink(engines: Any) -> None:
     assert eng._rb.counters()["forwarded"] == k["events"]
 
 
+def _five_opens_on_go() -> subprocess.Popen[str]:
+    """A shell that opens /etc/hostname five times once it reads "go" (its pid is known
+    before: the filter is set first)."""
+    proc = subprocess.Popen(
+        ["sh", "-c", "echo ready; read go; for i in 1 2 3 4 5; do : < /etc/hostname; done"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    return proc
+
+
 class _PausingLib:
     """The library, with the consumer thread's first flag push held at the push until the
     test releases it (the interleaving a loaded machine produced)."""
@@ -198,11 +209,7 @@ def test_compiled_consumer_push_cannot_undo_add_sink(host: None) -> None:
 
     eng = _engine(True)  # loaded, never synced: the consumer's first poll pushes the flags
     try:
-        proc = subprocess.Popen(
-            ["sh", "-c", "echo ready; read go; for i in 1 2 3 4 5; do : < /etc/hostname; done"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc = _five_opens_on_go()
         rb = eng._rb
         consumer = threading.Thread(target=eng.poll_once, args=(0,), name="test-consumer")
         lib = rb._lib = _PausingLib(rb._lib, consumer)
@@ -233,11 +240,7 @@ def test_stop_and_drain_hands_over_what_is_queued(host: None, compiled: bool) ->
     consumer: none, and the first was consumed without being counted)."""
     eng = _engine(compiled)
     try:
-        proc = subprocess.Popen(
-            ["sh", "-c", "echo ready; read go; for i in 1 2 3 4 5; do : < /etc/hostname; done"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        proc = _five_opens_on_go()
         seen: list[dict[str, Any]] = []
         eng.add_sink(seen.append)
         eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
