@@ -125,3 +125,44 @@ def test_help_documents_exit_codes_and_default_address(capsys):
     assert env.DEFAULT_CONTROLLER in text and env.CONTROLLER in text
     for line in ("3  controller unreachable", "4  rejected by the controller", "examples:"):
         assert line in text
+
+
+def test_a_signal_ends_the_cli_even_when_grpc_never_lets_go(tmp_path):
+    """Ctrl-C/SIGTERM on `tracefleet events` cancels the stream; if grpc then hangs (CI saw the
+    CLI alive 30 s after a SIGTERM), the process still ends, saying why, instead of waiting
+    forever. The stream here ignores cancel() and never yields."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import io, sys, threading, time
+            from tracefleet.controller import cli
+
+            class Stuck:  # a stream whose cancel() does nothing
+                def cancel(self):
+                    return True
+
+            cli._SignalCancel(Stuck(), sys.stderr, threading.Event())
+            print("ready", flush=True)
+            while True:  # grpc waiting for a message that never comes
+                time.sleep(0.1)
+            """
+        )
+    )
+    p = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGTERM)
+    try:
+        _, err = p.communicate(timeout=120)  # the grace is 5 s; generous for a loaded host
+    except subprocess.TimeoutExpired:
+        p.kill()
+        pytest.fail("the CLI ignored SIGTERM while its stream hung")
+    assert p.returncode == 130
+    assert "did not close within" in err and "exiting" in err

@@ -462,6 +462,8 @@ class Ctx:
         else:
             self.channel = grpc.insecure_channel(self.address, options=options)
         self.stub = control_pb2_grpc.ControlServiceStub(self.channel)
+        # set once a Ctrl-C/SIGTERM ended a stream: the channel is then left to the exit
+        self.signalled = threading.Event()
 
     def call(self, method: Callable[..., Any], request: Any) -> Any:
         try:
@@ -885,7 +887,7 @@ def cmd_events(ctx: Ctx) -> int:
     except grpc.RpcError as e:
         raise rpc_error(e, ctx.address, ctx.timeout, ctx.tls_dir) from None
     node_width = max([12, *(len(n) for n in a.node)])
-    interrupted = _SignalCancel(stream)
+    interrupted = _SignalCancel(stream, ctx.err, ctx.signalled)
     # NAMESPACE/POD/CONTAINER columns when the agents attribute events: decided on the first
     # event (the header waits for it)
     workload: bool | None = None
@@ -925,23 +927,39 @@ def cmd_events(ctx: Ctx) -> int:
 
 
 class _SignalCancel:
-    """Ctrl-C or SIGTERM ends a stream by cancelling it from another thread: a
-    KeyboardInterrupt raised inside grpc's iterator can leave the channel unable to close
-    (grpc/grpc#19973), and the CLI then never exits."""
+    """Ctrl-C or SIGTERM ends a stream by cancelling it from another thread, and the process
+    ends within GRACE_S of the signal whatever grpc does: a KeyboardInterrupt raised inside
+    grpc's iterator can leave the channel unable to close (grpc/grpc#19973), and CI saw the
+    CLI still running 30 s after a SIGTERM that had cancelled the stream. The thread exists
+    before any signal: a handler that starts a thread can deadlock on threading's own locks."""
 
-    def __init__(self, stream: Any):
-        self.fired = threading.Event()
+    GRACE_S = 5.0
+
+    def __init__(self, stream: Any, err: TextIO, fired: threading.Event):
+        self.fired = fired
         self._stream = stream
+        self._err = err
         self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._on_signal)
+            threading.Thread(target=self._watch, name="tf-cancel", daemon=True).start()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.fired.is_set():  # a second Ctrl-C: the user insists
             raise KeyboardInterrupt
         self.fired.set()
-        threading.Thread(target=self._stream.cancel, name="tf-cancel", daemon=True).start()
+
+    def _watch(self) -> None:
+        self.fired.wait()
+        self._stream.cancel()
+        time.sleep(self.GRACE_S)  # the process normally ends long before this
+        try:
+            print(f"tracefleet: the stream did not close within {self.GRACE_S:g} s of the "
+                  "signal; exiting without closing it", file=self._err, flush=True)  # fmt: skip
+            sys.stdout.flush()
+        finally:
+            os._exit(130)
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -1030,9 +1048,9 @@ def main(
     except BrokenPipeError:
         return EXIT_OK
     finally:
-        # not after an interrupt inside a call: channel.close() can then wait forever
-        # (grpc/grpc#19973); the process ends here anyway
-        if not interrupted:
+        # not after an interrupt or a signal inside a call: channel.close() can then wait
+        # forever (grpc/grpc#19973); the process ends here anyway
+        if not interrupted and not ctx.signalled.is_set():
             ctx.channel.close()
 
 
