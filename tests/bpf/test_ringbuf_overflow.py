@@ -16,7 +16,7 @@ OPENS = 3000
 
 
 def test_overflow_is_counted_exactly(host):
-    from tests.conftest import BPF_DIR
+    from tests.conftest import BPF_DIR, scaled
     from tracefleet.agent.capture import BpfEngine, EngineOptions
 
     # 64 KiB holds ~330 records of ~200 bytes (header + path); nobody consumes until the
@@ -31,7 +31,7 @@ def test_overflow_is_counted_exactly(host):
             stdin=subprocess.PIPE, text=True,
         )  # fmt: skip
         eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
-        proc.communicate("go\n", timeout=60)
+        proc.communicate("go\n", timeout=scaled(60))
         time.sleep(0.1)
         k = eng.kernel_counters("file")
         assert k["dropped"] > 0, k
