@@ -192,10 +192,10 @@ def test_status_shows_kernel_skipped_runs_once_in_table_and_json():
         assert code == 0
         [n] = json.loads(out)["nodes"]
         totals = {t["event_set"]: t for t in n["totals"]}
-        assert int(n["batches_duplicate"]) == 1
         assert int(totals["file"]["kernel_missed_entry"]) == 7
         assert int(totals["file"]["kernel_missed_exit"]) == 1
         assert int(totals["vfs"]["kernel_missed_entry"]) == 4
+        assert int(n["batches_duplicate"]) == 1
         code, out, _ = run(*addr, "status")
         assert code == 0
         lines = out.splitlines()
