@@ -250,24 +250,41 @@ def _getppid_tp() -> Any:
     return userevents, tp_id, fields
 
 
-def test_perf_ring_reads_every_record_across_wraps() -> None:
+# both readers on the same kernel rings: the compiled one (tf_perf_drain in libtfring.so,
+# built by `make native`; reader="compiled" fails without it) and the Python walker
+READERS = pytest.mark.parametrize("reader", ["compiled", "python"])
+
+
+@pytest.mark.parametrize("reader", ["compiled", "python", "alternating"])
+def test_perf_ring_reads_every_record_across_wraps(reader: str) -> None:
+    """alternating: the same rings read by one reader then the other, each taking over
+    where the other left the tail."""
     userevents, tp_id, _ = _getppid_tp()
-    with userevents.PerfTracepoint(tp_id, pages=1) as ring:
+    first = "compiled" if reader == "alternating" else reader
+    with userevents.PerfTracepoint(tp_id, pages=1, reader=first) as ring:
         mine = 0
-        for _ in range(40):  # 40 x 30 records through a 4 KiB ring: wraps many times
+        drain = ring._fn
+        assert (drain is not None) == (first == "compiled")
+        for i in range(40):  # 40 x 30 records through a 4 KiB ring: wraps many times
             for _ in range(30):
                 os.getppid()
+            if reader == "alternating":
+                ring._fn = drain if i % 2 else None
             recs = [r for r in ring.read() if r[0] == os.getpid()]
             # the raw data is the trace entry: common_pid at offset 4
             assert {struct.unpack_from("<i", r[4], 4)[0] for r in recs} <= {os.getpid()}
             mine += len(recs)
         assert ring.counters.malformed == 0
         assert mine == 1200 and ring.counters.dropped == 0
+        assert ring.drain_calls == {"compiled": 40, "python": 0, "alternating": 20}[reader] * len(
+            ring.rings
+        )
 
 
-def test_perf_ring_overflow_is_counted_as_drops() -> None:
+@READERS
+def test_perf_ring_overflow_is_counted_as_drops(reader: str) -> None:
     userevents, tp_id, _ = _getppid_tp()
-    with userevents.PerfTracepoint(tp_id, pages=1) as ring:
+    with userevents.PerfTracepoint(tp_id, pages=1, reader=reader) as ring:
         n = 5000
         for _ in range(n):
             os.getppid()
@@ -280,12 +297,13 @@ def test_perf_ring_overflow_is_counted_as_drops() -> None:
         assert mine < n and mine + ring.counters.dropped >= n
 
 
-def test_perf_ring_drops_counted_exactly_at_close() -> None:
+@READERS
+def test_perf_ring_drops_counted_exactly_at_close(reader: str) -> None:
     """delivered + dropped == written, read once and closed: the kernel's lost count
     (PERF_FORMAT_LOST) is read before the ring is freed, not waited for as a LOST record
     (perf writes that only at the next record that fits, which may never come)."""
     userevents, tp_id, _ = _getppid_tp()
-    ring = userevents.PerfTracepoint(tp_id, pages=1, pid=os.getpid())  # this thread only
+    ring = userevents.PerfTracepoint(tp_id, pages=1, pid=os.getpid(), reader=reader)  # this thread
     with ring:
         n = 5000
         for _ in range(n):
