@@ -236,6 +236,33 @@ def test_emitter_cost_per_call() -> None:
         ev.close()
 
 
+def test_bench_section_measures_every_figure() -> None:
+    """The benchmark's user_events section (tests/bench/user_events.py) runs here and gives
+    every figure (rounds and figures printed: `-s -k bench_section` in the 6.12 guest is how
+    they are measured); no thresholds, only that each was measured and every enabled call's
+    record is accounted for."""
+    _need_user_events()
+    from tests.bench import user_events as bench
+
+    rounds = int(os.environ.get("TRACEFLEET_BENCH_ROUNDS", "3"))
+    r = bench.measure(rounds, 2000)
+    print("\n" + "\n".join(bench.render(r)))
+    assert "skipped" not in r, r
+    e = r["emitter_ns_per_call"]
+    assert all(e[c]["n"] == rounds and e[c]["min"] > 0 for c in bench.EMITTER_CONDITIONS), e
+    assert e["enabled_records_read"] + e["enabled_records_dropped"] == e["enabled_calls"], e
+    # the 6.12 kernel refuses a write to an event nobody listens to (the error is kept): the
+    # no-check emitter pays the syscall and its error
+    assert e["nocheck_calls"] == rounds * 2000, e
+    assert e["nocheck_writes_accepted"] == e["nocheck_calls"] or e["nocheck_last_error"], e
+    b = r["bit_round_trip_us"]
+    assert b["attach_to_set"]["n"] == b["detach_to_clear"]["n"] == rounds, b
+    assert b["attach_to_set"]["min"] >= 0 and b["detach_to_clear"]["min"] >= 0, b
+    assert r["enable_to_first_event_ms"]["n"] == rounds and r["enable_to_first_event_ms"]["min"] > 0
+    p = r["perf_reader"]
+    assert p["dropped"] == 0 and set(p["read"].values()) == {rounds * p["records_per_round"]}, p
+
+
 # --- the perf ring itself, on a syscall tracepoint (any kernel) -----------------------------
 
 
