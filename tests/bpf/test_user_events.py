@@ -101,7 +101,10 @@ def _collect(consumer: Any, pid: int, want: int) -> list[Any]:
     return got
 
 
-def test_bit_follows_consumer_and_every_event_arrives_typed(producer: Producer) -> None:
+@pytest.mark.parametrize("reader", ["compiled", "python"])
+def test_bit_follows_consumer_and_every_event_arrives_typed(
+    producer: Producer, reader: str
+) -> None:
     from tracefleet.agent import userevents
 
     assert producer.hello["bit"] == 0, "bit set before anyone listened"
@@ -109,12 +112,15 @@ def test_bit_follows_consumer_and_every_event_arrives_typed(producer: Producer) 
     assert [f.name for f in events["tf_test"].fields] == ["count", "msg"]
     assert producer.ask("emit 3") == {"emitted": 0, "skipped": 3, "bit": 0}
 
-    with userevents.UserEventConsumer("tf_test", TRACEFS) as consumer:
+    consumer = userevents.UserEventConsumer("tf_test", TRACEFS)
+    consumer.perf.reader = reader  # the agent's default, auto, is compiled where built
+    with consumer:
         producer.wait_bit(1)
         n = 50
         assert producer.ask(f"emit {n}")["emitted"] == n
         got = _collect(consumer, producer.pid, n)
         assert consumer.counters.dropped == 0
+        assert (consumer.perf.drain_calls > 0) == (reader == "compiled")
     assert [(e.event_set, e.syscall) for e in got[:1]] == [("user", "tf_test")]
     assert [(e.args["count"].value, e.args["msg"].value) for e in got] == [
         (i, f"msg-{i}") for i in range(n)
