@@ -280,3 +280,25 @@ def test_perf_batch_without_payloads_keeps_every_stamp(reader: str) -> None:
     )  # fmt: skip
     assert (pt.counters.events, pt.counters.malformed, fake.tail) == (10, 1, fake.head)
     _done(pt)
+
+
+def test_latency_histogram_in_bulk_matches_observe() -> None:
+    """The engine's count-only path builds the batch's latency histogram in bulk; it must
+    count exactly as one observe() per record, on the bounds and for stamps after now."""
+    import random
+
+    from tracefleet.agent.engine import Histogram
+
+    now = 10**12
+    rng = random.Random(18)
+    lat_ns = [int(b * 1e9) for b in Histogram().bounds]  # exactly on each bound
+    lat_ns += [x + d for x in lat_ns for d in (-1, 1)]
+    lat_ns += [rng.randrange(0, 20 * 10**9) for _ in range(500)] + [-5, -1, 0, 30 * 10**9]
+    stamps = [now - x for x in lat_ns]
+    want = Histogram()
+    for ts in stamps:
+        want.observe(max(0, now - ts) / 1e9)
+    got = userevents.latency_histogram(now, stamps)
+    assert got.counts == want.counts and got.count == len(stamps)
+    assert got.sum == pytest.approx(want.sum, rel=1e-12)
+    assert userevents.latency_histogram(now, []).count == 0

@@ -20,10 +20,13 @@ and before the rings close.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import ctypes
 import errno
+import itertools
 import logging
+import math
 import mmap
 import operator
 import os
@@ -794,6 +797,20 @@ class UserEventConsumer:
         return out
 
 
+def latency_histogram(now_ns: int, stamps: Sequence[int]) -> Any:
+    """The Histogram of max(0, now - ts) seconds over a batch, built in bulk (sort, then one
+    bisect per bound) rather than an observe() per record; same counts as observe()."""
+    from tracefleet.agent.engine import Histogram
+
+    h = Histogram()
+    lat = sorted(map(operator.truediv, map(now_ns.__sub__, stamps), itertools.repeat(1e9)))
+    neg = bisect.bisect_left(lat, 0.0)  # stamps after now: observed as 0
+    cum = [bisect.bisect_right(lat, b) for b in h.bounds]  # values <= each bound
+    counts = [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)] + [len(lat) - cum[-1]]
+    h.add_counts(counts, math.fsum(lat) - math.fsum(lat[:neg]))
+    return h
+
+
 # --------------------------------------------------------------------------------------------
 # Fleet control: user:NAME sets beside the BPF engine's
 
@@ -1019,11 +1036,7 @@ class UserEventsEngine:
                 by = sa.events_by_syscall
                 by[USER_SYSCALL_KEY] = by.get(USER_SYSCALL_KEY, 0) + len(stamps)
         if stamps:  # the batch's latencies, added to the interval and to the totals
-            from tracefleet.agent.engine import Histogram
-
-            h = Histogram()
-            for ts in stamps:
-                h.observe(max(0, now - ts) / 1e9)
+            h = latency_histogram(now, stamps)
             for table in (self._agg, self._cum):
                 lat = self._set_agg(table, name).latency
                 lat.add(h)
