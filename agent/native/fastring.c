@@ -410,3 +410,109 @@ long tf_fast_take(struct tf_fast *f, uint64_t *out, size_t cap)
 	}
 	return (long)w;
 }
+
+/*
+ * perf mmap rings (user_events, read by tracefleet/agent/userevents.py): one call drains
+ * one ring of a tracepoint sampled with PERF_SAMPLE_TID | TIME | CPU | RAW into an index of
+ * fixed 32-byte entries plus the raw payloads packed 8-byte aligned in a second buffer, so
+ * Python decodes the batch by columns instead of walking the ring a record at a time.
+ * The perf_event_mmap_page layout is the kernel's ABI (data_head at 1024, data_tail at 1032).
+ */
+#define PERF_HEAD_OFF 1024
+#define PERF_TAIL_OFF 1032
+#define PERF_REC_LOST 2
+#define PERF_REC_SAMPLE 9
+#define PERF_SAMPLE_FIXED 36 /* header 8, pid/tid 8, time 8, cpu/res 8, raw size 4 */
+
+struct tf_perf_entry {
+	uint32_t pid, tid;
+	uint64_t time;
+	uint32_t cpu, raw_off, raw_len, pad;
+};
+
+/* n bytes at ring offset pos (modulo size: a record may wrap the end of the ring) */
+static void ring_copy(uint8_t *dst, const uint8_t *data, uint64_t size, uint64_t pos, size_t n)
+{
+	uint64_t at = pos % size;
+	size_t first = size - at < n ? (size_t)(size - at) : n;
+	memcpy(dst, data + at, first);
+	if (first < n)
+		memcpy(dst + first, data, n - first);
+}
+
+/*
+ * counts (4 words, added to): [0] samples lost per PERF_RECORD_LOST notices, [1] malformed
+ * records skipped, [2] raw bytes used, [3] 1 when entries or raw space ran out with records
+ * left in the ring (call again after consuming this batch). Returns the entries written.
+ * The tail is published once, after the last record consumed (release: our reads of the
+ * records happen before the kernel may overwrite them); the head is read with acquire.
+ */
+long tf_perf_drain(uint8_t *page, uint64_t data_off, uint64_t data_size,
+		   struct tf_perf_entry *idx, size_t idx_cap, uint8_t *raw, size_t raw_cap,
+		   uint64_t *counts)
+{
+	const uint8_t *data = page + data_off;
+	uint64_t head = __atomic_load_n((uint64_t *)(page + PERF_HEAD_OFF), __ATOMIC_ACQUIRE);
+	uint64_t tail = __atomic_load_n((uint64_t *)(page + PERF_TAIL_OFF), __ATOMIC_RELAXED);
+	size_t n = 0, used = (size_t)counts[2];
+	uint8_t rec[PERF_SAMPLE_FIXED];
+
+	if (!data_size)
+		return -EINVAL;
+	while (tail < head) {
+		ring_copy(rec, data, data_size, tail, 8);
+		uint32_t type;
+		uint16_t size;
+		memcpy(&type, rec, 4);
+		memcpy(&size, rec + 6, 2);
+		if (size < 8 || size > data_size || size > head - tail) {
+			/* a corrupt header: skip the rest rather than spin or read past it */
+			counts[1]++;
+			tail = head;
+			break;
+		}
+		if (type == PERF_REC_LOST) {
+			uint8_t lost[24];
+			if (size >= 24) {
+				ring_copy(lost, data, data_size, tail, 24);
+				counts[0] += rd_u64(lost + 16);
+			} else {
+				counts[1]++;
+			}
+		} else if (type == PERF_REC_SAMPLE) {
+			uint32_t rawlen;
+			if (size < PERF_SAMPLE_FIXED) {
+				counts[1]++;
+				tail += size;
+				continue;
+			}
+			ring_copy(rec, data, data_size, tail, PERF_SAMPLE_FIXED);
+			memcpy(&rawlen, rec + 32, 4);
+			if (PERF_SAMPLE_FIXED + (uint64_t)rawlen > size) {
+				counts[1]++;
+				tail += size;
+				continue;
+			}
+			size_t padded = ((size_t)rawlen + 7) & ~(size_t)7;
+			if (n == idx_cap || raw_cap - used < padded) {
+				counts[3] = 1; /* this record stays in the ring for the next call */
+				break;
+			}
+			struct tf_perf_entry *e = &idx[n++];
+			memcpy(&e->pid, rec + 8, 4);
+			memcpy(&e->tid, rec + 12, 4);
+			memcpy(&e->time, rec + 16, 8);
+			memcpy(&e->cpu, rec + 24, 4);
+			e->raw_off = (uint32_t)used;
+			e->raw_len = rawlen;
+			e->pad = 0;
+			ring_copy(raw + used, data, data_size, tail + PERF_SAMPLE_FIXED, rawlen);
+			memset(raw + used + rawlen, 0, padded - rawlen);
+			used += padded;
+		}
+		tail += size;
+	}
+	__atomic_store_n((uint64_t *)(page + PERF_TAIL_OFF), tail, __ATOMIC_RELEASE);
+	counts[2] = used;
+	return (long)n;
+}

@@ -31,7 +31,9 @@ if str(ROOT) not in sys.path:
 from tests.bench import common  # noqa: E402
 from tests.bench.common import log  # noqa: E402
 
-SECTIONS = ("overhead", "completeness", "delivery", "control", "footprint", "export")
+SECTIONS = (
+    "overhead", "completeness", "delivery", "control", "footprint", "export", "user_events",
+)  # fmt: skip
 TITLES = {
     "overhead": "1. Overhead per syscall",
     "completeness": "2. Capture completeness (cold-page workloads)",
@@ -39,7 +41,8 @@ TITLES = {
     "control": "4. Control plane",
     "footprint": "5. Agent footprint",
     "export": "6. Export (events/s each exporter sustains on one core)",
-    "targets": "7. Targets (benchmark goals, not assertions)",
+    "user_events": "7. user_events (emitter cost, enable bit round trip)",
+    "targets": "8. Targets (benchmark goals, not assertions)",
 }
 DEFAULT_OUT = ROOT / "tests" / "bench" / "results"
 
@@ -321,7 +324,14 @@ RENDER: dict[str, Callable[[dict[str, Any]], str]] = {
     "control": render_control,
     "footprint": render_footprint,
     "export": lambda r: _export_render(r),
+    "user_events": lambda r: "\n".join(_user_events_render(r)),
 }
+
+
+def _user_events_render(r: dict[str, Any]) -> list[str]:
+    from tests.bench import user_events
+
+    return user_events.render(r)
 
 
 def _export_render(r: dict[str, Any]) -> str:
@@ -385,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "control": lambda: _control(q, tmp),
         "footprint": lambda: _footprint(q, tmp),
         "export": lambda: _export(q),
+        "user_events": lambda: _user_events(q),
     }
     errors: dict[str, str] = {}
     for sec in SECTIONS:
@@ -472,6 +483,12 @@ def _export(quick: bool) -> dict[str, Any]:
     from tests.bench import export
 
     return export.measure_all(10_000 if quick else 100_000)
+
+
+def _user_events(quick: bool) -> dict[str, Any]:
+    from tests.bench import user_events
+
+    return user_events.measure(3 if quick else 7, 2_000 if quick else 20_000)
 
 
 def _footprint(quick: bool, tmp: Path) -> dict[str, Any]:

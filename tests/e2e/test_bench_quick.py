@@ -27,7 +27,8 @@ SECTIONS = (
     "== 4. Control plane ==",
     "== 5. Agent footprint ==",
     "== 6. Export (events/s each exporter sustains on one core) ==",
-    "== 7. Targets (benchmark goals, not assertions) ==",
+    "== 7. user_events (emitter cost, enable bit round trip) ==",
+    "== 8. Targets (benchmark goals, not assertions) ==",
 )
 CONDITIONS = (
     "untraced", "floor", "tf-capture", "tf-bit-off", "tf-detached", "tf-capture-nowake",
@@ -169,3 +170,18 @@ def test_json_footprint_and_targets(quick_run: tuple[str, dict[str, Any], Path])
     for key in ("floor", "bpftrace", "bit off", "detach", "500k", "acked"):
         assert key in names, key
     assert all(t["met"] in (True, False, None) for t in data["targets"])
+
+
+def test_json_user_events(quick_run: tuple[str, dict[str, Any], Path]) -> None:
+    """Both perf-ring readers measured on any kernel; the user_events figures where the
+    kernel has them, else the command that measures them in the 6.12 guest."""
+    _, data, _ = quick_run
+    ue = data["user_events"]
+    p = ue["perf_reader"]
+    want = ue["rounds"] * p["records_per_round"]
+    assert p["read"] == dict.fromkeys(("compiled", "python", "compiled_stamps_only"), want), p
+    assert p["dropped"] == 0 and p["compiled_records_per_s"]["min"] > 0, p
+    if "skipped" in ue:
+        assert "tests/vm/run.py --kernel 6.12" in ue["run_in_guest"], ue
+    else:
+        assert ue["emitter_ns_per_call"]["disabled"]["n"] == ue["rounds"], ue

@@ -159,3 +159,146 @@ def test_batch_decoder_matches_decode_fields_on_every_case() -> None:
     assert userevents.BatchDecoder(overlap).decode(raws) == [
         userevents.decode_fields(overlap, r) for r in raws
     ]
+
+
+# --- the perf-ring readers on a synthetic ring (no kernel): the compiled one (tf_perf_drain)
+# and the Python walker must give the same samples, counts and tail on the same bytes
+
+
+class _FakeRing:
+    """An anonymous mapping laid out like a perf mmap (control page, then a small data area
+    so records wrap its end), written by hand as the kernel would."""
+
+    PAGE, SIZE = 4096, 1024
+
+    def __init__(self, start: int) -> None:
+        import mmap
+
+        self.mm = mmap.mmap(-1, self.PAGE + self.SIZE)
+        struct.pack_into("<QQ", self.mm, 1040, self.PAGE, self.SIZE)  # data_offset, data_size
+        self.head = start
+        struct.pack_into("<Q", self.mm, 1032, start)  # data_tail
+        self.publish()
+
+    def publish(self) -> None:
+        struct.pack_into("<Q", self.mm, 1024, self.head)
+
+    def put(self, rec: bytes) -> None:
+        for i, b in enumerate(rec):
+            self.mm[self.PAGE + (self.head + i) % self.SIZE] = b
+        self.head += len(rec)
+
+    def sample(self, pid: int, ts: int, raw: bytes, rawlen: int | None = None) -> None:
+        body = struct.pack("<IIQII", pid, pid + 1, ts, pid % 4, 0)
+        body += struct.pack("<I", len(raw) if rawlen is None else rawlen) + raw
+        body += b"\0" * (-(8 + len(body)) % 8)
+        self.put(struct.pack("<IHH", 9, 0, 8 + len(body)) + body)
+
+    def lost(self, n: int) -> None:
+        self.put(struct.pack("<IHHQQ", 2, 0, 24, 7, n))
+
+    @property
+    def tail(self) -> int:
+        return int(struct.unpack_from("<Q", self.mm, 1032)[0])
+
+
+def _reader(reader: str, fake: _FakeRing, cap: int = 0) -> userevents.PerfTracepoint:
+    if reader == "compiled":
+        ok, why = userevents.compiled_reader_status()
+        assert ok, f"{why}: the compiled reader is built by `make native` (make workloads)"
+    pt = userevents.PerfTracepoint(0, reader=reader)
+    pt._choose_reader()
+    pt.rings.append(userevents._Ring(-1, fake.mm, fake.PAGE, fake.SIZE))  # fd -1: no lost count
+    pt._attach_reader()
+    if cap:
+        pt._cap = cap
+    return pt
+
+
+def _done(pt: userevents.PerfTracepoint) -> None:
+    for r in pt.rings:
+        r.pin = None  # the ctypes view exports the mapping
+        r.mm.close()
+    pt.rings.clear()
+
+
+def _fill(fake: _FakeRing) -> list[tuple[int, int, int, int, bytes]]:
+    want = []
+    for i in range(9):  # 40-56 bytes each from 1000: the first wraps the area's end
+        raw = bytes([i]) * (4 + 8 * (i % 3))
+        fake.sample(100 + i, 1000 + i, raw)
+        want.append((100 + i, 101 + i, 1000 + i, (100 + i) % 4, raw))
+    fake.lost(5)
+    fake.sample(7, 7, b"\1" * 12, rawlen=200)  # raw size past its record: malformed, skipped
+    fake.sample(200, 2000, b"x" * 20)
+    want.append((200, 201, 2000, 0, b"x" * 20))
+    fake.publish()
+    return want
+
+
+# cap 2: the compiled reader's index fills, and it is called again until the ring is empty
+@pytest.mark.parametrize(("reader", "cap"), [("python", 0), ("compiled", 0), ("compiled", 2)])
+def test_perf_readers_agree_on_wrapped_lost_and_malformed_records(reader: str, cap: int) -> None:
+    fake = _FakeRing(1000)
+    want = _fill(fake)
+    pt = _reader(reader, fake, cap)
+    assert list(pt.read()) == want
+    assert (pt.counters.events, pt.counters.malformed, pt.counters.dropped) == (10, 1, 5)
+    assert fake.tail == fake.head  # everything consumed, published for the kernel
+    if reader == "compiled":
+        assert pt.drain_calls == (1 if not cap else 5)
+    assert list(pt.read()) == [] and pt.counters.events == 10  # nothing twice
+    fake.sample(300, 3000, b"y" * 4)  # and a later record after the wraps
+    fake.publish()
+    assert list(pt.read()) == [(300, 301, 3000, 0, b"y" * 4)]
+    _done(pt)
+
+
+@pytest.mark.parametrize("reader", ["python", "compiled"])
+def test_perf_readers_stop_at_a_corrupt_header(reader: str) -> None:
+    fake = _FakeRing(0)
+    fake.sample(1, 1, b"a" * 4)
+    fake.put(struct.pack("<IHH", 9, 0, 4))  # size 4: below a header
+    fake.sample(2, 2, b"b" * 4)
+    fake.publish()
+    pt = _reader(reader, fake)
+    assert [r[0] for r in pt.read()] == [1]  # the rest is skipped, never spun on
+    assert pt.counters.malformed == 1 and fake.tail == fake.head
+    _done(pt)
+
+
+@pytest.mark.parametrize("reader", ["python", "compiled"])
+def test_perf_batch_without_payloads_keeps_every_stamp(reader: str) -> None:
+    """What the engine reads when nobody decodes events (count and latency only)."""
+    fake = _FakeRing(1000)
+    want = _fill(fake)
+    pt = _reader(reader, fake)
+    b = pt.read_batch(payloads=False)
+    assert (b.pids, b.tids, b.times, b.cpus, b.raws) == (
+        [w[0] for w in want], [w[1] for w in want], [w[2] for w in want],
+        [w[3] for w in want], [],
+    )  # fmt: skip
+    assert (pt.counters.events, pt.counters.malformed, fake.tail) == (10, 1, fake.head)
+    _done(pt)
+
+
+def test_latency_histogram_in_bulk_matches_observe() -> None:
+    """The engine's count-only path builds the batch's latency histogram in bulk; it must
+    count exactly as one observe() per record, on the bounds and for stamps after now."""
+    import random
+
+    from tracefleet.agent.engine import Histogram
+
+    now = 10**12
+    rng = random.Random(18)
+    lat_ns = [int(b * 1e9) for b in Histogram().bounds]  # exactly on each bound
+    lat_ns += [x + d for x in lat_ns for d in (-1, 1)]
+    lat_ns += [rng.randrange(0, 20 * 10**9) for _ in range(500)] + [-5, -1, 0, 30 * 10**9]
+    stamps = [now - x for x in lat_ns]
+    want = Histogram()
+    for ts in stamps:
+        want.observe(max(0, now - ts) / 1e9)
+    got = userevents.latency_histogram(now, stamps)
+    assert got.counts == want.counts and got.count == len(stamps)
+    assert got.sum == pytest.approx(want.sum, rel=1e-12)
+    assert userevents.latency_histogram(now, []).count == 0

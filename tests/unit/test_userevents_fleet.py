@@ -86,7 +86,9 @@ class FakeConsumer:
         if name not in self.registered:
             raise userevents.UserEventsError(f"user:{name}: no such user_event is registered")
         self.event = types.SimpleNamespace(name=name)
-        self.perf = types.SimpleNamespace(rings=[], read=lambda: iter(()))
+        self.perf = types.SimpleNamespace(
+            rings=[], read=lambda: iter(()), read_batch=lambda payloads=True: userevents.PerfBatch()
+        )
         self.counters = types.SimpleNamespace(dropped=0)
         self.reported_drops = 0
 

@@ -7,19 +7,28 @@ program on that tracepoint never runs: payloads reach only ftrace and perf buffe
 agent opens one perf event per CPU on the tracepoint id with ``PERF_SAMPLE_RAW`` and reads
 the mmap'd rings; opening is what sets the bits, closing clears them.
 
-Records are decoded per batch (``BatchDecoder``: one struct call per record for all of its
-fixed fields, compiled once per event); building each Event is still Python per record.
+A ring is drained in one call per poll by compiled code where libtfring.so is built
+(``tf_perf_drain``, agent/native/fastring.c: samples into a fixed-layout index and a packed
+payload buffer, lost notices counted), and the batch is split into columns with strided
+memoryviews; without the library the rings are walked in Python, record by record (same
+results: tests/unit/test_userevents.py). Payloads are decoded per batch (``BatchDecoder``: one
+struct call per record for all of its fixed fields, compiled once per event); building each
+Event is still Python per record.
 Drops are the kernel's per-event lost counts (``PERF_FORMAT_LOST``), read after each read
 and before the rings close.
 """
 
 from __future__ import annotations
 
+import bisect
 import collections
 import ctypes
 import errno
+import itertools
 import logging
+import math
 import mmap
+import operator
 import os
 import random
 import re
@@ -450,6 +459,70 @@ class _Ring:
     mm: mmap.mmap
     data_off: int
     data_size: int
+    pin: Any = None  # ctypes view of mm (its address for the compiled reader); freed first
+
+
+# --- the compiled reader: tf_perf_drain in agent/native/fastring.c (libtfring.so) ----------
+_ENTRY_SIZE = 32  # struct tf_perf_entry: u32 pid, tid; u64 time; u32 cpu, raw_off, raw_len, pad
+_MIN_SAMPLE = 40  # smallest PERF_RECORD_SAMPLE in a ring (36 bytes, 8-aligned)
+_drain: tuple[Any, str] | None = None
+_drain_lock = threading.Lock()
+
+
+def compiled_reader_status() -> tuple[bool, str]:
+    """(the compiled perf-ring reader is usable, why). It is tf_perf_drain in libtfring.so
+    (`make native`); TRACEFLEET_FASTRING=off turns it off too. Without it the rings are
+    walked in Python (one step per record)."""
+    global _drain
+    with _drain_lock:
+        if _drain is None:
+            _drain = _load_drain()
+            if _drain[0] is None:
+                log.info("user_events perf rings: Python reader: %s", _drain[1])
+        return _drain[0] is not None, _drain[1]
+
+
+def _load_drain() -> tuple[Any, str]:
+    from tracefleet.agent._internal import fastring, libbpf
+
+    env = os.environ.get(fastring.ENV, "")
+    if env.lower() in fastring._OFF:
+        return None, f"disabled by {fastring.ENV}={env}"
+    path = fastring.library_path()
+    if not path.exists():
+        return None, f"{path} not built (run `make native`)"
+    try:
+        libbpf.lib()  # the libbpf.so.1 the library links against, set up first
+        fn = ctypes.CDLL(str(path)).tf_perf_drain
+    except (OSError, libbpf.LibbpfError) as e:
+        return None, f"{path} does not load: {e}"
+    except AttributeError:
+        return None, f"{path} lacks tf_perf_drain (rebuild: make native)"
+    vp, u64 = ctypes.c_void_p, ctypes.c_uint64
+    fn.argtypes = [vp, u64, u64, vp, ctypes.c_size_t, vp, ctypes.c_size_t, ctypes.POINTER(u64)]
+    fn.restype = ctypes.c_long
+    return fn, f"compiled reader {path}"
+
+
+@dataclass
+class PerfBatch:
+    """The samples of one read, by column (same order in each)."""
+
+    pids: list[int] = field(default_factory=list)
+    tids: list[int] = field(default_factory=list)
+    times: list[int] = field(default_factory=list)
+    cpus: list[int] = field(default_factory=list)
+    raws: list[bytes] = field(default_factory=list)
+
+    def extend(self, other: PerfBatch) -> None:
+        self.pids += other.pids
+        self.tids += other.tids
+        self.times += other.times
+        self.cpus += other.cpus
+        self.raws += other.raws
+
+    def __len__(self) -> int:
+        return len(self.pids)
 
 
 @dataclass
@@ -473,8 +546,17 @@ class PerfTracepoint:
     counters: Counters = field(default_factory=Counters)
     _record_lost: int = 0  # PERF_RECORD_LOST totals (what the kernel reported in-band)
     _format_lost: bool = True  # every ring reads its lost count (PERF_FORMAT_LOST)
+    # "auto": the compiled reader where libtfring.so has it, else Python; "compiled" (an
+    # error without it) or "python" force one
+    reader: str = "auto"
+    drain_calls: int = 0  # tf_perf_drain calls (one per ring and read unless a batch filled)
+    _fn: Any = None
+    _idx: bytearray = field(default_factory=bytearray)
+    _raw: bytearray = field(default_factory=bytearray)
+    _cap: int = 0  # entries _idx holds
 
     def open(self) -> None:
+        self._choose_reader()
         page = mmap.PAGESIZE
         try:
             for cpu in _online_cpus() if self.pid == -1 else [-1]:
@@ -487,9 +569,33 @@ class PerfTracepoint:
                     raise
                 doff, dsize = struct.unpack_from("<QQ", mm, _DOFF_OFF)
                 self.rings.append(_Ring(fd, mm, doff or page, dsize or self.pages * page))
+            self._attach_reader()
         except BaseException:
             self.close()
             raise
+
+    def _choose_reader(self) -> None:
+        if self.reader not in ("auto", "compiled", "python"):
+            raise ValueError(f"reader {self.reader!r}: use auto, compiled or python")
+        self._fn = None
+        if self.reader != "python":
+            ok, why = compiled_reader_status()
+            if ok and _drain is not None:
+                self._fn = _drain[0]
+            elif self.reader == "compiled":
+                raise UserEventsError(f"compiled perf-ring reader unavailable: {why}")
+
+    def _attach_reader(self) -> None:
+        """The compiled reader's view of each mapping and its output buffers: one call
+        drains a whole ring (as many entries and raw bytes as a ring can hold)."""
+        if self._fn is None or not self.rings:
+            return
+        for r in self.rings:
+            r.pin = ctypes.c_char.from_buffer(r.mm)
+        size = max(r.data_size for r in self.rings)
+        self._cap = size // _MIN_SAMPLE + 1
+        self._idx = bytearray(self._cap * _ENTRY_SIZE)
+        self._raw = bytearray(size)
 
     def _update_lost(self) -> None:
         """counters.dropped from the kernel's per-event lost counts: exact now, not at the
@@ -512,6 +618,7 @@ class PerfTracepoint:
         if self.rings:
             self._update_lost()
         for r in self.rings:
+            r.pin = None  # the mapping cannot close while a ctypes view exports it
             r.mm.close()
             os.close(r.fd)
         self.rings.clear()
@@ -530,6 +637,74 @@ class PerfTracepoint:
         return bool(p.poll(max(0, int(timeout_s * 1000))))
 
     def read(self) -> Iterator[tuple[int, int, int, int, bytes]]:
+        """Every sample in the rings as (pid, tid, time_ns, cpu, raw); read_batch() gives
+        them by column."""
+        b = self.read_batch()
+        return zip(b.pids, b.tids, b.times, b.cpus, b.raws, strict=True)
+
+    def read_batch(self, payloads: bool = True) -> PerfBatch:
+        """Every sample in the rings, by column; lost and malformed records counted.
+        ``payloads=False``: raws left empty (counting needs only the stamps)."""
+        if self._fn is None:
+            out = PerfBatch()
+            for pid, tid, ts, cpu, raw in self._walk():
+                out.pids.append(pid)
+                out.tids.append(tid)
+                out.times.append(ts)
+                out.cpus.append(cpu)
+                if payloads:
+                    out.raws.append(raw)
+            return out
+        return self._read_compiled(payloads)
+
+    def _read_compiled(self, payloads: bool) -> PerfBatch:
+        out = PerfBatch()
+        counts = (ctypes.c_uint64 * 4)()
+        idx = (ctypes.c_char * len(self._idx)).from_buffer(self._idx)
+        raw = (ctypes.c_char * len(self._raw)).from_buffer(self._raw)
+        try:
+            for r in self.rings:
+                more, calls = True, 0
+                # each call consumes a record at least: a ring holds at most this many
+                while more and calls <= r.data_size // _MIN_SAMPLE:
+                    calls += 1
+                    counts[:] = [0, 0, 0, 0]
+                    n = self._fn(ctypes.addressof(r.pin), r.data_off, r.data_size, idx,
+                                 self._cap, raw, len(self._raw), counts)  # fmt: skip
+                    self.drain_calls += 1
+                    if n < 0:
+                        raise UserEventsError(f"tf_perf_drain: {os.strerror(-n)}")
+                    self._record_lost += counts[0]
+                    self.counters.malformed += counts[1]
+                    more = bool(counts[3]) and n > 0
+                    if n:
+                        out.extend(self._columns(n, counts[2] if payloads else -1))
+        finally:
+            del idx, raw  # release the exports of the bytearrays
+        self.counters.events += len(out)
+        self._update_lost()
+        return out
+
+    def _columns(self, n: int, raw_used: int) -> PerfBatch:
+        """n entries of the index, by column: strided views, no Python step per record
+        (raw_used -1: no payloads)."""
+        mv = memoryview(self._idx)[: n * _ENTRY_SIZE]
+        u32, u64 = mv.cast("I"), mv.cast("Q")
+        raws: list[bytes] = []
+        if raw_used >= 0:
+            offs = u32[5::8].tolist()
+            ends = list(map(operator.add, offs, u32[6::8].tolist()))
+            blob = bytes(memoryview(self._raw)[:raw_used])
+            raws = list(map(blob.__getitem__, map(slice, offs, ends)))
+        b = PerfBatch(u32[0::8].tolist(), u32[1::8].tolist(), u64[1::4].tolist(),
+                      u32[4::8].tolist(), raws)  # fmt: skip
+        u32.release()
+        u64.release()
+        mv.release()
+        return b
+
+    def _walk(self) -> Iterator[tuple[int, int, int, int, bytes]]:
+        """The Python reader: the rings walked one record at a time."""
         for r in self.rings:
             mm = r.mm
             (head,) = struct.unpack_from("<Q", mm, _HEAD_OFF)
@@ -600,12 +775,10 @@ class UserEventConsumer:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         # TIME is CLOCK_MONOTONIC (use_clockid): the syscall path's offset to wall time
         offset = WALL_CLOCK.offset_at(now)
-        comms: dict[int, str] = {}  # one /proc read per pid and batch, not per record
-        recs = list(self.perf.read())
-        decoded = self.decoder.decode([r[4] for r in recs])  # the whole batch at once
-        for (pid, tid, ts, _cpu, _raw), args in zip(recs, decoded, strict=True):
-            if pid not in comms:
-                comms[pid] = _comm(pid)
+        b = self.perf.read_batch()
+        decoded = self.decoder.decode(b.raws)  # the whole batch at once
+        comms = {pid: _comm(pid) for pid in set(b.pids)}  # one /proc read per pid and batch
+        for pid, tid, ts, args in zip(b.pids, b.tids, b.times, decoded, strict=True):
             out.append(
                 Event(
                     ts_ns=ts,
@@ -622,6 +795,20 @@ class UserEventConsumer:
                 )
             )
         return out
+
+
+def latency_histogram(now_ns: int, stamps: Sequence[int]) -> Any:
+    """The Histogram of max(0, now - ts) seconds over a batch, built in bulk (sort, then one
+    bisect per bound) rather than an observe() per record; same counts as observe()."""
+    from tracefleet.agent.engine import Histogram
+
+    h = Histogram()
+    lat = sorted(map(operator.truediv, map(now_ns.__sub__, stamps), itertools.repeat(1e9)))
+    neg = bisect.bisect_left(lat, 0.0)  # stamps after now: observed as 0
+    cum = [bisect.bisect_right(lat, b) for b in h.bounds]  # values <= each bound
+    counts = [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)] + [len(lat) - cum[-1]]
+    h.add_counts(counts, math.fsum(lat) - math.fsum(lat[:neg]))
+    return h
 
 
 # --------------------------------------------------------------------------------------------
@@ -840,7 +1027,7 @@ class UserEventsEngine:
         decode = bool(self._sinks) or rate > 0
         # nobody reads the events (no export, no sampling): count them, decode nothing
         evs = c.poll(0) if decode else []
-        stamps = [e.ts_ns for e in evs] if decode else [r[2] for r in c.perf.read()]
+        stamps = [e.ts_ns for e in evs] if decode else c.perf.read_batch(payloads=False).times
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         for table in (self._agg, self._cum):
             sa = self._set_agg(table, name)
@@ -849,11 +1036,7 @@ class UserEventsEngine:
                 by = sa.events_by_syscall
                 by[USER_SYSCALL_KEY] = by.get(USER_SYSCALL_KEY, 0) + len(stamps)
         if stamps:  # the batch's latencies, added to the interval and to the totals
-            from tracefleet.agent.engine import Histogram
-
-            h = Histogram()
-            for ts in stamps:
-                h.observe(max(0, now - ts) / 1e9)
+            h = latency_histogram(now, stamps)
             for table in (self._agg, self._cum):
                 lat = self._set_agg(table, name).latency
                 lat.add(h)
