@@ -48,6 +48,17 @@ def test_parse_format_unsized_char_array_takes_its_size() -> None:
     assert (f.name, f.type, f.kind) == ("msg", "char[16]", "chars")
 
 
+@pytest.mark.parametrize("printed", ["1669504", "0", "16"])
+def test_parse_format_array_dimension_comes_from_size(printed: str) -> None:
+    # the 6.12 guest's format file once said "char msg[1669504]" for a char[16] (the kernel
+    # prints a field length user_events never sets): `tracefleet-agent probe` showed it
+    text = f"ID: 5\n\tfield:char msg[{printed}];\toffset:12;\tsize:16;\tsigned:1;\n"
+    _, (f,) = userevents.parse_format(text)
+    assert (f.name, f.type, f.kind, f.size) == ("msg", "char[16]", "chars", 16)
+    text = "ID: 5\n\tfield:u32 vals[9];\toffset:12;\tsize:8;\tsigned:0;\n"
+    assert userevents.parse_format(text)[1][0].type == "u32[2]"
+
+
 def test_parse_format_without_id_is_a_named_error() -> None:
     with pytest.raises(userevents.UserEventsError, match="no 'ID:' line"):
         userevents.parse_format("format:\n")

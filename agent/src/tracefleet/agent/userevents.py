@@ -122,6 +122,11 @@ class UserEvent:
         }
 
 
+# element sizes of the fixed arrays a user_event can declare (the format's size is the array's)
+_ELEM_SIZE = {"char": 1, "unsigned char": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
+              "u32": 4, "int": 4, "unsigned int": 4, "s64": 8, "u64": 8, "long": 8,
+              "unsigned long": 8}  # fmt: skip
+
 _FIELD_LINE = re.compile(
     r"^\s*field:(?P<decl>[^;]+);\s*offset:(?P<off>\d+);\s*size:(?P<size>\d+);"
     r"\s*signed:(?P<signed>\d+);"
@@ -146,8 +151,12 @@ def parse_format(text: str) -> tuple[int, tuple[Field, ...]]:
         size = int(m.group("size"))
         if "[" in name:  # "char msg[16]" -> type char[16], name msg
             name, _, dim = name.partition("[")
-            if dim == "]" and "loc" not in ftype:  # 6.12 prints "char msg[]" for char[16]
-                dim = f"{size}]"
+            elem = _ELEM_SIZE.get(ftype.strip())
+            if "loc" not in ftype and elem and size % elem == 0:
+                # the dimension from size: 6.12 prints a registered char[16] as "char msg[]",
+                # once as "char msg[1669504]" (apparently a length user_events leaves unset in
+                # the field, printed by the format file); size is right
+                dim = f"{size // elem}]"
             ftype = f"{ftype}[{dim}"
         if name.startswith("common_"):
             continue
