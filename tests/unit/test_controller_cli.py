@@ -166,3 +166,44 @@ def test_a_signal_ends_the_cli_even_when_grpc_never_lets_go(tmp_path):
         pytest.fail("the CLI ignored SIGTERM while its stream hung")
     assert p.returncode == 130
     assert "did not close within" in err and "exiting" in err
+
+
+def test_status_shows_kernel_skipped_runs_once_in_table_and_json():
+    """The kernel-skipped runs an agent reports reach `status` (table and -o json) summed
+    once: a resent batch (same instance and seq) does not add them again. A set with skips
+    and no call accounting (vfs) is listed too, its PENDING not computed."""
+    from tracefleet.controller._internal.fleet import Connection
+    from tracefleet.v1 import agent_pb2
+
+    c = InProcessController()
+    try:
+        ctl = c.controller
+        reg = agent_pb2.Register(node_name="ks1", instance_id="i1", event_sets=["file", "vfs"])
+        node = c.call(ctl.on_register, reg, Connection())
+        for seq, (entry, exit_) in enumerate([(3, 1), (4, 0)], start=1):
+            b = agent_pb2.ResultBatch(instance_id="i1", seq=seq, interval_end_ns=1)
+            b.sets.add(event_set="file", delivered=5, passed=6, lost=1, lost_deleted=1,
+                       kernel_missed_entry=entry, kernel_missed_exit=exit_)  # fmt: skip
+            b.sets.add(event_set="vfs", delivered=9, kernel_missed_entry=2)
+            c.call(ctl.on_batch, node, b)
+        c.call(ctl.on_batch, node, b)  # the last one again, as after a reconnect: ignored
+        addr = ["--controller", c.address]
+        code, out, _ = run(*addr, "status", "-o", "json")
+        assert code == 0
+        [n] = json.loads(out)["nodes"]
+        totals = {t["event_set"]: t for t in n["totals"]}
+        assert int(totals["file"]["kernel_missed_entry"]) == 7
+        assert int(totals["file"]["kernel_missed_exit"]) == 1
+        assert int(totals["vfs"]["kernel_missed_entry"]) == 4
+        assert int(n["batches_duplicate"]) == 1
+        code, out, _ = run(*addr, "status")
+        assert code == 0
+        lines = out.splitlines()
+        [title] = [ln for ln in lines if ln.startswith("calls that passed the filters")]
+        assert "KERNEL SKIPPED: runs of the set's programs the kernel skipped" in title
+        assert "KERNEL SKIPPED ENTRY/EXIT" in lines[lines.index(title) + 1]
+        rows = {r[1]: r for ln in lines if (r := ln.split())[:1] == ["ks1"] and len(r) == 12}
+        assert rows["file"][2] == "12" and rows["file"][-2:] == ["0", "7/1"], out
+        assert rows["vfs"][2] == "0" and rows["vfs"][-2:] == ["-", "4/0"], out
+    finally:
+        c.stop()

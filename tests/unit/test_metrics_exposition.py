@@ -266,6 +266,7 @@ def _controller_fed() -> tuple[Controller, cm.FleetTotals, list[Any]]:
                 sa.lost_inflight_full, sa.lost_inflight_stale, sa.lost_deleted = i + 1, j, 2
                 sa.lost = sa.lost_inflight_full + sa.lost_inflight_stale + sa.lost_deleted
                 sa.prefix_filtered, sa.decode_errors = 3 * i + j, j
+                sa.kernel_missed_entry, sa.kernel_missed_exit = i + j, 2 * i + 1
                 sa.passed = (sa.delivered + sa.dropped + sa.lost + sa.prefix_filtered
                              + sa.decode_errors)  # fmt: skip
             b = _batch_pb(agg, [], replayed=False)
@@ -319,6 +320,10 @@ def test_controller_merges_batches_exactly():
             assert _samples(fam, "_total", **lbl)[0].value == want
             fam = fams["tracefleet_controller_records_undecodable"]
             assert _samples(fam, "_total", **lbl)[0].value == sum(s.decode_errors for s in sets)
+            fam = fams["tracefleet_controller_bpf_runs_missed"]
+            for stage in ("entry", "exit"):
+                want = sum(getattr(s, f"kernel_missed_{stage}") for s in sets)
+                assert _samples(fam, "_total", **lbl, stage=stage)[0].value == want > 0
             for outcome in OUTCOMES:
                 want = sum(s.outcomes.get(("synthetic", outcome), 0) for s in sets)
                 got = _samples(

@@ -165,12 +165,14 @@ def test_store_adds_the_call_accounting_columns_in_place(tmp_path):
     b = batch(5, 1)
     s = b.sets[0]
     s.passed, s.lost, s.lost_inflight_full, s.prefix_filtered, s.decode_errors = 9, 2, 2, 1, 0
+    s.kernel_missed_entry, s.kernel_missed_exit = 4, 7
     led.apply("n", b)
     store.put_ledger(led.changes())
     store.close()
     c = Ledger(Store(path).ledger()).nodes["n"].sets["file"]
     assert (c.delivered, c.dropped, c.passed, c.lost, c.lost_inflight_full) == (15, 3, 9, 2, 2)
     assert c.prefix_filtered == 1
+    assert (c.kernel_missed_entry, c.kernel_missed_exit) == (4, 7)  # columns added in place
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -188,6 +190,7 @@ def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, see
     in_flight: list[agent_pb2.ResultBatch] = []  # written, not yet read by the controller
     up = True
     passed = 0
+    missed = [0, 0]  # kernel-skipped entry and exit runs, outside the identity
     for _ in range(3000):
         r = rng.random()
         if r < 0.3:
@@ -203,6 +206,9 @@ def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, see
             s.prefix_filtered, s.decode_errors = rng.randrange(0, 20), rng.randrange(0, 2)
             s.passed = n + n // 7 + s.lost + s.prefix_filtered + s.decode_errors
             passed += s.passed
+            s.kernel_missed_entry, s.kernel_missed_exit = rng.randrange(0, 5), rng.randrange(0, 9)
+            missed[0] += s.kernel_missed_entry
+            missed[1] += s.kernel_missed_exit
             ob.add(b)
         elif r < 0.55 and up:
             b = ob.next_to_send(cursor)
@@ -262,6 +268,8 @@ def test_random_outages_and_crashes_count_every_event_exactly_once(tmp_path, see
     # the call accounting of discarded batches is carried, not lost: the identity holds in
     # the controller's totals, every count once
     assert sum(c.passed for c in final.sets.values()) == passed
+    assert [sum(c.kernel_missed_entry for c in final.sets.values()),
+            sum(c.kernel_missed_exit for c in final.sets.values())] == missed  # fmt: skip
     for c in final.sets.values():
         assert c.lost == c.lost_inflight_full + c.lost_inflight_stale + c.lost_deleted
         assert c.passed == (c.delivered + c.dropped + c.discarded + c.lost + c.prefix_filtered

@@ -750,6 +750,7 @@ class Console:
         self.status_seen = threading.Event()
         self.partial = ""  # the console's last, unfinished line
         self.done = 0  # finished tests seen (quiet mode progress)
+        self._last_done = time.monotonic()  # each test's wall time shows where a stage's time goes
         self._stream, self._prefix, self._echo = stream, prefix, echo
         self._log = log.open("wb")  # written and closed by the thread only
         self._rx = marker_regex(nonce)
@@ -805,7 +806,9 @@ class Console:
         m = _PROGRESS.match(line.strip())
         if m:
             self.done += 1
-            text = f"{m.group('outcome'):7} {m.group('nodeid')} ({self.done} done)"
+            now = time.monotonic()
+            took, self._last_done = now - self._last_done, now
+            text = f"{m.group('outcome'):7} {m.group('nodeid')} ({self.done} done, {took:.0f} s)"
         elif self._rx.search(line) and ("STAGE" in line or "ERROR" in line):
             text = line[line.index("@@TFVM") :]
         else:

@@ -839,6 +839,8 @@ def _batch_pb(
             lost_deleted=s.lost_deleted,
             prefix_filtered=s.prefix_filtered,
             decode_errors=s.decode_errors,
+            kernel_missed_entry=s.kernel_missed_entry,
+            kernel_missed_exit=s.kernel_missed_exit,
             latency=types_pb2.Histogram(
                 bounds=s.latency.bounds, counts=s.latency.counts, sum=s.latency.sum
             ),

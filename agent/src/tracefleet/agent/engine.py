@@ -55,6 +55,10 @@ class SetAggregate:
     lost_deleted: int = 0
     prefix_filtered: int = 0  # dropped at exit by the path-prefix filter (in the kernel)
     decode_errors: int = 0  # records read but not decodable: not delivered
+    # entry (exit) program runs the kernel skipped (recursion guard), outside the identity:
+    # a skipped entry's call is not in passed, a skipped exit's ends in lost_deleted
+    kernel_missed_entry: int = 0
+    kernel_missed_exit: int = 0
     latency: Histogram = field(default_factory=Histogram)  # syscall entry -> decoded in agent
 
 

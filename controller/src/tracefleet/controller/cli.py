@@ -729,7 +729,7 @@ STATUS_HEADERS = [
 
 CALLS_HEADERS = [
     "NODE", "SET", "PASSED", "DELIVERED", "DROPPED", "DISCARDED", "LOST", "LOST FULL/STALE/DEL",
-    "PREFIX-FILTERED", "UNDECODABLE", "PENDING",
+    "PREFIX-FILTERED", "UNDECODABLE", "PENDING", "KERNEL SKIPPED ENTRY/EXIT",
 ]  # fmt: skip
 
 
@@ -739,7 +739,8 @@ def _calls_row(node: str, t: control_pb2.SetTotals) -> list[object]:
     return [
         node, t.event_set, t.passed, t.delivered, t.dropped, t.discarded, t.lost,
         f"{t.lost_inflight_full}/{t.lost_inflight_stale}/{t.lost_deleted}", t.prefix_filtered,
-        t.decode_errors, t.passed - accounted,
+        t.decode_errors, t.passed - accounted if t.passed else "-",  # a set listed for its skips
+        f"{t.kernel_missed_entry}/{t.kernel_missed_exit}",
     ]  # fmt: skip
 
 
@@ -840,10 +841,14 @@ def cmd_status(ctx: Ctx) -> int:
                     *short]  # fmt: skip
         out += user_events_text(st.nodes)
         # syscall sets: where every call that passed the filters went
-        calls = [_calls_row(n.name, t) for n in st.nodes for t in n.totals if t.passed]
+        calls = [_calls_row(n.name, t) for n in st.nodes for t in n.totals
+                 if t.passed or t.kernel_missed_entry or t.kernel_missed_exit]  # fmt: skip
         if calls:
             out += ["", "calls that passed the filters (totals; PENDING: in flight or not "
-                    "reported yet, 0 once quiet):", render.table(CALLS_HEADERS, calls)]  # fmt: skip
+                    "reported yet, 0 once quiet; KERNEL SKIPPED: runs of the set's programs the "
+                    "kernel skipped, another BPF program was running on that CPU: a skipped "
+                    "entry's call is not in PASSED, a skipped exit's ends in LOST):",
+                    render.table(CALLS_HEADERS, calls)]  # fmt: skip
         if st.rules:
             rule_rows = []
             for r in st.rules:

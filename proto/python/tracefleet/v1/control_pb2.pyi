@@ -126,7 +126,7 @@ class NodeStatus(_message.Message):
     def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., kernel_version: _Optional[str] = ..., agent_version: _Optional[str] = ..., strategies: _Optional[_Iterable[_Union[_types_pb2.StrategyChoice, _Mapping]]] = ..., state: _Optional[_Union[NodeState, str]] = ..., applied_generation: _Optional[int] = ..., desired_generation: _Optional[int] = ..., pending: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[_types_pb2.SetStatus, _Mapping]]] = ..., events_per_second: _Optional[float] = ..., faults_per_second: _Optional[float] = ..., drops_per_second: _Optional[float] = ..., totals: _Optional[_Iterable[_Union[SetTotals, _Mapping]]] = ..., batches_applied: _Optional[int] = ..., batches_duplicate: _Optional[int] = ..., batches_discarded: _Optional[int] = ..., user_events: _Optional[_Union[_types_pb2.UserEventsReport, _Mapping]] = ...) -> None: ...
 
 class SetTotals(_message.Message):
-    __slots__ = ("event_set", "delivered", "dropped", "discarded", "passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted", "prefix_filtered", "decode_errors")
+    __slots__ = ("event_set", "delivered", "dropped", "discarded", "passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted", "prefix_filtered", "decode_errors", "kernel_missed_entry", "kernel_missed_exit")
     EVENT_SET_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_FIELD_NUMBER: _ClassVar[int]
     DROPPED_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +138,8 @@ class SetTotals(_message.Message):
     LOST_DELETED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FILTERED_FIELD_NUMBER: _ClassVar[int]
     DECODE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_MISSED_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_MISSED_EXIT_FIELD_NUMBER: _ClassVar[int]
     event_set: str
     delivered: int
     dropped: int
@@ -149,7 +151,9 @@ class SetTotals(_message.Message):
     lost_deleted: int
     prefix_filtered: int
     decode_errors: int
-    def __init__(self, event_set: _Optional[str] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., discarded: _Optional[int] = ..., passed: _Optional[int] = ..., lost: _Optional[int] = ..., lost_inflight_full: _Optional[int] = ..., lost_inflight_stale: _Optional[int] = ..., lost_deleted: _Optional[int] = ..., prefix_filtered: _Optional[int] = ..., decode_errors: _Optional[int] = ...) -> None: ...
+    kernel_missed_entry: int
+    kernel_missed_exit: int
+    def __init__(self, event_set: _Optional[str] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., discarded: _Optional[int] = ..., passed: _Optional[int] = ..., lost: _Optional[int] = ..., lost_inflight_full: _Optional[int] = ..., lost_inflight_stale: _Optional[int] = ..., lost_deleted: _Optional[int] = ..., prefix_filtered: _Optional[int] = ..., decode_errors: _Optional[int] = ..., kernel_missed_entry: _Optional[int] = ..., kernel_missed_exit: _Optional[int] = ...) -> None: ...
 
 class Rule(_message.Message):
     __slots__ = ("event_set", "enabled", "selector", "filters", "canary_percent", "sample_rate", "expires_at", "expired", "generation", "matched_nodes", "export")

@@ -169,7 +169,7 @@ class OutcomeCount(_message.Message):
     def __init__(self, strategy: _Optional[str] = ..., outcome: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class SetAggregate(_message.Message):
-    __slots__ = ("event_set", "events_by_syscall", "outcomes", "delivered", "dropped", "latency", "discarded", "passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted", "prefix_filtered", "decode_errors")
+    __slots__ = ("event_set", "events_by_syscall", "outcomes", "delivered", "dropped", "latency", "discarded", "passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted", "prefix_filtered", "decode_errors", "kernel_missed_entry", "kernel_missed_exit")
     class EventsBySyscallEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,8 @@ class SetAggregate(_message.Message):
     LOST_DELETED_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FILTERED_FIELD_NUMBER: _ClassVar[int]
     DECODE_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_MISSED_ENTRY_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_MISSED_EXIT_FIELD_NUMBER: _ClassVar[int]
     event_set: str
     events_by_syscall: _containers.ScalarMap[str, int]
     outcomes: _containers.RepeatedCompositeFieldContainer[OutcomeCount]
@@ -205,7 +207,9 @@ class SetAggregate(_message.Message):
     lost_deleted: int
     prefix_filtered: int
     decode_errors: int
-    def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ..., discarded: _Optional[int] = ..., passed: _Optional[int] = ..., lost: _Optional[int] = ..., lost_inflight_full: _Optional[int] = ..., lost_inflight_stale: _Optional[int] = ..., lost_deleted: _Optional[int] = ..., prefix_filtered: _Optional[int] = ..., decode_errors: _Optional[int] = ...) -> None: ...
+    kernel_missed_entry: int
+    kernel_missed_exit: int
+    def __init__(self, event_set: _Optional[str] = ..., events_by_syscall: _Optional[_Mapping[str, int]] = ..., outcomes: _Optional[_Iterable[_Union[OutcomeCount, _Mapping]]] = ..., delivered: _Optional[int] = ..., dropped: _Optional[int] = ..., latency: _Optional[_Union[Histogram, _Mapping]] = ..., discarded: _Optional[int] = ..., passed: _Optional[int] = ..., lost: _Optional[int] = ..., lost_inflight_full: _Optional[int] = ..., lost_inflight_stale: _Optional[int] = ..., lost_deleted: _Optional[int] = ..., prefix_filtered: _Optional[int] = ..., decode_errors: _Optional[int] = ..., kernel_missed_entry: _Optional[int] = ..., kernel_missed_exit: _Optional[int] = ...) -> None: ...
 
 class StringList(_message.Message):
     __slots__ = ("values",)

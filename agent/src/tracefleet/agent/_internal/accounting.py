@@ -59,6 +59,7 @@ class Accounting:
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self.cleared: collections.Counter[str] = collections.Counter()  # detach clear-out
         self._last_agent_lost: dict[str, int] = {}  # reaped + cleared at the last collect()
+        self._last_missed: dict[str, tuple[int, int]] = {}  # kernel_missed() at the last one
         # (set, namespace) -> events, when opted in (namespace_budget); "" = not in a pod
         self.namespace_events: collections.Counter[tuple[str, str]] = collections.Counter()
         self._run_stats_fd: int | None = None
@@ -148,6 +149,8 @@ class Accounting:
             user, self.user_recovered = self.user_recovered, collections.Counter()
             agent_lost = {n: self.reaped[n] + self.cleared[n] for n in self._sets}
             prev_lost, self._last_agent_lost = self._last_agent_lost, agent_lost
+            missed = {n: self.kernel_missed(n) for n in self._sets}
+            prev_missed, self._last_missed = self._last_missed, missed
             # the consumer thread may still add to the interval just swapped out: it moves
             # into the settled totals one collect() later
             for name, sa in list(self._pending.sets.items()):
@@ -163,7 +166,10 @@ class Accounting:
                 return kernel[i] - prev[i]
 
             d = {s: delta(s) for s in Stat}
-            if not any(d.values()) and name not in agg.sets:
+            # per-program counters, from 0 at each load: below the last value = new programs
+            was = prev_missed.get(name, (0, 0))
+            m = [c - p if c >= p else c for c, p in zip(missed[name], was, strict=True)]
+            if not any(d.values()) and not any(m) and name not in agg.sets:
                 continue
             sa = agg.sets.setdefault(name, SetAggregate())
             sa.dropped = d[Stat.DROPPED]
@@ -174,6 +180,7 @@ class Accounting:
                 d[Stat.INFLIGHT_FULL], d[Stat.INFLIGHT_STALE]
             )  # fmt: skip
             sa.lost_deleted, sa.prefix_filtered = deleted, d[Stat.PREFIX_FILTERED]
+            sa.kernel_missed_entry, sa.kernel_missed_exit = m
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             truncated_user = user.get(f"{name}/truncated", 0)
@@ -221,6 +228,7 @@ class Accounting:
             )  # fmt: skip
             sa.lost_deleted = self.reaped[name] + self.cleared[name]
             sa.prefix_filtered = k[Stat.PREFIX_FILTERED]
+            sa.kernel_missed_entry, sa.kernel_missed_exit = self.kernel_missed(name)
             strat = st.loaded.strategy.label if st.loaded else "none"
             recovered_user = user.get(name, 0)
             truncated_user = user.get(f"{name}/truncated", 0)

@@ -18,8 +18,9 @@ carried into the next batch that is kept (``SetAggregate.discarded``,
 ``ResultBatch.lost_intervals``), so that for every event the agent produced the controller
 receives exactly one of: the event counted, or the event counted as discarded. The call
 accounting of a discarded batch (``passed``, ``lost`` and its parts, ``prefix_filtered``,
-``decode_errors``: counts, not events) is carried into that batch as is, so the controller's
-``passed = delivered + dropped + discarded + lost + prefix_filtered + decode_errors`` holds.
+``decode_errors``, and the kernel's skipped runs: counts, not events) is carried into that
+batch as is, so the controller's ``passed = delivered + dropped + discarded + lost +
+prefix_filtered + decode_errors`` holds.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from tracefleet.v1 import agent_pb2
 
 # SetAggregate counts carried unchanged from a discarded batch into the next one kept
 _CARRIED = ("passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted",
-            "prefix_filtered", "decode_errors")  # fmt: skip
+            "prefix_filtered", "decode_errors", "kernel_missed_entry",
+            "kernel_missed_exit")  # fmt: skip
 
 
 @dataclass

@@ -52,8 +52,9 @@ class Outcome(Enum):
 
 # SetAggregate's call accounting, summed like delivered: for the syscall sets, once the
 # node is quiet, passed = delivered + dropped + discarded + lost + prefix_filtered +
-# decode_errors (lost = lost_inflight_full + lost_inflight_stale + lost_deleted). Totals of
-# a database from before these columns count from the upgrade on.
+# decode_errors (lost = lost_inflight_full + lost_inflight_stale + lost_deleted). Summed the
+# same way, outside that identity: kernel_missed_entry/_exit, program runs the kernel skipped.
+# Totals of a database from before these columns count from the upgrade on.
 ACCOUNTING = SET_ACCOUNTING
 
 
@@ -69,6 +70,8 @@ class SetCounts:
     lost_deleted: int = 0
     prefix_filtered: int = 0
     decode_errors: int = 0
+    kernel_missed_entry: int = 0
+    kernel_missed_exit: int = 0
 
     def copy(self) -> SetCounts:
         return dataclasses.replace(self)

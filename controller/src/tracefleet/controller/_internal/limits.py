@@ -221,7 +221,7 @@ class Limits:
             counts = [s.delivered, s.dropped, s.discarded, *s.events_by_syscall.values(),
                       *(o.count for o in s.outcomes), s.passed, s.lost, s.lost_inflight_full,
                       s.lost_inflight_stale, s.lost_deleted, s.prefix_filtered,
-                      s.decode_errors]  # fmt: skip
+                      s.decode_errors, s.kernel_missed_entry, s.kernel_missed_exit]  # fmt: skip
             if max(counts) > MAX_COUNT:
                 why = (f"event set {s.event_set}: a count of {max(counts)} is beyond the limit "
                        f"of {MAX_COUNT} per batch")  # fmt: skip

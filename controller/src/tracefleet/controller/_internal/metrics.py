@@ -47,7 +47,7 @@ from tracefleet.model.names import OUTCOMES
 log = logging.getLogger("tracefleet.controller.metrics")
 
 ALLOWED_LABELS = frozenset(
-    {"node", "event_set", "syscall", "strategy", "outcome", "kind", "reason"}
+    {"node", "event_set", "syscall", "strategy", "outcome", "kind", "reason", "stage"}
 )
 REFUSAL_REASONS = (*REASONS, *(f"tls_{r}" for r in HANDSHAKE_REASONS))
 
@@ -118,6 +118,14 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("node", "event_set"),
         "Records an agent read from the ring buffer but could not decode (not delivered).",
+    ),
+    "tracefleet_controller_bpf_runs_missed_total": (
+        "counter",
+        ("node", "event_set", "stage"),
+        "Runs of the event set's programs the kernel skipped (its per-CPU recursion guard: a "
+        "BPF program was already running on that CPU), as reported; stage entry: a call the "
+        "filters never saw, of any process (not in calls passed); stage exit: its in-flight "
+        "entry is deleted later and counted in calls lost.",
     ),
     "tracefleet_controller_syscall_events_total": (
         "counter",
@@ -347,6 +355,11 @@ class ControllerCollector(Collector):
                 fams["tracefleet_controller_records_undecodable_total"].add_metric(
                     labels, c.decode_errors
                 )
+                for stage, count in (("entry", c.kernel_missed_entry),
+                                     ("exit", c.kernel_missed_exit)):  # fmt: skip
+                    fams["tracefleet_controller_bpf_runs_missed_total"].add_metric(
+                        [*labels, stage], count
+                    )
             fams["tracefleet_controller_batches_total"].add_metric([node], counts.applied)
             fams["tracefleet_controller_batches_duplicate_total"].add_metric(
                 [node], counts.duplicate

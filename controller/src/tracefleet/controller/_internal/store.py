@@ -22,9 +22,10 @@ from tracefleet.model.filters import Filters
 
 _SCHEMA_VERSION = 2
 # set_totals' call accounting columns (ledger.SetCounts' fields after delivered, dropped,
-# discarded), added in place to older databases
+# discarded), added in place to older databases; then the program runs the kernel skipped
 SET_ACCOUNTING = ("passed", "lost", "lost_inflight_full", "lost_inflight_stale", "lost_deleted",
-                  "prefix_filtered", "decode_errors")  # fmt: skip
+                  "prefix_filtered", "decode_errors", "kernel_missed_entry",
+                  "kernel_missed_exit")  # fmt: skip
 _SET_COLUMNS = ", ".join(("node", "event_set", "delivered", "dropped", "discarded",
                           *SET_ACCOUNTING))  # fmt: skip
 _SCHEMA = """
@@ -63,6 +64,8 @@ CREATE TABLE IF NOT EXISTS set_totals (
     lost_deleted INTEGER NOT NULL DEFAULT 0,
     prefix_filtered INTEGER NOT NULL DEFAULT 0,
     decode_errors INTEGER NOT NULL DEFAULT 0,
+    kernel_missed_entry INTEGER NOT NULL DEFAULT 0,
+    kernel_missed_exit INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (node, event_set)
 );
 CREATE TABLE IF NOT EXISTS node_batches (
