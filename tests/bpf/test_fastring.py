@@ -213,7 +213,7 @@ def test_compiled_consumer_push_cannot_undo_add_sink(host: None) -> None:
         rb = eng._rb
         consumer = threading.Thread(target=eng.poll_once, args=(0,), name="test-consumer")
         lib = rb._lib = _PausingLib(rb._lib, consumer)
-        eng._sync_lock = _SignallingLock(lib)
+        eng.ring._sync_lock = _SignallingLock(lib)
         consumer.start()
         lib.paused.wait()  # the consumer has read the state (no sink) and pushes it now
         seen: list[dict[str, Any]] = []

@@ -244,7 +244,7 @@ def test_health_turns_503_when_the_consumer_thread_dies(capture, workloads):
         status, body = _get(server.port, "/healthz")
         assert status == 200 and body.startswith("ok:"), body
         _fail_once(cap.engine, _Killed("injected"))
-        thread = cap.engine._thread
+        thread = cap.engine.ring._thread
         wait_until(lambda: not thread.is_alive(), DEADLINE, "the consumer thread to end")
         status, body = _get(server.port, "/healthz")
         assert status == 503, body
@@ -303,7 +303,7 @@ def test_health_turns_503_when_the_consumer_stalls(capture, workloads):
     server = metrics.serve(cap.engine, "node-t", "127.0.0.1:0", bpf_stats=False)
     unblock = threading.Event()
     blocked = threading.Event()
-    real = cap.engine.poll_once
+    real = cap.engine.ring.poll_once
 
     def stuck_poll(*a: Any, **kw: Any) -> Any:
         if not unblock.is_set():
@@ -312,7 +312,7 @@ def test_health_turns_503_when_the_consumer_stalls(capture, workloads):
         return real(*a, **kw)
 
     try:
-        cap.engine.poll_once = stuck_poll
+        cap.engine.ring.poll_once = stuck_poll
         assert blocked.wait(DEADLINE)
         _, body = wait_until(
             lambda: (r := _get(server.port, "/healthz"))[0] == 503 and r,
@@ -338,15 +338,15 @@ def test_unusable_records_are_counted_as_decode_errors_not_delivered(capture):
     cap = capture(["file"], None, Filters(comms=("tf-no-such-comm",)), hold_seconds=3600)
     eng = cap.engine
     # only our records: the consumer thread polls nothing (and does not spin)
-    eng.poll_once = lambda *a, **kw: time.sleep(0.02) or 0  # type: ignore[method-assign]
+    eng.ring.poll_once = lambda *a, **kw: time.sleep(0.02) or 0  # type: ignore[method-assign]
     before = {n: sa.delivered for n, sa in eng.totals().items()}
     hdr = TfHdr(ts_ns=1, pid=1, tid=1, kind=99, syscall=1, event_set=0)
-    eng._on_record(b"\x01" * 7)
-    eng._on_record(bytes(hdr) + b"\0" * 64)
+    eng.ring.on_record(b"\x01" * 7)
+    eng.ring.on_record(bytes(hdr) + b"\0" * 64)
     good = TfEvent()
     good.hdr = hdr
     good.hdr.kind = 1
-    eng._on_record(encode_record(good))  # a well-formed openat record (records vary in length)
+    eng.ring.on_record(encode_record(good))  # a well-formed openat record (records vary in length)
     assert eng.errors.snapshot() == {("unknown", "decode"): 1, ("file", "decode"): 1}
     assert eng.totals()["file"].delivered - before.get("file", 0) == 1
     assert [e["syscall"] for e in cap.events[-1:]] == ["openat"]

@@ -33,13 +33,13 @@ class Tapped:
         self.raws: list[bytes] = []
         self.eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, hold_seconds=3600,
                                            sets=(set_name,)))  # fmt: skip
-        consume = self.eng._on_record
+        consume = self.eng.ring.on_record
 
         def tap(raw: bytes, *rest: Any) -> None:  # (raw, receive time, flags) or (raw,)
             self.raws.append(bytes(raw))
             consume(raw, *rest)
 
-        self.eng._on_record = tap  # type: ignore[method-assign]
+        self.eng.ring.on_record = tap  # type: ignore[method-assign]
         self.eng.add_sink(lambda ev: None)  # decode every record, as a real consumer does
         st = self.eng.apply({set_name: EventSetConfig(set_name, True, Filters(comms=(comm,)))})
         assert [s for s in st if s.name == set_name and s.enabled and s.attached], st
@@ -143,6 +143,6 @@ def test_truncated_records_are_counted_as_decode_errors(tapped: Any) -> None:
     before = t.eng.errors.counts[("file", "decode")]
     cuts = [len(raw) - 1, len(raw) - 5, TfEvent.str.offset + 3, 90]
     for cut in cuts:  # a real record cut short, and one with a byte too many
-        t.eng._on_record(raw[:cut])
-    t.eng._on_record(raw + b"\0")
+        t.eng.ring.on_record(raw[:cut])
+    t.eng.ring.on_record(raw + b"\0")
     assert t.eng.errors.counts[("file", "decode")] - before == len(cuts) + 1

@@ -1,5 +1,7 @@
 """BpfEngine: the real capture engine. Loads event sets through the ladder, flips their enable
-bits, consumes the ring buffer, applies the user-space fallback, and keeps aggregates.
+bits, keeps their filters (control word, cgroup and follow maps) current, and composes the
+ring consumer (_internal/consumer.py), the user-space fallback (_internal/fallback.py) and
+the counters (_internal/accounting.py).
 
 Life of an event set: loaded (verified) when first enabled, at the best rung the feature
 probes allow (``ladder.probe_features``, run once) -> attached when enabled -> bit cleared
@@ -15,9 +17,7 @@ import ctypes
 import dataclasses
 import logging
 import os
-import random
 import resource
-import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -26,30 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from tracefleet.agent._internal import fastring, libbpf
-from tracefleet.agent._internal.abi import (
-    TF_SET_MAX,
-    TF_STAT_MAX,
-    Stat,
-    Status,
-    Strategy,
-    TfBlob,
-    TfControl,
-    TfEvent,
-    TfExecEvent,
-    TfHdr,
-    TfStr,
-)
-from tracefleet.agent._internal.contain import ANY_SET, UNKNOWN_SET, ErrorCounter
-from tracefleet.agent._internal.decode import (
-    LOST_HEADS,
-    SYSCALL_NAMES,
-    decode_record,
-    decode_struct,
-    has_lost_arg,
-)
-from tracefleet.agent._internal.fallback import CallerGone, UserFallback
+from tracefleet.agent._internal.abi import TF_SET_MAX, TF_STAT_MAX, Strategy, TfControl
+from tracefleet.agent._internal.accounting import Accounting
+from tracefleet.agent._internal.consumer import EventSink, RingConsumer
+from tracefleet.agent._internal.contain import ANY_SET, ErrorCounter
+from tracefleet.agent._internal.fallback import RecordFallback, UserFallback
 from tracefleet.agent._internal.kfilter import to_kernel
-from tracefleet.agent._internal.metrics import add_events
 from tracefleet.agent.engine import (
     Aggregates,
     EventSetConfig,
@@ -57,7 +39,7 @@ from tracefleet.agent.engine import (
     SetAggregate,
     SetStatus,
 )
-from tracefleet.agent.eventsets import BY_ID, EVENT_SETS, EventSetSpec, arg_spec
+from tracefleet.agent.eventsets import EVENT_SETS, EventSetSpec
 from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.ladder import (
     LADDER,
@@ -75,9 +57,6 @@ from tracefleet.model.filters import FilterError
 
 log = logging.getLogger("tracefleet.agent")
 
-_HDR_SIZE = ctypes.sizeof(TfHdr)
-_HDR = struct.Struct("=Q24x8xHHB")  # ts_ns, (exit_ns, cgroup_id, ret, pid, tid), kind, syscall, set
-
 
 def raise_fd_limit(want: int = 65536) -> int:
     """Every program, link and perf event is an fd (about 5 per syscall of a set): lift the
@@ -92,23 +71,6 @@ def raise_fd_limit(want: int = 65536) -> int:
         except (ValueError, OSError):
             continue
     return soft
-
-
-def _peek_header(raw: bytes) -> tuple[int, int, int]:
-    ts_ns, _kind, syscall, set_id = _HDR.unpack_from(raw)
-    return set_id, syscall, ts_ns
-
-
-EventSink = Callable[[dict[str, Any]], None]
-
-
-def _prefix_ok(ev: dict[str, Any], f: Filters) -> bool:
-    """The path-prefix filter for paths the kernel could not match: a vfs hook that only had
-    a dentry sends the path relative to its file system, and the mount point is known here."""
-    path = ev["args"].get("path", {})
-    if path.get("kind") != "mount-relative" or path.get("value") is None:
-        return True
-    return any(str(path["value"]).startswith(p) for p in f.path_prefixes)
 
 
 @dataclass
@@ -196,7 +158,9 @@ def _descendants(seed: Mapping[int, int]) -> dict[int, int]:
 
 class BpfEngine:
     """Capture on this host's kernel. Thread-safe: apply() from the control thread, events
-    from the consumer thread started by start()."""
+    from the consumer thread started by start(). Owns the set lifecycle (load, attach,
+    detach, filters, cgroups, follow); the ring consumer (``ring``), the user-space fallback
+    and the counters (``acct``) are their own classes, composed here."""
 
     def __init__(self, options: EngineOptions | None = None, host: HostInfo | None = None):
         self.opts = options or EngineOptions()
@@ -209,7 +173,7 @@ class BpfEngine:
         self.shared = SharedMaps(
             control=self._create(libbpf.BPF_MAP_TYPE_ARRAY, "tf_control", 4,
                                  ctypes.sizeof(TfControl), 1),
-            events=-1,  # one ring per set, created when the set loads (_ring_for)
+            events=-1,  # one ring per set, created when the set loads (RingConsumer.ring_for)
             stats=self._create(libbpf.BPF_MAP_TYPE_PERCPU_ARRAY, "tf_stats", 4, 8,
                                TF_SET_MAX * TF_STAT_MAX),
             cgroups=self._create(libbpf.BPF_MAP_TYPE_HASH, "tf_cgroups", 8, 8,
@@ -223,12 +187,8 @@ class BpfEngine:
         self._follow_links: list[libbpf.Link] = []
         self._follow_seeded: dict[str, tuple[int, ...]] = {}
         self.filter_map_full = 0  # cgroup ids the kernel map refused (full), counted
-        # (set, namespace) -> events, when opted in (namespace_budget); "" = not in a pod
-        self.namespace_events: collections.Counter[tuple[str, str]] = collections.Counter()
-        self._namespaces: set[str] = set()
         if self.opts.attributor is not None:
             self.opts.attributor.add_listener(self._sync_cgroups)
-        self._ncpu = libbpf.num_possible_cpus()
         self._sets = {
             name: _SetState(spec)
             for name, spec in EVENT_SETS.items()
@@ -236,41 +196,14 @@ class BpfEngine:
         }
         for name, strat in self.opts.strategies.items():
             self._sets[name].forced = strat
-        self._fallback = UserFallback()
-        self._sinks: list[EventSink] = []
-        self._samples: collections.deque[dict[str, Any]] = collections.deque(
-            maxlen=self.opts.sample_buffer
-        )
-        self._agg = self._new_aggregates()
-        self._last_kernel = self._read_stats()
-        # arguments the fallback moved out of lost, per set; key "<set>/truncated": how many
-        # of those came out truncated rather than recovered
-        self._user_recovered: collections.Counter[str] = collections.Counter()
-        # cumulative totals for the metrics endpoint (collect() hands out deltas):
-        # intervals settled, the last interval collect() returned, user recoveries so far
-        self._cum: dict[str, SetAggregate] = {}
-        self._pending = self._new_aggregates()
-        self._cum_user: collections.Counter[str] = collections.Counter()
-        self._stats_fd: int | None = None
-        self.errors = ErrorCounter()  # contained per-record failures, per (set, cause)
-        # fallback reads refused because the tid no longer is the caller, per (set, cause)
-        self.fallback_rejected: collections.Counter[tuple[str, str]] = collections.Counter()
-        self.heartbeat_ns = 0  # monotonic time of the consumer's last poll or record
-        self.consumer_error = ""  # why the consumer thread ended, if it did
         self._probes: dict[str, ProbeResult] | None = None
-        self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
-        self.cleared: collections.Counter[str] = collections.Counter()  # detach clear-out
-        self._last_agent_lost: dict[str, int] = {}  # reaped + cleared at the last collect()
-        self._last_missed: dict[str, tuple[int, int]] = {}  # kernel_missed() at the last one
-        # Per-set rings (a flood in one set cannot fill another's), all consumed by one
-        # libbpf ring_buffer in one poll; memory: loaded sets x ring_bytes. _rb_lock
-        # serialises ring_buffer__add with poll/consume.
-        self._rings: dict[str, int] = {}
-        self._rb: libbpf.RingBuffer | fastring.FastRing | None = None
-        self._rb_lock = threading.Lock()
-        self._sync_lock = threading.Lock()  # _sync_consumer: state read + push, as one
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.errors = ErrorCounter()  # contained per-record failures, per (set, cause)
+        self.acct = Accounting(self._sets, self.shared.stats, self._lock)
+        self._fallback = UserFallback()
+        record_fallback = RecordFallback(self._fallback, self.errors, self.acct.count_recovered,
+                                         self.acct.fallback_rejected)  # fmt: skip
+        self.ring = RingConsumer(self.opts, self._sets, self.acct, record_fallback, self.errors,
+                                 self._create, self._housekeeping, self._lock)  # fmt: skip
         self._write_control()
 
     # ---- setup -------------------------------------------------------------------------
@@ -279,36 +212,9 @@ class BpfEngine:
         self._fds.append(fd)
         return fd
 
-    def _ring_for(self, name: str) -> int:
-        """The set's own ring, created (and added to the consumer) on first use."""
-        if name not in self._rings:
-            fd = self._create(libbpf.BPF_MAP_TYPE_RINGBUF, f"tf_ev_{name}"[:15], 0, 0,
-                              self.opts.ring_bytes)  # fmt: skip
-            with self._rb_lock:
-                if self._rb is None:
-                    self._rb = self._new_consumer(fd)
-                else:
-                    self._rb.add(fd)
-            self._rings[name] = fd
-        return self._rings[name]
-
     def consumer(self) -> tuple[bool, str]:
         """(compiled consumer in use, why): fastring where it loads, else the Python one."""
-        if not self.opts.compiled_consumer:
-            return False, (
-                f"Python consumer (the compiled one is opt-in for now: {fastring.ENV}=on)"
-            )
-        return fastring.consumer_status()
-
-    def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:
-        if self.consumer()[0]:
-            try:
-                return fastring.FastRing(fd, self._on_record, lambda: self._agg, LOST_HEADS,
-                                         self.errors)  # fmt: skip
-            except Exception as e:  # said once; the Python consumer does the same work
-                log.warning("compiled ring consumer failed to start, using Python: %s", e)
-                self.opts.compiled_consumer = False
-        return libbpf.RingBuffer(fd, self._on_record)
+        return self.ring.kind()
 
     def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
@@ -344,7 +250,7 @@ class BpfEngine:
                 loaded = load_set(
                     st.spec,
                     self.bpf_dir,
-                    dataclasses.replace(self.shared, events=self._ring_for(name)),
+                    dataclasses.replace(self.shared, events=self.ring.ring_for(name)),
                     strategies=self._strategies_for(st),
                     agent_tgid=os.getpid(),
                     wakeup_bytes=self.opts.wakeup_bytes,
@@ -425,7 +331,7 @@ class BpfEngine:
                         st.error = f"--follow unavailable: {e}"
                         errors[st.spec.name] = st.error
             self._write_control()
-            self._sync_consumer()
+            self.ring.sync()
             return [self._status(name, errors.get(name, "")) for name in self._sets]
 
     def _sync_cgroups(self) -> None:
@@ -550,11 +456,11 @@ class BpfEngine:
     def _clear_inflight(self, st: _SetState) -> None:
         """Per-thread state of a detached set can never complete: drop it (counted: those
         calls passed the filters and are neither delivered nor dropped)."""
-        self.cleared[st.spec.name] += self._drop_inflight(st)
+        self.acct.cleared[st.spec.name] += self._drop_inflight(st)
 
     def reap_inflight(self) -> dict[str, int]:
         """Drop the per-thread entries of threads that no longer exist; returns how many per
-        set (also added to ``self.reaped``). The kernel deletes an entry at the syscall's exit;
+        set (also added to ``acct.reaped``). The kernel deletes an entry at the syscall's exit;
         a thread that dies without one (on the 7.2 guest, a thread killed by a sibling's exec
         while blocked in a syscall left one) would otherwise hold its slot for good
         (the in-flight maps are plain hashes: an LRU would evict live calls silently). Tids
@@ -569,507 +475,85 @@ class BpfEngine:
                 if n:
                     out[name] = n
         for name, n in out.items():
-            self.reaped[name] += n
+            self.acct.reaped[name] += n
             log.debug("event set %s: dropped %d in-flight entries of dead threads", name, n)
         return out
 
-    def kernel_missed(self, name: str) -> tuple[int, int]:
-        """(entry, exit) runs of the set's programs the kernel skipped (recursion_misses):
-        its per-CPU guard said a BPF program was already running there. The 7.2 guest does
-        this under load with either entry rung (1,500 threads parking in openat: sleepable
-        121 entries and 404 exits skipped, exit-retry 53 and 106; this 6.18 host: none). A
-        skipped entry is a call the filters never saw, of any process (not in ``passed``); a
-        skipped exit leaves its entry, reaped once the thread is gone (in ``lost``)."""
-        st = self._sets[name]
-        if not st.loaded:
-            return 0, 0
-        entry = exit_ = 0
-        for prog, fd in st.loaded.program_fds().items():
-            n = libbpf.prog_recursion_misses(fd)
-            if "enter" in prog:  # tp_enter_*, tps_enter_*, fs_enter_*, vt_close_enter
-                entry += n
-            else:
-                exit_ += n
-        return entry, exit_
+    def _housekeeping(self) -> None:
+        """Once a second from the consumer thread, holding the engine's lock. Each task is
+        contained: one failure here used to end the consumer."""
+        for task in (self.detach_idle, self.reap_inflight):
+            try:
+                task()
+            except Exception as e:
+                self.errors.count(ANY_SET, "housekeeping", e)
 
-    def inflight_count(self, name: str) -> int:
-        st = self._sets[name]
-        if not st.loaded:
-            return 0
-        return sum(1 for _ in libbpf.map_keys(st.loaded.map_fd(st.spec.inflight_map),
-                                              ctypes.c_uint32))  # fmt: skip
-
-    # ---- events ------------------------------------------------------------------------
+    # ---- the consumer (RingConsumer) ---------------------------------------------------
     def add_sink(self, sink: EventSink) -> None:
-        self._sinks = [*self._sinks, sink]  # copy on write: the consumer thread iterates it
-        self._sync_consumer()  # now, not at the next poll: a poll in progress sees it
+        self.ring.add_sink(sink)
 
     def remove_sink(self, sink: EventSink) -> None:
-        self._sinks = [s for s in self._sinks if s is not sink]
-        self._sync_consumer()
+        self.ring.remove_sink(sink)
 
-    def _on_record(self, raw: bytes, now: int = 0, flags: int = -1) -> None:
-        """Per record: aggregates from the header alone (cheap); the full decode only when
-        someone reads the event (a sink, a sample) or an argument is left for the fallback.
-        Every step after the header is contained (contain.py): a failure is counted per
-        cause and never reaches the ring buffer's consumer. From the compiled consumer
-        (fastring): its receive time, and ``flags`` saying whether it sampled the record
-        and found a lost argument (-1: decide here)."""
-        now = now or time.monotonic_ns()
-        self.heartbeat_ns = now
-        if len(raw) < _HDR_SIZE:
-            self.errors.count(UNKNOWN_SET, "decode", f"record of {len(raw)} bytes")
-            return
-        set_id, syscall, ts_ns = _peek_header(raw)
-        spec = BY_ID.get(set_id)
-        name = spec.name if spec else str(set_id)
-        label = name if spec else UNKNOWN_SET
-        st = self._sets.get(name)
-        if flags >= 0:
-            fallback = st is not None and st.user_fallback and bool(flags & fastring.REC_FALLBACK)
-            sample = st is not None and bool(flags & fastring.REC_SAMPLE)
-        else:
-            fallback = st is not None and st.user_fallback and has_lost_arg(raw)
-            sample = (
-                st is not None
-                and st.sample_rate > 0
-                and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
-            )
-        ev: dict[str, Any] | None = None
-        if self._sinks or sample or fallback:
-            try:
-                ev, rec = decode_record(raw, now)
-            except Exception as e:  # unusable: counted as a decode failure, not delivered
-                self.errors.count(label, "decode", e)
-                if spec is not None:  # passed = delivered + ... + decode_errors
-                    self._agg.sets.setdefault(name, SetAggregate()).decode_errors += 1
-                return
-        agg = self._agg.sets.get(name)
-        if agg is None:
-            agg = self._agg.sets[name] = SetAggregate()
-        agg.delivered += 1
-        sc = SYSCALL_NAMES.get(syscall, str(syscall))
-        agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
-        agg.latency.observe(max(0, now - ts_ns) / 1e9)
-        if self.opts.namespace_budget and self.opts.attributor is not None:
-            try:
-                self._count_namespace(name, raw)
-            except Exception as e:
-                self.errors.count(label, "attribution", e)
-        if ev is None:
-            return
-        if fallback:
-            ev = self._fallback_event(ev, rec, name, now)
-        if self.opts.attributor is not None:
-            try:
-                self.opts.attributor.annotate(ev)
-            except Exception as e:
-                self.errors.count(label, "attribution", e)
-        if st is not None and st.filters.path_prefixes:
-            try:
-                if not _prefix_ok(ev, st.filters):
-                    return
-            except Exception as e:  # fail closed: the filter scopes what leaves the engine
-                self.errors.count(label, "filter", e)
-                return
-        if sample:
-            try:
-                self._samples.append(ev)
-            except Exception as e:
-                self.errors.count(label, "sample", e)
-        for sink in self._sinks:
-            try:
-                sink(ev)
-            except Exception as e:
-                self.errors.count(label, "sink", e)
-
-    def _count_namespace(self, name: str, raw: bytes) -> None:
-        cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
-        ns = self.opts.attributor.namespace_of(cg)
-        if ns and ns not in self._namespaces:
-            if len(self._namespaces) >= self.opts.namespace_budget:
-                ns = "_other"
-            else:
-                self._namespaces.add(ns)
-        self.namespace_events[(name, ns)] += 1
-
-    def _fallback_event(
-        self, ev: dict[str, Any], rec: ctypes.Structure, name: str, now: int
-    ) -> dict[str, Any]:
-        """``ev`` with what the user-space fallback recovered; on any failure the affected
-        argument stays as the kernel left it, with a ``fallback`` note saying why."""
-        try:
-            changed, notes = self._apply_fallback(rec, name)
-        except Exception as e:
-            self.errors.count(name, "fallback", e)
-            return ev
-        if changed:
-            try:
-                ev = decode_struct(rec, now)  # re-decode with the recovered values
-            except Exception as e:
-                self.errors.count(name, "decode", e)
-        for arg, note in notes.items():
-            if isinstance(ev["args"].get(arg), dict):
-                ev["args"][arg]["fallback"] = note
-        return ev
-
-    def _fallback_targets(self, rec: ctypes.Structure) -> list[tuple[str, int, int, Any]]:
-        """(argument name, offset, size, fix) of each lost argument the fallback may re-read;
-        ``fix(tid)`` patches it in ``rec`` and returns its new status, or 0 if it did not."""
-        fb = self._fallback
-
-        def lost(arg: TfStr | TfBlob) -> bool:
-            return arg.status == Status.LOST and bool(arg.uptr)
-
-        out: list[tuple[str, int, int, Any]] = []
-        if isinstance(rec, TfExecEvent):
-            # after a successful exec the pointers belong to the old address space
-            if rec.hdr.ret == 0:
-                return out
-            if lost(rec.filename):
-                out.append(("filename", TfExecEvent.filename.offset, ctypes.sizeof(TfStr),
-                            lambda tid: fb.fix_str(tid, rec.filename)
-                            and rec.filename.status))  # fmt: skip
-            off = TfExecEvent.argv_uptr.offset
-            if rec.argv_status == Status.LOST and rec.argv_uptr:
-                out.append(("argv", off, ctypes.sizeof(TfExecEvent) - off,
-                            lambda tid: fb.fix_argv(tid, rec) and rec.argv_status))  # fmt: skip
-        elif isinstance(rec, TfEvent):
-            spec = arg_spec(rec.hdr.event_set, SYSCALL_NAMES.get(rec.hdr.syscall, ""))
-            for i, s in enumerate(rec.str):
-                if not lost(s):
-                    continue
-                arg = spec.strs[i] if i < len(spec.strs) else f"str{i}"
-                out.append((arg, TfEvent.str.offset + i * ctypes.sizeof(TfStr),
-                            ctypes.sizeof(TfStr),
-                            lambda tid, s=s: fb.fix_str(tid, s) and s.status))  # fmt: skip
-            # a length behind a pointer (accept4) is not re-read
-            if spec.blob_len >= 0 and lost(rec.blob):
-                n = int(rec.iargs[spec.blob_len])
-                out.append((spec.blob or "blob", TfEvent.blob.offset, ctypes.sizeof(TfBlob),
-                            lambda tid: fb.fix_blob(tid, rec.blob, n)
-                            and rec.blob.status))  # fmt: skip
-        return out
-
-    def _apply_fallback(self, rec: ctypes.Structure, set_name: str) -> tuple[bool, dict[str, str]]:
-        """Re-read lost arguments from the caller, only if the record's tid still is the task
-        that made the call (fallback.Caller). Returns (anything recovered, notes per argument
-        for the event). Each argument is contained on its own: a failure restores its bytes."""
-        notes: dict[str, str] = {}
-        targets = self._fallback_targets(rec)
-        if not targets:
-            return False, notes
-        hdr = rec.hdr
-        base = ctypes.addressof(rec)
-        saved = bytes(rec)
-        try:
-            caller = self._fallback.caller(hdr.tid, hdr.pid, hdr.ts_ns)
-        except CallerGone as e:
-            self.fallback_rejected[(set_name, e.cause)] += 1
-            for arg, *_ in targets:
-                notes[arg] = e.cause
-            return False, notes
-        n = truncated = 0
-        try:
-            for arg, off, size, fix in targets:
-                try:
-                    status = fix(caller.tid)
-                    n += bool(status)
-                    truncated += status == Status.TRUNCATED
-                except Exception as e:
-                    ctypes.memmove(base + off, saved[off : off + size], size)
-                    self.errors.count(set_name, "fallback", e)
-                    notes[arg] = f"agent error: {type(e).__name__}"
-            if n and not caller.alive():
-                # it exited during the reads: its tid may have reached another task
-                ctypes.memmove(base, saved, len(saved))
-                self.fallback_rejected[(set_name, "caller-exited")] += 1
-                for arg, *_ in targets:
-                    notes.setdefault(arg, "caller-exited")
-                return False, notes
-        finally:
-            caller.close()
-        if n:
-            self._user_recovered[set_name] += n
-            if truncated:
-                self._user_recovered[f"{set_name}/truncated"] += truncated
-        return bool(n), notes
+    def sample_events(self, limit: int) -> list[dict[str, Any]]:
+        return self.ring.sample_events(limit)
 
     def poll_once(self, timeout_ms: int | None = None) -> int:
-        self.heartbeat_ns = time.monotonic_ns()
-        timeout = self.opts.poll_ms if timeout_ms is None else timeout_ms
-        with self._rb_lock:
-            if self._rb is not None:
-                self._sync_consumer()
-                return self._rb.poll(timeout)
-        self._stop.wait(timeout / 1000)  # no set loaded yet: nothing to poll
-        return 0
+        return self.ring.poll_once(timeout_ms)
 
     def drain(self) -> int:
-        with self._rb_lock:
-            if self._rb is None:
-                return 0
-            self._sync_consumer()
-            return self._rb.consume()
-
-    def _sync_consumer(self) -> None:
-        """Tell the compiled consumer which records Python needs (sinks, samples, fallback);
-        safe during its poll (atomic per-set flags in C)."""
-        rb = self._rb
-        if isinstance(rb, fastring.FastRing):
-            # read and pushed under one lock: the consumer thread's push, computed before an
-            # add_sink and delayed, landed after it and one poll's records went uncopied
-            with self._sync_lock:
-                deliver = bool(self._sinks)
-                rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
-                             for st in self._sets.values())  # fmt: skip
+        return self.ring.drain()
 
     def start(self) -> None:
-        if self._thread:
-            return
-        self._thread = threading.Thread(target=self._run_logged, name="tf-consumer",
-                                        daemon=True)  # fmt: skip
-        self._thread.start()
-
-    def _run_logged(self) -> None:
-        try:
-            self._run()
-        except BaseException as e:  # whatever ends it, /healthz says why
-            self.consumer_error = f"{type(e).__name__}: {e}"
-            log.critical("ring buffer consumer thread died: %s", self.consumer_error)
-            raise
-
-    def _run(self) -> None:
-        last_tick = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                self.poll_once()
-            except Exception as e:
-                self.errors.count(ANY_SET, "poll", e)
-                self._stop.wait(0.1)  # a persistent failure must not spin
-            if time.monotonic() - last_tick > 1.0:
-                last_tick = time.monotonic()
-                # not while apply() holds the lock (a load runs the verifier for seconds,
-                # minutes in an emulated guest): the consumer must not stall behind it
-                if not self._lock.acquire(blocking=False):
-                    continue
-                try:
-                    # outside the poll's try before: one failure here ended the consumer
-                    for housekeeping in (self.detach_idle, self.reap_inflight):
-                        try:
-                            housekeeping()
-                        except Exception as e:
-                            self.errors.count(ANY_SET, "housekeeping", e)
-                finally:
-                    self._lock.release()
+        self.ring.start()
 
     def health(self) -> tuple[bool, str]:
-        """(alive, why) for /healthz: the consumer runs and its heartbeat is fresh. Without a
-        consumer thread (``capture`` polls from its main loop) the heartbeat alone counts."""
-        thread = self._thread
-        if thread is not None and not thread.is_alive():
-            why = self.consumer_error or "stopped"
-            return False, f"ring buffer consumer thread has exited ({why})"
-        if not self.heartbeat_ns:
-            return False, "ring buffer consumer not started yet"
-        age = (time.monotonic_ns() - self.heartbeat_ns) / 1e9
-        if age > self.opts.stale_seconds:
-            return False, (f"ring buffer consumer stalled: no poll or record for {age:.1f} s "
-                           f"(limit {self.opts.stale_seconds:.0f} s)")  # fmt: skip
-        return True, f"ring buffer consumer alive (last poll or record {age:.1f} s ago)"
+        return self.ring.health()
 
-    # ---- counters ----------------------------------------------------------------------
-    def _read_stats(self) -> list[int]:
-        """Sum over CPUs of every kernel counter, indexed set * TF_STAT_MAX + stat."""
-        vals = (ctypes.c_uint64 * self._ncpu)()
-        out = []
-        for key in range(TF_SET_MAX * TF_STAT_MAX):
-            libbpf.map_lookup(self.shared.stats, ctypes.c_uint32(key), vals)
-            out.append(sum(vals))
-        return out
+    @property
+    def _rb(self) -> libbpf.RingBuffer | fastring.FastRing | None:
+        return self.ring.rb  # tests reach the ring buffer object through the engine
 
+    # ---- counters (Accounting) ---------------------------------------------------------
     def kernel_counters(self, name: str) -> dict[str, int]:
-        sid = int(EVENT_SETS[name].set_id)
-        stats = self._read_stats()
-        return {s.name.lower(): stats[sid * TF_STAT_MAX + int(s)] for s in Stat}
+        return self.acct.kernel_counters(name)
+
+    def kernel_missed(self, name: str) -> tuple[int, int]:
+        return self.acct.kernel_missed(name)
+
+    def inflight_count(self, name: str) -> int:
+        return self.acct.inflight_count(name)
 
     def accounting(self, name: str) -> dict[str, int]:
-        """Where every call that passed the set's filters went (syscall sets: file, exec,
-        net). ``passed = written + dropped + lost + prefix_filtered + in_flight``, with
-        ``lost`` the counted losses (in-flight map full, a dead thread's slot retaken, entries
-        of dead threads or of a detached set deleted by the agent); ``unaccounted`` is what
-        breaks the identity, 0 unless calls vanish silently. ``written`` is the kernel's count
-        of records put in the ring (the consumer delivers each once it reads it).
-        Outside the identity: ``missed`` (``missed_exit``), the set's entry (exit) program
-        runs the kernel skipped (kernel_missed()): calls of any process that never reached
-        the filters, so an upper bound of what ``passed`` lacks."""
-        k = self.kernel_counters(name)
-        missed, missed_exit = self.kernel_missed(name)
-        in_flight = self.inflight_count(name)
-        lost = k["inflight_full"] + k["inflight_stale"] + self.reaped[name] + self.cleared[name]
-        out = {
-            "passed": k["passed"],
-            "written": k["events"],
-            "dropped": k["dropped"],
-            "lost": lost,
-            "prefix_filtered": k["prefix_filtered"],
-            "in_flight": in_flight,
-            "missed": missed,
-            "missed_exit": missed_exit,
-        }
-        out["unaccounted"] = out["passed"] - (
-            out["written"] + out["dropped"] + lost + out["prefix_filtered"] + in_flight
-        )
-        return out
-
-    def _new_aggregates(self) -> Aggregates:
-        now = time.time_ns()
-        return Aggregates(interval_start_ns=now, interval_end_ns=now)
+        return self.acct.accounting(name)
 
     def collect(self) -> Aggregates:
-        with self._lock:
-            agg, self._agg = self._agg, self._new_aggregates()
-            kernel = self._read_stats()
-            prev, self._last_kernel = self._last_kernel, kernel
-            user, self._user_recovered = self._user_recovered, collections.Counter()
-            agent_lost = {n: self.reaped[n] + self.cleared[n] for n in self._sets}
-            prev_lost, self._last_agent_lost = self._last_agent_lost, agent_lost
-            missed = {n: self.kernel_missed(n) for n in self._sets}
-            prev_missed, self._last_missed = self._last_missed, missed
-            # the consumer thread may still add to the interval just swapped out: it moves
-            # into the settled totals one collect() later
-            for name, sa in list(self._pending.sets.items()):
-                add_events(self._cum.setdefault(name, SetAggregate()), sa)
-            self._pending = agg
-            self._cum_user.update(user)
-        agg.interval_end_ns = time.time_ns()
-        for name, st in self._sets.items():
-            sid = int(st.spec.set_id)
-
-            def delta(stat: Stat, sid: int = sid) -> int:
-                i = sid * TF_STAT_MAX + int(stat)
-                return kernel[i] - prev[i]
-
-            d = {s: delta(s) for s in Stat}
-            # per-program counters, from 0 at each load: below the last value = new programs
-            was = prev_missed.get(name, (0, 0))
-            m = [c - p if c >= p else c for c, p in zip(missed[name], was, strict=True)]
-            if not any(d.values()) and not any(m) and name not in agg.sets:
-                continue
-            sa = agg.sets.setdefault(name, SetAggregate())
-            sa.dropped = d[Stat.DROPPED]
-            sa.passed = d[Stat.PASSED]
-            deleted = agent_lost[name] - prev_lost.get(name, 0)
-            sa.lost = d[Stat.INFLIGHT_FULL] + d[Stat.INFLIGHT_STALE] + deleted
-            sa.lost_inflight_full, sa.lost_inflight_stale = (
-                d[Stat.INFLIGHT_FULL], d[Stat.INFLIGHT_STALE]
-            )  # fmt: skip
-            sa.lost_deleted, sa.prefix_filtered = deleted, d[Stat.PREFIX_FILTERED]
-            sa.kernel_missed_entry, sa.kernel_missed_exit = m
-            strat = st.loaded.strategy.label if st.loaded else "none"
-            recovered_user = user.get(name, 0)
-            truncated_user = user.get(f"{name}/truncated", 0)
-            for stat, outcome in (
-                (Stat.ARG_OK, "ok"),
-                (Stat.ARG_RECOVERED, "recovered"),
-                (Stat.ARG_LOST, "lost"),
-                (Stat.ARG_TRUNCATED, "truncated"),
-                (Stat.ARG_TORN, "torn"),
-                (Stat.ARG_MISMATCH, "mismatch"),
-                (Stat.ARG_REREAD, "reread"),
-            ):
-                n = d[stat] - (recovered_user if stat == Stat.ARG_LOST else 0)
-                if n:
-                    sa.outcomes[(strat, outcome)] = n
-            if recovered_user - truncated_user:
-                sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
-            if truncated_user:
-                sa.outcomes[("user-fallback", "truncated")] = truncated_user
-        return agg
+        return self.acct.collect()
 
     def totals(self) -> dict[str, SetAggregate]:
-        """Cumulative aggregates since the engine started (collect() returns deltas and is
-        consumed by the controller client; the metrics endpoint reads this). Drops and
-        argument outcomes are the kernel's counters, read now."""
-        with self._lock:
-            kernel = self._read_stats()
-            out: dict[str, SetAggregate] = {}
-            for src in (self._cum, self._pending.sets, self._agg.sets):
-                for name, sa in list(src.items()):
-                    add_events(out.setdefault(name, SetAggregate()), sa)
-            user = self._cum_user + self._user_recovered
-        for name, st in self._sets.items():
-            sid = int(st.spec.set_id)
-            k = {s: kernel[sid * TF_STAT_MAX + int(s)] for s in Stat}
-            if not st.loaded and not any(k.values()) and name not in out:
-                continue
-            sa = out.setdefault(name, SetAggregate())
-            sa.dropped = k[Stat.DROPPED]
-            sa.passed = k[Stat.PASSED]
-            sa.lost = (k[Stat.INFLIGHT_FULL] + k[Stat.INFLIGHT_STALE] + self.reaped[name]
-                       + self.cleared[name])  # fmt: skip
-            sa.lost_inflight_full, sa.lost_inflight_stale = (
-                k[Stat.INFLIGHT_FULL], k[Stat.INFLIGHT_STALE]
-            )  # fmt: skip
-            sa.lost_deleted = self.reaped[name] + self.cleared[name]
-            sa.prefix_filtered = k[Stat.PREFIX_FILTERED]
-            sa.kernel_missed_entry, sa.kernel_missed_exit = self.kernel_missed(name)
-            strat = st.loaded.strategy.label if st.loaded else "none"
-            recovered_user = user.get(name, 0)
-            truncated_user = user.get(f"{name}/truncated", 0)
-            sa.outcomes = {
-                (strat, "ok"): k[Stat.ARG_OK],
-                (strat, "recovered"): k[Stat.ARG_RECOVERED],
-                (strat, "lost"): max(0, k[Stat.ARG_LOST] - recovered_user),
-                (strat, "truncated"): k[Stat.ARG_TRUNCATED],
-            }
-            for stat, outcome in (
-                (Stat.ARG_TORN, "torn"),
-                (Stat.ARG_MISMATCH, "mismatch"),
-                (Stat.ARG_REREAD, "reread"),
-            ):
-                if k[stat]:
-                    sa.outcomes[(strat, outcome)] = k[stat]
-            if recovered_user or st.user_fallback:
-                sa.outcomes[("user-fallback", "recovered")] = recovered_user - truncated_user
-            if truncated_user:
-                sa.outcomes[("user-fallback", "truncated")] = truncated_user
-        return out
+        return self.acct.totals()
 
     def enable_run_stats(self) -> bool:
-        """Turn on the kernel's BPF run-time statistics (run_time_ns, run_cnt per program)
-        until close(). System-wide: every BPF program on the host then pays two clock reads
-        per run. False (logged) if the kernel refuses."""
-        with self._lock:
-            if self._stats_fd is None:
-                try:
-                    self._stats_fd = libbpf.enable_stats()
-                except libbpf.LibbpfError as e:
-                    log.warning("cannot enable BPF run-time stats: %s", e)
-                    return False
-            return True
+        return self.acct.enable_run_stats()
 
     @property
     def bpf_stats_enabled(self) -> bool:
-        return self._stats_fd is not None
+        return self.acct.bpf_stats_enabled
 
     def program_stats(self) -> list[tuple[str, str, int, int]]:
-        """(event set, program, run time ns, run count) of every loaded program; the
-        kernel counts only while BPF stats are on (enable_run_stats())."""
-        out = []
-        with self._lock:
-            for name, st in self._sets.items():
-                if st.loaded:
-                    for prog, fd in sorted(st.loaded.program_fds().items()):
-                        _, run_ns, runs = libbpf.prog_stats(fd)
-                        out.append((name, prog, run_ns, runs))
-        return out
+        return self.acct.program_stats()
 
-    def sample_events(self, limit: int) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        while self._samples and len(out) < limit:
-            out.append(self._samples.popleft())
-        return out
+    @property
+    def reaped(self) -> collections.Counter[str]:
+        return self.acct.reaped
+
+    @property
+    def fallback_rejected(self) -> collections.Counter[tuple[str, str]]:
+        return self.acct.fallback_rejected
+
+    @property
+    def namespace_events(self) -> collections.Counter[tuple[str, str]]:
+        return self.acct.namespace_events
 
     # ---- report ------------------------------------------------------------------------
     def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:
@@ -1148,37 +632,18 @@ class BpfEngine:
         """Stop the consumer thread, detach every set (nothing more is written), then hand
         what is still in the rings to the sinks: records a SIGTERM would otherwise leave
         neither exported nor counted. Returns the records drained."""
-        self._stop.set()
-        if self._rb is not None:
-            self._rb.abort()  # a drain in progress stops after its current record
-        if self._thread:
-            self._thread.join(timeout=30)
-            if self._thread.is_alive():
-                return 0  # never consume beside it; close() says why
+        if not self.ring.stop():
+            return 0  # never consume beside it; close() says why
         with self._lock:
             for st in self._sets.values():
                 if st.loaded and st.loaded.attached:
                     st.loaded.detach()
-            with self._rb_lock:
-                if self._rb is None:
-                    return 0
-                self._rb.aborted = False
-                try:
-                    return self._rb.consume()
-                except Exception as e:
-                    self.errors.count(ANY_SET, "poll", e)
-                    return 0
+            return self.ring.final_drain()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._rb is not None:
-            self._rb.abort()  # a drain in progress stops after its current record
-        alive = False
-        if self._thread:
-            self._thread.join(timeout=30)
-            alive = self._thread.is_alive()
-            if alive:
-                log.error("ring buffer consumer did not stop in 30 s; leaving its ring mapped")
+        stopped = self.ring.stop()
+        if not stopped:
+            log.error("ring buffer consumer did not stop in 30 s; leaving its ring mapped")
         with self._lock:
             for link in self._follow_links:
                 link.destroy()
@@ -1189,11 +654,9 @@ class BpfEngine:
                 if st.loaded:
                     st.loaded.close()
                     st.loaded = None
-            if not alive and self._rb is not None:  # never unmap a ring under a consumer
-                self._rb.close()
-            if self._stats_fd is not None:
-                os.close(self._stats_fd)
-                self._stats_fd = None
+            if stopped:  # never unmap a ring under a consumer
+                self.ring.close()
+            self.acct.close()
             for fd in self._fds:
                 os.close(fd)
             self._fds.clear()

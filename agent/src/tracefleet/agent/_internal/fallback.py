@@ -8,12 +8,15 @@ changed or unmapped the memory (the value read may differ from what the syscall 
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import os
 import select
 import struct
 import time
+from collections.abc import Callable
+from typing import Any
 
 from tracefleet.agent._internal.abi import (
     TF_ARG_MAX,
@@ -23,9 +26,13 @@ from tracefleet.agent._internal.abi import (
     Status,
     Strategy,
     TfBlob,
+    TfEvent,
     TfExecEvent,
     TfStr,
 )
+from tracefleet.agent._internal.contain import ErrorCounter
+from tracefleet.agent._internal.decode import SYSCALL_NAMES, decode_struct
+from tracefleet.agent.eventsets import arg_spec
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -310,3 +317,123 @@ class UserFallback:
         e.argv_strategy = Strategy.USER_FALLBACK
         self.recovered += 1
         return True
+
+
+# ---- per record ----------------------------------------------------------------------------
+class RecordFallback:
+    """Applies the fallback to one decoded record of the ring: finds its lost arguments, reads
+    them from the caller (only while the record's tid provably is the caller) and re-decodes.
+    What it did is reported to ``recovered(set, n, truncated)`` and ``rejected[(set, cause)]``
+    (the engine's accounting); its own failures go to ``errors``, never to the consumer."""
+
+    def __init__(
+        self,
+        fallback: UserFallback,
+        errors: ErrorCounter,
+        recovered: Callable[[str, int, int], None],
+        rejected: collections.Counter[tuple[str, str]],
+    ) -> None:
+        self.fb = fallback
+        self.errors = errors
+        self._recovered = recovered
+        self._rejected = rejected
+
+    def event(
+        self, ev: dict[str, Any], rec: ctypes.Structure, name: str, now: int
+    ) -> dict[str, Any]:
+        """``ev`` with what the user-space fallback recovered; on any failure the affected
+        argument stays as the kernel left it, with a ``fallback`` note saying why."""
+        try:
+            changed, notes = self.apply(rec, name)
+        except Exception as e:
+            self.errors.count(name, "fallback", e)
+            return ev
+        if changed:
+            try:
+                ev = decode_struct(rec, now)  # re-decode with the recovered values
+            except Exception as e:
+                self.errors.count(name, "decode", e)
+        for arg, note in notes.items():
+            if isinstance(ev["args"].get(arg), dict):
+                ev["args"][arg]["fallback"] = note
+        return ev
+
+    def targets(self, rec: ctypes.Structure) -> list[tuple[str, int, int, Any]]:
+        """(argument name, offset, size, fix) of each lost argument the fallback may re-read;
+        ``fix(tid)`` patches it in ``rec`` and returns its new status, or 0 if it did not."""
+        fb = self.fb
+
+        def lost(arg: TfStr | TfBlob) -> bool:
+            return arg.status == Status.LOST and bool(arg.uptr)
+
+        out: list[tuple[str, int, int, Any]] = []
+        if isinstance(rec, TfExecEvent):
+            # after a successful exec the pointers belong to the old address space
+            if rec.hdr.ret == 0:
+                return out
+            if lost(rec.filename):
+                out.append(("filename", TfExecEvent.filename.offset, ctypes.sizeof(TfStr),
+                            lambda tid: fb.fix_str(tid, rec.filename)
+                            and rec.filename.status))  # fmt: skip
+            off = TfExecEvent.argv_uptr.offset
+            if rec.argv_status == Status.LOST and rec.argv_uptr:
+                out.append(("argv", off, ctypes.sizeof(TfExecEvent) - off,
+                            lambda tid: fb.fix_argv(tid, rec) and rec.argv_status))  # fmt: skip
+        elif isinstance(rec, TfEvent):
+            spec = arg_spec(rec.hdr.event_set, SYSCALL_NAMES.get(rec.hdr.syscall, ""))
+            for i, s in enumerate(rec.str):
+                if not lost(s):
+                    continue
+                arg = spec.strs[i] if i < len(spec.strs) else f"str{i}"
+                out.append((arg, TfEvent.str.offset + i * ctypes.sizeof(TfStr),
+                            ctypes.sizeof(TfStr),
+                            lambda tid, s=s: fb.fix_str(tid, s) and s.status))  # fmt: skip
+            # a length behind a pointer (accept4) is not re-read
+            if spec.blob_len >= 0 and lost(rec.blob):
+                n = int(rec.iargs[spec.blob_len])
+                out.append((spec.blob or "blob", TfEvent.blob.offset, ctypes.sizeof(TfBlob),
+                            lambda tid: fb.fix_blob(tid, rec.blob, n)
+                            and rec.blob.status))  # fmt: skip
+        return out
+
+    def apply(self, rec: ctypes.Structure, set_name: str) -> tuple[bool, dict[str, str]]:
+        """Re-read lost arguments from the caller, only if the record's tid still is the task
+        that made the call (Caller). Returns (anything recovered, notes per argument for the
+        event). Each argument is contained on its own: a failure restores its bytes."""
+        notes: dict[str, str] = {}
+        targets = self.targets(rec)
+        if not targets:
+            return False, notes
+        hdr = rec.hdr
+        base = ctypes.addressof(rec)
+        saved = bytes(rec)
+        try:
+            caller = self.fb.caller(hdr.tid, hdr.pid, hdr.ts_ns)
+        except CallerGone as e:
+            self._rejected[(set_name, e.cause)] += 1
+            for arg, *_ in targets:
+                notes[arg] = e.cause
+            return False, notes
+        n = truncated = 0
+        try:
+            for arg, off, size, fix in targets:
+                try:
+                    status = fix(caller.tid)
+                    n += bool(status)
+                    truncated += status == Status.TRUNCATED
+                except Exception as e:
+                    ctypes.memmove(base + off, saved[off : off + size], size)
+                    self.errors.count(set_name, "fallback", e)
+                    notes[arg] = f"agent error: {type(e).__name__}"
+            if n and not caller.alive():
+                # it exited during the reads: its tid may have reached another task
+                ctypes.memmove(base, saved, len(saved))
+                self._rejected[(set_name, "caller-exited")] += 1
+                for arg, *_ in targets:
+                    notes.setdefault(arg, "caller-exited")
+                return False, notes
+        finally:
+            caller.close()
+        if n:
+            self._recovered(set_name, n, truncated)
+        return bool(n), notes

@@ -211,7 +211,7 @@ class FastRing:
     """libbpf.RingBuffer's interface (add, poll, consume, abort, close) on the compiled
     consumer. ``on_record(raw, now_ns, flags)`` runs for each record in the batch;
     ``aggregates()`` returns the interval the C aggregates are folded into after each poll.
-    Not thread-safe: the engine serialises calls (its _rb_lock)."""
+    Not thread-safe: the consumer serialises calls (RingConsumer._rb_lock)."""
 
     def __init__(
         self,
@@ -249,7 +249,7 @@ class FastRing:
     def configure(self, sets: Iterable[tuple[int, bool, float, bool]]) -> None:
         """Per set (id, deliver every record, sample rate, user fallback): which records the C
         side copies for Python. Pushed only when changed. Callers serialise it with their
-        reading of that state (capture.py's _sync_lock): a push computed from older state
+        reading of that state (consumer.py's _sync_lock): a push computed from older state
         must not land after a newer one."""
         if not self._ptr:
             return
@@ -354,7 +354,7 @@ class FastRing:
 
 
 def fold(agg: Aggregates, words: Sequence[int], nbounds: int) -> None:
-    """Add tf_fast_take()'s words to ``agg`` exactly as capture._on_record would have,
+    """Add tf_fast_take()'s words to ``agg`` exactly as RingConsumer.on_record would have,
     record by record (same names for sets and syscalls, same buckets)."""
     i = 0
     while i < len(words):
