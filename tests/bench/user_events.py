@@ -39,11 +39,15 @@ GUEST_COMMAND = (
 EMITTER_CONDITIONS = ("disabled", "enabled", "no check, nobody listening")
 DEADLINE_S = 30.0 * (10.0 if os.environ.get("TRACEFLEET_IN_VM") == "1" else 1.0)
 
-# the application of the enable-to-first-event figure: emits all along, listened to or not
-_EMIT_LOOP = """
+
+def emit_loop(event: str) -> str:
+    """An application that emits ``event`` (u32 n) all along, listened to or not (the
+    enable-to-first-event figures): emit() is one load of the enable word while nobody
+    listens. Prints "ready" once registered."""
+    return f"""
 import time
 from tracefleet.agent import emit
-ev = emit.UserEvent("tf_bench_lat", "u32 n")
+ev = emit.UserEvent({event!r}, "u32 n")
 assert ev.registered, ev.reason
 print("ready", flush=True)
 i = 0
@@ -248,8 +252,8 @@ def enable_to_first_event(rounds: int) -> dict[str, Any]:
     an application that was emitting all along (every ~1 ms: up to that much is waiting)."""
     from tracefleet.agent import userevents
 
-    app = subprocess.Popen([sys.executable, "-c", _EMIT_LOOP], stdout=subprocess.PIPE,
-                           text=True, cwd=ROOT)  # fmt: skip
+    app = subprocess.Popen([sys.executable, "-c", emit_loop("tf_bench_lat")],
+                           stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
     ms: list[float] = []
     try:
         assert app.stdout is not None

@@ -346,21 +346,6 @@ def test_perf_ring_drops_counted_exactly_at_close(reader: str) -> None:
     assert (mine, ring.counters.dropped) == (mine, n - mine)
 
 
-# an application that emits all along, whether anyone listens or not (the enable-to-first-
-# event measurement): emit() is one load of the enable word while nobody does
-EMIT_LOOP = """
-import time
-from tracefleet.agent import emit
-ev = emit.UserEvent("tf_lat", "u32 n")
-assert ev.registered, ev.reason
-print("ready", flush=True)
-i = 0
-while True:
-    i += ev.emit(i)
-    time.sleep(0.001)
-"""
-
-
 def test_fleet_enable_user_event_through_controller(
     producer: Producer, tmp_path: Path, record_property: Any
 ) -> None:
@@ -464,9 +449,10 @@ def _enable_to_first_event(stub: Any) -> float:
     """Figure only (printed): enabling user:tf_lat (the ConfigureEventSet call `tracefleet
     enable` makes; the CLI's own start-up left out) to its first event counted at the
     controller, for a process that was emitting all along."""
+    from tests.bench.user_events import emit_loop
     from tracefleet.v1 import control_pb2
 
-    app = subprocess.Popen([sys.executable, "-c", EMIT_LOOP], stdout=subprocess.PIPE,
+    app = subprocess.Popen([sys.executable, "-c", emit_loop("tf_lat")], stdout=subprocess.PIPE,
                            text=True, cwd=REPO)  # fmt: skip
     try:
         assert app.stdout is not None and app.stdout.readline() == "ready\n"
