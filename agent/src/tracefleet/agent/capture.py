@@ -21,7 +21,6 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +38,15 @@ from tracefleet.agent.engine import (
     SetAggregate,
     SetStatus,
 )
-from tracefleet.agent.eventsets import EVENT_SETS, EventSetSpec
+from tracefleet.agent.enginestate import EngineOptions as EngineOptions  # callers' import
+from tracefleet.agent.enginestate import SetState
+from tracefleet.agent.eventsets import EVENT_SETS
 from tracefleet.agent.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.ladder import (
     LADDER,
     RUNG_NEEDS,
     Attempt,
     LadderExhausted,
-    LoadedSet,
     ProbeResult,
     SharedMaps,
     load_set,
@@ -71,49 +71,6 @@ def raise_fd_limit(want: int = 65536) -> int:
         except (ValueError, OSError):
             continue
     return soft
-
-
-@dataclass
-class _SetState:
-    spec: EventSetSpec
-    loaded: LoadedSet | None = None
-    enabled: bool = False
-    filters: Filters = field(default_factory=Filters)
-    sample_rate: float = 0.0
-    disabled_at: float = 0.0
-    user_fallback: bool = False
-    error: str = ""
-    attempts: list[Attempt] = field(default_factory=list)
-    forced: Strategy | None = None
-
-
-@dataclass
-class EngineOptions:
-    bpf_dir: Path | None = None
-    ring_bytes: int = 8 << 20  # per event set: each loaded set has its own ring
-    wakeup_bytes: int = 1 << 20  # batch: wake the consumer at 1 MiB queued, else poll timer
-    poll_ms: int = 20
-    hold_seconds: float = 30.0
-    inflight_entries: int = 4096
-    user_fallback: bool = True
-    strategies: Mapping[str, Strategy] = field(default_factory=dict)  # forced, per set
-    sample_buffer: int = 10000
-    sets: tuple[str, ...] = ()  # event sets this engine offers (default: all)
-    # tracefs not mounted: mount it in a mount namespace of this process rather than fail
-    # (hostcheck.mount_tracefs_privately; the CLI turns it on, in-process users do not)
-    mount_tracefs: bool = False
-    # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
-    stale_seconds: float = 30.0
-    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) for now: with it
-    # on, the 7.2 guest failed the process-tree follow test (not explained yet; README)
-    compiled_consumer: bool = field(default_factory=lambda: fastring.requested())
-    # workload identity (workload.Attributor): events get container/pod fields, and
-    # workload selectors resolve to cgroup ids; None: neither
-    attributor: Any = None
-    filter_entries: int = 65536  # cgroup ids / followed processes the kernel maps hold
-    # events per namespace for /metrics: off (0), else at most this many namespace label
-    # values; events of namespaces beyond it count under "_other" (bounded cardinality)
-    namespace_budget: int = 0
 
 
 def build_filter(ctl: TfControl, slot: int, f: Filters) -> None:
@@ -190,7 +147,7 @@ class BpfEngine:
         if self.opts.attributor is not None:
             self.opts.attributor.add_listener(self._sync_cgroups)
         self._sets = {
-            name: _SetState(spec)
+            name: SetState(spec)
             for name, spec in EVENT_SETS.items()
             if not self.opts.sets or name in self.opts.sets
         }
@@ -216,7 +173,7 @@ class BpfEngine:
         """(compiled consumer in use, why): fastring where it loads, else the Python one."""
         return self.ring.kind()
 
-    def _strategies_for(self, st: _SetState) -> tuple[Strategy, ...]:
+    def _strategies_for(self, st: SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
 
     def probes(self) -> dict[str, ProbeResult]:
@@ -228,14 +185,14 @@ class BpfEngine:
                 self._probes = probe_features(self.bpf_dir)
             return self._probes
 
-    def _with_fallback(self, st: _SetState, kernel: Strategy) -> bool:
+    def _with_fallback(self, st: SetState, kernel: Strategy) -> bool:
         if st.forced:
             want = st.forced == Strategy.USER_FALLBACK
         else:
             want = self.opts.user_fallback and kernel in (Strategy.EXIT_RETRY, Strategy.NOFAULT)
         return want and self._fallback.available
 
-    def ensure_loaded(self, name: str, *, attach: bool = False) -> _SetState:
+    def ensure_loaded(self, name: str, *, attach: bool = False) -> SetState:
         """Load a set through the ladder (once), from the best rung the probes allow (a
         forced rung is tried as asked). With ``attach`` its programs stay attached (the set
         is being enabled). Failure is recorded in the state. The verifier takes seconds (tens
@@ -442,7 +399,7 @@ class BpfEngine:
             log.info("event set %s detached after %.0fs disabled", name, self.opts.hold_seconds)
         return out
 
-    def _drop_inflight(self, st: _SetState, only: Callable[[int], bool] | None = None) -> int:
+    def _drop_inflight(self, st: SetState, only: Callable[[int], bool] | None = None) -> int:
         """Delete the set's per-thread entries (those whose tid passes ``only``, else all);
         returns how many were deleted."""
         assert st.loaded
@@ -453,7 +410,7 @@ class BpfEngine:
                 n += 1
         return n
 
-    def _clear_inflight(self, st: _SetState) -> None:
+    def _clear_inflight(self, st: SetState) -> None:
         """Per-thread state of a detached set can never complete: drop it (counted: those
         calls passed the filters and are neither delivered nor dropped)."""
         self.acct.cleared[st.spec.name] += self._drop_inflight(st)

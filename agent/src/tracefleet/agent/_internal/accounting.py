@@ -25,7 +25,7 @@ from tracefleet.agent.engine import Aggregates, SetAggregate
 from tracefleet.agent.eventsets import EVENT_SETS
 
 if TYPE_CHECKING:
-    from tracefleet.agent.capture import _SetState
+    from tracefleet.agent.enginestate import SetState
 
 log = logging.getLogger("tracefleet.agent")
 
@@ -39,7 +39,7 @@ class Accounting:
     """Counters of one engine. ``sets`` and ``lock`` are the engine's: set state (loaded,
     strategy) changes under that lock, and collect()/totals() read it under the same."""
 
-    def __init__(self, sets: Mapping[str, _SetState], stats_fd: int, lock: threading.RLock):
+    def __init__(self, sets: Mapping[str, SetState], stats_fd: int, lock: threading.RLock):
         self._sets = sets
         self._stats_fd = stats_fd
         self._lock = lock

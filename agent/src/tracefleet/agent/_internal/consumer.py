@@ -33,7 +33,7 @@ from tracefleet.agent.engine import Filters, SetAggregate
 from tracefleet.agent.eventsets import BY_ID
 
 if TYPE_CHECKING:
-    from tracefleet.agent.capture import EngineOptions, _SetState
+    from tracefleet.agent.enginestate import EngineOptions, SetState
 
 log = logging.getLogger("tracefleet.agent")
 
@@ -66,7 +66,7 @@ class RingConsumer:
     def __init__(
         self,
         opts: EngineOptions,
-        sets: Mapping[str, _SetState],
+        sets: Mapping[str, SetState],
         acct: Accounting,
         fallback: RecordFallback,
         errors: ErrorCounter,
