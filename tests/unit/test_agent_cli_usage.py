@@ -98,3 +98,23 @@ def test_controller_takes_a_list_of_replicas_and_names_a_bad_address():
     help_text = subprocess.run([*AGENT, "run", "--help"], capture_output=True, text=True,
                                timeout=30).stdout  # fmt: skip
     assert "moves to the next" in " ".join(help_text.split())
+
+
+def test_ring_size_must_be_a_power_of_two_mib() -> None:
+    """--ring-mib: the kernel refuses a BPF ring buffer that is not a power of two; the CLI
+    says so before loading anything, and a good value reaches the engine in bytes."""
+    import argparse
+
+    from tracefleet.agent import cli
+
+    for bad, fragment in (("3", "must be a power of two"), ("0", "must be 1..1024"),
+                          ("2048", "must be 1..1024"), ("8M", "whole number")):  # fmt: skip
+        try:
+            cli._ring_mib(bad)
+        except argparse.ArgumentTypeError as e:
+            assert fragment in str(e), (bad, str(e))
+        else:
+            raise AssertionError(f"--ring-mib {bad} accepted")
+    args = cli.build_parser().parse_args(["run", "--ring-mib", "64"])
+    assert args.ring_mib << 20 == 64 << 20
+    assert cli.build_parser().parse_args(["capture", "-e", "file"]).ring_mib == 8

@@ -110,6 +110,23 @@ _inflight_entries = int_in(
 )
 
 
+def _ring_mib(text: str) -> int:
+    """argparse type for --ring-mib: the kernel sizes a BPF ring buffer in powers of two."""
+    v = int_in("--ring-mib", 1, 1024, hint="a power of two: 8 is the default")(text)
+    if v & (v - 1):
+        raise argparse.ArgumentTypeError(
+            f"--ring-mib must be a power of two (1, 2, 4, ... 1024), not {v}: the kernel "
+            "sizes BPF ring buffers in powers of two"
+        )
+    return v
+
+
+RING_MIB_HELP = (
+    "ring buffer per loaded event set, MiB (power of two; default: %(default)s): larger "
+    "absorbs longer bursts, at that much locked kernel memory per set"
+)
+
+
 def check_address(text: str, *, listen: bool = False) -> str:
     """host:port (or [v6]:port; port 0 only to listen on), or unix:/PATH for a controller;
     ValueError naming the fix."""
@@ -177,6 +194,7 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
             user_fallback=not getattr(args, "no_user_fallback", False),
             hold_seconds=getattr(args, "hold_seconds", 30.0),
             inflight_entries=getattr(args, "inflight_entries", 4096),
+            ring_bytes=getattr(args, "ring_mib", 8) << 20,
             mount_tracefs=True,
             attributor=getattr(args, "attributor", None),
             namespace_budget=max(0, getattr(args, "metrics_namespaces", 0)),
@@ -717,6 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
                     help="calls in flight tracked per event set; beyond N they are counted "
                     "lost, never hidden (default: %(default)s)")  # fmt: skip
+    sc.add_argument("--ring-mib", type=_ring_mib, default=8, metavar="N", help=RING_MIB_HELP)
     _add_export_flags(sc)
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
     sc.set_defaults(func=cmd_capture)
@@ -746,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
                     help="calls in flight tracked per event set; beyond N they are counted "
                     "lost, never hidden (default: %(default)s)")  # fmt: skip
+    sr.add_argument("--ring-mib", type=_ring_mib, default=8, metavar="N", help=RING_MIB_HELP)
     sr.add_argument("--tls-dir", default=os.environ.get(env.TLS_DIR, ""), metavar="DIR",
                     help=f"mTLS to the controller with DIR/ca.crt, tls.crt, tls.key, re-read "
                     f"on every reconnect (env {env.TLS_DIR})")  # fmt: skip
