@@ -460,3 +460,12 @@ def test_under_any() -> None:
     assert vm.under_any("/run", ("/run/",))
     assert not vm.under_any("/runner/x", ("/run",))
     assert not vm.under_any("/work/main", ("/proc", "/sys"))
+
+
+def test_only_an_int3_oops_of_kernel_text_patching_earns_a_rerun() -> None:
+    from tests.vm import run
+
+    assert run.emulation_int3(["Oops: int3: 0000 [#1] SMP NOPTI", "Kernel panic - not syncing"])
+    assert not run.emulation_int3(["BUG: kernel NULL pointer dereference, address: 0"])
+    assert not run.emulation_int3(["general protection fault", "Oops: int3: 0000 [#2]"])
+    assert not run.emulation_int3([])

@@ -1263,6 +1263,14 @@ def _console_tail(path: Path, n: int) -> list[str]:
     return [line.replace("\r", "") for line in text.splitlines()[-n:]]
 
 
+def emulation_int3(problems: Sequence[str]) -> bool:
+    """The guest kernel's first problem is an oops on int3: a CPU met a breakpoint of the
+    kernel's own text patching (static keys flip as tracepoints attach). Seen under TCG at
+    boot (sched_clock_cpu) and once in trace_syscall_exit as a sleepable set attached; not
+    proven to be the emulator's, so the first outcome is printed in full before the rerun."""
+    return bool(problems) and "Oops: int3" in problems[0]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own, pytest_extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
@@ -1281,6 +1289,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"the guest died before pytest started: booting again ({attempt}/"
                 f"{args.boot_retries})")  # fmt: skip
             out = run(args, pytest_extra)
+        # Once: the same class of oops while pytest ran (CI saw int3 in trace_syscall_exit at
+        # 500 s, as the tests attached syscall tracepoints), in the time the limit leaves.
+        if out.status == EXIT_GUEST_FAILED and emulation_int3(out.report.kernel_problems):
+            left = args.timeout - out.wall_s
+            if left > 60:
+                print_outcome(out)
+                log(f"the guest kernel oopsed on an int3 of its own live patching: "
+                    f"running the suite once more in the {left:.0f} s left")  # fmt: skip
+                args.timeout = left
+                out = run(args, pytest_extra)
     except RunnerError as e:
         print(f"[test-vm] FAILED: {e}", file=sys.stderr, flush=True)
         return e.status
