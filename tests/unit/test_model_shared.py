@@ -130,3 +130,23 @@ def test_histogram_bucket_edges():
     for v in (0.0, 0.001, 0.0011, 0.01, 0.1, 0.2):
         h.observe(v)
     assert h.counts == [2, 2, 1, 1]
+
+
+def test_histogram_observe_many_counts_as_observe_does() -> None:
+    """Bulk observation (user_events' count-only batches) equals one observe() per value,
+    on the bounds, between them and beyond the last."""
+    import random
+
+    from tracefleet.model.histogram import Histogram
+
+    rng = random.Random(7)
+    values = [*Histogram().bounds, *(b + 1e-12 for b in Histogram().bounds), 0.0, 99.0]
+    values += [rng.uniform(0, 12) for _ in range(300)]
+    want, got = Histogram(), Histogram()
+    for v in values:
+        want.observe(v)
+    got.observe_many(iter(values))
+    assert got.counts == want.counts and got.count == len(values)
+    assert got.sum == pytest.approx(want.sum, rel=1e-12)
+    got.observe_many([])
+    assert got.count == len(values)

@@ -20,13 +20,11 @@ and before the rings close.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import ctypes
 import errno
 import itertools
 import logging
-import math
 import mmap
 import operator
 import os
@@ -807,16 +805,13 @@ class UserEventConsumer:
 
 
 def latency_histogram(now_ns: int, stamps: Sequence[int]) -> Any:
-    """The Histogram of max(0, now - ts) seconds over a batch, built in bulk (sort, then one
-    bisect per bound) rather than an observe() per record; same counts as observe()."""
+    """The Histogram of max(0, now - ts) seconds over a batch, built in bulk (no Python step
+    per record); same counts as one observe() per record."""
     from tracefleet.agent.engine import Histogram
 
     h = Histogram()
-    lat = sorted(map(operator.truediv, map(now_ns.__sub__, stamps), itertools.repeat(1e9)))
-    neg = bisect.bisect_left(lat, 0.0)  # stamps after now: observed as 0
-    cum = [bisect.bisect_right(lat, b) for b in h.bounds]  # values <= each bound
-    counts = [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)] + [len(lat) - cum[-1]]
-    h.add_counts(counts, math.fsum(lat) - math.fsum(lat[:neg]))
+    ns = map(max, itertools.repeat(0), map(now_ns.__sub__, stamps))  # stamps after now: 0
+    h.observe_many(map(operator.truediv, ns, itertools.repeat(1e9)))
     return h
 
 

@@ -8,7 +8,8 @@ approximated. Prometheus wants the cumulative form: ``cumulative_buckets()``.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import math
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -65,6 +66,14 @@ class Histogram:
         # per decoded event in the agent: bisect (C) rather than a Python loop over bounds
         self.counts[bisect_left(self.bounds, value)] += 1
         self.sum += value
+
+    def observe_many(self, values: Iterable[float]) -> None:
+        """observe() for each value, in bulk: one sort and one bisect per bound, no Python
+        step per value (for batches nobody decodes: user_events' count-only path)."""
+        vals = sorted(values)
+        cum = [bisect_right(vals, b) for b in self.bounds]  # values <= each bound
+        counts = [c - p for c, p in zip(cum, [0, *cum[:-1]], strict=True)]
+        self.add_counts([*counts, len(vals) - (cum[-1] if cum else 0)], math.fsum(vals))
 
     def add_counts(self, counts: Sequence[int], sum_: float) -> None:
         """Add bucket counts over the same bounds in bulk (e.g. handed over by a compiled
