@@ -490,25 +490,21 @@ def compiled_reader_status() -> tuple[bool, str]:
 
 
 def _load_drain() -> tuple[Any, str]:
-    from tracefleet.agent._internal import fastring, libbpf
+    from tracefleet.agent._internal import fastring
 
-    env = os.environ.get(fastring.ENV, "")
-    if env.lower() in fastring._OFF:
-        return None, f"disabled by {fastring.ENV}={env}"
-    path = fastring.library_path()
-    if not path.exists():
-        return None, f"{path} not built (run `make native`)"
+    if fastring.switched_off():
+        return None, f"disabled by {fastring.ENV}={os.environ[fastring.ENV]}"
+    lib, why = fastring.open_library()
+    if lib is None:
+        return None, why
     try:
-        libbpf.lib()  # the libbpf.so.1 the library links against, set up first
-        fn = ctypes.CDLL(str(path)).tf_perf_drain
-    except (OSError, libbpf.LibbpfError) as e:
-        return None, f"{path} does not load: {e}"
+        fn = lib.tf_perf_drain
     except AttributeError:
-        return None, f"{path} lacks tf_perf_drain (rebuild: make native)"
+        return None, f"{why} lacks tf_perf_drain (rebuild: make native)"
     vp, u64 = ctypes.c_void_p, ctypes.c_uint64
     fn.argtypes = [vp, u64, u64, vp, ctypes.c_size_t, vp, ctypes.c_size_t, ctypes.POINTER(u64)]
     fn.restype = ctypes.c_long
-    return fn, f"compiled reader {path}"
+    return fn, f"compiled reader {why}"
 
 
 @dataclass

@@ -103,20 +103,34 @@ def library_path() -> Path:
     return Path(__file__).with_name(LIB_NAME)
 
 
+def switched_off() -> bool:
+    """TRACEFLEET_FASTRING says off (0, no): no compiled code at all, user_events' reader
+    included."""
+    return os.environ.get(ENV, "").lower() in _OFF
+
+
+def open_library() -> tuple[ctypes.CDLL | None, str]:
+    """libtfring.so opened (after the libbpf.so.1 it links against), or None and why."""
+    path = library_path()
+    if not path.exists():
+        return None, f"{path} not built (run `make native`)"
+    try:
+        libbpf.lib()
+        return ctypes.CDLL(str(path), use_errno=True), f"{path}"
+    except (OSError, libbpf.LibbpfError) as e:
+        return None, f"{path} does not load: {e}"
+
+
 def _load() -> tuple[ctypes.CDLL | None, str]:
     try:
         if not requested() and os.environ.get(ENV):
             return None, f"disabled by {ENV}={os.environ[ENV]}"
     except SettingError as e:
         return None, str(e)
+    lib, why = open_library()
+    if lib is None:
+        return None, why
     path = library_path()
-    if not path.exists():
-        return None, f"{path} not built (run `make native`)"
-    try:
-        libbpf.lib()  # the same libbpf.so.1 the library links against, set up first
-        lib = ctypes.CDLL(str(path), use_errno=True)
-    except (OSError, libbpf.LibbpfError) as e:
-        return None, f"{path} does not load: {e}"
     try:
         lib.tf_fast_abi.restype = ctypes.c_int
         if lib.tf_fast_abi() != ABI:
