@@ -13,6 +13,7 @@ fleets and rounds of a full run (for a targeted `tests/bench/run.py --only contr
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import queue
@@ -49,18 +50,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def _proc(cmd: list[str], logf: Path, nofile: int = 0) -> Iterator[subprocess.Popen[bytes]]:
-    def limits() -> None:
-        if nofile:  # as high as allowed: raising the hard limit may be refused (no privilege)
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
-            except (ValueError, OSError):
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+def _raise_nofile(nofile: int) -> None:
+    """This process's file limit, which the daemons inherit: as high as allowed (raising the
+    hard limit may be refused). Set here, not in a preexec_fn: forking this process (gRPC
+    threads running) to run Python before exec once left a load generator dead at start
+    (epoll_wait: Bad file descriptor), and 250 agents missing."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
+
+@contextlib.contextmanager
+def _proc(cmd: list[str], logf: Path) -> Iterator[subprocess.Popen[bytes]]:
     with open(logf, "ab") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=limits)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     try:
         yield p
     finally:
@@ -71,6 +76,14 @@ def _proc(cmd: list[str], logf: Path, nofile: int = 0) -> Iterator[subprocess.Po
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+def _check_alive(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+    """A load generator that exited: name it, with the end of its log (not a time-out)."""
+    for p, logf in zip(procs, logs, strict=True):
+        if p.poll() is not None:
+            tail = logf.read_text(errors="replace")[-400:]
+            raise RuntimeError(f"load generator {logf.name} exited ({p.returncode}): {tail}")
 
 
 class Fleet:
@@ -90,16 +103,23 @@ class Fleet:
         self.call_s.append(time.monotonic() - c0)
         return list(st.nodes)
 
-    def wait_connected(self, names: list[str], timeout: float) -> float:
-        """Seconds until every node of ``names`` has an open stream (WatchAcks counts)."""
+    def wait_connected(self, names: list[str], timeout: float,
+                       check: Any = None) -> float:  # fmt: skip
+        """Seconds until every node of ``names`` has an open stream (WatchAcks counts);
+        ``check()`` (every 5 s) raises if a process that runs them died."""
         t0 = time.monotonic()
         req = self.pb.WatchAcksRequest(nodes=names)
         got = 0
-        with contextlib.suppress(Exception):
-            for msg in self.stub.WatchAcks(req, timeout=timeout):
-                got = msg.applied_count + msg.pending_count
-                if got >= len(names):
-                    return time.monotonic() - t0
+        while time.monotonic() - t0 < timeout:
+            if check is not None:
+                check()
+            call = self.stub.WatchAcks(req, timeout=min(5.0, timeout - (time.monotonic() - t0)))
+            with contextlib.suppress(Exception):
+                for msg in call:
+                    got = msg.applied_count + msg.pending_count
+                    if got >= len(names):
+                        call.cancel()
+                        return time.monotonic() - t0
         raise RuntimeError(f"only {got}/{len(names)} agents connected after {timeout:.0f}s")
 
     def configure(self, selector: str, enabled: bool) -> tuple[int, list[str], float]:
@@ -260,7 +280,8 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                "--db", ":memory:", "--max-nodes", str(2 * sum(sims) + 10),
                "--stale-after", "30", "--window", "5", "--log-level", "WARNING"]  # fmt: skip
     ctl_log = tmp / "controller.log"
-    with _proc([*ctl_cmd], ctl_log, nofile=NOFILE) as ctl:
+    _raise_nofile(NOFILE)
+    with _proc([*ctl_cmd], ctl_log) as ctl:
         fleet = Fleet(addr)
         try:
             t0 = time.monotonic()
@@ -291,6 +312,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 log(f"control: {n} simulated agents in {procs} load-generator process(es)")
                 counts = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
                 names = [f"sim{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
+                lg_logs = [tmp / f"loadgen-{n}-{i}.log" for i in range(procs)]
                 with contextlib.ExitStack() as stack:
                     lgs = [
                         stack.enter_context(_proc(
@@ -298,10 +320,11 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                              addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
                              f"bench=sim{n}", "--rate", "50", "--ramp",
                              str(min(30.0, n / 200))],
-                            tmp / f"loadgen-{n}-{i}.log", nofile=NOFILE))
+                            lg_logs[i]))
                         for i, c in enumerate(counts)
                     ]  # fmt: skip
-                    took = fleet.wait_connected(names, 120 + n / 20)
+                    alive = functools.partial(_check_alive, lgs, lg_logs)
+                    took = fleet.wait_connected(names, 120 + n / 20, alive)
                     log(f"control:   {n} connected in {took:.1f}s")
                     time.sleep(1.0 if quick else 2.0)
                     pids = tuple(p.pid for p in lgs)
