@@ -15,10 +15,8 @@ Failure behaviour:
   ``first_controller(node_name, count)`` (a hash of the node name, so a fleet spreads over the
   replicas and a restarted agent returns to the same one); when its stream fails, or the
   controller does not answer the registration within ``answer_timeout``, it moves to the
-  next address in the list's order (round robin, same backoff) and registers there. Not exactly-once
-  across replicas: each replica keeps its own ledger of batch seqs, so a batch the old replica
-  applied but whose BatchAck never arrived is applied again by the new one (counted by the
-  new replica as ``batches_adopted``);
+  next address in the list's order (round robin, same backoff) and registers there, and
+  resends what was not acknowledged (replicas share the ledger in etcd: exactly once);
 * every ResultBatch is numbered (``instance_id`` chosen at start, ``seq``) and kept in the
   outbox (``tracefleet.agent._internal.outbox``) until the controller acknowledges it with a
   BatchAck, which it sends once the batch is durably applied; after a reconnect the batches
