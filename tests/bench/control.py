@@ -7,8 +7,9 @@ controller pushes the acks, nothing is polled), and a StreamEvents follower on o
 node timestamps the first event (enable-to-first-event); then disable and wait for the acks.
 Each fleet reports what limited it: the controller or a load generator at a full core.
 
-TRACEFLEET_BENCH_FLEETS=100,1000,10000 and TRACEFLEET_BENCH_ROUNDS=N choose the simulated
-fleets and rounds of a full run (for a targeted `tests/bench/run.py --only control`)."""
+TRACEFLEET_BENCH_FLEETS=100,1000,10000, TRACEFLEET_BENCH_ROUNDS=N and
+TRACEFLEET_BENCH_PER_LOADGEN=N choose the simulated fleets, rounds and agents per load
+generator of a full run (for a targeted `tests/bench/run.py --only control`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import os
 import queue
 import resource
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -37,7 +39,9 @@ from tests.bench.common import (
     summary,
 )
 
-PER_LOADGEN = 250  # simulated agents per load-generator process
+# simulated agents per load-generator process (TRACEFLEET_BENCH_PER_LOADGEN: fewer, larger
+# processes for 10,000 agents on 2 CPUs)
+PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "250"))
 LIMIT_CPU = 85.0  # percent of one core: that process was the limit
 NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
 
@@ -203,12 +207,17 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     lg0 = [proc_sample(p) for p in lg_pids]
     load0 = os.getloadavg()[0]
     fleet.call_s.clear()
+    windows: list[tuple[float, float, list[float]]] = []  # wall, controller CPU, each LG's
     try:
         for r in range(rounds):
+            w0 = _cpu_now(ctl_pid, lg_pids)
             gen, matched, t0 = fleet.configure(selector, True)
             if len(matched) != expect:
                 raise RuntimeError(f"enable matched {len(matched)} nodes, expected {expect}")
             done, acked = fleet.wait_acked(gen, matched, t0, timeout)
+            w1 = _cpu_now(ctl_pid, lg_pids)
+            windows.append((w1[0] - w0[0], w1[1] - w0[1],
+                            [b - a for a, b in zip(w0[2], w1[2], strict=True)]))  # fmt: skip
             first = follower.first_after(t0, 10.0)
             all_acked.append(done)
             per_node += list(acked.values())
@@ -243,10 +252,50 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "controller_cpu_percent_during_rounds": ctl_cpu,
         "loadgen_processes": len(lg_pids),
         "loadgen_cpu_percent_during_rounds_max": max(lg_cpu, default=0.0),
-        "limit": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
+        "limit_rounds": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
+        **_change_cpu(windows, expect, max(load0, os.getloadavg()[0])),
         "loadavg_1m": [load0, os.getloadavg()[0]],
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,
+    }
+
+
+def _cpu_now(ctl_pid: int, lg_pids: tuple[int, ...]) -> tuple[float, float, list[float]]:
+    """(monotonic s, controller CPU s, each load generator's CPU s)."""
+    return (time.monotonic(), proc_sample(ctl_pid).cpu_s,
+            [proc_sample(p).cpu_s for p in lg_pids])  # fmt: skip
+
+
+def _change_cpu(windows: list[tuple[float, float, list[float]]], agents: int,
+                load: float) -> dict[str, Any]:  # fmt: skip
+    """CPU the controller and the load generators spent from each enable to all acked (the
+    median window), and what limited that window: one process at a full core, all the
+    machine's CPUs busy with the bench's own processes, or neither (other processes). The
+    whole-rounds average hides the burst of a change."""
+    cpus = os.cpu_count() or 1
+    wall = statistics.median(w for w, _, _ in windows)
+    ctl = statistics.median(c for _, c, _ in windows)
+    lgs = statistics.median(sum(lg) for _, _, lg in windows)
+    lg_max = statistics.median(max(lg, default=0.0) for _, _, lg in windows)
+    if ctl >= LIMIT_CPU / 100 * wall:
+        limit = "controller (a full core from enable to all acked)"
+    elif lg_max >= LIMIT_CPU / 100 * wall:
+        limit = "load generator (a full core from enable to all acked)"
+    elif ctl + lgs >= LIMIT_CPU / 100 * cpus * wall:
+        limit = (f"the machine's {cpus} CPUs (controller and load generators used "
+                 f"{(ctl + lgs) / wall:.1f} of them from enable to all acked)")  # fmt: skip
+    elif load > cpus:
+        limit = (f"CPU contention (load {load:.1f} on {cpus} CPUs; the bench's processes used "
+                 f"{(ctl + lgs) / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
+    else:
+        limit = "neither at a full core"
+    return {
+        "limit": limit,
+        "change_window_ms": wall * 1e3,
+        "change_controller_cpu_ms": ctl * 1e3,
+        "change_loadgen_cpu_ms": lgs * 1e3,
+        "change_controller_cpu_us_per_agent": ctl * 1e6 / agents,
+        "change_loadgen_cpu_us_per_agent": lgs * 1e6 / agents,
     }
 
 
