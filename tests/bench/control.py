@@ -13,11 +13,13 @@ generator of a full run (for a targeted `tests/bench/run.py --only control`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
 import os
 import queue
+import re
 import resource
 import signal
 import statistics
@@ -80,6 +82,22 @@ def _proc(cmd: list[str], logf: Path) -> Iterator[subprocess.Popen[bytes]]:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+_STREAM_ERROR = re.compile(r": controller \S+: ([A-Z_]+ .{0,80})$", re.M)
+
+
+def _stream_errors(logs: list[Path]) -> str:
+    """The simulated agents' stream errors in the load generators' logs, most frequent first
+    (what to name when a fleet does not connect)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for logf in logs:
+        with contextlib.suppress(OSError):
+            counts.update(_STREAM_ERROR.findall(logf.read_text(errors="replace")))
+    if not counts:
+        return "the load generators logged no stream error"
+    top = "; ".join(f"{n} x {what}" for what, n in counts.most_common(3))
+    return f"the load generators' agents logged {sum(counts.values())} stream errors: {top}"
 
 
 def _check_alive(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
@@ -288,7 +306,8 @@ def _change_cpu(windows: list[tuple[float, float, list[float]]], agents: int,
         limit = (f"CPU contention (load {load:.1f} on {cpus} CPUs; the bench's processes used "
                  f"{(ctl + lgs) / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
     else:
-        limit = "neither at a full core"
+        limit = (f"neither at a full core (the bench's processes used {(ctl + lgs) / wall:.1f} "
+                 f"of {cpus} CPUs from enable to all acked)")  # fmt: skip
     return {
         "limit": limit,
         "change_window_ms": wall * 1e3,
@@ -373,7 +392,14 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                         for i, c in enumerate(counts)
                     ]  # fmt: skip
                     alive = functools.partial(_check_alive, lgs, lg_logs)
-                    took = fleet.wait_connected(names, 120 + n / 20, alive)
+                    try:
+                        took = fleet.wait_connected(names, 120 + n / 20, alive)
+                    except RuntimeError as e:  # name what the agents saw, and the set-up
+                        raise RuntimeError(
+                            f"{e} ({procs} load generators of up to {PER_LOADGEN} agents on "
+                            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); "
+                            f"{_stream_errors(lg_logs)}"
+                        ) from None
                     log(f"control:   {n} connected in {took:.1f}s")
                     time.sleep(1.0 if quick else 2.0)
                     pids = tuple(p.pid for p in lgs)
