@@ -7,17 +7,22 @@ controller pushes the acks, nothing is polled), and a StreamEvents follower on o
 node timestamps the first event (enable-to-first-event); then disable and wait for the acks.
 Each fleet reports what limited it: the controller or a load generator at a full core.
 
-TRACEFLEET_BENCH_FLEETS=100,1000,10000 and TRACEFLEET_BENCH_ROUNDS=N choose the simulated
-fleets and rounds of a full run (for a targeted `tests/bench/run.py --only control`)."""
+TRACEFLEET_BENCH_FLEETS=100,1000,10000, TRACEFLEET_BENCH_ROUNDS=N and
+TRACEFLEET_BENCH_PER_LOADGEN=N choose the simulated fleets, rounds and agents per load
+generator of a full run (for a targeted `tests/bench/run.py --only control`)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import math
 import os
 import queue
+import re
 import resource
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -36,7 +41,9 @@ from tests.bench.common import (
     summary,
 )
 
-PER_LOADGEN = 250  # simulated agents per load-generator process
+# simulated agents per load-generator process (TRACEFLEET_BENCH_PER_LOADGEN: fewer, larger
+# processes for 10,000 agents on 2 CPUs)
+PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "250"))
 LIMIT_CPU = 85.0  # percent of one core: that process was the limit
 NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
 
@@ -49,18 +56,22 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def _proc(cmd: list[str], logf: Path, nofile: int = 0) -> Iterator[subprocess.Popen[bytes]]:
-    def limits() -> None:
-        if nofile:  # as high as allowed: raising the hard limit may be refused (no privilege)
-            hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
-            except (ValueError, OSError):
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
+def _raise_nofile(nofile: int) -> None:
+    """This process's file limit, which the daemons inherit: as high as allowed (raising the
+    hard limit may be refused). Set here, not in a preexec_fn: forking this process (gRPC
+    threads running) to run Python before exec once left a load generator dead at start
+    (epoll_wait: Bad file descriptor), and 250 agents missing."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, max(nofile, hard)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(nofile, hard), hard))
 
+
+@contextlib.contextmanager
+def _proc(cmd: list[str], logf: Path) -> Iterator[subprocess.Popen[bytes]]:
     with open(logf, "ab") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, preexec_fn=limits)
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     try:
         yield p
     finally:
@@ -71,6 +82,30 @@ def _proc(cmd: list[str], logf: Path, nofile: int = 0) -> Iterator[subprocess.Po
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+
+_STREAM_ERROR = re.compile(r": controller \S+: ([A-Z_]+ .{0,80})$", re.M)
+
+
+def _stream_errors(logs: list[Path]) -> str:
+    """The simulated agents' stream errors in the load generators' logs, most frequent first
+    (what to name when a fleet does not connect)."""
+    counts: collections.Counter[str] = collections.Counter()
+    for logf in logs:
+        with contextlib.suppress(OSError):
+            counts.update(_STREAM_ERROR.findall(logf.read_text(errors="replace")))
+    if not counts:
+        return "the load generators logged no stream error"
+    top = "; ".join(f"{n} x {what}" for what, n in counts.most_common(3))
+    return f"the load generators' agents logged {sum(counts.values())} stream errors: {top}"
+
+
+def _check_alive(procs: list[subprocess.Popen[bytes]], logs: list[Path]) -> None:
+    """A load generator that exited: name it, with the end of its log (not a time-out)."""
+    for p, logf in zip(procs, logs, strict=True):
+        if p.poll() is not None:
+            tail = logf.read_text(errors="replace")[-400:]
+            raise RuntimeError(f"load generator {logf.name} exited ({p.returncode}): {tail}")
 
 
 class Fleet:
@@ -90,16 +125,23 @@ class Fleet:
         self.call_s.append(time.monotonic() - c0)
         return list(st.nodes)
 
-    def wait_connected(self, names: list[str], timeout: float) -> float:
-        """Seconds until every node of ``names`` has an open stream (WatchAcks counts)."""
+    def wait_connected(self, names: list[str], timeout: float,
+                       check: Any = None) -> float:  # fmt: skip
+        """Seconds until every node of ``names`` has an open stream (WatchAcks counts);
+        ``check()`` (every 5 s) raises if a process that runs them died."""
         t0 = time.monotonic()
         req = self.pb.WatchAcksRequest(nodes=names)
         got = 0
-        with contextlib.suppress(Exception):
-            for msg in self.stub.WatchAcks(req, timeout=timeout):
-                got = msg.applied_count + msg.pending_count
-                if got >= len(names):
-                    return time.monotonic() - t0
+        while time.monotonic() - t0 < timeout:
+            if check is not None:
+                check()
+            call = self.stub.WatchAcks(req, timeout=min(5.0, timeout - (time.monotonic() - t0)))
+            with contextlib.suppress(Exception):
+                for msg in call:
+                    got = msg.applied_count + msg.pending_count
+                    if got >= len(names):
+                        call.cancel()
+                        return time.monotonic() - t0
         raise RuntimeError(f"only {got}/{len(names)} agents connected after {timeout:.0f}s")
 
     def configure(self, selector: str, enabled: bool) -> tuple[int, list[str], float]:
@@ -183,12 +225,17 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     lg0 = [proc_sample(p) for p in lg_pids]
     load0 = os.getloadavg()[0]
     fleet.call_s.clear()
+    windows: list[tuple[float, float, list[float]]] = []  # wall, controller CPU, each LG's
     try:
         for r in range(rounds):
+            w0 = _cpu_now(ctl_pid, lg_pids)
             gen, matched, t0 = fleet.configure(selector, True)
             if len(matched) != expect:
                 raise RuntimeError(f"enable matched {len(matched)} nodes, expected {expect}")
             done, acked = fleet.wait_acked(gen, matched, t0, timeout)
+            w1 = _cpu_now(ctl_pid, lg_pids)
+            windows.append((w1[0] - w0[0], w1[1] - w0[1],
+                            [b - a for a, b in zip(w0[2], w1[2], strict=True)]))  # fmt: skip
             first = follower.first_after(t0, 10.0)
             all_acked.append(done)
             per_node += list(acked.values())
@@ -223,10 +270,51 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "controller_cpu_percent_during_rounds": ctl_cpu,
         "loadgen_processes": len(lg_pids),
         "loadgen_cpu_percent_during_rounds_max": max(lg_cpu, default=0.0),
-        "limit": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
+        "limit_rounds": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
+        **_change_cpu(windows, expect, max(load0, os.getloadavg()[0])),
         "loadavg_1m": [load0, os.getloadavg()[0]],
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,
+    }
+
+
+def _cpu_now(ctl_pid: int, lg_pids: tuple[int, ...]) -> tuple[float, float, list[float]]:
+    """(monotonic s, controller CPU s, each load generator's CPU s)."""
+    return (time.monotonic(), proc_sample(ctl_pid).cpu_s,
+            [proc_sample(p).cpu_s for p in lg_pids])  # fmt: skip
+
+
+def _change_cpu(windows: list[tuple[float, float, list[float]]], agents: int,
+                load: float) -> dict[str, Any]:  # fmt: skip
+    """CPU the controller and the load generators spent from each enable to all acked (the
+    median window), and what limited that window: one process at a full core, all the
+    machine's CPUs busy with the bench's own processes, or neither (other processes). The
+    whole-rounds average hides the burst of a change."""
+    cpus = os.cpu_count() or 1
+    wall = statistics.median(w for w, _, _ in windows)
+    ctl = statistics.median(c for _, c, _ in windows)
+    lgs = statistics.median(sum(lg) for _, _, lg in windows)
+    lg_max = statistics.median(max(lg, default=0.0) for _, _, lg in windows)
+    if ctl >= LIMIT_CPU / 100 * wall:
+        limit = "controller (a full core from enable to all acked)"
+    elif lg_max >= LIMIT_CPU / 100 * wall:
+        limit = "load generator (a full core from enable to all acked)"
+    elif ctl + lgs >= LIMIT_CPU / 100 * cpus * wall:
+        limit = (f"the machine's {cpus} CPUs (controller and load generators used "
+                 f"{(ctl + lgs) / wall:.1f} of them from enable to all acked)")  # fmt: skip
+    elif load > cpus:
+        limit = (f"CPU contention (load {load:.1f} on {cpus} CPUs; the bench's processes used "
+                 f"{(ctl + lgs) / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
+    else:
+        limit = (f"neither at a full core (the bench's processes used {(ctl + lgs) / wall:.1f} "
+                 f"of {cpus} CPUs from enable to all acked)")  # fmt: skip
+    return {
+        "limit": limit,
+        "change_window_ms": wall * 1e3,
+        "change_controller_cpu_ms": ctl * 1e3,
+        "change_loadgen_cpu_ms": lgs * 1e3,
+        "change_controller_cpu_us_per_agent": ctl * 1e6 / agents,
+        "change_loadgen_cpu_us_per_agent": lgs * 1e6 / agents,
     }
 
 
@@ -260,7 +348,8 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                "--db", ":memory:", "--max-nodes", str(2 * sum(sims) + 10),
                "--stale-after", "30", "--window", "5", "--log-level", "WARNING"]  # fmt: skip
     ctl_log = tmp / "controller.log"
-    with _proc([*ctl_cmd], ctl_log, nofile=NOFILE) as ctl:
+    _raise_nofile(NOFILE)
+    with _proc([*ctl_cmd], ctl_log) as ctl:
         fleet = Fleet(addr)
         try:
             t0 = time.monotonic()
@@ -291,6 +380,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 log(f"control: {n} simulated agents in {procs} load-generator process(es)")
                 counts = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
                 names = [f"sim{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
+                lg_logs = [tmp / f"loadgen-{n}-{i}.log" for i in range(procs)]
                 with contextlib.ExitStack() as stack:
                     lgs = [
                         stack.enter_context(_proc(
@@ -298,10 +388,18 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                              addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
                              f"bench=sim{n}", "--rate", "50", "--ramp",
                              str(min(30.0, n / 200))],
-                            tmp / f"loadgen-{n}-{i}.log", nofile=NOFILE))
+                            lg_logs[i]))
                         for i, c in enumerate(counts)
                     ]  # fmt: skip
-                    took = fleet.wait_connected(names, 120 + n / 20)
+                    alive = functools.partial(_check_alive, lgs, lg_logs)
+                    try:
+                        took = fleet.wait_connected(names, 120 + n / 20, alive)
+                    except RuntimeError as e:  # name what the agents saw, and the set-up
+                        raise RuntimeError(
+                            f"{e} ({procs} load generators of up to {PER_LOADGEN} agents on "
+                            f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); "
+                            f"{_stream_errors(lg_logs)}"
+                        ) from None
                     log(f"control:   {n} connected in {took:.1f}s")
                     time.sleep(1.0 if quick else 2.0)
                     pids = tuple(p.pid for p in lgs)

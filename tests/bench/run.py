@@ -184,7 +184,7 @@ def render_control(r: dict[str, Any]) -> str:
     out = [
         "gRPC ConfigureEventSet then the WatchAcks stream of the matched nodes (pushed acks);"
         " first event = StreamEvents follower on one matched node; ms median [min-max];"
-        " limit = the process at a full core during the rounds"
+        " limit = what was at a full core from enable to all acked (median round)"
     ]
     out.append(
         _fmt_table(
@@ -204,6 +204,15 @@ def render_control(r: dict[str, Any]) -> str:
             rows,
         )
     )
+    for name, f in r["fleets"].items():
+        if "change_controller_cpu_ms" in f:
+            out.append(
+                f"  {name}: enable->all acked {f['change_window_ms']:.0f} ms (median round) used "
+                f"{f['change_controller_cpu_ms']:.0f} ms CPU in the controller "
+                f"({f['change_controller_cpu_us_per_agent']:.0f} us/agent) and "
+                f"{f['change_loadgen_cpu_ms']:.0f} ms in the load generators "
+                f"({f['change_loadgen_cpu_us_per_agent']:.0f} us/agent); limit: {f['limit']}"
+            )
     return "\n".join(out)
 
 

@@ -13,6 +13,7 @@ from tracefleet.agent.controlclient import (
     ControlClient,
     _batch_pb,
     _strategies,
+    first_controller,
     run_agent,
 )
 from tracefleet.agent.engine import Aggregates, EventSetConfig, SetAggregate
@@ -319,17 +320,19 @@ def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(contr
     stop = threading.Event()
     options = dataclasses.replace(FAST, answer_timeout=0.5)
     result = {}
+    # a node whose first address (a hash of its name) is the silent replica
+    name = next(f"fo-{i}" for i in range(100) if first_controller(f"fo-{i}", 2) == 0)
 
     def target():
         addresses = [f"127.0.0.1:{port}", controller.address]
-        result["stats"] = run_agent(engine, addresses, "fo-1", {}, stop, options)
+        result["stats"] = run_agent(engine, addresses, name, {}, stop, options)
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
         wait_until(lambda: svc.registers >= 1, what="the agent dialed the silent replica first")
         node = wait_until(
-            lambda: controller.controller.fleet.nodes.get("fo-1"),
+            lambda: controller.controller.fleet.nodes.get(name),
             timeout=scaled(30),
             what="the agent registered with the next replica",
         )
@@ -341,3 +344,24 @@ def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(contr
         t.join(timeout=10)
         server.stop(0)
     assert result["stats"].failovers >= 1 and result["stats"].connects >= 1
+
+
+def test_agents_given_several_replicas_spread_over_them_from_their_node_name():
+    """The first address is derived from the node name: a fleet given [a, b, c] does not all
+    dial a; the same name always picks the same replica (a restarted agent returns to it)."""
+    import hashlib
+
+    addresses = ["a:7070", "b:7070", "c:7070"]
+    engine = SyntheticEngine(rate=0, seed=1)
+    first = {}
+    for i in range(300):
+        name = f"node-{i:04d}"
+        first[name] = ControlClient(engine, addresses, name).controller
+    share = {a: sum(1 for v in first.values() if v == a) for a in addresses}
+    assert all(n >= 60 for n in share.values()), share  # 100 each expected
+    again = ControlClient(engine, addresses, "node-0007").controller
+    assert again == first["node-0007"]
+    # documented derivation: sha256 of the name, its first 8 bytes big-endian, mod count
+    digest = hashlib.sha256(b"node-0007").digest()
+    assert again == addresses[int.from_bytes(digest[:8], "big") % 3]
+    assert ControlClient(engine, ["only:7070"], "node-0007").controller == "only:7070"

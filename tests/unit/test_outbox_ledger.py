@@ -322,3 +322,56 @@ def test_ledger_counts_resent_batches_of_an_agent_that_came_from_another_replica
     assert a.snapshot()["n"].adopted == 0
     # what the fleet counted: A's three batches and B's two, one of them A's third again
     assert a.nodes["n"].sets["file"].delivered + b.nodes["n"].sets["file"].delivered == 5
+
+
+def test_a_commit_another_replica_overtook_acknowledges_nothing_and_takes_its_rows():
+    """A store shared by replicas (etcd) refuses a node's rows another replica changed since:
+    the controller sends no BatchAck for that node, takes the store's rows (the other
+    replica's counts and cursor) and closes the stream so the agent resends; a batch the
+    other replica counted is then a duplicate here."""
+    import asyncio
+
+    from tracefleet.controller._internal.controller import Controller
+    from tracefleet.controller._internal.fleet import Connection
+    from tracefleet.controller._internal.store import SET_ACCOUNTING, LedgerRows
+
+    theirs = LedgerRows(
+        set_totals=[("n1", "file", 70, 0, 0, *(0,) * len(SET_ACCOUNTING))],
+        node_batches=[("n1", 2, 0, 0)],
+        cursors=[("n1", "i1", 2, 1.0)],
+    )
+
+    class Shared(Store):
+        overtaken = False
+
+        def put_ledger(self, rows: LedgerRows) -> set[str]:
+            if self.overtaken:
+                return {r[0] for r in rows.node_batches}
+            return super().put_ledger(rows)
+
+        def node_ledger(self, name: str) -> LedgerRows | None:
+            return theirs if self.overtaken else None
+
+    async def scenario() -> None:
+        store = Shared(":memory:")
+        ctl = Controller(store)
+        conn = Connection()
+        node = ctl.on_register(agent_pb2.Register(node_name="n1", instance_id="i1"), conn)
+        while not conn.outbox.empty():
+            conn.outbox.get_nowait()
+        first = batch(5)
+        first.instance_id, first.seq = "i1", 1
+        assert ctl.on_batch(node, first) is Outcome.APPLIED
+        store.overtaken = True  # meanwhile another replica counted seq 1 and 2
+        assert ctl.commit() == 0
+        sent = []
+        while not conn.outbox.empty():
+            sent.append(conn.outbox.get_nowait())
+        assert sent == [None]  # the stream is closed; no BatchAck went out
+        assert ctl.ledger.committed_seq("n1", "i1") == 2
+        assert ctl.ledger.snapshot()["n1"].sets["file"].delivered == 70
+        again = batch(5)
+        again.instance_id, again.seq = "i1", 2
+        assert ctl.on_batch(node, again) is Outcome.DUPLICATE
+
+    asyncio.run(scenario())

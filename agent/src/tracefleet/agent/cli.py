@@ -745,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"unix:/PATH or host:port of the controller (env {env.CONTROLLER}; "
                     f"default: {DEFAULT_CONTROLLER}). Replicas sharing etcd: give every "
                     "replica's address, comma-separated or with --controller again; the agent "
-                    "dials one and, when its stream fails or it does not answer the "
+                    "dials first the one its node name hashes to (a fleet spreads over the "
+                    "replicas) and, when its stream fails or it does not answer the "
                     "registration within 20s, moves to the next (round robin, jittered backoff "
                     "up to 30s), registers there and resends the result batches not "
                     "acknowledged yet")  # fmt: skip

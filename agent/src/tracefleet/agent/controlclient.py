@@ -11,12 +11,12 @@ Failure behaviour:
 * reconnect with exponential backoff and jitter; on reconnect the agent registers again with
   the generation it applied, and the controller answers with its current desired state
   (a state already applied is acked, not applied again);
-* several controller addresses (replicas sharing etcd): the agent dials one; when its stream
-  fails, or the controller does not answer the registration within ``answer_timeout``, it
-  moves to the next address (round robin, same backoff) and registers there. Not exactly-once
-  across replicas: each replica keeps its own ledger of batch seqs, so a batch the old replica
-  applied but whose BatchAck never arrived is applied again by the new one (counted by the
-  new replica as ``batches_adopted``);
+* several controller addresses (replicas sharing etcd): the agent dials first the one at
+  ``first_controller(node_name, count)`` (a hash of the node name, so a fleet spreads over the
+  replicas and a restarted agent returns to the same one); when its stream fails, or the
+  controller does not answer the registration within ``answer_timeout``, it moves to the
+  next address in the list's order (round robin, same backoff) and registers there, and
+  resends what was not acknowledged (replicas share the ledger in etcd: exactly once);
 * every ResultBatch is numbered (``instance_id`` chosen at start, ``seq``) and kept in the
   outbox (``tracefleet.agent._internal.outbox``) until the controller acknowledges it with a
   BatchAck, which it sends once the batch is durably applied; after a reconnect the batches
@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -137,6 +138,14 @@ class ClientStats:
     idle_ticks: int = 0  # of those, skipped while idle (DesiredState.idle_batch_interval)
 
 
+def first_controller(node_name: str, count: int) -> int:
+    """Index of the controller address a node dials first. A hash of the name, not the
+    first address: every agent given the same list would load one replica with the whole
+    fleet. sha256, not hash(): the same node picks the same replica in every process."""
+    digest = hashlib.sha256(node_name.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
 def _agent_version() -> str:
     try:
         return metadata.version("tracefleet-agent")
@@ -160,7 +169,7 @@ class ControlClient:
         self.controllers = (controller,) if isinstance(controller, str) else tuple(controller)
         if not self.controllers:
             raise ValueError("no controller address")
-        self.controller = self.controllers[0]
+        self.controller = self.controllers[first_controller(node_name, len(self.controllers))]
         self.node_name = node_name
         self.labels = dict(labels or {})
         self.options = options or ClientOptions()

@@ -217,8 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(env.ETCD, ""),
         metavar="URL[,URL...]",
         help="keep the desired state and the node registry in etcd (http://HOST:2379,...), "
-        "shared by every controller replica given the same --etcd-prefix; the result-batch "
-        f"ledger stays in --db (env {env.ETCD})",
+        "shared by every controller replica given the same --etcd-prefix, and the ledger of "
+        f"result batches (exactly once across replicas) (env {env.ETCD})",
     )
     p.add_argument(
         "--etcd-prefix",

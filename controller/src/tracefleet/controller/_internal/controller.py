@@ -292,8 +292,17 @@ class Controller:
             return 0
         t0 = time.monotonic()
         rows = self.ledger.changes()
-        self.store.put_ledger(rows)
+        conflicts = self.store.put_ledger(rows)
         acks = self.ledger.committed(rows)
+        if conflicts:  # another replica changed these nodes' rows: nothing of theirs is acked
+            acks = [a for a in acks if a[0] not in conflicts]
+            for name in sorted(conflicts):
+                log.warning("node %s: its ledger was changed by another replica; read again, "
+                            "the agent resends what was not acknowledged", name)  # fmt: skip
+                self._reload_ledger(name)
+                node = self.fleet.nodes.get(name)
+                if node is not None and node.conn is not None:
+                    node.conn.close()  # the agent reconnects and resends its outbox
         self.commit_seconds += time.monotonic() - t0
         self.commits += 1
         now = time.monotonic()
@@ -308,6 +317,14 @@ class Controller:
             ):
                 sent += self._send_ack(name, now)
         return sent
+
+    def _reload_ledger(self, name: str) -> None:
+        """Take a node's ledger rows from the store when another writer may have changed
+        them (replicas sharing etcd; a no-op for a controller's own database)."""
+        rows = self.store.node_ledger(name)
+        if rows is not None:
+            self.ledger.replace_node(name, rows)
+            self._acks_due.pop(name, None)
 
     def send_due_acks(self, force: bool = False) -> int:
         """Send the BatchAcks held back by ack_every whose time has come (all: force)."""
@@ -620,6 +637,10 @@ class Controller:
     # upstream ---------------------------------------------------------------------------
 
     def on_register(self, reg: agent_pb2.Register, conn: Connection) -> Node:
+        try:  # another replica may have counted this node's batches since we read them
+            self._reload_ledger(reg.node_name)
+        except sqlite3.Error as e:  # the next commit's compare-and-swap still guards
+            self._store_failed("reading a node's ledger", e)
         if reg.instance_id:
             # first message of the stream: tells the agent this controller acknowledges
             # batches (seq 0: none of this instance applied yet)

@@ -8,8 +8,13 @@ generation; each node's record is ``PREFIX/nodes/NAME``. A watch on the document
 change to the controller (``Controller.take_shared``), which pushes it to its own agents.
 
 The ledger of result batches (exactly-once totals and the batch cursors of each agent
-instance) stays in the replica's local SQLite store: an agent that moves to another replica
-has its unacknowledged batches counted by that replica (see the README).
+instance) is one document per node (``PREFIX/ledger/NODE``: its totals and cursors together,
+so a cursor never moves without its counts), written by compare-and-swap on the revision this
+replica last read or wrote. A node that registers has its document read again
+(``node_ledger``): the batches its previous replica committed are then duplicates here, so an
+agent moving between replicas is counted exactly once; a document another replica changed
+since is not overwritten (``put_ledger`` returns the node, the controller re-reads it and
+makes the agent resend).
 
 Errors are ``EtcdError``, a ``sqlite3.OperationalError``: the controller's store-failure paths
 (refuse to enable, apply a disable in memory and save it later) apply unchanged.
@@ -95,10 +100,26 @@ class EtcdClient:
             return None, 0
         return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
 
-    def range_prefix(self, prefix: str) -> list[tuple[str, str]]:
+    def range_prefix(self, prefix: str) -> list[tuple[str, str, int]]:
+        """(key, value, mod_revision) of every key under ``prefix``."""
         body = {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
         kvs = self.call("/v3/kv/range", body).get("kvs") or []
-        return [(_unb64(kv["key"]), _unb64(kv.get("value", ""))) for kv in kvs]
+        return [
+            (_unb64(kv["key"]), _unb64(kv.get("value", "")), int(kv["mod_revision"])) for kv in kvs
+        ]
+
+    def put_all_if(self, puts: list[tuple[str, str, int]]) -> int | None:
+        """Put every (key, value) if every key is still at its mod_revision (0: absent), in
+        one transaction; the revision written, or None if any key had changed."""
+        body = {
+            "compare": [
+                {"key": _b64(k), "target": "MOD", "result": "EQUAL", "mod_revision": str(rev)}
+                for k, _, rev in puts
+            ],
+            "success": [{"request_put": {"key": _b64(k), "value": _b64(v)}} for k, v, _ in puts],
+        }
+        out = self.call("/v3/kv/txn", body)
+        return int(out["header"]["revision"]) if out.get("succeeded") else None
 
     def put_if(self, key: str, value: str, mod_revision: int) -> bool:
         """Put ``value`` if ``key`` is still at ``mod_revision`` (0: absent)."""
@@ -186,6 +207,21 @@ def parse_desired(text: str | None) -> tuple[int, list[Rule]]:
     return int(doc["generation"]), [_rule(r) for r in doc["rules"]]
 
 
+def _doc_rows(node: str, doc: dict[str, Any]) -> LedgerRows:
+    """A node's ledger document as the rows Ledger loads."""
+    applied, duplicate, discarded = (int(x) for x in doc["batches"])
+    return LedgerRows(
+        set_totals=[
+            (node, name, *(int(c) for c in counts)) for name, counts in sorted(doc["sets"].items())
+        ],
+        node_batches=[(node, applied, duplicate, discarded)],
+        cursors=[
+            (node, inst, int(seq), float(updated))
+            for inst, (seq, updated) in sorted(doc.get("cursors", {}).items())
+        ],
+    )
+
+
 class EtcdStore:
     """The Store interface: desired state and nodes in etcd, the ledger in ``local``."""
 
@@ -195,6 +231,9 @@ class EtcdStore:
         self.local = local
         self.path = f"etcd {','.join(client.endpoints)} {self.prefix} (ledger: {local.path})"
         self._desired_key = f"{self.prefix}/desired"
+        # the ledger documents as this replica last read or wrote them, and their revisions
+        self._ledger_docs: dict[str, dict[str, Any]] = {}
+        self._ledger_revs: dict[str, int] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         try:
@@ -309,7 +348,7 @@ class EtcdStore:
     def nodes(self) -> list[NodeRecord]:
         out = []
         base = f"{self.prefix}/nodes/"
-        for key, value in self.client.range_prefix(base):
+        for key, value, _ in self.client.range_prefix(base):
             d = json.loads(value)
             out.append(
                 NodeRecord(
@@ -325,17 +364,91 @@ class EtcdStore:
         return sorted(out, key=lambda r: r.name)
 
     def delete_nodes(self, names: Iterable[str]) -> None:
-        ops = [{"request_delete_range": {"key": _b64(f"{self.prefix}/nodes/{n}")}} for n in names]
+        names = list(names)
+        ops = [
+            {"request_delete_range": {"key": _b64(f"{self.prefix}/{kind}/{n}")}}
+            for n in names
+            for kind in ("nodes", "ledger")
+        ]
         self.client.txn(ops)
+        for n in names:
+            self._ledger_docs.pop(n, None)
+            self._ledger_revs.pop(n, None)
         self.local.delete_nodes(names)
 
-    # ledger (local) ---------------------------------------------------------------------
+    # ledger -----------------------------------------------------------------------------
+
+    def _ledger_key(self, node: str) -> str:
+        return f"{self.prefix}/ledger/{node}"
+
+    def _take_doc(self, node: str, text: str | None, revision: int) -> LedgerRows:
+        doc = json.loads(text) if text else {"sets": {}, "batches": [0, 0, 0], "cursors": {}}
+        self._ledger_docs[node] = doc
+        self._ledger_revs[node] = revision
+        return _doc_rows(node, doc)
 
     def ledger(self) -> LedgerRows:
-        return self.local.ledger()
+        rows = LedgerRows()
+        base = f"{self.prefix}/ledger/"
+        for key, value, revision in self.client.range_prefix(base):
+            one = self._take_doc(key[len(base) :], value, revision)
+            rows.set_totals += one.set_totals
+            rows.node_batches += one.node_batches
+            rows.cursors += one.cursors
+        return rows
 
-    def put_ledger(self, rows: LedgerRows) -> None:
-        self.local.put_ledger(rows)
+    def node_ledger(self, name: str) -> LedgerRows:
+        return self._take_doc(name, *self.client.get(self._ledger_key(name)))
+
+    def put_ledger(self, rows: LedgerRows) -> set[str]:
+        """Write the changed nodes' documents, each only if no other replica changed it
+        since this one read or wrote it; returns the nodes not written (their documents
+        are read again: what the controller applied to them must not be acknowledged)."""
+        docs: dict[str, dict[str, Any]] = {}
+
+        def doc(node: str) -> dict[str, Any]:
+            d = docs.get(node)
+            if d is None:
+                old = self._ledger_docs.get(node) or {"sets": {}, "batches": [0, 0, 0]}
+                d = docs[node] = {
+                    "sets": dict(old["sets"]),
+                    "batches": list(old["batches"]),
+                    "cursors": dict(old.get("cursors", {})),
+                }
+            return d
+
+        for node, event_set, *counts in rows.set_totals:
+            doc(node)["sets"][event_set] = [int(c) for c in counts]
+        for node, applied, duplicate, discarded in rows.node_batches:
+            doc(node)["batches"] = [applied, duplicate, discarded]
+        for node, instance, seq, updated in rows.cursors:
+            doc(node)["cursors"][instance] = [seq, updated]
+        for node, instance in rows.dropped_cursors:
+            doc(node)["cursors"].pop(instance, None)
+        conflicts: set[str] = set()
+        names = sorted(docs)
+        per_txn = TXN_OPS // 2  # a compare and a put per node
+        for i in range(0, len(names), per_txn):
+            chunk = names[i : i + per_txn]
+            if self._put_docs(chunk, docs):
+                continue
+            for node in chunk:  # which of them changed: the others are written alone
+                if len(chunk) == 1 or not self._put_docs([node], docs):
+                    conflicts.add(node)
+        return conflicts
+
+    def _put_docs(self, nodes: list[str], docs: dict[str, dict[str, Any]]) -> bool:
+        puts = [
+            (self._ledger_key(n), json.dumps(docs[n], sort_keys=True), self._ledger_revs.get(n, 0))
+            for n in nodes
+        ]
+        revision = self.client.put_all_if(puts)
+        if revision is None:
+            return False
+        for n in nodes:
+            self._ledger_docs[n] = docs[n]
+            self._ledger_revs[n] = revision
+        return True
 
     def __getattr__(self, name: str) -> Any:
         raise AttributeError(f"EtcdStore has no {name!r} (a Store method it does not carry)")

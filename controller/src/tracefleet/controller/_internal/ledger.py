@@ -11,13 +11,14 @@ those seqs to the agents, so after a crash the store holds exactly the batches t
 acknowledged or that will be ignored when sent again, never a batch counted twice or a seq
 without its counts.
 
-Exactly once per controller, not across replicas (``--etcd``): the cursors live in each
-replica's own ``--db``. An agent that moves to another replica resends there the batches the
-old one had not acknowledged; those the old replica had applied (its commit done, the BatchAck
-lost with the stream) are applied again by the new one, so the fleet's totals may count them
-twice. ``NodeCounts.adopted`` counts the candidates: resent batches applied for an agent
-instance this replica first saw past seq 1 (its earlier batches went elsewhere). An upper
-bound of the double count, since this replica started (not stored).
+Across replicas (``--etcd``) the rows live in etcd, one document per node written by
+compare-and-swap (``EtcdStore``): a replica takes a node's rows from etcd when the node
+registers with it (``replace_node``), so the batches the old replica committed are
+duplicates there, and a commit that finds the document changed by another replica is not
+acknowledged: the node's rows are read again and its stream closed, so the agent resends.
+``NodeCounts.adopted`` counts resent batches applied for an agent instance this replica first
+saw past seq 1 (its earlier batches went elsewhere): with a shared ledger, batches no replica
+had committed (not stored).
 
 Not thread-safe for writers (the controller's asyncio loop); ``snapshot()`` may be called
 from the metrics thread.
@@ -194,6 +195,29 @@ class Ledger:
         self._dirty_cursors.add(key)
         self._dropped_cursors.discard(key)
         return Outcome.APPLIED
+
+    def replace_node(self, node: str, rows: LedgerRows) -> None:
+        """Take ``node``'s counts and cursors from ``rows`` (the store, as another replica
+        left them); what was applied here and not committed is dropped (never acknowledged:
+        the agent sends it again)."""
+        with self._lock:
+            old = self.nodes.pop(node, None)
+            for key in [k for k in self._cursors if k[0] == node]:
+                del self._cursors[key]
+            for dirty in (self._dirty_sets, self._dirty_cursors, self._dropped_cursors):
+                dirty -= {k for k in dirty if k[0] == node}
+            self._dirty_nodes.discard(node)
+            n = self._node(node)
+            n.adopted = old.adopted if old is not None else 0
+            for name, event_set, *counts in rows.set_totals:
+                if name == node:
+                    n.sets[event_set] = SetCounts(*counts)
+            for name, applied, duplicate, discarded in rows.node_batches:
+                if name == node:
+                    n.applied, n.duplicate, n.discarded = applied, duplicate, discarded
+            for name, instance, seq, updated in rows.cursors:
+                if name == node:
+                    self._cursors[(node, instance)] = _Cursor(seq, seq, updated)
 
     def forget(self, node: str) -> None:
         """Drop a removed node's counts and cursors (the store deletes its rows)."""

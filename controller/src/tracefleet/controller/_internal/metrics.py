@@ -146,8 +146,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("node",),
         "Resent result batches applied for an agent that came from another controller replica "
-        "(its first batch here was past seq 1): the old replica may have applied them too. "
-        "Since this controller started.",
+        "(its first batch here was past seq 1): batches no replica had committed (with --etcd "
+        "the ledger is shared). Since this controller started.",
     ),
     "tracefleet_controller_batches_discarded_total": (
         "counter",

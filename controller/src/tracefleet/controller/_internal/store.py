@@ -316,8 +316,10 @@ class Store:
 
     # ledger -----------------------------------------------------------------------------
 
-    def put_ledger(self, rows: LedgerRows) -> None:
-        """Write the ledger's changed rows in one transaction (durable on return)."""
+    def put_ledger(self, rows: LedgerRows) -> set[str]:
+        """Write the ledger's changed rows in one transaction (durable on return). Returns
+        the nodes whose rows were not written because another writer changed them (never,
+        here: this process is the only writer of its file; see EtcdStore)."""
         db = self._db
         with self._tx():
             db.executemany(
@@ -332,6 +334,12 @@ class Store:
             db.executemany(
                 "DELETE FROM batch_cursors WHERE node = ? AND instance = ?", rows.dropped_cursors
             )
+        return set()
+
+    def node_ledger(self, name: str) -> LedgerRows | None:
+        """A node's ledger as another writer may have left it (None: nobody else writes
+        this file, the controller's memory is current)."""
+        return None
 
     def ledger(self) -> LedgerRows:
         q = self._db.execute
