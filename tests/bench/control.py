@@ -35,6 +35,7 @@ from tests.bench.common import (
     proc_sample,
     summary,
 )
+from tests.conftest import LOADGEN
 
 PER_LOADGEN = 250  # simulated agents per load-generator process
 LIMIT_CPU = 85.0  # percent of one core: that process was the limit
@@ -294,7 +295,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 with contextlib.ExitStack() as stack:
                     lgs = [
                         stack.enter_context(_proc(
-                            [PY, "-m", "tracefleet.agent._internal.loadgen", "--controller",
+                            [PY, str(LOADGEN), "--controller",
                              addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
                              f"bench=sim{n}", "--rate", "50", "--ramp",
                              str(min(30.0, n / 200))],

@@ -28,9 +28,9 @@ from tests.e2e.fleet_helpers import (
     nodes_by_name,
     wait_until,
 )
-from tracefleet.controller._internal.etcdstore import EtcdClient, EtcdError, EtcdStore
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdError, EtcdStore
+from tracefleet.controller.storage.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from tracefleet.agent._internal.contain import CAUSES, ErrorCounter
+from tracefleet.agent.capture.contain import CAUSES, ErrorCounter
 
 
 def test_counts_every_failure_and_logs_each_cause_once(caplog):

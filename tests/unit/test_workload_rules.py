@@ -8,8 +8,8 @@ import sqlite3
 
 import pytest
 
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.storage.store import Store
 from tracefleet.model.filters import Filters, WorkloadSelector
 from tracefleet.model.wire import filters_from_pb, filters_to_pb
 from tracefleet.v1 import types_pb2
