@@ -27,9 +27,14 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tracefleet.agent.capture.engine import Aggregates, EventSetConfig, SetAggregate, SetStatus
+from tracefleet.agent.capture.engine import (
+    Aggregates,
+    EventSetConfig,
+    SetAggregate,
+    SetStatus,
+    add_all,
+)
 from tracefleet.agent.control.client import ClientOptions, ControlClient
-from tracefleet.agent.metrics import add_all
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.labels import parse_labels
 from tracefleet.model.names import STRATEGY_SYNTHETIC

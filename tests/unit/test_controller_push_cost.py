@@ -6,10 +6,10 @@ change."""
 import json
 
 from tests.unit.test_controller_core import drain, register
-from tracefleet.controller.api.wire import WIRE
 from tracefleet.controller.domain import rules as rules_mod
 from tracefleet.controller.domain.controller import Controller
 from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.domain.wire import WIRE
 from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2, types_pb2
 

@@ -18,11 +18,10 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from tracefleet.agent.capture.engine import Aggregates, SetAggregate
+from tracefleet.agent.capture.engine import Aggregates, SetAggregate, add_events
 from tracefleet.agent.capture.eventsets import EVENT_SETS
 from tracefleet.agent.kernel import libbpf
 from tracefleet.agent.kernel.abi import TF_SET_MAX, TF_STAT_MAX, Stat
-from tracefleet.agent.metrics import add_events
 
 if TYPE_CHECKING:
     from tracefleet.agent.capture.enginestate import SetState

@@ -62,6 +62,25 @@ class SetAggregate:
     latency: Histogram = field(default_factory=Histogram)  # syscall entry -> decoded in agent
 
 
+# cumulative totals, shared by the engines and the load generator
+def add_events(into: SetAggregate, delta: SetAggregate) -> None:
+    """Add the agent-side counts of ``delta`` (delivered, per syscall, latency) into ``into``.
+    Kernel-side counts (dropped, outcomes) are not added: engines read them absolute."""
+    into.delivered += delta.delivered
+    into.decode_errors += delta.decode_errors
+    for sc, n in list(delta.events_by_syscall.items()):
+        into.events_by_syscall[sc] = into.events_by_syscall.get(sc, 0) + n
+    into.latency.add(delta.latency)
+
+
+def add_all(into: SetAggregate, delta: SetAggregate) -> None:
+    """Add every count of ``delta`` into ``into`` (for engines without kernel counters)."""
+    add_events(into, delta)
+    into.dropped += delta.dropped
+    for key, n in list(delta.outcomes.items()):
+        into.outcomes[key] = into.outcomes.get(key, 0) + n
+
+
 @dataclass
 class Aggregates:
     interval_start_ns: int

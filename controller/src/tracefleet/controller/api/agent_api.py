@@ -10,10 +10,10 @@ from typing import Any
 import grpc
 
 from tracefleet.controller.api.auth import Authorizer
-from tracefleet.controller.api.wire import WIRE
 from tracefleet.controller.domain.controller import Controller
 from tracefleet.controller.domain.fleet import Connection, Node
 from tracefleet.controller.domain.ledger import MAX_INSTANCE_ID, batch_problem
+from tracefleet.controller.domain.wire import WIRE
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller.agents")

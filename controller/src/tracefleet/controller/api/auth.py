@@ -53,7 +53,7 @@ from tracefleet.controller.common.certs import (
 )
 from tracefleet.controller.common.configfile import load_yaml_or_json
 from tracefleet.controller.domain.limits import REASONS as LIMIT_REASONS
-from tracefleet.controller.domain.limits import Refusals
+from tracefleet.controller.domain.limits import REFUSALS, Refusals
 
 log = logging.getLogger("tracefleet.controller.auth")
 
@@ -90,9 +90,6 @@ def refusal_kind(reason: str) -> str:
     """agent, operator, tls, or other: the ``kind`` label of a refusal reason."""
     kind = reason.split("_", 1)[0]
     return kind if kind in ("agent", "operator", "tls") else "other"
-
-
-REFUSALS = Refusals()
 
 
 @dataclass(frozen=True)

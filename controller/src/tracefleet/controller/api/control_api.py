@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 
 from tracefleet.controller.api.auth import Authorizer, require_operator
 from tracefleet.controller.common import selector as sel
+from tracefleet.controller.common.requestlimits import MAX_PID, MAX_STREAM_FILTER, MAX_TOP_ROWS
 from tracefleet.controller.domain.ackwatch import AckState, AckWatch
 from tracefleet.controller.domain.controller import (
     MAX_TTL_SECONDS,
@@ -24,7 +25,6 @@ from tracefleet.controller.domain.controller import (
 from tracefleet.controller.domain.events import Follower
 from tracefleet.controller.domain.fleet import State
 from tracefleet.controller.domain.ledger import ACCOUNTING
-from tracefleet.controller.domain.limits import MAX_PID, MAX_STREAM_FILTER, MAX_TOP_ROWS
 from tracefleet.controller.domain.policy import Policy
 from tracefleet.controller.domain.rules import Rule
 from tracefleet.model.histogram import Histogram, HistogramMismatch

@@ -201,7 +201,7 @@ class HandshakeLogWatcher:
         m = _HANDSHAKE_FAILED.search(line)
         reason = handshake_reason(line)
         self.counts[reason] += 1
-        from tracefleet.controller.api.auth import REFUSALS
+        from tracefleet.controller.domain.limits import REFUSALS
 
         REFUSALS.refuse(f"tls_{reason}", "", m.group(0) if m else line.strip(), log_it=False)
         # logged by grpc itself on this very stream; add a controller line naming the count

@@ -19,8 +19,6 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 
-from tracefleet.controller.api.auth import REFUSALS
-from tracefleet.controller.api.wire import WIRE
 from tracefleet.controller.common import selector as sel
 from tracefleet.controller.domain.ackwatch import AckWatches
 from tracefleet.controller.domain.aggregate import (
@@ -32,7 +30,7 @@ from tracefleet.controller.domain.aggregate import (
 from tracefleet.controller.domain.events import EventHub
 from tracefleet.controller.domain.fleet import Connection, Fleet, Node
 from tracefleet.controller.domain.ledger import Ledger, Outcome
-from tracefleet.controller.domain.limits import Limits
+from tracefleet.controller.domain.limits import REFUSALS, Limits
 from tracefleet.controller.domain.redaction import TextRedactor, default_patterns
 from tracefleet.controller.domain.rules import (
     KNOWN_EVENT_SETS,
@@ -42,6 +40,7 @@ from tracefleet.controller.domain.rules import (
     desired_for_node,
     is_user_set,
 )
+from tracefleet.controller.domain.wire import WIRE
 from tracefleet.controller.storage.store import Store
 from tracefleet.model.filters import FilterError, Filters
 from tracefleet.model.wire import filters_to_pb

@@ -7,7 +7,7 @@ be a user set (``user:NAME``) the controller has a rule for;
 syscall, strategy and outcome names must be short identifiers, and the controller keeps at
 most ``BUDGET`` distinct values of each for the whole fleet (a value past the budget is
 dropped, not added). Whatever is dropped is counted and logged with its reason
-(``auth.REFUSALS``, reasons in ``REASONS``, so no metric series is created by an agent)."""
+(``REFUSALS`` below, reasons in ``REASONS``, so no metric series is created by an agent)."""
 
 from __future__ import annotations
 
@@ -18,14 +18,8 @@ from collections import Counter
 from collections.abc import Callable, Container
 
 from tracefleet.controller.domain.rules import KNOWN_EVENT_SETS, USER_PREFIX, is_user_set
-from tracefleet.model.filters import PID_MAX_LIMIT
 from tracefleet.model.labels import label_ok
 from tracefleet.v1 import agent_pb2, types_pb2
-
-# Operator requests
-MAX_PID = PID_MAX_LIMIT  # the filters' limit (tracefleet.model.filters)
-MAX_STREAM_FILTER = 1000  # pids or nodes a StreamEvents request may name
-MAX_TOP_ROWS = 10_000
 
 # Stated limits of one ResultBatch (a real agent sends one per interval, ~1 s):
 MAX_COUNT = 2**32  # delivered, dropped, discarded, call accounting or one syscall's events, per set
@@ -75,6 +69,9 @@ class Refusals:
     def snapshot(self) -> dict[str, int]:
         with self._lock:
             return dict(self.counts)
+
+
+REFUSALS = Refusals()  # the process's one count of refused clients (agents, operators, TLS)
 
 
 class _Known:

@@ -22,7 +22,7 @@ from tracefleet.controller.common.netaddr import (
     read_socket_path,
     unix_path,
 )
-from tracefleet.controller.domain.limits import MAX_PID, MAX_TOP_ROWS
+from tracefleet.controller.common.requestlimits import MAX_PID, MAX_TOP_ROWS
 from tracefleet.controller.operator import render
 from tracefleet.controller.operator.durations import parse_duration
 from tracefleet.model import human, wire
