@@ -71,3 +71,11 @@ def test_the_rule_sees_a_lazy_import(tmp_path: Path):
         "t/m.py imports tracefleet.controller.domain",
         "t/m.py imports tracefleet.controller.domain.x",
     ]
+
+
+def test_source_checkout_finds_its_own_bpf_objects():
+    # hostcheck finds build/bpf from its own path in a checkout: moving the module deeper
+    # must move this too (else the agent falls back to /usr/lib and says "no objects")
+    from tracefleet.agent.kernel import hostcheck
+
+    assert hostcheck.SOURCE_BPF_DIR == ROOT / "build" / "bpf"

@@ -152,13 +152,16 @@ def mount_tracefs_privately() -> tuple[str, str]:
     return str(target), ""
 
 
+# a source checkout: agent/src/tracefleet/agent/kernel/hostcheck.py -> repo/build/bpf
+SOURCE_BPF_DIR = Path(__file__).resolve().parents[5] / "build" / "bpf"
+
+
 def find_bpf_dir() -> Path | None:
     candidates = []
     if os.environ.get(env.BPF_DIR):
         candidates.append(Path(os.environ[env.BPF_DIR]))
     candidates.append(Path("/usr/lib/tracefleet/bpf"))
-    # a source checkout: agent/src/tracefleet/agent/hostcheck.py -> repo/build/bpf
-    candidates.append(Path(__file__).resolve().parents[4] / "build" / "bpf")
+    candidates.append(SOURCE_BPF_DIR)
     for c in candidates:
         if (c / "file.bpf.o").is_file():
             return c
