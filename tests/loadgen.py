@@ -3,7 +3,7 @@
 ``SyntheticEngine`` invents events (no BPF, no kernel); it exists to test and benchmark the
 controller at fleet size and is never the product path. Run simulated agents with::
 
-    python -m tracefleet.agent._internal.loadgen --agents 1000 --controller 127.0.0.1:7070 \\
+    python tests/loadgen.py --agents 1000 --controller 127.0.0.1:7070 \\
         --roles db,web,cache
 
 Every agent registers with the strategy "synthetic" and reason "load generator".
@@ -289,7 +289,7 @@ def _write_stats(path: str, clients: Sequence[ControlClient]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m tracefleet.agent._internal.loadgen",
+        prog="tests/loadgen.py",
         description="LOAD GENERATOR: run N simulated agents (made-up events) against a "
         "controller. Not the product path.",
     )

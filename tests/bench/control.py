@@ -1,6 +1,6 @@
 """Section 4: control plane. A real tracefleet-controller process on loopback; fleets of 1 real
 agent (`tracefleet-agent run`, BPF) and N simulated agents (the load generator,
-tracefleet.agent._internal.loadgen, several processes of at most PER_LOADGEN agents). Per
+tests/loadgen.py, several processes of at most PER_LOADGEN agents). Per
 round: ConfigureEventSet(file, enabled) over gRPC, then the WatchAcks stream of the matched
 nodes until every one acked the generation (enable-to-acked, per node and for all; the
 controller pushes the acks, nothing is polled), and a StreamEvents follower on one matched

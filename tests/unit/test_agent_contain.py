@@ -1,4 +1,4 @@
-"""Contained per-record failures (agent _internal/contain.py): counts per (set, cause), one
+"""Contained per-record failures (agent capture/contain.py): counts per (set, cause), one
 log line per distinct cause, escaped text. No root."""
 
 from __future__ import annotations

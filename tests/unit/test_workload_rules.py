@@ -43,7 +43,7 @@ def test_rule_stored_before_selectors_reads_back_unchanged():
 
 def test_selector_on_the_wire_to_the_agent():
     wire = types_pb2.Filters.FromString(filters_to_pb(SPEC).SerializeToString())
-    # the agent reads it with the same conversion (controlclient): the selector itself, to be
+    # the agent reads it with the same conversion (control/client.py): the selector itself, to be
     # resolved on its node
     got = filters_from_pb(wire)
     assert got == SPEC

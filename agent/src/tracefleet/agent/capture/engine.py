@@ -1,10 +1,10 @@
 """The seam between the agent's control loop and whatever produces events.
 
-The real engine (``tracefleet.agent.capture.BpfEngine``) loads BPF objects and flips enable
-bits in the kernel. ``tracefleet.agent._internal.loadgen.SyntheticEngine`` is a load
-generator for fleet-size tests and benchmarks: it produces made-up events and is never used
-as the product path. The controller client (``tracefleet.agent.controlclient``) drives either
-through this protocol only.
+The real engine (``tracefleet.agent.capture.bpfengine.BpfEngine``) loads BPF objects and
+flips enable bits in the kernel. ``SyntheticEngine`` of the load generator (``tests/loadgen.py``,
+outside the agent) is for fleet-size tests and benchmarks: it produces made-up events and is
+never the product path. The controller client (``tracefleet.agent.control.client``) drives
+either through this protocol only.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What BpfEngine's parts share: its options and the state of each event set (capture.py
+"""What BpfEngine's parts share: its options and the state of each event set (bpfengine.py
 owns and changes them; the ring consumer and the accounting read them)."""
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from tracefleet.model.filters import parse_label_selector as parse_label_selecto
 log = logging.getLogger("tracefleet.agent.workload")
 
 SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-CGROUP_ROOT_ENV = "TRACEFLEET_CGROUP_ROOT"  # _internal/env.CGROUP_ROOT
+CGROUP_ROOT_ENV = "TRACEFLEET_CGROUP_ROOT"  # tracefleet.agent.env.CGROUP_ROOT
 MAX_CGROUPS = 65536  # a node with more cgroups than this is truncated, counted and logged
 MAX_RESPONSE_LINE = 4 << 20  # one watch event (a pod object) larger than this is refused
 

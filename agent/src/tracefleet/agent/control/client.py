@@ -18,7 +18,7 @@ Failure behaviour:
   applied but whose BatchAck never arrived is applied again by the new one (counted by the
   new replica as ``batches_adopted``);
 * every ResultBatch is numbered (``instance_id`` chosen at start, ``seq``) and kept in the
-  outbox (``tracefleet.agent._internal.outbox``) until the controller acknowledges it with a
+  outbox (``tracefleet.agent.control.outbox``) until the controller acknowledges it with a
   BatchAck, which it sends once the batch is durably applied; after a reconnect the batches
   not acknowledged are sent again and the controller ignores those it had already applied,
   so every batch is counted exactly once;
@@ -26,7 +26,7 @@ Failure behaviour:
   that the oldest batches never sent are discarded, and their events are reported as
   ``discarded`` in the next batch kept, so counts stay conserved.
 
-The engine is driven only through ``tracefleet.agent.engine.CaptureEngine``.
+The engine is driven only through ``tracefleet.agent.capture.engine.CaptureEngine``.
 ``engine.capabilities()`` is read as a mapping with, optionally, ``kernel_version`` (or
 ``kernel``) and ``event_sets`` (or ``strategies``): ``{set: {"strategy", "reason",
 "available"}}``; the whole mapping is also forwarded as JSON.
@@ -94,11 +94,11 @@ class ClientOptions:
     default_sample_limit: int = 100
     # TLS/mTLS to the controller (grpc.ssl_channel_credentials(...)); None = insecure.
     credentials: grpc.ChannelCredentials | None = None
-    # mTLS from files (tracefleet.agent._internal.tls.AgentTLS): read afresh for every new
+    # mTLS from files (tracefleet.agent.control.tls.AgentTLS): read afresh for every new
     # channel, and the stream is re-established when the files change. Wins over credentials.
     tls: Any = None
     tls_check_interval: float = 10.0  # seconds between checks of the TLS files
-    # Kubernetes ServiceAccount token file (tracefleet.agent._internal.satoken): read for
+    # Kubernetes ServiceAccount token file (tracefleet.agent.control.satoken): read for
     # every new connection and sent as 'authorization: Bearer' metadata of Connect, which a
     # controller in k8s-token mode checks for this node. "" = send none.
     token_file: str = ""

@@ -3,7 +3,7 @@
 
 What is not in the slot: the cgroup ids (``cgroup_ids`` and the workload selector's
 containers) go to the ``tf_cgroups`` hash map, the followed processes to ``tf_follow``; the
-engine keeps both current (capture.py ``_sync_cgroups``, ``_sync_follow``).
+engine keeps both current (bpfengine.py ``_sync_cgroups``, ``_sync_follow``).
 """
 
 from __future__ import annotations
