@@ -17,7 +17,7 @@ BPF_SRCS  := $(wildcard bpf/*.bpf.c)
 BPF_OBJS  := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRCS))
 BPF_HDRS  := $(wildcard bpf/include/*.h bpf/include/*/*.h)
 # the compiled ring consumer, built into the agent package (package data; no compiler at run time)
-NATIVE_SO := agent/src/tracefleet/agent/_internal/libtfring.so
+NATIVE_SO := agent/src/tracefleet/agent/capture/libtfring.so
 WL_SRCS   := $(wildcard tests/workloads/*.c)
 WL_BINS   := $(patsubst tests/workloads/%.c,$(WL_OUT)/%,$(WL_SRCS))
 KERNEL    ?= 7.2
@@ -95,10 +95,11 @@ buf-lint: ## buf lint (STANDARD) on proto/
 buf-breaking: ## buf breaking against main's proto/ (or BUF_AGAINST)
 	@proto/breaking.sh
 
-lint: ## ruff on all Python, mypy --strict on the model, the agent and the controller
+lint: ## ruff on all Python, mypy --strict on the model, the agent, the controller and the load generator
 	$(VENV)/bin/ruff check agent controller proto tests
 	$(VENV)/bin/ruff format --check agent controller tests proto/python/tracefleet/model
-	$(VENV)/bin/mypy --strict -p tracefleet.model -p tracefleet.agent -p tracefleet.controller
+	$(VENV)/bin/mypy --strict -p tracefleet.model -p tracefleet.agent -p tracefleet.controller \
+	  -m tests.loadgen
 
 test-unit: ## unit tests only (no root needed)
 	$(PY) -m pytest tests/unit -q

@@ -19,6 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 BUILD = REPO / "build"
 WORKLOADS = BUILD / "workloads"
 BPF_DIR = BUILD / "bpf"
+# the load generator (simulated agents; no BPF): a test tool, run as a script
+LOADGEN = REPO / "tests" / "loadgen.py"
 
 
 def time_scale() -> float:

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tracefleet.controller._internal import certs
+from tracefleet.controller.common import certs
 
 AUDIENCE = "tracefleet"
 AGENT_USER = "system:serviceaccount:tracefleet:tracefleet-agent"

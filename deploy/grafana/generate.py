@@ -6,8 +6,8 @@
 
 The committed JSON must equal this generator's output (tests/unit/test_metrics_dashboards.py).
 Only the standard library: the dashboards are plain data. Every query reads the metrics of
-agent/src/tracefleet/agent/_internal/metrics.py and
-controller/src/tracefleet/controller/_internal/metrics.py; tests/e2e/test_metrics_prometheus.py
+agent/src/tracefleet/agent/metrics.py and
+controller/src/tracefleet/controller/api/metrics.py; tests/e2e/test_metrics_prometheus.py
 evaluates every query against a real Prometheus scraping a real fleet.
 
 Template variables: ``${datasource}`` (every dashboard), ``$node`` (node drill-down), and

@@ -194,7 +194,7 @@ def host_info() -> dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
                 break
     try:
-        from tracefleet.agent._internal import libbpf
+        from tracefleet.agent.kernel import libbpf
 
         libbpf_version = libbpf.version()
     except Exception as e:  # pragma: no cover - reported, not fatal

@@ -60,7 +60,7 @@ def run_cases(n: int, cases: list[tuple[str, list[str]]]) -> tuple[list[Expect],
 
 
 def _tf_matches(ev: dict[str, Any], syscall: str, arg: str, enc: str, expect: str) -> bool:
-    from tracefleet.agent._internal.decode import decode_open_how, decode_sockaddr
+    from tracefleet.agent.capture.decode import decode_open_how, decode_sockaddr
 
     args = ev.get("args", {})
     if syscall == "execve":
@@ -90,9 +90,9 @@ def tally(expected: list[Expect], ok: set[int]) -> dict[str, dict[str, int]]:
 
 def measure_tracefleet(strategy_label: str, n: int, cases: list[tuple[str, list[str]]]
                        ) -> dict[str, Any]:  # fmt: skip
-    from tracefleet.agent._internal.abi import Strategy
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.engine import EventSetConfig
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig
+    from tracefleet.agent.kernel.abi import Strategy
 
     strat = Strategy.from_label(strategy_label)
     sets = ("file", "net", "exec")

@@ -24,8 +24,8 @@ MODES = (
 
 
 def _engine(compiled: bool, ring: int, wakeup: int) -> Any:
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
     eng = BpfEngine(EngineOptions(ring_bytes=ring, wakeup_bytes=wakeup, hold_seconds=3600,
                                   sets=("file",), compiled_consumer=compiled))  # fmt: skip

@@ -1,6 +1,6 @@
 """Section 4: control plane. A real tracefleet-controller process on loopback; fleets of 1 real
 agent (`tracefleet-agent run`, BPF) and N simulated agents (the load generator,
-tracefleet.agent._internal.loadgen, several processes of at most PER_LOADGEN agents). Per
+tests/loadgen.py, several processes of at most PER_LOADGEN agents). Per
 round: ConfigureEventSet(file, enabled) over gRPC, then the WatchAcks stream of the matched
 nodes until every one acked the generation (enable-to-acked, per node and for all; the
 controller pushes the acks, nothing is polled), and a StreamEvents follower on one matched
@@ -40,6 +40,7 @@ from tests.bench.common import (
     proc_sample,
     summary,
 )
+from tests.conftest import LOADGEN
 
 # simulated agents per load-generator process (TRACEFLEET_BENCH_PER_LOADGEN: fewer, larger
 # processes for 10,000 agents on 2 CPUs)
@@ -384,7 +385,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 with contextlib.ExitStack() as stack:
                     lgs = [
                         stack.enter_context(_proc(
-                            [PY, "-m", "tracefleet.agent._internal.loadgen", "--controller",
+                            [PY, str(LOADGEN), "--controller",
                              addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
                              f"bench=sim{n}", "--rate", "50", "--ramp",
                              str(min(30.0, n / 200))],

@@ -82,8 +82,8 @@ def _one(engine: Any, counter: _Count, rate: float, seconds: float, loop_cpu: in
 
 
 def measure(quick: bool) -> dict[str, Any]:
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
     tracer_cpu, loop_cpu = cpus()
     seconds = 0.5 if quick else 2.0

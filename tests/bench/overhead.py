@@ -110,7 +110,7 @@ class Floor:
     links: list[Any] = field(default_factory=list)
 
     def load(self) -> None:
-        from tracefleet.agent._internal.libbpf import BpfObject
+        from tracefleet.agent.kernel.libbpf import BpfObject
 
         self.obj = BpfObject(str(EMPTY_OBJ))
         self.obj.load()
@@ -176,9 +176,9 @@ def bpftrace_lines(out: Path) -> tuple[int, int]:
 
 
 def measure(rounds: int, seconds: float, tmpfs: Path, tmp: Path) -> dict[str, Any]:
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.engine import EventSetConfig, Filters
-    from tracefleet.agent.eventsets import EVENT_SETS
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.eventsets import EVENT_SETS
 
     tracer_cpu, loop_cpu = cpus()
     result: dict[str, Any] = {

@@ -43,6 +43,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
+LOADGEN = ROOT / "tests" / "loadgen.py"  # as tests.conftest.LOADGEN; this script runs standalone
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 FD_NOISE = 8
 RSS_NOISE_MB = 4.0
@@ -271,7 +272,7 @@ def run_soak(cfg: SoakConfig, tmp: Path, progress: Any = None) -> SoakResult:
         _wait(lambda: "listening on" in (tmp / "controller.log").read_text(), 60,
               "the controller to listen", procs, 0.2)  # fmt: skip
         spawn("simulated", [
-            PY, "-m", "tracefleet.agent._internal.loadgen", "--controller", address,
+            PY, str(LOADGEN), "--controller", address,
             "--agents", str(cfg.simulated), "--name", "soak-sim", "--roles", "db,web",
             "--interval", str(cfg.interval), "--rate", str(cfg.rate),
             "--ramp", str(cfg.ramp), "--backoff-max", "5",
@@ -290,7 +291,7 @@ def run_soak(cfg: SoakConfig, tmp: Path, progress: Any = None) -> SoakResult:
             _wait(lambda: _fleet(stub)["connected"] >= want, 120 + cfg.ramp,
                   f"{want} agents connected", procs, 2.0)  # fmt: skip
             r = subprocess.run(
-                [PY, "-m", "tracefleet.controller.cli", "--controller", address, "enable",
+                [PY, "-m", "tracefleet.controller.operator.cli", "--controller", address, "enable",
                  "file", "--selector", "role=db", "--comm", COMM],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip

@@ -59,7 +59,7 @@ while True:
 
 def measure(rounds: int, calls: int) -> dict[str, Any]:
     """The section's results; {"skipped": why, "run_in_guest": command} without user_events."""
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     out: dict[str, Any] = {
         "kernel": os.uname().release,
@@ -87,7 +87,7 @@ def perf_reader_rate(rounds: int, records: int) -> dict[str, Any]:
     them all (nothing dropped); the order rotates from round to round. Each read gives the
     samples by column, payloads included; compiled_stamps_only: without payloads (what the
     agent reads when nobody decodes the events: counts and latency)."""
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     fmt = TRACEFS / "events/syscalls/sys_enter_getppid/format"
     if not fmt.exists():
@@ -123,7 +123,8 @@ def perf_reader_rate(rounds: int, records: int) -> dict[str, Any]:
 def emitter_cost(rounds: int, calls: int) -> dict[str, Any]:
     """ns per call of each emitter condition over ``rounds`` interleaved rounds; the enabled
     rounds' records are read back and counted (delivered + dropped must be the calls)."""
-    from tracefleet.agent import emit, userevents
+    from tracefleet.agent import emit
+    from tracefleet.agent.capture import userevents
 
     ev = emit.UserEvent("tf_bench_cost", "u32 n; char[16] msg")
     if not ev.registered:
@@ -215,7 +216,7 @@ class _Producer:
 
 def bit_round_trip(rounds: int) -> dict[str, Any]:
     """us from the agent's open to the producer seeing bit 31 set, and close to clear."""
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     prod = _Producer()
     on_us: list[float] = []
@@ -250,7 +251,7 @@ def bit_round_trip(rounds: int) -> dict[str, Any]:
 def enable_to_first_event(rounds: int) -> dict[str, Any]:
     """ms from enabling (find the event, open its rings) to the first record read back, for
     an application that was emitting all along (every ~1 ms: up to that much is waiting)."""
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     app = subprocess.Popen([sys.executable, "-c", emit_loop("tf_bench_lat")],
                            stdout=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip

@@ -33,7 +33,7 @@ _engines: dict[str | None, Any] = {}
 
 def _check_host() -> None:
     require_root()
-    from tracefleet.agent.hostcheck import HostCheckError, check_host
+    from tracefleet.agent.kernel.hostcheck import HostCheckError, check_host
 
     # failures, not skips: a BPF run that cannot load anything must not pass empty
     if not (BPF_DIR / "file.bpf.o").exists():
@@ -47,8 +47,8 @@ def _check_host() -> None:
 def shared_engine(strategy: str | None) -> Any:
     """A started engine forcing ``strategy`` on every set (loaded once per session)."""
     if strategy not in _engines:
-        from tracefleet.agent._internal.abi import Strategy
-        from tracefleet.agent.capture import BpfEngine, EngineOptions
+        from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+        from tracefleet.agent.kernel.abi import Strategy
 
         forced = {n: Strategy.from_label(strategy) for n in ALL_SETS} if strategy else {}
         # a forced capture strategy means nothing to the vfs set (its rungs are hooks):
@@ -119,9 +119,9 @@ class Capture:
 def capture(host: None) -> Iterator[Callable[..., Capture]]:
     """``capture(sets, strategy=None, filters=None, **engine_options)``: the shared engine
     of that strategy with ``sets`` enabled (a private engine if options are given)."""
-    from tracefleet.agent._internal.abi import Strategy
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
+    from tracefleet.agent.kernel.abi import Strategy
 
     used: list[tuple[Any, Capture, bool]] = []
 

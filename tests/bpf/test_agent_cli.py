@@ -63,9 +63,9 @@ def test_probe_reports_kernel_features_and_strategy_per_set(host):
 def test_probe_loads_nothing_and_a_set_loads_when_first_enabled(host):
     """The probe report and the Register message come from the feature probes: no event set
     is loaded (verified) until it is enabled, and then only that one."""
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.controlclient import ControlClient
-    from tracefleet.agent.engine import EventSetConfig
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig
+    from tracefleet.agent.control.client import ControlClient
 
     with BpfEngine(EngineOptions(bpf_dir=BPF_DIR)) as eng:
         caps = eng.capabilities()

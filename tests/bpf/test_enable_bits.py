@@ -11,8 +11,8 @@ import pytest
 from tests.bpf.conftest import run_workload
 from tests.bpf.kernel_view import enabled_bits, linked_prog_ids
 from tests.conftest import scaled, wait_until
-from tracefleet.agent._internal import libbpf
-from tracefleet.agent.engine import EventSetConfig
+from tracefleet.agent.capture.engine import EventSetConfig
+from tracefleet.agent.kernel import libbpf
 
 pytestmark = pytest.mark.bpf
 

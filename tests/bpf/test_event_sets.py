@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tracefleet.agent.engine import Filters
+from tracefleet.agent.capture.engine import Filters
 
 pytestmark = pytest.mark.bpf
 

@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.logs.v1 import (
     logs_service_pb2_grpc,
 )
 
-from tracefleet.agent.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
 from tracefleet.agent.export import ExportHub
 from tracefleet.agent.export.otlp import OtlpExporter
 

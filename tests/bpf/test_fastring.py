@@ -14,7 +14,7 @@ import pytest
 
 from tests.bpf.conftest import run_workload
 from tests.conftest import BPF_DIR, scaled, wait_until
-from tracefleet.agent.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
 pytestmark = pytest.mark.bpf
 
@@ -22,9 +22,9 @@ OPENS = 2000
 
 
 def _engine(compiled: bool, strategy: str | None = None) -> Any:
-    from tracefleet.agent._internal import fastring
-    from tracefleet.agent._internal.abi import Strategy
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.capture import fastring
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.kernel.abi import Strategy
 
     forced = {"file": Strategy.from_label(strategy)} if strategy else {}
     eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, hold_seconds=3600, sets=("file",),
@@ -205,7 +205,7 @@ def test_compiled_consumer_push_cannot_undo_add_sink(host: None) -> None:
     added and the set enabled meanwhile; then the consumer's push lands and it polls. Every
     record the kernel wrote must still reach the sink (before the fix: none did, the C side
     only counted them; test_event_sets' file test under load, ~1 run in 8)."""
-    from tracefleet.agent._internal import fastring
+    from tracefleet.agent.capture import fastring
 
     eng = _engine(True)  # loaded, never synced: the consumer's first poll pushes the flags
     try:

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, WORKLOADS, scaled, wait_until
-from tracefleet.agent._internal import libbpf
-from tracefleet.agent.capture import BpfEngine, EngineOptions
-from tracefleet.agent.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
+from tracefleet.agent.kernel import libbpf
 
 pytestmark = pytest.mark.bpf
 

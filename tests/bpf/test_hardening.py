@@ -31,7 +31,7 @@ import pytest
 from tests.bpf.conftest import need_strategy
 from tests.bpf.test_capture_cold import assert_cold, by_addr
 from tests.conftest import BPF_DIR, wait_until
-from tracefleet.agent.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
 pytestmark = pytest.mark.bpf
 
@@ -72,7 +72,7 @@ def _finish(proc: subprocess.Popen[str], line: str = "go\n") -> dict[str, Any]:
 @pytest.mark.timeout(600 * SCALE)
 @pytest.mark.parametrize("entries", [SMALL_MAP, PARKED + 2048], ids=["map-smaller", "map-larger"])
 def test_parked_threads_every_call_accounted(host, workloads, tmp_path, entries):
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
 
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
@@ -200,7 +200,7 @@ def test_rewritten_sockaddr_is_marked_reread(capture, workloads, tmp_path, strat
 
 def test_flood_in_one_set_does_not_drop_another(host, tmp_path):
     """Nobody consumes while `file` overflows its ring; `exec` then loses nothing."""
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
 
     opens, execs = 3000, 100
     # 256 KiB per ring (records are as long as their data, ~200 bytes here): ~1,300 file

@@ -119,7 +119,7 @@ def test_execve_argv_into_guard_page_does_not_crash_capture(host, workloads, tmp
 def _pid_reuse(capture: Any, tmp_path: Path, mode: str) -> tuple[dict[str, Any], Any, Any]:
     """Run pid_reuse under the user-fallback rung, the consumer held on the gate event until
     the workload has finished step 3. Returns (workload JSON, the caller's event, engine)."""
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent.capture.engine import Filters
 
     cap = capture(["file"], "user-fallback", Filters(comms=("pid_reuse",)))
     gate = str(tmp_path / "gate-absent")
@@ -200,8 +200,8 @@ def _fail_once(engine: Any, exc: BaseException) -> threading.Event:
 
 
 def _engine_with_metrics(capture: Any) -> tuple[Any, Any]:
-    from tracefleet.agent._internal import metrics
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent import metrics
+    from tracefleet.agent.capture.engine import Filters
 
     # a private engine (options given): its consumer is the one this test breaks
     cap = capture(["file"], None, Filters(comms=("cold_rodata",)), hold_seconds=3600)
@@ -260,7 +260,7 @@ def test_failing_sink_is_contained_counted_and_logged_once(capture, workloads, c
     failure is counted under cause=sink, and the log has one line for all of them."""
     import logging
 
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent.capture.engine import Filters
 
     caplog.set_level(logging.ERROR, logger="tracefleet.agent")
     cap = capture(["file"], None, Filters(comms=("cold_rodata",)), hold_seconds=3600)
@@ -295,8 +295,8 @@ def test_failing_sink_is_contained_counted_and_logged_once(capture, workloads, c
 def test_health_turns_503_when_the_consumer_stalls(capture, workloads):
     """The consumer stuck (here: its poll blocks) makes /healthz 503 once its heartbeat is
     older than stale_seconds; it recovers when the consumer does."""
-    from tracefleet.agent._internal import metrics
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent import metrics
+    from tracefleet.agent.capture.engine import Filters
 
     cap = capture(["file"], None, Filters(comms=("cold_rodata",)), hold_seconds=3600,
                   stale_seconds=1.0)  # fmt: skip
@@ -331,9 +331,9 @@ def test_unusable_records_are_counted_as_decode_errors_not_delivered(capture):
     handed to the real engine's record handler: counted under cause=decode, not delivered,
     and the next good record is handled as usual."""
 
-    from tracefleet.agent._internal.abi import TfEvent, TfHdr
-    from tracefleet.agent._internal.decode import encode_record
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent.capture.decode import encode_record
+    from tracefleet.agent.capture.engine import Filters
+    from tracefleet.agent.kernel.abi import TfEvent, TfHdr
 
     cap = capture(["file"], None, Filters(comms=("tf-no-such-comm",)), hold_seconds=3600)
     eng = cap.engine

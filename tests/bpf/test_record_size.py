@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, scaled, wait_until
-from tracefleet.agent._internal.abi import TfEvent, TfExecEvent, TfVfsEvent
-from tracefleet.agent._internal.decode import TF_ARGVH_SIZE, TF_STRH_SIZE, decode_record
+from tracefleet.agent.capture.decode import TF_ARGVH_SIZE, TF_STRH_SIZE, decode_record
+from tracefleet.agent.kernel.abi import TfEvent, TfExecEvent, TfVfsEvent
 
 pytestmark = pytest.mark.bpf
 
@@ -27,8 +27,8 @@ class Tapped:
     over (the consumer's callback is bound when the set's ring is created, at load)."""
 
     def __init__(self, set_name: str, comm: str) -> None:
-        from tracefleet.agent.capture import BpfEngine, EngineOptions
-        from tracefleet.agent.engine import EventSetConfig, Filters
+        from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+        from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
         self.raws: list[bytes] = []
         self.eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, hold_seconds=3600,

@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
 DENY = [sys.executable, str(Path(__file__).with_name("deny_syscall.py"))]
 EXIT_HOST = 3
-BPF_ERRNO = [sys.executable, "-c", "from tracefleet.agent.hostcheck import bpf_syscall_errno as "
-             "f; print(f())"]  # fmt: skip
+BPF_ERRNO = [sys.executable, "-c", "from tracefleet.agent.kernel.hostcheck import "
+             "bpf_syscall_errno as f; print(f())"]  # fmt: skip
 # a private mount namespace: hide PATHS ($1) with tmpfs, run the rest, then report what the
 # namespace shows at the first path (so a test sees the agent did not mount into it)
 HIDE = (
@@ -84,7 +84,7 @@ def refusal(r: subprocess.CompletedProcess, cause: str) -> list[str]:
 
 
 def kconfig(option: str) -> str | None:
-    from tracefleet.agent.hostcheck import kernel_config
+    from tracefleet.agent.kernel.hostcheck import kernel_config
 
     return kernel_config(option)
 

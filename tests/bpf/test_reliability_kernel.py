@@ -148,7 +148,7 @@ def _inflight_of(engine, name: str, tgids: set[int]) -> set[int]:
     """
     import ctypes
 
-    from tracefleet.agent._internal import abi, libbpf
+    from tracefleet.agent.kernel import abi, libbpf
 
     st = engine._sets[name]
     if not st.loaded:
@@ -232,8 +232,8 @@ def _opens(sh: Path, n: int) -> float:
 
 def _tf_stats(pid: int, set_name: str) -> dict[str, int]:
     """tf_stats of the agent ``pid`` for one set, summed over CPUs, read by bpftool."""
-    from tracefleet.agent._internal.abi import TF_STAT_MAX, Stat
-    from tracefleet.agent.eventsets import EVENT_SETS
+    from tracefleet.agent.capture.eventsets import EVENT_SETS
+    from tracefleet.agent.kernel.abi import TF_STAT_MAX, Stat
 
     sid = int(EVENT_SETS[set_name].set_id)
     mid = process_map_id(pid, "tf_stats")

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tracefleet.agent.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
 pytestmark = pytest.mark.bpf
 
@@ -17,7 +17,7 @@ OPENS = 3000
 
 def test_overflow_is_counted_exactly(host):
     from tests.conftest import BPF_DIR, scaled
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
 
     # 64 KiB holds ~330 records of ~200 bytes (header + path); nobody consumes until the
     # loop is done

@@ -33,7 +33,7 @@ AGENT = [sys.executable, "-m", "tracefleet.agent"]
 
 def _need_user_events() -> None:
     require_root()
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     ok, why = userevents.available(TRACEFS)
     if not ok:
@@ -105,7 +105,7 @@ def _collect(consumer: Any, pid: int, want: int) -> list[Any]:
 def test_bit_follows_consumer_and_every_event_arrives_typed(
     producer: Producer, reader: str
 ) -> None:
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     assert producer.hello["bit"] == 0, "bit set before anyone listened"
     events = userevents.list_events(TRACEFS)
@@ -132,7 +132,7 @@ def test_bit_follows_consumer_and_every_event_arrives_typed(
 
 def test_bit_round_trip_latency(producer: Producer) -> None:
     """attach -> bit set and detach -> bit clear, measured in the producer (printed)."""
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     consumer = userevents.UserEventConsumer("tf_test", TRACEFS)
     t0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -193,7 +193,8 @@ def test_cli_capture_unknown_user_event_names_the_fix() -> None:
 
 def test_python_emitter_round_trip() -> None:
     _need_user_events()
-    from tracefleet.agent import emit, userevents
+    from tracefleet.agent import emit
+    from tracefleet.agent.capture import userevents
 
     ev = emit.UserEvent("tf_py", "u32 n; char[8] tag; __rel_loc char[] note")
     try:
@@ -215,7 +216,8 @@ def test_python_emitter_round_trip() -> None:
 def test_emitter_cost_per_call() -> None:
     """Figures only (printed): per-call cost disabled, enabled, and without the bit check."""
     _need_user_events()
-    from tracefleet.agent import emit, userevents
+    from tracefleet.agent import emit
+    from tracefleet.agent.capture import userevents
 
     n = 5000  # the no-check and enabled loops cost ~0.5 ms a call under TCG
     ev = emit.UserEvent("tf_cost", "u32 n; char[16] msg")
@@ -274,7 +276,7 @@ def test_bench_section_measures_every_figure() -> None:
 
 def _getppid_tp() -> Any:
     require_root()
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     fmt = TRACEFS / "events/syscalls/sys_enter_getppid/format"
     if not fmt.exists():
@@ -357,7 +359,7 @@ def test_fleet_enable_user_event_through_controller(
     import grpc
 
     from tests.e2e.fleet_helpers import ControllerProc, cli, cli_json, nodes_by_name
-    from tracefleet.controller._internal import render
+    from tracefleet.controller.operator import render
     from tracefleet.v1 import control_pb2, control_pb2_grpc
 
     ctl = ControllerProc(tmp_path, stale_after=5 * SCALE).start()

@@ -43,9 +43,9 @@ def _engine(hook: str, torn_check: bool = True) -> Any:
     """One engine per hook, forced to it, loaded once for the module (or the refusal).
     ``torn_check=False`` loads a private one with the d_seq check switched off at load time
     (the negative control of the rename storm); the caller closes it."""
-    from tracefleet.agent import ladder
-    from tracefleet.agent._internal.abi import Strategy
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.capture import ladder
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.kernel.abi import Strategy
 
     if not torn_check:
         _engine(hook)  # the refusal first
@@ -92,7 +92,7 @@ def _close_engines(host: None) -> Iterator[None]:
 
 @contextlib.contextmanager
 def vfs_capture(hook: str, comm: str, engine: Any = None) -> Iterator[list[dict[str, Any]]]:
-    from tracefleet.agent.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
     eng = engine or _engine(hook)
     events: list[dict[str, Any]] = []
@@ -602,7 +602,7 @@ def test_a_file_without_a_name_is_reported_deleted(hook: str, tmp_path: Path) ->
 
 def test_hook_choice_is_reported_with_its_reason(host: None) -> None:
     """The ladder's choice for vfs, and why the better hook was not taken where it was not."""
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
 
     with BpfEngine(EngineOptions(bpf_dir=BPF_DIR, sets=("vfs",))) as eng:
         rep = eng.capabilities()["event_sets"]["vfs"]
@@ -625,7 +625,7 @@ def test_file_heavy_loop_is_counted_exactly_and_its_cost_reported(
     off and on: every iteration is two records (open, close) written or counted as dropped,
     exactly; the cost per iteration and the delivered rate are printed for the issue's note
     (no timing threshold: the 7.2 guest runs under emulation)."""
-    from tracefleet.agent.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
     eng = _engine(hook)
     loop = tmp_path / "tf_bench_loop"

@@ -20,9 +20,9 @@ import pytest
 
 from tests.conftest import BPF_DIR, scaled, wait_until
 from tests.fake_kube_api import AGENT_API_TOKEN, FakeAPIServer
-from tracefleet.agent.capture import BpfEngine, EngineOptions
-from tracefleet.agent.engine import EventSetConfig, Filters
-from tracefleet.agent.workload import (
+from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.workload import (
     Attributor,
     KubeConfig,
     PodWatcher,
@@ -282,7 +282,7 @@ def test_label_selector_and_container_filter(env: Env) -> None:
 
 
 def test_namespace_metric_label_is_opt_in_and_bounded(env: Env) -> None:
-    from tracefleet.agent._internal.metrics import AgentCollector
+    from tracefleet.agent.metrics import AgentCollector
 
     a = env.pod("containerd", "prod", "db-0", "postgres")
     b = env.pod("cri-o", "shop", "web-0", "nginx")

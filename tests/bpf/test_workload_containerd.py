@@ -22,8 +22,8 @@ import pytest
 from tests.bpf.test_workload import MISSING, NODE, Capture, Env, _rmdir, identity
 from tests.conftest import scaled, wait_until
 from tests.fake_kube_api import AGENT_API_TOKEN, FakeAPIServer
-from tracefleet.agent.engine import Filters
-from tracefleet.agent.workload import WorkloadSelector, cgroup2_root
+from tracefleet.agent.capture.engine import Filters
+from tracefleet.agent.capture.workload import WorkloadSelector, cgroup2_root
 
 pytestmark = pytest.mark.bpf
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import wait_until
+from tests.conftest import LOADGEN, wait_until
 
 PY = sys.executable
 # the emulated guest is ~10x slower (more on a busy host): importing grpc alone, for the
@@ -80,7 +80,7 @@ class AgentProc:
         self.stats_file = tmp / f"agent-{name}.json"
         self.log = tmp / f"agent-{name}.log"
         self.cmd = [
-            PY, "-m", "tracefleet.agent._internal.loadgen", "--controller", controller,
+            PY, str(LOADGEN), "--controller", controller,
             "--agents", str(agents), "--name", name, "--labels", labels, "--roles", roles,
             "--interval", "0.2", "--backoff-max", "1", "--rate", "200",
             "--stats-file", str(self.stats_file), "--log-level", "INFO",
@@ -118,7 +118,7 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 60.0) -> None:
 
 def cli(controller: str, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [PY, "-m", "tracefleet.controller.cli", "--controller", controller, *args],
+        [PY, "-m", "tracefleet.controller.operator.cli", "--controller", controller, *args],
         capture_output=True,
         text=True,
         timeout=timeout * SLOW,

@@ -70,7 +70,14 @@ def as_user(*argv: str, group: str = "") -> list[str]:
 
 
 def tf(d: Path, *args: str, group: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [PY, "-m", "tracefleet.controller.cli", "--controller", f"unix:{d}/ctl.sock", *args]
+    cmd = [
+        PY,
+        "-m",
+        "tracefleet.controller.operator.cli",
+        "--controller",
+        f"unix:{d}/ctl.sock",
+        *args,
+    ]
     if group is not None:
         cmd = as_user(*cmd, group=group)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

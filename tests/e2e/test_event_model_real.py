@@ -30,7 +30,7 @@ from tracefleet.model import human
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
-CLI = [sys.executable, "-m", "tracefleet.controller.cli"]
+CLI = [sys.executable, "-m", "tracefleet.controller.operator.cli"]
 SCALE = 10 if os.environ.get("TRACEFLEET_IN_VM") else 1
 EVIL_COMM = "tf\x1b[31mevil"
 EVIL_NAME = "\x1b[2J\x1b]0;pwned\x07\r\nname"

@@ -201,8 +201,8 @@ def test_ctrl_c_ends_a_following_events_stream_promptly(fleet, tmp_path):
         err_path = tmp_path / f"events-{i}.err"
         with open(err_path, "w") as err:
             p = subprocess.Popen(
-                [sys.executable, "-m", "tracefleet.controller.cli", "--controller", addr, "-o",
-                 "json", "events", "--follow", "--event-set", "file"],
+                [sys.executable, "-m", "tracefleet.controller.operator.cli", "--controller", addr,
+                 "-o", "json", "events", "--follow", "--event-set", "file"],
                 stdout=subprocess.PIPE, stderr=err, text=True,
             )  # fmt: skip
         # one reader of stdout, to the end (a second one on the same pipe splits lines)

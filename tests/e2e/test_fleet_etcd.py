@@ -28,10 +28,10 @@ from tests.e2e.fleet_helpers import (
     nodes_by_name,
     wait_until,
 )
-from tracefleet.agent.controlclient import first_controller
-from tracefleet.controller._internal.etcdstore import EtcdClient, EtcdError, EtcdStore
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import Store
+from tracefleet.agent.control.client import first_controller
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdError, EtcdStore
+from tracefleet.controller.storage.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -242,7 +242,7 @@ def test_replica_sigkill_under_load_keeps_every_count_exact(tmp_path, etcd3):
     SIGKILLed and restarted (its totals come from etcd, not from its --db)."""
     import asyncio
 
-    from tracefleet.agent._internal.loadgen import SyntheticEngine
+    from tests.loadgen import SyntheticEngine
     from tracefleet.agent.controlclient import ClientOptions, ControlClient
 
     dirs = [tmp_path / "a", tmp_path / "b"]
@@ -362,7 +362,7 @@ def test_a_ledger_document_another_replica_changed_is_never_overwritten(etcd3):
     """Two replicas' stores on one prefix: a node's ledger document written by one is not
     overwritten by the other from a stale read (put_ledger names the node instead), and
     is written once read again (node_ledger)."""
-    from tracefleet.controller._internal.store import SET_ACCOUNTING, LedgerRows
+    from tracefleet.controller.storage.store import SET_ACCOUNTING, LedgerRows
 
     zeros = (0,) * len(SET_ACCOUNTING)
 

@@ -66,8 +66,8 @@ def fleet(tmp_path: Path):
 
 
 def cli(addr: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "tracefleet.controller.cli", "--controller",
-                           addr, *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "tracefleet.controller.operator.cli",
+                           "--controller", addr, *args], capture_output=True, text=True,
                           timeout=120 * SLOW)  # fmt: skip
 
 
@@ -93,8 +93,9 @@ def test_enable_for_role_reaches_only_matching_agents_and_ttl_turns_it_off(fleet
     # for it, run the workload until the stream shows one of its opens (scaled deadline)
     window = scaled(60.0)
     events = subprocess.Popen(
-        [sys.executable, "-m", "tracefleet.controller.cli", "--controller", addr, "-o", "json",
-         "events", "--event-set", "file", "--duration", f"{window:.0f}s", "--count", "1000000"],
+        [sys.executable, "-m", "tracefleet.controller.operator.cli", "--controller", addr,
+         "-o", "json", "events", "--event-set", "file", "--duration", f"{window:.0f}s",
+         "--count", "1000000"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     lines: list[str] = []

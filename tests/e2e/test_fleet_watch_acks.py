@@ -54,8 +54,8 @@ def test_wait_returns_when_the_last_matched_agent_acks(tmp_path):
     ctl, fast, slow = _fleet(tmp_path)
     try:
         _freeze_until_stale(ctl, slow)
-        cmd = [PY, "-m", "tracefleet.controller.cli", "--controller", ctl.address, "-o", "json",
-               "enable", "file", "--selector", "role=db", "--wait",
+        cmd = [PY, "-m", "tracefleet.controller.operator.cli", "--controller", ctl.address,
+               "-o", "json", "enable", "file", "--selector", "role=db", "--wait",
                "--wait-timeout", str(300 * SCALE)]  # fmt: skip
         waiter = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

@@ -18,7 +18,7 @@ CTL = [sys.executable, "-m", "tracefleet.controller.server", "--db", ":memory:"]
 CTL_OK = [*CTL, "--listen", "127.0.0.1:0"]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
 RUN = [*AGENT, "run", "--node", "cfg-test", "--metrics-listen", "off"]
-CLI = [sys.executable, "-m", "tracefleet.controller.cli"]
+CLI = [sys.executable, "-m", "tracefleet.controller.operator.cli"]
 # a correct refusal is immediate; a daemon still running after this accepted the input.
 # Seconds on an idle host, plus start-up CPU per daemon and core (all start at once),
 # scaled to the machine (tests.conftest.scaled: emulated guest, load average)

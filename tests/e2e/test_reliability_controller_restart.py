@@ -100,8 +100,8 @@ async def _wait(pred, timeout: float, what: str) -> float:
 def test_controller_sigkill_under_load_reconciles_exactly(
     tmp_path: Path, budget: int, kills: int, outage: int
 ):
-    from tracefleet.agent._internal.loadgen import SyntheticEngine
-    from tracefleet.agent.controlclient import ClientOptions, ControlClient
+    from tests.loadgen import SyntheticEngine
+    from tracefleet.agent.control.client import ClientOptions, ControlClient
 
     ctl = Ctl(tmp_path, free_port()).start()
     opts = ClientOptions(

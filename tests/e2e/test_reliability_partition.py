@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import LOADGEN
 from tests.e2e.fleet_helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -80,8 +81,7 @@ def test_partition_detected_and_resynced(netns, tmp_path: Path):
             "exec",
             b,
             sys.executable,
-            "-m",
-            "tracefleet.agent._internal.loadgen",
+            str(LOADGEN),
             "--controller",
             addr,
             "--name",
@@ -106,7 +106,7 @@ def test_partition_detected_and_resynced(netns, tmp_path: Path):
                 a,
                 sys.executable,
                 "-m",
-                "tracefleet.controller.cli",
+                "tracefleet.controller.operator.cli",
                 "--controller",
                 addr,
                 "-o",

@@ -125,7 +125,7 @@ def test_read_role_never_sees_a_secret_an_agent_left_in(sockdir: Path, groups) -
     try:
         agent.wait_for("desired_state", 60)
         viewer = subprocess.Popen(
-            as_user(PY, "-m", "tracefleet.controller.cli", "--controller",
+            as_user(PY, "-m", "tracefleet.controller.operator.cli", "--controller",
                     f"unix:{sockdir}/ctl.sock", "-o", "json", "events", "--count", "1",
                     "--duration", "120", group=read),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

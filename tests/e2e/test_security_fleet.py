@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.fleet_helpers import PY, ClientThread, free_port, wait_until
-from tracefleet.agent._internal.loadgen import SyntheticEngine
-from tracefleet.agent._internal.tls import AgentTLS
-from tracefleet.agent.controlclient import ClientOptions, ControlClient
-from tracefleet.controller._internal import certs
-from tracefleet.controller._internal.auth import token_digest
+from tests.loadgen import SyntheticEngine
+from tracefleet.agent.control.client import ClientOptions, ControlClient
+from tracefleet.agent.control.tls import AgentTLS
+from tracefleet.controller.api.auth import token_digest
+from tracefleet.controller.common import certs
 
 
 class ExecEngine(SyntheticEngine):
@@ -40,7 +40,7 @@ class ExecEngine(SyntheticEngine):
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("pki")
-    cli = [PY, "-m", "tracefleet.controller.cli", "certs"]
+    cli = [PY, "-m", "tracefleet.controller.operator.cli", "certs"]
     for args in (
         ["init", "--out", str(d)],
         ["controller", "--ca-dir", str(d), "--out", str(d / "controller"), "--ip", "127.0.0.1"],
@@ -94,7 +94,8 @@ class Controller:
             env["TRACEFLEET_TOKEN"] = token
         tls = ["--tls-dir", str(cert)] if cert else []
         return subprocess.run(
-            [PY, "-m", "tracefleet.controller.cli", "--controller", self.address, *tls, *args],
+            [PY, "-m", "tracefleet.controller.operator.cli", "--controller", self.address,
+             *tls, *args],
             capture_output=True, text=True, timeout=60, env=env,
         )  # fmt: skip
 

@@ -23,10 +23,10 @@ from tests.fake_kube_api import (
     FakeAPIServer,
     jwt,
 )
-from tracefleet.agent._internal.loadgen import SyntheticEngine
-from tracefleet.agent._internal.tls import AgentTLS
-from tracefleet.agent.controlclient import ClientOptions, ControlClient
-from tracefleet.controller._internal import certs
+from tests.loadgen import SyntheticEngine
+from tracefleet.agent.control.client import ClientOptions, ControlClient
+from tracefleet.agent.control.tls import AgentTLS
+from tracefleet.controller.common import certs
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,8 @@ class ControllerProc:
 
     def nodes(self, pki: Path) -> list[str]:
         r = subprocess.run(
-            [PY, "-m", "tracefleet.controller.cli", "--controller", self.address, "--tls-dir",
-             str(pki / "root"), "status", "-o", "json"],
+            [PY, "-m", "tracefleet.controller.operator.cli", "--controller", self.address,
+             "--tls-dir", str(pki / "root"), "status", "-o", "json"],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert r.returncode == 0, r.stderr
@@ -278,7 +278,7 @@ def test_labels_come_from_the_node_object_not_the_agent(controller, api, pki, tm
     try:
         wait_until(lambda: client.stats.acks > 0, 30, "node-l accepted")
         r = subprocess.run(
-            [PY, "-m", "tracefleet.controller.cli", "--controller", controller.address,
+            [PY, "-m", "tracefleet.controller.operator.cli", "--controller", controller.address,
              "--tls-dir", str(pki / "root"), "-o", "json", "enable", "file", "--selector",
              "role=db,topology.kubernetes.io/zone=a"],
             capture_output=True, text=True, timeout=60,

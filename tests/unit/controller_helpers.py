@@ -8,10 +8,10 @@ import threading
 import grpc
 
 from tests.conftest import wait_until as _wait_until
-from tracefleet.controller._internal.agent_api import AgentService, add_agent_service
-from tracefleet.controller._internal.control_api import ControlService
-from tracefleet.controller._internal.controller import Controller, Timings
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.api.agent_api import AgentService, add_agent_service
+from tracefleet.controller.api.control_api import ControlService
+from tracefleet.controller.domain.controller import Controller, Timings
+from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import control_pb2_grpc
 
 

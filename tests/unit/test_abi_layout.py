@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tracefleet.agent._internal import abi
+from tracefleet.agent.kernel import abi
 
 REPO = Path(__file__).resolve().parents[2]
 # the event sets' objects; probe.bpf.o (feature probes) shares no map, config or record

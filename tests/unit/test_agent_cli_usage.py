@@ -52,9 +52,9 @@ def test_filter_values_are_range_checked_not_truncated() -> None:
 def test_build_filter_refuses_values_ctypes_would_truncate() -> None:
     import pytest
 
-    from tracefleet.agent._internal import abi
-    from tracefleet.agent.capture import FilterError, build_filter
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent.capture.bpfengine import FilterError, build_filter
+    from tracefleet.agent.capture.engine import Filters
+    from tracefleet.agent.kernel import abi
 
     ctl = abi.TfControl()
     with pytest.raises(FilterError, match=r"pids must be 1\.\.4194304, got -5"):

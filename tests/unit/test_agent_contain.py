@@ -1,11 +1,11 @@
-"""Contained per-record failures (agent _internal/contain.py): counts per (set, cause), one
+"""Contained per-record failures (agent capture/contain.py): counts per (set, cause), one
 log line per distinct cause, escaped text. No root."""
 
 from __future__ import annotations
 
 import logging
 
-from tracefleet.agent._internal.contain import CAUSES, ErrorCounter
+from tracefleet.agent.capture.contain import CAUSES, ErrorCounter
 
 
 def test_counts_every_failure_and_logs_each_cause_once(caplog):

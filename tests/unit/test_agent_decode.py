@@ -10,16 +10,16 @@ from typing import Any
 
 import pytest
 
-from tracefleet.agent._internal.abi import Kind, Status, Strategy, Syscall, TfControl, TfEvent
-from tracefleet.agent._internal.decode import (
+from tracefleet.agent.capture.bpfengine import FilterError, build_filter
+from tracefleet.agent.capture.decode import (
     decode_record,
     decode_sockaddr,
     encode_record,
     expand,
 )
-from tracefleet.agent.capture import FilterError, build_filter
-from tracefleet.agent.engine import Filters, Histogram
-from tracefleet.agent.eventsets import UnknownEventSet, parse_event_sets
+from tracefleet.agent.capture.engine import Filters, Histogram
+from tracefleet.agent.capture.eventsets import UnknownEventSet, parse_event_sets
+from tracefleet.agent.kernel.abi import Kind, Status, Strategy, Syscall, TfControl, TfEvent
 
 
 def make_event(path: bytes, status: Status, strategy: Strategy) -> bytes:
@@ -126,7 +126,7 @@ def test_time_duration_and_process_context():
 
 def _records() -> list[Any]:
     """One record of each kind, with strings of different lengths."""
-    from tracefleet.agent._internal.abi import TfExecEvent, TfVfsEvent
+    from tracefleet.agent.kernel.abi import TfExecEvent, TfVfsEvent
 
     sc = expand(make_event(b"/etc/passwd", Status.OK, Strategy.EXIT_RETRY))
     ex = TfExecEvent()
@@ -144,7 +144,7 @@ def _records() -> list[Any]:
 
 
 def test_records_are_as_long_as_their_data_and_round_trip():
-    from tracefleet.agent._internal.decode import record_size
+    from tracefleet.agent.capture.decode import record_size
 
     for rec in _records():
         raw = encode_record(rec)
@@ -158,7 +158,7 @@ def test_records_are_as_long_as_their_data_and_round_trip():
 
 
 def test_truncated_or_padded_records_are_refused_with_the_cause():
-    from tracefleet.agent._internal.decode import RecordError
+    from tracefleet.agent.capture.decode import RecordError
 
     for rec in _records():
         raw = encode_record(rec)
@@ -170,8 +170,8 @@ def test_truncated_or_padded_records_are_refused_with_the_cause():
 
 
 def test_a_string_length_past_its_buffer_is_refused():
-    from tracefleet.agent._internal.abi import TfEvent
-    from tracefleet.agent._internal.decode import RecordError
+    from tracefleet.agent.capture.decode import RecordError
+    from tracefleet.agent.kernel.abi import TfEvent
 
     raw = bytearray(make_event(b"/etc/passwd", Status.OK, Strategy.EXIT_RETRY))
     len_at = TfEvent.str.offset + 12  # str[0]'s len in its head

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tracefleet.agent._internal import fallback
-from tracefleet.agent._internal.fallback import Caller, CallerGone
+from tracefleet.agent.capture import fallback
+from tracefleet.agent.capture.fallback import Caller, CallerGone
 
 
 def _thread_tid() -> tuple[int, threading.Event, threading.Thread]:

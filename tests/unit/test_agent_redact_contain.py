@@ -3,8 +3,8 @@ is sent as *** (counted under cause=redact), the other arguments are redacted as
 
 from __future__ import annotations
 
-from tracefleet.agent._internal import redact
-from tracefleet.agent._internal.redact import MASK, Redactor
+from tracefleet.agent.control import redact
+from tracefleet.agent.control.redact import MASK, Redactor
 
 
 class _Poisoned(str):

@@ -6,9 +6,9 @@ import asyncio
 import json
 import time
 
-from tracefleet.agent._internal.loadgen import SyntheticEngine
-from tracefleet.agent.controlclient import ClientOptions, ControlClient
-from tracefleet.agent.engine import EventSetConfig
+from tests.loadgen import SyntheticEngine
+from tracefleet.agent.capture.engine import EventSetConfig
+from tracefleet.agent.control.client import ClientOptions, ControlClient
 from tracefleet.model.filters import Filters, WorkloadSelector
 
 NODE, CONTROLLER = "db-1", "unix:/run/tracefleet/controller.sock"

@@ -6,9 +6,10 @@ import time
 import pytest
 
 from tests.conftest import scaled
+from tests.loadgen import SyntheticEngine
 from tests.unit.controller_helpers import InProcessController, wait_until
-from tracefleet.agent._internal.loadgen import SyntheticEngine
-from tracefleet.agent.controlclient import (
+from tracefleet.agent.capture.engine import Aggregates, EventSetConfig, SetAggregate
+from tracefleet.agent.control.client import (
     ClientOptions,
     ControlClient,
     _batch_pb,
@@ -16,7 +17,6 @@ from tracefleet.agent.controlclient import (
     first_controller,
     run_agent,
 )
-from tracefleet.agent.engine import Aggregates, EventSetConfig, SetAggregate
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 FAST = ClientOptions(interval=0.1, backoff_initial=0.05, backoff_max=0.3, agent_version="test")
@@ -118,7 +118,7 @@ def test_loadgen_engine_honours_filters_and_apply():
     e2e and bench simulated agents stand on, must honour apply() and filters like the real
     engine (tests/bpf/test_event_sets.py checks the real one in the kernel), or the fleet
     tests built on it would pass on events no filter would let through."""
-    from tracefleet.agent.engine import Filters
+    from tracefleet.agent.capture.engine import Filters
 
     e = SyntheticEngine(rate=1000, seed=3, fail_sets=["net"])
     st = {
@@ -174,7 +174,7 @@ def test_status_by_selector_and_failed_sets_surface(controller):
         import io
         import json
 
-        from tracefleet.controller import cli
+        from tracefleet.controller.operator import cli
 
         out, err = io.StringIO(), io.StringIO()
         code = cli.main(

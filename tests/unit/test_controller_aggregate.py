@@ -2,8 +2,8 @@
 
 import pytest
 
-from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS
-from tracefleet.controller._internal.aggregate import (
+from tracefleet.agent.capture.engine import LATENCY_BUCKETS_SECONDS
+from tracefleet.controller.domain.aggregate import (
     Hist,
     HistogramMismatch,
     NodeWindow,

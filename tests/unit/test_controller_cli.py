@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from tests.unit.controller_helpers import InProcessController
-from tracefleet.controller import cli
-from tracefleet.controller._internal import env
+from tracefleet.controller.common import env
+from tracefleet.controller.operator import cli
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_a_signal_ends_the_cli_even_when_grpc_never_lets_go(tmp_path):
         textwrap.dedent(
             """
             import io, sys, threading, time
-            from tracefleet.controller import cli
+            from tracefleet.controller.operator import cli
 
             class Stuck:  # a stream whose cancel() does nothing
                 def cancel(self):
@@ -172,7 +172,7 @@ def test_status_shows_kernel_skipped_runs_once_in_table_and_json():
     """The kernel-skipped runs an agent reports reach `status` (table and -o json) summed
     once: a resent batch (same instance and seq) does not add them again. A set with skips
     and no call accounting (vfs) is listed too, its PENDING not computed."""
-    from tracefleet.controller._internal.fleet import Connection
+    from tracefleet.controller.domain.fleet import Connection
     from tracefleet.v1 import agent_pb2
 
     c = InProcessController()

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tracefleet.controller._internal.controller import ConfigError, Controller
-from tracefleet.controller._internal.fleet import Connection, State
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.domain.controller import ConfigError, Controller
+from tracefleet.controller.domain.fleet import Connection, State
+from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2
 
 
@@ -133,7 +133,7 @@ def test_acks_stale_and_replaced_streams():
 
 
 def test_sampled_events_reach_matching_followers_and_trigger_sampling():
-    from tracefleet.controller._internal.events import Follower
+    from tracefleet.controller.domain.events import Follower
     from tracefleet.v1 import types_pb2
 
     ctl = Controller(Store(":memory:"))
@@ -164,7 +164,7 @@ def test_sampled_events_reach_matching_followers_and_trigger_sampling():
 def test_user_event_sets_validated_bounded_and_sent_to_agents():
     """`tracefleet enable user:NAME` (issue 18): a valid name becomes a rule like any set;
     bad names and more than MAX_USER_SETS user sets are refused with the fix."""
-    from tracefleet.controller._internal.rules import MAX_USER_SETS
+    from tracefleet.controller.domain.rules import MAX_USER_SETS
 
     ctl = Controller(Store(":memory:"))
     _, conn = register(ctl, "web-1", {"role": "web"})

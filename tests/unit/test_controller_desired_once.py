@@ -2,8 +2,8 @@
 shared by every node with that outcome, not one per node (the per-agent cost of a push)."""
 
 from tests.unit.test_controller_core import drain, register
-from tracefleet.controller._internal.controller import Controller
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.storage.store import Store
 
 
 def _desired(conn):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tracefleet.controller._internal.limits import BUDGET, Limits, Refusals
+from tracefleet.controller.domain.limits import BUDGET, Limits, Refusals
 from tracefleet.v1 import agent_pb2, types_pb2
 
 

@@ -4,13 +4,13 @@ at the controller's idle gap rather than every interval."""
 import asyncio
 import threading
 
+from tests.loadgen import SyntheticEngine
 from tests.unit.controller_helpers import InProcessController, wait_until
 from tests.unit.test_controller_core import drain
-from tracefleet.agent._internal.loadgen import SyntheticEngine
-from tracefleet.agent.controlclient import ClientOptions, ControlClient
-from tracefleet.controller._internal.controller import Controller, Timings
-from tracefleet.controller._internal.fleet import Connection
-from tracefleet.controller._internal.store import Store
+from tracefleet.agent.control.client import ClientOptions, ControlClient
+from tracefleet.controller.domain.controller import Controller, Timings
+from tracefleet.controller.domain.fleet import Connection
+from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2
 
 

@@ -6,11 +6,11 @@ change."""
 import json
 
 from tests.unit.test_controller_core import drain, register
-from tracefleet.controller._internal import rules as rules_mod
-from tracefleet.controller._internal.controller import Controller
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import Store
-from tracefleet.controller._internal.wire import WIRE
+from tracefleet.controller.domain import rules as rules_mod
+from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.domain.wire import WIRE
+from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2, types_pb2
 
 

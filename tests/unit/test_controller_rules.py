@@ -1,6 +1,6 @@
 """Rules -> desired state: selectors, canary share, TTL intent comparison."""
 
-from tracefleet.controller._internal.rules import (
+from tracefleet.controller.domain.rules import (
     Rule,
     canary_bucket,
     desired_for_node,

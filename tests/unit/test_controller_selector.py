@@ -2,7 +2,7 @@
 
 import pytest
 
-from tracefleet.controller._internal.selector import SelectorError, parse
+from tracefleet.controller.common.selector import SelectorError, parse
 
 
 @pytest.mark.parametrize("text", ["", "all", " all ", "*"])

@@ -2,8 +2,8 @@
 
 import pytest
 
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import NodeRecord, Store, StoreError
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.storage.store import NodeRecord, Store, StoreError
 from tracefleet.model.filters import Filters
 
 

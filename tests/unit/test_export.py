@@ -106,7 +106,7 @@ def test_user_events_route_by_their_rule_user_name(tmp_path: Path):
 def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from tracefleet.agent._internal import metrics
+    from tracefleet.agent import metrics
 
     exp = _Blocked(queue_size=1)
     exp.start()
@@ -131,9 +131,9 @@ def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
 def test_rule_export_round_trips_through_the_store_and_reaches_the_agent(tmp_path: Path):
     import sqlite3
 
-    from tracefleet.controller._internal.controller import ConfigError, Controller
-    from tracefleet.controller._internal.fleet import Node
-    from tracefleet.controller._internal.store import Store
+    from tracefleet.controller.domain.controller import ConfigError, Controller
+    from tracefleet.controller.domain.fleet import Node
+    from tracefleet.controller.storage.store import Store
 
     db = str(tmp_path / "c.db")
     ctl = Controller(Store(db))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tracefleet.agent._internal import fastring
-from tracefleet.agent._internal.abi import Status, TfHdr
-from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS
+from tracefleet.agent.capture import fastring
+from tracefleet.agent.capture.engine import LATENCY_BUCKETS_SECONDS
+from tracefleet.agent.kernel.abi import Status, TfHdr
 
 
 def test_missing_library_says_how_to_build(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -36,7 +36,7 @@ def test_disabled_by_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_layout_comes_from_abi_and_engine() -> None:
-    from tracefleet.agent._internal.decode import LOST_HEADS, TF_STRH_SIZE
+    from tracefleet.agent.capture.decode import LOST_HEADS, TF_STRH_SIZE
 
     p = fastring.params(LOST_HEADS)
     assert p.hdr_size == ctypes.sizeof(TfHdr)
@@ -55,7 +55,7 @@ def test_fold_matches_histogram_observe() -> None:
     """fold() adds C's words the way _on_record adds one record at a time."""
     import struct
 
-    from tracefleet.agent.engine import Aggregates, Histogram
+    from tracefleet.agent.capture.engine import Aggregates, Histogram
 
     values = [0.0, 1e-6, 3e-6, 0.2, 20.0]
     h = Histogram()

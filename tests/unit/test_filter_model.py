@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from tracefleet.agent._internal.abi import TfFilter
-from tracefleet.agent._internal.kfilter import to_kernel
+from tracefleet.agent.kernel.abi import TfFilter
+from tracefleet.agent.kernel.kfilter import to_kernel
 from tracefleet.model.filters import (
     MAX_COMM_BYTES,
     MAX_PREFIX_BYTES,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tracefleet.agent._internal.abi import Strategy
-from tracefleet.agent.eventsets import FILE, VFS, KernelHook
-from tracefleet.agent.ladder import unhookable
+from tracefleet.agent.capture.eventsets import FILE, VFS, KernelHook
+from tracefleet.agent.capture.ladder import unhookable
+from tracefleet.agent.kernel.abi import Strategy
 
 pytestmark = pytest.mark.skipif(not Path("/sys/kernel/btf/vmlinux").exists(),
                                 reason="kernel has no BTF")  # fmt: skip

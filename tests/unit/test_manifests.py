@@ -30,10 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
-from tracefleet.agent._internal import env as agent_env
-from tracefleet.controller._internal import env as controller_env
-from tracefleet.controller._internal import kubetoken
-from tracefleet.controller._internal.auth import identity_from_pem
+from tracefleet.agent import env as agent_env
+from tracefleet.controller.api import kubetoken
+from tracefleet.controller.api.auth import identity_from_pem
+from tracefleet.controller.common import env as controller_env
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "kubernetes"

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from tracefleet.agent._internal import metrics as am
-from tracefleet.controller._internal import metrics as cm
+from tracefleet.agent import metrics as am
+from tracefleet.controller.api import metrics as cm
 
 ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"

@@ -18,16 +18,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import wait_until
-from tracefleet.agent._internal import metrics as am
-from tracefleet.agent._internal.contain import ErrorCounter
-from tracefleet.agent._internal.loadgen import SyntheticEngine
+from tests.loadgen import SyntheticEngine
+from tracefleet.agent import metrics as am
+from tracefleet.agent.capture.contain import ErrorCounter
+from tracefleet.agent.capture.engine import LATENCY_BUCKETS_SECONDS, OUTCOMES, EventSetConfig
 from tracefleet.agent.cli import build_parser
-from tracefleet.agent.controlclient import _batch_pb
-from tracefleet.agent.engine import LATENCY_BUCKETS_SECONDS, OUTCOMES, EventSetConfig
-from tracefleet.controller._internal import metrics as cm
-from tracefleet.controller._internal.controller import Controller
-from tracefleet.controller._internal.fleet import Connection
-from tracefleet.controller._internal.store import Store
+from tracefleet.agent.control.client import _batch_pb
+from tracefleet.controller.api import metrics as cm
+from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.domain.fleet import Connection
+from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2, types_pb2
 
 NAME = re.compile(r"^tracefleet_(agent|controller)_[a-z0-9_]+$")
@@ -196,7 +196,7 @@ def test_agent_collector_sees_every_count_collect_handed_out():
 
 
 def test_histogram_buckets_are_cumulative():
-    from tracefleet.agent.engine import Histogram
+    from tracefleet.agent.capture.engine import Histogram
 
     h = Histogram()
     for v in (0.5e-6, 3e-6, 3e-6, 20.0):

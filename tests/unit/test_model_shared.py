@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
+from tests import loadgen
 from tracefleet.agent import cli as agent_cli
-from tracefleet.agent._internal import loadgen
-from tracefleet.agent._internal.abi import Status, Strategy
-from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
-from tracefleet.controller._internal import netaddr as controller_netaddr
-from tracefleet.controller._internal.tls import TLSConfigError, read_tls_dir
+from tracefleet.agent.control.tls import AgentTLS, AgentTLSError
+from tracefleet.agent.kernel.abi import Status, Strategy
+from tracefleet.controller.api.tls import TLSConfigError, read_tls_dir
+from tracefleet.controller.common import netaddr as controller_netaddr
 
 # the tests import tracefleet.model where they use it, so that each one runs (and fails) on
 # its own against a tree without the shared modules
@@ -41,8 +41,8 @@ def test_histogram_bulk_add_counts_and_cumulative_buckets():
 
 
 def test_agent_engine_and_controller_aggregate_share_one_histogram():
-    from tracefleet.agent.engine import Histogram as AgentHistogram
-    from tracefleet.controller._internal.aggregate import Hist
+    from tracefleet.agent.capture.engine import Histogram as AgentHistogram
+    from tracefleet.controller.domain.aggregate import Hist
     from tracefleet.model.histogram import Histogram
 
     assert AgentHistogram is Histogram and Hist is Histogram
@@ -98,7 +98,7 @@ def test_tls_directory_errors_are_worded_alike(tmp_path):
         AgentTLS(tmp_path)
     with pytest.raises(TLSConfigError) as controller_err:
         read_tls_dir(tmp_path)
-    from tracefleet.controller import cli as controller_cli
+    from tracefleet.controller.operator import cli as controller_cli
 
     with pytest.raises(controller_cli.CliError) as operator_err:  # the CLI's --tls-dir
         controller_cli._operator_credentials(str(tmp_path))

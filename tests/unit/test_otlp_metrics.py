@@ -16,10 +16,10 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2_grpc,
 )
 
-from tracefleet.agent._internal.metrics import AgentCollector
-from tracefleet.agent.engine import SetAggregate
+from tracefleet.agent.capture.engine import SetAggregate
 from tracefleet.agent.export import ExportConfigError
 from tracefleet.agent.export.otlpmetrics import OtlpMetricsExporter, parse_endpoint
+from tracefleet.agent.metrics import AgentCollector
 
 
 class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):

@@ -9,14 +9,14 @@ import random
 
 import pytest
 
-from tracefleet.agent._internal.outbox import Outbox
-from tracefleet.controller._internal.ledger import (
+from tracefleet.agent.control.outbox import Outbox
+from tracefleet.controller.domain.ledger import (
     MAX_COUNT,
     Ledger,
     Outcome,
     batch_problem,
 )
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2
 
 
@@ -283,7 +283,7 @@ def test_outbox_defaults_are_what_the_agent_runs_with_and_what_the_readme_says()
 
     from tests.conftest import REPO
     from tracefleet.agent import cli
-    from tracefleet.agent.controlclient import ControlClient
+    from tracefleet.agent.control.client import ControlClient
 
     args = cli.build_parser().parse_args(["run", "--controller", "127.0.0.1:7070", "--node", "n"])
     options = cli._client_options(args)
@@ -331,9 +331,9 @@ def test_a_commit_another_replica_overtook_acknowledges_nothing_and_takes_its_ro
     other replica counted is then a duplicate here."""
     import asyncio
 
-    from tracefleet.controller._internal.controller import Controller
-    from tracefleet.controller._internal.fleet import Connection
-    from tracefleet.controller._internal.store import SET_ACCOUNTING, LedgerRows
+    from tracefleet.controller.domain.controller import Controller
+    from tracefleet.controller.domain.fleet import Connection
+    from tracefleet.controller.storage.store import SET_ACCOUNTING, LedgerRows
 
     theirs = LedgerRows(
         set_totals=[("n1", "file", 70, 0, 0, *(0,) * len(SET_ACCOUNTING))],

@@ -13,14 +13,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_kube_api import AGENT_USER, AUDIENCE, CONTROLLER_API_TOKEN, FakeAPIServer, jwt
 from tracefleet.agent import cli as agent_cli
-from tracefleet.agent._internal.satoken import AgentTokenError, read_token, token_metadata
+from tracefleet.agent.control.satoken import AgentTokenError, read_token, token_metadata
 from tracefleet.controller import server
-from tracefleet.controller._internal import certs, env
-from tracefleet.controller._internal import kubetoken as kt
-from tracefleet.controller._internal import metrics as cm
-from tracefleet.controller._internal.controller import Controller
-from tracefleet.controller._internal.limits import Refusals
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.api import kubetoken as kt
+from tracefleet.controller.api import metrics as cm
+from tracefleet.controller.common import certs, env
+from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.domain.limits import Refusals
+from tracefleet.controller.storage.store import Store
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from tracefleet.agent._internal.redact import MASK, Redactor
-from tracefleet.controller._internal import selector as sel
-from tracefleet.controller._internal.policy import Policy, PolicyError, parse_policy, within
-from tracefleet.controller._internal.redaction import DEFAULT_RULES, TextRedactor, default_patterns
+from tracefleet.agent.control.redact import MASK, Redactor
+from tracefleet.controller.common import selector as sel
+from tracefleet.controller.domain.policy import Policy, PolicyError, parse_policy, within
+from tracefleet.controller.domain.redaction import DEFAULT_RULES, TextRedactor, default_patterns
 
 
 def _exec_event(*argv: str) -> dict:
@@ -91,7 +91,7 @@ def test_default_rules_mask_common_secret_shapes(argv: list[str], secret: str) -
 def test_controller_masks_every_wire_form_of_an_unredacted_event(argv: list[str], secret: str):
     """An agent that skipped redaction sends the typed argv list and its text form: the
     controller's pass masks both, so no operator reads the secret from either."""
-    from tracefleet.controller._internal.controller import _redact_arg
+    from tracefleet.controller.domain.controller import _redact_arg
     from tracefleet.model import Event
     from tracefleet.model.wire import event_to_pb
 

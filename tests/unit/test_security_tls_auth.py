@@ -10,18 +10,18 @@ import grpc
 import pytest
 
 from tests.unit.controller_helpers import InProcessController
-from tracefleet.controller._internal import certs
-from tracefleet.controller._internal.agent_api import AgentService
-from tracefleet.controller._internal.auth import (
+from tracefleet.controller.api.agent_api import AgentService
+from tracefleet.controller.api.auth import (
     Authorizer,
     identity_from_pem,
     token_digest,
 )
-from tracefleet.controller._internal.control_api import ControlService
-from tracefleet.controller._internal.limits import Refusals
-from tracefleet.controller._internal.policy import parse_policy
-from tracefleet.controller._internal.redaction import default_patterns
-from tracefleet.controller._internal.tls import ServerTLS, handshake_reason
+from tracefleet.controller.api.control_api import ControlService
+from tracefleet.controller.api.tls import ServerTLS, handshake_reason
+from tracefleet.controller.common import certs
+from tracefleet.controller.domain.limits import Refusals
+from tracefleet.controller.domain.policy import parse_policy
+from tracefleet.controller.domain.redaction import default_patterns
 from tracefleet.v1 import agent_pb2, agent_pb2_grpc, control_pb2, control_pb2_grpc
 
 
@@ -65,7 +65,7 @@ def ctl(pki: Path):
         token_digest("read-token"): {"name": "bob", "role": "read"},
         token_digest("admin-token"): {"name": "carol", "role": "admin"},
     }
-    from tracefleet.controller._internal.auth import Identity
+    from tracefleet.controller.api.auth import Identity
 
     idents = {d: Identity("operator", v["name"], v["role"], via="token") for d, v in tokens.items()}
     c = TLSController(pki / "controller", tokens=idents,

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tracefleet.agent import emit, userevents
+from tracefleet.agent import emit
+from tracefleet.agent.capture import userevents
 
 # events/user_events/tf_test/format as 6.12 prints it, plus a __rel_loc and a __data_loc field
 FORMAT = """name: tf_test
@@ -298,7 +299,7 @@ def test_latency_histogram_in_bulk_matches_observe() -> None:
     count exactly as one observe() per record, on the bounds and for stamps after now."""
     import random
 
-    from tracefleet.agent.engine import Histogram
+    from tracefleet.agent.capture.engine import Histogram
 
     now = 10**12
     rng = random.Random(18)

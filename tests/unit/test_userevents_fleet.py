@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import scaled
+from tests.loadgen import SyntheticEngine
 from tests.unit.controller_helpers import InProcessController
 from tests.unit.controller_helpers import wait_until as _wait_until
-from tracefleet.agent import userevents
-from tracefleet.agent._internal.loadgen import SyntheticEngine
-from tracefleet.agent.controlclient import ClientOptions, run_agent
-from tracefleet.agent.engine import EventSetConfig
-from tracefleet.controller import cli
-from tracefleet.controller._internal.limits import MAX_USER_EVENTS, Limits, Refusals
+from tracefleet.agent.capture import userevents
+from tracefleet.agent.capture.engine import EventSetConfig
+from tracefleet.agent.control.client import ClientOptions, run_agent
+from tracefleet.controller.domain.limits import MAX_USER_EVENTS, Limits, Refusals
+from tracefleet.controller.operator import cli
 from tracefleet.v1 import control_pb2, types_pb2
 
 

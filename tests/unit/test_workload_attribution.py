@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tracefleet.agent.workload import (
+from tracefleet.agent.capture.workload import (
     Pod,
     WorkloadSelector,
     parse_cgroup_path,
@@ -94,8 +94,8 @@ def test_unknown_attribution_is_counted_and_exposed() -> None:
     resolver is woken; /metrics shows the count."""
     from types import SimpleNamespace
 
-    from tracefleet.agent._internal.metrics import AgentCollector
-    from tracefleet.agent.workload import Attributor, CgroupCache
+    from tracefleet.agent.capture.workload import Attributor, CgroupCache
+    from tracefleet.agent.metrics import AgentCollector
 
     att = Attributor(node="n1", cgroups=CgroupCache(root=""))
     ev = {"cgroup_id": 12345}

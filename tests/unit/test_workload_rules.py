@@ -8,8 +8,8 @@ import sqlite3
 
 import pytest
 
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import Store
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.storage.store import Store
 from tracefleet.model.filters import Filters, WorkloadSelector
 from tracefleet.model.wire import filters_from_pb, filters_to_pb
 from tracefleet.v1 import types_pb2
@@ -43,7 +43,7 @@ def test_rule_stored_before_selectors_reads_back_unchanged():
 
 def test_selector_on_the_wire_to_the_agent():
     wire = types_pb2.Filters.FromString(filters_to_pb(SPEC).SerializeToString())
-    # the agent reads it with the same conversion (controlclient): the selector itself, to be
+    # the agent reads it with the same conversion (control/client.py): the selector itself, to be
     # resolved on its node
     got = filters_from_pb(wire)
     assert got == SPEC

@@ -3,7 +3,7 @@
  * tracefleet: the ABI between the BPF programs and the agent.
  *
  * Every struct and constant the agent decodes is defined here, once. The Python mirror lives
- * in agent/src/tracefleet/agent/_internal/abi.py and tests/bpf/test_abi_layout.py checks it
+ * in agent/src/tracefleet/agent/kernel/abi.py and tests/bpf/test_abi_layout.py checks it
  * against the BTF that clang emits for each object (as Tetragon's alignchecker does).
  * Only fixed-width types; explicit padding; no bitfields.
  */

@@ -14,12 +14,12 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from tracefleet.agent import workload
-from tracefleet.agent._internal import env
-from tracefleet.agent._internal.abi import Strategy
-from tracefleet.agent.engine import EventSetConfig, Filters
-from tracefleet.agent.eventsets import EVENT_SETS, UnknownEventSet, parse_event_sets
-from tracefleet.agent.hostcheck import TRACEFS_NOTE, HostCheckError
+from tracefleet.agent import env
+from tracefleet.agent.capture import workload
+from tracefleet.agent.capture.engine import EventSetConfig, Filters
+from tracefleet.agent.capture.eventsets import EVENT_SETS, UnknownEventSet, parse_event_sets
+from tracefleet.agent.kernel.abi import Strategy
+from tracefleet.agent.kernel.hostcheck import TRACEFS_NOTE, HostCheckError
 from tracefleet.model import Event, human
 from tracefleet.model.argtypes import int_in
 from tracefleet.model.filters import PID_MAX_LIMIT
@@ -179,8 +179,8 @@ def _filters(args: argparse.Namespace) -> Filters:
 
 
 def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
-    from tracefleet.agent.capture import BpfEngine, EngineOptions
-    from tracefleet.agent.ladder import KERNEL_STRATEGIES
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.ladder import KERNEL_STRATEGIES
 
     forced = {}
     if getattr(args, "strategy", "auto") != "auto":
@@ -207,7 +207,7 @@ def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     engine = _make_engine(args, list(EVENT_SETS))
     try:
@@ -296,7 +296,7 @@ def _serve_metrics(
             print("tracefleet-agent: --bpf-stats ignored: only /metrics reads the statistics "
                   "(add --metrics-listen HOST:PORT)", file=sys.stderr)  # fmt: skip
         return None
-    from tracefleet.agent._internal import metrics
+    from tracefleet.agent import metrics
 
     server = metrics.serve(engine, node, address, client, bpf_stats=args.bpf_stats, hub=hub)
     print(f"tracefleet-agent: metrics on http://{address}/metrics", file=sys.stderr)
@@ -305,7 +305,7 @@ def _serve_metrics(
 
 def _capture_user(args: argparse.Namespace) -> int:
     """`-e user:NAME`: consume one user_event through perf rings (no BPF)."""
-    from tracefleet.agent import userevents
+    from tracefleet.agent.capture import userevents
 
     name = args.event_set.removeprefix("user:")
     try:
@@ -511,8 +511,8 @@ def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
 
 def _tls_options(args: argparse.Namespace) -> Any:
     """ClientOptions with mTLS from --tls-dir; None (after printing why) if refused."""
-    from tracefleet.agent._internal.tls import AgentTLS, AgentTLSError
-    from tracefleet.agent.controlclient import ClientOptions
+    from tracefleet.agent.control.client import ClientOptions
+    from tracefleet.agent.control.tls import AgentTLS, AgentTLSError
 
     if not hasattr(args, "controllers"):  # cmd_run sets it; a direct caller may not have
         args.controllers = controller_addresses(args.controller or [DEFAULT_CONTROLLER])
@@ -539,7 +539,7 @@ def _tls_options(args: argparse.Namespace) -> Any:
 def _client_options(args: argparse.Namespace) -> Any:
     """ClientOptions with mTLS and the ServiceAccount token; None (after printing why) if
     refused."""
-    from tracefleet.agent._internal.satoken import AgentTokenError, read_token
+    from tracefleet.agent.control.satoken import AgentTokenError, read_token
 
     options = _tls_options(args)
     if options is None or not args.token_file:
@@ -566,7 +566,7 @@ def export_parse(text: str) -> tuple[str, Any]:
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from tracefleet.agent.controlclient import ControlClient
+    from tracefleet.agent.control.client import ControlClient
 
     values = args.controller
     if values is None:  # not on the command line: the environment, else the local socket
@@ -612,7 +612,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_USAGE
     # registration, and fail-static state re-applied while the controller is away
     logging.getLogger("tracefleet.agent.controlclient").setLevel(logging.INFO)
-    from tracefleet.agent.userevents import UserEventsEngine
+    from tracefleet.agent.capture.userevents import UserEventsEngine
 
     try:  # pod metadata when in a pod (or --kube-api); rules' workload selectors need it
         args.attributor = workload.attributor_from_args(args, args.node, need_pods=False)
@@ -646,8 +646,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     pusher = None
     if otlp_metrics is not None:
-        from tracefleet.agent._internal.metrics import AgentCollector
         from tracefleet.agent.export.otlpmetrics import OtlpMetricsExporter
+        from tracefleet.agent.metrics import AgentCollector
 
         collector = AgentCollector(engine, args.node, client, options.export_hub)
         pusher = OtlpMetricsExporter(collector, otlp_metrics[1], otlp_metrics[0],
@@ -812,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not args.verbose:
         logging.getLogger("tracefleet.agent.libbpf").setLevel(logging.ERROR)
-    from tracefleet.agent._internal import fastring
+    from tracefleet.agent.capture import fastring
 
     try:
         fastring.requested()  # a bad TRACEFLEET_FASTRING stops the start, naming itself

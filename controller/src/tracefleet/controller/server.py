@@ -19,27 +19,27 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tracefleet.controller._internal import auth as authz
-from tracefleet.controller._internal import env
-from tracefleet.controller._internal import kubetoken as kt
-from tracefleet.controller._internal import policy as pol
-from tracefleet.controller._internal import tls as tlsmod
-from tracefleet.controller._internal.agent_api import AgentService, add_agent_service
-from tracefleet.controller._internal.certs import ROLE_ADMIN, ROLE_READ
-from tracefleet.controller._internal.control_api import ControlService
-from tracefleet.controller._internal.controller import Controller
-from tracefleet.controller._internal.etcdstore import EtcdClient, EtcdStore
-from tracefleet.controller._internal.metrics import start_metrics
-from tracefleet.controller._internal.netaddr import (
+from tracefleet.controller.api import auth as authz
+from tracefleet.controller.api import kubetoken as kt
+from tracefleet.controller.api import tls as tlsmod
+from tracefleet.controller.api.agent_api import AgentService, add_agent_service
+from tracefleet.controller.api.control_api import ControlService
+from tracefleet.controller.api.metrics import start_metrics
+from tracefleet.controller.common import env
+from tracefleet.controller.common.certs import ROLE_ADMIN, ROLE_READ
+from tracefleet.controller.common.netaddr import (
     check_address,
     is_loopback,
     read_socket_path,
     split_host_port,
     unix_path,
 )
-from tracefleet.controller._internal.redaction import TextRedactor
-from tracefleet.controller._internal.rules import Rule
-from tracefleet.controller._internal.store import Store, StoreError
+from tracefleet.controller.domain import policy as pol
+from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.domain.redaction import TextRedactor
+from tracefleet.controller.domain.rules import Rule
+from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
+from tracefleet.controller.storage.store import Store, StoreError
 from tracefleet.v1 import agent_pb2, control_pb2, control_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller")

@@ -2,7 +2,7 @@
 both hold, and the one place they are checked.
 
 Edges (each defined once): ``tracefleet.model.wire`` (``filters_to_pb``/``filters_from_pb``,
-the API's ``tracefleet.v1.Filters``), the agent's ``_internal/kfilter.py`` (the kernel's
+the API's ``tracefleet.v1.Filters``), the agent's ``kernel/kfilter.py`` (the kernel's
 ``struct tf_filter``), and ``to_json``/``from_json`` here (the controller's stored rules and
 the agent's fail-static state file).
 """

@@ -1,6 +1,6 @@
 """The agent's aggregates over OTLP metrics, for users without Prometheus.
 
-Every ``interval`` the agent's Prometheus collector (``_internal.metrics.AgentCollector``: the
+Every ``interval`` the agent's Prometheus collector (``metrics.AgentCollector``: the
 same reading of the engine, the controller client and the exporters that ``/metrics`` serves)
 is converted into the OpenTelemetry SDK's metric data model and sent with the SDK's
 ``OTLPMetricExporter`` (gRPC or HTTP/protobuf). Names and labels are the Prometheus ones

@@ -1,1 +1,0 @@
-"""Private implementation modules of the agent; not a public API."""

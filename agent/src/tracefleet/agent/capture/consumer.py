@@ -1,0 +1,339 @@
+"""The ring consumer: reads every loaded set's ring, counts each record into the accounting's
+current interval and hands decoded events to the sinks and the sample buffer.
+
+Per-set rings (a flood in one set cannot fill another's), all consumed by one libbpf
+ring_buffer (or the compiled FastRing) in one poll; memory: loaded sets x ring_bytes. The
+consumer thread (start()) polls, and once a second runs the engine's housekeeping (detach
+idle sets, reap dead threads' entries) when the engine's lock is free."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import random
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from tracefleet.agent.capture import fastring
+from tracefleet.agent.capture.accounting import Accounting
+from tracefleet.agent.capture.contain import ANY_SET, UNKNOWN_SET, ErrorCounter
+from tracefleet.agent.capture.decode import (
+    LOST_HEADS,
+    SYSCALL_NAMES,
+    decode_record,
+    has_lost_arg,
+)
+from tracefleet.agent.capture.engine import Filters, SetAggregate
+from tracefleet.agent.capture.eventsets import BY_ID
+from tracefleet.agent.capture.fallback import RecordFallback
+from tracefleet.agent.kernel import libbpf
+from tracefleet.agent.kernel.abi import TfHdr
+
+if TYPE_CHECKING:
+    from tracefleet.agent.capture.enginestate import EngineOptions, SetState
+
+log = logging.getLogger("tracefleet.agent")
+
+_HDR_SIZE = ctypes.sizeof(TfHdr)
+_HDR = struct.Struct("=Q24x8xHHB")  # ts_ns, (exit_ns, cgroup_id, ret, pid, tid), kind, syscall, set
+
+EventSink = Callable[[dict[str, Any]], None]
+CreateMap = Callable[[int, str, int, int, int], int]  # type, name, key, value size, entries
+
+
+def _peek_header(raw: bytes) -> tuple[int, int, int]:
+    ts_ns, _kind, syscall, set_id = _HDR.unpack_from(raw)
+    return set_id, syscall, ts_ns
+
+
+def _prefix_ok(ev: dict[str, Any], f: Filters) -> bool:
+    """The path-prefix filter for paths the kernel could not match: a vfs hook that only had
+    a dentry sends the path relative to its file system, and the mount point is known here."""
+    path = ev["args"].get("path", {})
+    if path.get("kind") != "mount-relative" or path.get("value") is None:
+        return True
+    return any(str(path["value"]).startswith(p) for p in f.path_prefixes)
+
+
+class RingConsumer:
+    """The engine's ring consumer. ``sets`` and ``lock`` are the engine's (set state is read
+    per record, without the lock); ``create_map`` makes a ring the engine owns and closes;
+    ``housekeeping`` runs once a second from the consumer thread, holding ``lock``."""
+
+    def __init__(
+        self,
+        opts: EngineOptions,
+        sets: Mapping[str, SetState],
+        acct: Accounting,
+        fallback: RecordFallback,
+        errors: ErrorCounter,
+        create_map: CreateMap,
+        housekeeping: Callable[[], None],
+        lock: threading.RLock,
+    ) -> None:
+        self.opts = opts
+        self._sets = sets
+        self._acct = acct
+        self._fallback = fallback
+        self.errors = errors
+        self._create_map = create_map
+        self._housekeeping = housekeeping
+        self._lock = lock
+        self._sinks: list[EventSink] = []
+        self._samples: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=opts.sample_buffer
+        )
+        self._namespaces: set[str] = set()
+        self.heartbeat_ns = 0  # monotonic time of the consumer's last poll or record
+        self.consumer_error = ""  # why the consumer thread ended, if it did
+        self._rings: dict[str, int] = {}
+        self.rb: libbpf.RingBuffer | fastring.FastRing | None = None
+        self._rb_lock = threading.Lock()  # serialises ring_buffer__add with poll/consume
+        self._sync_lock = threading.Lock()  # sync(): state read + push, as one
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- rings -------------------------------------------------------------------------
+    def ring_for(self, name: str) -> int:
+        """The set's own ring, created (and added to the consumer) on first use."""
+        if name not in self._rings:
+            fd = self._create_map(libbpf.BPF_MAP_TYPE_RINGBUF, f"tf_ev_{name}"[:15], 0, 0,
+                                  self.opts.ring_bytes)  # fmt: skip
+            with self._rb_lock:
+                if self.rb is None:
+                    self.rb = self._new_consumer(fd)
+                else:
+                    self.rb.add(fd)
+            self._rings[name] = fd
+        return self._rings[name]
+
+    def kind(self) -> tuple[bool, str]:
+        """(compiled consumer in use, why): fastring where it loads, else the Python one."""
+        if not self.opts.compiled_consumer:
+            return False, f"Python consumer (the compiled one is opt-in for now: {fastring.ENV}=on)"
+        return fastring.consumer_status()
+
+    def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:
+        if self.kind()[0]:
+            try:
+                # the aggregates by lookup: collect() swaps the interval
+                return fastring.FastRing(fd, self.on_record, lambda: self._acct.agg,
+                                         LOST_HEADS, self.errors)  # fmt: skip
+            except Exception as e:  # said once; the Python consumer does the same work
+                log.warning("compiled ring consumer failed to start, using Python: %s", e)
+                self.opts.compiled_consumer = False
+        return libbpf.RingBuffer(fd, self.on_record)
+
+    # ---- sinks and samples -------------------------------------------------------------
+    def add_sink(self, sink: EventSink) -> None:
+        self._sinks = [*self._sinks, sink]  # copy on write: the consumer thread iterates it
+        self.sync()  # now, not at the next poll: a poll in progress sees it
+
+    def remove_sink(self, sink: EventSink) -> None:
+        self._sinks = [s for s in self._sinks if s is not sink]
+        self.sync()
+
+    def sample_events(self, limit: int) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        while self._samples and len(out) < limit:
+            out.append(self._samples.popleft())
+        return out
+
+    # ---- per record --------------------------------------------------------------------
+    def on_record(self, raw: bytes, now: int = 0, flags: int = -1) -> None:
+        """Per record: aggregates from the header alone (cheap); the full decode only when
+        someone reads the event (a sink, a sample) or an argument is left for the fallback.
+        Every step after the header is contained (contain.py): a failure is counted per
+        cause and never reaches the ring buffer's consumer. From the compiled consumer
+        (fastring): its receive time, and ``flags`` saying whether it sampled the record
+        and found a lost argument (-1: decide here)."""
+        now = now or time.monotonic_ns()
+        self.heartbeat_ns = now
+        if len(raw) < _HDR_SIZE:
+            self.errors.count(UNKNOWN_SET, "decode", f"record of {len(raw)} bytes")
+            return
+        set_id, syscall, ts_ns = _peek_header(raw)
+        spec = BY_ID.get(set_id)
+        name = spec.name if spec else str(set_id)
+        label = name if spec else UNKNOWN_SET
+        st = self._sets.get(name)
+        if flags >= 0:
+            fallback = st is not None and st.user_fallback and bool(flags & fastring.REC_FALLBACK)
+            sample = st is not None and bool(flags & fastring.REC_SAMPLE)
+        else:
+            fallback = st is not None and st.user_fallback and has_lost_arg(raw)
+            sample = (
+                st is not None
+                and st.sample_rate > 0
+                and (st.sample_rate >= 1.0 or random.random() < st.sample_rate)
+            )
+        ev: dict[str, Any] | None = None
+        if self._sinks or sample or fallback:
+            try:
+                ev, rec = decode_record(raw, now)
+            except Exception as e:  # unusable: counted as a decode failure, not delivered
+                self.errors.count(label, "decode", e)
+                if spec is not None:  # passed = delivered + ... + decode_errors
+                    self._acct.agg.sets.setdefault(name, SetAggregate()).decode_errors += 1
+                return
+        aggs = self._acct.agg.sets
+        agg = aggs.get(name)
+        if agg is None:
+            agg = aggs[name] = SetAggregate()
+        agg.delivered += 1
+        sc = SYSCALL_NAMES.get(syscall, str(syscall))
+        agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
+        agg.latency.observe(max(0, now - ts_ns) / 1e9)
+        if self.opts.namespace_budget and self.opts.attributor is not None:
+            try:
+                self._count_namespace(name, raw)
+            except Exception as e:
+                self.errors.count(label, "attribution", e)
+        if ev is None:
+            return
+        if fallback:
+            ev = self._fallback.event(ev, rec, name, now)
+        if self.opts.attributor is not None:
+            try:
+                self.opts.attributor.annotate(ev)
+            except Exception as e:
+                self.errors.count(label, "attribution", e)
+        if st is not None and st.filters.path_prefixes:
+            try:
+                if not _prefix_ok(ev, st.filters):
+                    return
+            except Exception as e:  # fail closed: the filter scopes what leaves the engine
+                self.errors.count(label, "filter", e)
+                return
+        if sample:
+            try:
+                self._samples.append(ev)
+            except Exception as e:
+                self.errors.count(label, "sample", e)
+        for sink in self._sinks:
+            try:
+                sink(ev)
+            except Exception as e:
+                self.errors.count(label, "sink", e)
+
+    def _count_namespace(self, name: str, raw: bytes) -> None:
+        cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
+        ns = self.opts.attributor.namespace_of(cg)
+        if ns and ns not in self._namespaces:
+            if len(self._namespaces) >= self.opts.namespace_budget:
+                ns = "_other"
+            else:
+                self._namespaces.add(ns)
+        self._acct.namespace_events[(name, ns)] += 1
+
+    # ---- polling -----------------------------------------------------------------------
+    def poll_once(self, timeout_ms: int | None = None) -> int:
+        self.heartbeat_ns = time.monotonic_ns()
+        timeout = self.opts.poll_ms if timeout_ms is None else timeout_ms
+        with self._rb_lock:
+            if self.rb is not None:
+                self.sync()
+                return self.rb.poll(timeout)
+        self._stop.wait(timeout / 1000)  # no set loaded yet: nothing to poll
+        return 0
+
+    def drain(self) -> int:
+        with self._rb_lock:
+            if self.rb is None:
+                return 0
+            self.sync()
+            return self.rb.consume()
+
+    def sync(self) -> None:
+        """Tell the compiled consumer which records Python needs (sinks, samples, fallback);
+        safe during its poll (atomic per-set flags in C)."""
+        rb = self.rb
+        if isinstance(rb, fastring.FastRing):
+            # read and pushed under one lock: the consumer thread's push, computed before an
+            # add_sink and delayed, landed after it and one poll's records went uncopied
+            with self._sync_lock:
+                deliver = bool(self._sinks)
+                rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
+                             for st in self._sets.values())  # fmt: skip
+
+    def start(self) -> None:
+        if self._thread:
+            return
+        self._thread = threading.Thread(target=self._run_logged, name="tf-consumer",
+                                        daemon=True)  # fmt: skip
+        self._thread.start()
+
+    def _run_logged(self) -> None:
+        try:
+            self._run()
+        except BaseException as e:  # whatever ends it, /healthz says why
+            self.consumer_error = f"{type(e).__name__}: {e}"
+            log.critical("ring buffer consumer thread died: %s", self.consumer_error)
+            raise
+
+    def _run(self) -> None:
+        last_tick = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.poll_once()
+            except Exception as e:
+                self.errors.count(ANY_SET, "poll", e)
+                self._stop.wait(0.1)  # a persistent failure must not spin
+            if time.monotonic() - last_tick > 1.0:
+                last_tick = time.monotonic()
+                # not while apply() holds the lock (a load runs the verifier for seconds,
+                # minutes in an emulated guest): the consumer must not stall behind it
+                if not self._lock.acquire(blocking=False):
+                    continue
+                try:
+                    self._housekeeping()
+                finally:
+                    self._lock.release()
+
+    def health(self) -> tuple[bool, str]:
+        """(alive, why) for /healthz: the consumer runs and its heartbeat is fresh. Without a
+        consumer thread (``capture`` polls from its main loop) the heartbeat alone counts."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive():
+            why = self.consumer_error or "stopped"
+            return False, f"ring buffer consumer thread has exited ({why})"
+        if not self.heartbeat_ns:
+            return False, "ring buffer consumer not started yet"
+        age = (time.monotonic_ns() - self.heartbeat_ns) / 1e9
+        if age > self.opts.stale_seconds:
+            return False, (f"ring buffer consumer stalled: no poll or record for {age:.1f} s "
+                           f"(limit {self.opts.stale_seconds:.0f} s)")  # fmt: skip
+        return True, f"ring buffer consumer alive (last poll or record {age:.1f} s ago)"
+
+    # ---- shutdown ----------------------------------------------------------------------
+    def stop(self) -> bool:
+        """Stop the consumer thread; False if it is still running after 30 s (then nothing
+        may consume or unmap its rings beside it)."""
+        self._stop.set()
+        if self.rb is not None:
+            self.rb.abort()  # a drain in progress stops after its current record
+        if self._thread:
+            self._thread.join(timeout=30)
+            return not self._thread.is_alive()
+        return True
+
+    def final_drain(self) -> int:
+        """After stop(): consume what is still in the rings (the abort is lifted)."""
+        with self._rb_lock:
+            if self.rb is None:
+                return 0
+            self.rb.aborted = False
+            try:
+                return self.rb.consume()
+            except Exception as e:
+                self.errors.count(ANY_SET, "poll", e)
+                return 0
+
+    def close(self) -> None:
+        """Unmap the rings; only after stop() returned True."""
+        if self.rb is not None:
+            self.rb.close()

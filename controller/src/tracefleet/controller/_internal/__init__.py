@@ -1,1 +1,0 @@
-"""Private implementation modules of the controller; not a public API."""

@@ -1,0 +1,152 @@
+"""The nodes the controller knows: connection, what they applied, when they were last seen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from tracefleet.controller.domain.aggregate import NodeWindow
+from tracefleet.controller.storage.store import NodeRecord
+
+
+class State(Enum):
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"  # stream closed recently; reconnect expected
+    STALE = "stale"  # not heard from for longer than stale_after
+
+
+class Connection:
+    """One open Connect stream: messages to send, and a way to close it from the server."""
+
+    def __init__(self) -> None:
+        self.outbox: asyncio.Queue[Any] = asyncio.Queue()
+        self.closed = False
+        self.sampling = False  # a SampleRequest lease is outstanding on this stream
+
+    def send(self, message: Any) -> None:
+        if not self.closed:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.outbox.put_nowait(None)
+
+
+@dataclass
+class Node:
+    name: str
+    labels: dict[str, str] = field(default_factory=dict)
+    kernel_version: str = ""
+    agent_version: str = ""
+    # JSON-ready: {"strategies": [...], "event_sets": [...], "statuses": [...],
+    # "capabilities_json": "..."}
+    info: dict[str, Any] = field(default_factory=dict)
+    applied_generation: int = 0
+    last_seen: float = 0.0  # unix seconds
+    conn: Connection | None = None
+    window: NodeWindow = field(default_factory=NodeWindow)
+    # info's values as JSON, each with the object it encodes: an ack replaces the statuses
+    # and leaves the capabilities, which are then not encoded again (node-record saves)
+    _info_parts: dict[str, tuple[Any, str]] = field(default_factory=dict, repr=False)
+
+    def record(self) -> NodeRecord:
+        return NodeRecord(
+            self.name,
+            dict(self.labels),
+            self.kernel_version,
+            self.agent_version,
+            self.info,
+            self.applied_generation,
+            self.last_seen,
+            self.info_json(),
+        )
+
+    def info_json(self) -> str:
+        """json.dumps(self.info, sort_keys=True), encoding only the values replaced since
+        the last call (values are replaced, never changed in place)."""
+        parts = []
+        for key in sorted(self.info):
+            value = self.info[key]
+            hit = self._info_parts.get(key)
+            if hit is None or hit[0] is not value:
+                text = f"{json.dumps(key)}: {json.dumps(value, sort_keys=True)}"
+                hit = self._info_parts[key] = (value, text)
+            parts.append(hit[1])
+        return "{" + ", ".join(parts) + "}"
+
+
+class Fleet:
+    def __init__(self, stale_after: float = 10.0, window: float = 10.0) -> None:
+        self.stale_after = stale_after
+        self.window = window
+        self.nodes: dict[str, Node] = {}
+        self._dirty: set[str] = set()
+
+    def load(self, records: list[NodeRecord]) -> None:
+        """Nodes known before a restart: listed (as disconnected or stale) until they return."""
+        for r in records:
+            self.nodes[r.name] = Node(
+                r.name,
+                r.labels,
+                r.kernel_version,
+                r.agent_version,
+                r.info,
+                r.applied_generation,
+                r.last_seen,
+                window=NodeWindow(self.window),
+            )
+
+    def attach(self, name: str, conn: Connection) -> Node:
+        """A stream registered as ``name``; an older stream of the same node is closed."""
+        node = self.nodes.get(name)
+        if node is None:
+            node = self.nodes[name] = Node(name, window=NodeWindow(self.window))
+        if node.conn is not None and node.conn is not conn:
+            node.conn.close()
+        node.conn = conn
+        self.seen(node)
+        return node
+
+    def detach(self, node: Node, conn: Connection) -> bool:
+        """The stream ended; False if a newer stream already replaced it."""
+        conn.close()
+        if node.conn is not conn:
+            return False
+        node.conn = None
+        self.mark_dirty(node)
+        return True
+
+    def seen(self, node: Node) -> None:
+        node.last_seen = time.time()
+
+    def mark_dirty(self, node: Node) -> None:
+        self._dirty.add(node.name)
+
+    def forget(self, name: str) -> None:
+        self.nodes.pop(name, None)
+        self._dirty.discard(name)
+
+    def take_dirty(self) -> list[NodeRecord]:
+        out = [self.nodes[n].record() for n in sorted(self._dirty) if n in self.nodes]
+        self._dirty.clear()
+        return out
+
+    def state(self, node: Node, now: float | None = None) -> State:
+        now = time.time() if now is None else now
+        if now - node.last_seen > self.stale_after:
+            return State.STALE
+        return State.CONNECTED if node.conn is not None else State.DISCONNECTED
+
+    def connected(self) -> list[Node]:
+        return [n for n in self.nodes.values() if n.conn is not None]
+
+    def registered_event_sets(self) -> set[str]:
+        out: set[str] = set()
+        for n in self.nodes.values():
+            out.update(n.info.get("event_sets", ()))
+        return out

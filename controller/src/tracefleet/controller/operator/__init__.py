@@ -1,0 +1,2 @@
+"""The operator CLI (``tracefleet``): separable from the server, it imports only
+``tracefleet.model``, ``tracefleet.v1`` and ``tracefleet.controller.common``."""

@@ -1,0 +1,1 @@
+"""Where the controller keeps its state: ``store`` (SQLite, one node) and ``etcdstore``."""
