@@ -243,7 +243,7 @@ def test_replica_sigkill_under_load_keeps_every_count_exact(tmp_path, etcd3):
     import asyncio
 
     from tests.loadgen import SyntheticEngine
-    from tracefleet.agent.controlclient import ClientOptions, ControlClient
+    from tracefleet.agent.control.client import ClientOptions, ControlClient
 
     dirs = [tmp_path / "a", tmp_path / "b"]
     for d in dirs:
