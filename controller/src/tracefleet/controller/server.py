@@ -27,19 +27,19 @@ from tracefleet.controller.api.control_api import ControlService
 from tracefleet.controller.api.metrics import start_metrics
 from tracefleet.controller.common import env
 from tracefleet.controller.common.certs import ROLE_ADMIN, ROLE_READ
-from tracefleet.controller.common.netaddr import (
-    check_address,
-    is_loopback,
-    read_socket_path,
-    split_host_port,
-    unix_path,
-)
 from tracefleet.controller.domain import policy as pol
 from tracefleet.controller.domain.controller import Controller
 from tracefleet.controller.domain.redaction import TextRedactor
 from tracefleet.controller.domain.rules import Rule
 from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
 from tracefleet.controller.storage.store import Store, StoreError
+from tracefleet.model.netaddr import (
+    check_address,
+    is_loopback,
+    read_socket_path,
+    split_host_port,
+    unix_path,
+)
 from tracefleet.v1 import agent_pb2, control_pb2, control_pb2_grpc
 
 log = logging.getLogger("tracefleet.controller")

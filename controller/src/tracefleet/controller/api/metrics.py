@@ -37,12 +37,12 @@ from prometheus_client.registry import Collector
 
 from tracefleet.controller.api.auth import REASONS, refusal_kind
 from tracefleet.controller.api.tls import HANDSHAKE_REASONS
-from tracefleet.controller.common.netaddr import split_host_port
 from tracefleet.controller.domain.controller import Controller
 from tracefleet.controller.domain.fleet import State
 from tracefleet.controller.domain.limits import REFUSALS, Refusals
 from tracefleet.model.histogram import Histogram, HistogramMismatch
 from tracefleet.model.names import OUTCOMES
+from tracefleet.model.netaddr import split_host_port
 
 log = logging.getLogger("tracefleet.controller.metrics")
 

@@ -17,17 +17,17 @@ from google.protobuf import duration_pb2
 
 from tracefleet.controller.common import env
 from tracefleet.controller.common import selector as sel
-from tracefleet.controller.common.netaddr import (
-    check_address,
-    read_socket_path,
-    unix_path,
-)
 from tracefleet.controller.common.requestlimits import MAX_PID, MAX_TOP_ROWS
 from tracefleet.controller.operator import render
 from tracefleet.controller.operator.durations import parse_duration
 from tracefleet.model import human, wire
 from tracefleet.model.argtypes import int_in
 from tracefleet.model.filters import Filters, WorkloadSelector
+from tracefleet.model.netaddr import (
+    check_address,
+    read_socket_path,
+    unix_path,
+)
 from tracefleet.model.tlsfiles import TLSFilesError, read_tls_files
 from tracefleet.model.wire import filters_to_pb
 from tracefleet.v1 import control_pb2, control_pb2_grpc, types_pb2
