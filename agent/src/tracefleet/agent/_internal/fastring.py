@@ -319,11 +319,20 @@ class FastRing:
         self._lib.tf_fast_reset(self._ptr)  # before decoding: a failure cannot wedge it
         on_record, unpack, hsz = self._on_record, _ENTRY.unpack_from, _ENTRY.size
         off, end = 0, len(data)
+        raised: BaseException | None = None
         while off < end:
             n, flags, now = unpack(data, off)
             start = off + hsz
             off = start + ((n + 7) & ~7)
-            on_record(data[start : start + n], now, -1 if flags & REC_RAW else flags)
+            try:
+                on_record(data[start : start + n], now, -1 if flags & REC_RAW else flags)
+            except BaseException as e:
+                # on_record contains Exception; this is a KeyboardInterrupt or SystemExit out
+                # of a sink. These records have left the ring: hand the rest over, then raise
+                # (stopping here lost them uncounted; the Python consumer leaves them queued)
+                raised = raised or e
+        if raised is not None:
+            raise raised
 
     def _fold(self) -> None:
         """Move the C aggregates into the engine's current interval."""
