@@ -140,4 +140,7 @@ def measure(quick: bool) -> dict[str, Any]:
     from tests.bench import consumer  # compiled vs Python ring consumer
 
     out["consumer"] = consumer.measure(quick)
+    from tests.bench import jsonl  # capture -o jsonl to a file, end to end
+
+    out["jsonl"] = jsonl.measure(quick)
     return out

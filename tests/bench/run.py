@@ -156,6 +156,10 @@ def render_delivery(r: dict[str, Any]) -> str:
         from tests.bench import consumer
 
         out.extend(consumer.render(r["consumer"]))
+    if "jsonl" in r:
+        from tests.bench import jsonl
+
+        out.extend(jsonl.render(r["jsonl"]))
     for c in r["configs"]:
         out.append(
             f"{c['name']}: highest rate with no drop {c['max_rate_no_drop']:.0f}/s "
@@ -302,6 +306,11 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
         from tests.bench import consumer
 
         for name, value, met, note in consumer.targets(res["delivery"]["consumer"]):
+            add(name, value, met, note)
+    if "jsonl" in res.get("delivery", {}):
+        from tests.bench import jsonl
+
+        for name, value, met, note in jsonl.targets(res["delivery"]["jsonl"]):
             add(name, value, met, note)
     fl = res.get("control", {}).get("fleets", {})
     sims = {int(k.split()[0]): f for k, f in fl.items() if "simulated" in k}

@@ -253,3 +253,36 @@ def test_stop_and_drain_hands_over_what_is_queued(host: None, compiled: bool) ->
         assert eng.totals()["file"].delivered == k["events"]
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_interrupt_in_a_sink_loses_no_record(host: None, compiled: bool) -> None:
+    """A KeyboardInterrupt out of a sink (a program polling from its main thread) reaches
+    the caller, and every record is still counted and handed over by the drains after it.
+    Before the fix the compiled consumer dropped the rest of its batch: out of the ring,
+    neither counted nor delivered (the Python consumer leaves them queued)."""
+    eng = _engine(compiled)
+    try:
+        proc = _five_opens_on_go()
+        seen: list[dict[str, Any]] = []
+        interrupted = [0]
+
+        def interrupting(ev: dict[str, Any]) -> None:
+            if ev["syscall"] == "openat" and not interrupted[0]:
+                interrupted[0] = 1
+                raise KeyboardInterrupt
+
+        eng.add_sink(seen.append)
+        eng.add_sink(interrupting)
+        eng.apply({"file": EventSetConfig("file", True, Filters(pids=(proc.pid,)))})
+        proc.communicate("go\n", timeout=scaled(60))  # no consumer thread: all still queued
+        k = eng.kernel_counters("file")
+        assert k["events"] >= 5 and k["dropped"] == 0, k
+        with pytest.raises(KeyboardInterrupt):
+            eng.drain()
+        eng.drain()  # what the interrupt left queued, if anything
+        assert interrupted[0] == 1
+        assert (len(seen), eng.totals()["file"].delivered) == (k["events"], k["events"]), k
+        assert sum(e["syscall"] == "openat" for e in seen) == 5, seen
+    finally:
+        eng.close()

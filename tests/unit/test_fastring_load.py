@@ -91,7 +91,7 @@ def test_unknown_setting_is_an_error_at_agent_start(
 
 
 ACCEPTED = [("on", True), ("YES", True), ("1", True), ("off", False), ("No", False),
-            ("0", False), ("", False), ("/opt/x/libtfring.so", True)]  # fmt: skip
+            ("0", False), ("", True), ("/opt/x/libtfring.so", True)]  # fmt: skip
 
 
 @pytest.mark.parametrize(("value", "want"), ACCEPTED)

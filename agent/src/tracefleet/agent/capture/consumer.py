@@ -114,7 +114,8 @@ class RingConsumer:
     def kind(self) -> tuple[bool, str]:
         """(compiled consumer in use, why): fastring where it loads, else the Python one."""
         if not self.opts.compiled_consumer:
-            return False, f"Python consumer (the compiled one is opt-in for now: {fastring.ENV}=on)"
+            return False, (f"Python consumer (the compiled one is not used: {fastring.ENV}=off, "
+                           "or it failed to start, as logged)")  # fmt: skip
         return fastring.consumer_status()
 
     def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:

@@ -48,8 +48,8 @@ class EngineOptions:
     mount_tracefs: bool = False
     # /healthz fails when the consumer's heartbeat (each poll, each record) is older than this
     stale_seconds: float = 30.0
-    # the compiled ring consumer (fastring): opt-in (TRACEFLEET_FASTRING=on) for now: with it
-    # on, the 7.2 guest failed the process-tree follow test (not explained yet; README)
+    # the compiled ring consumer (fastring) unless TRACEFLEET_FASTRING=off; the Python one
+    # where the library does not load (said once)
     compiled_consumer: bool = field(default_factory=lambda: fastring.requested())
     # workload identity (workload.Attributor): events get container/pod fields, and
     # workload selectors resolve to cgroup ids; None: neither

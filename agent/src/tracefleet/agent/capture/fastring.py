@@ -46,7 +46,7 @@ from tracefleet.agent.kernel.abi import (
 
 log = logging.getLogger("tracefleet.agent")
 
-ENV = "TRACEFLEET_FASTRING"  # "on": compiled consumer (opt-in); a path: that library
+ENV = "TRACEFLEET_FASTRING"  # unset or "on": compiled consumer; "off": Python; a path: that library
 LIB_NAME = "libtfring.so"
 ABI = 3
 _MAX_BOUNDS, _MAX_KINDS, _MAX_HEADS = 64, 8, 8
@@ -164,17 +164,18 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
 
 
 def requested() -> bool:
-    """Whether the environment asks for the compiled consumer (opt-in for now). Any other
-    value raises SettingError: a typo must not quietly mean the Python consumer."""
+    """Whether the compiled consumer is wanted: unset means yes (it falls back to the Python
+    one, said once, where it does not load). Any value other than on, off or a path raises
+    SettingError: a typo must not quietly choose a consumer."""
     env = os.environ.get(ENV, "")
-    if env.lower() in _ON or "/" in env:  # on, or a library path
+    if not env or env.lower() in _ON or "/" in env:  # on, or a library path
         return True
-    if not env or env.lower() in _OFF:
+    if env.lower() in _OFF:
         return False
     raise SettingError(
         f"{ENV}={env!r} is not a setting: use one of {', '.join(_ON)} (the compiled ring "
-        f"consumer), {', '.join(_OFF)} (the Python one), or a path containing '/' to a "
-        f"{LIB_NAME}; unset means the Python consumer for now"
+        f"consumer, the default), {', '.join(_OFF)} (the Python one), or a path containing "
+        f"'/' to a {LIB_NAME}"
     )
 
 
@@ -318,11 +319,20 @@ class FastRing:
         self._lib.tf_fast_reset(self._ptr)  # before decoding: a failure cannot wedge it
         on_record, unpack, hsz = self._on_record, _ENTRY.unpack_from, _ENTRY.size
         off, end = 0, len(data)
+        raised: BaseException | None = None
         while off < end:
             n, flags, now = unpack(data, off)
             start = off + hsz
             off = start + ((n + 7) & ~7)
-            on_record(data[start : start + n], now, -1 if flags & REC_RAW else flags)
+            try:
+                on_record(data[start : start + n], now, -1 if flags & REC_RAW else flags)
+            except BaseException as e:
+                # on_record contains Exception; this is a KeyboardInterrupt or SystemExit out
+                # of a sink. These records have left the ring: hand the rest over, then raise
+                # (stopping here lost them uncounted; the Python consumer leaves them queued)
+                raised = raised or e
+        if raised is not None:
+            raise raised
 
     def _fold(self) -> None:
         """Move the C aggregates into the engine's current interval."""
