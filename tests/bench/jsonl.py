@@ -39,6 +39,7 @@ def _point(rate: float, seconds: float, tracer: int, loop: int, out: Path) -> di
         p.send_signal(signal.SIGINT)  # the agent drains its rings, then prints its summary
         _, err = p.communicate(timeout=300)
     finally:
+        ready.unlink(missing_ok=True)
         if p.poll() is None:
             p.kill()
             p.wait()
