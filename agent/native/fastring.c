@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
  * tracefleet compiled ring-buffer consumer (loaded with ctypes by
- * tracefleet/agent/_internal/fastring.py).
+ * tracefleet/agent/capture/fastring.py).
  *
  * Owns the libbpf ring_buffer poll loop. Per record, in C: the aggregates the agent keeps
  * from the header (records per set and syscall, the delivery-latency histogram); a record is
