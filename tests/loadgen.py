@@ -29,6 +29,7 @@ from typing import Any
 
 from tracefleet.agent.capture.engine import (
     Aggregates,
+    CaptureEngine,
     EventSetConfig,
     SetAggregate,
     SetStatus,
@@ -53,7 +54,7 @@ _SHAPE = (0, 0, 1, 4, 20, 30, 20, 10, 6, 4, 2, 1, 1, 0.5, 0.3, 0.1, 0.05, 0.03, 
 _OUTCOME_SHARE = {"ok": 0.96, "recovered": 0.03, "lost": 0.008, "truncated": 0.002}
 
 
-class SyntheticEngine:
+class SyntheticEngine(CaptureEngine):
     """CaptureEngine producing made-up events at ``rate`` events/s per enabled set."""
 
     def __init__(

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.loadgen import SyntheticEngine
 from tracefleet.agent import export
 
 
@@ -115,7 +116,7 @@ def test_metrics_expose_exported_and_undeliverable_per_exporter(tmp_path: Path):
     exp.release.set()
     exp.close()
     reg = CollectorRegistry()
-    reg.register(metrics.AgentCollector(object(), "n1", hub=export.ExportHub([exp])))
+    reg.register(metrics.AgentCollector(SyntheticEngine(0), "n1", hub=export.ExportHub([exp])))
     text = generate_latest(reg).decode()
     snap = exp.snapshot()
     full = snap["undeliverable"]["queue_full"]

@@ -53,8 +53,10 @@ class FakeProgramsEngine(SyntheticEngine):
     bpf_stats_enabled = True
     errors = ErrorCounter()
     fallback_rejected = {("file", "pid-reused"): 2}
-    opts = SimpleNamespace(attributor=SimpleNamespace(unknown={"cgroup": 1}))  # workload.py
     namespace_events = {("file", "prod"): 3}  # --metrics-namespaces
+
+    def attribution_unknown(self) -> dict[str, int]:  # workload.py's Attributor.unknown
+        return {"cgroup": 1}
 
     def kernel_missed(self, name: str) -> tuple[int, int]:
         return {"file": (121, 404)}.get(name, (0, 0))
@@ -405,7 +407,7 @@ def test_unhealthy_consumer_and_exporter_show_as_zero():
         def _write(self, data: bytes, *, event: bool) -> None:
             pass
 
-    class Eng:
+    class Eng(SyntheticEngine):
         ok = True
 
         def health(self) -> tuple[bool, str]:
@@ -416,7 +418,7 @@ def test_unhealthy_consumer_and_exporter_show_as_zero():
     hub.start()
     try:
         wait_until(lambda: not bad.healthy(), 30, "the dying exporter's thread to end")
-        eng = Eng()
+        eng = Eng(0)
         for ok in (True, False):
             eng.ok = ok
             fams = _families(_scrape(am.AgentCollector(eng, "node-a", None, hub)))

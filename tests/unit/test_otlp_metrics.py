@@ -16,6 +16,7 @@ from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2_grpc,
 )
 
+from tests.loadgen import SyntheticEngine
 from tracefleet.agent.capture.engine import SetAggregate
 from tracefleet.agent.export import ExportConfigError
 from tracefleet.agent.export.otlpmetrics import OtlpMetricsExporter, parse_endpoint
@@ -33,10 +34,11 @@ class Receiver(metrics_service_pb2_grpc.MetricsServiceServicer):
         return metrics_service_pb2.ExportMetricsServiceResponse()
 
 
-class FixedEngine:
+class FixedEngine(SyntheticEngine):
     """Cumulative totals that do not move: the scrape and the export must agree exactly."""
 
     def __init__(self) -> None:
+        super().__init__(0)
         sa = SetAggregate(delivered=7, dropped=3, passed=12, lost=2)
         sa.events_by_syscall = {"openat": 5, "openat2": 2}
         for v in (3e-6, 3e-6, 0.02, 7.0):

@@ -3,8 +3,11 @@ and the workload fields through the event model (JSON, protobuf, table)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
+from tests.loadgen import SyntheticEngine
 from tracefleet.agent.capture.workload import (
     Pod,
     WorkloadSelector,
@@ -92,8 +95,6 @@ def test_workload_fields_through_json_protobuf_and_table() -> None:
 def test_unknown_attribution_is_counted_and_exposed() -> None:
     """A cgroup not walked yet: the event goes out as unknown, counted per cause, and the
     resolver is woken; /metrics shows the count."""
-    from types import SimpleNamespace
-
     from tracefleet.agent.capture.workload import Attributor, CgroupCache
     from tracefleet.agent.metrics import AgentCollector
 
@@ -102,8 +103,12 @@ def test_unknown_attribution_is_counted_and_exposed() -> None:
     att.annotate(ev)
     assert (ev["attribution"], ev["container_id"], ev["node"]) == ("unknown", "", "n1")
     assert att.unknown["cgroup"] == 1 and att._wake.is_set()
-    engine = SimpleNamespace(opts=SimpleNamespace(attributor=att))
-    fam = {f.name: f for f in AgentCollector(engine, "n1").collect()}
+
+    class AttributingEngine(SyntheticEngine):  # BpfEngine hands over its attributor's counts
+        def attribution_unknown(self) -> Mapping[str, int]:
+            return att.unknown
+
+    fam = {f.name: f for f in AgentCollector(AttributingEngine(0), "n1").collect()}
     got = {s.labels["cause"]: s.value for s in fam["tracefleet_agent_attribution_unknown"].samples
            if s.name.endswith("_total")}  # fmt: skip
     assert got == {"cgroup": 1, "pod": 0, "container-name": 0}

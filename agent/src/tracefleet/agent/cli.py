@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tracefleet.agent import env
 from tracefleet.agent.capture import workload
@@ -26,6 +26,10 @@ from tracefleet.model.filters import PID_MAX_LIMIT
 from tracefleet.model.labels import parse_labels
 from tracefleet.model.names import STRATEGIES
 from tracefleet.model.netaddr import check_peer_address, is_loopback, split_host_port, unix_path
+
+if TYPE_CHECKING:  # imported where used: the CLI starts without loading libbpf
+    from tracefleet.agent.capture.bpfengine import BpfEngine
+    from tracefleet.agent.capture.engine import CaptureEngine
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # the last two are the vfs hooks
@@ -178,7 +182,7 @@ def _filters(args: argparse.Namespace) -> Filters:
     )
 
 
-def _make_engine(args: argparse.Namespace, names: list[str]) -> Any:
+def _make_engine(args: argparse.Namespace, names: list[str]) -> BpfEngine:
     from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
     from tracefleet.agent.capture.ladder import KERNEL_STRATEGIES
 
@@ -287,7 +291,11 @@ def probe_table(report: dict[str, Any]) -> str:
 
 
 def _serve_metrics(
-    args: argparse.Namespace, engine: Any, node: str, client: Any = None, hub: Any = None
+    args: argparse.Namespace,
+    engine: CaptureEngine,
+    node: str,
+    client: Any = None,
+    hub: Any = None,
 ) -> Any:
     """Start /metrics if --metrics-listen is set (not "" or "off"); None otherwise."""
     address = (args.metrics_listen or "").strip()

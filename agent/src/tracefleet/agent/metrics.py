@@ -33,7 +33,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from tracefleet.agent.capture.contain import CAUSES
-from tracefleet.agent.capture.engine import SetAggregate
+from tracefleet.agent.capture.engine import CaptureEngine, SetStatus
 from tracefleet.agent.capture.fallback import CALLER_CAUSES
 from tracefleet.agent.control.redact import ERRORS as REDACT_ERRORS
 from tracefleet.model.names import OUTCOMES
@@ -252,12 +252,14 @@ def _family(name: str) -> Any:  # add_metric's signature depends on the kind
 class AgentCollector(Collector):
     """Reads the engine (and the controller client, if any) on every scrape.
 
-    Optional engine methods: ``totals()`` (cumulative ``{set: SetAggregate}``),
-    ``program_stats()`` ([(event_set, program, run_time_ns, run_count)]), ``statuses()``,
-    ``bpf_stats_enabled``. The controller client is read for applied_generation, connected,
-    stats (connects, batches_discarded, events_discarded), outbox_state() and statuses."""
+    The engine through ``CaptureEngine`` only: a member whose value is None (not applicable
+    to that engine: no BPF programs, no fallback, no attribution) leaves its series out. The
+    controller client is read for applied_generation, connected, stats (connects,
+    batches_discarded, events_discarded), outbox_state() and statuses."""
 
-    def __init__(self, engine: Any, node: str, client: Any = None, hub: Any = None) -> None:
+    def __init__(
+        self, engine: CaptureEngine, node: str, client: Any = None, hub: Any = None
+    ) -> None:
         self.engine = engine
         self.node = node
         self.client = client
@@ -269,9 +271,8 @@ class AgentCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         fams = {name: _family(name) for name in METRICS}
         node = self.node
-        totals: Mapping[str, SetAggregate] = {}
-        if callable(getattr(self.engine, "totals", None)):
-            totals = self.engine.totals()
+        engine = self.engine
+        totals = engine.totals()
         for name, sa in sorted(totals.items()):
             fams["tracefleet_agent_capture_latency_seconds"].add_metric(
                 [node, name], sa.latency.cumulative_buckets(), sa.latency.sum
@@ -282,21 +283,17 @@ class AgentCollector(Collector):
             fams["tracefleet_agent_calls_lost_total"].add_metric([node, name], sa.lost)
             for sc, n in sorted(sa.events_by_syscall.items()):
                 fams["tracefleet_agent_syscall_events_total"].add_metric([node, name, sc], n)
-            if callable(getattr(self.engine, "kernel_missed", None)):
-                try:
-                    missed = self.engine.kernel_missed(name)
-                except KeyError:  # not a BPF set (user_events): nothing the kernel skips
-                    missed = None
-                if missed is not None:
-                    for stage, n in zip(("entry", "exit"), missed, strict=True):
-                        fams["tracefleet_agent_bpf_runs_missed_total"].add_metric(
-                            [node, name, stage], n
-                        )
+            missed = engine.kernel_missed(name)  # None: no BPF programs (user_events)
+            if missed is not None:
+                for stage, n in zip(("entry", "exit"), missed, strict=True):
+                    fams["tracefleet_agent_bpf_runs_missed_total"].add_metric(
+                        [node, name, stage], n
+                    )
             for (strategy, outcome), n in sorted(with_all_outcomes(sa.outcomes).items()):
                 fams["tracefleet_agent_arguments_total"].add_metric(
                     [node, name, strategy, outcome], n
                 )
-        errors = getattr(self.engine, "errors", None)
+        errors = engine.errors
         if errors is not None:
             counts = errors.snapshot()
             for key, n in REDACT_ERRORS.snapshot().items():  # the controller client's
@@ -307,15 +304,15 @@ class AgentCollector(Collector):
                     fams["tracefleet_agent_record_errors_total"].add_metric(
                         [node, es, cause], counts.get((es, cause), 0)
                     )
-        att = getattr(getattr(self.engine, "opts", None), "attributor", None)
-        if att is not None:
+        unknown = engine.attribution_unknown()
+        if unknown is not None:
             for cause in ("cgroup", "pod", "container-name"):
                 fams["tracefleet_agent_attribution_unknown_total"].add_metric(
-                    [node, cause], att.unknown.get(cause, 0)
+                    [node, cause], unknown.get(cause, 0)
                 )
-        for (es, ns), n in sorted(dict(getattr(self.engine, "namespace_events", {})).items()):
+        for (es, ns), n in sorted(dict(engine.namespace_events).items()):
             fams["tracefleet_agent_namespace_events_total"].add_metric([node, es, ns], n)
-        rejected = getattr(self.engine, "fallback_rejected", None)
+        rejected = engine.fallback_rejected
         if rejected is not None:
             rej = dict(rejected)
             for es in sorted({s for s, _ in rej} | set(totals)):
@@ -323,20 +320,19 @@ class AgentCollector(Collector):
                     fams["tracefleet_agent_fallback_rejected_total"].add_metric(
                         [node, es, cause], rej.get((es, cause), 0)
                     )
-        if callable(getattr(self.engine, "program_stats", None)):
-            for event_set, program, run_ns, runs in self.engine.program_stats():
-                labels = [node, event_set, program]
-                fams["tracefleet_agent_bpf_program_run_time_seconds_total"].add_metric(
-                    labels, run_ns / 1e9
-                )
-                fams["tracefleet_agent_bpf_program_runs_total"].add_metric(labels, runs)
+        for event_set, program, run_ns, runs in engine.program_stats():
+            labels = [node, event_set, program]
+            fams["tracefleet_agent_bpf_program_run_time_seconds_total"].add_metric(
+                labels, run_ns / 1e9
+            )
+            fams["tracefleet_agent_bpf_program_runs_total"].add_metric(labels, runs)
         fams["tracefleet_agent_bpf_stats_enabled"].add_metric(
-            [node], 1.0 if getattr(self.engine, "bpf_stats_enabled", False) else 0.0
+            [node], 1.0 if engine.bpf_stats_enabled else 0.0
         )
-        if callable(getattr(self.engine, "consumer", None)):
-            ok, _ = self.engine.consumer()
+        kind = engine.consumer()  # None: no ring buffer, no consumer series
+        if kind is not None:
             fams["tracefleet_agent_ring_consumer_info"].add_metric(
-                [node, "compiled" if ok else "python"], 1
+                [node, "compiled" if kind[0] else "python"], 1
             )
         for st in self._statuses():
             if st.strategy and st.strategy != "none":
@@ -344,9 +340,8 @@ class AgentCollector(Collector):
             fams["tracefleet_agent_event_set_enabled"].add_metric(
                 [node, st.name], 1.0 if st.enabled and st.attached else 0.0
             )
-        health = getattr(self.engine, "health", None)
         try:
-            alive = bool(health()[0]) if callable(health) else True  # nothing to watch
+            alive = bool(engine.health()[0])
         except Exception:
             alive = False
         fams["tracefleet_agent_consumer_healthy"].add_metric([node], 1.0 if alive else 0.0)
@@ -385,9 +380,10 @@ class AgentCollector(Collector):
             )
         return [f for f in fams.values() if f.samples]
 
-    def _statuses(self) -> Sequence[Any]:
-        if callable(getattr(self.engine, "statuses", None)):
-            return list(self.engine.statuses())
+    def _statuses(self) -> Sequence[SetStatus]:
+        held = self.engine.statuses()
+        if held is not None:
+            return list(held)
         if self.client is not None:
             return list(self.client.statuses or ())
         return []
@@ -461,11 +457,8 @@ class MetricsServer:
         self._server.set_app(app)
 
     def health(self) -> tuple[bool, str]:
-        check = getattr(self.collector.engine, "health", None)
-        if not callable(check):
-            return True, "engine has no consumer to watch"
         try:
-            ok, why = check()
+            ok, why = self.collector.engine.health()
         except Exception as e:
             return False, f"health check failed: {type(e).__name__}: {e}"
         return bool(ok), str(why)
@@ -483,7 +476,7 @@ class MetricsServer:
 
 
 def serve(
-    engine: Any,
+    engine: CaptureEngine,
     node: str,
     address: str,
     client: Any = None,
@@ -492,6 +485,6 @@ def serve(
     hub: Any = None,
 ) -> MetricsServer:
     """Start /metrics on ``address`` for ``engine``; turn the kernel's BPF stats on."""
-    if bpf_stats and callable(getattr(engine, "enable_run_stats", None)):
+    if bpf_stats:
         engine.enable_run_stats()
     return MetricsServer(AgentCollector(engine, node, client, hub), address)

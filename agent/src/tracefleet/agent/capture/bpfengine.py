@@ -30,6 +30,7 @@ from tracefleet.agent.capture.consumer import EventSink, RingConsumer
 from tracefleet.agent.capture.contain import ANY_SET, ErrorCounter
 from tracefleet.agent.capture.engine import (
     Aggregates,
+    CaptureEngine,
     EventSetConfig,
     Filters,
     SetAggregate,
@@ -114,7 +115,7 @@ def _descendants(seed: Mapping[int, int]) -> dict[int, int]:
     return out
 
 
-class BpfEngine:
+class BpfEngine(CaptureEngine):
     """Capture on this host's kernel. Thread-safe: apply() from the control thread, events
     from the consumer thread started by start(). Owns the set lifecycle (load, attach,
     detach, filters, cgroups, follow); the ring consumer (``ring``), the user-space fallback
@@ -155,12 +156,12 @@ class BpfEngine:
         for name, strat in self.opts.strategies.items():
             self._sets[name].forced = strat
         self._probes: dict[str, ProbeResult] | None = None
-        self.errors = ErrorCounter()  # contained per-record failures, per (set, cause)
+        self._errors = ErrorCounter()  # contained per-record failures, per (set, cause)
         self.acct = Accounting(self._sets, self.shared.stats, self._lock)
         self._fallback = UserFallback()
-        record_fallback = RecordFallback(self._fallback, self.errors, self.acct.count_recovered,
+        record_fallback = RecordFallback(self._fallback, self._errors, self.acct.count_recovered,
                                          self.acct.fallback_rejected)  # fmt: skip
-        self.ring = RingConsumer(self.opts, self._sets, self.acct, record_fallback, self.errors,
+        self.ring = RingConsumer(self.opts, self._sets, self.acct, record_fallback, self._errors,
                                  self._create, self._housekeeping, self._lock)  # fmt: skip
         self._write_control()
 
@@ -444,7 +445,7 @@ class BpfEngine:
             try:
                 task()
             except Exception as e:
-                self.errors.count(ANY_SET, "housekeeping", e)
+                self._errors.count(ANY_SET, "housekeeping", e)
 
     # ---- the consumer (RingConsumer) ---------------------------------------------------
     def add_sink(self, sink: EventSink) -> None:
@@ -476,7 +477,13 @@ class BpfEngine:
     def kernel_counters(self, name: str) -> dict[str, int]:
         return self.acct.kernel_counters(name)
 
-    def kernel_missed(self, name: str) -> tuple[int, int]:
+    @property
+    def errors(self) -> ErrorCounter:
+        return self._errors
+
+    def kernel_missed(self, name: str) -> tuple[int, int] | None:
+        if name not in self._sets:  # a set of another engine (user_events): no programs
+            return None
         return self.acct.kernel_missed(name)
 
     def inflight_count(self, name: str) -> int:
@@ -512,6 +519,10 @@ class BpfEngine:
     @property
     def namespace_events(self) -> collections.Counter[tuple[str, str]]:
         return self.acct.namespace_events
+
+    def attribution_unknown(self) -> collections.Counter[str] | None:
+        att = self.opts.attributor
+        return None if att is None else att.unknown
 
     # ---- report ------------------------------------------------------------------------
     def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:

@@ -3,15 +3,16 @@
 The real engine (``tracefleet.agent.capture.bpfengine.BpfEngine``) loads BPF objects and
 flips enable bits in the kernel. ``SyntheticEngine`` of the load generator (``tests/loadgen.py``,
 outside the agent) is for fleet-size tests and benchmarks: it produces made-up events and is
-never the product path. The controller client (``tracefleet.agent.control.client``) drives
-either through this protocol only.
+never the product path. The controller client (``tracefleet.agent.control.client``) and the metrics
+collector drive each through ``CaptureEngine`` only.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 # the one filter type of agent and controller (tracefleet.model.filters), named here too
 from tracefleet.model.filters import NO_FILTERS, Filters
@@ -19,6 +20,10 @@ from tracefleet.model.filters import NO_FILTERS, Filters
 # one histogram type (and its bounds), one list of outcomes, for agent and controller
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.names import OUTCOMES
+
+if TYPE_CHECKING:  # annotations only: the contract names them, the engines import them
+    from tracefleet.agent.capture.consumer import EventSink
+    from tracefleet.agent.capture.contain import ErrorCounter
 
 __all__ = ["LATENCY_BUCKETS_SECONDS", "OUTCOMES", "Filters", "Histogram"]
 
@@ -99,37 +104,120 @@ class SetStatus:
     error: str = ""  # why the set is not in the desired state, if it is not
 
 
-class CaptureEngine(Protocol):
+class CaptureEngine(abc.ABC):
+    """The contract between an engine and its callers (the controller client, the metrics
+    collector, the exporters): every member they call is declared here, typed, so mypy
+    checks each call and no caller probes an engine with getattr.
+
+    The abstract methods are what every engine does. The rest have the honest answer of an
+    engine without BPF programs, a ring buffer or user_events: empty mappings, "no health
+    problem", ``None`` for "not applicable" (the metrics collector leaves those series
+    out). An engine that has one overrides it; a wrapper (``UserEventsEngine``) overrides
+    every member, else a default would hide what its inner engine has."""
+
+    # ---- what every engine does ----------------------------------------------------------
+    @abc.abstractmethod
     def capabilities(self) -> Mapping[str, Any]:
         """Probe report: kernel version, BPF features, strategy per event set with reasons."""
-        ...
 
+    @abc.abstractmethod
     def event_sets(self) -> Sequence[str]:
         """Names of the event sets this engine knows."""
-        ...
 
+    @abc.abstractmethod
     def apply(self, desired: Mapping[str, EventSetConfig]) -> Sequence[SetStatus]:
         """Make the kernel match ``desired``; sets not named are disabled. Never raises for one
         bad set: its SetStatus carries the error."""
-        ...
 
+    @abc.abstractmethod
     def collect(self) -> Aggregates:
         """Aggregates since the previous call (deltas)."""
-        ...
 
+    @abc.abstractmethod
+    def totals(self) -> Mapping[str, SetAggregate]:
+        """Cumulative aggregates per set since start: what collect() handed out, summed (the
+        metrics endpoint reads these, so both consumers see every count once)."""
+
+    @abc.abstractmethod
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` raw events decoded since the previous call, as JSON-ready dicts with
         ts_ns, event_set, syscall, pid, tid, comm, ret and args {name: {value, status,
         strategy}}."""
-        ...
 
+    @abc.abstractmethod
     def close(self) -> None: ...
 
+    # ---- sinks (exporters): an engine that decodes no records has nothing to hand on ------
+    def add_sink(self, sink: EventSink) -> None:
+        """Hand every decoded event to ``sink`` from now on."""
+        del sink  # no records decoded here: nothing to hand on
 
-@runtime_checkable
-class SinkEngine(Protocol):
-    """An engine that can hand every decoded event to sinks (the exporters)."""
+    def remove_sink(self, sink: EventSink) -> None:
+        """Stop handing events to ``sink``."""
+        del sink
 
-    def add_sink(self, sink: Any) -> None: ...
+    def stop_and_drain(self) -> int:
+        """Stop reading and hand what is still buffered to the sinks; returns how many."""
+        return 0
 
-    def remove_sink(self, sink: Any) -> None: ...
+    # ---- state and health ---------------------------------------------------------------
+    def statuses(self) -> Sequence[SetStatus] | None:
+        """The status of every set as the engine holds it now; None: the engine keeps none
+        (callers use what apply() returned)."""
+        return None
+
+    def status_updates(self) -> Sequence[SetStatus]:
+        """Statuses that changed since apply() (or the last call) returned them: a set that
+        attached later (a user_event registered after its rule)."""
+        return []
+
+    def user_events_report(self) -> Mapping[str, Any] | None:
+        """The user_events registered on this node (``available``, ``reason``, ``total``,
+        ``events`` [{name, used_by, attached}]); None: this engine has no user_events."""
+        return None
+
+    def health(self) -> tuple[bool, str]:
+        """(alive, why): the consumer runs and its heartbeat is fresh."""
+        return True, "engine has no consumer to watch"
+
+    def consumer(self) -> tuple[bool, str] | None:
+        """(compiled, why) of the ring buffer consumer; None: the engine has no ring."""
+        return None
+
+    # ---- counters beyond the aggregates --------------------------------------------------
+    @property
+    def errors(self) -> ErrorCounter | None:
+        """Contained per-record failures per (set, cause); None: nothing is contained."""
+        return None
+
+    def kernel_missed(self, name: str) -> tuple[int, int] | None:
+        """(entry, exit) runs of the set's programs the kernel skipped; None: ``name`` has no
+        BPF programs."""
+        return None
+
+    @property
+    def fallback_rejected(self) -> Mapping[tuple[str, str], int] | None:
+        """User-space fallback reads refused per (set, cause); None: no fallback."""
+        return None
+
+    @property
+    def namespace_events(self) -> Mapping[tuple[str, str], int]:
+        """Events per (set, pod namespace), opt-in; empty when not counted."""
+        return {}
+
+    def attribution_unknown(self) -> Mapping[str, int] | None:
+        """Events sent without full workload metadata, per cause; None: no attribution."""
+        return None
+
+    # ---- BPF run-time statistics ---------------------------------------------------------
+    def enable_run_stats(self) -> bool:
+        """Turn the kernel's BPF run-time statistics on; False when there is nothing to time."""
+        return False
+
+    @property
+    def bpf_stats_enabled(self) -> bool:
+        return False
+
+    def program_stats(self) -> Sequence[tuple[str, str, int, int]]:
+        """[(event_set, program, run_time_ns, run_count)] of the loaded BPF programs."""
+        return []

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tracefleet.agent.capture.contain import ErrorCounter
 from tracefleet.agent.capture.decode import WALL_CLOCK
+from tracefleet.agent.capture.engine import CaptureEngine, SetStatus
 from tracefleet.model.event import Arg, Event
 
 log = logging.getLogger("tracefleet.agent.userevents")
@@ -827,16 +829,19 @@ def _user_agg() -> Any:
     return SetAggregate()
 
 
-class UserEventsEngine:
+class UserEventsEngine(CaptureEngine):
     """A CaptureEngine that adds ``user:NAME`` sets to another engine (the BPF one).
 
     Enabling ``user:NAME`` opens the event's perf rings (the kernel sets the enable bit in
     every registered process); disabling closes them (the bits clear). One thread reads all
     rings; each event counts in the set's aggregate (delivered, perf's lost records as
     dropped, latency), is sampled at the rule's rate and goes to the engine's sinks (export).
-    Everything else is the inner engine's."""
+    Everything else is the inner engine's: every CaptureEngine member is delegated here by
+    name (a default of the contract would hide the inner's), the rest by __getattr__."""
 
-    def __init__(self, inner: Any, tracefs: Path = DEFAULT_TRACEFS, pages: int = 64) -> None:
+    def __init__(
+        self, inner: CaptureEngine, tracefs: Path = DEFAULT_TRACEFS, pages: int = 64
+    ) -> None:
         self.inner = inner
         self.tracefs = tracefs
         self.pages = pages
@@ -856,7 +861,7 @@ class UserEventsEngine:
         # status_updates(), else the node would show the stale error until the next change
         self._status_changed = False
 
-    def __getattr__(self, name: str) -> Any:  # health, errors, drain, metrics: the inner's
+    def __getattr__(self, name: str) -> Any:  # drain, start, accounting...: the inner's
         return getattr(self.inner, name)
 
     # ---- CaptureEngine ---------------------------------------------------------------------
@@ -981,6 +986,44 @@ class UserEventsEngine:
                 self._count_drops_of(c)
             self._consumers.clear()
         self.inner.close()
+
+    # ---- the inner engine's (its consumer, counters and BPF statistics) --------------------
+    def statuses(self) -> Sequence[SetStatus] | None:
+        return self.inner.statuses()
+
+    def health(self) -> tuple[bool, str]:
+        return self.inner.health()
+
+    def consumer(self) -> tuple[bool, str] | None:
+        return self.inner.consumer()
+
+    @property
+    def errors(self) -> ErrorCounter | None:
+        return self.inner.errors
+
+    def kernel_missed(self, name: str) -> tuple[int, int] | None:
+        return self.inner.kernel_missed(name)
+
+    @property
+    def fallback_rejected(self) -> Mapping[tuple[str, str], int] | None:
+        return self.inner.fallback_rejected
+
+    @property
+    def namespace_events(self) -> Mapping[tuple[str, str], int]:
+        return self.inner.namespace_events
+
+    def attribution_unknown(self) -> Mapping[str, int] | None:
+        return self.inner.attribution_unknown()
+
+    def enable_run_stats(self) -> bool:
+        return self.inner.enable_run_stats()
+
+    @property
+    def bpf_stats_enabled(self) -> bool:
+        return self.inner.bpf_stats_enabled
+
+    def program_stats(self) -> Sequence[tuple[str, str, int, int]]:
+        return self.inner.program_stats()
 
     # ---- consumer --------------------------------------------------------------------------
     def _start(self) -> None:

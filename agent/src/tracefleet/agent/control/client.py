@@ -59,7 +59,6 @@ from tracefleet.agent.capture.engine import (
     EventSetConfig,
     Filters,
     SetStatus,
-    SinkEngine,
 )
 from tracefleet.agent.control.outbox import Outbox
 from tracefleet.agent.control.redact import Redactor
@@ -382,7 +381,7 @@ class ControlClient:
             missing = hub.set_routes(routes)
             have = ", ".join(sorted(hub.exporters)) or "none"
             # a sink makes the engine decode every record: attached only while exporting
-            if hub.active != self._hub_attached and isinstance(self.engine, SinkEngine):
+            if hub.active != self._hub_attached:
                 if hub.active:
                     self.engine.add_sink(hub)
                 else:
@@ -409,20 +408,19 @@ class ControlClient:
         """Take the statuses that changed in the engine since apply() (a user_event that
         registered after its rule, now attached) and the user_events registered here; the
         send loop writes a NodeReport when they differ from the last one."""
-        updates_fn = getattr(self.engine, "status_updates", None)
-        report_fn = getattr(self.engine, "user_events_report", None)
-        self._reporting = callable(updates_fn) or callable(report_fn)
+        # an engine without user_events (None) has no node report: nothing more to take
+        report = await self._engine(self.engine.user_events_report, exclusive=False)
+        self._reporting = report is not None
         if not self._reporting:
             return
-        if callable(updates_fn) and not self._engine_lock.locked():
+        if not self._engine_lock.locked():
             # under the engine lock: never older than what a concurrent apply() returns
-            updates = await self._engine(updates_fn)
+            updates = await self._engine(self.engine.status_updates)
             if updates:
                 by_name = {u.name: self._export_error(u) for u in updates}
                 self.statuses = [by_name.pop(st.name, st) for st in self.statuses]
                 self.statuses += by_name.values()
-        if callable(report_fn):
-            self._user_events = await self._engine(report_fn, exclusive=False)
+        self._user_events = report
         self._wake.set()
 
     def _node_report(self) -> agent_pb2.NodeReport:
