@@ -94,9 +94,12 @@ class Env:
                 self.dirs.append(d)
         return d
 
-    def pod(self, runtime: str, ns: str, name: str, container: str, labels=None) -> Worker:
+    def pod(
+        self, runtime: str, ns: str, name: str, container: str, labels=None, publish: bool = True
+    ) -> Worker:
         """A pod with one container: its cgroups in the kubelet's systemd layout, the Pod in
-        the stand-in API, and a worker process in the container's cgroup."""
+        the stand-in API (later, by ``w.publish()``, when ``publish`` is false), and a worker
+        process in the container's cgroup."""
         uid, cid = str(uuid.uuid4()), secrets.token_hex(32)
         qos = "kubepods.slice/kubepods-burstable.slice"
         prefix = {"containerd": "cri-containerd", "cri-o": "crio"}[runtime]
@@ -105,7 +108,11 @@ class Env:
         w.expect = {"attribution": "pod", "container_id": cid, "pod": name, "namespace": ns,
                     "pod_uid": uid, "container": container, "node": NODE}  # type: ignore[attr-defined]  # fmt: skip
         w.uid = uid  # type: ignore[attr-defined]
-        self.fake.put_pod(uid, name, ns, NODE, {container: cid}, labels, runtime)
+        w.publish = lambda: self.fake.put_pod(  # type: ignore[attr-defined]
+            uid, name, ns, NODE, {container: cid}, labels, runtime
+        )
+        if publish:
+            w.publish()  # type: ignore[attr-defined]
         return w
 
     def worker(self, rel: str, tag: str) -> Worker:
@@ -215,17 +222,29 @@ def test_events_name_container_pod_namespace(env: Env) -> None:
                      "pod_uid": "", "container": "", "node": NODE}  # fmt: skip
         assert identity(cap.wait(plain.open())) == want_host
 
-        # a container born after the agent's last walk: sent at once with what is known
-        # (unknown, counted), then attributed once the resolver has walked again
-        late = env.pod("containerd", "prod", "late-0", "app")
-        before = cap.att.unknown["cgroup"]
-        seen = []
+        # a container born after the agent's last walk, whose Pod the API does not show yet
+        # (the kubelet makes the cgroup before the watch reports the Pod): sent at once with
+        # what is known, each partial event counted, then named in full once both are seen
+        late = env.pod("containerd", "prod", "late-0", "app", publish=False)
+        before = dict(cap.att.unknown)
+        partial = []
         ev = None
-        while ev is None or ev["attribution"] == "unknown":
+        while ev is None or ev["attribution"] != "container":
             ev = cap.wait(late.open())
-            seen.append(ev["attribution"])
+            assert ev["attribution"] in ("unknown", "container"), ev
+            partial.append(ev)
+        want_partial = dict(late.expect, attribution="container", pod="", namespace="",  # type: ignore[attr-defined]
+                            container="")  # fmt: skip
+        assert identity(ev) == want_partial
+        late.publish()  # type: ignore[attr-defined]
+        while ev["attribution"] != "pod":
+            ev = cap.wait(late.open())
+            assert ev["attribution"] in ("container", "pod"), ev
+            partial += [ev] if ev["attribution"] == "container" else []
         assert identity(ev) == late.expect  # type: ignore[attr-defined]
-        assert cap.att.unknown["cgroup"] - before >= seen.count("unknown")
+        for cause, attribution in (("cgroup", "unknown"), ("pod", "container")):
+            n = sum(e["attribution"] == attribution for e in partial)
+            assert cap.att.unknown[cause] - before.get(cause, 0) >= n, (cause, n)
     finally:
         cap.close()
 
