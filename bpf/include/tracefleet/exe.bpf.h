@@ -80,7 +80,10 @@ static __noinline int tf_exe_resolve(struct tf_exe_cpu *c, struct file *exe)
 
 static __always_inline void tf_fill_exe(struct tf_hdr *h, __u32 set)
 {
+	/* direct BTF loads (a fault reads 0), not bpf_probe_read_kernel calls: this runs for
+	 * every record */
 	struct task_struct *task = bpf_get_current_task_btf();
+	struct mm_struct *mm = task->mm;
 	struct file *exe;
 	struct inode *inode;
 	struct tf_exe_cpu *c;
@@ -88,16 +91,15 @@ static __always_inline void tf_fill_exe(struct tf_hdr *h, __u32 set)
 	__u64 ino;
 	__u32 dev, gen;
 
-	h->exe_ino = 0;
-	h->exe_dev = 0;
-	h->exe_gen = 0;
-	exe = BPF_CORE_READ(task, mm, exe_file);
+	if (!mm)
+		return; /* a kernel thread: exe_ino stays 0 */
+	exe = mm->exe_file;
 	if (!exe)
-		return; /* a kernel thread */
-	inode = BPF_CORE_READ(exe, f_inode);
-	ino = BPF_CORE_READ(inode, i_ino);
-	dev = BPF_CORE_READ(inode, i_sb, s_dev);
-	gen = BPF_CORE_READ(inode, i_generation);
+		return;
+	inode = exe->f_inode;
+	ino = inode->i_ino;
+	dev = inode->i_sb->s_dev;
+	gen = inode->i_generation;
 	h->exe_ino = ino;
 	h->exe_dev = dev;
 	h->exe_gen = gen;
