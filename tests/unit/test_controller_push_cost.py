@@ -122,3 +122,31 @@ def test_acks_with_the_same_statuses_are_encoded_once_for_every_node(monkeypatch
         assert stored[node.name].info["statuses"][0]["enabled"] is True
         assert node.info_json() == json.dumps(node.info, sort_keys=True)
     assert status_pbs(nodes[7].info)[0].error == "verifier: refused"
+
+
+def test_status_of_selected_nodes_copies_only_their_ledger(monkeypatch):
+    """GetStatus of a selector copies the counts of the nodes it selects, not the fleet's."""
+    import asyncio
+
+    from tracefleet.controller.api.control_api import ControlService
+    from tracefleet.controller.domain.ledger import SetCounts
+    from tracefleet.v1 import control_pb2
+
+    ctl, _ = _fleet(30)
+    for i, (_, node) in enumerate(sorted(ctl.fleet.nodes.items())):
+        batch = agent_pb2.ResultBatch(instance_id="i", seq=1)
+        batch.sets.add(event_set="file", delivered=i + 1)
+        batch.sets.add(event_set="exec", delivered=1)
+        ctl.on_batch(node, batch)
+    copies = []
+    copy = SetCounts.copy
+    monkeypatch.setattr(SetCounts, "copy", lambda self: copies.append(self) or copy(self))
+    svc = ControlService(ctl)
+    req = control_pb2.GetStatusRequest(selector="node=n0007")
+    resp = asyncio.run(svc.GetStatus(req, None))
+    assert [n.name for n in resp.nodes] == ["n0007"]
+    totals = {t.event_set: t.delivered for t in resp.nodes[0].totals}
+    assert totals == {"exec": 1, "file": 8}
+    assert len(copies) == 2, len(copies)  # n0007's two sets, not 60
+    whole = asyncio.run(svc.GetStatus(control_pb2.GetStatusRequest(), None))
+    assert len(whole.nodes) == 30 and whole.nodes[29].totals[1].delivered == 30

@@ -135,12 +135,12 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             raise AssertionError("unreachable") from None
         ctl = self.ctl
         now = time.time()
-        ledger = ctl.ledger.snapshot()
+        selected = [
+            n for _, n in sorted(ctl.fleet.nodes.items()) if selector.matches(n.name, n.labels)
+        ]
+        ledger = ctl.ledger.snapshot(n.name for n in selected)  # not the whole fleet's
         nodes = []
-        for name in sorted(ctl.fleet.nodes):
-            n = ctl.fleet.nodes[name]
-            if not selector.matches(n.name, n.labels):
-                continue
+        for n in selected:
             rates = n.window.rates()
             counts = ledger.get(n.name)
             nodes.append(

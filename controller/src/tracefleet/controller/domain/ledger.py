@@ -26,10 +26,12 @@ from the metrics thread.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import operator
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -75,7 +77,14 @@ class SetCounts:
     kernel_missed_exit: int = 0
 
     def copy(self) -> SetCounts:
-        return dataclasses.replace(self)
+        return copy.copy(self)  # flat ints: dataclasses.replace re-runs __init__ per copy
+
+    def row(self) -> tuple[int, ...]:
+        """The counts in field order (a store row's columns after node and set)."""
+        return tuple(_set_count_fields(self))
+
+
+_set_count_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(SetCounts)))
 
 
 @dataclass
@@ -141,8 +150,11 @@ class Ledger:
         c = self._cursors.get((node, instance))
         return c.committed if c else 0
 
-    def snapshot(self) -> dict[str, NodeCounts]:
+    def snapshot(self, names: Iterable[str] | None = None) -> dict[str, NodeCounts]:
+        """A copy of the counts of ``names`` (None: every node)."""
         with self._lock:
+            nodes = self.nodes
+            pick = nodes.items() if names is None else ((k, nodes.get(k)) for k in names)
             return {
                 name: NodeCounts(
                     {k: v.copy() for k, v in n.sets.items()},
@@ -151,7 +163,8 @@ class Ledger:
                     n.discarded,
                     n.adopted,
                 )
-                for name, n in self.nodes.items()
+                for name, n in pick
+                if n is not None
             }
 
     @property
@@ -241,7 +254,7 @@ class Ledger:
         rows = LedgerRows()
         for node, name in sorted(self._dirty_sets):
             c = self.nodes[node].sets[name]
-            rows.set_totals.append((node, name, *dataclasses.astuple(c)))
+            rows.set_totals.append((node, name, *c.row()))
         for node in sorted(self._dirty_nodes):
             n = self.nodes[node]
             rows.node_batches.append((node, n.applied, n.duplicate, n.discarded))
