@@ -365,3 +365,41 @@ def test_agents_given_several_replicas_spread_over_them_from_their_node_name():
     digest = hashlib.sha256(b"node-0007").digest()
     assert again == addresses[int.from_bytes(digest[:8], "big") % 3]
     assert ControlClient(engine, ["only:7070"], "node-0007").controller == "only:7070"
+
+
+def test_deadline_loop_sleeps_without_a_timer_until_a_ttl_arrives_then_enforces_it():
+    """No TTL: the deadline loop waits for a desired state (no timer every second per
+    agent); a desired state with a TTL wakes it and the set is switched off at its deadline."""
+    import asyncio
+
+    class Call:
+        def __init__(self):
+            self.sent = []
+
+        async def write(self, msg):
+            self.sent.append(msg)
+
+    async def main():
+        engine = SyntheticEngine(event_sets=("file",))
+        c = ControlClient(engine, "127.0.0.1:1", "n", options=ClientOptions(
+            offload_engine_calls=False, agent_version="test"))  # fmt: skip
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        task = asyncio.create_task(c._deadline_loop(stop))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        timers = [h for h in loop._scheduled if not h.cancelled()]
+        assert not timers, timers
+        deadline_ns = int((time.time() + 0.2) * 1e9)
+        spec = types_pb2.EventSetSpec(name="file", enabled=True, expires_at_unix_ns=deadline_ns)
+        call = Call()
+        await c._on_desired(call, agent_pb2.DesiredState(generation=1, event_sets=[spec]))
+        assert engine.enabled() == ["file"] and call.sent[0].ack.generation == 1
+        t0 = time.monotonic()
+        while engine.enabled() and time.monotonic() - t0 < 30:
+            await asyncio.sleep(0.05)
+        assert engine.enabled() == [], "the TTL was not enforced by the agent"
+        stop.set()
+        task.cancel()
+
+    asyncio.run(main())

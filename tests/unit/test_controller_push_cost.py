@@ -8,6 +8,7 @@ import json
 from tests.unit.test_controller_core import drain, register
 from tracefleet.controller.domain import rules as rules_mod
 from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.domain.fleet import status_pbs
 from tracefleet.controller.domain.rules import Rule
 from tracefleet.controller.domain.wire import WIRE
 from tracefleet.controller.storage.store import Store
@@ -88,3 +89,64 @@ def test_node_record_saves_do_not_encode_the_capabilities_again(monkeypatch):
     for name, node in ctl.fleet.nodes.items():
         assert stored[name].info == node.info and stored[name].applied_generation == 1
         assert node.info_json() == json.dumps(node.info, sort_keys=True)
+
+
+def test_acks_with_the_same_statuses_are_encoded_once_for_every_node(monkeypatch):
+    """1,000 agents acking a change with the same statuses: the node-record saves encode
+    those statuses once (not once per node), and WatchAcks/GetStatus get the same values."""
+    ctl, _ = _fleet(40)
+    ctl.flush()
+    encoded = []
+    dumps = json.dumps
+
+    def recording(obj, *a, **k):
+        encoded.append(obj)
+        return dumps(obj, *a, **k)
+
+    monkeypatch.setattr(json, "dumps", recording)
+    same = [types_pb2.SetStatus(name="file", enabled=True, attached=True, strategy="exit-retry"),
+            types_pb2.SetStatus(name="exec")]  # fmt: skip
+    odd = [types_pb2.SetStatus(name="file", enabled=True, error="verifier: refused")]
+    nodes = [node for _, node in sorted(ctl.fleet.nodes.items())]
+    for i, node in enumerate(nodes):
+        ctl.on_ack(node, agent_pb2.Ack(generation=1, statuses=odd if i == 7 else same))
+    ctl.flush()
+    status_lists = [o for o in encoded if isinstance(o, list) and o and "attached" in o[0]]
+    assert len(status_lists) == 2, len(status_lists)  # one per distinct list, not per node
+    monkeypatch.undo()
+    stored = {r.name: r for r in ctl.store.nodes()}
+    for i, node in enumerate(nodes):
+        want = odd if i == 7 else same
+        assert status_pbs(node.info) == want
+        assert stored[node.name].info == node.info
+        assert stored[node.name].info["statuses"][0]["enabled"] is True
+        assert node.info_json() == json.dumps(node.info, sort_keys=True)
+    assert status_pbs(nodes[7].info)[0].error == "verifier: refused"
+
+
+def test_status_of_selected_nodes_copies_only_their_ledger(monkeypatch):
+    """GetStatus of a selector copies the counts of the nodes it selects, not the fleet's."""
+    import asyncio
+
+    from tracefleet.controller.api.control_api import ControlService
+    from tracefleet.controller.domain.ledger import SetCounts
+    from tracefleet.v1 import control_pb2
+
+    ctl, _ = _fleet(30)
+    for i, (_, node) in enumerate(sorted(ctl.fleet.nodes.items())):
+        batch = agent_pb2.ResultBatch(instance_id="i", seq=1)
+        batch.sets.add(event_set="file", delivered=i + 1)
+        batch.sets.add(event_set="exec", delivered=1)
+        ctl.on_batch(node, batch)
+    copies = []
+    copy = SetCounts.copy
+    monkeypatch.setattr(SetCounts, "copy", lambda self: copies.append(self) or copy(self))
+    svc = ControlService(ctl)
+    req = control_pb2.GetStatusRequest(selector="node=n0007")
+    resp = asyncio.run(svc.GetStatus(req, None))
+    assert [n.name for n in resp.nodes] == ["n0007"]
+    totals = {t.event_set: t.delivered for t in resp.nodes[0].totals}
+    assert totals == {"exec": 1, "file": 8}
+    assert len(copies) == 2, len(copies)  # n0007's two sets, not 60
+    whole = asyncio.run(svc.GetStatus(control_pb2.GetStatusRequest(), None))
+    assert len(whole.nodes) == 30 and whole.nodes[29].totals[1].delivered == 30

@@ -129,6 +129,43 @@ def test_ledger_keeps_a_few_instances_per_node():
     assert led.committed_seq("n", "i0") == 0
 
 
+class _NoScan(dict):  # type: ignore[type-arg]
+    """Cursors that fail the test when something walks all of them."""
+
+    def __iter__(self):
+        raise AssertionError("walked every node's cursors")
+
+    def items(self):
+        raise AssertionError("walked every node's cursors")
+
+    keys = values = items
+
+
+def test_one_nodes_cursors_are_found_without_walking_the_fleets():
+    """A new agent instance (every agent's first batch), a node forgotten or its rows taken
+    from the store: the work is that node's cursors, not a scan of every node's (O(fleet)
+    per agent: O(fleet^2) when a fleet of 10,000 connects)."""
+    led = Ledger(clock=iter(range(1000)).__next__)
+    led._cursors = _NoScan(led._cursors)
+    for node in ("a", "b", "c"):
+        for i in range(6):
+            b = batch(1)
+            b.instance_id, b.seq = f"{node}{i}", 1
+            led.apply(node, b)
+    rows = led.changes()
+    assert sorted(c[1] for c in rows.cursors if c[0] == "b") == ["b2", "b3", "b4", "b5"]
+    assert sorted(rows.dropped_cursors) == [(n, f"{n}{i}") for n in "abc" for i in (0, 1)]
+    acks = led.committed(rows)
+    assert len(acks) == 12 and led.committed_seq("c", "c5") == 1
+    led.forget("a")
+    assert led.committed_seq("a", "a5") == 0 and led.committed_seq("b", "b5") == 1
+    b = batch(1)
+    b.instance_id, b.seq = "a9", 1  # a forgotten node comes back: counted again
+    assert led.apply("a", b) is Outcome.APPLIED
+    led.replace_node("b", Ledger().changes())  # the store has nothing of b (another replica)
+    assert led.committed_seq("b", "b5") == 0 and led.committed_seq("c", "c5") == 1
+
+
 def test_store_upgrades_schema_1(tmp_path):
     import sqlite3
 

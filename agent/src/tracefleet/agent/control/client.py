@@ -200,6 +200,7 @@ class ControlClient:
         # unix seconds at which an enabled set's rule expires (from the controller): enforced
         # here too, so a state re-applied while the controller is away ends on time
         self._deadlines: dict[str, float] = {}
+        self._deadlines_set = asyncio.Event()  # _deadlines replaced: the loop looks again
         self._hub_attached = False
         # DesiredState.idle_batch_interval: batches this far apart while nothing is enabled
         # (0: every interval); a fleet of idle agents then costs the controller less
@@ -296,6 +297,7 @@ class ControlClient:
         if self.desired is not None:
             return  # the controller answered first
         self.desired, self._deadlines, self._redactor = desired, deadlines, redactor
+        self._deadlines_set.set()
         await self._reconcile()
         on = [f"{n}" + (f" until {time.strftime('%H:%M:%S', time.localtime(deadlines[n]))}"
                         if n in deadlines else "")
@@ -307,9 +309,15 @@ class ControlClient:
         )  # fmt: skip
 
     async def _deadline_loop(self, stop: asyncio.Event) -> None:
+        """Checks the TTL deadlines every second while there are any; sleeps until a desired
+        state brings some otherwise (run() cancels this task when it stops): an agent
+        without a TTL rule does not wake every second for nothing."""
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
+            if not self._deadlines:
+                self._deadlines_set.clear()
+                await self._deadlines_set.wait()
+                continue
+            await asyncio.sleep(1.0)
             now = time.time()
             due = [n for n, t in self._deadlines.items() if t <= now]
             if not due or self.desired is None:
@@ -618,6 +626,7 @@ class ControlClient:
             for s in ds.event_sets
             if s.enabled and s.expires_at_unix_ns > 0
         }
+        self._deadlines_set.set()
         self._idle_interval = (
             ds.idle_batch_interval.ToTimedelta().total_seconds()
             if ds.HasField("idle_batch_interval")
@@ -716,8 +725,9 @@ class ControlClient:
             if delay < 0:  # fell behind (suspended?): skip ahead rather than burst
                 next_t = time.monotonic()
                 delay = 0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            # a plain sleep, not a wait on ``stop`` (a task and a cancellation every tick,
+            # per agent): run() cancels this task when it stops
+            await asyncio.sleep(delay)
             if stop.is_set():
                 return
             self.stats.ticks += 1

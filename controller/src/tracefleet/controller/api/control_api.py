@@ -23,7 +23,7 @@ from tracefleet.controller.domain.controller import (
     StoreUnavailable,
 )
 from tracefleet.controller.domain.events import Follower
-from tracefleet.controller.domain.fleet import State
+from tracefleet.controller.domain.fleet import State, status_pbs
 from tracefleet.controller.domain.ledger import ACCOUNTING
 from tracefleet.controller.domain.policy import Policy
 from tracefleet.controller.domain.rules import Rule
@@ -135,12 +135,12 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             raise AssertionError("unreachable") from None
         ctl = self.ctl
         now = time.time()
-        ledger = ctl.ledger.snapshot()
+        selected = [
+            n for _, n in sorted(ctl.fleet.nodes.items()) if selector.matches(n.name, n.labels)
+        ]
+        ledger = ctl.ledger.snapshot(n.name for n in selected)  # not the whole fleet's
         nodes = []
-        for name in sorted(ctl.fleet.nodes):
-            n = ctl.fleet.nodes[name]
-            if not selector.matches(n.name, n.labels):
-                continue
+        for n in selected:
             rates = n.window.rates()
             counts = ledger.get(n.name)
             nodes.append(
@@ -157,7 +157,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     desired_generation=ctl.generation,
                     pending=n.applied_generation < ctl.generation,
                     last_seen=_ts(n.last_seen) if n.last_seen else None,
-                    statuses=[types_pb2.SetStatus(**s) for s in n.info.get("statuses", [])],
+                    statuses=status_pbs(n.info),
                     events_per_second=sum(r.events_per_second for r in rates.values()),
                     faults_per_second=sum(r.faults_per_second for r in rates.values()),
                     drops_per_second=sum(r.drops_per_second for r in rates.values()),
@@ -293,9 +293,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
                     name=name,
                     state=int(state),  # type: ignore[arg-type]
                     applied_generation=n.applied_generation if n else 0,
-                    statuses=[types_pb2.SetStatus(**s) for s in n.info.get("statuses", [])]
-                    if n
-                    else [],
+                    statuses=status_pbs(n.info) if n else [],
                 )
             )
         c = watch.counts

@@ -28,7 +28,7 @@ from tracefleet.controller.domain.aggregate import (
     SetSample,
 )
 from tracefleet.controller.domain.events import EventHub
-from tracefleet.controller.domain.fleet import Connection, Fleet, Node
+from tracefleet.controller.domain.fleet import Connection, Fleet, Node, StatusTable
 from tracefleet.controller.domain.ledger import Ledger, Outcome
 from tracefleet.controller.domain.limits import REFUSALS, Limits
 from tracefleet.controller.domain.redaction import TextRedactor, default_patterns
@@ -122,6 +122,7 @@ class Controller:
         self.fleet.load(store.nodes())
         self.hub = EventHub()
         self.acks = AckWatches()
+        self.statuses = StatusTable()  # one shared Statuses per distinct list reported
         # DesiredState messages of the current generation, one per distinct outcome of the
         # rules (which sets a node gets): built and serialized once, not once per agent.
         # Keyed by the rules, then by the outcome: a push hashes the rules once, not per node
@@ -665,7 +666,7 @@ class Controller:
                 for c in reg.capabilities
             ],
             "event_sets": sorted(reg.event_sets),
-            "statuses": [_status_dict(s) for s in reg.statuses],
+            "statuses": self.statuses.get(list(reg.statuses)),
             "capabilities_json": reg.capabilities_json,
         }
         self.fleet.mark_dirty(node)
@@ -699,7 +700,7 @@ class Controller:
         self._notify("on_ack", node, ack, node.applied_generation)
         node.applied_generation = ack.generation
         statuses = self.limits.statuses(list(ack.statuses), node.name)
-        node.info["statuses"] = [_status_dict(s) for s in statuses]
+        node.info["statuses"] = self.statuses.get(statuses)
         self.fleet.mark_dirty(node)
         self.acks.changed(node)
 
@@ -708,7 +709,7 @@ class Controller:
         registered after its rule, now attached): replace what the node showed."""
         self.fleet.seen(node)
         statuses = self.limits.statuses(list(report.statuses), node.name)
-        node.info["statuses"] = [_status_dict(s) for s in statuses]
+        node.info["statuses"] = self.statuses.get(statuses)
         if report.HasField("user_events"):
             node.info["user_events"] = self.limits.user_events(report.user_events, node.name)
         self.fleet.mark_dirty(node)
@@ -777,16 +778,6 @@ class Controller:
 
 def _batch_ack(instance: str, seq: int) -> agent_pb2.ControllerMessage:
     return agent_pb2.ControllerMessage(batch_ack=agent_pb2.BatchAck(instance_id=instance, seq=seq))
-
-
-def _status_dict(s: types_pb2.SetStatus) -> dict[str, object]:
-    return {
-        "name": s.name,
-        "enabled": s.enabled,
-        "attached": s.attached,
-        "strategy": s.strategy,
-        "error": s.error,
-    }
 
 
 def _redact_arg(redactor: TextRedactor, arg: types_pb2.EventArg) -> bool:

@@ -11,6 +11,52 @@ from typing import Any
 
 from tracefleet.controller.domain.aggregate import NodeWindow
 from tracefleet.controller.storage.store import NodeRecord
+from tracefleet.v1 import types_pb2
+
+# (name, enabled, attached, strategy, error) of each set, as an agent reported them
+StatusKey = tuple[tuple[str, bool, bool, str, str], ...]
+MAX_SHARED_STATUSES = 4096  # distinct status lists kept shared before the table starts over
+
+
+class Statuses(list[dict[str, object]]):
+    """A node's set statuses (``Node.info["statuses"]``, JSON-ready dicts) shared by every
+    node that reported the same ones, with their JSON text and wire form made once: a change
+    acked by 1,000 agents with the same statuses is encoded once for the node-record saves
+    and built once for WatchAcks and GetStatus, not once per node. Never changed in place."""
+
+    __slots__ = ("json", "pb")
+
+    def __init__(self, key: StatusKey) -> None:
+        super().__init__(
+            {"name": n, "enabled": e, "attached": a, "strategy": s, "error": err}
+            for n, e, a, s, err in key
+        )
+        self.json = json.dumps(list(self), sort_keys=True)
+        self.pb = tuple(types_pb2.SetStatus(**d) for d in self)  # type: ignore[arg-type]
+
+
+class StatusTable:
+    """One ``Statuses`` per distinct list of statuses reported (bounded)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[StatusKey, Statuses] = {}
+
+    def get(self, statuses: list[types_pb2.SetStatus]) -> Statuses:
+        key = tuple((s.name, s.enabled, s.attached, s.strategy, s.error) for s in statuses)
+        hit = self._by_key.get(key)
+        if hit is None:
+            if len(self._by_key) >= MAX_SHARED_STATUSES:
+                self._by_key.clear()
+            hit = self._by_key[key] = Statuses(key)
+        return hit
+
+
+def status_pbs(info: dict[str, Any]) -> list[types_pb2.SetStatus]:
+    """A node's statuses as SetStatus messages (made once per shared list)."""
+    value = info.get("statuses", [])
+    if isinstance(value, Statuses):
+        return list(value.pb)
+    return [types_pb2.SetStatus(**s) for s in value]
 
 
 class State(Enum):
@@ -74,7 +120,10 @@ class Node:
             value = self.info[key]
             hit = self._info_parts.get(key)
             if hit is None or hit[0] is not value:
-                text = f"{json.dumps(key)}: {json.dumps(value, sort_keys=True)}"
+                encoded = (
+                    value.json if isinstance(value, Statuses) else json.dumps(value, sort_keys=True)
+                )
+                text = f"{json.dumps(key)}: {encoded}"
                 hit = self._info_parts[key] = (value, text)
             parts.append(hit[1])
         return "{" + ", ".join(parts) + "}"

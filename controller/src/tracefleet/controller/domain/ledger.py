@@ -26,10 +26,12 @@ from the metrics thread.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import operator
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -75,7 +77,14 @@ class SetCounts:
     kernel_missed_exit: int = 0
 
     def copy(self) -> SetCounts:
-        return dataclasses.replace(self)
+        return copy.copy(self)  # flat ints: dataclasses.replace re-runs __init__ per copy
+
+    def row(self) -> tuple[int, ...]:
+        """The counts in field order (a store row's columns after node and set)."""
+        return tuple(_set_count_fields(self))
+
+
+_set_count_fields = operator.attrgetter(*(f.name for f in dataclasses.fields(SetCounts)))
 
 
 @dataclass
@@ -115,6 +124,9 @@ class Ledger:
         self._lock = threading.Lock()
         self.nodes: dict[str, NodeCounts] = {}
         self._cursors: dict[tuple[str, str], _Cursor] = {}
+        # node -> its instances in _cursors: a node's cursors found without a scan of the
+        # fleet's (the first batch of every agent instance, a registration on etcd)
+        self._instances: dict[str, set[str]] = {}
         self._dirty_sets: set[tuple[str, str]] = set()
         self._dirty_nodes: set[str] = set()
         self._dirty_cursors: set[tuple[str, str]] = set()
@@ -126,7 +138,16 @@ class Ledger:
                 n = self._node(node)
                 n.applied, n.duplicate, n.discarded = applied, duplicate, discarded
             for node, instance, seq, updated in rows.cursors:
-                self._cursors[(node, instance)] = _Cursor(seq, seq, updated)
+                self._add_cursor(node, instance, _Cursor(seq, seq, updated))
+
+    def _add_cursor(self, node: str, instance: str, cursor: _Cursor) -> _Cursor:
+        self._cursors[(node, instance)] = cursor
+        self._instances.setdefault(node, set()).add(instance)
+        return cursor
+
+    def _drop_cursors(self, node: str) -> None:
+        for instance in self._instances.pop(node, ()):
+            del self._cursors[(node, instance)]
 
     def _node(self, name: str) -> NodeCounts:
         n = self.nodes.get(name)
@@ -141,8 +162,11 @@ class Ledger:
         c = self._cursors.get((node, instance))
         return c.committed if c else 0
 
-    def snapshot(self) -> dict[str, NodeCounts]:
+    def snapshot(self, names: Iterable[str] | None = None) -> dict[str, NodeCounts]:
+        """A copy of the counts of ``names`` (None: every node)."""
         with self._lock:
+            nodes = self.nodes
+            pick = nodes.items() if names is None else ((k, nodes.get(k)) for k in names)
             return {
                 name: NodeCounts(
                     {k: v.copy() for k, v in n.sets.items()},
@@ -151,7 +175,8 @@ class Ledger:
                     n.discarded,
                     n.adopted,
                 )
-                for name, n in self.nodes.items()
+                for name, n in pick
+                if n is not None
             }
 
     @property
@@ -187,7 +212,7 @@ class Ledger:
             return Outcome.LEGACY
         now = self._clock()
         if cursor is None:
-            cursor = self._cursors[key] = _Cursor(0, 0, now, adopted=batch.seq > 1)
+            cursor = self._add_cursor(node, key[1], _Cursor(0, 0, now, adopted=batch.seq > 1))
             self._forget_old_instances(node)
         if cursor.adopted and batch.replayed:
             n.adopted += 1  # perhaps applied by the replica it came from too
@@ -202,8 +227,7 @@ class Ledger:
         the agent sends it again)."""
         with self._lock:
             old = self.nodes.pop(node, None)
-            for key in [k for k in self._cursors if k[0] == node]:
-                del self._cursors[key]
+            self._drop_cursors(node)
             for dirty in (self._dirty_sets, self._dirty_cursors, self._dropped_cursors):
                 dirty -= {k for k in dirty if k[0] == node}
             self._dirty_nodes.discard(node)
@@ -217,22 +241,25 @@ class Ledger:
                     n.applied, n.duplicate, n.discarded = applied, duplicate, discarded
             for name, instance, seq, updated in rows.cursors:
                 if name == node:
-                    self._cursors[(node, instance)] = _Cursor(seq, seq, updated)
+                    self._add_cursor(node, instance, _Cursor(seq, seq, updated))
 
     def forget(self, node: str) -> None:
         """Drop a removed node's counts and cursors (the store deletes its rows)."""
         with self._lock:
             self.nodes.pop(node, None)
-            for key in [k for k in self._cursors if k[0] == node]:
-                del self._cursors[key]
+            self._drop_cursors(node)
             for dirty in (self._dirty_sets, self._dirty_cursors, self._dropped_cursors):
                 dirty -= {k for k in dirty if k[0] == node}
             self._dirty_nodes.discard(node)
 
     def _forget_old_instances(self, node: str) -> None:
-        mine = sorted((c.updated, inst) for (n, inst), c in self._cursors.items() if n == node)
-        for _, inst in mine[: max(0, len(mine) - INSTANCES_PER_NODE)]:
+        instances = self._instances.get(node, set())
+        if len(instances) <= INSTANCES_PER_NODE:
+            return
+        mine = sorted((self._cursors[(node, inst)].updated, inst) for inst in instances)
+        for _, inst in mine[: len(mine) - INSTANCES_PER_NODE]:
             del self._cursors[(node, inst)]
+            instances.discard(inst)
             self._dirty_cursors.discard((node, inst))
             self._dropped_cursors.add((node, inst))
 
@@ -241,7 +268,7 @@ class Ledger:
         rows = LedgerRows()
         for node, name in sorted(self._dirty_sets):
             c = self.nodes[node].sets[name]
-            rows.set_totals.append((node, name, *dataclasses.astuple(c)))
+            rows.set_totals.append((node, name, *c.row()))
         for node in sorted(self._dirty_nodes):
             n = self.nodes[node]
             rows.node_batches.append((node, n.applied, n.duplicate, n.discarded))

@@ -110,6 +110,8 @@ class Limits:
 
     def _name(self, kind: str, value: str, node: str) -> bool:
         """True if ``value`` may be a ``kind`` label value (within the fleet's budget)."""
+        if value in self.seen[kind]:  # accepted before (a set is only ever added to)
+            return True
         if not NAME.fullmatch(value):
             self.refuse("agent_bad_name", f"node {node}: {kind} name {value[:40]!r} is not a "
                         "short lower-case identifier: dropped")  # fmt: skip
@@ -240,8 +242,9 @@ class Limits:
             outcomes = [o for o in s.outcomes
                         if self._name("strategy", o.strategy, node)
                         and self._name("outcome", o.outcome, node)]  # fmt: skip
-            del s.outcomes[:]
-            s.outcomes.extend(outcomes)
+            if len(outcomes) != len(s.outcomes):
+                del s.outcomes[:]
+                s.outcomes.extend(outcomes)
             keep.append(s)
         if len(keep) != len(batch.sets):
             copies = [type(s)() for s in keep]
