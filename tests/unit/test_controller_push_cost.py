@@ -67,9 +67,8 @@ def test_one_serialization_per_outcome_written_to_every_stream():
     assert len(WIRE) - before <= 8 * 2
 
 
-def test_node_record_saves_do_not_encode_the_capabilities_again(monkeypatch):
-    ctl, _ = _fleet(30)
-    ctl.flush()
+def _record_dumps(monkeypatch) -> list:
+    """Every object json.dumps encodes from now on (until monkeypatch.undo())."""
     encoded = []
     dumps = json.dumps
 
@@ -78,6 +77,13 @@ def test_node_record_saves_do_not_encode_the_capabilities_again(monkeypatch):
         return dumps(obj, *a, **k)
 
     monkeypatch.setattr(json, "dumps", recording)
+    return encoded
+
+
+def test_node_record_saves_do_not_encode_the_capabilities_again(monkeypatch):
+    ctl, _ = _fleet(30)
+    ctl.flush()
+    encoded = _record_dumps(monkeypatch)
     for _, node in sorted(ctl.fleet.nodes.items()):
         ack = agent_pb2.Ack(generation=1, statuses=[types_pb2.SetStatus(name="file")])
         ctl.on_ack(node, ack)
@@ -96,14 +102,7 @@ def test_acks_with_the_same_statuses_are_encoded_once_for_every_node(monkeypatch
     those statuses once (not once per node), and WatchAcks/GetStatus get the same values."""
     ctl, _ = _fleet(40)
     ctl.flush()
-    encoded = []
-    dumps = json.dumps
-
-    def recording(obj, *a, **k):
-        encoded.append(obj)
-        return dumps(obj, *a, **k)
-
-    monkeypatch.setattr(json, "dumps", recording)
+    encoded = _record_dumps(monkeypatch)
     same = [types_pb2.SetStatus(name="file", enabled=True, attached=True, strategy="exit-retry"),
             types_pb2.SetStatus(name="exec")]  # fmt: skip
     odd = [types_pb2.SetStatus(name="file", enabled=True, error="verifier: refused")]
