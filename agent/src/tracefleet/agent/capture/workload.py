@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Mapping
@@ -233,7 +234,9 @@ class PodWatcher:
         self.errors: collections.Counter[str] = collections.Counter()
         self.last_error = ""
         self._stop = threading.Event()
-        self._conn: http.client.HTTPSConnection | None = None
+        # the socket of the request in flight: http.client drops its own reference once a
+        # response that closes the connection (a watch) has begun, so close() keeps this one
+        self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
     def get(self, uid: str) -> Pod | None:
@@ -248,10 +251,10 @@ class PodWatcher:
 
     def close(self) -> None:
         self._stop.set()
-        conn = self._conn
-        if conn is not None and conn.sock is not None:
-            with contextlib.suppress(OSError):  # unblock a watch read
-                conn.sock.shutdown(2)
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):  # unblock a watch read (below TLS: any thread)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
         if self._thread:
             self._thread.join(timeout=10)
 
@@ -267,7 +270,11 @@ class PodWatcher:
             token = f.read().strip()
         conn = http.client.HTTPSConnection(u.hostname or "", u.port or 443, context=ctx,
                                            timeout=timeout)  # fmt: skip
-        self._conn = conn
+        conn.connect()
+        self._sock = conn.sock
+        if self._stop.is_set():  # closed while connecting: close() saw no socket
+            conn.close()
+            raise OSError("pod watcher closed")
         conn.request("GET", path, headers={"Authorization": f"Bearer {token}",
                                            "Accept": "application/json"})  # fmt: skip
         resp = conn.getresponse()
