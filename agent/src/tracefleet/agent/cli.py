@@ -474,7 +474,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
             out.flush()
             if deadline and time.monotonic() >= deadline:
                 break
-        engine.drain()
+        # as `run` stops: detach, then drain until the rings are empty, so records committed
+        # before the stop reach the sinks instead of going unmapped uncounted
+        engine.stop_and_drain()
         out.flush()
         if hub is not None:
             hub.close()  # its last accounting record follows the drained events
