@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BPF_DIR, WORKLOADS, wait_until
+from tests.conftest import BPF_DIR, WORKLOADS, scaled, wait_until
 
 pytestmark = pytest.mark.bpf
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
@@ -127,16 +126,23 @@ def test_sleepable_is_chosen_where_the_kernel_has_sleepable_tracepoints(host):
 def test_capture_jsonl_has_the_documented_fields(host, workloads, tmp_path: Path):
     ready = tmp_path / "ready"
     proc = subprocess.Popen(
-        [*AGENT, "capture", "-e", "file", "--duration", "4", "--comm", "cold_rodata",
-         "--ready-file", str(ready)],
+        [*AGENT, "capture", "-e", "file", "--comm", "cold_rodata", "--ready-file", str(ready)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not ready.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    w = json.loads(subprocess.run([str(WORKLOADS / "cold_rodata"), "openat"], capture_output=True,
-                                  text=True, check=True).stdout)  # fmt: skip
-    out, err = proc.communicate(timeout=60)
+    try:
+        # until ready (loading takes a minute under emulation), then Ctrl-C once the workload
+        # is done: the agent drains what its syscalls left in the ring
+        wait_until(lambda: ready.exists() or proc.poll() is not None, scaled(60), "ready")
+        assert proc.poll() is None, proc.communicate()[1]
+        run = subprocess.run([str(WORKLOADS / "cold_rodata"), "openat"], capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        w = json.loads(run.stdout)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=scaled(60))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 0, err
     events = [json.loads(line) for line in out.splitlines()]
     assert events and all(e["comm"] == "cold_rodata" for e in events)
