@@ -163,8 +163,13 @@ class RingConsumer:
             log.warning("compiled jsonl formatter not used: %s", e)
             return None
         if att is not None:
-            # refreshed: the identities handed over are looked up again
-            att.add_listener(lambda: jf.refresh_idents(att.settled_identity))
+            # the workload fields of every cgroup known, now and after each refresh: the
+            # first records of a cgroup need no Python either
+            def refresh() -> None:
+                jf.refresh_idents([cg for cg, _ in att.cgroups.items()], att.settled_identity)
+
+            refresh()
+            att.add_listener(refresh)
         with self._rb_lock:
             self._jsonl = (jf, sink)
             if isinstance(self.rb, fastring.FastRing):

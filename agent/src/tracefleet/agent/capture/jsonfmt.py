@@ -19,7 +19,7 @@ import ctypes
 import errno
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tracefleet.agent.capture.decode import (
@@ -328,26 +328,31 @@ class JsonFormatter:
     def knows(self, cgroup_id: int) -> bool:
         return cgroup_id in self._known
 
-    def add_ident(self, cgroup_id: int, ident: Mapping[str, Any]) -> None:
-        """The settled workload fields of a cgroup: its next records are rendered in C."""
+    def add_ident(self, cgroup_id: int, ident: Mapping[str, Any]) -> bool:
+        """The settled workload fields of a cgroup: its next records are rendered in C.
+        False when the formatter's table is full."""
         frag = ident_fragment(ident)
-        if self._lib.tf_jfmt_ident(self.ptr, cgroup_id, frag, len(frag)) == 0:
-            self._known.add(cgroup_id)
+        if self._lib.tf_jfmt_ident(self.ptr, cgroup_id, frag, len(frag)) != 0:
+            return False
+        self._known.add(cgroup_id)
+        return True
 
     def clear_idents(self) -> None:
         self._known = set()
         if self.ptr:
             self._lib.tf_jfmt_ident_clear(self.ptr)
 
-    def refresh_idents(self, settled: Callable[[int], Mapping[str, Any] | None]) -> None:
-        """After the workload resolver refreshed: the cgroups known so far, looked up again
-        (those no longer settled are left to Python until they are)."""
-        known = list(self._known)
+    def refresh_idents(
+        self, cgroups: Iterable[int], settled: Callable[[int], Mapping[str, Any] | None]
+    ) -> None:
+        """After the workload resolver refreshed: every cgroup it knows whose fields are
+        settled, handed over before their records come (until the table is full; the rest
+        are handed over by their first record, from Python)."""
         self.clear_idents()
-        for cg in known:
+        for cg in cgroups:
             ident = settled(cg)
-            if ident is not None:
-                self.add_ident(cg, ident)
+            if ident is not None and not self.add_ident(cg, ident):
+                break
 
     def write(self, line: bytes) -> None:
         """A line Python made, into the same buffer (lines never interleave)."""
