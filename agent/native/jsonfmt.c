@@ -125,6 +125,9 @@ struct tf_jfmt {
 	uint64_t written;
 	uint64_t declined[WHY_MAX];
 	uint64_t bytes_out;
+	uint64_t tsec; /* put_time's last second and its text */
+	int tsec_ok;
+	char tday[24];
 };
 
 /* ---- the line being built -------------------------------------------------------------- */
@@ -160,14 +163,28 @@ static inline void put_name(struct lb *b, const struct name *n)
 	put(b, n->s, n->len);
 }
 
+static const char DIGITS2[201] = "00010203040506070809101112131415161718192021222324252627282930"
+				 "31323334353637383940414243444546474849505152535455565758596061"
+				 "62636465666768697071727374757677787980818283848586878889909192"
+				 "93949596979899";
+
+/* decimal, two digits per step */
 static void put_u64(struct lb *b, uint64_t v)
 {
-	char tmp[24];
+	char tmp[20];
 	int i = sizeof(tmp);
-	do {
-		tmp[--i] = (char)('0' + v % 10);
-		v /= 10;
-	} while (v && i > 0);
+	while (v >= 100) {
+		uint32_t r = (uint32_t)(v % 100);
+		v /= 100;
+		i -= 2;
+		memcpy(tmp + i, DIGITS2 + 2 * r, 2);
+	}
+	if (v >= 10) {
+		i -= 2;
+		memcpy(tmp + i, DIGITS2 + 2 * v, 2);
+	} else {
+		tmp[--i] = (char)('0' + v);
+	}
 	put(b, tmp + i, sizeof(tmp) - (size_t)i);
 }
 
@@ -292,47 +309,51 @@ static void put_jstr(struct lb *b, const uint8_t *s, size_t n)
 	putc1(b, '"');
 }
 
-/* time_text(): RFC 3339 UTC with microseconds */
-static void put_time(struct lb *b, uint64_t ns)
+/* time_text(): RFC 3339 UTC with microseconds; the date and time of day of the last second
+ * are kept (records come in time order, mostly within the same second) */
+static void put_time(struct lb *b, struct tf_jfmt *j, uint64_t ns)
 {
 	if (!ns) {
 		PUTS(b, "null");
 		return;
 	}
-	time_t secs = (time_t)(ns / 1000000000ull);
-	struct tm tm;
-	if (!gmtime_r(&secs, &tm)) {
-		b->over = 1;
-		return;
+	uint64_t secs = ns / 1000000000ull;
+	if (secs != j->tsec || !j->tsec_ok) {
+		time_t ts = (time_t)secs;
+		struct tm tm;
+		int y;
+		if (!gmtime_r(&ts, &tm) || (y = tm.tm_year + 1900) < 1 || y > 9999) {
+			b->over = 1;
+			return;
+		}
+		char *t = j->tday;
+		t[0] = '"';
+		t[1] = (char)('0' + y / 1000);
+		t[2] = (char)('0' + y / 100 % 10);
+		t[3] = (char)('0' + y / 10 % 10);
+		t[4] = (char)('0' + y % 10);
+		t[5] = '-';
+		t[6] = (char)('0' + (tm.tm_mon + 1) / 10);
+		t[7] = (char)('0' + (tm.tm_mon + 1) % 10);
+		t[8] = '-';
+		t[9] = (char)('0' + tm.tm_mday / 10);
+		t[10] = (char)('0' + tm.tm_mday % 10);
+		t[11] = 'T';
+		t[12] = (char)('0' + tm.tm_hour / 10);
+		t[13] = (char)('0' + tm.tm_hour % 10);
+		t[14] = ':';
+		t[15] = (char)('0' + tm.tm_min / 10);
+		t[16] = (char)('0' + tm.tm_min % 10);
+		t[17] = ':';
+		t[18] = (char)('0' + tm.tm_sec / 10);
+		t[19] = (char)('0' + tm.tm_sec % 10);
+		t[20] = '.';
+		j->tsec = secs;
+		j->tsec_ok = 1;
 	}
+	char t[29];
+	memcpy(t, j->tday, 21);
 	uint32_t us = (uint32_t)(ns % 1000000000ull / 1000);
-	char t[32];
-	int y = tm.tm_year + 1900;
-	if (y < 1 || y > 9999) {
-		b->over = 1;
-		return;
-	}
-	t[0] = '"';
-	t[1] = (char)('0' + y / 1000);
-	t[2] = (char)('0' + y / 100 % 10);
-	t[3] = (char)('0' + y / 10 % 10);
-	t[4] = (char)('0' + y % 10);
-	t[5] = '-';
-	t[6] = (char)('0' + (tm.tm_mon + 1) / 10);
-	t[7] = (char)('0' + (tm.tm_mon + 1) % 10);
-	t[8] = '-';
-	t[9] = (char)('0' + tm.tm_mday / 10);
-	t[10] = (char)('0' + tm.tm_mday % 10);
-	t[11] = 'T';
-	t[12] = (char)('0' + tm.tm_hour / 10);
-	t[13] = (char)('0' + tm.tm_hour % 10);
-	t[14] = ':';
-	t[15] = (char)('0' + tm.tm_min / 10);
-	t[16] = (char)('0' + tm.tm_min % 10);
-	t[17] = ':';
-	t[18] = (char)('0' + tm.tm_sec / 10);
-	t[19] = (char)('0' + tm.tm_sec % 10);
-	t[20] = '.';
 	for (int i = 0; i < 6; i++) {
 		t[26 - i] = (char)('0' + us % 10);
 		us /= 10;
@@ -554,7 +575,7 @@ static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t 
 	PUTS(b, "{\"ts_ns\":");
 	put_u64(b, ts);
 	PUTS(b, ",\"time\":");
-	put_time(b, wall);
+	put_time(b, j, wall);
 	PUTS(b, ",\"time_ns\":");
 	put_u64(b, wall);
 	PUTS(b, ",\"duration_ns\":");

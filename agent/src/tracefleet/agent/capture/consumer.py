@@ -293,7 +293,7 @@ class RingConsumer:
             try:
                 self._jsonl[0].flush()
             except OSError as e:
-                self.errors.count(ANY_SET, "output", e)
+                self.errors.count(ANY_SET, "sink", e)
 
     def _count_namespace(self, name: str, raw: bytes) -> None:
         cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
