@@ -24,9 +24,11 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <bpf/bpf.h>
+
 #include "jsonfmt.h"
 
-#define TF_JFMT_ABI 1
+#define TF_JFMT_ABI 2
 #define NAME_MAX_LEN 48
 #define MAX_SETS 16
 #define MAX_SYSCALLS 128
@@ -39,6 +41,13 @@
 #define IDENT_SLOTS 4096 /* power of two */
 #define IDENT_POOL (512 * 1024)
 #define LINE_MAX_BYTES 32768 /* bound of one line (escaping is at most 6 bytes per byte) */
+#define EXE_SLOTS 8192 /* power of two; cleared when half full or the pool is */
+#define EXE_POOL (1024 * 1024)
+#define EXE_VALUE_MAX 8192 /* bound of the tf_exes value (struct tf_str) handed over */
+#define EXE_KEY_MAX 64
+
+/* why an exe is unknown, in the order of capture/exe.py's CAUSES (jsonfmt.py names them) */
+enum { EXE_NO_MM = 0, EXE_NOT_IN_MAP, EXE_TRUNCATED, EXE_LOOKUP, EXE_WHY_MAX };
 
 /* why a record went to Python (counters, in this order; jsonfmt.py names them) */
 enum {
@@ -73,7 +82,13 @@ struct tf_jfmt_params {
 	uint32_t shown_mask, blob_shown_mask; /* statuses whose bytes are shown (bit per code) */
 	uint32_t need_ident; /* 1: every line carries its cgroup's workload fields */
 	uint32_t out_bytes;
+	/* the executable: identity in the header, tf_exes key (struct tf_exe_key) and value
+	 * (struct tf_str, read with the strh_* offsets above) */
+	uint32_t off_exe_ino, off_exe_dev, off_exe_gen;
+	uint32_t exe_key_size, exe_key_ino_off, exe_key_dev_off, exe_key_gen_off;
+	uint32_t exe_value_size, status_ok, status_truncated;
 	int32_t fd;
+	int32_t exe_fd; /* tf_exes, -1: none (every exe unknown, as exe.py's ExeResolver(-1)) */
 };
 
 /* one syscall's arguments (eventsets.ArgSpec), keys JSON-encoded */
@@ -104,6 +119,21 @@ struct ident {
 	uint32_t used;
 };
 
+/* one cached executable: identity -> path bytes in exe_pool (the value of tf_exes) */
+struct exe_slot {
+	uint64_t ino;
+	uint32_t dev, gen;
+	uint32_t off, len;
+	uint32_t used;
+};
+
+/* an exe found for the line being made: bytes, or why none (counted once the line is kept) */
+struct exe_res {
+	const uint8_t *s;
+	uint32_t len;
+	int why; /* -1: known */
+};
+
 struct tf_jfmt {
 	struct tf_jfmt_params p;
 	struct name sets[MAX_SETS];
@@ -128,6 +158,13 @@ struct tf_jfmt {
 	uint64_t tsec; /* put_time's last second and its text */
 	int tsec_ok;
 	char tday[24];
+	/* the executable cache: used from the polling thread only (and tests before it runs) */
+	struct exe_slot exes[EXE_SLOTS];
+	uint32_t nexes, exe_pool_used;
+	uint8_t exe_pool[EXE_POOL];
+	uint8_t exe_value[EXE_VALUE_MAX];
+	uint64_t exe_unknown[EXE_WHY_MAX];
+	uint64_t exe_lookups;
 };
 
 /* ---- the line being built -------------------------------------------------------------- */
@@ -532,8 +569,105 @@ static int flush_out(struct tf_jfmt *j)
 	return j->werr ? -j->werr : 0;
 }
 
+static inline uint32_t exe_hash(uint64_t ino, uint32_t dev, uint32_t gen)
+{
+	uint64_t h = (ino ^ ((uint64_t)dev << 32) ^ gen) * 0x9E3779B97F4A7C15ull;
+	return (uint32_t)(h >> 40) & (EXE_SLOTS - 1);
+}
+
+static void exe_clear(struct tf_jfmt *j)
+{
+	memset(j->exes, 0, sizeof(j->exes));
+	j->nexes = 0;
+	j->exe_pool_used = 0;
+}
+
+/* the slot of an identity, or the empty slot where it would go */
+static struct exe_slot *exe_slot(struct tf_jfmt *j, uint64_t ino, uint32_t dev, uint32_t gen)
+{
+	uint32_t h = exe_hash(ino, dev, gen);
+	for (uint32_t n = 0; n < EXE_SLOTS; n++) {
+		struct exe_slot *e = &j->exes[(h + n) & (EXE_SLOTS - 1)];
+		if (!e->used || (e->ino == ino && e->dev == dev && e->gen == gen))
+			return e;
+	}
+	return NULL; /* not reached: at most half the slots are used */
+}
+
+/* keep a path (bounded: the whole cache is dropped when full, refilled from tf_exes on
+ * demand, as exe.py's ExeResolver does) */
+static const uint8_t *exe_put(struct tf_jfmt *j, uint64_t ino, uint32_t dev, uint32_t gen,
+			      const uint8_t *path, uint32_t len)
+{
+	if (j->nexes >= EXE_SLOTS / 2 || j->exe_pool_used + len > EXE_POOL)
+		exe_clear(j);
+	struct exe_slot *e = exe_slot(j, ino, dev, gen);
+	if (!e || len > EXE_POOL)
+		return NULL;
+	if (!e->used)
+		j->nexes++;
+	memcpy(j->exe_pool + j->exe_pool_used, path, len);
+	e->ino = ino;
+	e->dev = dev;
+	e->gen = gen;
+	e->off = j->exe_pool_used;
+	e->len = len;
+	e->used = 1;
+	j->exe_pool_used += len;
+	return j->exe_pool + e->off;
+}
+
+/* The record's executable as exe.py's ExeResolver.path resolves it: none for a kernel thread
+ * (inode 0); from the cache; else one lookup in tf_exes, whose value is kept when OK (not
+ * TRUNCATED, not another status). An unknown one is not cached: the kernel walks it again. */
+static void exe_resolve(struct tf_jfmt *j, const uint8_t *d, struct exe_res *r)
+{
+	const struct tf_jfmt_params *p = &j->p;
+	uint64_t ino = u64_at(d + p->off_exe_ino);
+	uint32_t dev = u32_at(d + p->off_exe_dev), gen = u32_at(d + p->off_exe_gen);
+	r->s = NULL;
+	r->len = 0;
+	if (!ino) {
+		r->why = EXE_NO_MM;
+		return;
+	}
+	struct exe_slot *e = exe_slot(j, ino, dev, gen);
+	if (e && e->used) {
+		r->s = j->exe_pool + e->off;
+		r->len = e->len;
+		r->why = -1;
+		return;
+	}
+	if (p->exe_fd < 0) {
+		r->why = EXE_NOT_IN_MAP;
+		return;
+	}
+	uint8_t key[EXE_KEY_MAX];
+	memset(key, 0, sizeof(key));
+	memcpy(key + p->exe_key_ino_off, &ino, 8);
+	memcpy(key + p->exe_key_dev_off, &dev, 4);
+	memcpy(key + p->exe_key_gen_off, &gen, 4);
+	j->exe_lookups++;
+	int rc = bpf_map_lookup_elem(p->exe_fd, key, j->exe_value);
+	if (rc) {
+		r->why = rc == -ENOENT || errno == ENOENT ? EXE_NOT_IN_MAP : EXE_LOOKUP;
+		return;
+	}
+	uint8_t status = j->exe_value[p->strh_status_off];
+	if (status != p->status_ok) {
+		r->why = status == p->status_truncated ? EXE_TRUNCATED : EXE_NOT_IN_MAP;
+		return;
+	}
+	uint32_t len = u16_at(j->exe_value + p->strh_len_off);
+	if (len > p->str_max)
+		len = p->str_max;
+	r->s = exe_put(j, ino, dev, gen, j->exe_value + p->strh_size, len);
+	r->len = len;
+	r->why = r->s ? -1 : EXE_LOOKUP;
+}
+
 static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t now,
-		     struct lb *b)
+		     struct lb *b, struct exe_res *exe)
 {
 	const struct tf_jfmt_params *p = &j->p;
 	if (size < p->off_strings || u16_at(d + p->off_kind) != p->kind_syscall)
@@ -600,6 +734,12 @@ static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t 
 		else
 			PUTS(b, "null");
 	}
+	PUTS(b, ",\"exe\":");
+	exe_resolve(j, d, exe);
+	if (exe->why < 0)
+		put_jstr(b, exe->s, exe->len);
+	else
+		PUTS(b, "null");
 	PUTS(b, ",\"comm\":");
 	const uint8_t *comm = d + p->off_comm;
 	size_t clen = 0;
@@ -680,13 +820,16 @@ int tf_jfmt_record(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t no
 		return 0;
 	}
 	struct lb b = {j->out + j->out_len, j->out + j->out_cap, 0};
+	struct exe_res exe = {NULL, 0, -1};
 	if (b.end - b.p > LINE_MAX_BYTES)
 		b.end = b.p + LINE_MAX_BYTES;
-	int why = make_line(j, d, size, now_ns, &b);
+	int why = make_line(j, d, size, now_ns, &b, &exe);
 	if (why >= 0) {
-		j->declined[why]++;
+		j->declined[why]++; /* and an unknown exe is Python's to count */
 		return 0;
 	}
+	if (exe.why >= 0)
+		j->exe_unknown[exe.why]++;
 	j->out_len = (size_t)(b.p - j->out);
 	j->written++;
 	return 1;
@@ -702,7 +845,12 @@ int tf_jfmt_abi(void)
 struct tf_jfmt *tf_jfmt_new(const struct tf_jfmt_params *p)
 {
 	if (p->abi != TF_JFMT_ABI || p->out_bytes < 4 * LINE_MAX_BYTES || p->fd < 0 ||
-	    p->off_strings < p->hdr_size || p->strh_size < 16) {
+	    p->off_strings < p->hdr_size || p->strh_size < 16 ||
+	    p->exe_value_size > EXE_VALUE_MAX || p->exe_value_size < p->strh_size + p->str_max ||
+	    p->exe_key_size > EXE_KEY_MAX || p->exe_key_ino_off + 8 > p->exe_key_size ||
+	    p->exe_key_dev_off + 4 > p->exe_key_size || p->exe_key_gen_off + 4 > p->exe_key_size ||
+	    p->off_exe_ino + 8 > p->hdr_size || p->off_exe_dev + 4 > p->hdr_size ||
+	    p->off_exe_gen + 4 > p->hdr_size) {
 		errno = EINVAL;
 		return NULL;
 	}
@@ -870,9 +1018,12 @@ long tf_jfmt_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t now
 		  size_t cap)
 {
 	struct lb b = {out, out + cap, 0};
-	int why = make_line(j, d, size, now_ns, &b);
+	struct exe_res exe = {NULL, 0, -1};
+	int why = make_line(j, d, size, now_ns, &b, &exe);
 	if (why >= 0)
 		return -(1 + why);
+	if (exe.why >= 0)
+		j->exe_unknown[exe.why]++;
 	return (long)(b.p - out);
 }
 
@@ -885,4 +1036,31 @@ void tf_jfmt_counters(const struct tf_jfmt *j, uint64_t *out)
 	out[2] = (uint64_t)j->werr;
 	for (int i = 0; i < WHY_MAX; i++)
 		out[3 + i] = j->declined[i];
+}
+
+/* An executable's path, cached as if read from tf_exes (the self-check and tests, before the
+ * formatter runs: the cache is the polling thread's) */
+int tf_jfmt_exe_seed(struct tf_jfmt *j, uint64_t ino, uint32_t dev, uint32_t gen,
+		     const char *path, uint32_t len)
+{
+	if (!ino || len > j->p.str_max)
+		return -ERANGE;
+	return exe_put(j, ino, dev, gen, (const uint8_t *)path, len) ? 0 : -ENOSPC;
+}
+
+/* forget every cached executable and the counts (after the self-check) */
+void tf_jfmt_exe_reset(struct tf_jfmt *j)
+{
+	exe_clear(j);
+	memset(j->exe_unknown, 0, sizeof(j->exe_unknown));
+	j->exe_lookups = 0;
+}
+
+/* [0..EXE_WHY_MAX) lines of an unknown exe per cause (exe.py's CAUSES order), then the
+ * tf_exes lookups made (cache misses) */
+void tf_jfmt_exe_counters(const struct tf_jfmt *j, uint64_t *out)
+{
+	for (int i = 0; i < EXE_WHY_MAX; i++)
+		out[i] = j->exe_unknown[i];
+	out[EXE_WHY_MAX] = j->exe_lookups;
 }

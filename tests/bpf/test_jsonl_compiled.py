@@ -3,9 +3,12 @@
 - the records of a real workload (hostile paths: invalid UTF-8, quotes, backslashes, a
   newline, control bytes; a lost argument: a pointer the kernel cannot read), taken from the
   ring, are rendered by the compiled formatter and by the Python model, and the lines must
-  be the same bytes;
+  be the same bytes, the executable resolved by each from the engine's own tf_exes map (the
+  model's exe by capture/exe.py's ExeResolver), and it must be the workload's interpreter;
+- a tf_exes map filled by hand (a path, a TRUNCATED one, another status, an absent identity,
+  a kernel thread): the same exe or null in both lines, the same causes counted;
 - the CLI end to end, with the compiled formatter and with libtfring.so missing (the Python
-  consumer: slower, and it says so): the same lines for the workload's calls."""
+  consumer: slower, and it says so): the same lines for the workload's calls, exe included."""
 
 from __future__ import annotations
 
@@ -62,6 +65,7 @@ def test_compiled_lines_are_the_models_bytes(host: None, tmp_path: Path,
     from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
     from tracefleet.agent.capture.consumer import RingConsumer
     from tracefleet.agent.capture.decode import decode_record
+    from tracefleet.agent.capture.exe import ExeResolver
     from tracefleet.agent.capture.jsonfmt import JsonFormatter, python_line
 
     raws: list[tuple[bytes, int]] = []
@@ -86,40 +90,112 @@ def test_compiled_lines_are_the_models_bytes(host: None, tmp_path: Path,
         wait_until(lambda: len(raws) >= k["events"], timeout=scaled(30),
                    what=f"the kernel's {k['events']} records")  # fmt: skip
         eng.apply({})
+        # compared while the engine's tf_exes map is open: C and ExeResolver both read it
+        lib = fastring.library()
+        assert lib is not None
+        fd = os.open(os.devnull, os.O_WRONLY)
+        jf = JsonFormatter(lib, fd, need_ident=True, self_check=False, exe_fd=eng.shared.exes)
+        ref = ExeResolver(eng.shared.exes)
+        ident = {"node": "node\"1", "attribution": "host", "container_id": "", "pod": "",
+                 "namespace": "", "pod_uid": "", "container": ""}  # fmt: skip
+        offset = 1_764_000_000_000_000_000
+        jf.set_offset(offset)
+        seen_hostile, seen_lost, compared, exes = set(), 0, 0, set()
+        try:
+            for raw, now in raws:
+                ev, rec = decode_record(raw, now)
+                jf.add_ident(ev["cgroup_id"], ident)
+                ev["time_ns"] = ev["ts_ns"] + offset
+                ev["exe"] = ref.path(rec.hdr)
+                ev.update(ident)
+                want = python_line(ev)
+                got = jf.line(raw, now)
+                assert got == want, f"compiled:\n{got!r}\nmodel:\n{want!r}"
+                compared += 1
+                exes.add(ev["exe"])
+                path = ev["args"].get("pathname", {})
+                for name in HOSTILE:
+                    if path.get("value") and path["value"].endswith(
+                        name.decode(errors="backslashreplace")
+                    ):
+                        seen_hostile.add(name)
+                seen_lost += path.get("status") == "lost"
+            assert jf.exe_counters()[0] == ref.counts()
+        finally:
+            jf.close()
+            os.close(fd)
     finally:
         eng.close()
-    lib = fastring.library()
-    assert lib is not None
-    fd = os.open(os.devnull, os.O_WRONLY)
-    jf = JsonFormatter(lib, fd, need_ident=True, self_check=False)
-    ident = {"node": "node\"1", "attribution": "host", "container_id": "", "pod": "",
-             "namespace": "", "pod_uid": "", "container": ""}  # fmt: skip
-    offset = 1_764_000_000_000_000_000
-    jf.set_offset(offset)
-    seen_hostile, seen_lost, compared = set(), 0, 0
-    try:
-        for raw, now in raws:
-            ev, _ = decode_record(raw, now)
-            jf.add_ident(ev["cgroup_id"], ident)
-            ev["time_ns"] = ev["ts_ns"] + offset
-            ev.update(ident)
-            want = python_line(ev)
-            got = jf.line(raw, now)
-            assert got == want, f"compiled:\n{got!r}\nmodel:\n{want!r}"
-            compared += 1
-            path = ev["args"].get("pathname", {})
-            for name in HOSTILE:
-                if path.get("value") and path["value"].endswith(
-                    name.decode(errors="backslashreplace")
-                ):
-                    seen_hostile.add(name)
-            seen_lost += path.get("status") == "lost"
-    finally:
-        jf.close()
-        os.close(fd)
+    assert exes == {os.path.realpath(sys.executable)}, exes  # the workload's interpreter
     assert seen_hostile == set(HOSTILE), set(HOSTILE) - seen_hostile
     assert seen_lost >= 1, "no lost argument among the records"
     assert compared >= 2 * len(HOSTILE) + 1
+
+
+def test_exe_from_a_filled_map_as_exe_resolver(host: None) -> None:
+    """tf_exes filled by hand: each identity renders the exe ExeResolver gives (a path with
+    hostile bytes, null for TRUNCATED, another status, an absent identity, a kernel thread),
+    the causes and the lookups counted alike; a cached path survives its map entry."""
+    import ctypes
+
+    from tracefleet.agent.capture import fastring
+    from tracefleet.agent.capture.decode import decode_record, encode_record
+    from tracefleet.agent.capture.exe import ExeResolver
+    from tracefleet.agent.capture.jsonfmt import JsonFormatter, python_line
+    from tracefleet.agent.kernel import libbpf
+    from tracefleet.agent.kernel.abi import (
+        EventSetId,  # fmt: skip
+        Kind,
+        Status,
+        Syscall,
+        TfEvent,
+        TfExeKey,
+        TfStr,
+    )
+
+    mfd = libbpf.map_create(libbpf.BPF_MAP_TYPE_LRU_HASH, "tf_exes", ctypes.sizeof(TfExeKey),
+                            ctypes.sizeof(TfStr), 64)  # fmt: skip
+    entries = {(11, 2, 3): (b'/opt/b\xffin/"x\\\n (deleted)', Status.OK),
+               (12, 2, 3): (b"/opt/" + b"y" * 250, Status.TRUNCATED),
+               (13, 2, 0): (b"/torn", Status.TORN)}  # fmt: skip
+    for key, (path, status) in entries.items():
+        v = TfStr()
+        v.len, v.status = len(path), int(status)
+        ctypes.memmove(ctypes.addressof(v) + TfStr.data.offset, path, len(path))
+        libbpf.map_update(mfd, TfExeKey(*key), v)
+    lib = fastring.library()
+    assert lib is not None
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        jf = JsonFormatter(lib, fd, need_ident=False, self_check=True, exe_fd=mfd)
+        jf.set_offset(1_764_000_000_000_000_000)
+        ref = ExeResolver(mfd)
+        idents = [*entries, (14, 2, 3), (0, 0, 0), (11, 2, 3), (11, 2, 4)]
+        seen = []
+        try:
+            for i, ident in enumerate(idents):
+                if i == len(idents) - 2:  # gone from the map: both still have it cached
+                    libbpf.map_delete(mfd, TfExeKey(*ident))
+                e = TfEvent()
+                e.hdr.ts_ns, e.hdr.kind, e.hdr.syscall = 1000 + i, Kind.SYSCALL, Syscall.OPENAT
+                e.hdr.event_set, e.hdr.strategy, e.hdr.comm = EventSetId.FILE, 3, b"c"
+                e.hdr.exe_ino, e.hdr.exe_dev, e.hdr.exe_gen = ident
+                raw = encode_record(e)
+                ev, rec = decode_record(raw, 5000)
+                ev["exe"] = ref.path(rec.hdr)
+                ev["time_ns"] = ev["ts_ns"] + 1_764_000_000_000_000_000
+                seen.append(ev["exe"])
+                got, want = jf.line(raw, 5000), python_line(ev)
+                assert got == want, (ident, got, want)
+            assert jf.exe_counters() == (ref.counts(), ref.lookups)
+        finally:
+            jf.close()
+    finally:
+        os.close(fd)
+        os.close(mfd)
+    shown = entries[(11, 2, 3)][0].decode("utf-8", "backslashreplace")
+    assert seen == [shown, None, None, None, None, shown, None], seen
+    assert ref.counts() == {"truncated": 1, "not-in-map": 3, "no-mm": 1}
 
 
 def _capture(tmp: Path, env: dict[str, str]) -> tuple[list[dict[str, Any]], str]:
@@ -146,7 +222,8 @@ def _capture(tmp: Path, env: dict[str, str]) -> tuple[list[dict[str, Any]], str]
 def _calls(lines: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     """What does not depend on the run: the call, its path, ret, flags and statuses."""
     return sorted(
-        (ev["syscall"], ev["comm"], ev["ret"], json.dumps(ev["args"]["pathname"]["value"]),
+        (ev["syscall"], ev["comm"], ev["exe"], ev["ret"],
+         json.dumps(ev["args"]["pathname"]["value"]),
          ev["args"]["pathname"]["status"], tuple(ev["args"].get("flags", {}).get("names", [])))
         for ev in lines if ev["syscall"] == "openat" and "/" + "missing" not in "x"
     )  # fmt: skip
@@ -168,6 +245,7 @@ def test_cli_jsonl_compiled_and_without_the_library(host: None, tmp_path: Path) 
     norm_a = [c for c in _calls(fast)]
     norm_b = [c for c in _calls(slow)]
     # paths differ only by the directory (a vs b)
-    assert [(c[0], c[1], c[2], c[3].replace("/a/", "/X/"), c[4], c[5]) for c in norm_a] == [
-        (c[0], c[1], c[2], c[3].replace("/b/", "/X/"), c[4], c[5]) for c in norm_b
+    assert {c[2] for c in norm_a} == {os.path.realpath(sys.executable)}, norm_a  # exe
+    assert [(*c[:4], c[4].replace("/a/", "/X/"), *c[5:]) for c in norm_a] == [
+        (*c[:4], c[4].replace("/b/", "/X/"), *c[5:]) for c in norm_b
     ]

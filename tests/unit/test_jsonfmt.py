@@ -1,7 +1,8 @@
 """The compiled jsonl formatter (agent/native/jsonfmt.c) against the model's line
 (jsonfmt.python_line: Event.to_json + json.dumps) on made-up syscall records: every byte
 value in a path and in comm, random byte strings (invalid UTF-8, truncated sequences,
-surrogates, overlongs), random flag values, lost and unknown-errno arguments, open_how.
+surrogates, overlongs), random flag values, lost and unknown-errno arguments, open_how, the
+executable (a cached path of every byte value; unknown: null, counted as ExeResolver does).
 No root: the formatter is called on records, not on a ring. The library is built by
 `make native` (part of `make workloads`): missing, this fails."""
 
@@ -17,6 +18,7 @@ import pytest
 
 from tracefleet.agent.capture import fastring
 from tracefleet.agent.capture.decode import decode_record, encode_record
+from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.jsonfmt import JsonFormatter, python_line
 from tracefleet.agent.kernel.abi import EventSetId, Kind, Status, Syscall, TfEvent, TfStr
 
@@ -49,6 +51,7 @@ def record(syscall: Syscall = Syscall.OPENAT, path: bytes = b"/etc/hostname",
     h.kind, h.syscall, h.event_set = Kind.SYSCALL, syscall, kw.get("set", TF_SET_FILE)
     h.strategy, h.comm = kw.get("strategy", 3), comm
     h.ctx_ok, h.ppid, h.uid, h.gid = kw.get("ctx", 1), 1, 1000, 1000
+    h.exe_ino, h.exe_dev, h.exe_gen = kw.get("exe", (0, 0, 0))
     for i, v in enumerate(kw.get("iargs", (-100, 0, 0o2100101, 0o644, 0, 0))):
         e.iargs[i] = v
     for i, (data, status, err) in enumerate(
@@ -60,10 +63,12 @@ def record(syscall: Syscall = Syscall.OPENAT, path: bytes = b"/etc/hostname",
     return encode_record(e)
 
 
-def both(jf: JsonFormatter, raw: bytes) -> tuple[bytes | None, bytes]:
+def both(jf: JsonFormatter, raw: bytes, exe: str | None = None) -> tuple[bytes | None, bytes]:
+    """The compiled line and the model's, ``exe`` being what the consumer resolved."""
     jf.add_ident(77, IDENT)
     ev, _ = decode_record(raw, NOW)
     ev["time_ns"] = ev["ts_ns"] + OFFSET
+    ev["exe"] = exe
     ev.update(IDENT)
     return jf.line(raw, NOW), python_line(ev)
 
@@ -143,3 +148,46 @@ def test_left_to_python_and_counted(fmt: JsonFormatter) -> None:
     assert fmt.line(record(cg=999), NOW) is None  # workload fields not settled
     assert fmt.line(record(strategy=30), NOW) is None  # no such strategy
     assert fmt.line(record()[:-1], NOW) is None  # malformed
+
+
+def test_exe_paths_every_byte_and_random(fmt: JsonFormatter) -> None:
+    """A cached executable's path (as tf_exes has it) is the model's exe, byte for byte."""
+    rng = random.Random(96)
+    paths = [b"/usr/bin/" + bytes([b]) * 2 + b" (deleted)" for b in range(256)]
+    paths += [bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 255))) for _ in range(500)]
+    paths.append(b"/" + b"x" * 254)  # the longest the kernel stores (TF_PATH_MAX - 1)
+    for i, path in enumerate(paths):
+        ident = (1000 + i, 0xFD00000 + i % 7, i)
+        fmt.seed_exe(ident, path)
+        got, want = both(fmt, record(exe=ident), exe=path.decode("utf-8", "backslashreplace"))
+        assert got == want, (path, got, want)
+        assert b'"exe":null' not in (got or b"")
+
+
+def test_exe_unknown_is_null_and_counted_as_exe_resolver_counts() -> None:
+    """No map (fd -1): a kernel thread's record (inode 0) and an identity not cached render
+    "exe":null, and the causes counted are ExeResolver's for the same headers. A declined
+    record counts nothing here (Python resolves and counts it)."""
+    lib = fastring.library()
+    assert lib is not None, fastring.consumer_status()[1]
+    fd = os.open(os.devnull, os.O_WRONLY)
+    jf = JsonFormatter(lib, fd, need_ident=True, self_check=True, exe_fd=-1)
+    jf.set_offset(OFFSET)
+    ref = ExeResolver(-1)
+    try:
+        idents = [(0, 0, 0), (5, 1, 2), (0, 9, 9), (77, 3, 0), (5, 1, 2)]
+        for ident in idents:
+            raw = record(exe=ident)
+            _, rec = decode_record(raw, NOW)
+            exe = ref.path(rec.hdr)
+            assert exe is None
+            got, want = both(jf, raw, exe=exe)
+            assert got == want, (ident, got, want)
+            assert b'"exe":null,' in want
+        assert jf.line(record(cg=999, exe=(0, 0, 0)), NOW) is None  # declined: not counted
+        assert jf.line(record(cg=999, exe=(5, 1, 2)), NOW) is None
+        assert jf.exe_counters()[0] == ref.counts() == {"no-mm": 2, "not-in-map": 3}
+        assert jf.exe_counters()[1] == 0  # no map: no lookup made
+    finally:
+        jf.close()
+        os.close(fd)

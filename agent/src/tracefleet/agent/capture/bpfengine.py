@@ -547,7 +547,10 @@ class BpfEngine(CaptureEngine):
         return None if att is None else att.unknown
 
     def exe_unknown(self) -> dict[str, int]:
-        return self.exes.counts()
+        out = self.exes.counts()
+        for cause, n in self.ring.exe_unknown_compiled().items():  # the compiled jsonl lines
+            out[cause] = out.get(cause, 0) + n
+        return out
 
     # ---- report ------------------------------------------------------------------------
     def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:

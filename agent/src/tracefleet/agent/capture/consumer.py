@@ -158,7 +158,7 @@ class RingConsumer:
             return None
         att = self.opts.attributor
         try:
-            jf = JsonFormatter(lib, fd, need_ident=att is not None)
+            jf = JsonFormatter(lib, fd, need_ident=att is not None, exe_fd=self._exes.fd)
         except FormatterError as e:
             log.warning("compiled jsonl formatter not used: %s", e)
             return None
@@ -187,6 +187,11 @@ class RingConsumer:
             c = rb.counters()
             out["python"] = c["jsonl_python"]
         return out
+
+    def exe_unknown_compiled(self) -> dict[str, int]:
+        """Lines the compiled jsonl output made with an unknown exe, per cause (ExeResolver's
+        counts are of the records Python decoded: the two add up)."""
+        return self._jsonl[0].exe_counters()[0] if self._jsonl is not None else {}
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []

@@ -7,7 +7,10 @@ byte for byte. Every table the C code uses is handed over from here, from its on
 record layout (abi.py), the names of sets, syscalls, statuses, strategies and errnos, the flag
 tables (``tracefleet.model.event.flag_table``), the argument specs (eventsets.py), the
 realtime offset (decode.WALL_CLOCK) and each cgroup's workload fields, rendered by the model
-(``ident_fragment``) once the workload resolver has settled them. A record the C code cannot
+(``ident_fragment``) once the workload resolver has settled them. The executable (``exe``) is
+resolved in C as capture/exe.py's ExeResolver does it: the header's identity, a bounded cache,
+one lookup in the ``tf_exes`` map (its fd handed over) on a miss, ``null`` when unknown with
+the cause counted under ExeResolver's names (``exe_counters``). A record the C code cannot
 render exactly (an exec or vfs record, a socket address, a cgroup not settled yet, ...) goes
 to Python as before, and the reason is counted (``counters``). At start the formatter renders
 a made-up record both ways and refuses to run if the two lines differ.
@@ -31,6 +34,7 @@ from tracefleet.agent.capture.decode import (
     encode_record,
 )
 from tracefleet.agent.capture.eventsets import BY_ID
+from tracefleet.agent.capture.exe import CAUSES
 from tracefleet.agent.kernel.abi import (
     TF_BLOB_MAX,
     TF_PATH_MAX,
@@ -38,6 +42,7 @@ from tracefleet.agent.kernel.abi import (
     Status,
     Strategy,
     TfEvent,
+    TfExeKey,
     TfHdr,
     TfStr,
 )
@@ -46,7 +51,7 @@ from tracefleet.model.event import FlagTable, flag_table
 
 log = logging.getLogger("tracefleet.agent")
 
-ABI = 1
+ABI = 2
 _NAME_LEN, _MAX_SETS, _MAX_SYSCALLS, _MAX_CODES, _MAX_ERRNO = 48, 16, 128, 32, 256
 _MAX_INTS, _MAX_STRS, _MAX_FLAGTABS, _MAX_FLAGBITS = 6, 2, 16, 32
 _TAB_SET, _TAB_SYSCALL, _TAB_STATUS, _TAB_STRATEGY, _TAB_ERRNO = range(5)
@@ -70,8 +75,11 @@ class _Params(ctypes.Structure):
             "off_iargs", "off_strings", "strh_size", "strh_uptr_off", "strh_err_off",
             "strh_len_off", "strh_status_off", "strh_strategy_off", "str_max", "blob_max",
             "status_none", "shown_mask", "blob_shown_mask", "need_ident", "out_bytes",
+            "off_exe_ino", "off_exe_dev", "off_exe_gen", "exe_key_size", "exe_key_ino_off",
+            "exe_key_dev_off", "exe_key_gen_off", "exe_value_size", "status_ok",
+            "status_truncated",
         )
-    ] + [("fd", ctypes.c_int32)]  # fmt: skip
+    ] + [("fd", ctypes.c_int32), ("exe_fd", ctypes.c_int32)]  # fmt: skip
 
 
 class _Spec(ctypes.Structure):
@@ -126,7 +134,7 @@ def ident_fragment(ident: Mapping[str, Any]) -> bytes:
     return "".join(f",{json.dumps(k)}:{json.dumps(d[k])}" for k in inner).encode()
 
 
-def _params(fd: int, need_ident: bool, out_bytes: int) -> _Params:
+def _params(fd: int, need_ident: bool, out_bytes: int, exe_fd: int) -> _Params:
     p = _Params()
     p.abi = ABI
     p.hdr_size = ctypes.sizeof(TfHdr)
@@ -149,7 +157,15 @@ def _params(fd: int, need_ident: bool, out_bytes: int) -> _Params:
     p.blob_shown_mask = sum(1 << s for s in _BLOB_SHOWN)
     p.need_ident = int(need_ident)
     p.out_bytes = out_bytes
+    p.off_exe_ino, p.off_exe_dev, p.off_exe_gen = (TfHdr.exe_ino.offset, TfHdr.exe_dev.offset,
+                                                   TfHdr.exe_gen.offset)  # fmt: skip
+    p.exe_key_size = ctypes.sizeof(TfExeKey)
+    p.exe_key_ino_off, p.exe_key_dev_off, p.exe_key_gen_off = (
+        TfExeKey.ino.offset, TfExeKey.dev.offset, TfExeKey.gen.offset)  # fmt: skip
+    p.exe_value_size = ctypes.sizeof(TfStr)  # tf_exes' value
+    p.status_ok, p.status_truncated = int(Status.OK), int(Status.TRUNCATED)
     p.fd = fd
+    p.exe_fd = exe_fd
     return p
 
 
@@ -175,6 +191,12 @@ def _bind(lib: ctypes.CDLL) -> None:
     lib.tf_jfmt_line.restype = ctypes.c_long
     lib.tf_jfmt_counters.argtypes = [vp, ctypes.POINTER(ctypes.c_uint64)]
     lib.tf_jfmt_counters.restype = None
+    lib.tf_jfmt_exe_seed.argtypes = [vp, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint32,
+                                     ctypes.c_char_p, ctypes.c_uint32]  # fmt: skip
+    lib.tf_jfmt_exe_reset.argtypes = [vp]
+    lib.tf_jfmt_exe_reset.restype = None
+    lib.tf_jfmt_exe_counters.argtypes = [vp, ctypes.POINTER(ctypes.c_uint64)]
+    lib.tf_jfmt_exe_counters.restype = None
 
 
 class FormatterError(RuntimeError):
@@ -187,9 +209,10 @@ class JsonFormatter:
 
     def __init__(
         self, lib: ctypes.CDLL, fd: int, need_ident: bool, out_bytes: int = 1 << 20,
-        self_check: bool = True,
+        self_check: bool = True, exe_fd: int = -1,
     ) -> None:  # fmt: skip
-        """``self_check=False`` only for tests that compare lines themselves."""
+        """``exe_fd``: the tf_exes map (-1: none, every exe unknown). ``self_check=False``
+        only for tests that compare lines themselves."""
         try:
             _bind(lib)
         except AttributeError as e:
@@ -199,7 +222,7 @@ class JsonFormatter:
         self._lib = lib
         self.fd = fd
         self.need_ident = need_ident
-        ptr = lib.tf_jfmt_new(ctypes.byref(_params(fd, need_ident, out_bytes)))
+        ptr = lib.tf_jfmt_new(ctypes.byref(_params(fd, need_ident, out_bytes, exe_fd)))
         if not ptr:
             raise FormatterError(f"jsonl formatter: {errno.errorcode.get(ctypes.get_errno())}")
         self.ptr: int | None = ptr
@@ -304,6 +327,9 @@ class JsonFormatter:
         )
         ctypes.memmove(ctypes.addressof(rec.str[0]) + TfStr.data.offset, path, len(path))
         rec.str[1].status, rec.str[1].err, rec.str[1].strategy = int(Status.LOST), -14, 3
+        h.exe_ino, h.exe_dev, h.exe_gen = 0x1_0000_0001, 0xFD00001, 7
+        exe = b'/usr/b\xffin/"\\\x01\xe2\x82\xac (deleted)'
+        self.seed_exe((h.exe_ino, h.exe_dev, h.exe_gen), exe)
         raw = encode_record(rec)
         ident = {"attribution": "host", "container_id": "", "pod": "", "namespace": "",
                  "pod_uid": "", "container": ""}  # fmt: skip
@@ -313,10 +339,12 @@ class JsonFormatter:
         got = self.line(raw, 5_000_100_000)
         ev, _ = decode_record(raw, 5_000_100_000)
         ev["time_ns"] = h.ts_ns + 1_700_000_000_000_000_000  # the same offset
+        ev["exe"] = exe.decode("utf-8", "backslashreplace")  # as ExeResolver decodes it
         if self.need_ident:
             ev.update(ident)
         want = python_line(ev)
         self.clear_idents()
+        self._lib.tf_jfmt_exe_reset(self.ptr)
         if got != want:
             raise FormatterError(f"the compiled line differs from the model's: {got!r} != "
                                  f"{want!r}")  # fmt: skip
@@ -353,6 +381,20 @@ class JsonFormatter:
             ident = settled(cg)
             if ident is not None and not self.add_ident(cg, ident):
                 break
+
+    def seed_exe(self, identity: tuple[int, int, int], path: bytes) -> None:
+        """Cache an executable's path as if read from tf_exes (the self-check and tests,
+        before the formatter runs)."""
+        if self._lib.tf_jfmt_exe_seed(self.ptr, *identity, path, len(path)) != 0:
+            raise FormatterError(f"executable {path!r} not cached")
+
+    def exe_counters(self) -> tuple[dict[str, int], int]:
+        """Lines made with an unknown exe, per cause (exe.py's CAUSES), and the tf_exes
+        lookups made (cache misses)."""
+        out = (ctypes.c_uint64 * (len(CAUSES) + 1))()
+        if self.ptr:
+            self._lib.tf_jfmt_exe_counters(self.ptr, out)
+        return {c: int(out[i]) for i, c in enumerate(CAUSES) if out[i]}, int(out[len(CAUSES)])
 
     def write(self, line: bytes) -> None:
         """A line Python made, into the same buffer (lines never interleave)."""
@@ -391,6 +433,7 @@ class JsonFormatter:
             "bytes": int(out[1]),
             "write_errno": int(out[2]),
             "declined": {k: int(out[3 + i]) for i, k in enumerate(DECLINED) if out[3 + i]},
+            "exe_lookups": self.exe_counters()[1],
         }
 
     def close(self) -> None:
