@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
@@ -271,25 +272,36 @@ def test_dashboards_and_rules_on_real_prometheus(procs: Procs, tmp_path: Path) -
                 every=0.5,
             )
 
-        # cold_rodata faults on kernels without sleepable capture; with it, nothing faults
-        # and a recovery rate (recovered / faulted) is rightly NaN
-        faulted = prom.positive(
-            'sum(increase(tracefleet_controller_arguments_total{outcome=~"recovered|lost"}[1m]))'
-        )
-        failures = []
         queries = _panel_queries()
-        for dashboard, panel, expr in queries:
-            r = prom.query(expr)
-            if r.get("status") != "success":
-                failures.append(f"{dashboard} / {panel}: does not run: {r.get('error')}: {expr}")
-                continue
-            vals = prom.values(expr)
-            if not vals:
-                failures.append(f"{dashboard} / {panel}: no data: {expr}")
-            elif not any(math.isfinite(v) for v in vals) and (
-                faulted or "recover" not in panel.lower()
-            ):
-                failures.append(f"{dashboard} / {panel}: only NaN/Inf {vals}: {expr}")
+
+        def panel_failures() -> list[str]:
+            # cold_rodata faults on kernels without sleepable capture; with it, nothing
+            # faults and a recovery rate (recovered / faulted) is rightly NaN
+            faulted = prom.positive(
+                'sum(increase(tracefleet_controller_arguments_total{outcome=~"recovered|lost"}[1m]))'
+            )
+            failures = []
+            for dashboard, panel, expr in queries:
+                r = prom.query(expr)
+                if r.get("status") != "success":
+                    failures.append(
+                        f"{dashboard} / {panel}: does not run: {r.get('error')}: {expr}"
+                    )
+                    continue
+                vals = prom.values(expr)
+                if not vals:
+                    failures.append(f"{dashboard} / {panel}: no data: {expr}")
+                elif not any(math.isfinite(v) for v in vals) and (
+                    faulted or "recover" not in panel.lower()
+                ):
+                    failures.append(f"{dashboard} / {panel}: only NaN/Inf {vals}: {expr}")
+            return failures
+
+        # a rate needs two scrapes of its series after the first event: a loaded machine can
+        # be a scrape behind the readiness checks above, so panels get until the deadline
+        deadline = time.monotonic() + 60
+        while (failures := panel_failures()) and time.monotonic() < deadline:
+            time.sleep(1)
         assert not failures, "\n".join(failures)
         assert len(queries) >= 30
 
