@@ -62,6 +62,17 @@ def by_addr(events: list[dict[str, Any]], syscall: str, arg: str, call: dict[str
             and int(e["args"][arg]["addr"], 16) == int(call["addr"], 16)]  # fmt: skip
 
 
+def own_calls(cap: Any, pid: int, syscall: str, arg: str, calls: list[dict[str, Any]],
+              timeout: float = 5.0) -> list[dict[str, Any]]:  # fmt: skip
+    """The events of the workload's own ``calls``, waited for until each has arrived (or the
+    timeout): the dynamic loader's calls come first, so waiting for "any event of the pid"
+    can return before the call under test is delivered."""
+    want = {int(c["addr"], 16) for c in calls}
+    return cap.wait_for(lambda e: e["pid"] == pid and e["syscall"] == syscall
+                        and int(e["args"][arg]["addr"], 16) in want,
+                        n=len(want), timeout=timeout)  # fmt: skip
+
+
 def assert_cold(call: dict[str, Any]) -> None:
     # the workload read its own page tables just before the call
     if call["pte_present"] is not None:
@@ -77,7 +88,7 @@ def test_rodata_path_of_fresh_exec(capture, workloads, strategy, mode, kernel_re
     w = run_workload("cold_rodata", mode, hold_ms=HOLD_MS)
     call = w["calls"][0]
     assert_cold(call)
-    [ev] = by_addr(cap.for_pid(w["pid"]), "openat", "pathname", call)
+    [ev] = own_calls(cap, w["pid"], "openat", "pathname", [call])
     assert ev["ret"] == -call["errno"]
     check_arg(ev["args"]["pathname"], expected(strategy, kernel_reads), call["expect"])
 
@@ -88,7 +99,7 @@ def test_openat2_path_and_open_how(capture, workloads, strategy):
     cap = capture(["file"], strategy)
     w = run_workload("cold_rodata", "openat2", hold_ms=HOLD_MS)
     path_call, how_call = w["calls"]
-    [ev] = by_addr(cap.for_pid(w["pid"]), "openat2", "pathname", path_call)
+    [ev] = own_calls(cap, w["pid"], "openat2", "pathname", [path_call])
     want = expected(strategy, True)
     check_arg(ev["args"]["pathname"], want, path_call["expect"])
     how = bytes.fromhex(how_call["expect"])
@@ -108,7 +119,7 @@ def test_sockaddr_of_connect(capture, workloads, strategy, mode):
     w = run_workload("cold_rodata", mode, hold_ms=HOLD_MS)
     call = w["calls"][0]
     assert_cold(call)
-    [ev] = by_addr(cap.for_pid(w["pid"]), "connect", "addr", call)
+    [ev] = own_calls(cap, w["pid"], "connect", "addr", [call])
     raw = bytes.fromhex(call["expect"])
     family = int.from_bytes(raw[:2], "little")
     if family == socket.AF_INET:
@@ -128,7 +139,7 @@ def test_exec_filename_and_argv(capture, workloads, strategy):
     cap = capture(["exec"], strategy)
     w = run_workload("cold_rodata", "exec")
     calls = {c["arg"]: c for c in w["calls"]}
-    [ev] = by_addr(cap.for_pid(w["pid"]), "execve", "filename", calls["filename"])
+    [ev] = own_calls(cap, w["pid"], "execve", "filename", [calls["filename"]])
     assert ev["ret"] == 0
     want = expected(strategy, True, exec_ok=True)
     check_arg(ev["args"]["filename"], want, calls["filename"]["expect"])
@@ -147,7 +158,7 @@ def test_swapped_out_anonymous_memory(capture, workloads, swap, strategy):
     calls = w["calls"]
     assert len(calls) == 8
     assert w["paged_out"] > 0, f"nothing was paged out to {swap}: the test is void"
-    evs = cap.for_pid(w["pid"], n=len(calls))
+    evs = own_calls(cap, w["pid"], "openat", "pathname", calls)
     out = 0
     for c in calls:
         [ev] = by_addr(evs, "openat", "pathname", c)
@@ -170,7 +181,7 @@ def test_file_mapping_after_cache_drop(capture, workloads, strategy):
     w = run_workload("cold_filemap", hold_ms=HOLD_MS)
     calls = w["calls"]
     assert len(calls) == 30
-    evs = cap.for_pid(w["pid"], n=len(calls) + 5)
+    evs = own_calls(cap, w["pid"], "openat", "pathname", calls)
     want = expected(strategy, True)
     for c in calls:
         [ev] = by_addr(evs, "openat", "pathname", c)
@@ -184,7 +195,7 @@ def test_string_crossing_into_cold_page(capture, workloads, strategy):
     w = run_workload("cold_cross", hold_ms=HOLD_MS)
     call = w["calls"][0]
     assert call["pte_present"] in (None, [True, False])
-    [ev] = by_addr(cap.for_pid(w["pid"]), "openat", "pathname", call)
+    [ev] = own_calls(cap, w["pid"], "openat", "pathname", [call])
     check_arg(ev["args"]["pathname"], expected(strategy, True), call["expect"])
 
 
@@ -194,7 +205,7 @@ def test_warm_control_is_ok_everywhere(capture, workloads, strategy):
     need_strategy(strategy, "file")
     cap = capture(["file"], strategy)
     w = run_workload("warm", "openat")
-    [ev] = by_addr(cap.for_pid(w["pid"]), "openat", "pathname", w["calls"][0])
+    [ev] = own_calls(cap, w["pid"], "openat", "pathname", [w["calls"][0]])
     assert (ev["args"]["pathname"]["status"], ev["args"]["pathname"]["strategy"]) == (
         "ok",
         "nofault" if strategy == "nofault" else "exit-retry",

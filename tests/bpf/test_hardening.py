@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.bpf.conftest import need_strategy
-from tests.bpf.test_capture_cold import assert_cold, by_addr
+from tests.bpf.test_capture_cold import assert_cold, own_calls
 from tests.conftest import BPF_DIR, wait_until
 from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
@@ -162,7 +162,7 @@ def test_rewritten_path_is_never_clean_recovered(capture, workloads, tmp_path, s
     [call] = w["calls"]
     assert call["ret"] >= 0, call
     assert_cold(call)
-    [ev] = by_addr(cap.for_pid(w["pid"], timeout=10 * SCALE), "openat", "pathname", call)
+    [ev] = own_calls(cap, w["pid"], "openat", "pathname", [call], timeout=10 * SCALE)
     path = ev["args"]["pathname"]
     if strategy == "exit-retry":
         # re-read after the sibling's rewrite: flagged, with the file the kernel opened
@@ -187,7 +187,7 @@ def test_rewritten_sockaddr_is_marked_reread(capture, workloads, tmp_path, strat
     [call] = w["calls"]
     assert call["ret"] == 0, call
     assert_cold(call)
-    [ev] = by_addr(cap.for_pid(w["pid"], timeout=10 * SCALE), "connect", "addr", call)
+    [ev] = own_calls(cap, w["pid"], "connect", "addr", [call], timeout=10 * SCALE)
     addr = ev["args"]["addr"]
     if strategy == "exit-retry":
         # the struct the kernel used cannot be checked: re-read, and said so
