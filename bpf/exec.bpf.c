@@ -10,6 +10,7 @@
  */
 #include "tracefleet/common.bpf.h"
 #include "tracefleet/args.bpf.h"
+#include "tracefleet/exe.bpf.h"
 
 #define SET TF_SET_EXEC
 
@@ -232,6 +233,7 @@ static __always_inline int tf_exec_exit(long ret)
 	}
 	tf_count_status(SET, e->filename.status);
 	tf_count_status(SET, e->argv_status);
+	tf_fill_exe(&e->hdr, SET); /* at exit: the new image once the exec succeeded */
 	tf_emit_exec(e);
 	bpf_map_delete_elem(&tf_exec_inflight, &tid);
 	return 0;

@@ -14,6 +14,7 @@
  * Names are read safely: see tracefleet/vfs_path.bpf.h.
  */
 #include "tracefleet/vfs_path.bpf.h"
+#include "tracefleet/exe.bpf.h"
 
 #define SET TF_SET_VFS
 #define TF_ATTR_SIZE (1U << 3)
@@ -103,6 +104,7 @@ struct {
 static __always_inline void tf_vfs_init(struct tf_vfs_event *e, __u16 op)
 {
 	tf_fill_hdr(&e->hdr, TF_KIND_VFS, SET, op);
+	tf_fill_exe(&e->hdr, SET);
 }
 
 static __always_inline void tf_str_reset(struct tf_str *s)

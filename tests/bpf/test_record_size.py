@@ -141,7 +141,8 @@ def test_truncated_records_are_counted_as_decode_errors(tapped: Any) -> None:
         lambda ev: ev["args"].get("pathname", {}).get("value") == "/tf-rsz-missing", 1,
         "the openat")  # fmt: skip
     before = t.eng.errors.counts[("file", "decode")]
-    cuts = [len(raw) - 1, len(raw) - 5, TfEvent.str.offset + 3, 90]
+    # cut short: in the last string, in a string head, in the fixed part past the header
+    cuts = [len(raw) - 1, len(raw) - 5, TfEvent.str.offset + 3, TfEvent.iargs.offset + 10]
     for cut in cuts:  # a real record cut short, and one with a byte too many
         t.eng.ring.on_record(raw[:cut])
     t.eng.ring.on_record(raw + b"\0")

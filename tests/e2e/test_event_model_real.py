@@ -245,6 +245,11 @@ def test_local_jsonl_and_controller_stream_give_the_same_typed_event(tmp_path: P
         assert lost["addr"] == "0x8", lost
         assert remote_exec["args"]["argv"]["value"] == ["hostile_names", "a b\x1b[1m", "--exit"]
         assert remote_exec["uid"] == os.getuid() and remote_exec["ppid"] == os.getpid()
+        # the executable: the workload binary's real path, in every event, both ways (the
+        # local events equal the remote ones field by field above)
+        exe = str(wl_bin.resolve())
+        for ev in (op, conn, seen["lost"], remote_exec, local_it["openat"], local_exec):
+            assert ev["exe"] == exe, ev
 
         # tables: strace-like and escaped
         table_lines = wait_until(

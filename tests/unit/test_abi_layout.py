@@ -74,7 +74,9 @@ def test_struct_matches_btf(objects: list[Path], cname: str) -> None:
 # .rodata variables besides tf_cfg, per object: load-time switches the tests set
 # tests only: the d_seq check of names read from dentries switched off, in every object
 # that reads them (vfs, and the syscall sets that resolve an opened fd to its path)
-RODATA_SWITCHES = {o: {"tf_vfs_no_torn_check"} for o in ("vfs.bpf.o", "file.bpf.o", "net.bpf.o")}
+RODATA_SWITCHES = {
+    o: {"tf_vfs_no_torn_check"} for o in ("vfs.bpf.o", "file.bpf.o", "net.bpf.o", "exec.bpf.o")
+}
 
 
 def _symbol_offsets(obj: Path) -> dict[str, int]:

@@ -60,6 +60,7 @@ def test_metrics_through_the_user_events_wrapper_are_the_inner_engines(tmp_path:
     text = _scrape(inner)
     assert "tracefleet_agent_bpf_runs_missed_total" in text
     assert "tracefleet_agent_attribution_unknown_total" in text
+    assert 'tracefleet_agent_exe_unknown_total{cause="no-mm",node="node-a"} 4.0' in text
     assert _scrape(wrapped) == text
 
 

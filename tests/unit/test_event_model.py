@@ -14,7 +14,7 @@ def _event(**kw: object) -> Event:
     base: dict[str, object] = dict(
         ts_ns=5_000, event_set="file", syscall="openat", pid=42, tid=43, comm="cat", ret=-2,
         time_ns=1_700_000_000_123_456_789, duration_ns=12_000, delivery_latency_ns=900,
-        strategy="exit-retry", ppid=1, uid=1000, gid=100, node="db-1",
+        strategy="exit-retry", ppid=1, uid=1000, gid=100, exe="/usr/bin/cat", node="db-1",
         args={
             "dfd": Arg(-100, strategy="register"),
             "flags": Arg(FlagSet(0o2000000, ("O_RDONLY", "O_CLOEXEC")), strategy="register"),
@@ -56,6 +56,20 @@ def test_every_kind_of_value_survives_the_wire_typed():
     assert data["args"]["dfd"]["value"] == -100
     assert data["time"] == "2023-11-14T22:13:20.123456Z" and data["time_ns"] == e.time_ns
     assert (data["ppid"], data["uid"], data["gid"]) == (1, 1000, 100)
+    assert data["exe"] == "/usr/bin/cat"
+
+
+def test_the_executable_crosses_the_wire_and_unknown_stays_null():
+    pb = types_pb2.Event.FromString(wire.event_to_pb(_event()).SerializeToString())
+    assert pb.HasField("exe") and pb.exe == "/usr/bin/cat"
+    # a path the kernel marked, bytes that are not UTF-8 escaped as the agent decodes them
+    odd = "/srv/x\\xff (deleted)"
+    assert _through_wire(_event(exe=odd)).exe == odd
+    unknown = wire.event_to_pb(_event(exe=None))
+    assert not unknown.HasField("exe")  # unset, not ""
+    back = _through_wire(_event(exe=None))
+    assert back.exe is None and back.to_json()["exe"] is None
+    assert Event.from_json({"pid": 1}).exe is None  # an older agent's jsonl
 
 
 def test_older_clients_still_read_the_text_value_and_enums_match_it():
@@ -97,6 +111,7 @@ def test_an_older_agents_event_reads_back_without_inventing_values():
     assert e.args["pathname"].value == "/etc"
     assert e.args["gone"].value is None and e.args["gone"].status == "lost"
     assert e.time_ns == 0 and e.ppid is None and e.uid is None  # unknown, not 0
+    assert e.exe is None  # not ""
     assert human.clock_text(e.time_ns) == "--:--:--.------"
 
 
@@ -154,3 +169,15 @@ def test_control_characters_never_reach_the_terminal_raw():
     # JSON stays exact
     assert json.loads(json.dumps(e.to_json()))["args"]["pathname"]["value"] == evil_path
     assert e.to_json()["comm"] == evil_comm
+    # the wide table's EXE column is escaped too
+    wide = human.line(_event(exe="/srv/\x1b[2Jbin"), exe=True)
+    assert "\x1b" not in wide and "/srv/\\x1b[2Jbin" in wide
+
+
+def test_wide_table_has_an_exe_column_and_the_default_table_does_not():
+    head, row = human.header(exe=True), human.line(_event(), exe=True)
+    assert head.split()[:5] == ["TIME", "(UTC)", "PID", "COMM", "EXE"]
+    assert row.split()[1:4] == ["42", "cat", "/usr/bin/cat"]
+    assert row.index("openat(") == head.index("CALL")  # aligned
+    assert "EXE" not in human.header() and "/usr/bin/cat" not in human.line(_event())
+    assert human.line(_event(exe=None), exe=True).split()[3] == "-"  # unknown

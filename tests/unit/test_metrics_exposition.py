@@ -58,6 +58,9 @@ class FakeProgramsEngine(SyntheticEngine):
     def attribution_unknown(self) -> dict[str, int]:  # workload.py's Attributor.unknown
         return {"cgroup": 1}
 
+    def exe_unknown(self) -> dict[str, int]:  # exe.py's ExeResolver.counts
+        return {"no-mm": 4}
+
     def kernel_missed(self, name: str) -> tuple[int, int]:
         return {"file": (121, 404)}.get(name, (0, 0))
 

@@ -147,6 +147,9 @@ enum tf_stat {
 	TF_STAT_INFLIGHT_STALE = 14, /* entries that found their tid's slot still taken by a
 				      * call that never exited (thread died mid-call): the old
 				      * call is lost here, counted */
+	TF_STAT_EXE_UNRESOLVED = 15, /* executables seen whose path could not be stored in
+				      * tf_exes (walk failed or torn, map refused): their
+				      * records' exe is unknown until a later record resolves it */
 	/* identity, per set, once no call is in flight: PASSED = EVENTS + DROPPED +
 	 * INFLIGHT_FULL + INFLIGHT_STALE + PREFIX_FILTERED + entries the agent deleted */
 	TF_STAT_MAX = 16,
@@ -188,6 +191,21 @@ struct tf_hdr {
 	__u32 uid;       /* real uid, gid (bpf_get_current_uid_gid) */
 	__u32 gid;
 	__u32 ctx_ok;    /* 1 when ppid/uid/gid were read (0 = unknown, not root) */
+	/* identity of the process's executable (task->mm->exe_file's inode); exe_ino 0: none
+	 * (a kernel thread). Its path is in tf_exes, keyed by struct tf_exe_key, filled by the
+	 * kernel the first time an identity is seen (exe.bpf.h): records carry 16 bytes, not
+	 * the path. */
+	__u64 exe_ino;
+	__u32 exe_dev;   /* kernel dev_t of its file system */
+	__u32 exe_gen;   /* i_generation: an inode number reused for another file differs */
+};
+
+/* Key of tf_exes (the same three fields as tf_hdr's exe_*); value: struct tf_str, the
+ * walked path (status OK, TRUNCATED; a path that could not be read is not stored). */
+struct tf_exe_key {
+	__u64 ino;
+	__u32 dev;
+	__u32 gen;
 };
 
 struct tf_event {
@@ -273,6 +291,7 @@ struct tf_config {
 
 /* the record encoding relies on these */
 _Static_assert(__builtin_offsetof(struct tf_str, data) == TF_STRH_SIZE, "tf_str head");
+_Static_assert(sizeof(struct tf_exe_key) == 16, "tf_exe_key");
 _Static_assert(__builtin_offsetof(struct tf_blob, data) == TF_STRH_SIZE, "tf_blob head");
 _Static_assert(__builtin_offsetof(struct tf_exec_event, arg_len) -
 		       __builtin_offsetof(struct tf_exec_event, argv_uptr) == TF_ARGVH_SIZE,

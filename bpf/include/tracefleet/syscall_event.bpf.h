@@ -22,6 +22,7 @@
 #pragma clang diagnostic push
 #pragma clang diagnostic ignored "-Wunused-function"
 #include "tracefleet/vfs_path.bpf.h"
+#include "tracefleet/exe.bpf.h"
 #pragma clang diagnostic pop
 
 #define TF_NOARG (-1)
@@ -193,6 +194,7 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, 
 	for (int i = 0; i < TF_NSTR; i++)
 		tf_count_status(set, e->str[i].status);
 	tf_count_status(set, e->blob.status);
+	tf_fill_exe(&e->hdr, set); /* here, not at a (maybe sleepable) entry: exe.bpf.h */
 	tf_emit_syscall(set, e);
 	bpf_map_delete_elem(&tf_inflight, &tid);
 	return 0;

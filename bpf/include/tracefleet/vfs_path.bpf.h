@@ -278,8 +278,8 @@ static __always_inline struct file *tf_fd_file(int fd)
  * A name the process passed (user memory, read after the syscall ran, so the kernel has
  * faulted it in), made absolute with the directory it is relative to (dirfd, or the cwd).
  */
-static __noinline int tf_user_path(struct tf_str *out, unsigned long uptr, int dfd,
-				   struct tf_vfs_event *e)
+static __noinline __attribute__((unused)) /* exec.bpf.c has only the walk */
+int tf_user_path(struct tf_str *out, unsigned long uptr, int dfd, struct tf_vfs_event *e)
 {
 	struct tf_vfs_scratch *s = tf_scratch();
 	struct task_struct *task = bpf_get_current_task_btf();

@@ -331,8 +331,8 @@ def _capture_user(args: argparse.Namespace) -> int:
         if args.ready_file:
             with open(args.ready_file, "w") as f:
                 f.write(str(os.getpid()))
-        if args.output == "table":
-            sys.stdout.write(human.header() + "\n")
+        if args.output != "jsonl":
+            sys.stdout.write(human.header(exe=args.output == "wide") + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
         broken = False
         while not broken:
@@ -342,7 +342,8 @@ def _capture_user(args: argparse.Namespace) -> int:
                 if (pids and ev.pid not in pids) or (comms and ev.comm not in comms):
                     continue
                 line = (json.dumps(ev.to_json(), separators=(",", ":"))
-                        if args.output == "jsonl" else human.line(ev))  # fmt: skip
+                        if args.output == "jsonl"
+                        else human.line(ev, exe=args.output == "wide"))  # fmt: skip
                 try:
                     sys.stdout.write(line + "\n")
                     sys.stdout.flush()
@@ -431,6 +432,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     out: TextIO = sys.stdout
     stop = threading.Event()
     lock = threading.Lock()
+    wide = args.output == "wide"
 
     def sink(ev: dict[str, Any]) -> None:
         with lock:
@@ -438,8 +440,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
                 event = Event.from_json(ev)
                 if args.output == "jsonl":
                     out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
-                else:  # strace-like, control characters escaped
-                    out.write(human.line(event, workload=show_workload) + "\n")
+                else:  # strace-like, control characters escaped; wide: with EXE
+                    out.write(human.line(event, workload=show_workload, exe=wide) + "\n")
             except BrokenPipeError:  # the reader went away (| head): stop, not an error
                 stop.set()
 
@@ -464,8 +466,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if args.ready_file:
             with open(args.ready_file, "w") as f:
                 f.write(str(os.getpid()))
-        if args.output == "table":
-            out.write(human.header(workload=show_workload) + "\n")
+        if args.output in ("table", "wide"):
+            out.write(human.header(workload=show_workload, exe=wide) + "\n")
         deadline = time.monotonic() + args.duration if args.duration else None
         while not stop.is_set():
             engine.poll_once()
@@ -508,10 +510,14 @@ def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
         )
         print(
             f"  {n}: events={sa.delivered if sa else 0} dropped={k['dropped']} "
-            f"filtered={k['filtered']}{ident} args={json.dumps(outcomes)} "
+            f"filtered={k['filtered']}{ident} exe_unresolved={k['exe_unresolved']} "
+            f"args={json.dumps(outcomes)} "
             f"record_errors={json.dumps(errors)} fallback_rejected={json.dumps(rejected)}",
             file=sys.stderr,
         )
+    exe_unknown = engine.exe_unknown()
+    if exe_unknown:
+        print(f"  exe_unknown={json.dumps(dict(sorted(exe_unknown.items())))}", file=sys.stderr)
     other = {f"{s}/{c}": v for (s, c), v in engine.errors.snapshot().items() if s not in names}
     if other:
         print(f"  other: record_errors={json.dumps(other)}", file=sys.stderr)
@@ -723,7 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument(
         "-d", "--duration", type=_seconds, default=0, help="seconds (default: until ^C)"
     )
-    sc.add_argument("-o", "--output", choices=("jsonl", "table"), default="jsonl")
+    sc.add_argument("-o", "--output", choices=("jsonl", "table", "wide"), default="jsonl",
+                    help="jsonl (default), table (strace-like), wide (table with the "
+                    "executable's path)")  # fmt: skip
     sc.add_argument("--pid", type=int_in("a pid", 1, PID_MAX_LIMIT), action="append",
                     help="only this process (repeatable)")  # fmt: skip
     sc.add_argument("--comm", type=_comm, action="append",

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from tracefleet.agent.capture.contain import CAUSES
 from tracefleet.agent.capture.engine import CaptureEngine, SetStatus
+from tracefleet.agent.capture.exe import CAUSES as EXE_UNKNOWN_CAUSES
 from tracefleet.agent.capture.fallback import CALLER_CAUSES
 from tracefleet.agent.control.redact import ERRORS as REDACT_ERRORS
 from tracefleet.model.names import OUTCOMES
@@ -117,6 +118,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "unusable and not delivered; fallback, filter, sample, sink, redact: one step failed "
         "and the rest of the record went on; housekeeping, poll: consumer steps, retried). Events "
         "produced = delivered + dropped + record errors with cause decode.",
+    ),
+    "tracefleet_agent_exe_unknown_total": (
+        "counter",
+        ("node", "cause"),
+        "Decoded events whose executable path is not known, per cause (no-mm: a kernel "
+        "thread; not-in-map: the kernel could not walk it, or evicted it first; truncated: "
+        "longer than 255 bytes; lookup: the map lookup failed).",
     ),
     "tracefleet_agent_attribution_unknown_total": (
         "counter",
@@ -304,6 +312,12 @@ class AgentCollector(Collector):
                     fams["tracefleet_agent_record_errors_total"].add_metric(
                         [node, es, cause], counts.get((es, cause), 0)
                     )
+        exe_unknown = engine.exe_unknown()
+        if exe_unknown is not None:
+            for cause in EXE_UNKNOWN_CAUSES:
+                fams["tracefleet_agent_exe_unknown_total"].add_metric(
+                    [node, cause], exe_unknown.get(cause, 0)
+                )
         unknown = engine.attribution_unknown()
         if unknown is not None:
             for cause in ("cgroup", "pod", "container-name"):

@@ -4,7 +4,7 @@ JSON shape (one object per event; the agent's ``capture -o jsonl`` and the contr
 ``events -o json`` print exactly this)::
 
     {"ts_ns", "time", "time_ns", "duration_ns", "delivery_latency_ns", "event_set",
-     "syscall", "pid", "tid", "ppid", "uid", "gid", "comm", "ret", "cgroup_id", "strategy",
+     "syscall", "pid", "tid", "ppid", "uid", "gid", "exe", "comm", "ret", "cgroup_id", "strategy",
      ["node"], ["attribution", "container_id", "pod", "namespace", "pod_uid", "container"],
      "args": {name: {"value": ..., "status": "ok|recovered|mismatch|reread|lost|truncated|torn",
                      "strategy": "...", ["addr": "0x7f..."], ["error": "EFAULT"],
@@ -13,6 +13,12 @@ JSON shape (one object per event; the agent's ``capture -o jsonl`` and the contr
 ``value`` is an int, a string, a list of strings (argv), an object (socket address,
 open_how) or null when nothing was captured; a flag set keeps its raw int in ``value`` and
 adds its ``names``. ``ppid``/``uid``/``gid`` are null when the record did not carry them.
+``exe`` is the full path of the process's executable (what ``/proc/PID/exe`` names), as the
+kernel walked it the first time the node saw that file (identified by inode, device and
+generation): a file renamed since keeps the name it had then; one deleted before it was first
+seen ends in `` (deleted)``, as does an exec'd memfd (``/memfd:NAME (deleted)``). Exec events
+carry the new image once the exec succeeded. Null when unknown: a kernel thread, a path not
+resolved (counted), an older agent; never a guessed path.
 """
 
 from __future__ import annotations
@@ -182,6 +188,7 @@ class Event:
     ppid: int | None = None
     uid: int | None = None
     gid: int | None = None
+    exe: str | None = None  # full path of the process's executable; None = unknown
     node: str = ""  # set by the controller
     # workload identity (agent/.../workload.py); "" = not known
     attribution: str = ""  # host, container, pod, unknown; "" = not attributed at all
@@ -205,6 +212,7 @@ class Event:
             "ppid": self.ppid,
             "uid": self.uid,
             "gid": self.gid,
+            "exe": self.exe,
             "comm": self.comm,
             "ret": self.ret,
             "cgroup_id": self.cgroup_id,
@@ -245,6 +253,7 @@ class Event:
             ppid=opt("ppid"),
             uid=opt("uid"),
             gid=opt("gid"),
+            exe=None if d.get("exe") is None else str(d["exe"]),
             node=str(d.get("node", "")),
             attribution=str(d.get("attribution") or ""),
             **{k: str(d.get(k) or "") for k in WORKLOAD_FIELDS},

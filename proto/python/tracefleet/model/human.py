@@ -170,15 +170,22 @@ def workload_text(e: Event) -> str:
     return f"{escape(e.namespace or '-'):<14} {escape(e.pod or '-'):<28} {escape(cont):<14}"
 
 
-def line(e: Event, node_width: int = 0, workload: bool = False) -> str:
+EXE_WIDTH = 32  # the EXE column of wide tables; a longer path pushes the call right
+
+
+def line(e: Event, node_width: int = 0, workload: bool = False, exe: bool = False) -> str:
     """One aligned line; with node_width, a NODE column after the time; with workload, the
-    NAMESPACE, POD and CONTAINER columns."""
+    NAMESPACE, POD and CONTAINER columns; with exe (wide tables), EXE after COMM (``-``:
+    not known)."""
     node = f" {escape(e.node):<{node_width}}" if node_width else ""
     wl = f" {workload_text(e)}" if workload else ""
-    return f"{clock_text(e.time_ns)}{node}{wl} {e.pid:>7} {escape(e.comm):<16} {call_text(e)}"
+    x = f" {escape(e.exe or '-'):<{EXE_WIDTH}}" if exe else ""
+    return (f"{clock_text(e.time_ns)}{node}{wl} {e.pid:>7} {escape(e.comm):<16}{x} "
+            f"{call_text(e)}")  # fmt: skip
 
 
-def header(node_width: int = 0, workload: bool = False) -> str:
+def header(node_width: int = 0, workload: bool = False, exe: bool = False) -> str:
     node = f" {'NODE':<{node_width}}" if node_width else ""
     wl = f" {'NAMESPACE':<14} {'POD':<28} {'CONTAINER':<14}" if workload else ""
-    return f"{'TIME (UTC)':<15}{node}{wl} {'PID':>7} {'COMM':<16} CALL"
+    x = f" {'EXE':<{EXE_WIDTH}}" if exe else ""
+    return f"{'TIME (UTC)':<15}{node}{wl} {'PID':>7} {'COMM':<16}{x} CALL"

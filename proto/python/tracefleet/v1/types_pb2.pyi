@@ -284,7 +284,7 @@ class EventArg(_message.Message):
     def __init__(self, value: _Optional[str] = ..., status: _Optional[str] = ..., strategy: _Optional[str] = ..., redacted: _Optional[bool] = ..., status_code: _Optional[_Union[ArgStatus, str]] = ..., strategy_code: _Optional[_Union[Strategy, str]] = ..., error: _Optional[str] = ..., addr: _Optional[int] = ..., path_kind: _Optional[str] = ..., int_value: _Optional[int] = ..., string_value: _Optional[str] = ..., string_list: _Optional[_Union[StringList, _Mapping]] = ..., socket_address: _Optional[_Union[SocketAddress, _Mapping]] = ..., open_how: _Optional[_Union[OpenHow, _Mapping]] = ..., flag_set: _Optional[_Union[FlagSet, _Mapping]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args", "time", "duration_ns", "delivery_latency_ns", "cgroup_id", "ppid", "uid", "gid", "strategy", "attribution", "container_id", "pod", "namespace", "pod_uid", "container")
+    __slots__ = ("ts_ns", "node", "event_set", "syscall", "pid", "tid", "comm", "ret", "args", "time", "duration_ns", "delivery_latency_ns", "cgroup_id", "ppid", "uid", "gid", "strategy", "attribution", "container_id", "pod", "namespace", "pod_uid", "container", "exe")
     class ArgsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -315,6 +315,7 @@ class Event(_message.Message):
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     POD_UID_FIELD_NUMBER: _ClassVar[int]
     CONTAINER_FIELD_NUMBER: _ClassVar[int]
+    EXE_FIELD_NUMBER: _ClassVar[int]
     ts_ns: int
     node: str
     event_set: str
@@ -338,4 +339,5 @@ class Event(_message.Message):
     namespace: str
     pod_uid: str
     container: str
-    def __init__(self, ts_ns: _Optional[int] = ..., node: _Optional[str] = ..., event_set: _Optional[str] = ..., syscall: _Optional[str] = ..., pid: _Optional[int] = ..., tid: _Optional[int] = ..., comm: _Optional[str] = ..., ret: _Optional[int] = ..., args: _Optional[_Mapping[str, EventArg]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ns: _Optional[int] = ..., delivery_latency_ns: _Optional[int] = ..., cgroup_id: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., strategy: _Optional[str] = ..., attribution: _Optional[str] = ..., container_id: _Optional[str] = ..., pod: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_uid: _Optional[str] = ..., container: _Optional[str] = ...) -> None: ...
+    exe: str
+    def __init__(self, ts_ns: _Optional[int] = ..., node: _Optional[str] = ..., event_set: _Optional[str] = ..., syscall: _Optional[str] = ..., pid: _Optional[int] = ..., tid: _Optional[int] = ..., comm: _Optional[str] = ..., ret: _Optional[int] = ..., args: _Optional[_Mapping[str, EventArg]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., duration_ns: _Optional[int] = ..., delivery_latency_ns: _Optional[int] = ..., cgroup_id: _Optional[int] = ..., ppid: _Optional[int] = ..., uid: _Optional[int] = ..., gid: _Optional[int] = ..., strategy: _Optional[str] = ..., attribution: _Optional[str] = ..., container_id: _Optional[str] = ..., pod: _Optional[str] = ..., namespace: _Optional[str] = ..., pod_uid: _Optional[str] = ..., container: _Optional[str] = ..., exe: _Optional[str] = ...) -> None: ...

@@ -39,6 +39,7 @@ from tracefleet.agent.capture.engine import (
 from tracefleet.agent.capture.enginestate import EngineOptions as EngineOptions  # callers' import
 from tracefleet.agent.capture.enginestate import SetState
 from tracefleet.agent.capture.eventsets import EVENT_SETS
+from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback, UserFallback
 from tracefleet.agent.capture.ladder import (
     LADDER,
@@ -52,7 +53,14 @@ from tracefleet.agent.capture.ladder import (
     probe_features,
 )
 from tracefleet.agent.kernel import libbpf
-from tracefleet.agent.kernel.abi import TF_SET_MAX, TF_STAT_MAX, Strategy, TfControl
+from tracefleet.agent.kernel.abi import (
+    TF_SET_MAX,
+    TF_STAT_MAX,
+    Strategy,
+    TfControl,
+    TfExeKey,
+    TfStr,
+)
 from tracefleet.agent.kernel.hostcheck import HostInfo, btf_has_name, check_host
 from tracefleet.agent.kernel.kfilter import to_kernel
 from tracefleet.model.filters import FilterError
@@ -139,7 +147,11 @@ class BpfEngine(CaptureEngine):
                                  self.opts.filter_entries),
             follow=self._create(libbpf.BPF_MAP_TYPE_HASH, "tf_follow", 4, 8,
                                 self.opts.filter_entries),
+            exes=self._create(libbpf.BPF_MAP_TYPE_LRU_HASH, "tf_exes",
+                              ctypes.sizeof(TfExeKey), ctypes.sizeof(TfStr),
+                              self.opts.exe_entries),
         )  # fmt: skip
+        self.exes = ExeResolver(self.shared.exes)
         self._cg_lock = threading.Lock()
         self._cg_written: dict[int, int] = {}  # tf_cgroups as last written
         self._follow_obj: libbpf.BpfObject | None = None
@@ -162,7 +174,8 @@ class BpfEngine(CaptureEngine):
         record_fallback = RecordFallback(self._fallback, self._errors, self.acct.count_recovered,
                                          self.acct.fallback_rejected)  # fmt: skip
         self.ring = RingConsumer(self.opts, self._sets, self.acct, record_fallback, self._errors,
-                                 self._create, self._housekeeping, self._lock)  # fmt: skip
+                                 self._create, self._housekeeping, self._lock,
+                                 self.exes)  # fmt: skip
         self._write_control()
 
     # ---- setup -------------------------------------------------------------------------
@@ -523,6 +536,9 @@ class BpfEngine(CaptureEngine):
     def attribution_unknown(self) -> collections.Counter[str] | None:
         att = self.opts.attributor
         return None if att is None else att.unknown
+
+    def exe_unknown(self) -> dict[str, int]:
+        return self.exes.counts()
 
     # ---- report ------------------------------------------------------------------------
     def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:

@@ -29,6 +29,7 @@ from tracefleet.agent.capture.decode import (
 )
 from tracefleet.agent.capture.engine import Filters, SetAggregate
 from tracefleet.agent.capture.eventsets import BY_ID
+from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback
 from tracefleet.agent.kernel import libbpf
 from tracefleet.agent.kernel.abi import TfHdr
@@ -74,6 +75,7 @@ class RingConsumer:
         create_map: CreateMap,
         housekeeping: Callable[[], None],
         lock: threading.RLock,
+        exes: ExeResolver | None = None,
     ) -> None:
         self.opts = opts
         self._sets = sets
@@ -83,6 +85,7 @@ class RingConsumer:
         self._create_map = create_map
         self._housekeeping = housekeeping
         self._lock = lock
+        self._exes = exes or ExeResolver(-1)
         self._sinks: list[EventSink] = []
         self._samples: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=opts.sample_buffer
@@ -198,6 +201,10 @@ class RingConsumer:
             return
         if fallback:
             ev = self._fallback.event(ev, rec, name, now)
+        try:
+            ev["exe"] = self._exes.path(rec.hdr)
+        except Exception as e:  # unknown, never a crash or a lost event
+            self.errors.count(label, "exe", e)
         if self.opts.attributor is not None:
             try:
                 self.opts.attributor.annotate(ev)

@@ -186,6 +186,7 @@ def _header(h: TfHdr, now_ns: int) -> dict[str, Any]:
         "ppid": h.ppid if h.ctx_ok else None,
         "uid": h.uid if h.ctx_ok else None,
         "gid": h.gid if h.ctx_ok else None,
+        "exe": None,  # the consumer resolves it from the header's identity (exe.py)
     }
 
 

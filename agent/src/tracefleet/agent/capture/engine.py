@@ -209,6 +209,11 @@ class CaptureEngine(abc.ABC):
         """Events sent without full workload metadata, per cause; None: no attribution."""
         return None
 
+    def exe_unknown(self) -> Mapping[str, int] | None:
+        """Decoded events whose executable is not known, per cause (capture/exe.py: no-mm,
+        not-in-map, truncated, lookup); None: the engine does not resolve executables."""
+        return None
+
     # ---- BPF run-time statistics ---------------------------------------------------------
     def enable_run_stats(self) -> bool:
         """Turn the kernel's BPF run-time statistics on; False when there is nothing to time."""

@@ -55,6 +55,8 @@ class EngineOptions:
     # workload selectors resolve to cgroup ids; None: neither
     attributor: Any = None
     filter_entries: int = 65536  # cgroup ids / followed processes the kernel maps hold
+    # executables whose path the kernel keeps (tf_exes, an LRU: ~300 bytes each)
+    exe_entries: int = 4096
     # events per namespace for /metrics: off (0), else at most this many namespace label
     # values; events of namespaces beyond it count under "_other" (bounded cardinality)
     namespace_budget: int = 0

@@ -47,6 +47,7 @@ class SharedMaps:
     stats: int
     cgroups: int = -1  # workload filter: cgroup id -> sets (created by the engine)
     follow: int = -1  # followed tgids -> sets
+    exes: int = -1  # executable identity -> path (tf_exes; created by the engine)
 
 
 @dataclass(frozen=True)
@@ -318,7 +319,8 @@ def open_configured(
         obj.maps["tf_control"].reuse_fd(shared.control)
         obj.maps["tf_events"].reuse_fd(shared.events)
         obj.maps["tf_stats"].reuse_fd(shared.stats)
-        for mname, mfd in (("tf_cgroups", shared.cgroups), ("tf_follow", shared.follow)):
+        for mname, mfd in (("tf_cgroups", shared.cgroups), ("tf_follow", shared.follow),
+                           ("tf_exes", shared.exes)):  # fmt: skip
             if mfd >= 0 and mname in obj.maps:
                 obj.maps[mname].reuse_fd(mfd)
         obj.maps[spec.inflight_map].set_max_entries(inflight_entries)

@@ -1015,6 +1015,9 @@ class UserEventsEngine(CaptureEngine):
     def attribution_unknown(self) -> Mapping[str, int] | None:
         return self.inner.attribution_unknown()
 
+    def exe_unknown(self) -> Mapping[str, int] | None:
+        return self.inner.exe_unknown()
+
     def enable_run_stats(self) -> bool:
         return self.inner.enable_run_stats()
 

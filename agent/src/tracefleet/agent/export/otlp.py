@@ -57,7 +57,7 @@ def attributes(ev: dict[str, Any]) -> dict[str, Any]:
         "tracefleet.cgroup_id": ev.get("cgroup_id", 0),
     }
     for key, name in (("ppid", "process.parent_pid"), ("uid", "process.user.id"),
-                      ("gid", "process.group.id")):  # fmt: skip
+                      ("gid", "process.group.id"), ("exe", "process.executable.path")):  # fmt: skip
         if ev.get(key) is not None:
             out[name] = ev[key]
     # workload identity (when the agent attributed the event): semantic-convention names

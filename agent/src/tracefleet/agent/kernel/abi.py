@@ -126,6 +126,7 @@ class Stat(enum.IntEnum):
     ARG_MISMATCH = 12
     ARG_REREAD = 13
     INFLIGHT_STALE = 14
+    EXE_UNRESOLVED = 15
 
 
 class PathKind(enum.IntEnum):
@@ -184,6 +185,19 @@ class TfHdr(ctypes.Structure):
         ("uid", u32),
         ("gid", u32),
         ("ctx_ok", u32),
+        ("exe_ino", u64),
+        ("exe_dev", u32),
+        ("exe_gen", u32),
+    ]
+
+
+class TfExeKey(ctypes.Structure):
+    """Key of tf_exes (the executable's identity; its value is a TfStr, the path)."""
+
+    _fields_ = [
+        ("ino", u64),
+        ("dev", u32),
+        ("gen", u32),
     ]
 
 
@@ -265,6 +279,7 @@ MIRRORS: dict[str, type[ctypes.Structure]] = {
     "tf_str": TfStr,
     "tf_blob": TfBlob,
     "tf_hdr": TfHdr,
+    "tf_exe_key": TfExeKey,
     "tf_event": TfEvent,
     "tf_exec_event": TfExecEvent,
     "tf_vfs_event": TfVfsEvent,

@@ -288,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
         "  tracefleet events --count 20 -o json",
     )
     ev.add_argument("-f", "--follow", action="store_true", help="stream until interrupted")
+    ev.add_argument("--wide", action="store_true",
+                    help="table: an EXE column (the executable's path) after COMM")  # fmt: skip
     ev.add_argument("--node", action="append", default=[], help="only this node (repeatable)")
     ev.add_argument(
         "--event-set", action="append", default=[], help="only this event set (repeatable)"
@@ -905,9 +907,10 @@ def cmd_events(ctx: Ctx) -> int:
             event = wire.event_from_pb(resp.event)
             if ctx.output == "table" and workload is None:
                 workload = bool(event.attribution)
-                print(human.header(node_width, workload), file=ctx.out, flush=True)
+                print(human.header(node_width, workload, a.wide), file=ctx.out, flush=True)
             if ctx.output == "table":  # strace-like, control characters escaped
-                print(human.line(event, node_width, bool(workload)), file=ctx.out, flush=True)
+                print(human.line(event, node_width, bool(workload), a.wide), file=ctx.out,
+                      flush=True)  # fmt: skip
             elif ctx.output == "json":  # the agent's jsonl shape, exact (not escaped)
                 print(json.dumps(event.to_json()), file=ctx.out, flush=True)
             else:
@@ -923,7 +926,7 @@ def cmd_events(ctx: Ctx) -> int:
     finally:
         interrupted.restore()
     if ctx.output == "table" and workload is None:
-        print(human.header(node_width), file=ctx.out, flush=True)
+        print(human.header(node_width, exe=a.wide), file=ctx.out, flush=True)
     if seen == 0:
         ctx.progress(
             "no events: is the event set enabled on the matching nodes? "
