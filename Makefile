@@ -38,11 +38,15 @@ VM_TESTS  ?= tests/bpf tests/e2e/test_fleet_real_agents.py
 # The stage took 2,627 s of the runner's default 2,700 s in an unloaded full run (stop 15),
 # and passed 3,300 s in a CI run (stop 25's, killed at its 98th percent): 60 minutes
 # keep the whole of `make test` under CI's 90 (build ~4, host ~17, 6.12 ~5).
-# Host only too, for time, two suites whose subject is user space over unchanged programs:
-# the BPF run-time statistics flag (a sysctl the agent toggles; ~4 minutes in the guest) and
-# the OTLP exporter across a receiver restart (~2 minutes).
+# Host only too, for time, suites whose subject is user space over unchanged programs:
+# the BPF run-time statistics flag (a sysctl the agent toggles; ~4 minutes in the guest),
+# the OTLP exporter across a receiver restart (~2 minutes) and the compiled ring consumer
+# against the Python one (~8 minutes; its hand-over of lost arguments to the user-space
+# fallback stays: that needs the 7.2 rungs). The stage reached only 115 of its tests in
+# 3,600 s in a loaded run here with the executable in events (its programs load ~18% slower).
 VM_ARGS   ?= --memory 3G --timeout 3600 -- \
-             -k 'not rename_storm and not bpf_run_time_stats and not test_export_otlp'
+             -k 'not rename_storm and not bpf_run_time_stats and not test_export_otlp \
+                 and not (test_fastring and not lost_args)'
 
 # The 6.12 guest (user_events built in): its own short stage, user_events + cold openat.
 VM612_TESTS ?= tests/bpf/test_user_events.py tests/bpf/test_capture_cold.py

@@ -21,6 +21,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BPF_DIR, require_root
+from tests.conftest import BPF_DIR, require_root, scaled
 
 pytestmark = [pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]
@@ -125,15 +126,17 @@ def test_tracefs_unmounted_probe_degrades_to_a_private_mount():
 def test_tracefs_unmounted_capture_degrades_and_captures(tmp_path: Path):
     ready = tmp_path / "ready"
     marker = str(tmp_path / f"tf-hostcheck-{time.monotonic_ns()}")
-    cmd = [*AGENT, "capture", "-e", "file", "--pid", str(os.getpid()), "--duration", "3",
+    cmd = [*AGENT, "capture", "-e", "file", "--pid", str(os.getpid()),
            "--metrics-listen", "off", "--ready-file", str(ready)]  # fmt: skip
     proc = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "sh", "-c", HIDE, "sh",
          "/sys/kernel/tracing /sys/kernel/debug", *cmd],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not ready.exists():
+    # the load takes minutes under emulation: a deadline scaled to the machine, and the agent
+    # (its pid is in the ready file) stopped only once the opens are made
+    deadline = time.monotonic() + scaled(120)
+    while not (ready.exists() and ready.read_text()):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "capture never became ready"
         time.sleep(0.05)
@@ -141,7 +144,8 @@ def test_tracefs_unmounted_capture_degrades_and_captures(tmp_path: Path):
         with open(marker, "w"):
             pass
     os.unlink(marker)
-    out, err = proc.communicate(timeout=120)
+    os.kill(int(ready.read_text()), signal.SIGINT)
+    out, err = proc.communicate(timeout=scaled(120))
     assert proc.returncode == 0, err
     assert "degraded: tracefs was not mounted" in err, err
     assert "capturing file with" in err, err
