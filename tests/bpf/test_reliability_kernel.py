@@ -39,7 +39,7 @@ def _start_capture(tmp_path: Path, *extra: str) -> tuple[subprocess.Popen[bytes]
             stdout=subprocess.DEVNULL,
             stderr=f,
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + scaled(120)  # minutes under emulation
     while not ready.exists():
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, "agent never became ready: " + log.read_text()
@@ -68,7 +68,7 @@ def test_sigkilled_agent_leaves_no_program_link_or_map(host, tmp_path: Path):
         proc.wait(timeout=30)
     reaped = time.monotonic() - t0
     left: tuple[set[int], set[int], set[int]] = (set(), set(), set())
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while True:
         kp, kl, km = _kernel_ids()
         left = (progs & kp, links & kl, maps & km)
