@@ -48,8 +48,8 @@ struct {
 	__type(value, struct tf_exe_cpu);
 } tf_exe_cpu SEC(".maps");
 
-/* Walk the executable's path and store it under k; 0 when stored. A subprogram: the walk is
- * verified once, not in every caller. */
+/* Walk the executable's path and store it under c->last; 0 when stored. A subprogram: the
+ * walk is verified once, not in every caller. */
 static __noinline int tf_exe_resolve(struct tf_exe_cpu *c, struct file *exe)
 {
 	struct dentry *d = BPF_CORE_READ(exe, f_path.dentry);
