@@ -94,8 +94,12 @@ def test_every_event_exactly_once_across_rotated_files(host, tmp_path: Path):
     counts, sets = acct["counts"], acct["event_sets"]
     missing = sorted(set(want) - set(got))
     lost = counts["undeliverable"]["queue_full"] + counts["undeliverable"]["write"]
-    # whatever is missing is accounted for, by the kernel (ring full) or the exporter
-    assert len(missing) <= sets["file"]["dropped"] + lost, (
+    fs = sets["file"]
+    # whatever is missing is accounted for in the stream: by the kernel (ring full; program
+    # runs it skipped under load, as the 7.2 guest does: a skipped entry is `missed`, a
+    # skipped exit leaves an entry `in_flight` or `lost` once reaped) or by the exporter
+    kernel = fs["dropped"] + fs["lost"] + fs["in_flight"] + fs["missed"]
+    assert len(missing) <= kernel + lost, (
         f"{len(missing)} of {N} missing (first {missing[:3]}, last {missing[-3:]}), "
         f"not counted: counts={counts} file set={sets['file']}; agent stderr:\n{err[-3000:]}"
     )

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from tracefleet.agent.capture.eventsets import EVENT_SETS
 from tracefleet.model import Event
 from tracefleet.model.event import time_text
 
@@ -230,19 +231,26 @@ class ExportHub:
 def engine_accounting(engine: Any) -> Accounting:
     """The node's accounting per event set, from the engine: events delivered to user space
     (``delivered``), lost in the kernel because the ring was full (``dropped``), and
-    records the agent failed on (``record_errors``)."""
+    records the agent failed on (``record_errors``). Syscall sets add the rest of the
+    engine's call accounting, so a reader of the stream can tell every missing call's fate:
+    ``lost`` (in-flight entries lost or reaped: a skipped exit leaves one), ``in_flight``
+    (entries not yet completed), ``missed`` and ``missed_exit`` (runs of the set's entry
+    and exit programs the kernel skipped; an upper bound, of any process)."""
+    call_accounting = getattr(engine, "accounting", None)
 
     def read() -> dict[str, Any]:
         errors: collections.Counter[str] = collections.Counter()
         for (s, _cause), n in engine.errors.snapshot().items():
             errors[s] += n
-        return {
-            name: {
-                "delivered": sa.delivered,
-                "dropped": sa.dropped,
-                "record_errors": errors.get(name, 0),
-            }
-            for name, sa in engine.totals().items()
-        }
+        out: dict[str, Any] = {}
+        for name, sa in engine.totals().items():
+            row = {"delivered": sa.delivered, "dropped": sa.dropped,
+                   "record_errors": errors.get(name, 0)}  # fmt: skip
+            spec = EVENT_SETS.get(name)
+            if call_accounting is not None and spec is not None and not spec.ladder:
+                acc = call_accounting(name)
+                row.update({k: acc[k] for k in ("lost", "in_flight", "missed", "missed_exit")})
+            out[name] = row
+        return out
 
     return read
