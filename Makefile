@@ -87,8 +87,8 @@ $(WL_OUT)/%: tests/workloads/%.c $(wildcard tests/workloads/*.h) | $(WL_OUT)
 
 workloads: $(WL_BINS) native ## build the C test workloads into build/workloads (and native)
 
-$(NATIVE_SO): agent/native/fastring.c
-	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -o $@.tmp $< -lbpf && mv $@.tmp $@
+$(NATIVE_SO): agent/native/fastring.c agent/native/jsonfmt.c agent/native/jsonfmt.h
+	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -o $@.tmp agent/native/fastring.c agent/native/jsonfmt.c -lbpf -lpthread && mv $@.tmp $@
 
 native: $(NATIVE_SO) ## build the compiled ring consumer (agent/native) into the agent package
 
