@@ -23,6 +23,7 @@
 #include <bpf/libbpf.h>
 
 #include "jsonfmt.h"
+#include "rdbytes.h"
 
 #define TF_FAST_ABI 4
 #define MAX_BOUNDS 64
@@ -113,20 +114,6 @@ static inline uint32_t rand32(struct tf_fast *f)
 	return (uint32_t)((x * 0x2545F4914F6CDD1Dull) >> 32);
 }
 
-static inline uint64_t rd_u64(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return v;
-}
-
-static inline uint16_t rd_u16(const uint8_t *p)
-{
-	uint16_t v;
-	memcpy(&v, p, 2);
-	return v;
-}
-
 static int has_lost_arg(const struct tf_fast *f, const uint8_t *d, size_t size, uint16_t kind)
 {
 	const struct tf_fast_params *p = &f->p;
@@ -139,7 +126,7 @@ static int has_lost_arg(const struct tf_fast *f, const uint8_t *d, size_t size, 
 			return 0;
 		if (d[off + p->strh_status_off] == p->lost_status)
 			return 1;
-		off += p->strh_size + rd_u16(d + off + p->strh_len_off);
+		off += p->strh_size + u16_at(d + off + p->strh_len_off);
 	}
 	return p->lost_argv[kind] && off + p->strh_status_off < size &&
 	       d[off + p->strh_status_off] == p->lost_status;
@@ -185,7 +172,7 @@ static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 		return 0;
 	}
 	uint32_t set = d[f->p.off_set];
-	uint32_t sc = rd_u16(d + f->p.off_syscall);
+	uint32_t sc = u16_at(d + f->p.off_syscall);
 	if (set >= f->p.nsets || sc >= f->p.nsyscalls)
 		return forward(f, d, size, REC_RAW, now);
 	/* written by tf_fast_set from other threads while this poll runs */
@@ -196,7 +183,7 @@ static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 		    ((fl & SET_SAMPLE) &&
 		     rand32(f) < __atomic_load_n(&f->sample_thr[set], __ATOMIC_RELAXED)))
 			flags |= REC_SAMPLE;
-		if ((fl & SET_FALLBACK) && has_lost_arg(f, d, size, rd_u16(d + f->p.off_kind)))
+		if ((fl & SET_FALLBACK) && has_lost_arg(f, d, size, u16_at(d + f->p.off_kind)))
 			flags |= REC_FALLBACK;
 		if (!flags && (fl & SET_JSONL) && f->jf) {
 			if (tf_jfmt_record(f->jf, d, size, now)) {
@@ -215,7 +202,7 @@ static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 aggregate:;
 	/* aggregate-only: what capture.py's _on_record counts, bucketed like Histogram.observe */
 	struct set_agg *a = &f->agg[set];
-	uint64_t ts = rd_u64(d + f->p.off_ts);
+	uint64_t ts = u64_at(d + f->p.off_ts);
 	double v = (double)(now > ts ? now - ts : 0) / 1e9;
 	uint32_t i = 0;
 	while (i < f->p.nbounds && v > f->p.bounds[i])
@@ -500,7 +487,7 @@ long tf_perf_drain(uint8_t *page, uint64_t data_off, uint64_t data_size,
 			uint8_t lost[24];
 			if (size >= 24) {
 				ring_copy(lost, data, data_size, tail, 24);
-				counts[0] += rd_u64(lost + 16);
+				counts[0] += u64_at(lost + 16);
 			} else {
 				counts[1]++;
 			}

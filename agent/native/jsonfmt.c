@@ -27,6 +27,7 @@
 #include <bpf/bpf.h>
 
 #include "jsonfmt.h"
+#include "rdbytes.h"
 
 #define TF_JFMT_ABI 2
 #define NAME_MAX_LEN 48
@@ -401,27 +402,6 @@ static void put_time(struct lb *b, struct tf_jfmt *j, uint64_t ns)
 }
 
 /* ---- record fields --------------------------------------------------------------------- */
-
-static inline uint64_t u64_at(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return v;
-}
-
-static inline uint32_t u32_at(const uint8_t *p)
-{
-	uint32_t v;
-	memcpy(&v, p, 4);
-	return v;
-}
-
-static inline uint16_t u16_at(const uint8_t *p)
-{
-	uint16_t v;
-	memcpy(&v, p, 2);
-	return v;
-}
 
 struct strh {
 	uint64_t uptr;
