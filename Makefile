@@ -30,7 +30,8 @@ QUICK     ?=
 # (SIGKILL leaks, in-flight entries, drops counted exactly), the perf ring overflow and VFS.
 # On the host only: suites whose subject is user space over the same programs (the file
 # and OTLP exporters, the record encoding, the compiled ring consumer against the Python
-# one, the consumer's housekeeping and health, workload identity, host features the agent
+# one, the compiled jsonl formatter's byte comparisons (it still formats every `capture -o
+# jsonl` there), the consumer's housekeeping and health, workload identity, host features the agent
 # survives, real agents in a fleet) and the rename storms. Why: the whole suite took
 # ~4,300 s of the guest here and 2,907 s to more than 3,600 s in CI (stop 27's CI run
 # reached 71% in its 3,600 s), leaving no room in CI's 90 minutes; this selection took
@@ -84,8 +85,8 @@ $(WL_OUT)/%: tests/workloads/%.c $(wildcard tests/workloads/*.h) | $(WL_OUT)
 
 workloads: $(WL_BINS) native ## build the C test workloads into build/workloads (and native)
 
-$(NATIVE_SO): agent/native/fastring.c
-	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -o $@.tmp $< -lbpf && mv $@.tmp $@
+$(NATIVE_SO): agent/native/fastring.c agent/native/jsonfmt.c agent/native/jsonfmt.h agent/native/rdbytes.h
+	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -o $@.tmp agent/native/fastring.c agent/native/jsonfmt.c -lbpf -lpthread && mv $@.tmp $@
 
 native: $(NATIVE_SO) ## build the compiled ring consumer (agent/native) into the agent package
 

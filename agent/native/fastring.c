@@ -22,7 +22,10 @@
 
 #include <bpf/libbpf.h>
 
-#define TF_FAST_ABI 3
+#include "jsonfmt.h"
+#include "rdbytes.h"
+
+#define TF_FAST_ABI 4
 #define MAX_BOUNDS 64
 #define MAX_KINDS 8
 #define MAX_HEADS 8
@@ -32,6 +35,7 @@
 #define SET_SAMPLE 2u   /* sample_threshold: share of records sampled, of 2^32 */
 #define SET_FALLBACK 4u /* records with a lost argument go to the user-space fallback */
 #define SET_SAMPLE_ALL 8u /* sample rate >= 1 */
+#define SET_JSONL 16u /* the only reader is the jsonl output: the formatter writes the line */
 
 /* per batch entry flags */
 #define REC_SAMPLE 1u
@@ -80,6 +84,8 @@ struct tf_fast {
 	uint8_t *batch;
 	size_t batch_len, batch_cap;
 	int full;
+	struct tf_jfmt *jf; /* the compiled jsonl formatter (jsonfmt.c), or NULL */
+	uint64_t jsonl_c, jsonl_py; /* lines of SET_JSONL sets: made in C, left to Python */
 };
 
 /* batch entry: u32 size, u32 flags, u64 receive time (CLOCK_MONOTONIC ns), record, padded */
@@ -108,20 +114,6 @@ static inline uint32_t rand32(struct tf_fast *f)
 	return (uint32_t)((x * 0x2545F4914F6CDD1Dull) >> 32);
 }
 
-static inline uint64_t rd_u64(const uint8_t *p)
-{
-	uint64_t v;
-	memcpy(&v, p, 8);
-	return v;
-}
-
-static inline uint16_t rd_u16(const uint8_t *p)
-{
-	uint16_t v;
-	memcpy(&v, p, 2);
-	return v;
-}
-
 static int has_lost_arg(const struct tf_fast *f, const uint8_t *d, size_t size, uint16_t kind)
 {
 	const struct tf_fast_params *p = &f->p;
@@ -134,7 +126,7 @@ static int has_lost_arg(const struct tf_fast *f, const uint8_t *d, size_t size, 
 			return 0;
 		if (d[off + p->strh_status_off] == p->lost_status)
 			return 1;
-		off += p->strh_size + rd_u16(d + off + p->strh_len_off);
+		off += p->strh_size + u16_at(d + off + p->strh_len_off);
 	}
 	return p->lost_argv[kind] && off + p->strh_status_off < size &&
 	       d[off + p->strh_status_off] == p->lost_status;
@@ -180,7 +172,7 @@ static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 		return 0;
 	}
 	uint32_t set = d[f->p.off_set];
-	uint32_t sc = rd_u16(d + f->p.off_syscall);
+	uint32_t sc = u16_at(d + f->p.off_syscall);
 	if (set >= f->p.nsets || sc >= f->p.nsyscalls)
 		return forward(f, d, size, REC_RAW, now);
 	/* written by tf_fast_set from other threads while this poll runs */
@@ -191,14 +183,26 @@ static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 		    ((fl & SET_SAMPLE) &&
 		     rand32(f) < __atomic_load_n(&f->sample_thr[set], __ATOMIC_RELAXED)))
 			flags |= REC_SAMPLE;
-		if ((fl & SET_FALLBACK) && has_lost_arg(f, d, size, rd_u16(d + f->p.off_kind)))
+		if ((fl & SET_FALLBACK) && has_lost_arg(f, d, size, u16_at(d + f->p.off_kind)))
 			flags |= REC_FALLBACK;
-		if ((fl & SET_DELIVER) || flags)
+		if (!flags && (fl & SET_JSONL) && f->jf) {
+			if (tf_jfmt_record(f->jf, d, size, now)) {
+				f->jsonl_c++;
+				goto aggregate; /* written: counted here as aggregate-only records are */
+			}
+			f->jsonl_py++; /* declined (reason counted there): Python writes it */
+			return forward(f, d, size, 0, now);
+		}
+		if ((fl & (SET_DELIVER | SET_JSONL)) || flags) {
+			if (fl & SET_JSONL)
+				f->jsonl_py++;
 			return forward(f, d, size, flags, now);
+		}
 	}
+aggregate:;
 	/* aggregate-only: what capture.py's _on_record counts, bucketed like Histogram.observe */
 	struct set_agg *a = &f->agg[set];
-	uint64_t ts = rd_u64(d + f->p.off_ts);
+	uint64_t ts = u64_at(d + f->p.off_ts);
 	double v = (double)(now > ts ? now - ts : 0) / 1e9;
 	uint32_t i = 0;
 	while (i < f->p.nbounds && v > f->p.bounds[i])
@@ -299,6 +303,12 @@ int tf_fast_set(struct tf_fast *f, uint32_t set, uint32_t flags, uint32_t sample
 	return 0;
 }
 
+/* The jsonl formatter records of SET_JSONL sets are written by (NULL: none). */
+void tf_fast_set_jsonl(struct tf_fast *f, struct tf_jfmt *jf)
+{
+	f->jf = jf;
+}
+
 /* The flags a set's records are consumed with now (what tf_fast_set last stored). */
 uint32_t tf_fast_flags(const struct tf_fast *f, uint32_t set)
 {
@@ -364,10 +374,12 @@ void tf_fast_reset(struct tf_fast *f)
 	f->full = 0;
 }
 
-/* counters[0..3] = records seen, forwarded to the batch, shorter than a header, not
- * forwarded for want of memory */
+/* counters[0..5] = records seen, forwarded to the batch, shorter than a header, not
+ * forwarded for want of memory, lines of SET_JSONL sets made in C, left to Python */
 void tf_fast_counters(const struct tf_fast *f, uint64_t *out)
 {
+	out[4] = f->jsonl_c;
+	out[5] = f->jsonl_py;
 	out[0] = f->records;
 	out[1] = f->forwarded;
 	out[2] = f->short_records;
@@ -475,7 +487,7 @@ long tf_perf_drain(uint8_t *page, uint64_t data_off, uint64_t data_size,
 			uint8_t lost[24];
 			if (size >= 24) {
 				ring_copy(lost, data, data_size, tail, 24);
-				counts[0] += rd_u64(lost + 16);
+				counts[0] += u64_at(lost + 16);
 			} else {
 				counts[1]++;
 			}

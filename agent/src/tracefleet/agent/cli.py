@@ -30,6 +30,7 @@ from tracefleet.model.netaddr import check_peer_address, is_loopback, split_host
 if TYPE_CHECKING:  # imported where used: the CLI starts without loading libbpf
     from tracefleet.agent.capture.bpfengine import BpfEngine
     from tracefleet.agent.capture.engine import CaptureEngine
+    from tracefleet.agent.capture.jsonfmt import JsonFormatter
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_HOST = 0, 1, 2, 3
 STRATEGY_CHOICES = ("auto", *STRATEGIES)  # the last two are the vfs hooks
@@ -429,21 +430,25 @@ def cmd_capture(args: argparse.Namespace) -> int:
         engine.close()
         print(f"tracefleet-agent: {e}", file=sys.stderr)
         return EXIT_ERROR
+    from tracefleet.agent.capture.jsonfmt import python_line
+
     out: TextIO = sys.stdout
     stop = threading.Event()
-    lock = threading.Lock()
+    jsonl: JsonFormatter | None = None  # the compiled jsonl output, where it runs
     wide = args.output == "wide"
 
     def sink(ev: dict[str, Any]) -> None:
-        with lock:
-            try:
-                event = Event.from_json(ev)
-                if args.output == "jsonl":
-                    out.write(json.dumps(event.to_json(), separators=(",", ":")) + "\n")
-                else:  # strace-like, control characters escaped; wide: with EXE
-                    out.write(human.line(event, workload=show_workload, exe=wide) + "\n")
-            except BrokenPipeError:  # the reader went away (| head): stop, not an error
-                stop.set()
+        # called from the one polling thread (this one): no lock
+        try:
+            if jsonl is not None:  # the records the compiled formatter left to Python
+                jsonl.write(python_line(ev))
+            elif args.output == "jsonl":
+                out.write(python_line(ev).decode())
+            else:  # strace-like, control characters escaped; wide: with EXE
+                line = human.line(Event.from_json(ev), workload=show_workload, exe=wide)
+                out.write(line + "\n")
+        except BrokenPipeError:  # the reader went away (| head): stop, not an error
+            stop.set()
 
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -451,6 +456,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if hub is not None:
             engine.add_sink(hub)
         engine.add_sink(sink)
+        if args.output == "jsonl":
+            out.flush()
+            jsonl = engine.compiled_jsonl(out.fileno(), sink)
         statuses = engine.apply({n: EventSetConfig(n, True, filters) for n in names})
         failed = False
         for st in statuses:
@@ -472,6 +480,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         while not stop.is_set():
             engine.poll_once()
             out.flush()
+            if jsonl is not None and jsonl.broken:  # the reader went away
+                break
             if deadline and time.monotonic() >= deadline:
                 break
         # as `run` stops: detach, then drain until the rings are empty, so records committed
@@ -481,6 +491,8 @@ def cmd_capture(args: argparse.Namespace) -> int:
         if hub is not None:
             hub.close()  # its last accounting record follows the drained events
         _summary(engine, names, hub)
+        if jsonl is not None:  # which lines C made, which Python made (and why)
+            print(f"  jsonl: {json.dumps(engine.jsonl_counts())}", file=sys.stderr)
     finally:
         if hub is not None:
             hub.close()

@@ -289,47 +289,58 @@ _MSG_BITS = (
 )  # fmt: skip
 
 
-def _bits(raw: int, table: tuple[tuple[str, int], ...], out: list[str]) -> list[str]:
-    rest = raw
-    for name, bit in table:
-        if bit and rest & bit == bit:
-            out.append(name)
-            rest &= ~bit
-    if rest:
-        out.append(hex(rest))
-    return out
+@dataclass(frozen=True, slots=True)
+class FlagTable:
+    """How a flags argument is named: with ``accmode``, the access mode (raw & 3) first, by
+    its index in ``accmode``; then each of ``bits`` in order whose bits are all set, removed
+    once named; then what is left, in hex. The one definition of flag names (the compiled
+    jsonl formatter is handed these tables)."""
+
+    accmode: tuple[str, ...]  # () or the names of raw & 3 == 0, 1, 2, 3
+    bits: tuple[tuple[str, int], ...]
+
+    def names(self, raw: int) -> list[str]:
+        raw &= (1 << 64) - 1
+        out: list[str] = []
+        rest = raw
+        if self.accmode:
+            out.append(self.accmode[raw & 3])
+            rest = raw & ~3
+        for name, bit in self.bits:
+            if bit and rest & bit == bit:
+                out.append(name)
+                rest &= ~bit
+        if rest:
+            out.append(hex(rest))
+        return out
 
 
-def _open_flags(raw: int) -> list[str]:
-    acc = raw & 3
-    out = [{0: "O_RDONLY", 1: "O_WRONLY", 2: "O_RDWR"}.get(acc, "O_ACCMODE")]
-    rest = raw & ~3
-    if _O_TMPFILE and rest & _O_TMPFILE == _O_TMPFILE:
-        out.append("O_TMPFILE")
-        rest &= ~_O_TMPFILE
-    if _O_SYNC and rest & _O_SYNC == _O_SYNC:
-        out.append("O_SYNC")
-        rest &= ~_O_SYNC
-    return _bits(rest, _O_BITS, out)
-
-
+_OPEN_TABLE = FlagTable(
+    ("O_RDONLY", "O_WRONLY", "O_RDWR", "O_ACCMODE"),
+    (("O_TMPFILE", _O_TMPFILE), ("O_SYNC", _O_SYNC), *_O_BITS),
+)
 _OPEN_CALLS = frozenset({"open", "openat", "vfs_open"})
 _AT_CALLS = frozenset({"unlinkat", "newfstatat", "statx", "execveat", "fchmodat"})
+_TABLES: tuple[tuple[frozenset[str], FlagTable], ...] = (
+    (_OPEN_CALLS, _OPEN_TABLE),
+    (_AT_CALLS, FlagTable((), _AT_BITS)),
+    (frozenset({"renameat2"}), FlagTable((), _RENAME_BITS)),
+    (frozenset({"accept4"}), FlagTable((), _SOCK_BITS)),
+    (frozenset({"sendto"}), FlagTable((), _MSG_BITS)),
+)
+
+
+def flag_table(syscall: str, arg: str) -> FlagTable | None:
+    """The flag table of this argument, or None if it is not a flag set."""
+    if arg != "flags":
+        return None
+    for calls, table in _TABLES:
+        if syscall in calls:
+            return table
+    return None
 
 
 def flag_names(syscall: str, arg: str, raw: int) -> tuple[str, ...] | None:
     """Names of a flags argument, or None if this argument is not a flag set."""
-    if arg != "flags":
-        return None
-    raw &= (1 << 64) - 1
-    if syscall in _OPEN_CALLS:
-        return tuple(_open_flags(raw))
-    if syscall in _AT_CALLS:
-        return tuple(_bits(raw, _AT_BITS, []))
-    if syscall == "renameat2":
-        return tuple(_bits(raw, _RENAME_BITS, []))
-    if syscall == "accept4":
-        return tuple(_bits(raw, _SOCK_BITS, []))
-    if syscall == "sendto":
-        return tuple(_bits(raw, _MSG_BITS, []))
-    return None
+    table = flag_table(syscall, arg)
+    return None if table is None else tuple(table.names(raw))

@@ -41,6 +41,7 @@ from tracefleet.agent.capture.enginestate import SetState
 from tracefleet.agent.capture.eventsets import EVENT_SETS
 from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback, UserFallback
+from tracefleet.agent.capture.jsonfmt import JsonFormatter
 from tracefleet.agent.capture.ladder import (
     LADDER,
     RUNG_NEEDS,
@@ -467,6 +468,14 @@ class BpfEngine(CaptureEngine):
     def remove_sink(self, sink: EventSink) -> None:
         self.ring.remove_sink(sink)
 
+    def compiled_jsonl(self, fd: int, sink: EventSink) -> JsonFormatter | None:
+        """capture -o jsonl: lines rendered in C to ``fd`` while ``sink`` is the only sink
+        (RingConsumer.compiled_jsonl); None where that does not run."""
+        return self.ring.compiled_jsonl(fd, sink)
+
+    def jsonl_counts(self) -> dict[str, Any] | None:
+        return self.ring.jsonl_counts()
+
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         return self.ring.sample_events(limit)
 
@@ -538,7 +547,10 @@ class BpfEngine(CaptureEngine):
         return None if att is None else att.unknown
 
     def exe_unknown(self) -> dict[str, int]:
-        return self.exes.counts()
+        out = self.exes.counts()
+        for cause, n in self.ring.exe_unknown_compiled().items():  # the compiled jsonl lines
+            out[cause] = out.get(cause, 0) + n
+        return out
 
     # ---- report ------------------------------------------------------------------------
     def capabilities(self, *, load: bool = False) -> Mapping[str, Any]:

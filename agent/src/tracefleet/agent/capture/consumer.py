@@ -24,6 +24,7 @@ from tracefleet.agent.capture.contain import ANY_SET, UNKNOWN_SET, ErrorCounter
 from tracefleet.agent.capture.decode import (
     LOST_HEADS,
     SYSCALL_NAMES,
+    WALL_CLOCK,
     decode_record,
     has_lost_arg,
 )
@@ -31,6 +32,7 @@ from tracefleet.agent.capture.engine import Filters, SetAggregate
 from tracefleet.agent.capture.eventsets import BY_ID
 from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback
+from tracefleet.agent.capture.jsonfmt import FormatterError, JsonFormatter
 from tracefleet.agent.kernel import libbpf
 from tracefleet.agent.kernel.abi import TfHdr
 
@@ -99,6 +101,8 @@ class RingConsumer:
         self._sync_lock = threading.Lock()  # sync(): state read + push, as one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # the compiled jsonl output and the sink it stands for (compiled_jsonl)
+        self._jsonl: tuple[JsonFormatter, EventSink] | None = None
 
     # ---- rings -------------------------------------------------------------------------
     def ring_for(self, name: str) -> int:
@@ -125,8 +129,11 @@ class RingConsumer:
         if self.kind()[0]:
             try:
                 # the aggregates by lookup: collect() swaps the interval
-                return fastring.FastRing(fd, self.on_record, lambda: self._acct.agg,
-                                         LOST_HEADS, self.errors)  # fmt: skip
+                rb = fastring.FastRing(fd, self.on_record, lambda: self._acct.agg,
+                                       LOST_HEADS, self.errors)  # fmt: skip
+                if self._jsonl is not None:
+                    rb.set_jsonl(self._jsonl[0])
+                return rb
             except Exception as e:  # said once; the Python consumer does the same work
                 log.warning("compiled ring consumer failed to start, using Python: %s", e)
                 self.opts.compiled_consumer = False
@@ -140,6 +147,51 @@ class RingConsumer:
     def remove_sink(self, sink: EventSink) -> None:
         self._sinks = [s for s in self._sinks if s is not sink]
         self.sync()
+
+    def compiled_jsonl(self, fd: int, sink: EventSink) -> JsonFormatter | None:
+        """Write the jsonl lines to ``fd`` from the compiled formatter while ``sink`` (which
+        writes the same lines from Python, through ``JsonFormatter.write``) is the only sink:
+        records it renders make no Python call. None (and ``sink`` does all the work) where
+        the compiled consumer does not run or the formatter refuses (logged)."""
+        lib = fastring.library()
+        if lib is None or not self.kind()[0]:
+            return None
+        att = self.opts.attributor
+        try:
+            jf = JsonFormatter(lib, fd, need_ident=att is not None, exe_fd=self._exes.fd)
+        except FormatterError as e:
+            log.warning("compiled jsonl formatter not used: %s", e)
+            return None
+        if att is not None:
+            # the workload fields of every cgroup known, now and after each refresh: the
+            # first records of a cgroup need no Python either
+            def refresh() -> None:
+                jf.refresh_idents([cg for cg, _ in att.cgroups.items()], att.settled_identity)
+
+            refresh()
+            att.add_listener(refresh)
+        with self._rb_lock:
+            self._jsonl = (jf, sink)
+            if isinstance(self.rb, fastring.FastRing):
+                self.rb.set_jsonl(jf)
+        self.sync()
+        return jf
+
+    def jsonl_counts(self) -> dict[str, Any] | None:
+        """Lines of the compiled jsonl output: made in C, left to Python (and why)."""
+        if self._jsonl is None:
+            return None
+        out = self._jsonl[0].counters()
+        rb = self.rb
+        if isinstance(rb, fastring.FastRing):
+            c = rb.counters()
+            out["python"] = c["jsonl_python"]
+        return out
+
+    def exe_unknown_compiled(self) -> dict[str, int]:
+        """Lines the compiled jsonl output made with an unknown exe, per cause (ExeResolver's
+        counts are of the records Python decoded: the two add up)."""
+        return self._jsonl[0].exe_counters()[0] if self._jsonl is not None else {}
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -208,6 +260,8 @@ class RingConsumer:
         if self.opts.attributor is not None:
             try:
                 self.opts.attributor.annotate(ev)
+                if self._jsonl is not None:
+                    self._settle_identity(int(ev["cgroup_id"]))
             except Exception as e:
                 self.errors.count(label, "attribution", e)
         if st is not None and st.filters.path_prefixes:
@@ -228,6 +282,24 @@ class RingConsumer:
             except Exception as e:
                 self.errors.count(label, "sink", e)
 
+    def _settle_identity(self, cg: int) -> None:
+        """Hand a cgroup's workload fields to the compiled formatter once they are settled."""
+        assert self._jsonl is not None and self.opts.attributor is not None
+        jf = self._jsonl[0]
+        if not jf.knows(cg):
+            ident = self.opts.attributor.settled_identity(cg)
+            if ident is not None:
+                jf.add_ident(cg, ident)
+
+    def _flush_jsonl(self) -> None:
+        """After each poll: the compiled output's buffer to its fd (a failure is the CLI's
+        to see: JsonFormatter.broken)."""
+        if self._jsonl is not None:
+            try:
+                self._jsonl[0].flush()
+            except OSError as e:
+                self.errors.count(ANY_SET, "sink", e)
+
     def _count_namespace(self, name: str, raw: bytes) -> None:
         cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
         ns = self.opts.attributor.namespace_of(cg)
@@ -245,7 +317,10 @@ class RingConsumer:
         with self._rb_lock:
             if self.rb is not None:
                 self.sync()
-                return self.rb.poll(timeout)
+                try:
+                    return self.rb.poll(timeout)
+                finally:
+                    self._flush_jsonl()
         self._stop.wait(timeout / 1000)  # no set loaded yet: nothing to poll
         return 0
 
@@ -254,7 +329,10 @@ class RingConsumer:
             if self.rb is None:
                 return 0
             self.sync()
-            return self.rb.consume()
+            try:
+                return self.rb.consume()
+            finally:
+                self._flush_jsonl()
 
     def sync(self) -> None:
         """Tell the compiled consumer which records Python needs (sinks, samples, fallback);
@@ -265,8 +343,13 @@ class RingConsumer:
             # add_sink and delayed, landed after it and one poll's records went uncopied
             with self._sync_lock:
                 deliver = bool(self._sinks)
-                rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback)
-                             for st in self._sets.values())  # fmt: skip
+                # the jsonl output is the only reader: its lines are made in C
+                jsonl = (self._jsonl is not None and self._sinks == [self._jsonl[1]]
+                         and not self.opts.namespace_budget)  # fmt: skip
+                if jsonl and self._jsonl is not None:
+                    self._jsonl[0].set_offset(WALL_CLOCK.offset_at(time.monotonic_ns()))
+                rb.configure((int(st.spec.set_id), deliver, st.sample_rate, st.user_fallback,
+                              jsonl) for st in self._sets.values())  # fmt: skip
 
     def start(self) -> None:
         if self._thread:
@@ -340,8 +423,13 @@ class RingConsumer:
             except Exception as e:
                 self.errors.count(ANY_SET, "poll", e)
                 return 0
+            finally:
+                self._flush_jsonl()
 
     def close(self) -> None:
         """Unmap the rings; only after stop() returned True."""
+        self._flush_jsonl()
         if self.rb is not None:
             self.rb.close()
+        if self._jsonl is not None:
+            self._jsonl[0].close()

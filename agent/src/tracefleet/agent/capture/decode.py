@@ -58,18 +58,18 @@ _U16 = struct.Struct("=H")
 SYSCALL_NAMES = {int(s): s.name.lower() for s in Syscall}
 
 
+# labels by code, made once from the enums (an enum call per argument cost more than the rest
+# of the argument's decode)
+_STATUS_LABELS = {int(s): s.label for s in Status}
+_STRATEGY_LABELS = {int(s): s.label for s in Strategy}
+
+
 def _status(code: int) -> str:
-    try:
-        return Status(code).label
-    except ValueError:
-        return f"unknown({code})"
+    return _STATUS_LABELS.get(code) or f"unknown({code})"
 
 
 def _strategy(code: int) -> str:
-    try:
-        return Strategy(code).label
-    except ValueError:
-        return f"unknown({code})"
+    return _STRATEGY_LABELS.get(code) or f"unknown({code})"
 
 
 def _err(value: int) -> str:

@@ -23,6 +23,7 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tracefleet.agent.capture.contain import UNKNOWN_SET, ErrorCounter
 from tracefleet.agent.capture.decode import (
@@ -48,11 +49,11 @@ log = logging.getLogger("tracefleet.agent")
 
 ENV = "TRACEFLEET_FASTRING"  # unset or "on": compiled consumer; "off": Python; a path: that library
 LIB_NAME = "libtfring.so"
-ABI = 3
+ABI = 4
 _MAX_BOUNDS, _MAX_KINDS, _MAX_HEADS = 64, 8, 8
 
 # per-set flags and per-entry flags (fastring.c)
-SET_DELIVER, SET_SAMPLE, SET_FALLBACK, SET_SAMPLE_ALL = 1, 2, 4, 8
+SET_DELIVER, SET_SAMPLE, SET_FALLBACK, SET_SAMPLE_ALL, SET_JSONL = 1, 2, 4, 8, 16
 REC_SAMPLE, REC_FALLBACK, REC_RAW = 1, 2, 4
 _ENTRY = struct.Struct("=IIQ")  # size, flags, receive time (CLOCK_MONOTONIC ns)
 _DOUBLE = struct.Struct("=d")
@@ -141,6 +142,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.tf_fast_free.restype = None
         lib.tf_fast_add.argtypes = [_vp, ctypes.c_int]
         lib.tf_fast_set.argtypes = [_vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32]
+        lib.tf_fast_set_jsonl.argtypes = [_vp, _vp]
+        lib.tf_fast_set_jsonl.restype = None
         lib.tf_fast_flags.argtypes = [_vp, ctypes.c_uint32]
         lib.tf_fast_flags.restype = ctypes.c_uint32
         lib.tf_fast_abort.argtypes = [_vp]
@@ -189,6 +192,12 @@ def consumer_status() -> tuple[bool, str]:
             if _lib is None:
                 log.warning("ring buffer consumer: Python (one call per record): %s", why)
         return _status
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library (None where it does not load): the jsonl formatter is in it too."""
+    consumer_status()
+    return _lib
 
 
 def params(lost_heads: Mapping[int, tuple[int, int, bool]], batch_bytes: int = 4 << 20) -> _Params:
@@ -261,15 +270,25 @@ class FastRing:
         if err < 0:
             raise libbpf.LibbpfError(err, "add a ring buffer to the consumer")
 
-    def configure(self, sets: Iterable[tuple[int, bool, float, bool]]) -> None:
-        """Per set (id, deliver every record, sample rate, user fallback): which records the C
-        side copies for Python. Pushed only when changed. Callers serialise it with their
+    def set_jsonl(self, formatter: Any) -> None:
+        """The compiled jsonl formatter (jsonfmt.JsonFormatter, or None) that writes the lines
+        of the sets configured with ``jsonl``."""
+        assert self._ptr
+        self._lib.tf_fast_set_jsonl(self._ptr, formatter.ptr if formatter is not None else None)
+
+    def configure(self, sets: Iterable[tuple[int, bool, float, bool, bool]]) -> None:
+        """Per set (id, deliver every record, sample rate, user fallback, jsonl): which
+        records the C side copies for Python; with jsonl (the jsonl output is the only reader)
+        the formatter writes the line of every record it can render, and the others are
+        copied. Pushed only when changed. Callers serialise it with their
         reading of that state (consumer.py's _sync_lock): a push computed from older state
         must not land after a newer one."""
         if not self._ptr:
             return
-        for set_id, deliver, rate, fallback in sets:
-            flags = (SET_DELIVER if deliver else 0) | (SET_FALLBACK if fallback else 0)
+        for set_id, deliver, rate, fallback, jsonl in sets:
+            flags = (SET_JSONL if jsonl else SET_DELIVER if deliver else 0) | (
+                SET_FALLBACK if fallback else 0
+            )
             thr = 0
             if rate >= 1.0:
                 flags |= SET_SAMPLE_ALL
@@ -353,9 +372,10 @@ class FastRing:
 
     def counters(self) -> dict[str, int]:
         assert self._ptr
-        out = (ctypes.c_uint64 * 4)()
+        out = (ctypes.c_uint64 * 6)()
         self._lib.tf_fast_counters(self._ptr, out)
-        return {"records": out[0], "forwarded": out[1], "short": out[2], "nomem": out[3]}
+        return {"records": out[0], "forwarded": out[1], "short": out[2], "nomem": out[3],
+                "jsonl_compiled": out[4], "jsonl_python": out[5]}  # fmt: skip
 
     @property
     def aborted(self) -> bool:

@@ -421,32 +421,42 @@ class Attributor:
 
     def identity(self, cgroup_id: int) -> dict[str, str]:
         """The workload fields for one cgroup id, from what is known now."""
+        out, missing = self._identity(cgroup_id)
+        if missing:
+            self.unknown[missing] += 1
+            if missing == "cgroup":
+                self._wake.set()
+        return out
+
+    def settled_identity(self, cgroup_id: int) -> dict[str, str] | None:
+        """identity() when nothing in it is still unknown (it would count nothing), else
+        None: what may be kept for the cgroup's next events until the next refresh."""
+        out, missing = self._identity(cgroup_id)
+        return None if missing else out
+
+    def _identity(self, cgroup_id: int) -> tuple[dict[str, str], str]:
+        """(the workload fields, what is not known: "" or the unknown counter's key)"""
         out = {"attribution": UNKNOWN, "container_id": "", "pod": "", "namespace": "",
                "pod_uid": "", "container": ""}  # fmt: skip
         if self.node:
             out["node"] = self.node
         info = self.cgroups.get(cgroup_id)
         if info is None:
-            self.unknown["cgroup"] += 1
-            self._wake.set()
-            return out
+            return out, "cgroup"
         if not info.container_id:
             out["attribution"] = HOST
-            return out
+            return out, ""
         out["attribution"] = CONTAINER
         out["container_id"] = info.container_id
         out["pod_uid"] = info.pod_uid
         if self.pods is None or not info.pod_uid:
-            return out
+            return out, ""
         pod = self.pods.get(info.pod_uid)
         if pod is None:
-            self.unknown["pod"] += 1
-            return out
+            return out, "pod"
         out.update(attribution=POD, pod=pod.name, namespace=pod.namespace,
                    container=pod.containers.get(info.container_id, ""))  # fmt: skip
-        if not out["container"]:
-            self.unknown["container-name"] += 1
-        return out
+        return out, "" if out["container"] else "container-name"
 
     def namespace_of(self, cgroup_id: int) -> str:
         """The namespace of the pod a cgroup belongs to; "" when not (yet) known."""
