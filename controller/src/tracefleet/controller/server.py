@@ -51,6 +51,11 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # no bandwidth-delay probing: it answered each small message (a DesiredState, an Ack)
+    # with a PING each way, half the controller's sendmsg/recvmsg calls during a change at
+    # 200 agents. Flow control stays at the fixed HTTP/2 window (64 KiB per stream), ample
+    # for result batches sent once a second.
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 EPILOG = f"""\
