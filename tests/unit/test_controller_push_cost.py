@@ -206,3 +206,24 @@ def test_watch_acks_does_not_copy_the_statuses_per_node(monkeypatch):
             assert [(s.name, s.enabled, s.error) for s in n.statuses] == [("net", True, "refused")]
         else:
             assert list(n.statuses) == same and n.applied_generation == 1 and n.state == 2
+
+
+def test_node_record_saves_after_acks_do_not_encode_the_labels_again(monkeypatch):
+    """A change acked by every node saves every node's record: the labels, which an ack
+    does not change, are not encoded again; a node that registers again with new labels
+    has them saved."""
+    ctl, _ = _fleet(30)
+    ctl.flush()
+    encoded = _record_dumps(monkeypatch)
+    nodes = [node for _, node in sorted(ctl.fleet.nodes.items())]
+    for node in nodes:
+        ctl.on_ack(node, agent_pb2.Ack(generation=1, statuses=[types_pb2.SetStatus(name="file")]))
+    ctl.flush()
+    assert not [o for o in encoded if isinstance(o, dict) and "role" in o], encoded
+    monkeypatch.undo()
+    node, _ = register(ctl, "n0004", {"role": "cache", "zone": "b"})
+    ctl.flush()
+    stored = {r.name: r for r in ctl.store.nodes()}
+    assert stored["n0004"].labels == {"role": "cache", "zone": "b"}
+    for name, node in ctl.fleet.nodes.items():
+        assert stored[name].labels == node.labels and stored[name].info == node.info

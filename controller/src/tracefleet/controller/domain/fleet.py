@@ -122,8 +122,13 @@ class Node:
     # info's values as JSON, each with the object it encodes: an ack replaces the statuses
     # and leaves the capabilities, which are then not encoded again (node-record saves)
     _info_parts: dict[str, tuple[Any, str]] = field(default_factory=dict, repr=False)
+    # the labels as JSON, with the dict it encodes (labels are replaced, never changed in
+    # place): an ack's node-record save does not encode them again
+    _labels_json: tuple[Any, str] = field(default=(None, ""), repr=False)
 
     def record(self) -> NodeRecord:
+        if self._labels_json[0] is not self.labels:
+            self._labels_json = (self.labels, json.dumps(self.labels, sort_keys=True))
         return NodeRecord(
             self.name,
             dict(self.labels),
@@ -133,6 +138,7 @@ class Node:
             self.applied_generation,
             self.last_seen,
             self.info_json(),
+            self._labels_json[1],
         )
 
     def info_json(self) -> str:
