@@ -54,8 +54,9 @@ SERVER_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     # no bandwidth-delay probing: it answered each small message (a DesiredState, an Ack)
     # with a PING each way, half the controller's sendmsg/recvmsg calls during a change at
-    # 200 agents. Flow control stays at the fixed HTTP/2 window (64 KiB per stream), ample
-    # for result batches sent once a second.
+    # 200 agents. Flow control keeps its initial window instead of growing it with the
+    # measured bandwidth: ample for result batches sent once a second; an outbox replayed
+    # over a long round trip takes longer.
     ("grpc.http2.bdp_probe", 0),
 ]
 
