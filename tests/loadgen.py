@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -245,6 +246,11 @@ async def run_simulated(
         )
         for name, labels in nodes
     ]
+
+    # the clients live as long as the process: out of the collector's reach (a full
+    # collection walked them all during the changes it simulates)
+    gc.collect()
+    gc.freeze()
 
     async def one(i: int, c: ControlClient) -> None:
         if ramp > 0:

@@ -9,7 +9,9 @@ Each fleet reports what limited it: the controller or a load generator at a full
 
 TRACEFLEET_BENCH_FLEETS=100,1000,10000, TRACEFLEET_BENCH_ROUNDS=N and
 TRACEFLEET_BENCH_PER_LOADGEN=N choose the simulated fleets, rounds and agents per load
-generator of a full run (for a targeted `tests/bench/run.py --only control`)."""
+generator of a full run (for a targeted `tests/bench/run.py --only control`);
+TRACEFLEET_BENCH_PIN=1 pins the controller to one CPU and the load generators to the others
+(the results say which)."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import os
 import queue
 import re
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -45,6 +48,11 @@ from tests.conftest import LOADGEN
 # simulated agents per load-generator process (TRACEFLEET_BENCH_PER_LOADGEN: fewer, larger
 # processes for 10,000 agents on 2 CPUs)
 PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "250"))
+# TRACEFLEET_BENCH_PIN=1: the controller on the first CPU this bench may use and the load
+# generators on the others (taskset), so that neither takes the other's core; the results
+# name the pinning (``pinning``). The bench's own client (ConfigureEventSet, WatchAcks) is
+# not pinned.
+PIN = os.environ.get("TRACEFLEET_BENCH_PIN", "") not in ("", "0")
 LIMIT_CPU = 85.0  # percent of one core: that process was the limit
 NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
 
@@ -332,6 +340,18 @@ def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
     return "neither at a full core"
 
 
+def _pinning() -> tuple[list[str], list[str], str]:
+    """taskset prefixes of the controller and of the load generators, and what they do."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not PIN:
+        return [], [], "none (TRACEFLEET_BENCH_PIN unset: every process on any CPU)"
+    if len(cpus) < 2 or shutil.which("taskset") is None:
+        return [], [], f"none (asked for, but {len(cpus)} CPU(s) or no taskset)"
+    rest = ",".join(str(c) for c in cpus[1:])
+    return (["taskset", "-c", str(cpus[0])], ["taskset", "-c", rest],
+            f"controller on CPU {cpus[0]}, load generators on CPU {rest} (taskset)")  # fmt: skip
+
+
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     rounds = 2 if quick else int(os.environ.get("TRACEFLEET_BENCH_ROUNDS", "10"))
     env_fleets = os.environ.get("TRACEFLEET_BENCH_FLEETS", "")
@@ -344,9 +364,10 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     )
     port = _free_port()
     addr = f"127.0.0.1:{port}"
-    out: dict[str, Any] = {"controller": addr, "fleets": {}}
-    ctl_cmd = [PY, "-m", "tracefleet.controller.server", "--listen", addr, "--insecure-listen",
-               "--db", ":memory:", "--max-nodes", str(2 * sum(sims) + 10),
+    ctl_pin, lg_pin, pinning = _pinning()
+    out: dict[str, Any] = {"controller": addr, "fleets": {}, "pinning": pinning}
+    ctl_cmd = [*ctl_pin, PY, "-m", "tracefleet.controller.server", "--listen", addr,
+               "--insecure-listen", "--db", ":memory:", "--max-nodes", str(2 * sum(sims) + 10),
                "--stale-after", "30", "--window", "5", "--log-level", "WARNING"]  # fmt: skip
     ctl_log = tmp / "controller.log"
     _raise_nofile(NOFILE)
@@ -385,7 +406,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 with contextlib.ExitStack() as stack:
                     lgs = [
                         stack.enter_context(_proc(
-                            [PY, str(LOADGEN), "--controller",
+                            [*lg_pin, PY, str(LOADGEN), "--controller",
                              addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
                              f"bench=sim{n}", "--rate", "50", "--ramp",
                              str(min(30.0, n / 200))],

@@ -149,3 +149,81 @@ def test_status_of_selected_nodes_copies_only_their_ledger(monkeypatch):
     assert len(copies) == 2, len(copies)  # n0007's two sets, not 60
     whole = asyncio.run(svc.GetStatus(control_pb2.GetStatusRequest(), None))
     assert len(whole.nodes) == 30 and whole.nodes[29].totals[1].delivered == 30
+
+
+def test_acks_of_one_change_are_checked_once_per_distinct_status_list(monkeypatch):
+    """1,000 agents acking one change with the same statuses: the statuses are checked and
+    keyed once, not once per Ack; an Ack naming a set the controller does not know is still
+    checked (and counted) every time, and every node keeps what it reported."""
+    from tracefleet.controller.domain.limits import Limits
+
+    ctl, _ = _fleet(40)
+    checks = []
+    statuses = Limits.statuses
+    monkeypatch.setattr(Limits, "statuses", lambda self, st, node: checks.append(node)
+                        or statuses(self, st, node))  # fmt: skip
+    same = [types_pb2.SetStatus(name="file", enabled=True, attached=True, strategy="exit-retry"),
+            types_pb2.SetStatus(name="exec")]  # fmt: skip
+    odd = [types_pb2.SetStatus(name="file"), types_pb2.SetStatus(name="bogus", enabled=True)]
+    nodes = [node for _, node in sorted(ctl.fleet.nodes.items())]
+    refused = ctl.limits.refusals.snapshot().get("agent_unknown_event_set", 0)
+    for gen in (1, 2):
+        for i, node in enumerate(nodes):
+            ctl.on_ack(node, agent_pb2.Ack(generation=gen, statuses=odd if i < 2 else same))
+    # per generation: the first Ack of the shared list, and both Acks with an unknown set
+    assert sorted(checks) == sorted(["n0002", "n0002", "n0000", "n0001", "n0000", "n0001"])
+    assert ctl.limits.refusals.snapshot()["agent_unknown_event_set"] == refused + 4
+    for i, node in enumerate(nodes):
+        assert node.applied_generation == 2
+        assert status_pbs(node.info) == (odd[:1] if i < 2 else same)
+    assert nodes[5].info["statuses"] is nodes[39].info["statuses"]
+
+
+def test_watch_acks_does_not_copy_the_statuses_per_node(monkeypatch):
+    """A WatchAcks message of 40 acks with the same statuses merges their one serialized
+    form into each NodeAck; a node whose statuses came from the database (not shared) still
+    shows them."""
+    from tracefleet.controller.api import control_api
+    from tracefleet.controller.api.control_api import ControlService
+
+    ctl, _ = _fleet(40)
+    same = [types_pb2.SetStatus(name="file", enabled=True, attached=True, strategy="exit-retry"),
+            types_pb2.SetStatus(name="exec")]  # fmt: skip
+    nodes = [node for _, node in sorted(ctl.fleet.nodes.items())]
+    for node in nodes:
+        ctl.on_ack(node, agent_pb2.Ack(generation=1, statuses=same))
+    nodes[3].info["statuses"] = [dict(name="net", enabled=True, attached=False,
+                                      strategy="", error="refused")]  # fmt: skip
+    copies = []
+    pbs = control_api.status_pbs
+    monkeypatch.setattr(control_api, "status_pbs", lambda info: copies.append(info) or pbs(info))
+    watch = ctl.acks.add(1, None, ctl.fleet.nodes)
+    resp = ControlService(ctl)._acks_pb(watch, watch.take())
+    assert len(copies) == 1, len(copies)  # only the node whose statuses are not shared
+    assert resp.applied_count == 40 and len(resp.nodes) == 40
+    for n in resp.nodes:
+        if n.name == "n0003":
+            assert [(s.name, s.enabled, s.error) for s in n.statuses] == [("net", True, "refused")]
+        else:
+            assert list(n.statuses) == same and n.applied_generation == 1 and n.state == 2
+
+
+def test_node_record_saves_after_acks_do_not_encode_the_labels_again(monkeypatch):
+    """A change acked by every node saves every node's record: the labels, which an ack
+    does not change, are not encoded again; a node that registers again with new labels
+    has them saved."""
+    ctl, _ = _fleet(30)
+    ctl.flush()
+    encoded = _record_dumps(monkeypatch)
+    nodes = [node for _, node in sorted(ctl.fleet.nodes.items())]
+    for node in nodes:
+        ctl.on_ack(node, agent_pb2.Ack(generation=1, statuses=[types_pb2.SetStatus(name="file")]))
+    ctl.flush()
+    assert not [o for o in encoded if isinstance(o, dict) and "role" in o], encoded
+    monkeypatch.undo()
+    node, _ = register(ctl, "n0004", {"role": "cache", "zone": "b"})
+    ctl.flush()
+    stored = {r.name: r for r in ctl.store.nodes()}
+    assert stored["n0004"].labels == {"role": "cache", "zone": "b"}
+    for name, node in ctl.fleet.nodes.items():
+        assert stored[name].labels == node.labels and stored[name].info == node.info

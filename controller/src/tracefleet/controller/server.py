@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import grp
 import logging
 import math
@@ -51,6 +52,12 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
+    # no bandwidth-delay probing: it answered each small message (a DesiredState, an Ack)
+    # with a PING each way, half the controller's sendmsg/recvmsg calls during a change at
+    # 200 agents. Flow control keeps its initial window instead of growing it with the
+    # measured bandwidth: ample for result batches sent once a second; an outbox replayed
+    # over a long round trip takes longer.
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 EPILOG = f"""\
@@ -462,6 +469,11 @@ async def serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # What start-up made (modules, gRPC, the store's first read) lives as long as the process:
+    # out of the collector's reach, a full collection walks only what came after, such as
+    # the agents' state (at 200 agents its pause went from 49 to 12 ms, during a change)
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

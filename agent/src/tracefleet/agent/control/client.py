@@ -76,6 +76,9 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
     # one connection per agent, even when many simulated agents share a process
     ("grpc.use_local_subchannel_pool", 1),
+    # no bandwidth-delay probing (a PING each way per small message; see the controller's
+    # SERVER_OPTIONS)
+    ("grpc.http2.bdp_probe", 0),
 ]
 
 

@@ -23,7 +23,7 @@ from tracefleet.controller.domain.controller import (
     StoreUnavailable,
 )
 from tracefleet.controller.domain.events import Follower
-from tracefleet.controller.domain.fleet import State, status_pbs
+from tracefleet.controller.domain.fleet import State, Statuses, status_pbs
 from tracefleet.controller.domain.ledger import ACCOUNTING
 from tracefleet.controller.domain.policy import Policy
 from tracefleet.controller.domain.rules import Rule
@@ -284,27 +284,29 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
 
     def _acks_pb(self, watch: AckWatch, names: list[str]) -> control_pb2.WatchAcksResponse:
         nodes = self.ctl.fleet.nodes
-        out = []
-        for name in names:
-            state = watch.states[name]
-            n = nodes.get(name)
-            out.append(
-                control_pb2.NodeAck(
-                    name=name,
-                    state=int(state),  # type: ignore[arg-type]
-                    applied_generation=n.applied_generation if n else 0,
-                    statuses=status_pbs(n.info) if n else [],
-                )
-            )
         c = watch.counts
-        return control_pb2.WatchAcksResponse(
+        resp = control_pb2.WatchAcksResponse(
             generation=watch.generation,
-            nodes=out,
             applied_count=c[AckState.APPLIED],
             pending_count=c[AckState.PENDING],
             not_connected_count=c[AckState.NOT_CONNECTED],
             unknown_count=c[AckState.UNKNOWN],
         )
+        for name in names:
+            n = nodes.get(name)
+            ack = resp.nodes.add(
+                name=name,
+                state=int(watch.states[name]),
+                applied_generation=n.applied_generation if n else 0,
+            )
+            if n is None:
+                continue
+            shared = n.info.get("statuses")
+            if isinstance(shared, Statuses):  # serialized once per distinct list
+                ack.MergeFromString(shared.wire(control_pb2.NodeAck))
+            else:
+                ack.statuses.extend(status_pbs(n.info))
+        return resp
 
     async def RemoveNode(
         self, request: control_pb2.RemoveNodeRequest, context: grpc.aio.ServicerContext[Any, Any]

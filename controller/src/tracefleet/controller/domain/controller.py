@@ -28,7 +28,7 @@ from tracefleet.controller.domain.aggregate import (
     SetSample,
 )
 from tracefleet.controller.domain.events import EventHub
-from tracefleet.controller.domain.fleet import Connection, Fleet, Node, StatusTable
+from tracefleet.controller.domain.fleet import Connection, Fleet, Node, Statuses, StatusTable
 from tracefleet.controller.domain.ledger import Ledger, Outcome
 from tracefleet.controller.domain.limits import REFUSALS, Limits
 from tracefleet.controller.domain.redaction import TextRedactor, default_patterns
@@ -699,10 +699,26 @@ class Controller:
         self.fleet.seen(node)
         self._notify("on_ack", node, ack, node.applied_generation)
         node.applied_generation = ack.generation
-        statuses = self.limits.statuses(list(ack.statuses), node.name)
-        node.info["statuses"] = self.statuses.get(statuses)
+        node.info["statuses"] = self._acked_statuses(ack, node.name)
         self.fleet.mark_dirty(node)
         self.acks.changed(node)
+
+    def _acked_statuses(self, ack: agent_pb2.Ack, node: str) -> Statuses:
+        """The shared, checked statuses of an Ack. An Ack seen before byte for byte whose
+        statuses all name fixed event sets (nothing dropped, nothing that a rule change
+        could make unknown) is not checked again: a change acked by the whole fleet is
+        checked once per distinct status list."""
+        data = ack.SerializeToString()
+        hit = self.statuses.by_wire(data)
+        if hit is not None:
+            return hit
+        statuses = self.limits.statuses(list(ack.statuses), node)
+        shared = self.statuses.get(statuses)
+        if len(statuses) == len(ack.statuses) and all(
+            s.name in self.limits.fixed for s in statuses
+        ):
+            self.statuses.add_wire(data, shared)
+        return shared
 
     def on_report(self, node: Node, report: agent_pb2.NodeReport) -> None:
         """The agent's statuses and user_events changed outside an Ack (e.g. a user_event

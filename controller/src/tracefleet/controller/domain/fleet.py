@@ -24,7 +24,7 @@ class Statuses(list[dict[str, object]]):
     acked by 1,000 agents with the same statuses is encoded once for the node-record saves
     and built once for WatchAcks and GetStatus, not once per node. Never changed in place."""
 
-    __slots__ = ("json", "pb")
+    __slots__ = ("_wire", "json", "pb")
 
     def __init__(self, key: StatusKey) -> None:
         super().__init__(
@@ -33,13 +33,36 @@ class Statuses(list[dict[str, object]]):
         )
         self.json = json.dumps(list(self), sort_keys=True)
         self.pb = tuple(types_pb2.SetStatus(**d) for d in self)  # type: ignore[arg-type]
+        self._wire: dict[type, bytes] = {}
+
+    def wire(self, cls: type) -> bytes:
+        """These statuses as the ``statuses`` field of a ``cls`` message, serialized once:
+        merged into each node's message (MergeFromString) instead of copying every SetStatus
+        into it."""
+        data = self._wire.get(cls)
+        if data is None:
+            data = self._wire[cls] = cls(statuses=self.pb).SerializeToString()
+        return data
 
 
 class StatusTable:
-    """One ``Statuses`` per distinct list of statuses reported (bounded)."""
+    """One ``Statuses`` per distinct list of statuses reported (bounded). ``by_wire`` finds
+    one by the serialized message that reported it (an Ack: its generation and statuses),
+    so that the 1,000 agents acking one change with the same statuses are looked up by one
+    bytes key each, not checked and keyed field by field again."""
 
     def __init__(self) -> None:
         self._by_key: dict[StatusKey, Statuses] = {}
+        self._by_wire: dict[bytes, Statuses] = {}
+
+    def by_wire(self, data: bytes) -> Statuses | None:
+        return self._by_wire.get(data)
+
+    def add_wire(self, data: bytes, statuses: Statuses) -> None:
+        """``data`` reported ``statuses`` and nothing was dropped from it by the checks."""
+        if len(self._by_wire) >= MAX_SHARED_STATUSES:
+            self._by_wire.clear()
+        self._by_wire[data] = statuses
 
     def get(self, statuses: list[types_pb2.SetStatus]) -> Statuses:
         key = tuple((s.name, s.enabled, s.attached, s.strategy, s.error) for s in statuses)
@@ -99,8 +122,13 @@ class Node:
     # info's values as JSON, each with the object it encodes: an ack replaces the statuses
     # and leaves the capabilities, which are then not encoded again (node-record saves)
     _info_parts: dict[str, tuple[Any, str]] = field(default_factory=dict, repr=False)
+    # the labels as JSON, with the dict it encodes (labels are replaced, never changed in
+    # place): an ack's node-record save does not encode them again
+    _labels_json: tuple[Any, str] = field(default=(None, ""), repr=False)
 
     def record(self) -> NodeRecord:
+        if self._labels_json[0] is not self.labels:
+            self._labels_json = (self.labels, json.dumps(self.labels, sort_keys=True))
         return NodeRecord(
             self.name,
             dict(self.labels),
@@ -110,6 +138,7 @@ class Node:
             self.applied_generation,
             self.last_seen,
             self.info_json(),
+            self._labels_json[1],
         )
 
     def info_json(self) -> str:

@@ -99,6 +99,7 @@ class Limits:
     ) -> None:
         self.refusals = refusals
         self._fixed = frozenset(known)
+        self.fixed = self._fixed  # names that are always known (no rule needed)
         self._user_sets = user_sets
         self.known = _Known(self._fixed, user_sets)
         self._lock = threading.Lock()

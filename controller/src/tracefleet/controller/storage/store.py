@@ -96,6 +96,8 @@ class NodeRecord:
     last_seen: float = 0.0  # unix seconds
     # json.dumps(info, sort_keys=True) when the caller has it already ("": encoded here)
     info_json: str = ""
+    # json.dumps(labels, sort_keys=True) when the caller has it already ("": encoded here)
+    labels_json: str = ""
 
 
 @dataclass
@@ -277,7 +279,7 @@ class Store:
                 [
                     (
                         n.name,
-                        json.dumps(n.labels, sort_keys=True),
+                        n.labels_json or json.dumps(n.labels, sort_keys=True),
                         n.kernel_version,
                         n.agent_version,
                         n.info_json or json.dumps(n.info, sort_keys=True),
