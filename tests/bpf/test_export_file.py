@@ -93,7 +93,8 @@ def test_every_event_exactly_once_across_rotated_files(host, tmp_path: Path):
     acct = _last_accounting(lines)
     counts, sets = acct["counts"], acct["event_sets"]
     missing = sorted(set(want) - set(got))
-    lost = counts["undeliverable"]["queue_full"] + counts["undeliverable"]["write"]
+    # counted by the exporter: queue full, write or serialize failures, left at shutdown
+    lost = sum(n for c, n in counts["undeliverable"].items() if c != "rotated_out")
     fs = sets["file"]
     # whatever is missing is accounted for in the stream: by the kernel (ring full; program
     # runs it skipped under load, as the 7.2 guest does: a skipped entry is `missed`, a

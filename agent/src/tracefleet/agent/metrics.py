@@ -155,7 +155,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         ("node", "exporter", "cause"),
         "Events an exporter received and did not deliver, per cause (queue_full: its writer "
         "fell behind; write: the destination refused; serialize; rotated_out: written, then "
-        "deleted with the oldest rotated file). Received = exported + undeliverable + queued.",
+        "deleted with the oldest rotated file; shutdown: still queued when the agent stopped and "
+        "the writer had not finished in time). Received = exported + undeliverable + queued.",
     ),
     "tracefleet_agent_export_healthy": (
         "gauge",

@@ -3,7 +3,8 @@
 An exporter never blocks capture: the consumer thread only appends the event to a bounded
 queue; a thread per exporter serialises and writes it. What cannot be written is counted per
 exporter and cause (``queue_full``: the writer fell behind; ``write``: the file system refused;
-``rotated_out``: written, then deleted with the oldest file of the rotation), never silently
+``rotated_out``: written, then deleted with the oldest file of the rotation; ``shutdown``:
+still queued when the agent stopped and the writer did not finish in time), never silently
 lost, and the node's own accounting (events delivered and dropped in the kernel per set, and
 this exporter's counts) is written into the same stream as a typed record, so the store
 knows what is missing:

@@ -20,9 +20,11 @@ log = logging.getLogger("tracefleet.agent.export")
 
 ACCOUNTING_TYPE = "tracefleet.accounting"
 # causes of undeliverable events (bounded label values)
-CAUSES = ("queue_full", "write", "rotated_out", "serialize")
+CAUSES = ("queue_full", "write", "rotated_out", "serialize", "shutdown")
 
 Accounting = Callable[[], Mapping[str, Any]]
+# after close()'s timeout, how long the writer has to count what is left and write its record
+ABANDON_SECONDS = 10.0
 
 
 class ExportConfigError(ValueError):
@@ -50,6 +52,7 @@ class Exporter:
         self.undeliverable: collections.Counter[str] = collections.Counter()  # per cause
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._abandon = threading.Event()  # close() timed out: count the rest, write none
 
     # ---- capture side (consumer thread): never blocks --------------------------------------
     def offer(self, ev: dict[str, Any]) -> None:
@@ -74,14 +77,28 @@ class Exporter:
         self._thread.start()
 
     def close(self, timeout: float = 60.0) -> None:
-        """Write what is queued, a last accounting record, and stop."""
+        """Write what is queued, a last accounting record, and stop. A writer that has not
+        finished the queue in ``timeout`` s counts the rest as ``shutdown`` instead of
+        writing it (a slow destination must not hold the agent's exit, nor lose events
+        uncounted), then writes the last record."""
         with self._lock:
+            if self._closed and (self._thread is None or not self._thread.is_alive()):
+                return  # closed before: the last record is written
             self._closed = True
         self._q.put(None)
-        if self._thread:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.error("exporter %s did not finish its queue in %.0f s", self.name, timeout)
+        if not self._thread:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._abandon.set()
+            with self._lock:
+                left = self._qlen
+            log.error("exporter %s did not finish its queue in %.0f s: %d events left, counted "
+                      "as undeliverable (shutdown)", self.name, timeout, left)  # fmt: skip
+            self._thread.join(ABANDON_SECONDS)
+            if self._thread.is_alive():  # stuck in one write: nothing more can be done
+                log.error("exporter %s: its writer is stuck; its last accounting record is "
+                          "not written", self.name)  # fmt: skip
                 return
         self._close()
 
@@ -96,13 +113,21 @@ class Exporter:
             if ev is None:
                 self._write_accounting()
                 return
-            if ev:
-                with self._lock:
-                    self._qlen -= 1
+            if ev and self._dequeued(1):
                 self._export(ev)
             if time.monotonic() >= next_acct:
                 self._write_accounting()
                 next_acct = time.monotonic() + self._accounting_seconds
+
+    def _dequeued(self, n: int) -> bool:
+        """n events left the queue; False: close() gave up waiting, they are counted as
+        ``shutdown`` and not written."""
+        with self._lock:
+            self._qlen -= n
+            if self._abandon.is_set():
+                self.undeliverable["shutdown"] += n
+                return False
+        return True
 
     def _export(self, ev: dict[str, Any]) -> None:
         try:

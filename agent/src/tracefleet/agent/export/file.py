@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ class FileExporter(Exporter):
         self._events_in_file = 0
         # events in each rotated file, PATH.1 first (to count what deleting one loses)
         self._rotated: collections.deque[int] = collections.deque()
+        self._nrotated = -1  # PATH.1 .. PATH.n present; -1: not looked yet
 
     def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
@@ -50,22 +52,30 @@ class FileExporter(Exporter):
             self._fd = -1
 
     def _rotate(self) -> None:
+        """PATH -> PATH.1 -> ... -> PATH.keep, the oldest deleted. It touches only the files
+        there are (counted once, then tracked): with keep=1000 a rotation was 1,000 stat
+        calls, and on a slow file system the writer fell behind the events."""
         os.close(self._fd)
         self._fd = -1
         keep = self.spec.keep
-        oldest = Path(f"{self.path}.{keep}")
+        if self._nrotated < 0:  # rotated files of an earlier run, contiguous from PATH.1
+            self._nrotated = 0
+            while self._nrotated < keep and os.path.exists(f"{self.path}.{self._nrotated + 1}"):
+                self._nrotated += 1
         if keep == 0:
             self._count_rotated_out(self._events_in_file)
             self.path.unlink(missing_ok=True)
         else:
-            if oldest.exists() and len(self._rotated) >= keep:
-                self._count_rotated_out(self._rotated.pop())
-            oldest.unlink(missing_ok=True)
-            for i in range(keep - 1, 0, -1):
-                src = Path(f"{self.path}.{i}")
-                if src.exists():
-                    os.replace(src, f"{self.path}.{i + 1}")
+            if self._nrotated >= keep:
+                if len(self._rotated) >= keep:
+                    self._count_rotated_out(self._rotated.pop())
+                Path(f"{self.path}.{keep}").unlink(missing_ok=True)
+                self._nrotated = keep - 1
+            for i in range(self._nrotated, 0, -1):
+                with contextlib.suppress(FileNotFoundError):  # removed by someone else
+                    os.replace(f"{self.path}.{i}", f"{self.path}.{i + 1}")
             os.replace(self.path, f"{self.path}.1")
+            self._nrotated += 1
             self._rotated.appendleft(self._events_in_file)
         self._open()
 

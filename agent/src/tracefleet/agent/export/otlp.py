@@ -159,9 +159,7 @@ class OtlpExporter(Exporter):
                         batch.append(ev)
             except queue.Empty:
                 pass
-            if batch:
-                with self._lock:
-                    self._qlen -= len(batch)
+            if batch and self._dequeued(len(batch)):
                 self._send(batch)
             if done or time.monotonic() >= next_acct:
                 self._send_accounting()
