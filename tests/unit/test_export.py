@@ -296,3 +296,24 @@ def test_rotation_touches_only_the_files_there_are(tmp_path: Path, monkeypatch):
     events = [json.loads(x) for f in files[:-2] for x in f.read_text().splitlines()]
     got = [e["ts_ns"] for e in events if "type" not in e]
     assert sorted(got) == list(range(400)) and len(got) == 400
+
+
+def test_hub_close_leaves_no_event_of_any_exporter_uncounted():
+    """A stop with two slow destinations: every event each received is written or counted,
+    and each wrote its last accounting record."""
+    import json
+
+    a, b = _Slow(), _Slow()
+    b.name = "slow2"
+    hub = export.ExportHub([a, b], default=["slow", "slow2"])
+    for e in (a, b):
+        e.start()
+    for i in range(100):
+        for e in (a, b):
+            e.offer(_ev(i))
+    hub.close(timeout=0.5)
+    for e in (a, b):
+        s = e.snapshot()
+        assert s["received"] == 100 == s["written"] + sum(s["undeliverable"].values()), s
+        assert s["undeliverable"]["shutdown"] > 0
+        assert json.loads(e.lines[-1])["counts"] == s

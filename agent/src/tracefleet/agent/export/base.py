@@ -23,8 +23,11 @@ ACCOUNTING_TYPE = "tracefleet.accounting"
 CAUSES = ("queue_full", "write", "rotated_out", "serialize", "shutdown")
 
 Accounting = Callable[[], Mapping[str, Any]]
-# after close()'s timeout, how long the writer has to count what is left and write its record
-ABANDON_SECONDS = 10.0
+# On a stop, the exporters' writers have CLOSE_SECONDS together to finish their queues, then
+# ABANDON_SECONDS to count what is left and write their last records: with the drain, inside
+# Kubernetes' default grace period of 30 s (a SIGKILL loses even the count)
+CLOSE_SECONDS = 15.0
+ABANDON_SECONDS = 5.0
 
 
 class ExportConfigError(ValueError):
@@ -76,30 +79,35 @@ class Exporter:
                                         daemon=True)  # fmt: skip
         self._thread.start()
 
-    def close(self, timeout: float = 60.0) -> None:
-        """Write what is queued, a last accounting record, and stop. A writer that has not
-        finished the queue in ``timeout`` s counts the rest as ``shutdown`` instead of
-        writing it (a slow destination must not hold the agent's exit, nor lose events
-        uncounted), then writes the last record."""
+    def begin_close(self) -> None:
+        """Take no more events; the writer finishes the queue, then writes the last record."""
         with self._lock:
-            if self._closed and (self._thread is None or not self._thread.is_alive()):
-                return  # closed before: the last record is written
+            if self._closed:
+                return
             self._closed = True
         self._q.put(None)
-        if not self._thread:
-            return
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            self._abandon.set()
-            with self._lock:
-                left = self._qlen
-            log.error("exporter %s did not finish its queue in %.0f s: %d events left, counted "
-                      "as undeliverable (shutdown)", self.name, timeout, left)  # fmt: skip
-            self._thread.join(ABANDON_SECONDS)
-            if self._thread.is_alive():  # stuck in one write: nothing more can be done
-                log.error("exporter %s: its writer is stuck; its last accounting record is "
-                          "not written", self.name)  # fmt: skip
-                return
+
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Write what is queued, a last accounting record, and stop. A writer that has not
+        finished the queue in ``timeout`` s counts the rest as ``shutdown`` instead of
+        writing it (a slow destination must not hold the agent past its grace period, nor
+        lose events uncounted), then writes the last record. Closing again does nothing."""
+        self.begin_close()
+        t = self._thread
+        if t is not None and t.is_alive():
+            t.join(timeout)
+            if t.is_alive():
+                self._abandon.set()
+                with self._lock:
+                    left = self._qlen
+                log.error("exporter %s did not finish its queue in %.0f s: %d events left, "
+                          "counted as undeliverable (shutdown)",
+                          self.name, timeout, left)  # fmt: skip
+                t.join(ABANDON_SECONDS)
+                if t.is_alive():  # stuck in one write: nothing more can be done
+                    log.error("exporter %s: its writer is stuck; its last accounting record "
+                              "is not written", self.name)  # fmt: skip
+                    return
         self._close()
 
     def _run(self) -> None:
@@ -248,9 +256,14 @@ class ExportHub:
         for e in self.exporters.values():
             e.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = CLOSE_SECONDS) -> None:
+        """Close every exporter within one deadline: all stop taking events at once, then
+        each has what is left of ``timeout``."""
         for e in self.exporters.values():
-            e.close()
+            e.begin_close()
+        deadline = time.monotonic() + timeout
+        for e in self.exporters.values():
+            e.close(max(0.0, deadline - time.monotonic()))
 
 
 def engine_accounting(engine: Any) -> Accounting:

@@ -131,6 +131,7 @@ class OtlpExporter(Exporter):
     def _close(self) -> None:
         if self._sdk is not None:
             self._sdk.shutdown()
+            self._sdk = None
 
     def _record(self, body: str, attrs: dict[str, Any], event_name: str, ts: int) -> Any:
         from opentelemetry._logs import LogRecord
