@@ -513,7 +513,7 @@ def _summary(engine: Any, names: list[str], hub: Any = None) -> None:
         errors = {c: v for (s, c), v in sorted(engine.errors.snapshot().items()) if s == n}
         rejected = {c: v for (s, c), v in sorted(engine.fallback_rejected.items()) if s == n}
         # passed = written + dropped + lost + prefix-filtered + in flight (syscall sets)
-        acc = engine.accounting(n) if n != "vfs" else None
+        acc = engine.accounting(n) if EVENT_SETS[n].calls_accounted else None
         ident = (
             f" passed={acc['passed']} lost={acc['lost']} in_flight={acc['in_flight']}"
             f" unaccounted={acc['unaccounted']} kernel_missed={acc['missed']}"

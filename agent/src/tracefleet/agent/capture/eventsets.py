@@ -52,6 +52,12 @@ class EventSetSpec:
     hook_programs: dict[Strategy, tuple[str, ...]] | None = None
     kernel_hooks: tuple[KernelHook, ...] = ()
 
+    @property
+    def calls_accounted(self) -> bool:
+        """Syscall sets keep the call identity (passed = written + dropped + lost + ...);
+        hook sets (vfs) have no entry/exit pairing to account."""
+        return not self.ladder
+
     def entry_program(self, syscall: str, strategy: Strategy) -> str:
         prefix = {
             Strategy.SLEEPABLE: "tps_enter",

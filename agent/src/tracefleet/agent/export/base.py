@@ -285,7 +285,7 @@ def engine_accounting(engine: Any) -> Accounting:
             row = {"delivered": sa.delivered, "dropped": sa.dropped,
                    "record_errors": errors.get(name, 0)}  # fmt: skip
             spec = EVENT_SETS.get(name)
-            if call_accounting is not None and spec is not None and not spec.ladder:
+            if call_accounting is not None and spec is not None and spec.calls_accounted:
                 acc = call_accounting(name)
                 row.update({k: acc[k] for k in ("lost", "in_flight", "missed", "missed_exit")})
             out[name] = row
