@@ -325,7 +325,8 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             continue
         p99 = f["enable_to_all_acked_p99_ms"]
         met = p99 < goal and f["not_converged"] == 0 and f["enable_to_all_acked_ms"]["n"] > 0
-        add(what, f"{p99:.0f} ms ({f['not_converged']} round(s) not converged)", met,
+        shown = f"{p99:.0f} ms" if f["enable_to_all_acked_ms"]["n"] else "no round converged"
+        add(what, f"{shown} ({f['not_converged']} round(s) not converged)", met,
             f"limit: {f.get('limit', '?')}; load {f.get('loadavg_1m', '?')}")  # fmt: skip
     return out
 
