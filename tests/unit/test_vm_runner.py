@@ -364,10 +364,23 @@ def test_pytest_argv_defaults_and_explicit_paths(tmp_path: Path) -> None:
 def test_mentions_hypothesis(tmp_path: Path) -> None:
     (tmp_path / "tests/bpf").mkdir(parents=True)
     (tmp_path / "tests/bpf/test_a.py").write_text("import os\n")
-    paths = vm.selected_paths(vm.pytest_argv([], None, tmp_path), tmp_path)
+    paths = vm.path_args(vm.pytest_argv([], None, tmp_path), tmp_path)
     assert not vm.mentions_hypothesis(paths, tmp_path)
     (tmp_path / "tests/conftest.py").write_text("from hypothesis import settings\n")
     assert vm.mentions_hypothesis(paths, tmp_path)
+
+
+def test_a_long_k_expression_is_not_taken_for_a_path(tmp_path: Path) -> None:
+    # make test's 7.2 stage passes a -k expression longer than NAME_MAX (255): stat() on it
+    # raised ENAMETOOLONG and the stage failed before its guest booted.
+    (tmp_path / "tests/bpf").mkdir(parents=True)
+    (tmp_path / "tests/bpf/test_a.py").write_text("")
+    expr = " and ".join(f"not t{i}" for i in range(60))
+    argv = vm.pytest_argv(["-k", expr], ["tests/bpf/test_a.py"], tmp_path)
+    assert vm.path_args(argv, tmp_path) == [tmp_path / "tests/bpf/test_a.py"]
+    # a -k value that happens to name a file is still an expression, not a test path
+    assert vm.path_args(["-k", "tests/bpf/test_a.py"], tmp_path) == []
+    assert not vm.has_test_path(["-k", expr], tmp_path)
 
 
 MOUNTINFO = textwrap.dedent(

@@ -510,16 +510,52 @@ def split_passthrough(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def has_test_path(args: Sequence[str], repo_root: Path) -> bool:
-    """Whether pytest arguments already name test paths (then the defaults are not added).
-    A path is an argument not starting with '-' that exists (`file.py::test` counts)."""
+# pytest options whose value is the next argument: a -k expression is not a path (one longer
+# than NAME_MAX made stat() fail with ENAMETOOLONG and the whole stage with it).
+VALUED_OPTIONS = frozenset(
+    {
+        "-k",
+        "-m",
+        "-p",
+        "-o",
+        "-c",
+        "-W",
+        "--deselect",
+        "--junitxml",
+        "--rootdir",
+        "--confcutdir",
+        "--basetemp",
+        "--ignore",
+        "--timeout",
+    }
+)
+
+
+def path_args(args: Sequence[str], repo_root: Path) -> list[Path]:
+    """The test paths among pytest arguments: those not starting with '-', not the value of an
+    option, that exist (`file.py::test` counts as file.py)."""
+    out = []
+    skip = False
     for a in args:
+        if skip:
+            skip = False
+            continue
         if a.startswith("-"):
+            skip = a in VALUED_OPTIONS
             continue
         p = Path(a.split("::", 1)[0])
-        if (p if p.is_absolute() else repo_root / p).exists():
-            return True
-    return False
+        p = p if p.is_absolute() else repo_root / p
+        try:
+            if p.exists():
+                out.append(p)
+        except OSError:  # a name too long, or not a path at all
+            continue
+    return out
+
+
+def has_test_path(args: Sequence[str], repo_root: Path) -> bool:
+    """Whether pytest arguments already name test paths (then the defaults are not added)."""
+    return bool(path_args(args, repo_root))
 
 
 def pytest_argv(extra: Sequence[str], tests: Sequence[str] | None, repo_root: Path) -> list[str]:
@@ -553,19 +589,6 @@ def mentions_hypothesis(paths: Iterable[Path], repo_root: Path) -> bool:
         except OSError:
             continue
     return False
-
-
-def selected_paths(pytest_args: Sequence[str], repo_root: Path) -> list[Path]:
-    """The test paths in a pytest argument list (as pytest_argv builds it)."""
-    out = []
-    for a in pytest_args:
-        if a.startswith("-"):
-            continue
-        p = Path(a.split("::", 1)[0])
-        p = p if p.is_absolute() else repo_root / p
-        if p.exists():
-            out.append(p)
-    return out
 
 
 def guest_config(
@@ -1038,7 +1061,7 @@ def run(args: argparse.Namespace, pytest_extra: list[str]) -> Outcome:
     # Loading hypothesis costs ~20 s under TCG: skip its plugin when no selected test uses it.
     if args.hypothesis_plugin == "off" or (
         args.hypothesis_plugin == "auto"
-        and not mentions_hypothesis(selected_paths(pytest_args, repo_root), repo_root)
+        and not mentions_hypothesis(path_args(pytest_args, repo_root), repo_root)
     ):
         pytest_args = ["-p", "no:hypothesispytest", *pytest_args]
     guest_paths = [str(repo_root), str(Path(python).resolve()), str(build_dir), *(tests or [])]
