@@ -482,3 +482,53 @@ def test_only_an_int3_oops_of_kernel_text_patching_earns_a_rerun() -> None:
     assert not run.emulation_int3(["BUG: kernel NULL pointer dereference, address: 0"])
     assert not run.emulation_int3(["general protection fault", "Oops: int3: 0000 [#2]"])
     assert not run.emulation_int3([])
+
+
+def _outcome(status: int, results: list[object]) -> object:
+    return vm.Outcome(
+        status, vm.GuestReport(), results, 1.0, 2.0, 3.0, "7.2", Path("c"), Path("j"), True
+    )
+
+
+def test_after_an_oops_only_what_did_not_finish_runs_again(tmp_path: Path) -> None:
+    # The 7.2 stage's guest oopsed (int3, the emulator) 700 s into the suite: the rerun
+    # repeated every test and a late oops left too little time. The rerun skips what the
+    # first guest finished; checked with a real pytest on a project laid out like ours.
+    tests = tmp_path / "tests"
+    (tests / "bpf").mkdir(parents=True)
+    (tests / "pytest.ini").write_text("[pytest]\n")
+    (tests / "bpf" / "test_a.py").write_text(
+        "import pytest\n\n@pytest.mark.parametrize('x', ['p-1', 'q'])\n"
+        "def test_one(x):\n    pass\n\ndef test_two():\n    pass\n"
+    )
+    R = vm.TestResult
+    done = [R("tests/bpf/test_a.py::test_one[p-1]", "passed"), R("weird line", "passed")]
+    args = vm.done_deselects(done, tmp_path)
+    assert args == ["--deselect", "bpf/test_a.py::test_one[p-1]"]
+    import subprocess
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "tests/bpf", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "1 deselected" in out and "test_one[q] PASSED" in out and "test_two PASSED" in out
+    assert "test_one[p-1] PASSED" not in out
+
+
+def test_merged_outcome_keeps_the_first_guests_failures() -> None:
+    R = vm.TestResult
+    failed_before = _outcome(70, [R("tests/bpf/t.py::a", "failed")])
+    passed_after = _outcome(0, [R("tests/bpf/t.py::b", "passed")])
+    merged = vm.merge_outcomes(failed_before, passed_after)
+    assert merged.status == 1 and [r.nodeid for r in merged.results] == [
+        "tests/bpf/t.py::a",
+        "tests/bpf/t.py::b",
+    ]
+    ok_before = _outcome(70, [R("tests/bpf/t.py::a", "passed")])
+    assert vm.merge_outcomes(ok_before, passed_after).status == 0
+    # nothing left to run (pytest's 5): the first guest's passes stand
+    assert vm.merge_outcomes(ok_before, _outcome(5, [])).status == 0
+    # the second guest crashing too is that run's failure
+    assert vm.merge_outcomes(ok_before, _outcome(70, [])).status == 70

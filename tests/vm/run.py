@@ -57,6 +57,7 @@ EXIT_UNAVAILABLE = 69  # qemu/virtiofsd/kernel/.venv missing
 EXIT_GUEST_FAILED = 70  # guest crashed, hung up, or never reported a status
 EXIT_NOPERM = 77  # not root
 EXIT_TIMEOUT = 124
+PYTEST_NO_TESTS = 5  # pytest's exit status when no test was selected
 EXIT_INTERRUPTED = 130
 
 # Host mount points not exported to the guest: it mounts its own kernel file systems there.
@@ -1294,6 +1295,51 @@ def emulation_int3(problems: Sequence[str]) -> bool:
     return bool(problems) and "Oops: int3" in problems[0]
 
 
+def done_deselects(results: Sequence[TestResult], repo_root: Path) -> list[str]:
+    """`--deselect` arguments for the tests a crashed guest already finished, so that the run
+    after an emulator oops repeats only what did not finish (the oops cost the whole stage
+    once it came late). Node ids as pytest prints them (relative to the repo root) become
+    relative to pytest's rootdir (tests/, where pytest.ini is), which --deselect matches."""
+    rootdir = repo_root / "tests" if (repo_root / "tests" / "pytest.ini").is_file() else repo_root
+    out: list[str] = []
+    for r in results:
+        path, sep, rest = r.nodeid.partition("::")
+        if not sep or not path.endswith(".py"):
+            continue  # junit's dotted class names: not a node id (they never come from a crash)
+        full = Path(path) if Path(path).is_absolute() else repo_root / path
+        try:
+            rel = full.relative_to(rootdir)
+        except ValueError:
+            continue
+        out += ["--deselect", f"{rel}::{rest}"]
+    return out
+
+
+def merge_outcomes(first: Outcome, second: Outcome) -> Outcome:
+    """One outcome of a run repeated after an emulator oops: the tests the first guest finished
+    (not run again) and the second's. A failure in either fails it; a second run with nothing
+    left to run (pytest's 5, all deselected) is the first's results alone."""
+    results = [*first.results, *second.results]
+    status = second.status
+    if status == PYTEST_NO_TESTS and first.results:
+        status = 0
+    if status == 0 and any(r.outcome in ("failed", "error") for r in results):
+        status = 1
+    return Outcome(
+        status,
+        second.report,
+        results,
+        second.boot_s,
+        second.pytest_s,
+        first.wall_s + second.wall_s,
+        second.label,
+        second.console_path,
+        second.junit_path,
+        first.from_console or second.from_console,
+        second.running,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     own, pytest_extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(own)
@@ -1321,7 +1367,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log(f"the guest kernel oopsed on an int3 of its own live patching: "
                     f"running the suite once more in the {left:.0f} s left")  # fmt: skip
                 args.timeout = left
-                out = run(args, pytest_extra)
+                first = out
+                again = done_deselects(first.results, REPO_ROOT)
+                log(f"{len(again) // 2} tests finished before the oops: not run again")
+                out = merge_outcomes(first, run(args, [*pytest_extra, *again]))
     except RunnerError as e:
         print(f"[test-vm] FAILED: {e}", file=sys.stderr, flush=True)
         return e.status
