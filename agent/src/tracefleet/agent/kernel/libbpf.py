@@ -453,6 +453,7 @@ class _BpfProgInfo(ctypes.Structure):
         ("jited_line_info_rec_size", ctypes.c_uint32), ("nr_prog_tags", ctypes.c_uint32),
         ("prog_tags", ctypes.c_uint64), ("run_time_ns", ctypes.c_uint64),
         ("run_cnt", ctypes.c_uint64), ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
     ]  # fmt: skip
 
 
@@ -475,6 +476,17 @@ def prog_recursion_misses(prog_fd: int) -> int:
     if rc:
         raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
     return int(info.recursion_misses)
+
+
+def prog_verified_insns(prog_fd: int) -> int:
+    """Instructions the verifier processed to load the program (bpf_prog_info, Linux 5.16+):
+    what its load cost, as a count rather than a time."""
+    info = _BpfProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
+    if rc:
+        raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
+    return int(info.verified_insns)
 
 
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, ctypes.c_size_t)
