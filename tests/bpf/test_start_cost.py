@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.bpf.conftest import ALL_SETS, shared_engine
+from tests.conftest import BPF_DIR
 
 pytestmark = pytest.mark.bpf
 
@@ -43,3 +44,29 @@ def test_path_walks_verify_in_few_passes(host):
     costs = _verified(("file", "net"), "tp_exit_")
     heavy = {p: n for p, n in costs.items() if n > EXIT_MAX_INSNS}
     assert not heavy, f"exit programs above {EXIT_MAX_INSNS} verified instructions: {heavy}"
+
+
+def test_a_set_probes_only_what_its_rungs_need_and_still_says_why_better_ones_failed(host):
+    """Enabling `file` runs the feature probes of its ladder's rungs, not the vfs hooks'
+    (fentry, d_path: ~30 ms each where refused); the refusals of the rungs above the one it
+    runs keep the kernel's words, and the probe report still probes every feature."""
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.capture.engine import EventSetConfig, Filters
+    from tracefleet.agent.capture.ladder import FEATURE_PROBES, LADDER, RUNG_NEEDS
+    from tracefleet.agent.kernel.abi import Strategy
+
+    with BpfEngine(EngineOptions(bpf_dir=BPF_DIR, sets=("file",))) as eng:
+        (st,) = eng.apply({"file": EventSetConfig("file", True, Filters(comms=("nothing",)))})
+        assert st.enabled and st.attached, st
+        ladder_features = {f for s in LADDER for f in RUNG_NEEDS[s]}
+        assert set(eng._probes) == ladder_features
+        loaded = eng._sets["file"].loaded
+        assert loaded is not None
+        chosen = Strategy.NOFAULT if loaded.strategy == Strategy.USER_FALLBACK else loaded.strategy
+        for a in eng._sets["file"].attempts:
+            if not a.ok:  # a better rung, refused: why, in the kernel's words
+                assert a.reason, a
+        assert eng._sets["file"].attempts[-1].ok
+        assert LADDER.index(chosen) == len(eng._sets["file"].attempts) - 1
+        report = eng.capabilities()
+        assert set(report["features"]["probes"]) == {fp.feature for fp in FEATURE_PROBES}

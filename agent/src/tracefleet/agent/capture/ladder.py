@@ -227,9 +227,19 @@ class ProbeResult:
     ms: float
 
 
-def probe_features(bpf_dir: Path) -> dict[str, ProbeResult]:
-    """Load each feature probe alone and attach it to its one hook (then detach). A missing
-    probe object (built before it existed) returns {}: every rung is then tried for real."""
+def features_for(strategies: Sequence[Strategy]) -> list[str]:
+    """The features ``strategies`` need, in ladder order: what to probe before loading a set
+    (the vfs hooks' fentry and d_path probes are of no use to `capture -e file`)."""
+    out: list[str] = []
+    for strategy in strategies:
+        out += [f for f in RUNG_NEEDS.get(strategy, ()) if f not in out]
+    return out
+
+
+def probe_features(bpf_dir: Path, features: Sequence[str] | None = None) -> dict[str, ProbeResult]:
+    """Load each feature probe (of ``features``; default all) alone and attach it to its one
+    hook (then detach). A missing probe object (built before it existed) returns {}: every
+    rung is then tried for real."""
     path = bpf_dir / PROBE_OBJECT
     if not path.exists():
         return {}
@@ -241,7 +251,8 @@ def probe_features(bpf_dir: Path) -> dict[str, ProbeResult]:
     quiet.setLevel(max(level, logging.ERROR))
     try:
         for fp in FEATURE_PROBES:
-            out[fp.feature] = _probe(path, fp)
+            if features is None or fp.feature in features:
+                out[fp.feature] = _probe(path, fp)
     finally:
         quiet.setLevel(level)
     return out
