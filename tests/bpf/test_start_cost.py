@@ -70,3 +70,25 @@ def test_a_set_probes_only_what_its_rungs_need_and_still_says_why_better_ones_fa
         assert LADDER.index(chosen) == len(eng._sets["file"].attempts) - 1
         report = eng.capabilities()
         assert set(report["features"]["probes"]) == {fp.feature for fp in FEATURE_PROBES}
+
+
+def test_loading_a_set_formats_no_libbpf_debug_lines(host):
+    """libbpf prints ~5,000 debug lines to load `file` (each CO-RE relocation); each was
+    formatted in Python (~50 ms of start-up) though only a debug log shows them."""
+    import logging
+
+    from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
+    from tracefleet.agent.kernel import libbpf
+
+    logger = logging.getLogger("tracefleet.agent.libbpf")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        with BpfEngine(EngineOptions(bpf_dir=BPF_DIR, sets=("file",))) as eng:
+            before = libbpf.message_count()
+            st = eng.ensure_loaded("file")
+            assert st.loaded is not None, st.error
+            printed = libbpf.message_count() - before
+    finally:
+        logger.setLevel(level)
+    assert printed < 100, f"{printed} libbpf lines formatted to load file"

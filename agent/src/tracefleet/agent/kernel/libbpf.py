@@ -67,6 +67,11 @@ _libbpf_count = 0  # messages printed so far (the list keeps only the last 200)
 
 def _on_print(level: int, fmt: bytes, va_list: int) -> int:
     global _libbpf_count
+    # libbpf level 0 = warn, 1 = info, 2 = debug. Debug lines (CO-RE relocations, maps
+    # created: ~5,000 to load file) are formatted only for a debug log: they were ~50 ms of
+    # capture's start-up, and explain() looks for a failure's words among the others
+    if level == 2 and not log.isEnabledFor(logging.DEBUG):
+        return 0
     buf = ctypes.create_string_buffer(4096)
     _libc.vsnprintf(buf, len(buf), fmt, _vp(va_list))
     msg = buf.value.decode(errors="replace").rstrip()
@@ -74,7 +79,6 @@ def _on_print(level: int, fmt: bytes, va_list: int) -> int:
         _libbpf_count += 1
         _libbpf_messages.append(msg)
         del _libbpf_messages[:-200]
-        # libbpf level 0 = warn, 1 = info, 2 = debug
         log.log(logging.WARNING if level == 0 else logging.DEBUG, "libbpf: %s", msg)
     return 0
 
