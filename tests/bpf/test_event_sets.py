@@ -142,3 +142,28 @@ def test_path_prefix_and_comm_filters_in_kernel(capture, tmp_path: Path):
     counters = cap.engine.kernel_counters("file")
     assert (counters["events"], counters["dropped"]) == (1, 0), counters
     assert counters["filtered"] >= 3, counters
+
+
+def test_comm_filter_matches_whole_names_only(capture):
+    # the kernel compares comms as two 64-bit words (common.bpf.h tf_comm_match): a name is
+    # matched whole, never as a prefix either way, up to the kernel's 15 bytes
+    nowhere = "/proc/tf-nonexistent-dir"
+    want = ("tf-cm-15bytes-x", "tf-cm-b", "t")
+    cap = capture(["file"], filters=Filters(comms=want), poll_ms=20)
+    names = (*want, "tf-cm-15bytes-", "tf-cm-bb", "tf-cm-", "tt")
+    script = """
+        import ctypes, os
+        ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)  # PR_SET_NAME
+        try: os.stat({nowhere!r} + "/" + {name!r}.decode())
+        except OSError: pass
+    """
+    procs = {n: spawn(script.format(name=n.encode(), nowhere=nowhere)) for n in names}
+    for p in procs.values():
+        go(p)
+    cap.wait_for(lambda e: e["comm"] == "tf-cm-b", timeout=2.0)
+    cap.wait_for(lambda e: e["comm"] == "t", timeout=2.0)
+    seen = {n for n, p in procs.items() for e in list(cap.events) if e["pid"] == p.pid}
+    assert seen == set(want)
+    stats = {e["comm"] for e in cap.events
+             if e["args"].get("pathname", {}).get("value", "").startswith(nowhere)}  # fmt: skip
+    assert stats == set(want)

@@ -4,10 +4,10 @@ ring consumer (capture/consumer.py), the user-space fallback (capture/fallback.p
 the counters (capture/accounting.py).
 
 Life of an event set: loaded (verified) when first enabled, at the best rung the feature
-probes allow (``ladder.probe_features``, run once) -> attached when enabled -> bit cleared
-at once when disabled -> detached after ``hold_seconds`` if it stays disabled (an attached
-syscall tracepoint costs every syscall on the host even with its bit off) -> re-attached,
-without a reload, when enabled again.
+probes allow (``ladder.probe_features``: each run once, only those its rungs need) ->
+attached when enabled -> bit cleared at once when disabled -> detached after
+``hold_seconds`` if it stays disabled (an attached syscall tracepoint costs every syscall on
+the host even with its bit off) -> re-attached, without a reload, when enabled again.
 """
 
 from __future__ import annotations
@@ -43,12 +43,14 @@ from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback, UserFallback
 from tracefleet.agent.capture.jsonfmt import JsonFormatter
 from tracefleet.agent.capture.ladder import (
+    FEATURE_PROBES,
     LADDER,
     RUNG_NEEDS,
     Attempt,
     LadderExhausted,
     ProbeResult,
     SharedMaps,
+    features_for,
     load_set,
     plan,
     probe_features,
@@ -168,7 +170,8 @@ class BpfEngine(CaptureEngine):
         }
         for name, strat in self.opts.strategies.items():
             self._sets[name].forced = strat
-        self._probes: dict[str, ProbeResult] | None = None
+        self._probes: dict[str, ProbeResult] = {}  # replaced, never changed: read unlocked
+        self._no_probe_object = False  # probe.bpf.o not built: every rung is tried for real
         self._errors = ErrorCounter()  # contained per-record failures, per (set, cause)
         self.acct = Accounting(self._sets, self.shared.stats, self._lock)
         self._fallback = UserFallback()
@@ -192,14 +195,20 @@ class BpfEngine(CaptureEngine):
     def _strategies_for(self, st: SetState) -> tuple[Strategy, ...]:
         return (st.forced,) if st.forced else (st.spec.ladder or LADDER)
 
-    def probes(self) -> dict[str, ProbeResult]:
-        """What this kernel allows, from the feature probes (run once, milliseconds each)."""
-        if self._probes is not None:  # never wait behind a set being loaded
-            return self._probes
+    def probes(self, features: Sequence[str] | None = None) -> dict[str, ProbeResult]:
+        """What this kernel allows, from the feature probes (``features``, default all):
+        each run once, when first asked for (milliseconds each)."""
+        want = [fp.feature for fp in FEATURE_PROBES] if features is None else list(features)
+        probes = self._probes
+        if all(f in probes for f in want):  # never wait behind a set being loaded
+            return {f: probes[f] for f in want}
         with self._lock:
-            if self._probes is None:
-                self._probes = probe_features(self.bpf_dir)
-            return self._probes
+            missing = [f for f in want if f not in self._probes]
+            if missing and not self._no_probe_object:
+                found = probe_features(self.bpf_dir, missing)
+                self._no_probe_object = not found
+                self._probes = {**self._probes, **found}
+            return {f: self._probes[f] for f in want if f in self._probes}
 
     def _with_fallback(self, st: SetState, kernel: Strategy) -> bool:
         if st.forced:
@@ -218,7 +227,7 @@ class BpfEngine(CaptureEngine):
             st = self._sets[name]
             if st.loaded or st.error:
                 return st
-            probes = None if st.forced else self.probes()
+            probes = None if st.forced else self.probes(features_for(self._strategies_for(st)))
             try:
                 loaded = load_set(
                     st.spec,
@@ -618,7 +627,7 @@ class BpfEngine(CaptureEngine):
         }
 
     def _sleepable_seen(self) -> bool:
-        probe = self.probes().get("sleepable-tracepoint")
+        probe = self.probes(["sleepable-tracepoint"]).get("sleepable-tracepoint")
         if probe is not None and probe.ok:
             return True
         return any(

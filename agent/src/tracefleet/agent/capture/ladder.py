@@ -20,6 +20,7 @@ import ctypes
 import errno
 import logging
 import re
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -227,9 +228,19 @@ class ProbeResult:
     ms: float
 
 
-def probe_features(bpf_dir: Path) -> dict[str, ProbeResult]:
-    """Load each feature probe alone and attach it to its one hook (then detach). A missing
-    probe object (built before it existed) returns {}: every rung is then tried for real."""
+def features_for(strategies: Sequence[Strategy]) -> list[str]:
+    """The features ``strategies`` need, in ladder order: what to probe before loading a set
+    (the vfs hooks' fentry and d_path probes are of no use to `capture -e file`)."""
+    out: list[str] = []
+    for strategy in strategies:
+        out += [f for f in RUNG_NEEDS.get(strategy, ()) if f not in out]
+    return out
+
+
+def probe_features(bpf_dir: Path, features: Sequence[str] | None = None) -> dict[str, ProbeResult]:
+    """Load each feature probe (of ``features``; default all) alone and attach it to its one
+    hook (then detach). A missing probe object (built before it existed) returns {}: every
+    rung is then tried for real."""
     path = bpf_dir / PROBE_OBJECT
     if not path.exists():
         return {}
@@ -241,7 +252,8 @@ def probe_features(bpf_dir: Path) -> dict[str, ProbeResult]:
     quiet.setLevel(max(level, logging.ERROR))
     try:
         for fp in FEATURE_PROBES:
-            out[fp.feature] = _probe(path, fp)
+            if features is None or fp.feature in features:
+                out[fp.feature] = _probe(path, fp)
     finally:
         quiet.setLevel(level)
     return out
@@ -259,7 +271,10 @@ def _probe(path: Path, fp: FeatureProbe) -> ProbeResult:
         if fp.sleepable:
             obj.programs[fp.program].set_flags(libbpf.BPF_F_SLEEPABLE)
         obj.load()
-        obj.programs[fp.program].attach().destroy()
+        link = obj.programs[fp.program].attach()
+        # detaching from a syscall tracepoint waits out an RCU grace period (70-90 ms here,
+        # a third of capture's probing) and nothing waits for it: done beside the start-up
+        threading.Thread(target=link.destroy, name="tf-probe-detach", daemon=True).start()
         ok, reason = True, f"loaded and attached to {fp.hook}"
     except libbpf.LibbpfError as e:  # the probe object's name says nothing: drop it
         ok, reason = False, explain(e, since).removeprefix(f"{e.what}: ")

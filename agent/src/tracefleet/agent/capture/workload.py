@@ -23,22 +23,23 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import http.client
 import json
 import logging
 import os
 import re
 import socket
-import ssl
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlsplit
 
 # one selector type and one label-selector syntax for agent and controller (the model's)
 from tracefleet.model.filters import WorkloadSelector as WorkloadSelector
 from tracefleet.model.filters import parse_label_selector as parse_label_selector
+
+if TYPE_CHECKING:  # imported where used: only a pod watcher needs HTTPS (~70 ms of start-up)
+    import http.client
 
 log = logging.getLogger("tracefleet.agent.workload")
 
@@ -264,6 +265,9 @@ class PodWatcher:
         return f"/api/v1/pods?fieldSelector={sel}{extra}"
 
     def _request(self, path: str, timeout: float) -> http.client.HTTPResponse:
+        import http.client
+        import ssl
+
         u = urlsplit(self.cfg.server)
         ctx = ssl.create_default_context(cafile=self.cfg.ca_file)
         with open(self.cfg.token_file) as f:  # kubelet rotates it: read per request
@@ -327,6 +331,8 @@ class PodWatcher:
             resp.close()
 
     def _run(self) -> None:
+        import http.client
+
         backoff = 0.5
         while not self._stop.is_set():
             try:

@@ -12,6 +12,7 @@ import ctypes
 import ctypes.util
 import errno
 import logging
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -67,6 +68,11 @@ _libbpf_count = 0  # messages printed so far (the list keeps only the last 200)
 
 def _on_print(level: int, fmt: bytes, va_list: int) -> int:
     global _libbpf_count
+    # libbpf level 0 = warn, 1 = info, 2 = debug. Debug lines (CO-RE relocations, maps
+    # created: ~5,000 to load file) are formatted only for a debug log: they were ~50 ms of
+    # capture's start-up, and explain() looks for a failure's words among the others
+    if level == 2 and not log.isEnabledFor(logging.DEBUG):
+        return 0
     buf = ctypes.create_string_buffer(4096)
     _libc.vsnprintf(buf, len(buf), fmt, _vp(va_list))
     msg = buf.value.decode(errors="replace").rstrip()
@@ -74,7 +80,6 @@ def _on_print(level: int, fmt: bytes, va_list: int) -> int:
         _libbpf_count += 1
         _libbpf_messages.append(msg)
         del _libbpf_messages[:-200]
-        # libbpf level 0 = warn, 1 = info, 2 = debug
         log.log(logging.WARNING if level == 0 else logging.DEBUG, "libbpf: %s", msg)
     return 0
 
@@ -189,6 +194,7 @@ class Program:
         self._ptr = ptr
         self.name: str = lib().bpf_program__name(ptr).decode()
         self.section: str = lib().bpf_program__section_name(ptr).decode()
+        self._log_map: mmap.mmap | None = None
         self._log_buf: ctypes.Array[ctypes.c_char] | None = None
 
     @property
@@ -208,13 +214,18 @@ class Program:
 
     def capture_verifier_log(self, size: int = 1 << 20) -> None:
         """Keep the verifier log of this program's load (level 1 on failure)."""
-        self._log_buf = ctypes.create_string_buffer(size)
+        # anonymous memory, not a zero-filled ctypes buffer: the kernel writes a log only when
+        # a load fails, so its pages stay untouched (zeroing 1 MiB for each of file's 38
+        # programs took ~40-100 ms of capture's start-up)
+        self._log_map = mmap.mmap(-1, size)
+        self._log_buf = (ctypes.c_char * size).from_buffer(self._log_map)
         lib().bpf_program__set_log_buf(self._ptr, ctypes.addressof(self._log_buf), size)
 
     def release_verifier_log(self) -> None:
         if self._log_buf is not None:
             lib().bpf_program__set_log_buf(self._ptr, None, 0)
-            self._log_buf = None
+            self._log_buf = None  # its export of the map first, then the map
+            self._log_map = None
 
     def verifier_log(self) -> str:
         return self._log_buf.value.decode(errors="replace") if self._log_buf else ""
@@ -322,8 +333,8 @@ class BpfObject:
         if rc:
             logs = {p.name: p.verifier_log() for p in self.programs.values() if p.verifier_log()}
             raise LibbpfError(rc, f"load {os.path.basename(self.path)}", logs)
-        # loaded: the logs are of no use now, and 1 MiB each (zero-filled, so resident) for
-        # every program of every loaded set was most of the agent's idle memory
+        # loaded: the logs are of no use now (1 MiB each for every program of every loaded
+        # set, when they were zero-filled buffers, was most of the agent's idle memory)
         for prog in self.programs.values():
             prog.release_verifier_log()
 
@@ -453,6 +464,7 @@ class _BpfProgInfo(ctypes.Structure):
         ("jited_line_info_rec_size", ctypes.c_uint32), ("nr_prog_tags", ctypes.c_uint32),
         ("prog_tags", ctypes.c_uint64), ("run_time_ns", ctypes.c_uint64),
         ("run_cnt", ctypes.c_uint64), ("recursion_misses", ctypes.c_uint64),
+        ("verified_insns", ctypes.c_uint32),
     ]  # fmt: skip
 
 
@@ -475,6 +487,17 @@ def prog_recursion_misses(prog_fd: int) -> int:
     if rc:
         raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
     return int(info.recursion_misses)
+
+
+def prog_verified_insns(prog_fd: int) -> int:
+    """Instructions the verifier processed to load the program (bpf_prog_info, Linux 5.16+):
+    what its load cost, as a count rather than a time."""
+    info = _BpfProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    rc = lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
+    if rc:
+        raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
+    return int(info.verified_insns)
 
 
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, ctypes.c_size_t)
