@@ -468,36 +468,32 @@ class _BpfProgInfo(ctypes.Structure):
     ]  # fmt: skip
 
 
-def prog_stats(prog_fd: int) -> tuple[int, int, int]:
-    """(program id, run time ns, run count) from the kernel's bpf_prog_info."""
+def _prog_info(prog_fd: int) -> _BpfProgInfo:
+    """The kernel's bpf_prog_info of a loaded program."""
     info = _BpfProgInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
     rc = lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
     if rc:
         raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
+    return info
+
+
+def prog_stats(prog_fd: int) -> tuple[int, int, int]:
+    """(program id, run time ns, run count) from the kernel's bpf_prog_info."""
+    info = _prog_info(prog_fd)
     return int(info.id), int(info.run_time_ns), int(info.run_cnt)
 
 
 def prog_recursion_misses(prog_fd: int) -> int:
     """Runs of the program the kernel skipped (bpf_prog_info.recursion_misses): another BPF
     program was running on that CPU. Counted whether or not BPF stats are on."""
-    info = _BpfProgInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    rc = lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
-    if rc:
-        raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
-    return int(info.recursion_misses)
+    return int(_prog_info(prog_fd).recursion_misses)
 
 
 def prog_verified_insns(prog_fd: int) -> int:
     """Instructions the verifier processed to load the program (bpf_prog_info, Linux 5.16+):
     what its load cost, as a count rather than a time."""
-    info = _BpfProgInfo()
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    rc = lib().bpf_obj_get_info_by_fd(prog_fd, ctypes.byref(info), ctypes.byref(size))
-    if rc:
-        raise LibbpfError(rc, "bpf_obj_get_info_by_fd")
-    return int(info.verified_insns)
+    return int(_prog_info(prog_fd).verified_insns)
 
 
 _SAMPLE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _vp, ctypes.c_size_t)
