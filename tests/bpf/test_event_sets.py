@@ -150,7 +150,9 @@ def test_comm_filter_matches_whole_names_only(capture):
     nowhere = "/proc/tf-nonexistent-dir"
     want = ("tf-cm-15bytes-x", "tf-cm-b", "t")
     cap = capture(["file"], filters=Filters(comms=want), poll_ms=20)
-    names = (*want, "tf-cm-15bytes-", "tf-cm-bb", "tf-cm-", "tt")
+    # the names that must not match run first: once the last wanted name's event is in,
+    # any event of theirs (a wrong match) was consumed before it and would be seen
+    names = ("tf-cm-15bytes-", "tf-cm-bb", "tf-cm-", "tt", *want)
     script = """
         import ctypes, os
         ctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)  # PR_SET_NAME
