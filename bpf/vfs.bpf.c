@@ -64,16 +64,19 @@ struct {
 	__type(value, struct tf_vfs_io);
 } tf_vfs_io_new SEC(".maps");
 
-/* close (tracepoint hook), between entry and exit: which file, since when */
+/* close (tracepoint hook), between entry and exit: which file (0: none), since when */
 struct tf_vfs_closing {
 	__u64 file;
 	__u64 ts_ns;
 };
 
+/* Kept with the thread (task storage): created at its first close and reused by every
+ * later one, freed with the thread (one that dies inside close leaves nothing behind); a
+ * hash keyed by tid cost an update and a delete per close. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096); /* resized by the agent */
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct tf_vfs_closing);
 } tf_vfs_closing SEC(".maps");
 
@@ -893,11 +896,10 @@ TF_VFS_SC(lchown,     TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
 SEC("tp/syscalls/sys_enter_close")
 int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	struct tf_vfs_closing c;
+	struct tf_vfs_closing *c;
 	struct tf_vfs_event *e;
 	struct tf_vfs_io *io;
 	struct file *f;
-	__u32 tid;
 	__u64 key;
 
 	if (!tf_vfs_on())
@@ -927,26 +929,30 @@ int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 	} else {
 		tf_vfs_io_unlinked(io, f);
 	}
-	c.file = key;
-	c.ts_ns = bpf_ktime_get_ns();
-	tid = (__u32)bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&tf_vfs_closing, &tid, &c, BPF_ANY))
+	c = bpf_task_storage_get(&tf_vfs_closing, bpf_get_current_task_btf(), NULL,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c) { /* no memory, or the storage busy (a nested program on this CPU) */
 		tf_count(SET, TF_STAT_INFLIGHT_FULL);
+		return 0;
+	}
+	c->file = key;
+	c->ts_ns = bpf_ktime_get_ns();
 	return 0;
 }
 
 SEC("tp/syscalls/sys_exit_close")
 int vt_close(struct trace_event_raw_sys_exit *ctx)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct tf_vfs_closing *c = bpf_map_lookup_elem(&tf_vfs_closing, &tid);
+	struct tf_vfs_closing *c =
+		bpf_task_storage_get(&tf_vfs_closing, bpf_get_current_task_btf(), NULL, 0);
 	struct tf_vfs_event *e;
 	struct tf_vfs_io *io;
 	__u64 key;
 
-	if (!c)
+	if (!c || !c->file)
 		return 0;
 	key = c->file;
+	c->file = 0;
 	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 	e = tf_vfs_new(TF_VFS_CLOSE);
 	if (e) {
@@ -962,6 +968,5 @@ int vt_close(struct trace_event_raw_sys_exit *ctx)
 	}
 	if (io)
 		bpf_map_delete_elem(&tf_vfs_io, &key);
-	bpf_map_delete_elem(&tf_vfs_closing, &tid);
 	return 0;
 }
