@@ -64,16 +64,19 @@ struct {
 	__type(value, struct tf_vfs_io);
 } tf_vfs_io_new SEC(".maps");
 
-/* close (tracepoint hook), between entry and exit: which file, since when */
+/* close (tracepoint hook), between entry and exit: which file (0: none), since when */
 struct tf_vfs_closing {
 	__u64 file;
 	__u64 ts_ns;
 };
 
+/* Kept with the thread (task storage): created at its first close and reused by every
+ * later one, freed with the thread (one that dies inside close leaves nothing behind); a
+ * hash keyed by tid cost an update and a delete per close. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096); /* resized by the agent */
-	__type(key, __u32);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
 	__type(value, struct tf_vfs_closing);
 } tf_vfs_closing SEC(".maps");
 
@@ -227,7 +230,7 @@ static __always_inline struct tf_vfs_io *tf_vfs_io_of(struct file *f)
 	__u64 key = (__u64)f;
 	struct tf_vfs_io *io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 
-	if (io && io->dentry != (__u64)BPF_CORE_READ(f, f_path.dentry)) {
+	if (io && io->dentry != (__u64)tf_file_dentry(f)) {
 		bpf_map_delete_elem(&tf_vfs_io, &key);
 		return NULL;
 	}
@@ -249,7 +252,7 @@ static __always_inline struct tf_vfs_io *tf_vfs_io_fresh(struct file *f)
 	n->has_path = 0;
 	n->unlinked = 0;
 	n->_pad = 0;
-	n->dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
+	n->dentry = (__u64)tf_file_dentry(f);
 	return n;
 }
 
@@ -259,7 +262,7 @@ static __always_inline void tf_vfs_account(struct file *f, long ret, bool write,
 	__u64 key = (__u64)f;
 	struct tf_vfs_io *io;
 
-	if (ret <= 0 || !f || !tf_vfs_on() || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+	if (ret <= 0 || !f || !tf_vfs_on() || tf_pseudo_fs(tf_file_dentry(f)))
 		return;
 	/* checked like at close: a stale entry's totals are another file's, and the close of
 	 * this one would drop them with it */
@@ -315,7 +318,7 @@ static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e,
 		bool torn = false; /* an O_TMPFILE's walk at open already said " (deleted)" */
 
 		n->unlinked = when == TF_IO_AT_CLOSE ||
-			      tf_dentry_unlinked(BPF_CORE_READ(f, f_path.dentry), &torn);
+			      tf_dentry_unlinked(tf_file_dentry(f), &torn);
 	}
 	__builtin_memcpy(n->fstype, e->fstype, sizeof(n->fstype));
 	tf_str_copy(&n->path, &e->path);
@@ -350,7 +353,7 @@ static __always_inline void tf_vfs_io_unlinked(struct tf_vfs_io *io, struct file
 
 	if (!io || !io->has_path || io->unlinked || io->path.status == TF_ST_LOST)
 		return;
-	if (!tf_dentry_unlinked(BPF_CORE_READ(f, f_path.dentry), &torn))
+	if (!tf_dentry_unlinked(tf_file_dentry(f), &torn))
 		return;
 	io->unlinked = 1;
 	len = io->path.len;
@@ -375,7 +378,7 @@ static __always_inline void tf_vfs_take_io(struct tf_vfs_event *e, struct tf_vfs
  * path then from the open file's state when it was resolved at open). */
 static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, bool take_io)
 {
-	struct dentry *d = BPF_CORE_READ(f, f_path.dentry);
+	struct dentry *d = tf_file_dentry(f);
 	__u64 key = (__u64)f;
 	struct tf_vfs_io *io = take_io ? tf_vfs_io_of(f) : NULL;
 
@@ -384,7 +387,7 @@ static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, 
 		tf_str_copy(&e->path, &io->path);
 	} else {
 		tf_fill_inode(e, d);
-		e->path_kind = tf_walk_path(&e->path, d, BPF_CORE_READ(f, f_path.mnt));
+		e->path_kind = tf_walk_path(&e->path, d, tf_file_mnt(f));
 	}
 	if (!take_io)
 		return;
@@ -743,7 +746,7 @@ static __always_inline int tf_vfs_sc(long ret, __u16 op, int fd, int dfd, int p,
 
 		if (!f)
 			return 0;
-		if (tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+		if (tf_pseudo_fs(tf_file_dentry(f)))
 			return 0;
 		tf_vfs_file(e, f, false);
 	} else if (p >= 0) {
@@ -779,13 +782,13 @@ static __always_inline int tf_vfs_sc_open(long ret, int dfd, int p, int flags)
 	if (ret >= 0) {
 		struct file *f = tf_fd_file(ret);
 
-		if (!f || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+		if (!f || tf_pseudo_fs(tf_file_dentry(f)))
 			return 0;
 		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
 			return 0;
 		tf_vfs_file(e, f, false);
 		tf_vfs_cache(f, e, TF_IO_AT_OPEN);
-		e->arg = BPF_CORE_READ(f, f_flags);
+		e->arg = TF_KPTR(struct file, f)->f_flags;
 	} else {
 		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
 			return 0;
@@ -813,7 +816,7 @@ static __always_inline int tf_vfs_sc_io(long ret, bool write, int pos_arg)
 		return 0;
 	pos = pos_arg >= 0 ? tf_sc_arg(regs, pos_arg) : (__u64)-1;
 	if (pos == (__u64)-1) /* no offset, or preadv2's -1: the file position moved */
-		pos = BPF_CORE_READ(f, f_pos);
+		pos = TF_KPTR(struct file, f)->f_pos;
 	else
 		pos += ret;
 	tf_vfs_account(f, ret, write, pos);
@@ -893,17 +896,16 @@ TF_VFS_SC(lchown,     TF_VFS_SETATTR,  NO, NO,  0,   NO,  NO,   1)
 SEC("tp/syscalls/sys_enter_close")
 int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 {
-	struct tf_vfs_closing c;
+	struct tf_vfs_closing *c;
 	struct tf_vfs_event *e;
 	struct tf_vfs_io *io;
 	struct file *f;
-	__u32 tid;
 	__u64 key;
 
 	if (!tf_vfs_on())
 		return 0;
 	f = tf_fd_file(ctx->args[0]);
-	if (!f || tf_pseudo_fs(BPF_CORE_READ(f, f_path.dentry)))
+	if (!f || tf_pseudo_fs(tf_file_dentry(f)))
 		return 0;
 	key = (__u64)f;
 	io = tf_vfs_io_of(f);
@@ -919,7 +921,7 @@ int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 			tf_str_copy(&io->path, &e->path);
 			io->has_path = TF_IO_AT_CLOSE;
 			io->unlinked = 1; /* walked just now: marked if so */
-			io->dentry = (__u64)BPF_CORE_READ(f, f_path.dentry);
+			io->dentry = (__u64)tf_file_dentry(f);
 		} else {
 			tf_vfs_cache(f, e, TF_IO_AT_CLOSE);
 		}
@@ -927,26 +929,30 @@ int vt_close_enter(struct trace_event_raw_sys_enter *ctx)
 	} else {
 		tf_vfs_io_unlinked(io, f);
 	}
-	c.file = key;
-	c.ts_ns = bpf_ktime_get_ns();
-	tid = (__u32)bpf_get_current_pid_tgid();
-	if (bpf_map_update_elem(&tf_vfs_closing, &tid, &c, BPF_ANY))
+	c = bpf_task_storage_get(&tf_vfs_closing, bpf_get_current_task_btf(), NULL,
+				 BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!c) { /* no memory, or the storage busy (a nested program on this CPU) */
 		tf_count(SET, TF_STAT_INFLIGHT_FULL);
+		return 0;
+	}
+	c->file = key;
+	c->ts_ns = bpf_ktime_get_ns();
 	return 0;
 }
 
 SEC("tp/syscalls/sys_exit_close")
 int vt_close(struct trace_event_raw_sys_exit *ctx)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct tf_vfs_closing *c = bpf_map_lookup_elem(&tf_vfs_closing, &tid);
+	struct tf_vfs_closing *c =
+		bpf_task_storage_get(&tf_vfs_closing, bpf_get_current_task_btf(), NULL, 0);
 	struct tf_vfs_event *e;
 	struct tf_vfs_io *io;
 	__u64 key;
 
-	if (!c)
+	if (!c || !c->file)
 		return 0;
 	key = c->file;
+	c->file = 0;
 	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
 	e = tf_vfs_new(TF_VFS_CLOSE);
 	if (e) {
@@ -962,6 +968,5 @@ int vt_close(struct trace_event_raw_sys_exit *ctx)
 	}
 	if (io)
 		bpf_map_delete_elem(&tf_vfs_io, &key);
-	bpf_map_delete_elem(&tf_vfs_closing, &tid);
 	return 0;
 }

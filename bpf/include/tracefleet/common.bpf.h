@@ -208,10 +208,11 @@ static __always_inline bool tf_prefix_ok(__u32 set, const struct tf_str *s)
 /* ppid, uid, gid: what users expect next to pid and comm */
 static __always_inline void tf_fill_ctx(struct tf_hdr *h)
 {
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	/* direct BTF loads, not two bpf_probe_read_kernel calls: this runs for every record */
+	struct task_struct *task = bpf_get_current_task_btf();
 	__u64 ug = bpf_get_current_uid_gid();
 
-	h->ppid = BPF_CORE_READ(task, real_parent, tgid);
+	h->ppid = task->real_parent->tgid;
 	h->uid = (__u32)ug;
 	h->gid = ug >> 32;
 	h->ctx_ok = 1;

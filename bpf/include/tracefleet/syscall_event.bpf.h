@@ -130,8 +130,8 @@ static __always_inline void tf_check_open(struct tf_event *e, long fd)
 
 	if (!s || !f)
 		return;
-	d = BPF_CORE_READ(f, f_path.dentry);
-	tf_walk_path(&e->str[1], d, BPF_CORE_READ(f, f_path.mnt));
+	d = tf_file_dentry(f);
+	tf_walk_path(&e->str[1], d, tf_file_mnt(f));
 	if (e->str[0].status != TF_ST_RECOVERED)
 		return;
 	n = tf_dentry_name(s, d, &parent, &torn);
