@@ -224,7 +224,7 @@ def simulated_nodes(
 
 
 async def run_simulated(
-    controller: str,
+    controller: str | Sequence[str],
     nodes: Sequence[tuple[str, Mapping[str, str]]],
     stop: asyncio.Event,
     *,
@@ -234,7 +234,8 @@ async def run_simulated(
     ramp: float = 0.0,
     stats_file: str = "",
 ) -> list[ControlClient]:
-    """Run one ControlClient with a SyntheticEngine per node until ``stop`` is set."""
+    """Run one ControlClient with a SyntheticEngine per node until ``stop`` is set. Several
+    ``controller`` addresses: replicas, each agent dials first the one its name hashes to."""
     opts = options or ClientOptions(offload_engine_calls=False, agent_version="loadgen")
     clients = [
         ControlClient(
@@ -276,12 +277,19 @@ async def run_simulated(
 
 
 def client_stats(c: ControlClient) -> dict[str, Any]:
-    engine = c.engine
+    engine = c.engine if isinstance(c.engine, SyntheticEngine) else None
     return {
         "node": c.node_name,
         "connected": c.connected,
+        "controller": c.controller,
         "applied_generation": c.applied_generation,
-        "enabled": engine.enabled() if isinstance(engine, SyntheticEngine) else [],
+        "enabled": engine.enabled() if engine is not None else [],
+        # events invented so far per set (delivered + dropped), what the controller must
+        # count once every batch is acknowledged (`unacked` 0)
+        "produced": {n: s.delivered + s.dropped for n, s in engine.totals().items()}
+        if engine is not None
+        else {},
+        "unacked": c.outbox_state()[0],
         **dataclasses.asdict(c.stats),
     }
 
@@ -300,7 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         description="LOAD GENERATOR: run N simulated agents (made-up events) against a "
         "controller. Not the product path.",
     )
-    p.add_argument("--controller", required=True, help="controller host:port")
+    p.add_argument("--controller", required=True,
+                   help="controller host:port, or replicas' host:port,host:port,...")  # fmt: skip
     p.add_argument("--agents", type=int, default=1)
     p.add_argument("--name", default="sim", help="node name (one agent) or prefix (several)")
     p.add_argument("--roles", default="", help="comma-separated roles assigned round-robin")
@@ -343,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         await run_simulated(
-            args.controller,
+            [a for a in args.controller.split(",") if a],
             nodes,
             stop,
             rate=args.rate,
