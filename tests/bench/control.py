@@ -7,7 +7,7 @@ controller pushes the acks, nothing is polled), and a StreamEvents follower on o
 node timestamps the first event (enable-to-first-event); then disable and wait for the acks.
 Each fleet reports what limited it: the controller or a load generator at a full core.
 
-TRACEFLEET_BENCH_FLEETS=100,1000,10000, TRACEFLEET_BENCH_ROUNDS=N and
+TRACEFLEET_BENCH_FLEETS=100,1000,10000 (0: none), TRACEFLEET_BENCH_ROUNDS=N and
 TRACEFLEET_BENCH_PER_LOADGEN=N choose the simulated fleets, rounds and agents per load
 generator of a full run (for a targeted `tests/bench/run.py --only control`);
 TRACEFLEET_BENCH_PIN=1 pins the controller to one CPU and the load generators to the others
@@ -153,8 +153,9 @@ class Fleet:
                         return time.monotonic() - t0
         raise RuntimeError(f"only {got}/{len(names)} agents connected after {timeout:.0f}s")
 
-    def configure(self, selector: str, enabled: bool) -> tuple[int, list[str], float]:
-        req = self.pb.ConfigureEventSetRequest(event_set="file", enabled=enabled,
+    def configure(self, selector: str, enabled: bool,
+                  event_set: str = "file") -> tuple[int, list[str], float]:  # fmt: skip
+        req = self.pb.ConfigureEventSetRequest(event_set=event_set, enabled=enabled,
                                                selector=selector if enabled else "")  # fmt: skip
         t0 = time.monotonic()
         resp = self.stub.ConfigureEventSet(req, timeout=60)
@@ -234,17 +235,16 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     lg0 = [proc_sample(p) for p in lg_pids]
     load0 = os.getloadavg()[0]
     fleet.call_s.clear()
-    windows: list[tuple[float, float, list[float]]] = []  # wall, controller CPU, each LG's
+    windows: list[tuple[float, dict[str, float]]] = []  # wall, each process's CPU
+    pids = procs_named(ctl_pid, lg_pids)
     try:
         for r in range(rounds):
-            w0 = _cpu_now(ctl_pid, lg_pids)
+            w0 = cpu_now(pids)
             gen, matched, t0 = fleet.configure(selector, True)
             if len(matched) != expect:
                 raise RuntimeError(f"enable matched {len(matched)} nodes, expected {expect}")
             done, acked = fleet.wait_acked(gen, matched, t0, timeout)
-            w1 = _cpu_now(ctl_pid, lg_pids)
-            windows.append((w1[0] - w0[0], w1[1] - w0[1],
-                            [b - a for a, b in zip(w0[2], w1[2], strict=True)]))  # fmt: skip
+            windows.append(cpu_window(w0, cpu_now(pids)))
             first = follower.first_after(t0, 10.0)
             all_acked.append(done)
             per_node += list(acked.values())
@@ -284,51 +284,77 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "loadgen_processes": len(lg_pids),
         "loadgen_cpu_percent_during_rounds_max": max(lg_cpu, default=0.0),
         "limit_rounds": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
-        **_change_cpu(windows, expect, max(load0, os.getloadavg()[0])),
+        **change_cpu(windows, expect, max(load0, os.getloadavg()[0])),
         "loadavg_1m": [load0, os.getloadavg()[0]],
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,
     }
 
 
-def _cpu_now(ctl_pid: int, lg_pids: tuple[int, ...]) -> tuple[float, float, list[float]]:
-    """(monotonic s, controller CPU s, each load generator's CPU s)."""
-    return (time.monotonic(), proc_sample(ctl_pid).cpu_s,
-            [proc_sample(p).cpu_s for p in lg_pids])  # fmt: skip
+def procs_named(ctl_pid: int, lg_pids: tuple[int, ...]) -> dict[str, int]:
+    """The bench's processes by name: "KIND" or "KIND N" (several of a kind)."""
+    return {"controller": ctl_pid, **{f"load generator {i}": p for i, p in enumerate(lg_pids)}}
 
 
-def _change_cpu(windows: list[tuple[float, float, list[float]]], agents: int,
-                load: float) -> dict[str, Any]:  # fmt: skip
-    """CPU the controller and the load generators spent from each enable to all acked (the
-    median window), and what limited that window: one process at a full core, all the
-    machine's CPUs busy with the bench's own processes, or neither (other processes). The
-    whole-rounds average hides the burst of a change."""
+def cpu_now(pids: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """(monotonic s, CPU s of each named process)."""
+    return time.monotonic(), {name: proc_sample(pid).cpu_s for name, pid in pids.items()}
+
+
+def cpu_window(
+    w0: tuple[float, dict[str, float]], w1: tuple[float, dict[str, float]]
+) -> tuple[float, dict[str, float]]:
+    """Wall seconds between two cpu_now() readings and each process's CPU seconds in them."""
+    return w1[0] - w0[0], {name: w1[1][name] - c for name, c in w0[1].items()}
+
+
+def _kind(name: str) -> str:
+    return name.rstrip("0123456789").rstrip()
+
+
+def change_cpu(windows: list[tuple[float, dict[str, float]]], agents: int,
+               load: float) -> dict[str, Any]:  # fmt: skip
+    """CPU each kind of process spent from each enable to all acked (the median window), and
+    what limited that window: one process at a full core, all the machine's CPUs busy with
+    the bench's own processes, or neither (other processes). The whole-rounds average hides
+    the burst of a change."""
     cpus = os.cpu_count() or 1
-    wall = statistics.median(w for w, _, _ in windows)
-    ctl = statistics.median(c for _, c, _ in windows)
-    lgs = statistics.median(sum(lg) for _, _, lg in windows)
-    lg_max = statistics.median(max(lg, default=0.0) for _, _, lg in windows)
-    if ctl >= LIMIT_CPU / 100 * wall:
-        limit = "controller (a full core from enable to all acked)"
-    elif lg_max >= LIMIT_CPU / 100 * wall:
-        limit = "load generator (a full core from enable to all acked)"
-    elif ctl + lgs >= LIMIT_CPU / 100 * cpus * wall:
-        limit = (f"the machine's {cpus} CPUs (controller and load generators used "
-                 f"{(ctl + lgs) / wall:.1f} of them from enable to all acked)")  # fmt: skip
+    wall = statistics.median(w for w, _ in windows)
+    names = list(windows[0][1])
+    per = {n: statistics.median(c[n] for _, c in windows) for n in names}
+    kinds = list(dict.fromkeys(_kind(n) for n in names))
+    by_kind = {
+        k: statistics.median(sum(v for n, v in c.items() if _kind(n) == k) for _, c in windows)
+        for k in kinds
+    }
+    total = sum(by_kind.values())
+    top = max(per, key=lambda n: per[n])
+    if per[top] >= LIMIT_CPU / 100 * wall:
+        limit = f"{_kind(top)} (a full core from enable to all acked)"
+    elif total >= LIMIT_CPU / 100 * cpus * wall:
+        limit = (f"the machine's {cpus} CPUs ({' and '.join(kinds)} used "
+                 f"{total / wall:.1f} of them from enable to all acked)")  # fmt: skip
     elif load > cpus:
         limit = (f"CPU contention (load {load:.1f} on {cpus} CPUs; the bench's processes used "
-                 f"{(ctl + lgs) / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
+                 f"{total / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
     else:
-        limit = (f"neither at a full core (the bench's processes used {(ctl + lgs) / wall:.1f} "
+        limit = (f"neither at a full core (the bench's processes used {total / wall:.1f} "
                  f"of {cpus} CPUs from enable to all acked)")  # fmt: skip
-    return {
+    out: dict[str, Any] = {
         "limit": limit,
         "change_window_ms": wall * 1e3,
-        "change_controller_cpu_ms": ctl * 1e3,
-        "change_loadgen_cpu_ms": lgs * 1e3,
-        "change_controller_cpu_us_per_agent": ctl * 1e6 / agents,
-        "change_loadgen_cpu_us_per_agent": lgs * 1e6 / agents,
+        "change_cpu_ms": {k: v * 1e3 for k, v in by_kind.items()},
+        "change_cpu_us_per_agent": {k: v * 1e6 / agents for k, v in by_kind.items()},
     }
+    if "controller" in by_kind:  # the single-controller fleets' own keys
+        ctl, lgs = by_kind["controller"], by_kind.get("load generator", 0.0)
+        out |= {
+            "change_controller_cpu_ms": ctl * 1e3,
+            "change_loadgen_cpu_ms": lgs * 1e3,
+            "change_controller_cpu_us_per_agent": ctl * 1e6 / agents,
+            "change_loadgen_cpu_us_per_agent": lgs * 1e6 / agents,
+        }
+    return out
 
 
 def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
@@ -362,7 +388,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     sims = (
         (50,)
         if quick
-        else tuple(int(x) for x in env_fleets.split(",") if x)
+        else tuple(int(x) for x in env_fleets.split(",") if x and int(x) > 0)
         if env_fleets
         else (100, 1000, 10000)
     )
