@@ -45,15 +45,20 @@ from tests.bench.common import (
 )
 from tests.conftest import LOADGEN
 
-# simulated agents per load-generator process (TRACEFLEET_BENCH_PER_LOADGEN: fewer, larger
-# processes for 10,000 agents on 2 CPUs)
-PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "250"))
+# simulated agents per load-generator process: TRACEFLEET_BENCH_PER_LOADGEN, else one process
+# per CPU the load generators may use, of at most MAX_PER_LOADGEN agents (40 processes of 250
+# for 10,000 agents on 2 CPUs spent their CPU starting and switching, load 42)
+PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "0"))
+MAX_PER_LOADGEN = 2500
 # TRACEFLEET_BENCH_PIN=1: the controller on the first CPU this bench may use and the load
 # generators on the others (taskset), so that neither takes the other's core; the results
 # name the pinning (``pinning``). The bench's own client (ConfigureEventSet, WatchAcks) is
 # not pinned.
 PIN = os.environ.get("TRACEFLEET_BENCH_PIN", "") not in ("", "0")
 LIMIT_CPU = 85.0  # percent of one core: that process was the limit
+# with PIN, the CPUs each kind of process may use (the controller replicas share theirs)
+PINNED_CPUS = {"controller": 1, "replica A": 1, "replica B": 1,
+               "load generator": max(1, len(os.sched_getaffinity(0)) - 1)}  # fmt: skip
 NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
 
 
@@ -315,22 +320,27 @@ def _kind(name: str) -> str:
 def change_cpu(windows: list[tuple[float, dict[str, float]]], agents: int,
                load: float) -> dict[str, Any]:  # fmt: skip
     """CPU each kind of process spent from each enable to all acked (the median window), and
-    what limited that window: one process at a full core, all the machine's CPUs busy with
-    the bench's own processes, or neither (other processes). The whole-rounds average hides
-    the burst of a change."""
+    what limited that window: the kind of process that used the largest share of the CPUs it
+    may run on (one each, at most the CPUs the bench pins that kind to: ten load generators
+    pinned to one CPU share that one), at 85% of them or more; else all the machine's CPUs
+    busy with the bench's own processes, or neither (other processes). The whole-rounds
+    average hides the burst of a change."""
     cpus = os.cpu_count() or 1
     wall = statistics.median(w for w, _ in windows)
     names = list(windows[0][1])
-    per = {n: statistics.median(c[n] for _, c in windows) for n in names}
     kinds = list(dict.fromkeys(_kind(n) for n in names))
     by_kind = {
         k: statistics.median(sum(v for n, v in c.items() if _kind(n) == k) for _, c in windows)
         for k in kinds
     }
+    pinned = PINNED_CPUS if _pinning()[0] else {}
+    room = {k: min(sum(_kind(n) == k for n in names), pinned.get(k, cpus)) for k in kinds}
+    use = {k: by_kind[k] / (room[k] * wall) if wall > 0 else 0.0 for k in kinds}
     total = sum(by_kind.values())
-    top = max(per, key=lambda n: per[n])
-    if per[top] >= LIMIT_CPU / 100 * wall:
-        limit = f"{_kind(top)} (a full core from enable to all acked)"
+    top = max(kinds, key=lambda k: use[k])
+    if use[top] >= LIMIT_CPU / 100:
+        limit = (f"{top} ({use[top]:.0%} of its {room[top]} CPU(s) from enable to all "
+                 "acked)")  # fmt: skip
     elif total >= LIMIT_CPU / 100 * cpus * wall:
         limit = (f"the machine's {cpus} CPUs ({' and '.join(kinds)} used "
                  f"{total / wall:.1f} of them from enable to all acked)")  # fmt: skip
@@ -370,16 +380,29 @@ def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
     return "neither at a full core"
 
 
+def _cpu_split() -> tuple[int, list[int]]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[0], cpus[1:]
+
+
+def loadgen_split(n: int) -> list[int]:
+    """Agents of each load-generator process for a fleet of ``n``."""
+    lg_cpus = len(_cpu_split()[1]) if _pinning()[1] else os.cpu_count() or 1
+    per = PER_LOADGEN or max(1, min(MAX_PER_LOADGEN, math.ceil(n / lg_cpus)))
+    procs = math.ceil(n / per)
+    return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+
+
 def _pinning() -> tuple[list[str], list[str], str]:
     """taskset prefixes of the controller and of the load generators, and what they do."""
-    cpus = sorted(os.sched_getaffinity(0))
+    first, rest = _cpu_split()
     if not PIN:
         return [], [], "none (TRACEFLEET_BENCH_PIN unset: every process on any CPU)"
-    if len(cpus) < 2 or shutil.which("taskset") is None:
-        return [], [], f"none (asked for, but {len(cpus)} CPU(s) or no taskset)"
-    rest = ",".join(str(c) for c in cpus[1:])
-    return (["taskset", "-c", str(cpus[0])], ["taskset", "-c", rest],
-            f"controller on CPU {cpus[0]}, load generators on CPU {rest} (taskset)")  # fmt: skip
+    if not rest or shutil.which("taskset") is None:
+        return [], [], f"none (asked for, but {len(rest) + 1} CPU(s) or no taskset)"
+    others = ",".join(str(c) for c in rest)
+    return (["taskset", "-c", str(first)], ["taskset", "-c", others],
+            f"controller on CPU {first}, load generators on CPU {others} (taskset)")  # fmt: skip
 
 
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
@@ -428,9 +451,9 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 res["agent_rss_kb"] = a.rss_kb
                 out["fleets"]["1 real agent"] = res
             for n in sims:
-                procs = math.ceil(n / PER_LOADGEN)
+                counts = loadgen_split(n)
+                procs = len(counts)
                 log(f"control: {n} simulated agents in {procs} load-generator process(es)")
-                counts = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
                 names = [f"sim{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
                 lg_logs = [tmp / f"loadgen-{n}-{i}.log" for i in range(procs)]
                 with contextlib.ExitStack() as stack:
@@ -448,7 +471,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                         took = fleet.wait_connected(names, 120 + n / 20, alive)
                     except RuntimeError as e:  # name what the agents saw, and the set-up
                         raise RuntimeError(
-                            f"{e} ({procs} load generators of up to {PER_LOADGEN} agents on "
+                            f"{e} ({procs} load generators of up to {max(counts)} agents on "
                             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); "
                             f"{_stream_errors(lg_logs)}"
                         ) from None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import signal
 import statistics
@@ -36,7 +35,6 @@ import grpc
 from tests.bench.common import PY, log, percentile, proc_sample, summary
 from tests.bench.control import (
     NOFILE,
-    PER_LOADGEN,
     Fleet,
     _check_alive,
     _free_port,
@@ -46,6 +44,7 @@ from tests.bench.control import (
     change_cpu,
     cpu_now,
     cpu_window,
+    loadgen_split,
 )
 from tests.conftest import LOADGEN
 from tests.etcd_cluster import etcd_cluster
@@ -219,8 +218,8 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                         log_text = (tmp / f"replica-{label}.log").read_text()[-500:]
                         raise RuntimeError(f"replica {label} did not start: {log_text}") from None
                     time.sleep(0.1)
-        procs = math.ceil(n / PER_LOADGEN)
-        counts = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+        counts = loadgen_split(n)
+        procs = len(counts)
         names = [f"rep{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
         lg_logs = [tmp / f"loadgen-rep{n}-{i}.log" for i in range(procs)]
         stats_files = [tmp / f"loadgen-rep{n}-{i}.json" for i in range(procs)]
