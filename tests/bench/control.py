@@ -296,6 +296,34 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     }
 
 
+def _bare_changes(fleet: Fleet, names: list[str], changes: int, pids: dict[str, int],
+                  steady: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """CPU per agent of a change alone: ``changes`` generations that switch a set on and off
+    for nodes outside the fleet, which every agent still gets, applies and acks (no batches
+    follow, unlike an enable); the steady (idle) CPU of the same time is taken off."""
+    w0 = cpu_now(pids)
+    walls = []
+    for i in range(changes):
+        gen, _, t0 = fleet.configure("bench=no-such-node", i % 2 == 0, "exec")
+        done, _ = fleet.wait_acked(gen, names, t0, 60.0)
+        walls.append(done)
+        if done != done:  # not converged: the next ones would wait as long again
+            break
+    wall, cpu = cpu_window(w0, cpu_now(pids))
+    by_kind: dict[str, float] = {}
+    for name, c in cpu.items():
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + c
+    return {
+        "changes": len(walls),
+        "all_acked_ms": summary([x * 1e3 for x in walls if x == x]),
+        "not_converged": sum(1 for x in walls if x != x),
+        "cpu_us_per_agent_per_change": {
+            k: max(0.0, v - steady.get(k, 0.0) * wall) * 1e6 / (len(walls) * len(names))
+            for k, v in by_kind.items()
+        },
+    }
+
+
 def procs_named(ctl_pid: int, lg_pids: tuple[int, ...]) -> dict[str, int]:
     """The bench's processes by name: "KIND" or "KIND N" (several of a kind)."""
     return {"controller": ctl_pid, **{f"load generator {i}": p for i, p in enumerate(lg_pids)}}
@@ -496,6 +524,12 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                     res["controller_rss_kb_per_agent"] = (c1.rss_kb - s_idle.rss_kb) / n
                     res["loadgen_cpu_percent_steady_max"] = max(
                         cpu_percent(a, b) for a, b in zip(l0, l1, strict=True)
+                    )
+                    dt = c1.t - c0.t
+                    lg_s = sum(b.cpu_s - a.cpu_s for a, b in zip(l0, l1, strict=True))
+                    steady = {"controller": (c1.cpu_s - c0.cpu_s) / dt, "load generator": lg_s / dt}
+                    res["bare_change"] = _bare_changes(
+                        fleet, names, 2 if quick else 4, procs_named(ctl.pid, pids), steady
                     )
                     out["fleets"][f"{n} simulated agents"] = res
                 time.sleep(1.0)

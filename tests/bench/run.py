@@ -218,6 +218,12 @@ def render_control(r: dict[str, Any]) -> str:
                 f"{f['change_loadgen_cpu_ms']:.0f} ms in the load generators "
                 f"({f['change_loadgen_cpu_us_per_agent']:.0f} us/agent); limit: {f['limit']}"
             )
+        if "bare_change" in f:
+            b = f["bare_change"]
+            cpu = ", ".join(f"{k} {v:.0f} us" for k, v in b["cpu_us_per_agent_per_change"].items())
+            out.append(f"  {name}: a change alone (a generation enabling nothing here, "
+                       f"{b['changes']}x): all acked {_ms(b['all_acked_ms'])} ms; CPU per agent "
+                       f"per change, steady CPU taken off: {cpu}")  # fmt: skip
     if "replicated" in r:
         out += _replicated_lines(r["replicated"])
     return "\n".join(out)
