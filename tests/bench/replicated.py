@@ -34,6 +34,7 @@ import grpc
 
 from tests.bench.common import PY, log, percentile, proc_sample, summary
 from tests.bench.control import (
+    INTERVAL,
     NOFILE,
     Fleet,
     _check_alive,
@@ -190,7 +191,8 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     ctl_pin, lg_pin, pinning = _pinning()
     _raise_nofile(NOFILE)
     sel = f"bench=rep{n}"
-    out: dict[str, Any] = {"agents": n, "pinning": f"{pinning}; etcd not pinned"}
+    out: dict[str, Any] = {"agents": n, "pinning": f"{pinning}; etcd not pinned",
+                           "batch_interval_s": INTERVAL}  # fmt: skip
     log(f"control: replicated mode: 3 etcd members, 2 controller replicas, {n} simulated agents")
     with contextlib.ExitStack() as stack:
         urls = stack.enter_context(etcd_cluster(tmp / "etcd"))
@@ -227,7 +229,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
             stack.enter_context(_proc(
                 [*lg_pin, PY, str(LOADGEN), "--controller", ",".join(addrs),
                  "--agents", str(c), "--name", f"rep{n}p{i}", "--labels", sel,
-                 "--rate", "50", "--ramp", str(min(30.0, n / 200)),
+                 "--rate", "50", "--interval", str(INTERVAL), "--ramp", str(min(30.0, n / 200)),
                  "--stats-file", str(stats_files[i])],
                 lg_logs[i]))
             for i, c in enumerate(counts)

@@ -189,7 +189,8 @@ def render_control(r: dict[str, Any]) -> str:
         "gRPC ConfigureEventSet then the WatchAcks stream of the matched nodes (pushed acks);"
         " first event = StreamEvents follower on one matched node; ms median [min-max];"
         " limit = what was at a full core from enable to all acked (median round);"
-        f" pinning: {r.get('pinning', 'none')}"
+        f" pinning: {r.get('pinning', 'none')}; simulated agents' batch interval "
+        f"{r.get('batch_interval_s', 1):g} s"
     ]
     out.append(
         _fmt_table(
