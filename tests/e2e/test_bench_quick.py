@@ -159,6 +159,10 @@ def test_json_control(quick_run: tuple[str, dict[str, Any], Path]) -> None:
         assert f["enable_to_all_acked_ms"]["median"] > 0, name
         assert "enable_to_first_event_ms" in f, name
         assert f["controller_rss_kb"] > 0, name
+        if "simulated" in name:  # every agent acked each generation of the changes alone
+            b = f["bare_change"]
+            assert b["changes"] > 0 and b["not_converged"] == 0, b
+            assert set(b["cpu_us_per_agent_per_change"]) == {"controller", "load generator"}, b
     check_replicated(data["control"]["replicated"])
 
 
