@@ -49,7 +49,7 @@ from tests.conftest import LOADGEN
 # per CPU the load generators may use, of at most MAX_PER_LOADGEN agents (40 processes of 250
 # for 10,000 agents on 2 CPUs spent their CPU starting and switching, load 42)
 PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "0"))
-MAX_PER_LOADGEN = 2500
+MAX_PER_LOADGEN = 1000  # as many as the soak runs in one process
 # TRACEFLEET_BENCH_PIN=1: the controller on the first CPU this bench may use and the load
 # generators on the others (taskset), so that neither takes the other's core; the results
 # name the pinning (``pinning``). The bench's own client (ConfigureEventSet, WatchAcks) is
