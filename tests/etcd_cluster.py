@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import wait_until
@@ -16,13 +17,19 @@ from tests.e2e.fleet_helpers import free_port
 from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdError
 
 
+@dataclass(frozen=True)
+class EtcdCluster:
+    urls: list[str]  # each member's client URL
+    pids: list[int]
+
+
 @contextlib.contextmanager
 def etcd_cluster(
     tmp: Path, members: int = 3, timeout: float = 30.0, prefix: list[str] | None = None
-) -> Iterator[list[str]]:
-    """Client URLs of a new ``members``-member cluster, data and logs under ``tmp``; every
-    member answers and a write has its quorum before this yields; stopped on exit.
-    ``prefix``: a command the members run under (e.g. taskset)."""
+) -> Iterator[EtcdCluster]:
+    """A new ``members``-member cluster, data and logs under ``tmp``; every member answers
+    and a write has its quorum before this yields; stopped on exit. ``prefix``: a command
+    the members run under (e.g. taskset)."""
     etcd = shutil.which("etcd")
     if etcd is None:
         raise RuntimeError("etcd is not installed (Debian package etcd-server): run make deps")
@@ -64,7 +71,7 @@ def etcd_cluster(
             return True
 
         wait_until(healthy, timeout, f"a {members}-member etcd cluster")
-        yield urls
+        yield EtcdCluster(urls, [p.pid for p in procs])
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

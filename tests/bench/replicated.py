@@ -195,7 +195,8 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                            "batch_interval_s": INTERVAL}  # fmt: skip
     log(f"control: replicated mode: 3 etcd members, 2 controller replicas, {n} simulated agents")
     with contextlib.ExitStack() as stack:
-        urls = stack.enter_context(etcd_cluster(tmp / "etcd"))
+        etcd = stack.enter_context(etcd_cluster(tmp / "etcd"))
+        urls = etcd.urls
         addrs = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
         ctls = [
             stack.enter_context(_proc(
@@ -246,6 +247,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
         time.sleep(1.0 if quick else 2.0)
         out |= _rounds(fleets, sel, names, on_a, rounds,
                        {"replica A": ctls[0].pid, "replica B": ctls[1].pid,
+                        **{f"etcd member {i}": p for i, p in enumerate(etcd.pids)},
                         **{f"load generator {i}": p.pid for i, p in enumerate(lgs)}})  # fmt: skip
         out["replica_rss_kb"] = [proc_sample(c.pid).rss_kb for c in ctls]
         out["failover"] = _failover(fleets, ctls[0], sel, names, on_a, alive)

@@ -38,8 +38,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.fixture
 def etcd3(tmp_path: Path) -> Iterator[list[str]]:
     """Client URLs of a fresh 3-member etcd cluster on loopback."""
-    with etcd_cluster(tmp_path / "etcd", timeout=scaled(30)) as urls:
-        yield urls
+    with etcd_cluster(tmp_path / "etcd", timeout=scaled(30)) as cluster:
+        yield cluster.urls
 
 
 def _agent(agent: AgentProc) -> dict:
