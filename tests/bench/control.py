@@ -5,7 +5,8 @@ round: ConfigureEventSet(file, enabled) over gRPC, then the WatchAcks stream of 
 nodes until every one acked the generation (enable-to-acked, per node and for all; the
 controller pushes the acks, nothing is polled), and a StreamEvents follower on one matched
 node timestamps the first event (enable-to-first-event); then disable and wait for the acks.
-Each fleet reports what limited it: the controller or a load generator at a full core.
+Each fleet reports what limited it: the kind of process (controller, load generators) at 85%
+of the CPUs it may use.
 
 TRACEFLEET_BENCH_FLEETS=100,1000,10000 (0: none), TRACEFLEET_BENCH_ROUNDS=N and
 TRACEFLEET_BENCH_PER_LOADGEN=N choose the simulated fleets, rounds and agents per load

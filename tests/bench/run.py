@@ -188,7 +188,8 @@ def render_control(r: dict[str, Any]) -> str:
     out = [
         "gRPC ConfigureEventSet then the WatchAcks stream of the matched nodes (pushed acks);"
         " first event = StreamEvents follower on one matched node; ms median [min-max];"
-        " limit = what was at a full core from enable to all acked (median round);"
+        " limit = the kind of process at 85% of the CPUs it may use from enable to all acked"
+        " (median round);"
         f" pinning: {r.get('pinning', 'none')}; simulated agents' batch interval "
         f"{r.get('batch_interval_s', 1):g} s"
     ]
