@@ -325,6 +325,9 @@ def _failover(fleets: dict[str, Fleet], ctl_a: Any, sel: str, names: list[str],
         raise RuntimeError(f"before the failover: {len(w.acked)}/{len(names)} acked")
     time.sleep(3.0)  # batches flow; A holds its BatchAcks back up to 2 s: some unacknowledged
     alive()
+    # A's agents now, not at the start: a stream broken since (a stalled load generator's
+    # keepalive) moved its agent to the other replica, and its move is not this failover's
+    on_kill = sorted(_connected(a, sel))
     ctl_a.send_signal(signal.SIGKILL)
     t_kill = time.monotonic()
     ctl_a.wait()
@@ -332,17 +335,18 @@ def _failover(fleets: dict[str, Fleet], ctl_a: Any, sel: str, names: list[str],
     timeout = 120.0
     f = _Acks({"replica B": b}, gen2, names, t_kill, timeout)
     f.wait()
-    reconnect = [f.seen.get(x, float("nan")) for x in on_a]
-    acked = f.all_acked_s(on_a)
+    reconnect = [f.seen.get(x, float("nan")) for x in on_kill]
+    acked = f.all_acked_s(on_kill)
     res = {
-        "agents_moved": len(on_a),
+        "agents_moved": len(on_kill),
+        "agents_left_a_before_the_kill": len(set(on_a) - set(on_kill)),
         "reconnect_all_s": max(reconnect) if all(x == x for x in reconnect) else float("nan"),
         "reconnect_median_s": statistics.median(reconnect) if reconnect else float("nan"),
         "failover_s": acked,
-        "acked_new_generation": sum(1 for x in on_a if x in f.acked),
+        "acked_new_generation": sum(1 for x in on_kill if x in f.acked),
         "all_acked_new_generation_s": f.all_acked_s(),
         "timeout_s": timeout,
     }
-    log(f"control:   failover: {len(on_a)} agents of A on B in {res['reconnect_all_s']:.2f}s, "
+    log(f"control:   failover: {len(on_kill)} agents of A on B in {res['reconnect_all_s']:.2f}s, "
         f"acked the new generation in {acked:.2f}s after A's SIGKILL")  # fmt: skip
     return res

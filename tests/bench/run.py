@@ -252,7 +252,8 @@ def _replicated_lines(r: dict[str, Any]) -> list[str]:
         f"  failover: SIGKILL of A with file enabled; its {fo['agents_moved']} agents connected "
         f"to B in {fo['reconnect_all_s']:.2f} s (median {fo['reconnect_median_s']:.2f} s) and "
         f"{fo['acked_new_generation']} acked a generation made through B, all in "
-        f"{fo['failover_s']:.2f} s after the kill",
+        f"{fo['failover_s']:.2f} s after the kill ({fo['agents_left_a_before_the_kill']} of A's "
+        "first agents had moved to B before it)",
         f"  counts after the failover: {c['agents'] - c['agents_not_exact']}/{c['agents']} "
         f"agents exact (invented {c['events_invented']}, counted {c['events_counted']}; "
         f"{c['batches_resent']} batches resent, {c['batches_duplicate_ignored']} ignored as "

@@ -173,7 +173,7 @@ def check_replicated(r: dict[str, Any]) -> None:
     assert r["agents_on_a"] > 0 and r["agents_on_b"] > 0, r
     assert r["enable_to_all_acked_ms"]["n"] == r["rounds"] > 0, r
     fo = r["failover"]
-    assert fo["agents_moved"] == r["agents_on_a"], fo
+    assert 0 < fo["agents_moved"] <= r["agents_on_a"] + r["agents_on_b"], fo
     assert fo["acked_new_generation"] == fo["agents_moved"], fo
     assert fo["failover_s"] > 0, fo
     c = r["counts"]
