@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -75,7 +76,10 @@ class SyntheticEngine(CaptureEngine):
         self._last_sample = time.monotonic()
         self.apply_calls = 0
         self.closed = False
-        self._totals: dict[str, SetAggregate] = {}  # cumulative, for the metrics endpoint
+        # what collect() handed out, as the number of intervals of each (set, event count)
+        # (totals() multiplies them out), and the events invented per set
+        self._made: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._produced: dict[str, int] = {}
 
     # CaptureEngine ----------------------------------------------------------------------
 
@@ -122,16 +126,23 @@ class SyntheticEngine(CaptureEngine):
         agg = Aggregates(start, now)
         for name in self.enabled():
             n = self._count(self.rate * elapsed)
-            agg.sets[name] = self._aggregate(name, n)
-            add_all(self._totals.setdefault(name, SetAggregate()), agg.sets[name])
+            # a copy of the shared one: its counts are the caller's (a test sets some); its
+            # dicts and histogram stay shared, read only
+            s = agg.sets[name] = dataclasses.replace(_aggregate(name, n))
+            self._made[(name, n)] += 1
+            self._produced[name] = self._produced.get(name, 0) + s.delivered + s.dropped
         return agg
 
     def totals(self) -> dict[str, SetAggregate]:
         """Everything collect() has reported so far (cumulative; events are invented there)."""
         out: dict[str, SetAggregate] = {}
-        for name, sa in list(self._totals.items()):
-            add_all(out.setdefault(name, SetAggregate()), sa)
+        for (name, n), k in sorted(self._made.items()):
+            add_all(out.setdefault(name, SetAggregate()), _times(_aggregate(name, n), k))
         return out
+
+    def produced(self) -> dict[str, int]:
+        """Events invented per set (delivered + dropped of totals()), without building them."""
+        return dict(self._produced)
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         now = time.monotonic()
@@ -153,23 +164,6 @@ class SyntheticEngine(CaptureEngine):
     def _count(self, mean: float) -> int:
         return max(0, round(self._rng.gauss(mean, math.sqrt(mean)))) if mean > 0 else 0
 
-    def _aggregate(self, name: str, n: int) -> SetAggregate:
-        s = SetAggregate()
-        syscalls = SYSCALLS.get(name, ("syscall",))
-        per, rest = divmod(n, len(syscalls))
-        for i, sc in enumerate(syscalls):
-            s.events_by_syscall[sc] = per + (1 if i < rest else 0)
-        left = n
-        for outcome in _OUTCOME_SHARE:
-            c = int(n * _OUTCOME_SHARE[outcome])
-            s.outcomes[(STRATEGY, outcome)] = c
-            left -= c
-        s.outcomes[(STRATEGY, "ok")] = left
-        s.delivered = n
-        s.dropped = n // 500
-        s.latency = _histogram(n)
-        return s
-
     def _event(self, cfg: EventSetConfig) -> dict[str, Any]:
         f = cfg.filters
         rng = self._rng
@@ -188,6 +182,49 @@ class SyntheticEngine(CaptureEngine):
             "ret": rng.randrange(0, 64),
             "args": {"path": {"value": path, "status": status, "strategy": STRATEGY}},
         }
+
+
+# One SetAggregate per (set, event count), shared by every engine of the process: collect()
+# hands a shallow copy to every agent that invented that many events (building one per agent
+# and interval was a fifth of a simulated agent's CPU); its dicts and histogram never change.
+_AGGREGATES: dict[tuple[str, int], SetAggregate] = {}
+_AGGREGATES_MAX = 8192  # counts past that many are built each time
+
+
+def _aggregate(name: str, n: int) -> SetAggregate:
+    s = _AGGREGATES.get((name, n))
+    if s is None:
+        s = _build_aggregate(name, n)
+        if len(_AGGREGATES) < _AGGREGATES_MAX:
+            _AGGREGATES[(name, n)] = s
+    return s
+
+
+def _build_aggregate(name: str, n: int) -> SetAggregate:
+    s = SetAggregate()
+    syscalls = SYSCALLS.get(name, ("syscall",))
+    per, rest = divmod(n, len(syscalls))
+    for i, sc in enumerate(syscalls):
+        s.events_by_syscall[sc] = per + (1 if i < rest else 0)
+    left = n
+    for outcome in _OUTCOME_SHARE:
+        c = int(n * _OUTCOME_SHARE[outcome])
+        s.outcomes[(STRATEGY, outcome)] = c
+        left -= c
+    s.outcomes[(STRATEGY, "ok")] = left
+    s.delivered = n
+    s.dropped = n // 500
+    s.latency = _histogram(n)
+    return s
+
+
+def _times(s: SetAggregate, k: int) -> SetAggregate:
+    """``k`` intervals of ``s`` (the counts a synthetic aggregate has, times k)."""
+    out = SetAggregate(delivered=s.delivered * k, dropped=s.dropped * k)
+    out.events_by_syscall = {sc: c * k for sc, c in s.events_by_syscall.items()}
+    out.outcomes = {key: c * k for key, c in s.outcomes.items()}
+    out.latency = Histogram(s.latency.bounds, [c * k for c in s.latency.counts], s.latency.sum * k)
+    return out
 
 
 def _histogram(n: int) -> Histogram:
@@ -224,7 +261,7 @@ def simulated_nodes(
 
 
 async def run_simulated(
-    controller: str,
+    controller: str | Sequence[str],
     nodes: Sequence[tuple[str, Mapping[str, str]]],
     stop: asyncio.Event,
     *,
@@ -234,7 +271,8 @@ async def run_simulated(
     ramp: float = 0.0,
     stats_file: str = "",
 ) -> list[ControlClient]:
-    """Run one ControlClient with a SyntheticEngine per node until ``stop`` is set."""
+    """Run one ControlClient with a SyntheticEngine per node until ``stop`` is set. Several
+    ``controller`` addresses: replicas, each agent dials first the one its name hashes to."""
     opts = options or ClientOptions(offload_engine_calls=False, agent_version="loadgen")
     clients = [
         ControlClient(
@@ -251,6 +289,10 @@ async def run_simulated(
     # collection walked them all during the changes it simulates)
     gc.collect()
     gc.freeze()
+    # and the collector runs less often: every message of every agent allocates, and a
+    # collection per 700 allocations cost ~15% of the CPU of a change (cycles are rare
+    # here; reference counting frees the rest at once)
+    gc.set_threshold(50_000, 50, 100)
 
     async def one(i: int, c: ControlClient) -> None:
         if ramp > 0:
@@ -276,12 +318,17 @@ async def run_simulated(
 
 
 def client_stats(c: ControlClient) -> dict[str, Any]:
-    engine = c.engine
+    engine = c.engine if isinstance(c.engine, SyntheticEngine) else None
     return {
         "node": c.node_name,
         "connected": c.connected,
+        "controller": c.controller,
         "applied_generation": c.applied_generation,
-        "enabled": engine.enabled() if isinstance(engine, SyntheticEngine) else [],
+        "enabled": engine.enabled() if engine is not None else [],
+        # events invented so far per set (delivered + dropped), what the controller must
+        # count once every batch is acknowledged (`unacked` 0)
+        "produced": engine.produced() if engine is not None else {},
+        "unacked": c.outbox_state()[0],
         **dataclasses.asdict(c.stats),
     }
 
@@ -300,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         description="LOAD GENERATOR: run N simulated agents (made-up events) against a "
         "controller. Not the product path.",
     )
-    p.add_argument("--controller", required=True, help="controller host:port")
+    p.add_argument("--controller", required=True,
+                   help="controller host:port, or replicas' host:port,host:port,...")  # fmt: skip
     p.add_argument("--agents", type=int, default=1)
     p.add_argument("--name", default="sim", help="node name (one agent) or prefix (several)")
     p.add_argument("--roles", default="", help="comma-separated roles assigned round-robin")
@@ -343,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         await run_simulated(
-            args.controller,
+            [a for a in args.controller.split(",") if a],
             nodes,
             stop,
             rate=args.rate,

@@ -5,9 +5,10 @@ round: ConfigureEventSet(file, enabled) over gRPC, then the WatchAcks stream of 
 nodes until every one acked the generation (enable-to-acked, per node and for all; the
 controller pushes the acks, nothing is polled), and a StreamEvents follower on one matched
 node timestamps the first event (enable-to-first-event); then disable and wait for the acks.
-Each fleet reports what limited it: the controller or a load generator at a full core.
+Each fleet reports what limited it: the kind of process (controller, load generators) at 85%
+of the CPUs it may use.
 
-TRACEFLEET_BENCH_FLEETS=100,1000,10000, TRACEFLEET_BENCH_ROUNDS=N and
+TRACEFLEET_BENCH_FLEETS=100,1000,10000 (0: none), TRACEFLEET_BENCH_ROUNDS=N and
 TRACEFLEET_BENCH_PER_LOADGEN=N choose the simulated fleets, rounds and agents per load
 generator of a full run (for a targeted `tests/bench/run.py --only control`);
 TRACEFLEET_BENCH_PIN=1 pins the controller to one CPU and the load generators to the others
@@ -45,15 +46,24 @@ from tests.bench.common import (
 )
 from tests.conftest import LOADGEN
 
-# simulated agents per load-generator process (TRACEFLEET_BENCH_PER_LOADGEN: fewer, larger
-# processes for 10,000 agents on 2 CPUs)
-PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "250"))
+# simulated agents per load-generator process: TRACEFLEET_BENCH_PER_LOADGEN, else one process
+# per CPU the load generators may use, of at most MAX_PER_LOADGEN agents (40 processes of 250
+# for 10,000 agents on 2 CPUs spent their CPU starting and switching, load 42)
+PER_LOADGEN = int(os.environ.get("TRACEFLEET_BENCH_PER_LOADGEN", "0"))
+MAX_PER_LOADGEN = 1000  # as many as the soak runs in one process
 # TRACEFLEET_BENCH_PIN=1: the controller on the first CPU this bench may use and the load
 # generators on the others (taskset), so that neither takes the other's core; the results
 # name the pinning (``pinning``). The bench's own client (ConfigureEventSet, WatchAcks) is
 # not pinned.
 PIN = os.environ.get("TRACEFLEET_BENCH_PIN", "") not in ("", "0")
 LIMIT_CPU = 85.0  # percent of one core: that process was the limit
+# with PIN, the CPUs each kind of process may use (the controller replicas share theirs)
+PINNED_CPUS = {"controller": 1, "replica A": 1, "replica B": 1,
+               "load generator": max(1, len(os.sched_getaffinity(0)) - 1)}  # fmt: skip
+# seconds between a simulated agent's batches while a set is on (TRACEFLEET_BENCH_INTERVAL;
+# the real agent's default is 1): 10,000 agents at 1 s want ~3 CPUs of controller and as much
+# of load generator for their batches alone, beyond a 2-CPU machine
+INTERVAL = float(os.environ.get("TRACEFLEET_BENCH_INTERVAL", "1"))
 NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
 
 
@@ -153,8 +163,9 @@ class Fleet:
                         return time.monotonic() - t0
         raise RuntimeError(f"only {got}/{len(names)} agents connected after {timeout:.0f}s")
 
-    def configure(self, selector: str, enabled: bool) -> tuple[int, list[str], float]:
-        req = self.pb.ConfigureEventSetRequest(event_set="file", enabled=enabled,
+    def configure(self, selector: str, enabled: bool,
+                  event_set: str = "file") -> tuple[int, list[str], float]:  # fmt: skip
+        req = self.pb.ConfigureEventSetRequest(event_set=event_set, enabled=enabled,
                                                selector=selector if enabled else "")  # fmt: skip
         t0 = time.monotonic()
         resp = self.stub.ConfigureEventSet(req, timeout=60)
@@ -234,17 +245,16 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
     lg0 = [proc_sample(p) for p in lg_pids]
     load0 = os.getloadavg()[0]
     fleet.call_s.clear()
-    windows: list[tuple[float, float, list[float]]] = []  # wall, controller CPU, each LG's
+    windows: list[tuple[float, dict[str, float]]] = []  # wall, each process's CPU
+    pids = procs_named(ctl_pid, lg_pids)
     try:
         for r in range(rounds):
-            w0 = _cpu_now(ctl_pid, lg_pids)
+            w0 = cpu_now(pids)
             gen, matched, t0 = fleet.configure(selector, True)
             if len(matched) != expect:
                 raise RuntimeError(f"enable matched {len(matched)} nodes, expected {expect}")
             done, acked = fleet.wait_acked(gen, matched, t0, timeout)
-            w1 = _cpu_now(ctl_pid, lg_pids)
-            windows.append((w1[0] - w0[0], w1[1] - w0[1],
-                            [b - a for a, b in zip(w0[2], w1[2], strict=True)]))  # fmt: skip
+            windows.append(cpu_window(w0, cpu_now(pids)))
             first = follower.first_after(t0, 10.0)
             all_acked.append(done)
             per_node += list(acked.values())
@@ -284,51 +294,110 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
         "loadgen_processes": len(lg_pids),
         "loadgen_cpu_percent_during_rounds_max": max(lg_cpu, default=0.0),
         "limit_rounds": _limit(ctl_cpu, lg_cpu, max(load0, os.getloadavg()[0])),
-        **_change_cpu(windows, expect, max(load0, os.getloadavg()[0])),
+        **change_cpu(windows, expect, max(load0, os.getloadavg()[0])),
         "loadavg_1m": [load0, os.getloadavg()[0]],
         "controller_rss_kb": s1.rss_kb,
         "controller_hwm_kb": s1.hwm_kb,
     }
 
 
-def _cpu_now(ctl_pid: int, lg_pids: tuple[int, ...]) -> tuple[float, float, list[float]]:
-    """(monotonic s, controller CPU s, each load generator's CPU s)."""
-    return (time.monotonic(), proc_sample(ctl_pid).cpu_s,
-            [proc_sample(p).cpu_s for p in lg_pids])  # fmt: skip
+def _bare_changes(fleet: Fleet, names: list[str], changes: int, pids: dict[str, int],
+                  steady: dict[str, float]) -> dict[str, Any]:  # fmt: skip
+    """CPU per agent of a change alone: ``changes`` generations that switch a set on and off
+    for nodes outside the fleet, which every agent still gets, applies and acks (no batches
+    follow, unlike an enable); the steady (idle) CPU of the same time is taken off."""
+    w0 = cpu_now(pids)
+    walls = []
+    for i in range(changes):
+        gen, _, t0 = fleet.configure("bench=no-such-node", i % 2 == 0, "exec")
+        done, _ = fleet.wait_acked(gen, names, t0, 60.0)
+        walls.append(done)
+        if done != done:  # not converged: the next ones would wait as long again
+            break
+    wall, cpu = cpu_window(w0, cpu_now(pids))
+    by_kind: dict[str, float] = {}
+    for name, c in cpu.items():
+        by_kind[_kind(name)] = by_kind.get(_kind(name), 0.0) + c
+    return {
+        "changes": len(walls),
+        "all_acked_ms": summary([x * 1e3 for x in walls if x == x]),
+        "not_converged": sum(1 for x in walls if x != x),
+        "cpu_us_per_agent_per_change": {
+            k: max(0.0, v - steady.get(k, 0.0) * wall) * 1e6 / (len(walls) * len(names))
+            for k, v in by_kind.items()
+        },
+    }
 
 
-def _change_cpu(windows: list[tuple[float, float, list[float]]], agents: int,
-                load: float) -> dict[str, Any]:  # fmt: skip
-    """CPU the controller and the load generators spent from each enable to all acked (the
-    median window), and what limited that window: one process at a full core, all the
-    machine's CPUs busy with the bench's own processes, or neither (other processes). The
-    whole-rounds average hides the burst of a change."""
+def procs_named(ctl_pid: int, lg_pids: tuple[int, ...]) -> dict[str, int]:
+    """The bench's processes by name: "KIND" or "KIND N" (several of a kind)."""
+    return {"controller": ctl_pid, **{f"load generator {i}": p for i, p in enumerate(lg_pids)}}
+
+
+def cpu_now(pids: dict[str, int]) -> tuple[float, dict[str, float]]:
+    """(monotonic s, CPU s of each named process)."""
+    return time.monotonic(), {name: proc_sample(pid).cpu_s for name, pid in pids.items()}
+
+
+def cpu_window(
+    w0: tuple[float, dict[str, float]], w1: tuple[float, dict[str, float]]
+) -> tuple[float, dict[str, float]]:
+    """Wall seconds between two cpu_now() readings and each process's CPU seconds in them."""
+    return w1[0] - w0[0], {name: w1[1][name] - c for name, c in w0[1].items()}
+
+
+def _kind(name: str) -> str:
+    return name.rstrip("0123456789").rstrip()
+
+
+def change_cpu(windows: list[tuple[float, dict[str, float]]], agents: int,
+               load: float) -> dict[str, Any]:  # fmt: skip
+    """CPU each kind of process spent from each enable to all acked (the median window), and
+    what limited that window: the kind of process that used the largest share of the CPUs it
+    may run on (one each, at most the CPUs the bench pins that kind to: ten load generators
+    pinned to one CPU share that one), at 85% of them or more; else all the machine's CPUs
+    busy with the bench's own processes, or neither (other processes). The whole-rounds
+    average hides the burst of a change."""
     cpus = os.cpu_count() or 1
-    wall = statistics.median(w for w, _, _ in windows)
-    ctl = statistics.median(c for _, c, _ in windows)
-    lgs = statistics.median(sum(lg) for _, _, lg in windows)
-    lg_max = statistics.median(max(lg, default=0.0) for _, _, lg in windows)
-    if ctl >= LIMIT_CPU / 100 * wall:
-        limit = "controller (a full core from enable to all acked)"
-    elif lg_max >= LIMIT_CPU / 100 * wall:
-        limit = "load generator (a full core from enable to all acked)"
-    elif ctl + lgs >= LIMIT_CPU / 100 * cpus * wall:
-        limit = (f"the machine's {cpus} CPUs (controller and load generators used "
-                 f"{(ctl + lgs) / wall:.1f} of them from enable to all acked)")  # fmt: skip
+    wall = statistics.median(w for w, _ in windows)
+    names = list(windows[0][1])
+    kinds = list(dict.fromkeys(_kind(n) for n in names))
+    by_kind = {
+        k: statistics.median(sum(v for n, v in c.items() if _kind(n) == k) for _, c in windows)
+        for k in kinds
+    }
+    pinned = PINNED_CPUS if _pinning()[0] else {}
+    room = {k: min(sum(_kind(n) == k for n in names), pinned.get(k, cpus)) for k in kinds}
+    use = {k: by_kind[k] / (room[k] * wall) if wall > 0 else 0.0 for k in kinds}
+    total = sum(by_kind.values())
+    top = max(kinds, key=lambda k: use[k])
+    if use[top] >= LIMIT_CPU / 100:
+        limit = (f"{top} ({use[top]:.0%} of its {room[top]} CPU(s) from enable to all "
+                 "acked)")  # fmt: skip
+    elif total >= LIMIT_CPU / 100 * cpus * wall:
+        limit = (f"the machine's {cpus} CPUs ({' and '.join(kinds)} used "
+                 f"{total / wall:.1f} of them from enable to all acked)")  # fmt: skip
     elif load > cpus:
         limit = (f"CPU contention (load {load:.1f} on {cpus} CPUs; the bench's processes used "
-                 f"{(ctl + lgs) / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
+                 f"{total / wall:.1f} CPUs from enable to all acked)")  # fmt: skip
     else:
-        limit = (f"neither at a full core (the bench's processes used {(ctl + lgs) / wall:.1f} "
+        limit = (f"neither at a full core (the bench's processes used {total / wall:.1f} "
                  f"of {cpus} CPUs from enable to all acked)")  # fmt: skip
-    return {
+    out: dict[str, Any] = {
         "limit": limit,
         "change_window_ms": wall * 1e3,
-        "change_controller_cpu_ms": ctl * 1e3,
-        "change_loadgen_cpu_ms": lgs * 1e3,
-        "change_controller_cpu_us_per_agent": ctl * 1e6 / agents,
-        "change_loadgen_cpu_us_per_agent": lgs * 1e6 / agents,
+        "change_cpu_ms": {k: v * 1e3 for k, v in by_kind.items()},
+        "change_cpu_us_per_agent": {k: v * 1e6 / agents for k, v in by_kind.items()},
     }
+    if "controller" in by_kind:  # the single-controller fleets' own keys
+        ctl, lgs = by_kind["controller"], by_kind.get("load generator", 0.0)
+        out |= {
+            "change_controller_cpu_ms": ctl * 1e3,
+            "change_loadgen_cpu_ms": lgs * 1e3,
+            "change_controller_cpu_us_per_agent": ctl * 1e6 / agents,
+            "change_loadgen_cpu_us_per_agent": lgs * 1e6 / agents,
+        }
+    return out
 
 
 def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
@@ -344,16 +413,29 @@ def _limit(ctl_cpu: float, lg_cpu: list[float], load: float) -> str:
     return "neither at a full core"
 
 
+def _cpu_split() -> tuple[int, list[int]]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[0], cpus[1:]
+
+
+def loadgen_split(n: int) -> list[int]:
+    """Agents of each load-generator process for a fleet of ``n``."""
+    lg_cpus = len(_cpu_split()[1]) if _pinning()[1] else os.cpu_count() or 1
+    per = PER_LOADGEN or max(1, min(MAX_PER_LOADGEN, math.ceil(n / lg_cpus)))
+    procs = math.ceil(n / per)
+    return [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
+
+
 def _pinning() -> tuple[list[str], list[str], str]:
     """taskset prefixes of the controller and of the load generators, and what they do."""
-    cpus = sorted(os.sched_getaffinity(0))
+    first, rest = _cpu_split()
     if not PIN:
         return [], [], "none (TRACEFLEET_BENCH_PIN unset: every process on any CPU)"
-    if len(cpus) < 2 or shutil.which("taskset") is None:
-        return [], [], f"none (asked for, but {len(cpus)} CPU(s) or no taskset)"
-    rest = ",".join(str(c) for c in cpus[1:])
-    return (["taskset", "-c", str(cpus[0])], ["taskset", "-c", rest],
-            f"controller on CPU {cpus[0]}, load generators on CPU {rest} (taskset)")  # fmt: skip
+    if not rest or shutil.which("taskset") is None:
+        return [], [], f"none (asked for, but {len(rest) + 1} CPU(s) or no taskset)"
+    others = ",".join(str(c) for c in rest)
+    return (["taskset", "-c", str(first)], ["taskset", "-c", others],
+            f"controller on CPU {first}, load generators on CPU {others} (taskset)")  # fmt: skip
 
 
 def measure(quick: bool, tmp: Path) -> dict[str, Any]:
@@ -362,14 +444,15 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     sims = (
         (50,)
         if quick
-        else tuple(int(x) for x in env_fleets.split(",") if x)
+        else tuple(int(x) for x in env_fleets.split(",") if x and int(x) > 0)
         if env_fleets
         else (100, 1000, 10000)
     )
     port = _free_port()
     addr = f"127.0.0.1:{port}"
     ctl_pin, lg_pin, pinning = _pinning()
-    out: dict[str, Any] = {"controller": addr, "fleets": {}, "pinning": pinning}
+    out: dict[str, Any] = {"controller": addr, "fleets": {}, "pinning": pinning,
+                           "batch_interval_s": INTERVAL}  # fmt: skip
     ctl_cmd = [*ctl_pin, PY, "-m", "tracefleet.controller.server", "--listen", addr,
                "--insecure-listen", "--db", ":memory:", "--max-nodes", str(2 * sum(sims) + 10),
                "--stale-after", "30", "--window", "5", "--log-level", "WARNING"]  # fmt: skip
@@ -402,9 +485,9 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 res["agent_rss_kb"] = a.rss_kb
                 out["fleets"]["1 real agent"] = res
             for n in sims:
-                procs = math.ceil(n / PER_LOADGEN)
+                counts = loadgen_split(n)
+                procs = len(counts)
                 log(f"control: {n} simulated agents in {procs} load-generator process(es)")
-                counts = [n // procs + (1 if i < n % procs else 0) for i in range(procs)]
                 names = [f"sim{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
                 lg_logs = [tmp / f"loadgen-{n}-{i}.log" for i in range(procs)]
                 with contextlib.ExitStack() as stack:
@@ -412,7 +495,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                         stack.enter_context(_proc(
                             [*lg_pin, PY, str(LOADGEN), "--controller",
                              addr, "--agents", str(c), "--name", f"sim{n}p{i}", "--labels",
-                             f"bench=sim{n}", "--rate", "50", "--ramp",
+                             f"bench=sim{n}", "--rate", "50", "--interval", str(INTERVAL), "--ramp",
                              str(min(30.0, n / 200))],
                             lg_logs[i]))
                         for i, c in enumerate(counts)
@@ -422,7 +505,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                         took = fleet.wait_connected(names, 120 + n / 20, alive)
                     except RuntimeError as e:  # name what the agents saw, and the set-up
                         raise RuntimeError(
-                            f"{e} ({procs} load generators of up to {PER_LOADGEN} agents on "
+                            f"{e} ({procs} load generators of up to {max(counts)} agents on "
                             f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}); "
                             f"{_stream_errors(lg_logs)}"
                         ) from None
@@ -447,6 +530,12 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                     res["controller_rss_kb_per_agent"] = (c1.rss_kb - s_idle.rss_kb) / n
                     res["loadgen_cpu_percent_steady_max"] = max(
                         cpu_percent(a, b) for a, b in zip(l0, l1, strict=True)
+                    )
+                    dt = c1.t - c0.t
+                    lg_s = sum(b.cpu_s - a.cpu_s for a, b in zip(l0, l1, strict=True))
+                    steady = {"controller": (c1.cpu_s - c0.cpu_s) / dt, "load generator": lg_s / dt}
+                    res["bare_change"] = _bare_changes(
+                        fleet, names, 2 if quick else 4, procs_named(ctl.pid, pids), steady
                     )
                     out["fleets"][f"{n} simulated agents"] = res
                 time.sleep(1.0)

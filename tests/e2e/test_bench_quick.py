@@ -159,6 +159,26 @@ def test_json_control(quick_run: tuple[str, dict[str, Any], Path]) -> None:
         assert f["enable_to_all_acked_ms"]["median"] > 0, name
         assert "enable_to_first_event_ms" in f, name
         assert f["controller_rss_kb"] > 0, name
+        if "simulated" in name:  # every agent acked each generation of the changes alone
+            b = f["bare_change"]
+            assert b["changes"] > 0 and b["not_converged"] == 0, b
+            assert set(b["cpu_us_per_agent_per_change"]) == {"controller", "load generator"}, b
+    check_replicated(data["control"]["replicated"])
+
+
+def check_replicated(r: dict[str, Any]) -> None:
+    """The replicated mode's claims: the fleet split over both replicas, every round's change
+    reached every agent, every agent of the SIGKILLed replica acked a generation made
+    through the survivor, and each agent's events are counted exactly once there."""
+    assert r["agents_on_a"] > 0 and r["agents_on_b"] > 0, r
+    assert r["enable_to_all_acked_ms"]["n"] == r["rounds"] > 0, r
+    fo = r["failover"]
+    assert 0 < fo["agents_moved"] <= r["agents_on_a"] + r["agents_on_b"], fo
+    assert fo["acked_new_generation"] == fo["agents_moved"], fo
+    assert fo["failover_s"] > 0, fo
+    c = r["counts"]
+    assert c["agents"] == r["agents"] and c["events_invented"] > 0, c
+    assert c["exact"] and c["events_counted"] == c["events_invented"], c
 
 
 def test_json_footprint_and_targets(quick_run: tuple[str, dict[str, Any], Path]) -> None:
@@ -167,7 +187,7 @@ def test_json_footprint_and_targets(quick_run: tuple[str, dict[str, Any], Path])
     assert phases["idle"]["rss_kb"] > 0
     assert any(p["cpu_percent"] > 0 for p in phases.values())
     names = " ".join(t["target"] for t in data["targets"])
-    for key in ("floor", "bpftrace", "bit off", "detach", "500k", "acked"):
+    for key in ("floor", "bpftrace", "bit off", "detach", "500k", "acked", "replica SIGKILL"):
         assert key in names, key
     assert all(t["met"] in (True, False, None) for t in data["targets"])
 

@@ -7,7 +7,6 @@ both replicas' addresses moves to the survivor when its replica is SIGKILLed."""
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +23,13 @@ from tests.e2e.fleet_helpers import (
     ControllerProc,
     cli,
     cli_json,
-    free_port,
     nodes_by_name,
     wait_until,
 )
+from tests.etcd_cluster import etcd_cluster
 from tracefleet.agent.control.client import first_controller
 from tracefleet.controller.domain.rules import Rule
-from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdError, EtcdStore
+from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
 from tracefleet.controller.storage.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -39,52 +38,8 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 @pytest.fixture
 def etcd3(tmp_path: Path) -> Iterator[list[str]]:
     """Client URLs of a fresh 3-member etcd cluster on loopback."""
-    etcd = shutil.which("etcd")
-    if etcd is None:
-        pytest.fail("etcd is not installed (Debian package etcd-server): run make deps")
-    ports = [(free_port(), free_port()) for _ in range(3)]
-    cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
-    procs = []
-    for i, (client, peer) in enumerate(ports):
-        with open(tmp_path / f"etcd{i}.log", "wb") as log:
-            procs.append(
-                subprocess.Popen(
-                    [
-                        etcd, "--name", f"m{i}", "--data-dir", str(tmp_path / f"etcd{i}"),
-                        "--listen-client-urls", f"http://127.0.0.1:{client}",
-                        "--advertise-client-urls", f"http://127.0.0.1:{client}",
-                        "--listen-peer-urls", f"http://127.0.0.1:{peer}",
-                        "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-                        "--initial-cluster", cluster, "--initial-cluster-state", "new",
-                        "--initial-cluster-token", f"tf-{tmp_path.name}",
-                    ],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )  # fmt: skip
-    urls = [f"http://127.0.0.1:{client}" for client, _ in ports]
-
-    def healthy() -> bool:
-        for url in urls:  # every member answers, and a write has its quorum
-            try:
-                EtcdClient([url], timeout=2).put_if(f"/health/{url}", "ok", 0)
-                EtcdClient([url], timeout=2).get(f"/health/{url}")
-            except EtcdError:
-                return False
-        return True
-
-    try:
-        wait_until(healthy, scaled(30), "a 3-member etcd cluster")
-        yield urls
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+    with etcd_cluster(tmp_path / "etcd", timeout=scaled(30)) as cluster:
+        yield cluster.urls
 
 
 def _agent(agent: AgentProc) -> dict:

@@ -18,7 +18,7 @@ from tracefleet.model.event import (
     OpenHow,
     SocketAddress,
 )
-from tracefleet.model.filters import Filters, WorkloadSelector
+from tracefleet.model.filters import NO_FILTERS, Filters, WorkloadSelector
 from tracefleet.v1 import types_pb2
 
 # every status of the model has its enum value (ARG_STATUS_<NAME>): a status missing from the
@@ -213,6 +213,9 @@ def filters_from_pb(pb: types_pb2.Filters) -> Filters:
     """Not checked here: the receiver calls Filters.check() (controller: refuses the request;
     agent: the set's status says why)."""
     w = pb.workload
+    if not (pb.pids or pb.comms or pb.cgroup_ids or pb.path_prefixes or pb.follow or w.namespace
+            or w.pod or w.container or w.labels):  # fmt: skip
+        return NO_FILTERS  # no filter at all, the usual case: the shared frozen value
     return Filters(
         pids=tuple(pb.pids),
         comms=tuple(pb.comms),

@@ -1,0 +1,83 @@
+"""A fresh etcd cluster on loopback (Debian's etcd-server, /usr/bin/etcd): the replicated
+controller's store, for the e2e tests (tests/e2e/test_fleet_etcd.py) and the benchmark's
+replicated mode (tests/bench/replicated.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.conftest import wait_until
+from tests.e2e.fleet_helpers import free_port
+from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdError
+
+
+@dataclass(frozen=True)
+class EtcdCluster:
+    urls: list[str]  # each member's client URL
+    pids: list[int]
+
+
+@contextlib.contextmanager
+def etcd_cluster(
+    tmp: Path, members: int = 3, timeout: float = 30.0, prefix: list[str] | None = None
+) -> Iterator[EtcdCluster]:
+    """A new ``members``-member cluster, data and logs under ``tmp``; every member answers
+    and a write has its quorum before this yields; stopped on exit. ``prefix``: a command
+    the members run under (e.g. taskset)."""
+    etcd = shutil.which("etcd")
+    if etcd is None:
+        raise RuntimeError("etcd is not installed (Debian package etcd-server): run make deps")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ports = [(free_port(), free_port()) for _ in range(members)]
+    cluster = ",".join(f"m{i}=http://127.0.0.1:{peer}" for i, (_, peer) in enumerate(ports))
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i, (client, peer) in enumerate(ports):
+            with open(tmp / f"etcd{i}.log", "wb") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *(prefix or []), etcd, "--name", f"m{i}",
+                            "--data-dir", str(tmp / f"etcd{i}"),
+                            "--listen-client-urls", f"http://127.0.0.1:{client}",
+                            "--advertise-client-urls", f"http://127.0.0.1:{client}",
+                            "--listen-peer-urls", f"http://127.0.0.1:{peer}",
+                            "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
+                            "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                            "--initial-cluster-token", f"tf-{tmp.name}",
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )  # fmt: skip
+        urls = [f"http://127.0.0.1:{client}" for client, _ in ports]
+
+        def healthy() -> bool:
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"etcd member exited ({p.returncode}); logs in {tmp}")
+            for url in urls:  # every member answers, and a write has its quorum
+                try:
+                    EtcdClient([url], timeout=2).put_if(f"/health/{url}", "ok", 0)
+                    EtcdClient([url], timeout=2).get(f"/health/{url}")
+                except EtcdError:
+                    return False
+            return True
+
+        wait_until(healthy, timeout, f"a {members}-member etcd cluster")
+        yield EtcdCluster(urls, [p.pid for p in procs])
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
