@@ -44,6 +44,16 @@ struct tcache {
 	PyObject *o;
 };
 
+/* the int of the last value seen at one place of the event (pid, tid, cgroup, an argument
+ * register): records of one process repeat them; an int is immutable, shared like a str */
+enum { IC_PID = 0, IC_TID, IC_CGROUP, IC_PPID, IC_UID, IC_GID, IC_RET, IC_ARG0, IC_MAX = IC_ARG0 + 6 };
+
+struct icache {
+	uint64_t v;
+	int neg; /* the value is an int64 (signed) */
+	PyObject *o;
+};
+
 struct name_slot {
 	const struct name *k;
 	PyObject *v;
@@ -61,11 +71,17 @@ typedef struct {
 	PyObject *owner; /* what keeps j and f alive (the Python objects that own them) */
 	struct name_slot *names;
 	struct tcache tc[TC_MAX];
+	struct icache ic[IC_MAX];
 	uint64_t last_uptr;
 	PyObject *last_hex;
 	uint64_t decoded, counted;
 	uint64_t declined[DEC_MAX];
 } Decoder;
+
+/* dicts of a fixed key order, copied then filled (a copy clones the keys table in one
+ * allocation; replacing a value is cheaper than inserting a key): the event, an integer
+ * argument, a captured string argument */
+static PyObject *T_event, *T_int, *T_str;
 
 /* keys and fixed values, interned once */
 static PyObject *K_ts_ns, *K_time_ns, *K_duration_ns, *K_delivery_latency_ns, *K_event_set,
@@ -124,6 +140,23 @@ static PyObject *ctext(struct tcache *c, const uint8_t *s, uint32_t n)
 		Py_INCREF(o);
 		c->len = n;
 		memcpy(c->b, s, n);
+	}
+	return o;
+}
+
+/* PyLong_From(Unsigned)LongLong through one place's cache (a new reference) */
+static PyObject *cint(struct icache *c, uint64_t v, int sign)
+{
+	if (c->o && c->v == v && c->neg == sign) {
+		Py_INCREF(c->o);
+		return c->o;
+	}
+	PyObject *o = sign ? PyLong_FromLongLong((int64_t)v) : PyLong_FromUnsignedLongLong(v);
+	if (o) {
+		Py_XSETREF(c->o, o);
+		Py_INCREF(o);
+		c->v = v;
+		c->neg = sign;
 	}
 	return o;
 }
@@ -411,23 +444,23 @@ fail:
 	return NULL;
 }
 
-static PyObject *arg_obj(Decoder *self, const struct tf_varg *a, struct tcache *tc)
+static PyObject *arg_obj(Decoder *self, const struct tf_varg *a, struct tcache *tc,
+			 struct icache *ic)
 {
 	PyObject *d = NULL;
 	switch (a->type) {
 	case TF_A_INT:
-		d = _PyDict_NewPresized(4);
+		d = PyDict_Copy(T_int);
 		if (!d)
 			return NULL;
-		PUT(d, K_value, PyLong_FromLongLong(a->v));
-		PUTB(d, K_status, V_ok);
-		PUTB(d, K_strategy, V_register);
+		/* status "ok", strategy "register": the template's */
+		PUT(d, K_value, ic ? cint(ic, (uint64_t)a->v, 1) : PyLong_FromLongLong(a->v));
 		if (a->flags)
 			PUT(d, K_names, flag_list(self, a->flags, (uint64_t)a->v));
 		return d;
 	case TF_A_STR:
 	case TF_A_VPATH:
-		d = _PyDict_NewPresized(6);
+		d = a->type == TF_A_STR ? PyDict_Copy(T_str) : _PyDict_NewPresized(6);
 		if (!d)
 			return NULL;
 		if (a->shown)
@@ -483,7 +516,7 @@ fail:
  * NULL with an exception on failure. */
 static PyObject *event(Decoder *self, const struct tf_view *v, const struct exe_res *exe)
 {
-	PyObject *ev = _PyDict_NewPresized(17), *args = NULL;
+	PyObject *ev = PyDict_Copy(T_event), *args = NULL;
 	if (!ev)
 		return NULL;
 	PUT(ev, K_ts_ns, PyLong_FromUnsignedLongLong(v->ts));
@@ -492,16 +525,16 @@ static PyObject *event(Decoder *self, const struct tf_view *v, const struct exe_
 	PUT(ev, K_delivery_latency_ns, PyLong_FromUnsignedLongLong(v->latency));
 	PUT(ev, K_event_set, name_or_num(self, v->setn, v->set));
 	PUT(ev, K_syscall, name_or_num(self, v->scn, v->sc));
-	PUT(ev, K_pid, PyLong_FromUnsignedLong(v->pid));
-	PUT(ev, K_tid, PyLong_FromUnsignedLong(v->tid));
+	PUT(ev, K_pid, cint(&self->ic[IC_PID], v->pid, 0));
+	PUT(ev, K_tid, cint(&self->ic[IC_TID], v->tid, 0));
 	PUT(ev, K_comm, ctext(&self->tc[TC_COMM], v->comm, v->clen));
-	PUT(ev, K_ret, PyLong_FromLongLong(v->ret));
-	PUT(ev, K_cgroup_id, PyLong_FromUnsignedLongLong(v->cgroup));
+	PUT(ev, K_ret, cint(&self->ic[IC_RET], (uint64_t)v->ret, 1));
+	PUT(ev, K_cgroup_id, cint(&self->ic[IC_CGROUP], v->cgroup, 0));
 	PUT(ev, K_strategy, label(self, v->hstrat, v->hstrat_code));
 	if (v->ctx) {
-		PUT(ev, K_ppid, PyLong_FromUnsignedLong(v->ppid));
-		PUT(ev, K_uid, PyLong_FromUnsignedLong(v->uid));
-		PUT(ev, K_gid, PyLong_FromUnsignedLong(v->gid));
+		PUT(ev, K_ppid, cint(&self->ic[IC_PPID], v->ppid, 0));
+		PUT(ev, K_uid, cint(&self->ic[IC_UID], v->uid, 0));
+		PUT(ev, K_gid, cint(&self->ic[IC_GID], v->gid, 0));
 	} else {
 		PUTB(ev, K_ppid, Py_None);
 		PUTB(ev, K_uid, Py_None);
@@ -525,7 +558,7 @@ static PyObject *event(Decoder *self, const struct tf_view *v, const struct exe_
 		struct tcache *tc = NULL;
 		if ((a->type == TF_A_STR || a->type == TF_A_VPATH) && nstr < 2)
 			tc = &self->tc[TC_STR0 + nstr++];
-		PUT(args, k, arg_obj(self, a, tc));
+		PUT(args, k, arg_obj(self, a, tc, i < 6 ? &self->ic[IC_ARG0 + i] : NULL));
 	}
 	PyObject *a = args;
 	args = NULL;
@@ -548,6 +581,8 @@ static void Decoder_dealloc(Decoder *self)
 	}
 	for (int i = 0; i < TC_MAX; i++)
 		Py_XDECREF(self->tc[i].o);
+	for (int i = 0; i < IC_MAX; i++)
+		Py_XDECREF(self->ic[i].o);
 	Py_XDECREF(self->last_hex);
 	Py_XDECREF(self->owner);
 	Py_TYPE(self)->tp_free((PyObject *)self);
@@ -860,6 +895,25 @@ PyMODINIT_FUNC PyInit__tfdecode(void)
 	INTERN(V_inet6, "inet6");
 	INTERN(V_unix, "unix");
 	INTERN(V_empty, "");
+	PyObject *ev_keys[] = {K_ts_ns, K_time_ns, K_duration_ns, K_delivery_latency_ns,
+			       K_event_set, K_syscall, K_pid, K_tid, K_comm, K_ret, K_cgroup_id,
+			       K_strategy, K_ppid, K_uid, K_gid, K_exe, K_args};
+	PyObject *int_keys[] = {K_value, K_status, K_strategy};
+	PyObject *str_keys[] = {K_value, K_status, K_strategy, K_addr};
+	struct {
+		PyObject **t, **keys;
+		size_t n;
+	} tpl[] = {{&T_event, ev_keys, 17}, {&T_int, int_keys, 3}, {&T_str, str_keys, 4}};
+	for (size_t i = 0; i < sizeof(tpl) / sizeof(tpl[0]); i++) {
+		if (!(*tpl[i].t = PyDict_New()))
+			return NULL;
+		for (size_t k = 0; k < tpl[i].n; k++)
+			if (PyDict_SetItem(*tpl[i].t, tpl[i].keys[k], Py_None) < 0)
+				return NULL;
+	}
+	if (PyDict_SetItem(T_int, K_status, V_ok) < 0 ||
+	    PyDict_SetItem(T_int, K_strategy, V_register) < 0)
+		return NULL;
 	if (PyType_Ready(&DecoderType) < 0)
 		return NULL;
 	PyObject *m = PyModule_Create(&module);
