@@ -387,3 +387,14 @@ def test_batch_past_its_end_raises(dec: cdecode.BatchDecoder) -> None:
     buf = ctypes.create_string_buffer(struct.pack("=IIQ", 4096, 0, 1) + bytes(64))
     with pytest.raises(ValueError):
         dec.decode_batch(ctypes.addressof(buf), len(buf) - 1, True, 0, 100)
+
+
+def test_closed_decoder_raises() -> None:
+    lib = fastring.library()
+    assert lib is not None
+    d = cdecode.BatchDecoder(lib, None, self_check=False)
+    raw = cdecode.sample_records()[0]
+    assert isinstance(d.decode(raw, NOW, OFFSET), dict)
+    d.close()
+    with pytest.raises(cdecode.DecodeError):
+        d.decode(raw, NOW, OFFSET)

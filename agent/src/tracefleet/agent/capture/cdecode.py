@@ -177,7 +177,7 @@ class BatchDecoder:
             raise DecodeError(f"the walker's tables: {e}") from e
         try:
             families = (int(socket.AF_INET), int(socket.AF_INET6), int(socket.AF_UNIX))
-            self._dec = _tfdecode.Decoder(_walker(lib), self.tables.ptr, fast, families,
+            self._dec: Any = _tfdecode.Decoder(_walker(lib), self.tables.ptr, fast, families,
                                           self.tables)  # fmt: skip
             if self_check:
                 self._self_check()
@@ -230,4 +230,13 @@ class BatchDecoder:
         return self.tables.exe_counters()[0]
 
     def close(self) -> None:
+        """Free the tables; the decoder is dropped first (it must not read them after)."""
+        self._dec = _Closed()
         self.tables.close()
+
+
+class _Closed:
+    """A closed BatchDecoder's decoder: every call raises, none reads freed tables."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise DecodeError("the compiled decode is closed")
