@@ -398,3 +398,26 @@ def test_closed_decoder_raises() -> None:
     d.close()
     with pytest.raises(cdecode.DecodeError):
         d.decode(raw, NOW, OFFSET)
+
+
+def test_missing_or_off_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the extension, or with TRACEFLEET_DECODE=off, Python decodes and status() says
+    why; a value that is neither on nor off is named."""
+    import sys
+
+    from tracefleet.agent import capture
+
+    monkeypatch.setitem(sys.modules, "tracefleet.agent.capture._tfdecode", None)
+    monkeypatch.delattr(capture, "_tfdecode", raising=False)  # as if never imported
+    ok, why = cdecode._load()
+    assert not ok and "_tfdecode" in why and "make native" in why, why
+    monkeypatch.setattr(cdecode, "_status", None)
+    lib = fastring.library()
+    assert lib is not None
+    with pytest.raises(cdecode.DecodeError, match="does not load"):
+        cdecode.BatchDecoder(lib, None)
+    monkeypatch.setenv(cdecode.ENV, "off")
+    assert cdecode._load() == (False, f"disabled by {cdecode.ENV}=off")
+    monkeypatch.setenv(cdecode.ENV, "maybe")
+    with pytest.raises(cdecode.SettingError):
+        cdecode.requested()
