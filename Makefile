@@ -18,6 +18,13 @@ BPF_OBJS  := $(patsubst bpf/%.bpf.c,$(BPF_OUT)/%.bpf.o,$(BPF_SRCS))
 BPF_HDRS  := $(wildcard bpf/include/*.h bpf/include/*/*.h)
 # the compiled ring consumer, built into the agent package (package data; no compiler at run time)
 NATIVE_SO := agent/src/tracefleet/agent/capture/libtfring.so
+# the compiled decode (a CPython extension, the Python emitter of libtfring's record walker),
+# built against the headers of the interpreter that runs the agent: the venv's, else python3
+# (the agent image's build stage). Where it is missing the agent decodes in Python, and says so.
+NATIVE_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+PY_INC    := $(shell $(NATIVE_PY) -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>/dev/null)
+PY_EXT    := $(shell $(NATIVE_PY) -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>/dev/null)
+DECODE_SO := agent/src/tracefleet/agent/capture/_tfdecode$(PY_EXT)
 WL_SRCS   := $(wildcard tests/workloads/*.c)
 WL_BINS   := $(patsubst tests/workloads/%.c,$(WL_OUT)/%,$(WL_SRCS))
 KERNEL    ?= 7.2
@@ -90,10 +97,14 @@ $(WL_OUT)/%: tests/workloads/%.c $(wildcard tests/workloads/*.h) | $(WL_OUT)
 
 workloads: $(WL_BINS) native ## build the C test workloads into build/workloads (and native)
 
-$(NATIVE_SO): agent/native/fastring.c agent/native/jsonfmt.c agent/native/jsonfmt.h agent/native/rdbytes.h
+$(NATIVE_SO): agent/native/fastring.c agent/native/jsonfmt.c agent/native/jsonfmt.h agent/native/rdbytes.h agent/native/walk.h
 	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -o $@.tmp agent/native/fastring.c agent/native/jsonfmt.c -lbpf -lpthread && mv $@.tmp $@
 
-native: $(NATIVE_SO) ## build the compiled ring consumer (agent/native) into the agent package
+$(DECODE_SO): agent/native/pydecode.c agent/native/walk.h agent/native/rdbytes.h
+	@test -n "$(PY_INC)" && test -f "$(PY_INC)/Python.h" || { echo "no Python.h for $(NATIVE_PY) (python3-dev): the compiled decode is not built" >&2; exit 1; }
+	gcc -O2 -g -fPIC -shared -Wall -Wextra -Werror -I$(PY_INC) -o $@.tmp agent/native/pydecode.c && mv $@.tmp $@
+
+native: $(NATIVE_SO) $(DECODE_SO) ## build the compiled ring consumer and decode (agent/native) into the agent package
 
 proto: ## regenerate the Python code of proto/ (commit the result)
 	@proto/generate.sh

@@ -24,6 +24,7 @@
 
 #include "jsonfmt.h"
 #include "rdbytes.h"
+#include "walk.h"
 
 #define TF_FAST_ABI 4
 #define MAX_BOUNDS 64
@@ -37,10 +38,7 @@
 #define SET_SAMPLE_ALL 8u /* sample rate >= 1 */
 #define SET_JSONL 16u /* the only reader is the jsonl output: the formatter writes the line */
 
-/* per batch entry flags */
-#define REC_SAMPLE 1u
-#define REC_FALLBACK 2u
-#define REC_RAW 4u /* unknown set or syscall: Python handles it entirely */
+/* per batch entry flags (REC_SAMPLE, REC_FALLBACK, REC_RAW) and the entry: walk.h */
 
 struct tf_fast_params {
 	uint32_t abi;
@@ -88,14 +86,7 @@ struct tf_fast {
 	uint64_t jsonl_c, jsonl_py; /* lines of SET_JSONL sets: made in C, left to Python */
 };
 
-/* batch entry: u32 size, u32 flags, u64 receive time (CLOCK_MONOTONIC ns), record, padded */
 void tf_fast_free(struct tf_fast *f);
-
-struct entry_hdr {
-	uint32_t size;
-	uint32_t flags;
-	uint64_t recv_ns;
-};
 
 static inline uint64_t mono_ns(void)
 {
@@ -163,6 +154,23 @@ static int forward(struct tf_fast *f, const uint8_t *d, size_t size, uint32_t fl
 	return 0;
 }
 
+/* aggregate-only: what consumer.py's on_record counts, bucketed like Histogram.observe */
+static void count_record(struct tf_fast *f, const uint8_t *d, uint32_t set, uint32_t sc,
+			 uint64_t now)
+{
+	struct set_agg *a = &f->agg[set];
+	uint64_t ts = u64_at(d + f->p.off_ts);
+	double v = (double)(now > ts ? now - ts : 0) / 1e9;
+	uint32_t i = 0;
+	while (i < f->p.nbounds && v > f->p.bounds[i])
+		i++;
+	a->hist[i]++;
+	a->sum += v;
+	a->delivered++;
+	if (a->by_sc[sc]++ == 0)
+		a->touched[a->ntouched++] = sc;
+}
+
 static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 {
 	f->records++;
@@ -199,20 +207,22 @@ static int take_record(struct tf_fast *f, const uint8_t *d, size_t size)
 			return forward(f, d, size, flags, now);
 		}
 	}
-aggregate:;
-	/* aggregate-only: what capture.py's _on_record counts, bucketed like Histogram.observe */
-	struct set_agg *a = &f->agg[set];
-	uint64_t ts = u64_at(d + f->p.off_ts);
-	double v = (double)(now > ts ? now - ts : 0) / 1e9;
-	uint32_t i = 0;
-	while (i < f->p.nbounds && v > f->p.bounds[i])
-		i++;
-	a->hist[i]++;
-	a->sum += v;
-	a->delivered++;
-	if (a->by_sc[sc]++ == 0)
-		a->touched[a->ntouched++] = sc;
+aggregate:
+	count_record(f, d, set, sc, now);
 	return 0;
+}
+
+/* A record decoded outside the poll (the compiled decode, pydecode.c): counted as on_record
+ * counts a delivered one. Records of an unknown set or syscall are not counted here (they
+ * are forwarded REC_RAW, for Python). */
+void tf_fast_count(struct tf_fast *f, const uint8_t *d, size_t size, uint64_t now)
+{
+	if (size < f->p.hdr_size)
+		return;
+	uint32_t set = d[f->p.off_set];
+	uint32_t sc = u16_at(d + f->p.off_syscall);
+	if (set < f->p.nsets && sc < f->p.nsyscalls)
+		count_record(f, d, set, sc, now);
 }
 
 static int on_sample(void *ctx, void *data, size_t size)

@@ -28,17 +28,19 @@
 
 #include "jsonfmt.h"
 #include "rdbytes.h"
+#include "walk.h"
 
-#define TF_JFMT_ABI 2
-#define NAME_MAX_LEN 48
+#define TF_JFMT_ABI 3
+#define NAME_MAX_LEN TF_NAME_MAX_LEN
 #define MAX_SETS 16
 #define MAX_SYSCALLS 128
-#define MAX_CODES 32     /* statuses, strategies */
+#define MAX_CODES 32     /* statuses, strategies, path kinds */
 #define MAX_ERRNO 256
 #define MAX_INTS 6
 #define MAX_STRS 2
 #define MAX_FLAGTABS 16
-#define MAX_FLAGBITS 32
+#define MAX_FLAGBITS TF_MAX_FLAGBITS
+#define MAX_PLAIN 6      /* vfs: counters of an operation (close) */
 #define IDENT_SLOTS 4096 /* power of two */
 #define IDENT_POOL (512 * 1024)
 #define LINE_MAX_BYTES 32768 /* bound of one line (escaping is at most 6 bytes per byte) */
@@ -50,23 +52,8 @@
 /* why an exe is unknown, in the order of capture/exe.py's CAUSES (jsonfmt.py names them) */
 enum { EXE_NO_MM = 0, EXE_NOT_IN_MAP, EXE_TRUNCATED, EXE_LOOKUP, EXE_WHY_MAX };
 
-/* why a record went to Python (counters, in this order; jsonfmt.py names them) */
-enum {
-	WHY_KIND = 0,    /* not a syscall record */
-	WHY_MALFORMED,   /* lengths do not add up: Python reports the decode error */
-	WHY_NAME,        /* a set, syscall, status or strategy without a name here */
-	WHY_SPEC,        /* no argument spec for the set and syscall */
-	WHY_BLOB,        /* a blob only Python renders (socket address, short open_how) */
-	WHY_IDENT,       /* the cgroup's workload fields are not settled yet */
-	WHY_SPACE,       /* the line does not fit the buffer */
-	WHY_OUTPUT,      /* the output failed (the fd is broken) */
-	WHY_MAX,
-};
-
-struct name {
-	uint8_t len; /* 0: no name */
-	char s[NAME_MAX_LEN];
-};
+/* keys of decode.py's fixed arguments (TAB_KEY codes) */
+enum { KEY_FILENAME = 0, KEY_ARGV, KEY_PATH, KEY_INODE, KEY_DEV, KEY_FSTYPE, KEY_MAX };
 
 struct tf_jfmt_params {
 	uint32_t abi;
@@ -88,8 +75,17 @@ struct tf_jfmt_params {
 	uint32_t off_exe_ino, off_exe_dev, off_exe_gen;
 	uint32_t exe_key_size, exe_key_ino_off, exe_key_dev_off, exe_key_gen_off;
 	uint32_t exe_value_size, status_ok, status_truncated;
-	int32_t fd;
+	int32_t fd; /* -1: no output (the tables and walker only, for the Python emitter) */
 	int32_t exe_fd; /* tf_exes, -1: none (every exe unknown, as exe.py's ExeResolver(-1)) */
+	/* struct tf_exec_event: the fixed part ends at the filename head; the argv head
+	 * (argvh_size bytes: uptr, err, argc, status, strategy at these offsets) follows the
+	 * filename, then argc arguments of a u16 length and that many bytes */
+	uint32_t kind_exec, off_exec_filename, argvh_size, argvh_uptr_off, argvh_err_off,
+		argvh_argc_off, argvh_status_off, argvh_strategy_off, argv_count, arg_max,
+		argv_shown_mask;
+	/* struct tf_vfs_event: the fixed part ends at the path head; path and path2 follow */
+	uint32_t kind_vfs, off_vfs_ino, off_vfs_arg, off_vfs_dev, off_vfs_path_kind,
+		off_vfs_path2_kind, off_vfs_fstype, fstype_len, off_vfs_path, pathkind_mount_rel;
 };
 
 /* one syscall's arguments (eventsets.ArgSpec), keys JSON-encoded */
@@ -105,13 +101,15 @@ struct tf_jfmt_spec {
 	uint32_t valid;
 };
 
-/* tracefleet.model.event.FlagTable: accmode names for raw & 3 (when accmode), then bits in
- * order (a bit set whole is named and removed), then the rest in hex */
-struct tf_jfmt_flagtab {
-	uint32_t accmode, nbits;
-	struct name acc[4];
-	uint64_t mask[MAX_FLAGBITS];
-	struct name bit[MAX_FLAGBITS];
+/* a vfs operation's arguments beyond path, inode, dev and fstype (decode.py's _VFS_PATH2,
+ * _VFS_ARG and vfs_close's counters), by syscall code */
+struct tf_jfmt_vfsop {
+	struct name path2_key; /* len 0: none */
+	struct name arg_key;   /* len 0: none */
+	int32_t arg_flagtab;   /* -1: none */
+	uint32_t nplain;
+	struct name plain_key[MAX_PLAIN];
+	uint32_t plain_off[MAX_PLAIN], plain_size[MAX_PLAIN]; /* offset in the record, 4 or 8 */
 };
 
 struct ident {
@@ -128,13 +126,6 @@ struct exe_slot {
 	uint32_t used;
 };
 
-/* an exe found for the line being made: bytes, or why none (counted once the line is kept) */
-struct exe_res {
-	const uint8_t *s;
-	uint32_t len;
-	int why; /* -1: known */
-};
-
 struct tf_jfmt {
 	struct tf_jfmt_params p;
 	struct name sets[MAX_SETS];
@@ -144,6 +135,9 @@ struct tf_jfmt {
 	struct name errnos[MAX_ERRNO];
 	struct tf_jfmt_spec specs[MAX_SETS][MAX_SYSCALLS];
 	struct tf_jfmt_flagtab flagtabs[MAX_FLAGTABS];
+	struct name pathkinds[MAX_CODES];
+	struct name keys[KEY_MAX];
+	struct tf_jfmt_vfsop vfsops[MAX_SYSCALLS];
 	int64_t offset; /* CLOCK_REALTIME - CLOCK_MONOTONIC, ns: atomic */
 	pthread_mutex_t ident_lock;
 	struct ident idents[IDENT_SLOTS];
@@ -403,14 +397,6 @@ static void put_time(struct lb *b, struct tf_jfmt *j, uint64_t ns)
 
 /* ---- record fields --------------------------------------------------------------------- */
 
-struct strh {
-	uint64_t uptr;
-	int32_t err;
-	uint16_t len;
-	uint8_t status, strategy;
-	const uint8_t *data;
-};
-
 static int read_strh(const struct tf_jfmt *j, const uint8_t *d, size_t size, size_t *off,
 		     uint32_t limit, struct strh *h)
 {
@@ -433,81 +419,6 @@ static int read_strh(const struct tf_jfmt *j, const uint8_t *d, size_t size, siz
 static inline const struct name *code_name(const struct name *tab, uint32_t n, uint32_t code)
 {
 	return code < n && tab[code].len ? &tab[code] : NULL;
-}
-
-/* the tail every captured argument shares: status, strategy, addr, error */
-static int put_arg_tail(struct lb *b, const struct tf_jfmt *j, const struct strh *h)
-{
-	const struct name *st = code_name(j->statuses, MAX_CODES, h->status);
-	const struct name *sg = code_name(j->strategies, MAX_CODES, h->strategy);
-	if (!st || !sg)
-		return -1;
-	PUTS(b, ",\"status\":");
-	put_name(b, st);
-	PUTS(b, ",\"strategy\":");
-	put_name(b, sg);
-	PUTS(b, ",\"addr\":\"");
-	put_hex(b, h->uptr);
-	putc1(b, '"');
-	if (h->err < 0) {
-		PUTS(b, ",\"error\":");
-		uint32_t e = (uint32_t)(-(int64_t)h->err);
-		const struct name *en = e < MAX_ERRNO && j->errnos[e].len ? &j->errnos[e] : NULL;
-		if (en) {
-			put_name(b, en);
-		} else {
-			putc1(b, '"');
-			put_i64(b, h->err);
-			putc1(b, '"');
-		}
-	}
-	putc1(b, '}');
-	return 0;
-}
-
-static int put_str_arg(struct lb *b, const struct tf_jfmt *j, const struct name *key,
-		       const struct strh *h)
-{
-	put_name(b, key);
-	PUTS(b, ":{\"value\":");
-	if (h->status < 32 && (j->p.shown_mask >> h->status & 1)) {
-		/* the model reads the value as a C string (ctypes c_char array): up to a NUL */
-		const uint8_t *nul = memchr(h->data, 0, h->len);
-		put_jstr(b, h->data, nul ? (size_t)(nul - h->data) : h->len);
-	}
-	else
-		PUTS(b, "null");
-	return put_arg_tail(b, j, h);
-}
-
-static void put_flags(struct lb *b, const struct tf_jfmt_flagtab *t, uint64_t raw)
-{
-	uint64_t rest = raw;
-	int first = 1;
-	PUTS(b, ",\"names\":[");
-	if (t->accmode) {
-		put_name(b, &t->acc[raw & 3]);
-		rest = raw & ~(uint64_t)3;
-		first = 0;
-	}
-	for (uint32_t i = 0; i < t->nbits && i < MAX_FLAGBITS; i++) {
-		uint64_t m = t->mask[i];
-		if (m && (rest & m) == m) {
-			if (!first)
-				putc1(b, ',');
-			put_name(b, &t->bit[i]);
-			rest &= ~m;
-			first = 0;
-		}
-	}
-	if (rest) {
-		if (!first)
-			putc1(b, ',');
-		putc1(b, '"');
-		put_hex(b, rest);
-		putc1(b, '"');
-	}
-	putc1(b, ']');
 }
 
 /* the workload fields of a cgroup (with their leading commas); 0 when not settled */
@@ -646,6 +557,308 @@ static void exe_resolve(struct tf_jfmt *j, const uint8_t *d, struct exe_res *r)
 	r->why = r->s ? -1 : EXE_LOOKUP;
 }
 
+/* ---- the walker: one reading of a record, for both emitters ---------------------------- */
+
+static const struct tf_jfmt_vfsop NO_VFSOP = {.arg_flagtab = -1};
+
+static inline uint32_t upto_nul(const uint8_t *s, uint32_t n)
+{
+	const uint8_t *z = memchr(s, 0, n);
+	return z ? (uint32_t)(z - s) : n;
+}
+
+static inline int shown(uint32_t mask, uint8_t status)
+{
+	return status < 32 && (mask >> status & 1);
+}
+
+static struct tf_varg *add_arg(struct tf_view *v, uint8_t type, const struct name *key)
+{
+	struct tf_varg *a = &v->args[v->nargs++]; /* bounded: at most TF_VIEW_ARGS per kind */
+	memset(a, 0, sizeof(*a));
+	a->type = type;
+	a->key = key;
+	return a;
+}
+
+/* a captured argument (string, blob, argv, vfs path): its head and the names of its tail */
+static struct tf_varg *add_captured(const struct tf_jfmt *j, struct tf_view *v, uint8_t type,
+				    const struct name *key, const struct strh *h, uint32_t mask)
+{
+	struct tf_varg *a = add_arg(v, type, key);
+	a->s = *h;
+	a->shown = (uint8_t)shown(mask, h->status);
+	a->status = code_name(j->statuses, MAX_CODES, h->status);
+	a->strategy = code_name(j->strategies, MAX_CODES, h->strategy);
+	if (h->err < 0) {
+		uint32_t e = (uint32_t)(-(int64_t)h->err);
+		a->errn = e < MAX_ERRNO && j->errnos[e].len ? &j->errnos[e] : NULL;
+	}
+	return a;
+}
+
+/* decode.py's _int_args: each integer argument of the spec, flag names where it has some */
+static void walk_ints(const struct tf_jfmt *j, const uint8_t *d, const struct tf_jfmt_spec *spec,
+		      struct tf_view *v)
+{
+	for (uint32_t i = 0; spec && i < spec->nints && i < MAX_INTS; i++) {
+		int64_t x = (int64_t)u64_at(d + j->p.off_iargs + 8 * spec->int_idx[i]);
+		if (spec->int32[i])
+			x = (int32_t)(uint32_t)(uint64_t)x;
+		struct tf_varg *a = add_arg(v, TF_A_INT, &spec->int_key[i]);
+		a->v = x;
+		if (spec->flagtab[i] >= 0 && spec->flagtab[i] < MAX_FLAGTABS)
+			a->flags = &j->flagtabs[spec->flagtab[i]];
+	}
+}
+
+static int walk_syscall(const struct tf_jfmt *j, const uint8_t *d, size_t size,
+			const struct tf_jfmt_spec *spec, struct tf_view *v)
+{
+	const struct tf_jfmt_params *p = &j->p;
+	struct strh s[3];
+	size_t off = p->off_strings;
+	if (size < off || read_strh(j, d, size, &off, p->str_max, &s[0]) ||
+	    read_strh(j, d, size, &off, p->str_max, &s[1]) ||
+	    read_strh(j, d, size, &off, p->blob_max, &s[2]) || off != size)
+		return WHY_MALFORMED;
+	if (!spec)
+		return -1; /* eventsets.arg_spec: an empty spec, no arguments */
+	walk_ints(j, d, spec, v);
+	for (uint32_t i = 0; i < spec->nstrs && i < MAX_STRS; i++) {
+		struct tf_varg *a = add_captured(j, v, TF_A_STR, &spec->str_key[i], &s[i], p->shown_mask);
+		a->vlen = upto_nul(s[i].data, s[i].len); /* a c_char array reads up to a NUL */
+	}
+	if (spec->nstrs == 1 && s[1].status != p->status_none) {
+		/* open family: the file the returned fd names, resolved in the kernel at exit */
+		struct tf_varg *a = add_captured(j, v, TF_A_STR, &spec->kpath_key, &s[1], p->shown_mask);
+		a->vlen = upto_nul(s[1].data, s[1].len);
+	}
+	if (spec->blob) {
+		struct tf_varg *a =
+			add_captured(j, v, TF_A_BLOB, &spec->blob_key, &s[2], p->blob_shown_mask);
+		a->blob = (uint8_t)spec->blob;
+		a->vlen = s[2].len; /* a u8 array: every byte */
+	}
+	return -1;
+}
+
+static int walk_exec(const struct tf_jfmt *j, const uint8_t *d, size_t size,
+		     const struct tf_jfmt_spec *spec, struct tf_view *v)
+{
+	const struct tf_jfmt_params *p = &j->p;
+	struct strh fname, argv;
+	size_t off = p->off_exec_filename;
+	if (size < off || read_strh(j, d, size, &off, p->str_max, &fname) ||
+	    off + p->argvh_size > size)
+		return WHY_MALFORMED;
+	const uint8_t *h = d + off;
+	argv.uptr = u64_at(h + p->argvh_uptr_off);
+	argv.err = (int32_t)u32_at(h + p->argvh_err_off);
+	argv.len = u16_at(h + p->argvh_argc_off); /* argc */
+	argv.status = h[p->argvh_status_off];
+	argv.strategy = h[p->argvh_strategy_off];
+	off += p->argvh_size;
+	if (argv.len > p->argv_count)
+		return WHY_MALFORMED;
+	argv.data = d + off;
+	for (uint32_t i = 0; i < argv.len; i++) {
+		if (off + 2 > size)
+			return WHY_MALFORMED;
+		uint32_t n = u16_at(d + off);
+		off += 2;
+		if (n > p->arg_max || off + n > size)
+			return WHY_MALFORMED;
+		off += n;
+	}
+	if (off != size)
+		return WHY_MALFORMED;
+	walk_ints(j, d, spec, v);
+	struct tf_varg *a = add_captured(j, v, TF_A_STR, &j->keys[KEY_FILENAME], &fname,
+					 p->shown_mask);
+	a->vlen = upto_nul(fname.data, fname.len);
+	a = add_captured(j, v, TF_A_ARGV, &j->keys[KEY_ARGV], &argv, p->argv_shown_mask);
+	a->vlen = argv.len;
+	return -1;
+}
+
+/* decode.py's vfs_path_arg; declined where the mount table is needed */
+static int walk_vpath(const struct tf_jfmt *j, struct tf_view *v, const struct name *key,
+		      const struct strh *h, uint8_t kind)
+{
+	const struct name *kn = code_name(j->pathkinds, MAX_CODES, kind);
+	if (!kn)
+		return WHY_NAME;
+	struct tf_varg *a = add_captured(j, v, TF_A_VPATH, key, h, j->p.shown_mask);
+	a->kind = kn;
+	a->vlen = upto_nul(h->data, h->len);
+	if (kind == j->p.pathkind_mount_rel && a->shown)
+		return WHY_MOUNTS; /* the mount point is prefixed from the mount table */
+	return -1;
+}
+
+static int walk_vfs(const struct tf_jfmt *j, const uint8_t *d, size_t size, struct tf_view *v)
+{
+	const struct tf_jfmt_params *p = &j->p;
+	struct strh path, path2;
+	size_t off = p->off_vfs_path;
+	if (size < off || read_strh(j, d, size, &off, p->str_max, &path) ||
+	    read_strh(j, d, size, &off, p->str_max, &path2) || off != size)
+		return WHY_MALFORMED;
+	const struct tf_jfmt_vfsop *op =
+		v->scn && v->sc < MAX_SYSCALLS ? &j->vfsops[v->sc] : &NO_VFSOP;
+	int why = walk_vpath(j, v, &j->keys[KEY_PATH], &path, d[p->off_vfs_path_kind]);
+	if (why >= 0)
+		return why;
+	const struct tf_varg *pa = &v->args[v->nargs - 1];
+	if (op->path2_key.len &&
+	    (why = walk_vpath(j, v, &op->path2_key, &path2, d[p->off_vfs_path2_kind])) >= 0)
+		return why;
+	uint32_t dev = u32_at(d + p->off_vfs_dev);
+	if (!dev && pa->shown && pa->vlen)
+		return WHY_MOUNTS; /* the device is found from the path's directory */
+	add_arg(v, TF_A_PLAIN_OPT, &j->keys[KEY_INODE])->v = (int64_t)u64_at(d + p->off_vfs_ino);
+	add_arg(v, TF_A_PLAIN_DEV, &j->keys[KEY_DEV])->v = dev;
+	struct tf_varg *a = add_arg(v, TF_A_PLAIN_TEXT, &j->keys[KEY_FSTYPE]);
+	a->s.data = d + p->off_vfs_fstype;
+	a->vlen = upto_nul(a->s.data, p->fstype_len);
+	if (op->arg_key.len) {
+		a = add_arg(v, TF_A_PLAIN, &op->arg_key);
+		a->v = (int64_t)u64_at(d + p->off_vfs_arg);
+		if (op->arg_flagtab >= 0 && op->arg_flagtab < MAX_FLAGTABS)
+			a->flags = &j->flagtabs[op->arg_flagtab];
+	}
+	for (uint32_t i = 0; i < op->nplain && i < MAX_PLAIN; i++) {
+		const uint8_t *f = d + op->plain_off[i];
+		add_arg(v, TF_A_PLAIN, &op->plain_key[i])->v =
+			op->plain_size[i] == 8 ? (int64_t)u64_at(f) : (int64_t)u32_at(f);
+	}
+	return -1;
+}
+
+/*
+ * A record as decode.py reads it: -1 and the view, or why the emitters must leave it to
+ * Python (WHY_MALFORMED: Python's decode raises RecordError; WHY_MOUNTS, WHY_NAME, WHY_SPEC:
+ * Python needs what only it has). offset_ns: CLOCK_REALTIME - CLOCK_MONOTONIC.
+ */
+int tf_walk(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t now, int64_t offset_ns,
+	    struct tf_view *v)
+{
+	const struct tf_jfmt_params *p = &j->p;
+	if (size < p->hdr_size)
+		return WHY_MALFORMED;
+	v->kind = u16_at(d + p->off_kind);
+	v->set = d[p->off_set];
+	v->sc = u16_at(d + p->off_syscall);
+	v->setn = code_name(j->sets, MAX_SETS, v->set);
+	v->scn = code_name(j->syscalls, MAX_SYSCALLS, v->sc);
+	v->hstrat_code = d[p->off_strategy];
+	v->hstrat = code_name(j->strategies, MAX_CODES, v->hstrat_code);
+	uint64_t ts = u64_at(d + p->off_ts), exit_ns = u64_at(d + p->off_exit);
+	v->ts = ts;
+	v->wall = ts + (uint64_t)offset_ns;
+	v->duration = exit_ns && exit_ns > ts ? exit_ns - ts : 0;
+	v->latency = now > ts ? now - ts : 0;
+	v->cgroup = u64_at(d + p->off_cgroup);
+	v->ret = (int64_t)u64_at(d + p->off_ret);
+	v->pid = u32_at(d + p->off_pid);
+	v->tid = u32_at(d + p->off_tid);
+	v->ctx = u32_at(d + p->off_ctx_ok) != 0;
+	v->ppid = u32_at(d + p->off_ppid);
+	v->uid = u32_at(d + p->off_uid);
+	v->gid = u32_at(d + p->off_gid);
+	v->comm = d + p->off_comm;
+	v->clen = upto_nul(v->comm, p->comm_len);
+	const struct tf_jfmt_spec *spec = NULL;
+	if (v->setn && v->scn && v->set < MAX_SETS && v->sc < MAX_SYSCALLS &&
+	    j->specs[v->set][v->sc].valid) {
+		spec = &j->specs[v->set][v->sc];
+		if (spec->valid != 1)
+			return WHY_SPEC; /* a spec that did not fit the tables: Python's */
+	}
+	v->spec_ok = spec != NULL;
+	v->nargs = 0;
+	if (v->kind == p->kind_syscall)
+		return walk_syscall(j, d, size, spec, v);
+	if (v->kind == p->kind_exec)
+		return walk_exec(j, d, size, spec, v);
+	if (v->kind == p->kind_vfs)
+		return walk_vfs(j, d, size, v);
+	return WHY_MALFORMED; /* decode.py: unknown record kind */
+}
+
+int tf_walk_abi(void)
+{
+	return TF_WALK_ABI;
+}
+
+size_t tf_walk_view_size(void)
+{
+	return sizeof(struct tf_view);
+}
+
+/* the record's executable (after tf_walk accepted it) */
+void tf_walk_exe(struct tf_jfmt *j, const uint8_t *d, struct exe_res *r)
+{
+	exe_resolve(j, d, r);
+}
+
+/* an emitter kept the record: its unknown exe is counted (exe.py's CAUSES) */
+void tf_walk_kept(struct tf_jfmt *j, const struct exe_res *r)
+{
+	if (r->why >= 0 && r->why < EXE_WHY_MAX)
+		j->exe_unknown[r->why]++;
+}
+
+/* ---- the JSON emitter: the jsonl line --------------------------------------------------- */
+
+/* the tail every captured argument shares: status, strategy, addr, error */
+static int put_arg_tail(struct lb *b, const struct tf_varg *a)
+{
+	if (!a->status || !a->strategy)
+		return -1;
+	PUTS(b, ",\"status\":");
+	put_name(b, a->status);
+	PUTS(b, ",\"strategy\":");
+	put_name(b, a->strategy);
+	PUTS(b, ",\"addr\":\"");
+	put_hex(b, a->s.uptr);
+	putc1(b, '"');
+	if (a->s.err < 0) {
+		PUTS(b, ",\"error\":");
+		if (a->errn) {
+			put_name(b, a->errn);
+		} else {
+			putc1(b, '"');
+			put_i64(b, a->s.err);
+			putc1(b, '"');
+		}
+	}
+	putc1(b, '}');
+	return 0;
+}
+
+static void put_flags(struct lb *b, const struct tf_jfmt_flagtab *t, uint64_t raw)
+{
+	const struct name *names[TF_MAX_FLAGBITS + 1];
+	uint64_t rest;
+	uint32_t n = tf_flag_names(t, raw, names, &rest);
+	PUTS(b, ",\"names\":[");
+	for (uint32_t i = 0; i < n; i++) {
+		if (i)
+			putc1(b, ',');
+		put_name(b, names[i]);
+	}
+	if (rest) {
+		if (n)
+			putc1(b, ',');
+		putc1(b, '"');
+		put_hex(b, rest);
+		putc1(b, '"');
+	}
+	putc1(b, ']');
+}
+
 static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t now,
 		     struct lb *b, struct exe_res *exe)
 {
@@ -654,63 +867,54 @@ static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t 
 		return WHY_KIND;
 	uint32_t set = d[p->off_set];
 	uint32_t sc = u16_at(d + p->off_syscall);
-	const struct name *setn = code_name(j->sets, MAX_SETS, set);
-	const struct name *scn = code_name(j->syscalls, MAX_SYSCALLS, sc);
-	const struct name *hstrat = code_name(j->strategies, MAX_CODES, d[p->off_strategy]);
-	if (!setn || !scn || !hstrat)
+	if (!code_name(j->sets, MAX_SETS, set) || !code_name(j->syscalls, MAX_SYSCALLS, sc) ||
+	    !code_name(j->strategies, MAX_CODES, d[p->off_strategy]))
 		return WHY_NAME;
 	const struct tf_jfmt_spec *spec = &j->specs[set][sc];
-	if (!spec->valid)
+	if (spec->valid != 1)
 		return WHY_SPEC;
-	if (spec->blob == 2)
+	if (spec->blob == TF_BLOB_SOCKADDR)
 		return WHY_BLOB;
-	struct strh s[3];
-	size_t off = p->off_strings;
-	if (read_strh(j, d, size, &off, p->str_max, &s[0]) ||
-	    read_strh(j, d, size, &off, p->str_max, &s[1]) ||
-	    read_strh(j, d, size, &off, p->blob_max, &s[2]) || off != size)
-		return WHY_MALFORMED;
-	if (spec->blob == 1 && s[2].status < 32 && (p->blob_shown_mask >> s[2].status & 1) &&
-	    s[2].len < 24)
-		return WHY_BLOB; /* the model renders a short open_how as text of its own */
-
-	uint64_t ts = u64_at(d + p->off_ts), exit_ns = u64_at(d + p->off_exit);
-	uint64_t cg = u64_at(d + p->off_cgroup);
+	struct tf_view v;
+	int why = tf_walk(j, d, size, now, __atomic_load_n(&j->offset, __ATOMIC_RELAXED), &v);
+	if (why >= 0)
+		return why;
+	for (uint32_t i = 0; i < v.nargs; i++)
+		if (v.args[i].type == TF_A_BLOB && v.args[i].shown && v.args[i].s.len < 24)
+			return WHY_BLOB; /* the model renders a short open_how as text of its own */
 	uint32_t ioff = 0, ilen = 0;
 	if (p->need_ident) {
 		pthread_mutex_lock(&j->ident_lock);
-		int found = ident_find(j, cg, &ioff, &ilen);
+		int found = ident_find(j, v.cgroup, &ioff, &ilen);
 		pthread_mutex_unlock(&j->ident_lock);
 		if (!found)
 			return WHY_IDENT;
 	}
-	uint64_t wall = ts + (uint64_t)__atomic_load_n(&j->offset, __ATOMIC_RELAXED);
 
 	PUTS(b, "{\"ts_ns\":");
-	put_u64(b, ts);
+	put_u64(b, v.ts);
 	PUTS(b, ",\"time\":");
-	put_time(b, j, wall);
+	put_time(b, j, v.wall);
 	PUTS(b, ",\"time_ns\":");
-	put_u64(b, wall);
+	put_u64(b, v.wall);
 	PUTS(b, ",\"duration_ns\":");
-	put_u64(b, exit_ns && exit_ns > ts ? exit_ns - ts : 0);
+	put_u64(b, v.duration);
 	PUTS(b, ",\"delivery_latency_ns\":");
-	put_u64(b, now > ts ? now - ts : 0);
+	put_u64(b, v.latency);
 	PUTS(b, ",\"event_set\":");
-	put_name(b, setn);
+	put_name(b, v.setn);
 	PUTS(b, ",\"syscall\":");
-	put_name(b, scn);
+	put_name(b, v.scn);
 	PUTS(b, ",\"pid\":");
-	put_u64(b, u32_at(d + p->off_pid));
+	put_u64(b, v.pid);
 	PUTS(b, ",\"tid\":");
-	put_u64(b, u32_at(d + p->off_tid));
-	int ctx = u32_at(d + p->off_ctx_ok) != 0;
-	const uint32_t ctx_off[3] = {p->off_ppid, p->off_uid, p->off_gid};
+	put_u64(b, v.tid);
+	const uint32_t ctx_v[3] = {v.ppid, v.uid, v.gid};
 	static const char *const ctx_key[3] = {",\"ppid\":", ",\"uid\":", ",\"gid\":"};
 	for (int i = 0; i < 3; i++) {
 		put(b, ctx_key[i], strlen(ctx_key[i]));
-		if (ctx)
-			put_u64(b, u32_at(d + ctx_off[i]));
+		if (v.ctx)
+			put_u64(b, ctx_v[i]);
 		else
 			PUTS(b, "null");
 	}
@@ -721,69 +925,56 @@ static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t 
 	else
 		PUTS(b, "null");
 	PUTS(b, ",\"comm\":");
-	const uint8_t *comm = d + p->off_comm;
-	size_t clen = 0;
-	while (clen < p->comm_len && comm[clen])
-		clen++;
-	put_jstr(b, comm, clen);
+	put_jstr(b, v.comm, v.clen);
 	PUTS(b, ",\"ret\":");
-	put_i64(b, (int64_t)u64_at(d + p->off_ret));
+	put_i64(b, v.ret);
 	PUTS(b, ",\"cgroup_id\":");
-	put_u64(b, cg);
+	put_u64(b, v.cgroup);
 	PUTS(b, ",\"strategy\":");
-	put_name(b, hstrat);
+	put_name(b, v.hstrat);
 	if (ilen)
 		put(b, j->ident_pool + ioff, ilen);
 	PUTS(b, ",\"args\":{");
-	int first = 1;
-	for (uint32_t i = 0; i < spec->nints && i < MAX_INTS; i++) {
-		int64_t v = (int64_t)u64_at(d + p->off_iargs + 8 * spec->int_idx[i]);
-		if (spec->int32[i])
-			v = (int32_t)(uint32_t)(uint64_t)v;
-		if (!first)
+	for (uint32_t i = 0; i < v.nargs; i++) {
+		const struct tf_varg *a = &v.args[i];
+		if (i)
 			putc1(b, ',');
-		first = 0;
-		put_name(b, &spec->int_key[i]);
+		put_name(b, a->key);
 		PUTS(b, ":{\"value\":");
-		put_i64(b, v);
-		PUTS(b, ",\"status\":\"ok\",\"strategy\":\"register\"");
-		if (spec->flagtab[i] >= 0 && spec->flagtab[i] < MAX_FLAGTABS)
-			put_flags(b, &j->flagtabs[spec->flagtab[i]], (uint64_t)v);
-		putc1(b, '}');
-	}
-	for (uint32_t i = 0; i < spec->nstrs && i < MAX_STRS; i++) {
-		if (!first)
-			putc1(b, ',');
-		first = 0;
-		if (put_str_arg(b, j, &spec->str_key[i], &s[i]))
-			return WHY_NAME;
-	}
-	if (spec->nstrs == 1 && s[1].status != p->status_none) {
-		if (!first)
-			putc1(b, ',');
-		first = 0;
-		if (put_str_arg(b, j, &spec->kpath_key, &s[1]))
-			return WHY_NAME;
-	}
-	if (spec->blob == 1) {
-		if (!first)
-			putc1(b, ',');
-		first = 0;
-		put_name(b, &spec->blob_key);
-		PUTS(b, ":{\"value\":");
-		if (s[2].status < 32 && (p->blob_shown_mask >> s[2].status & 1)) {
-			PUTS(b, "{\"flags\":");
-			put_u64(b, u64_at(s[2].data));
-			PUTS(b, ",\"mode\":");
-			put_u64(b, u64_at(s[2].data + 8));
-			PUTS(b, ",\"resolve\":");
-			put_u64(b, u64_at(s[2].data + 16));
+		switch (a->type) {
+		case TF_A_INT:
+			put_i64(b, a->v);
+			PUTS(b, ",\"status\":\"ok\",\"strategy\":\"register\"");
+			if (a->flags)
+				put_flags(b, a->flags, (uint64_t)a->v);
 			putc1(b, '}');
-		} else {
-			PUTS(b, "null");
+			break;
+		case TF_A_STR:
+			if (a->shown)
+				put_jstr(b, a->s.data, a->vlen);
+			else
+				PUTS(b, "null");
+			if (put_arg_tail(b, a))
+				return WHY_NAME;
+			break;
+		case TF_A_BLOB: /* open_how: sockaddr was declined above */
+			if (a->shown) {
+				PUTS(b, "{\"flags\":");
+				put_u64(b, u64_at(a->s.data));
+				PUTS(b, ",\"mode\":");
+				put_u64(b, u64_at(a->s.data + 8));
+				PUTS(b, ",\"resolve\":");
+				put_u64(b, u64_at(a->s.data + 16));
+				putc1(b, '}');
+			} else {
+				PUTS(b, "null");
+			}
+			if (put_arg_tail(b, a))
+				return WHY_NAME;
+			break;
+		default:
+			return WHY_KIND; /* not in a syscall record */
 		}
-		if (put_arg_tail(b, j, &s[2]))
-			return WHY_NAME;
 	}
 	PUTS(b, "}}\n");
 	return b->over ? WHY_SPACE : -1;
@@ -791,7 +982,7 @@ static int make_line(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t 
 
 int tf_jfmt_record(struct tf_jfmt *j, const uint8_t *d, size_t size, uint64_t now_ns)
 {
-	if (j->werr) {
+	if (j->werr || !j->out) {
 		j->declined[WHY_OUTPUT]++;
 		return 0;
 	}
@@ -822,10 +1013,30 @@ int tf_jfmt_abi(void)
 	return TF_JFMT_ABI;
 }
 
+/* the sizes of the structs Python fills (jsonfmt.py checks its mirrors against them) */
+size_t tf_jfmt_sizeof(uint32_t which)
+{
+	switch (which) {
+	case 0: return sizeof(struct tf_jfmt_params);
+	case 1: return sizeof(struct tf_jfmt_spec);
+	case 2: return sizeof(struct tf_jfmt_vfsop);
+	case 3: return sizeof(struct tf_jfmt_flagtab);
+	default: return 0;
+	}
+}
+
 struct tf_jfmt *tf_jfmt_new(const struct tf_jfmt_params *p)
 {
-	if (p->abi != TF_JFMT_ABI || p->out_bytes < 4 * LINE_MAX_BYTES || p->fd < 0 ||
-	    p->off_strings < p->hdr_size || p->strh_size < 16 ||
+	if (p->abi != TF_JFMT_ABI || (p->fd >= 0 && p->out_bytes < 4 * LINE_MAX_BYTES) ||
+	    p->off_strings < p->off_iargs + 48 || p->off_iargs < p->hdr_size || p->strh_size < 16 ||
+	    p->off_comm + p->comm_len > p->hdr_size ||
+	    p->off_exec_filename < p->off_iargs + 48 || p->argvh_size < 16 ||
+	    p->argvh_uptr_off + 8 > p->argvh_size || p->argvh_err_off + 4 > p->argvh_size ||
+	    p->argvh_argc_off + 2 > p->argvh_size || p->argvh_status_off >= p->argvh_size ||
+	    p->argvh_strategy_off >= p->argvh_size || p->off_vfs_ino + 8 > p->off_vfs_path ||
+	    p->off_vfs_arg + 8 > p->off_vfs_path || p->off_vfs_dev + 4 > p->off_vfs_path ||
+	    p->off_vfs_path_kind >= p->off_vfs_path || p->off_vfs_path2_kind >= p->off_vfs_path ||
+	    p->off_vfs_fstype + p->fstype_len > p->off_vfs_path || p->off_vfs_path < p->hdr_size ||
 	    p->exe_value_size > EXE_VALUE_MAX || p->exe_value_size < p->strh_size + p->str_max ||
 	    p->exe_key_size > EXE_KEY_MAX || p->exe_key_ino_off + 8 > p->exe_key_size ||
 	    p->exe_key_dev_off + 4 > p->exe_key_size || p->exe_key_gen_off + 4 > p->exe_key_size ||
@@ -838,9 +1049,9 @@ struct tf_jfmt *tf_jfmt_new(const struct tf_jfmt_params *p)
 	if (!j)
 		return NULL;
 	j->p = *p;
-	j->out_cap = p->out_bytes;
-	j->out = malloc(j->out_cap);
-	if (!j->out) {
+	j->out_cap = p->fd >= 0 ? p->out_bytes : 0;
+	j->out = p->fd >= 0 ? malloc(j->out_cap) : NULL; /* fd < 0: the walker's tables only */
+	if (p->fd >= 0 && !j->out) {
 		free(j);
 		errno = ENOMEM;
 		return NULL;
@@ -850,6 +1061,8 @@ struct tf_jfmt *tf_jfmt_new(const struct tf_jfmt_params *p)
 		for (uint32_t c = 0; c < MAX_SYSCALLS; c++)
 			for (uint32_t i = 0; i < MAX_INTS; i++)
 				j->specs[s][c].flagtab[i] = -1;
+	for (uint32_t c = 0; c < MAX_SYSCALLS; c++)
+		j->vfsops[c].arg_flagtab = -1;
 	return j;
 }
 
@@ -862,7 +1075,7 @@ void tf_jfmt_free(struct tf_jfmt *j)
 	free(j);
 }
 
-enum { TAB_SET = 0, TAB_SYSCALL, TAB_STATUS, TAB_STRATEGY, TAB_ERRNO };
+enum { TAB_SET = 0, TAB_SYSCALL, TAB_STATUS, TAB_STRATEGY, TAB_ERRNO, TAB_PATHKIND, TAB_KEY };
 
 static int set_name(struct name *n, const char *s)
 {
@@ -885,6 +1098,8 @@ int tf_jfmt_name(struct tf_jfmt *j, uint32_t table, uint32_t code, const char *j
 	case TAB_STATUS: tab = j->statuses; n = MAX_CODES; break;
 	case TAB_STRATEGY: tab = j->strategies; n = MAX_CODES; break;
 	case TAB_ERRNO: tab = j->errnos; n = MAX_ERRNO; break;
+	case TAB_PATHKIND: tab = j->pathkinds; n = MAX_CODES; break;
+	case TAB_KEY: tab = j->keys; n = KEY_MAX; break;
 	default: return -EINVAL;
 	}
 	if (code >= n)
@@ -892,16 +1107,30 @@ int tf_jfmt_name(struct tf_jfmt *j, uint32_t table, uint32_t code, const char *j
 	return set_name(&tab[code], json);
 }
 
+/* one set's syscall: its argument spec (s->valid 1), or valid 2: a spec that does not fit
+ * these tables (its records stay Python's) */
 int tf_jfmt_spec(struct tf_jfmt *j, uint32_t set, uint32_t sc, const struct tf_jfmt_spec *s)
 {
 	if (set >= MAX_SETS || sc >= MAX_SYSCALLS || s->nints > MAX_INTS || s->nstrs > MAX_STRS ||
-	    s->blob > 2)
+	    s->blob > 2 || (s->valid != 1 && s->valid != 2))
 		return -ERANGE;
 	for (uint32_t i = 0; i < s->nints; i++)
 		if (s->int_idx[i] >= 6 || s->flagtab[i] >= MAX_FLAGTABS)
 			return -ERANGE;
 	j->specs[set][sc] = *s;
-	j->specs[set][sc].valid = 1;
+	return 0;
+}
+
+/* a vfs operation's extra arguments, by syscall code */
+int tf_jfmt_vfsop(struct tf_jfmt *j, uint32_t sc, const struct tf_jfmt_vfsop *op)
+{
+	if (sc >= MAX_SYSCALLS || op->nplain > MAX_PLAIN || op->arg_flagtab >= MAX_FLAGTABS)
+		return -ERANGE;
+	for (uint32_t i = 0; i < op->nplain; i++)
+		if ((op->plain_size[i] != 4 && op->plain_size[i] != 8) ||
+		    op->plain_off[i] + op->plain_size[i] > j->p.off_vfs_path)
+			return -ERANGE;
+	j->vfsops[sc] = *op;
 	return 0;
 }
 

@@ -20,7 +20,7 @@ APT_PACKAGES=(
   kmod                                      # modprobe: zram, ext4, loop, overlay where they are modules
   containerd runc                           # a real container runtime for the workload attribution test
   nodejs                                    # buf comes from the npm registry (npm below)
-  python3-venv
+  python3-venv python3-dev                  # python3-dev: headers of the compiled decode (make native)
 )
 # nodesource's nodejs bundles npm and conflicts with Debian's npm package
 command -v npm >/dev/null 2>&1 || APT_PACKAGES+=(npm)

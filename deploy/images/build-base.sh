@@ -26,8 +26,9 @@ IMPORT=(podman import); TAG=(podman tag)
 # Runtime packages shared by both images. python3 (3.11) + venv; ca-certificates for TLS to
 # the controller; no compilers. libbpf1 is added only in the agent image's own stage.
 RUNTIME_PKGS=python3,python3-venv,ca-certificates,tini
-# Build-stage packages: BPF toolchain (`make bpf`), pip wheel builds.
-BUILD_PKGS=$RUNTIME_PKGS,clang,llvm,libbpf-dev,bpftool,make,gcc,libc6-dev,python3-pip
+# Build-stage packages: BPF toolchain (`make bpf`), pip wheel builds, the Python headers the
+# compiled decode (agent/native/pydecode.c, `make native`) is built against.
+BUILD_PKGS=$RUNTIME_PKGS,clang,llvm,libbpf-dev,bpftool,make,gcc,libc6-dev,python3-pip,python3-dev
 
 slim() {  # drop what a container never reads: apt lists, docs, man pages, locales, caches
   local r=$1

@@ -4,7 +4,10 @@ Throughput: the unpaced openat (ENOENT) loop fills a large ring while nobody con
 the consumer drains it on one CPU (this thread, pinned) and we time it: records/s the
 consumer handles, independent of how fast one producer core can make syscalls. Per mode:
 aggregate-only (no sink) and decoded into a counting sink. CPU: the paced loop at 10k
-calls/s with the consumer thread running aggregate-only, the process's CPU over the run."""
+calls/s with the consumer thread running aggregate-only, the process's CPU over the run.
+"decoded into a sink" with the compiled consumer uses the compiled decode (cdecode: a batch
+decoded in C into decode.py's dicts); "decoded, Python decode" is the compiled consumer with
+the Python decode (TRACEFLEET_DECODE=off), the decode's own share within the same run."""
 
 from __future__ import annotations
 
@@ -15,35 +18,40 @@ from tests.bench.common import LOOP_COMM, cpus, log, pinned, run_loop, self_cpu_
 
 MISSING = "/dev/shm/tf-bench-missing/x"
 RING = 128 << 20  # ~150k records of ~850 bytes
+DECODED, PYDECODE = "decoded into a sink", "decoded, Python decode"
 MODES = (
     ("compiled", "aggregate-only"),
     ("python", "aggregate-only"),
-    ("compiled", "decoded into a sink"),
-    ("python", "decoded into a sink"),
+    ("compiled", DECODED),
+    ("compiled", PYDECODE),
+    ("python", DECODED),
 )
 
 
-def _engine(compiled: bool, ring: int, wakeup: int) -> Any:
+def _engine(compiled: bool, ring: int, wakeup: int, decode: bool = True) -> Any:
     from tracefleet.agent.capture.bpfengine import BpfEngine, EngineOptions
     from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
     eng = BpfEngine(EngineOptions(ring_bytes=ring, wakeup_bytes=wakeup, hold_seconds=3600,
-                                  sets=("file",), compiled_consumer=compiled))  # fmt: skip
+                                  sets=("file",), compiled_consumer=compiled,
+                                  compiled_decode=decode))  # fmt: skip
     eng.apply({"file": EventSetConfig("file", True, Filters(comms=(LOOP_COMM,)))})
     if eng.consumer()[0] != compiled:
         raise RuntimeError(f"compiled consumer unavailable: {eng.consumer()[1]}")
+    if compiled and decode and not eng.decode()[0]:
+        raise RuntimeError(f"compiled decode unavailable: {eng.decode()[1]}")
     return eng
 
 
-def _drain_rate(compiled: bool, sink: bool, seconds: float, tracer: int, loop: int
-                ) -> dict[str, Any]:  # fmt: skip
+def _drain_rate(compiled: bool, sink: bool, seconds: float, tracer: int, loop: int,
+                decode: bool = True) -> dict[str, Any]:  # fmt: skip
     n = [0]
 
     def count(ev: dict[str, Any]) -> None:
         n[0] += 1
 
     with pinned({tracer}):
-        eng = _engine(compiled, RING, 1 << 30)
+        eng = _engine(compiled, RING, 1 << 30, decode)
         try:
             if sink:
                 eng.add_sink(count)
@@ -58,11 +66,13 @@ def _drain_rate(compiled: bool, sink: bool, seconds: float, tracer: int, loop: i
             delivered = eng.totals()["file"].delivered
             # another loop of the same comm (a shared machine) may write during the drain
             k2 = eng.kernel_counters("file")
+            decoded_in_c = eng.decode_counts()
         finally:
             eng.close()
     return {
         "consumer": "compiled" if compiled else "python",
-        "mode": "decoded into a sink" if sink else "aggregate-only",
+        "mode": (DECODED if decode else PYDECODE) if sink else "aggregate-only",
+        "compiled_decode": decoded_in_c,
         "written": written,
         "dropped": k1["dropped"] - k0["dropped"],
         "delivered": delivered,
@@ -107,7 +117,8 @@ def measure(quick: bool) -> dict[str, Any]:
     seconds = 0.3 if quick else 1.0
     out: dict[str, Any] = {"ring_bytes": RING, "drain": [], "cpu": []}
     for consumer, mode in MODES:
-        p = _drain_rate(consumer == "compiled", mode != "aggregate-only", seconds, tracer, loop)
+        p = _drain_rate(consumer == "compiled", mode != "aggregate-only", seconds, tracer, loop,
+                        decode=mode != PYDECODE)  # fmt: skip
         log(f"consumer: {consumer} {mode}: {p['delivered']} records in {p['drain_s']:.3f} s "
             f"-> {p['records_per_s']:.0f}/s")  # fmt: skip
         out["drain"].append(p)
@@ -122,7 +133,7 @@ def measure(quick: bool) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> list[str]:
     out = [f"consumer drain of a pre-filled {r['ring_bytes'] >> 20} MiB ring, one CPU:"]
     for p in r["drain"]:
-        out.append(f"  {p['consumer']:8} {p['mode']:20} {p['delivered']:>8} records "
+        out.append(f"  {p['consumer']:8} {p['mode']:22} {p['delivered']:>8} records "
                    f"{p['drain_s']:.3f} s -> {p['records_per_s']:>10.0f}/s"
                    f"{'' if p['all_counted'] else '  NOT ALL COUNTED'}")  # fmt: skip
     for p in r["cpu"]:
@@ -142,6 +153,9 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool, str]]:
             continue
         py = by.get(("python", mode))
         before = f" (Python consumer {py['records_per_s']:.0f}/s)" if py else ""
+        pyd = by.get(("compiled", PYDECODE)) if mode == DECODED else None
+        if pyd:
+            before += f" (compiled consumer, Python decode {pyd['records_per_s']:.0f}/s)"
         met = p["records_per_s"] >= goal and p["all_counted"]
         note = "" if p["all_counted"] else "records not all counted"
         out.append((f"consumer {mode} >= {goal:,} records/s on one core",

@@ -31,8 +31,9 @@ class Tapped:
         from tracefleet.agent.capture.engine import EventSetConfig, Filters
 
         self.raws: list[bytes] = []
+        # every record through on_record (the compiled decode would hand over dicts instead)
         self.eng = BpfEngine(EngineOptions(bpf_dir=BPF_DIR, hold_seconds=3600,
-                                           sets=(set_name,)))  # fmt: skip
+                                           sets=(set_name,), compiled_decode=False))  # fmt: skip
         consume = self.eng.ring.on_record
 
         def tap(raw: bytes, *rest: Any) -> None:  # (raw, receive time, flags) or (raw,)

@@ -279,6 +279,9 @@ def probe_table(report: dict[str, Any]) -> str:
             else "Python (one call per record)"
         )
         + f" ({f.get('compiled_consumer', {}).get('reason', '?')})",
+        "  event decode: "
+        + ("compiled" if f.get("compiled_decode", {}).get("ok") else "Python (per record)")
+        + f" ({f.get('compiled_decode', {}).get('reason', '?')})",
         f"  capabilities: {' '.join(f['capabilities']) or 'none'}",
     ]
     ue = report.get("user_events")
@@ -493,6 +496,9 @@ def cmd_capture(args: argparse.Namespace) -> int:
         _summary(engine, names, hub)
         if jsonl is not None:  # which lines C made, which Python made (and why)
             print(f"  jsonl: {json.dumps(engine.jsonl_counts())}", file=sys.stderr)
+        decoded = getattr(engine, "decode_counts", lambda: None)()
+        if decoded:  # which events C decoded, which it left to Python (and why)
+            print(f"  decode: {json.dumps(decoded)}", file=sys.stderr)
     finally:
         if hub is not None:
             hub.close()

@@ -485,6 +485,14 @@ class BpfEngine(CaptureEngine):
     def jsonl_counts(self) -> dict[str, Any] | None:
         return self.ring.jsonl_counts()
 
+    def decode(self) -> tuple[bool, str]:
+        """(compiled decode in use, why): cdecode where it loads, else decode.py per record."""
+        return self.ring.decode_kind()
+
+    def decode_counts(self) -> dict[str, Any] | None:
+        """Records the compiled decode made into events, and those it left to Python (why)."""
+        return self.ring.decode_counts()
+
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         return self.ring.sample_events(limit)
 
@@ -616,6 +624,7 @@ class BpfEngine(CaptureEngine):
                 "sleepable_tracepoints": self._sleepable_seen(),
                 "user_fallback": self._fallback.reason,
                 "compiled_consumer": dict(zip(("ok", "reason"), self.consumer(), strict=True)),
+                "compiled_decode": dict(zip(("ok", "reason"), self.decode(), strict=True)),
                 "capabilities": list(self.host.capabilities),
                 "probes": {
                     f: {"ok": r.ok, "reason": r.reason, "ms": round(r.ms, 1)}

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from tracefleet.agent.capture import fastring
+from tracefleet.agent.capture import cdecode, fastring
 from tracefleet.agent.capture.accounting import Accounting
 from tracefleet.agent.capture.contain import ANY_SET, UNKNOWN_SET, ErrorCounter
 from tracefleet.agent.capture.decode import (
@@ -29,7 +29,7 @@ from tracefleet.agent.capture.decode import (
     has_lost_arg,
 )
 from tracefleet.agent.capture.engine import Filters, SetAggregate
-from tracefleet.agent.capture.eventsets import BY_ID
+from tracefleet.agent.capture.eventsets import BY_ID, EVENT_SETS
 from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback
 from tracefleet.agent.capture.jsonfmt import FormatterError, JsonFormatter
@@ -51,6 +51,12 @@ CreateMap = Callable[[int, str, int, int, int], int]  # type, name, key, value s
 def _peek_header(raw: bytes) -> tuple[int, int, int]:
     ts_ns, _kind, syscall, set_id = _HDR.unpack_from(raw)
     return set_id, syscall, ts_ns
+
+
+def _label(ev: dict[str, Any]) -> str:
+    """The errors' label of a decoded event: its set's name, or UNKNOWN_SET."""
+    name = ev.get("event_set")
+    return name if name in EVENT_SETS else UNKNOWN_SET
 
 
 def _prefix_ok(ev: dict[str, Any], f: Filters) -> bool:
@@ -125,6 +131,23 @@ class RingConsumer:
                            "or it failed to start, as logged)")  # fmt: skip
         return fastring.consumer_status()
 
+    def decode_kind(self) -> tuple[bool, str]:
+        """(compiled decode in use, why): with the compiled consumer, where _tfdecode loads."""
+        if not self.opts.compiled_decode:
+            return False, (f"Python decode (the compiled one is not used: {cdecode.ENV}=off, "
+                           "or it failed to start, as logged)")  # fmt: skip
+        ok, why = self.kind()
+        if not ok:
+            return False, f"Python decode (it needs the compiled consumer: {why})"
+        return cdecode.status()
+
+    def decode_counts(self) -> dict[str, Any] | None:
+        """Records of the compiled decode: decoded, counted, left to Python (and why)."""
+        rb = self.rb
+        if isinstance(rb, fastring.FastRing) and rb.decoder is not None:
+            return dict(rb.decoder.counters())
+        return None
+
     def _new_consumer(self, fd: int) -> libbpf.RingBuffer | fastring.FastRing:
         if self.kind()[0]:
             try:
@@ -133,6 +156,15 @@ class RingConsumer:
                                        LOST_HEADS, self.errors)  # fmt: skip
                 if self._jsonl is not None:
                     rb.set_jsonl(self._jsonl[0])
+                if self.decode_kind()[0]:
+                    lib = fastring.library()
+                    try:
+                        assert lib is not None
+                        dec = cdecode.BatchDecoder(lib, rb.address, self._exes.fd)
+                        rb.set_decoder(dec, self.on_events, self._deliver_all)
+                    except Exception as e:  # said once; Python decodes every record
+                        log.warning("compiled decode failed to start, decoding in Python: %s", e)
+                        self.opts.compiled_decode = False
                 return rb
             except Exception as e:  # said once; the Python consumer does the same work
                 log.warning("compiled ring consumer failed to start, using Python: %s", e)
@@ -189,9 +221,14 @@ class RingConsumer:
         return out
 
     def exe_unknown_compiled(self) -> dict[str, int]:
-        """Lines the compiled jsonl output made with an unknown exe, per cause (ExeResolver's
-        counts are of the records Python decoded: the two add up)."""
-        return self._jsonl[0].exe_counters()[0] if self._jsonl is not None else {}
+        """Lines the compiled jsonl output and events the compiled decode made with an unknown
+        exe, per cause (ExeResolver's counts are of the records Python decoded: they add up)."""
+        out = dict(self._jsonl[0].exe_counters()[0]) if self._jsonl is not None else {}
+        rb = self.rb
+        if isinstance(rb, fastring.FastRing) and rb.decoder is not None:
+            for cause, n in rb.decoder.exe_counters().items():
+                out[cause] = out.get(cause, 0) + n
+        return out
 
     def sample_events(self, limit: int) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
@@ -257,6 +294,12 @@ class RingConsumer:
             ev["exe"] = self._exes.path(rec.hdr)
         except Exception as e:  # unknown, never a crash or a lost event
             self.errors.count(label, "exe", e)
+        self._deliver(ev, label, st, sample)
+
+    def _deliver(self, ev: dict[str, Any], label: str, st: SetState | None, sample: bool
+                 ) -> None:  # fmt: skip
+        """The steps after the decode (and the executable): workload attribution, the path
+        prefix filter, the sample buffer, the sinks."""
         if self.opts.attributor is not None:
             try:
                 self.opts.attributor.annotate(ev)
@@ -282,6 +325,54 @@ class RingConsumer:
             except Exception as e:
                 self.errors.count(label, "sink", e)
 
+    # ---- per batch (the compiled decode) ------------------------------------------------
+    def _deliver_all(self) -> bool:
+        """Whether the compiled decode makes the dict of every record in a batch (else only
+        of those sampled): a sink reads them, or their namespaces are counted."""
+        return bool(self._sinks) or bool(self.opts.namespace_budget
+                                         and self.opts.attributor is not None)  # fmt: skip
+
+    def on_events(self, items: list[Any], sampled: list[dict[str, Any]]) -> None:
+        """A batch of the compiled decode (FastRing with a cdecode.BatchDecoder), in ring
+        order: the event dicts made in C (decoded, the exe resolved, counted into the
+        aggregates there), and (raw, receive time, flags) of each record left to Python,
+        which on_record handles whole. Per dict, what is not compiled: the namespace count,
+        attribution, the path prefix filter, samples, the sinks (_deliver)."""
+        self.heartbeat_ns = time.monotonic_ns()
+        on_record, sinks, sets = self.on_record, self._sinks, self._sets
+        count_ns = bool(self.opts.namespace_budget and self.opts.attributor is not None)
+        simple = (not sampled and not count_ns and self.opts.attributor is None
+                  and not any(st.filters.path_prefixes for st in sets.values()))  # fmt: skip
+        sample_ids = {id(ev) for ev in sampled} if sampled else set()
+        raised: BaseException | None = None
+        for ev in items:
+            try:
+                if ev.__class__ is tuple:
+                    on_record(*ev)
+                elif simple:  # only the sinks: no per-set state to read
+                    for sink in sinks:
+                        try:
+                            sink(ev)
+                        except Exception as e:
+                            self.errors.count(_label(ev), "sink", e)
+                else:
+                    name = ev["event_set"]
+                    label = _label(ev)
+                    st = sets.get(name)
+                    if count_ns:
+                        try:
+                            self._count_namespace_cg(name, int(ev["cgroup_id"]))
+                        except Exception as e:
+                            self.errors.count(label, "attribution", e)
+                    self._deliver(ev, label, st, st is not None and id(ev) in sample_ids)
+            except BaseException as e:
+                # on_record and _deliver contain Exception: a KeyboardInterrupt or SystemExit
+                # out of a sink. These records have left the ring: hand the rest over, then
+                # raise (as FastRing's per-record drain does)
+                raised = raised or e
+        if raised is not None:
+            raise raised
+
     def _settle_identity(self, cg: int) -> None:
         """Hand a cgroup's workload fields to the compiled formatter once they are settled."""
         assert self._jsonl is not None and self.opts.attributor is not None
@@ -302,6 +393,9 @@ class RingConsumer:
 
     def _count_namespace(self, name: str, raw: bytes) -> None:
         cg = int.from_bytes(raw[TfHdr.cgroup_id.offset : TfHdr.cgroup_id.offset + 8], "little")
+        self._count_namespace_cg(name, cg)
+
+    def _count_namespace_cg(self, name: str, cg: int) -> None:
         ns = self.opts.attributor.namespace_of(cg)
         if ns and ns not in self._namespaces:
             if len(self._namespaces) >= self.opts.namespace_budget:

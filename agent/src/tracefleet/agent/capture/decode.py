@@ -85,6 +85,7 @@ def text(raw: bytes) -> str:
 _SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED), int(Status.TORN),
           int(Status.MISMATCH))  # fmt: skip
 _BLOB_SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED), int(Status.REREAD))
+_ARGV_SHOWN = (int(Status.OK), int(Status.RECOVERED), int(Status.TRUNCATED))
 
 
 def str_arg(s: TfStr) -> dict[str, Any]:
@@ -220,6 +221,8 @@ _PATH_KINDS: dict[int, str] = {PathKind.D_PATH: "d_path", PathKind.WALK: "walk",
 _VFS_ARG = {"vfs_open": "flags", "vfs_truncate": "length", "vfs_mkdir": "mode",
             "vfs_setattr": "attr"}  # fmt: skip
 _VFS_PATH2 = {"vfs_rename": "new_path", "vfs_link": "new_path", "vfs_symlink": "target"}
+# what vfs_close adds (TfVfsEvent fields of the same names)
+VFS_CLOSE_COUNTERS = ("bytes_read", "bytes_written", "reads", "writes", "pos")
 
 
 def _plain(value: Any) -> dict[str, Any]:
@@ -265,7 +268,7 @@ def _vfs_args(rec: TfVfsEvent, op: str) -> dict[str, Any]:
         if names is not None:
             args[_VFS_ARG[op]]["names"] = list(names)
     if op == "vfs_close":
-        for name in ("bytes_read", "bytes_written", "reads", "writes", "pos"):
+        for name in VFS_CLOSE_COUNTERS:
             args[name] = _plain(int(getattr(rec, name)))
     return args
 
@@ -430,7 +433,7 @@ def decode_struct(rec: ctypes.Structure, now_ns: int) -> dict[str, Any]:
         args["filename"] = str_arg(rec.filename)
         argv: dict[str, Any] = {
             "value": [text(bytes(rec.argv[i])[: rec.arg_len[i]]) for i in range(rec.argc)]
-            if rec.argv_status in (1, 2, 4)
+            if rec.argv_status in _ARGV_SHOWN
             else None,
             "status": _status(rec.argv_status),
             "strategy": _strategy(rec.argv_strategy),

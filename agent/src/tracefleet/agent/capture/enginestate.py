@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tracefleet.agent.capture import fastring
+from tracefleet.agent.capture import cdecode, fastring
 from tracefleet.agent.capture.engine import Filters
 from tracefleet.agent.capture.eventsets import EventSetSpec
 from tracefleet.agent.capture.ladder import Attempt, LoadedSet
@@ -51,6 +51,9 @@ class EngineOptions:
     # the compiled ring consumer (fastring) unless TRACEFLEET_FASTRING=off; the Python one
     # where the library does not load (said once)
     compiled_consumer: bool = field(default_factory=lambda: fastring.requested())
+    # the compiled decode (cdecode: batches of the compiled consumer decoded in C) unless
+    # TRACEFLEET_DECODE=off; Python's decode where it does not load (said once)
+    compiled_decode: bool = field(default_factory=lambda: cdecode.requested())
     # workload identity (workload.Attributor): events get container/pod fields, and
     # workload selectors resolve to cgroup ids; None: neither
     attributor: Any = None

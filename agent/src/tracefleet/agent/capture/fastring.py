@@ -161,6 +161,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         lib.tf_fast_counters.restype = None
         lib.tf_fast_take.argtypes = [_vp, ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
         lib.tf_fast_take.restype = ctypes.c_long
+        lib.tf_fast_count.argtypes = [_vp, _vp, ctypes.c_size_t, ctypes.c_uint64]
+        lib.tf_fast_count.restype = None
     except AttributeError as e:
         return None, f"{path} lacks a symbol: {e} (rebuild: make native)"
     return lib, f"compiled consumer {path}"
@@ -258,6 +260,11 @@ class FastRing:
         self._errors = errors
         self._seen_bad = (0, 0)  # short records, no memory: reported to errors so far
         self._aborted = False
+        # the compiled decode (cdecode.BatchDecoder), the consumer's batch callback and
+        # whether every record is wanted decoded (a sink): set_decoder
+        self._decoder: Any = None
+        self._on_events: Callable[[list[Any], list[dict[str, Any]]], None] | None = None
+        self._deliver: Callable[[], bool] = lambda: True
         ptr = self._lib.tf_fast_new(ctypes.byref(self._params), map_fd)
         if not ptr:
             err = ctypes.get_errno()
@@ -269,6 +276,27 @@ class FastRing:
         err = self._lib.tf_fast_add(self._ptr, map_fd)
         if err < 0:
             raise libbpf.LibbpfError(err, "add a ring buffer to the consumer")
+
+    @property
+    def address(self) -> int:
+        """The struct tf_fast (the compiled decode counts decoded records into it)."""
+        assert self._ptr
+        return int(self._ptr)
+
+    def set_decoder(
+        self,
+        decoder: Any,
+        on_events: Callable[[list[Any], list[dict[str, Any]]], None],
+        deliver: Callable[[], bool],
+    ) -> None:
+        """Decode each batch with ``decoder`` (cdecode.BatchDecoder, or None: per record in
+        Python) and hand it to ``on_events(items, sampled)`` in one call; ``deliver()``: whether
+        records that are not sampled are wanted decoded (else only counted)."""
+        self._decoder, self._on_events, self._deliver = decoder, on_events, deliver
+
+    @property
+    def decoder(self) -> Any:
+        return self._decoder
 
     def set_jsonl(self, formatter: Any) -> None:
         """The compiled jsonl formatter (jsonfmt.JsonFormatter, or None) that writes the lines
@@ -334,7 +362,12 @@ class FastRing:
         if not size.value:
             self._lib.tf_fast_reset(self._ptr)
             return
-        data = ctypes.string_at(ptr, size.value)  # one copy per batch
+        start = 0
+        if self._decoder is not None and self._on_events is not None:
+            start = self._drain_decoded(ptr, size.value)
+            if start >= size.value:
+                return
+        data = ctypes.string_at(ptr + start, size.value - start)  # one copy per batch
         self._lib.tf_fast_reset(self._ptr)  # before decoding: a failure cannot wedge it
         on_record, unpack, hsz = self._on_record, _ENTRY.unpack_from, _ENTRY.size
         off, end = 0, len(data)
@@ -352,6 +385,34 @@ class FastRing:
                 raised = raised or e
         if raised is not None:
             raise raised
+
+    def _drain_decoded(self, ptr: int, size: int) -> int:
+        """The batch through the compiled decode, a slice per call, each slice handed to
+        on_events in one call. Returns where Python must go on (size: nothing left; less when
+        the compiled decode failed, which is said once and not used again)."""
+        assert self._ptr and self._on_events is not None
+        start, deliver = 0, self._deliver()
+        raised: BaseException | None = None
+        try:
+            while start < size:
+                try:
+                    items, sampled, nxt = self._decoder.decode_batch(ptr, size, deliver, start)
+                except Exception as e:  # a fault of the compiled decode: said, then Python's
+                    log.error("compiled decode failed, decoding in Python from now on: %s", e)
+                    self._decoder.close()
+                    self._decoder = None
+                    return start  # nothing of this slice was counted: Python takes it whole
+                start = nxt
+                try:
+                    self._on_events(items, sampled)
+                except BaseException as e:
+                    raised = raised or e  # as below: hand the rest over, then raise
+        finally:
+            if start >= size:
+                self._lib.tf_fast_reset(self._ptr)
+        if raised is not None:
+            raise raised
+        return start
 
     def _fold(self) -> None:
         """Move the C aggregates into the engine's current interval."""
@@ -392,6 +453,9 @@ class FastRing:
         self.aborted = True
 
     def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
         if self._ptr:
             self._lib.tf_fast_free(self._ptr)
             self._ptr = None

@@ -26,38 +26,55 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from tracefleet.agent.capture.decode import (
+    _ARGV_SHOWN,
     _BLOB_SHOWN,
     _INT32_ARGS,
+    _PATH_KINDS,
     _SHOWN,
+    _VFS_ARG,
+    _VFS_PATH2,
     SYSCALL_NAMES,
+    TF_ARGVH_SIZE,
+    VFS_CLOSE_COUNTERS,
     decode_record,
     encode_record,
 )
 from tracefleet.agent.capture.eventsets import BY_ID
 from tracefleet.agent.capture.exe import CAUSES
 from tracefleet.agent.kernel.abi import (
+    TF_ARG_MAX,
+    TF_ARGV_COUNT,
     TF_BLOB_MAX,
     TF_PATH_MAX,
     Kind,
+    PathKind,
     Status,
     Strategy,
     TfEvent,
+    TfExecEvent,
     TfExeKey,
     TfHdr,
     TfStr,
+    TfVfsEvent,
 )
 from tracefleet.model import Event
 from tracefleet.model.event import FlagTable, flag_table
 
 log = logging.getLogger("tracefleet.agent")
 
-ABI = 2
+ABI = 3
 _NAME_LEN, _MAX_SETS, _MAX_SYSCALLS, _MAX_CODES, _MAX_ERRNO = 48, 16, 128, 32, 256
-_MAX_INTS, _MAX_STRS, _MAX_FLAGTABS, _MAX_FLAGBITS = 6, 2, 16, 32
-_TAB_SET, _TAB_SYSCALL, _TAB_STATUS, _TAB_STRATEGY, _TAB_ERRNO = range(5)
-# jsonfmt.c's reasons for leaving a record to Python, in its order
-DECLINED = ("kind", "malformed", "name", "spec", "blob", "workload", "space", "output")
-_BLOB_NONE, _BLOB_OPEN_HOW, _BLOB_PYTHON = 0, 1, 2
+_MAX_INTS, _MAX_STRS, _MAX_FLAGTABS, _MAX_FLAGBITS, _MAX_PLAIN = 6, 2, 16, 32, 6
+_TAB_SET, _TAB_SYSCALL, _TAB_STATUS, _TAB_STRATEGY, _TAB_ERRNO, _TAB_PATHKIND, _TAB_KEY = range(7)
+# keys of decode.py's fixed arguments, in jsonfmt.c's KEY_* order
+_KEYS = ("filename", "argv", "path", "inode", "dev", "fstype")
+# the walker's reasons for leaving a record to Python (walk.h's WHY_*), in its order
+DECLINED = ("kind", "malformed", "name", "spec", "blob", "workload", "space", "output",
+            "mounts")  # fmt: skip
+# a blob's kind (decode.py's blob_arg: a sockaddr, else an open_how); _SPEC_PYTHON: a spec
+# that does not fit the tables (its records stay Python's)
+_BLOB_NONE, _BLOB_OPEN_HOW, _BLOB_SOCKADDR = 0, 1, 2
+_SPEC_VALID, _SPEC_PYTHON = 1, 2
 _LINE_MAX = 32768
 
 
@@ -79,7 +96,16 @@ class _Params(ctypes.Structure):
             "exe_key_dev_off", "exe_key_gen_off", "exe_value_size", "status_ok",
             "status_truncated",
         )
-    ] + [("fd", ctypes.c_int32), ("exe_fd", ctypes.c_int32)]  # fmt: skip
+    ] + [("fd", ctypes.c_int32), ("exe_fd", ctypes.c_int32)] + [
+        (n, ctypes.c_uint32)
+        for n in (
+            "kind_exec", "off_exec_filename", "argvh_size", "argvh_uptr_off", "argvh_err_off",
+            "argvh_argc_off", "argvh_status_off", "argvh_strategy_off", "argv_count", "arg_max",
+            "argv_shown_mask", "kind_vfs", "off_vfs_ino", "off_vfs_arg", "off_vfs_dev",
+            "off_vfs_path_kind", "off_vfs_path2_kind", "off_vfs_fstype", "fstype_len",
+            "off_vfs_path", "pathkind_mount_rel",
+        )
+    ]  # fmt: skip
 
 
 class _Spec(ctypes.Structure):
@@ -95,6 +121,18 @@ class _Spec(ctypes.Structure):
         ("blob_key", _Name),
         ("kpath_key", _Name),
         ("valid", ctypes.c_uint32),
+    ]
+
+
+class _VfsOp(ctypes.Structure):
+    _fields_ = [
+        ("path2_key", _Name),
+        ("arg_key", _Name),
+        ("arg_flagtab", ctypes.c_int32),
+        ("nplain", ctypes.c_uint32),
+        ("plain_key", _Name * _MAX_PLAIN),
+        ("plain_off", ctypes.c_uint32 * _MAX_PLAIN),
+        ("plain_size", ctypes.c_uint32 * _MAX_PLAIN),
     ]
 
 
@@ -166,18 +204,41 @@ def _params(fd: int, need_ident: bool, out_bytes: int, exe_fd: int) -> _Params:
     p.status_ok, p.status_truncated = int(Status.OK), int(Status.TRUNCATED)
     p.fd = fd
     p.exe_fd = exe_fd
+    # exec and vfs records (the walker reads them for the compiled decode; the jsonl line is
+    # made of syscall records only)
+    assert TfExecEvent.iargs.offset == TfEvent.iargs.offset
+    p.kind_exec, p.kind_vfs = int(Kind.EXEC), int(Kind.VFS)
+    p.off_exec_filename = TfExecEvent.filename.offset
+    base = TfExecEvent.argv_uptr.offset
+    p.argvh_size = TF_ARGVH_SIZE
+    p.argvh_uptr_off, p.argvh_err_off, p.argvh_argc_off = (
+        0, TfExecEvent.argv_err.offset - base, TfExecEvent.argc.offset - base)  # fmt: skip
+    p.argvh_status_off = TfExecEvent.argv_status.offset - base
+    p.argvh_strategy_off = TfExecEvent.argv_strategy.offset - base
+    p.argv_count, p.arg_max = TF_ARGV_COUNT, TF_ARG_MAX - 1
+    p.argv_shown_mask = sum(1 << s for s in _ARGV_SHOWN)
+    p.off_vfs_ino, p.off_vfs_arg, p.off_vfs_dev = (TfVfsEvent.ino.offset, TfVfsEvent.arg.offset,
+                                                   TfVfsEvent.dev.offset)  # fmt: skip
+    p.off_vfs_path_kind = TfVfsEvent.path_kind.offset
+    p.off_vfs_path2_kind = TfVfsEvent.path2_kind.offset
+    p.off_vfs_fstype, p.fstype_len = TfVfsEvent.fstype.offset, TfVfsEvent.fstype.size
+    p.off_vfs_path = TfVfsEvent.path.offset
+    p.pathkind_mount_rel = int(PathKind.MOUNT_REL)
     return p
 
 
 def _bind(lib: ctypes.CDLL) -> None:
     vp = ctypes.c_void_p
     lib.tf_jfmt_abi.restype = ctypes.c_int
+    lib.tf_jfmt_sizeof.restype = ctypes.c_size_t
+    lib.tf_jfmt_sizeof.argtypes = [ctypes.c_uint32]
     lib.tf_jfmt_new.restype = vp
     lib.tf_jfmt_new.argtypes = [ctypes.POINTER(_Params)]
     lib.tf_jfmt_free.argtypes = [vp]
     lib.tf_jfmt_free.restype = None
     lib.tf_jfmt_name.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_char_p]
     lib.tf_jfmt_spec.argtypes = [vp, ctypes.c_uint32, ctypes.c_uint32, ctypes.POINTER(_Spec)]
+    lib.tf_jfmt_vfsop.argtypes = [vp, ctypes.c_uint32, ctypes.POINTER(_VfsOp)]
     lib.tf_jfmt_flagtab.argtypes = [vp, ctypes.c_uint32, ctypes.POINTER(_FlagTab)]
     lib.tf_jfmt_offset.argtypes = [vp, ctypes.c_int64]
     lib.tf_jfmt_offset.restype = None
@@ -219,6 +280,11 @@ class JsonFormatter:
             raise FormatterError(f"library lacks the jsonl formatter: {e}") from e
         if lib.tf_jfmt_abi() != ABI:
             raise FormatterError(f"jsonl formatter ABI {lib.tf_jfmt_abi()}, want {ABI}")
+        sizes = (ctypes.sizeof(_Params), ctypes.sizeof(_Spec), ctypes.sizeof(_VfsOp),
+                 ctypes.sizeof(_FlagTab))  # fmt: skip
+        c_sizes = tuple(int(lib.tf_jfmt_sizeof(i)) for i in range(len(sizes)))
+        if c_sizes != sizes:
+            raise FormatterError(f"jsonl formatter structs of {c_sizes} bytes, here {sizes}")
         self._lib = lib
         self.fd = fd
         self.need_ident = need_ident
@@ -252,32 +318,63 @@ class JsonFormatter:
         for code, name in errno.errorcode.items():
             if 0 < code < _MAX_ERRNO:
                 self._put_name(_TAB_ERRNO, code, name)
+        for code in range(_MAX_CODES):
+            self._put_name(_TAB_PATHKIND, code, _PATH_KINDS.get(code, "none"))
+        for code, name in enumerate(_KEYS):
+            self._put_name(_TAB_KEY, code, name)
         tables: list[FlagTable] = []
+
+        def flagtab(sc_name: str, name: str) -> int:
+            t = flag_table(sc_name, name)
+            if t is None:
+                return -1
+            if t not in tables:
+                tables.append(t)
+            return tables.index(t)
+
         ids = {name: code for code, name in SYSCALL_NAMES.items()}
         for set_id, spec in BY_ID.items():
             for sc_name, arg in spec.syscalls.items():
                 sc = ids.get(sc_name)
-                if sc is None or len(arg.ints) > _MAX_INTS or len(arg.strs) > _MAX_STRS:
-                    continue  # Python renders it
+                if sc is None:
+                    continue  # no name, no spec: str(code) and no arguments, as arg_spec
                 s = _Spec()
-                s.nints, s.nstrs = len(arg.ints), len(arg.strs)
-                for i, (name, idx) in enumerate(arg.ints):
-                    s.int_idx[i], s.int32[i] = idx, int(name in _INT32_ARGS)
-                    _name(s.int_key[i], name)
-                    t = flag_table(sc_name, name)
-                    s.flagtab[i] = -1
-                    if t is not None:
-                        if t not in tables:
-                            tables.append(t)
-                        s.flagtab[i] = tables.index(t)
-                for i, name in enumerate(arg.strs):
-                    _name(s.str_key[i], name)
-                _name(s.kpath_key, "kernel_path")
-                if arg.blob:
-                    _name(s.blob_key, arg.blob)
-                    s.blob = _BLOB_OPEN_HOW if arg.blob_kind == "open_how" else _BLOB_PYTHON
+                s.valid = _SPEC_VALID
+                if len(arg.ints) > _MAX_INTS or len(arg.strs) > _MAX_STRS:
+                    s.valid = _SPEC_PYTHON  # Python renders it
+                else:
+                    s.nints, s.nstrs = len(arg.ints), len(arg.strs)
+                    for i, (name, idx) in enumerate(arg.ints):
+                        s.int_idx[i], s.int32[i] = idx, int(name in _INT32_ARGS)
+                        _name(s.int_key[i], name)
+                        s.flagtab[i] = flagtab(sc_name, name)
+                    for i, name in enumerate(arg.strs):
+                        _name(s.str_key[i], name)
+                    _name(s.kpath_key, "kernel_path")
+                    if arg.blob:
+                        _name(s.blob_key, arg.blob)
+                        s.blob = _BLOB_SOCKADDR if arg.blob_kind == "sockaddr" else _BLOB_OPEN_HOW
                 if self._lib.tf_jfmt_spec(self.ptr, set_id, sc, ctypes.byref(s)) < 0:
                     raise FormatterError(f"argument spec of {sc_name} does not fit")
+        # decode.py's _vfs_args, by operation (keyed by the syscall's name there)
+        for sc, sc_name in SYSCALL_NAMES.items():
+            counters = VFS_CLOSE_COUNTERS if sc_name == "vfs_close" else ()
+            if sc_name not in _VFS_PATH2 and sc_name not in _VFS_ARG and not counters:
+                continue
+            op = _VfsOp()
+            op.arg_flagtab = -1
+            if sc_name in _VFS_PATH2:
+                _name(op.path2_key, _VFS_PATH2[sc_name])
+            if sc_name in _VFS_ARG:
+                _name(op.arg_key, _VFS_ARG[sc_name])
+                op.arg_flagtab = flagtab(sc_name, _VFS_ARG[sc_name])
+            op.nplain = len(counters)
+            for i, name in enumerate(counters):
+                _name(op.plain_key[i], name)
+                field = getattr(TfVfsEvent, name)
+                op.plain_off[i], op.plain_size[i] = field.offset, field.size
+            if self._lib.tf_jfmt_vfsop(self.ptr, sc, ctypes.byref(op)) < 0:
+                raise FormatterError(f"vfs arguments of {sc_name} do not fit")
         if len(tables) > _MAX_FLAGTABS:
             raise FormatterError(f"{len(tables)} flag tables, the formatter holds {_MAX_FLAGTABS}")
         for i, t in enumerate(tables):
