@@ -21,6 +21,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,9 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             f"untraced spread {lo:.0f}-{hi:.0f})",
             det <= max(unt * tol, hi), "" if det <= max(unt * tol, hi) else
             "detached median above the untraced spread")  # fmt: skip
+        goal = SET_GOALS.get(w.get("event_set", ""))
+        if goal is not None:
+            _set_targets(wname, goal, r, ra, bt > cap, drops, add)
     dl = res.get("delivery", {}).get("configs", [])
     if dl:
         best = max(dl, key=lambda c: c["max_decoded_per_s"])
@@ -340,8 +344,7 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
             v >= 500_000 and acc,
             ""
             if v >= 500_000
-            else "the agent decodes each record in Python (ctypes copy + dict per event) on one "
-            "core; one producer core itself tops out near "
+            else "one producer core itself tops out near "
             f"{max(p['achieved_rate'] for c in dl for p in c['points']):.0f} calls/s here",
         )
     if "consumer" in res.get("delivery", {}):
@@ -354,6 +357,9 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
 
         for name, value, met, note in jsonl.targets(res["delivery"]["jsonl"]):
             add(name, value, met, note)
+    fp = res.get("footprint", {})
+    if "startup_s" in fp:
+        _footprint_targets(fp, add)
     fl = res.get("control", {}).get("fleets", {})
     sims = {int(k.split()[0]): f for k, f in fl.items() if "simulated" in k}
     for n, goal in ((1000, 200), (10000, 1000)):
@@ -373,6 +379,51 @@ def targets(res: dict[str, Any], quick: bool) -> list[dict[str, Any]]:
     if rep:
         _replicated_targets(rep, add)
     return out
+
+
+@dataclass(frozen=True)
+class SetGoal:
+    """The per-call goals one event set has beyond the general ones above (issue 14)."""
+
+    max_floor_ratio: float
+    # bpftrace's added cost over untraced / ours: 4.0 = "at least 4x below", 1.0 = "cheaper"
+    min_added_vs_bpftrace: float | None = None
+    cheaper_than_bpftrace: bool = False
+
+
+SET_GOALS = {
+    "file": SetGoal(max_floor_ratio=1.2, min_added_vs_bpftrace=4.0),
+    "vfs": SetGoal(max_floor_ratio=1.5, cheaper_than_bpftrace=True),
+}
+
+
+def _set_targets(
+    wname: str, g: SetGoal, floor_ratio: float, added_ratio: float, cheaper: bool,
+    drops: int, add: Callable[[str, str, bool | None, str], None],
+) -> None:  # fmt: skip
+    met = floor_ratio <= g.max_floor_ratio and drops == 0
+    add(f"{wname}: capture+delivery <= {g.max_floor_ratio}x floor (event set goal)",
+        f"{floor_ratio:.2f}x", met, f"{drops} dropped" if drops else "")  # fmt: skip
+    if g.min_added_vs_bpftrace is not None:
+        add(f"{wname}: added cost >= {g.min_added_vs_bpftrace:g}x below bpftrace's",
+            f"{added_ratio:.2f}x", added_ratio >= g.min_added_vs_bpftrace,
+            "added cost: CPU ns per call over untraced")  # fmt: skip
+    if g.cheaper_than_bpftrace:
+        add(f"{wname}: cheaper per call than bpftrace", "yes" if cheaper else "no", cheaper,
+            "CPU ns per call, medians")  # fmt: skip
+
+
+def _footprint_targets(
+    fp: dict[str, Any], add: Callable[[str, str, bool | None, str], None]
+) -> None:
+    s = fp["startup_s"]
+    add("capture ready within 2 s of start", f"{s:.2f} s", s <= 2.0,
+        "start of `capture -e file` to its ready file")  # fmt: skip
+    idle = fp.get("phases", {}).get("idle")
+    if idle:
+        mib = idle["rss_kb"] / 1024
+        add("idle agent resident memory <= 80 MiB", f"{mib:.1f} MiB", mib <= 80.0,
+            "`capture -e file -o jsonl`, set attached, no matching traffic")  # fmt: skip
 
 
 def _replicated_targets(

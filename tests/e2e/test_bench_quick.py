@@ -187,7 +187,18 @@ def test_json_footprint_and_targets(quick_run: tuple[str, dict[str, Any], Path])
     assert phases["idle"]["rss_kb"] > 0
     assert any(p["cpu_percent"] > 0 for p in phases.values())
     names = " ".join(t["target"] for t in data["targets"])
-    for key in ("floor", "bpftrace", "bit off", "detach", "500k", "acked", "replica SIGKILL"):
+    for key in (
+        "floor",
+        "bpftrace",
+        "bit off",
+        "detach",
+        "500k",
+        "acked",
+        "replica SIGKILL",
+        "event set goal",
+        "ready within",
+        "resident memory",
+    ):
         assert key in names, key
     assert all(t["met"] in (True, False, None) for t in data["targets"])
 
