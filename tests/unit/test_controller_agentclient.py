@@ -346,6 +346,40 @@ def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(contr
     assert result["stats"].failovers >= 1 and result["stats"].connects >= 1
 
 
+def test_an_answered_agent_stays_on_its_replica_after_the_answer_timeout(controller):
+    """Given [working, another]: once the working replica answered the registration, the
+    session lasts; the answer watch ending must not end it (it did: every agent given
+    several replicas moved to the next one answer_timeout after each connect, a fleet-wide
+    reconnect every 20 s that the replicated bench saw as 3-6 s rounds)."""
+    import dataclasses
+    import time
+
+    engine = SyntheticEngine(rate=100, seed=7)
+    stop = threading.Event()
+    options = dataclasses.replace(FAST, answer_timeout=0.3)
+    result = {}
+    name = next(f"stay-{i}" for i in range(100) if first_controller(f"stay-{i}", 2) == 0)
+
+    def target():
+        addresses = [controller.address, "127.0.0.1:9"]  # the second is never dialed
+        result["stats"] = run_agent(engine, addresses, name, {}, stop, options)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    try:
+        node = wait_until(lambda: controller.controller.fleet.nodes.get(name),
+                          what="the agent registered with its first replica")  # fmt: skip
+        first_conn = node.conn
+        time.sleep(5 * options.answer_timeout)  # several answer timeouts, well answered
+        assert node.conn is first_conn, "the agent's stream was replaced: it reconnected"
+        res = controller.call(controller.controller.configure, "file", True, "")
+        wait_until(lambda: node.applied_generation == res.generation, what="ack")
+    finally:
+        stop.set()
+        t.join(timeout=10)
+    assert result["stats"].failovers == 0 and result["stats"].connects == 1, result["stats"]
+
+
 def test_agents_given_several_replicas_spread_over_them_from_their_node_name():
     """The first address is derived from the node name: a fleet given [a, b, c] does not all
     dial a; the same name always picks the same replica (a restarted agent returns to it)."""

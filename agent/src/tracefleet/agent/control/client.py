@@ -560,6 +560,9 @@ class ControlClient:
         if not self._answered:
             raise TimeoutError(f"controller {self.controller} did not answer the registration "
                                f"within {self.options.answer_timeout:g}s")  # fmt: skip
+        # answered: wait until the session ends (it cancels this task); returning would
+        # complete the session's first task and end a healthy stream
+        await asyncio.Event().wait()
 
     async def _tls_watch(self) -> None:
         """Return (ending the session, so the client reconnects with the new files) once the
