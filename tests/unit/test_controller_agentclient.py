@@ -29,12 +29,12 @@ def controller():
     c.stop()
 
 
-def start_agent(address, name, labels, engine):
+def start_agent(address, name, labels, engine, options=FAST):
     stop = threading.Event()
     result = {}
 
     def target():
-        result["stats"] = run_agent(engine, address, name, labels, stop, FAST)
+        result["stats"] = run_agent(engine, address, name, labels, stop, options)
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
@@ -317,18 +317,11 @@ def test_agent_moves_on_from_a_replica_that_never_answers_the_registration(contr
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     engine = SyntheticEngine(rate=100, seed=7)
-    stop = threading.Event()
     options = dataclasses.replace(FAST, answer_timeout=0.5)
-    result = {}
     # a node whose first address (a hash of its name) is the silent replica
     name = next(f"fo-{i}" for i in range(100) if first_controller(f"fo-{i}", 2) == 0)
-
-    def target():
-        addresses = [f"127.0.0.1:{port}", controller.address]
-        result["stats"] = run_agent(engine, addresses, name, {}, stop, options)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
+    addresses = [f"127.0.0.1:{port}", controller.address]
+    stop, t, result = start_agent(addresses, name, {}, engine, options)
     try:
         wait_until(lambda: svc.registers >= 1, what="the agent dialed the silent replica first")
         node = wait_until(
@@ -355,17 +348,10 @@ def test_an_answered_agent_stays_on_its_replica_after_the_answer_timeout(control
     import time
 
     engine = SyntheticEngine(rate=100, seed=7)
-    stop = threading.Event()
     options = dataclasses.replace(FAST, answer_timeout=0.3)
-    result = {}
     name = next(f"stay-{i}" for i in range(100) if first_controller(f"stay-{i}", 2) == 0)
-
-    def target():
-        addresses = [controller.address, "127.0.0.1:9"]  # the second is never dialed
-        result["stats"] = run_agent(engine, addresses, name, {}, stop, options)
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
+    addresses = [controller.address, "127.0.0.1:9"]  # the second is never dialed
+    stop, t, result = start_agent(addresses, name, {}, engine, options)
     try:
         node = wait_until(lambda: controller.controller.fleet.nodes.get(name),
                           what="the agent registered with its first replica")  # fmt: skip
