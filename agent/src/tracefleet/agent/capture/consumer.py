@@ -281,7 +281,7 @@ class RingConsumer:
         sc = SYSCALL_NAMES.get(syscall, str(syscall))
         agg.events_by_syscall[sc] = agg.events_by_syscall.get(sc, 0) + 1
         agg.latency.observe(max(0, now - ts_ns) / 1e9)
-        if self.opts.namespace_budget and self.opts.attributor is not None:
+        if self._counts_namespaces():
             try:
                 self._count_namespace(name, raw)
             except Exception as e:
@@ -329,8 +329,11 @@ class RingConsumer:
     def _deliver_all(self) -> bool:
         """Whether the compiled decode makes the dict of every record in a batch (else only
         of those sampled): a sink reads them, or their namespaces are counted."""
-        return bool(self._sinks) or bool(self.opts.namespace_budget
-                                         and self.opts.attributor is not None)  # fmt: skip
+        return bool(self._sinks) or self._counts_namespaces()
+
+    def _counts_namespaces(self) -> bool:
+        """Each event's cgroup is counted per namespace (a budget, and an attributor)."""
+        return bool(self.opts.namespace_budget and self.opts.attributor is not None)
 
     def on_events(self, items: list[Any], sampled: list[dict[str, Any]]) -> None:
         """A batch of the compiled decode (FastRing with a cdecode.BatchDecoder), in ring
@@ -340,7 +343,7 @@ class RingConsumer:
         attribution, the path prefix filter, samples, the sinks (_deliver)."""
         self.heartbeat_ns = time.monotonic_ns()
         on_record, sinks, sets = self.on_record, self._sinks, self._sets
-        count_ns = bool(self.opts.namespace_budget and self.opts.attributor is not None)
+        count_ns = self._counts_namespaces()
         simple = (not sampled and not count_ns and self.opts.attributor is None
                   and not any(st.filters.path_prefixes for st in sets.values()))  # fmt: skip
         sample_ids = {id(ev) for ev in sampled} if sampled else set()
