@@ -60,6 +60,19 @@ def test_parse_format_array_dimension_comes_from_size(printed: str) -> None:
     assert userevents.parse_format(text)[1][0].type == "u32[2]"
 
 
+@pytest.mark.parametrize("printed", ["", "1669504"])
+def test_a_rel_loc_string_stays_a_string_whatever_length_is_printed(printed: str) -> None:
+    # the kernel prints a __rel_loc array with the field length user_events leaves unset:
+    # a CI run's 6.12 guest got "__rel_loc char note[<garbage>]" and the notes in hex
+    text = f"ID: 5\n\tfield:__rel_loc char note[{printed}];\toffset:12;\tsize:4;\tsigned:1;\n"
+    _, (f,) = userevents.parse_format(text)
+    assert (f.name, f.type, f.kind) == ("note", "__rel_loc char[]", "rel_loc")
+    ev = userevents.UserEvent("tf", 5, (f,))
+    raw = b"\0" * 12 + struct.pack("<I", 6 << 16) + b"hello\0"
+    assert userevents.decode_fields(ev, raw)["note"].value == "hello"
+    assert userevents.BatchDecoder(ev).decode([raw])[0]["note"].value == "hello"
+
+
 def test_parse_format_without_id_is_a_named_error() -> None:
     with pytest.raises(userevents.UserEventsError, match="no 'ID:' line"):
         userevents.parse_format("format:\n")

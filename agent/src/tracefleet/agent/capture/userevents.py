@@ -152,7 +152,12 @@ def parse_format(text: str) -> tuple[int, tuple[Field, ...]]:
         if "[" in name:  # "char msg[16]" -> type char[16], name msg
             name, _, dim = name.partition("[")
             elem = _ELEM_SIZE.get(ftype.strip())
-            if "loc" not in ftype and elem and size % elem == 0:
+            if "loc" in ftype:
+                # a __rel_loc/__data_loc array is variable: 6.12 prints its unset length
+                # too ("__rel_loc char note[1669504]" once in CI), which made it look like a
+                # byte array and its strings came out in hex
+                dim = "]"
+            elif elem and size % elem == 0:
                 # the dimension from size: 6.12 prints a registered char[16] as "char msg[]",
                 # once as "char msg[1669504]" (apparently a length user_events leaves unset in
                 # the field, printed by the format file); size is right
