@@ -216,5 +216,5 @@ def run_workload(name: str, *args: str, hold_ms: int = 0) -> dict[str, Any]:
     cmd = [str(WORKLOADS / name), *args]
     if hold_ms:
         cmd += ["--hold-ms", str(hold_ms)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(30), check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -108,7 +108,8 @@ def _release() -> tuple[int, int]:
 def test_sleepable_is_chosen_where_the_kernel_has_sleepable_tracepoints(host):
     """On Linux 7.2+ every event set must run the best rung; elsewhere the report must say
     why it did not (the kernel's refusal of a sleepable tracepoint program)."""
-    out = subprocess.run([*AGENT, "probe"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([*AGENT, "probe"], capture_output=True, text=True,
+                         timeout=300 * SLOW)  # fmt: skip
     report = json.loads(out.stdout)
     chosen = {name: s["strategy"] for name, s in report["event_sets"].items()}
     # vfs's rungs are hooks, not ways to read user memory: on 7.2 trampolines load too

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import scaled
 from tracefleet.agent.capture.engine import Filters
 
 pytestmark = pytest.mark.bpf
@@ -23,7 +24,7 @@ def spawn(script: str) -> subprocess.Popen[str]:
 
 
 def go(proc: subprocess.Popen[str]) -> None:
-    proc.communicate("go\n", timeout=30)
+    proc.communicate("go\n", timeout=scaled(30))
     assert proc.returncode == 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import WORKLOADS
+from tests.conftest import WORKLOADS, scaled
 from tracefleet.agent.capture.engine import Filters
 
 pytestmark = pytest.mark.bpf
@@ -62,7 +62,7 @@ def _openat_exes(cap: Any, pid: int, n: int, under: Path) -> list[str | None]:
 def _finish(proc: subprocess.Popen[str]) -> None:
     assert proc.stdin is not None
     proc.stdin.close()  # it re-executes itself and exits 0
-    assert proc.wait(timeout=30) == 0
+    assert proc.wait(timeout=scaled(30)) == 0
 
 
 def test_exe_is_the_binary_path_and_keeps_its_first_name(capture, tmp_path: Path):
@@ -118,7 +118,7 @@ def test_exec_event_names_the_new_image(capture, tmp_path: Path):
             f"os.execv({str(new)!r}, ['wl-f', 'x', '--exit'])\n")  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, text=True)
     cap = capture(["exec", "file"], filters=Filters(pids=(proc.pid,)))
-    proc.communicate("go\n", timeout=30)
+    proc.communicate("go\n", timeout=scaled(30))
     assert proc.returncode == 0
     evs = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == "execve")
     assert evs and evs[0]["ret"] == 0

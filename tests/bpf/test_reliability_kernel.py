@@ -65,7 +65,7 @@ def test_sigkilled_agent_leaves_no_program_link_or_map(host, tmp_path: Path):
     finally:
         t0 = time.monotonic()
         proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        proc.wait(timeout=scaled(30))
     reaped = time.monotonic() - t0
     left: tuple[set[int], set[int], set[int]] = (set(), set(), set())
     deadline = time.monotonic() + scaled(30)
