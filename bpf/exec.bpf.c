@@ -188,8 +188,7 @@ static __always_inline void tf_emit_exec(struct tf_exec_event *e)
 	}
 	if (!tf_rec_begin(&r, SET, size))
 		return;
-	tf_rec_put(&r, e, offsetof(struct tf_exec_event, filename));
-	tf_rec_str(&r, &e->filename, lf, TF_PATH_MAX - 1);
+	tf_rec_fixed_str(&r, e, offsetof(struct tf_exec_event, filename), lf, TF_PATH_MAX - 1);
 	tf_rec_put(&r, &e->argv_uptr, TF_ARGVH_SIZE);
 	for (int i = 0; i < TF_ARGV_COUNT; i++) {
 		__u64 n;

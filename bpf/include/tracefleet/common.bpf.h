@@ -375,14 +375,14 @@ static __always_inline bool tf_rec_begin(struct tf_rec *r, __u32 set, __u32 size
 #endif
 }
 
-/* Append n bytes (n bounded by the caller: at most TF_STRH_SIZE + TF_PATH_MAX). */
+/* Append n bytes (n bounded by the caller: at most TF_REC_MAX / 2). */
 static __always_inline void tf_rec_put(struct tf_rec *r, const void *src, __u64 n)
 {
 #ifdef TF_REC_VIA_OUTPUT
 	__u32 off = r->off;
 
 	tf_barrier_var(n);
-	if (n > TF_STRH_SIZE + TF_PATH_MAX)
+	if (n > TF_REC_MAX / 2)
 		return;
 	bpf_probe_read_kernel(&r->buf[off & (TF_REC_MAX - 1)], n, src);
 #else
@@ -436,6 +436,20 @@ static __always_inline void tf_rec_str(struct tf_rec *r, const void *s, __u64 le
 	if (len > max)
 		len = max;
 	tf_rec_put(r, s, TF_STRH_SIZE + len);
+}
+
+/* The fixed part of a record (`fixed` bytes from start: the offset of the string field that
+ * follows it) and that string, in one write: one helper call less per record. */
+_Static_assert(__builtin_offsetof(struct tf_str, data) == TF_STRH_SIZE &&
+		       __builtin_offsetof(struct tf_blob, data) == TF_STRH_SIZE,
+	       "a string's head and its bytes are contiguous");
+static __always_inline void tf_rec_fixed_str(struct tf_rec *r, const void *start, __u64 fixed,
+					     __u64 len, __u64 max)
+{
+	tf_barrier_var(len);
+	if (len > max)
+		len = max;
+	tf_rec_put(r, start, fixed + TF_STRH_SIZE + len);
 }
 
 /*

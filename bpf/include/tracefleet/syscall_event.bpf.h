@@ -148,8 +148,7 @@ static __always_inline void tf_emit_syscall(__u32 set, struct tf_event *e)
 
 	if (!tf_rec_begin(&r, set, offsetof(struct tf_event, str) + 3 * TF_STRH_SIZE + l0 + l1 + lb))
 		return;
-	tf_rec_put(&r, e, offsetof(struct tf_event, str));
-	tf_rec_str(&r, &e->str[0], l0, TF_PATH_MAX - 1);
+	tf_rec_fixed_str(&r, e, offsetof(struct tf_event, str), l0, TF_PATH_MAX - 1);
 	tf_rec_str(&r, &e->str[1], l1, TF_PATH_MAX - 1);
 	tf_rec_str(&r, &e->blob, lb, TF_BLOB_MAX);
 	tf_rec_end(&r, set);
