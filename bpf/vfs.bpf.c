@@ -86,6 +86,20 @@ struct {
 	__type(value, struct tf_vfs_io);
 } tf_vfs_io_new SEC(".maps");
 
+/*
+ * Per CPU, the key of one closed file's entry kept rather than deleted: marked closed (no
+ * file has dentry 0, so tf_vfs_io_of never takes it for one), it is rewritten in place by the
+ * next open of a file at that address (a struct file is reused last freed, first allocated:
+ * a loop of open and close on one CPU opens every file at the same address). An open and
+ * close then cost a lookup, not a map insert and delete. At most one such entry per CPU.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tf_vfs_io_spare SEC(".maps");
+
 /* close (tracepoint hook), between entry and exit: which file (0: none), since when */
 struct tf_vfs_closing {
 	__u64 file;
@@ -351,12 +365,50 @@ static __always_inline void tf_str_copy(struct tf_str *dst, const struct tf_str 
 	dst->len = n;
 }
 
+/* This CPU's spare entry if it is key's and still closed (the spare is then taken), else
+ * NULL. */
+static __always_inline struct tf_vfs_io *tf_vfs_io_reuse(__u64 key)
+{
+	__u32 zero = 0;
+	__u64 *spare = bpf_map_lookup_elem(&tf_vfs_io_spare, &zero);
+	struct tf_vfs_io *io;
+
+	if (!spare || *spare != key)
+		return NULL;
+	*spare = 0;
+	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	return io && !io->dentry ? io : NULL;
+}
+
+/* A closed file's entry: kept as this CPU's spare, unless the spare still holds another
+ * closed entry (then deleted, as every entry was before the spare). */
+static __always_inline void tf_vfs_io_release(struct tf_vfs_io *io, __u64 key)
+{
+	__u32 zero = 0;
+	__u64 *spare = bpf_map_lookup_elem(&tf_vfs_io_spare, &zero);
+
+	if (spare && *spare && *spare != key) {
+		struct tf_vfs_io *old = bpf_map_lookup_elem(&tf_vfs_io, spare);
+
+		if (old && !old->dentry)
+			spare = NULL;
+	}
+	if (!spare) {
+		bpf_map_delete_elem(&tf_vfs_io, &key);
+		return;
+	}
+	io->dentry = 0;
+	*spare = key;
+}
+
 /* Keep an opened file's identity and path with its state, for its close: e itself, from
- * ino on, is the new entry (totals at zero), its three other fields set for the copy. */
+ * ino on, is the new entry (totals at zero), its three other fields set for the copy; it
+ * rewrites this CPU's spare entry when that one is at the file's address. */
 static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e, __u8 when)
 {
-	__u64 key = (__u64)f, arg = e->arg;
+	__u64 key = (__u64)f, arg = e->arg, n;
 	bool torn = false; /* an O_TMPFILE's walk at open already said " (deleted)" */
+	struct tf_vfs_io *io = tf_vfs_io_reuse(key);
 
 	/* a new open file (a struct file's address is reused only after the old one is freed) */
 	e->bytes_read = e->bytes_written = e->pos = 0;
@@ -365,7 +417,15 @@ static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e,
 	e->path2_kind = when;
 	e->_pad[0] = when == TF_IO_AT_CLOSE || tf_dentry_unlinked(tf_file_dentry(f), &torn);
 	e->_pad[1] = 0;
-	bpf_map_update_elem(&tf_vfs_io, &key, &e->ino, BPF_ANY);
+	if (io) {
+		n = e->path.len; /* 64 bits: the verifier keeps the bound checked below */
+		tf_barrier_var(n);
+		if (n > TF_PATH_MAX - 1)
+			n = TF_PATH_MAX - 1;
+		bpf_probe_read_kernel(io, offsetof(struct tf_vfs_io, path.data) + n, &e->ino);
+	} else {
+		bpf_map_update_elem(&tf_vfs_io, &key, &e->ino, BPF_ANY);
+	}
 	e->arg = arg;
 	e->path2_kind = 0;
 	e->_pad[0] = 0;
@@ -441,14 +501,14 @@ static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, 
 
 	tf_vfs_io_unlinked(io, f);
 	if (tf_vfs_from_cache(e, io)) {
-		bpf_map_delete_elem(&tf_vfs_io, &key);
+		tf_vfs_io_release(io, key);
 		return;
 	}
 	tf_fill_inode(e, d);
 	e->path_kind = tf_walk_path(&e->path, d, tf_file_mnt(f));
 	if (io) { /* totals only: opened before tracing started */
 		tf_vfs_take_io(e, io);
-		bpf_map_delete_elem(&tf_vfs_io, &key);
+		tf_vfs_io_release(io, key);
 	}
 }
 
@@ -1009,6 +1069,8 @@ int vt_close(struct trace_event_raw_sys_exit *ctx)
 	key = c->file;
 	c->file = 0;
 	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	if (io && !io->dentry) /* closed already (the same file through another fd): a spare */
+		io = NULL;
 	e = tf_vfs_new(TF_VFS_CLOSE);
 	if (e) {
 		e->hdr.ts_ns = c->ts_ns;
@@ -1021,6 +1083,6 @@ int vt_close(struct trace_event_raw_sys_exit *ctx)
 		}
 	}
 	if (io)
-		bpf_map_delete_elem(&tf_vfs_io, &key);
+		tf_vfs_io_release(io, key);
 	return 0;
 }
