@@ -36,6 +36,12 @@ struct tf_vfs_scratch {
 	char walk[2 * TF_SCRATCH];
 	char join[2 * TF_SCRATCH];
 	char name[TF_NAME_MAX];
+	/* the file-system type whose name is in fstype (its struct file_system_type and name
+	 * pointers: static, in the kernel or its module), so that a run of files on one file
+	 * system reads the name once per CPU, not once per file */
+	__u64 fstype_type;
+	__u64 fstype_ptr;
+	char fstype[16];
 	/* start of the path built so far in walk. Here, not in the walk's stack state: a map
 	 * value is a value the verifier does not track, so the bpf_loop step below is verified
 	 * in a few passes instead of once per range of offsets it can reach (15,500 instructions
@@ -62,12 +68,25 @@ static __always_inline void tf_fill_inode(struct tf_vfs_event *e, struct dentry 
 {
 	struct dentry *d = TF_KPTR(struct dentry, d0);
 	struct super_block *sb = d->d_sb;
+	struct file_system_type *type = sb->s_type;
+	const char *name = type->name;
 	struct inode *ino = d->d_inode;
+	struct tf_vfs_scratch *s = tf_scratch();
 
 	e->dev = sb->s_dev;
 	if (ino)
 		e->ino = ino->i_ino;
-	bpf_probe_read_kernel_str(e->fstype, sizeof(e->fstype), sb->s_type->name);
+	if (!s) {
+		bpf_probe_read_kernel_str(e->fstype, sizeof(e->fstype), name);
+		return;
+	}
+	if (s->fstype_type != (__u64)type || s->fstype_ptr != (__u64)name) {
+		__builtin_memset(s->fstype, 0, sizeof(s->fstype));
+		bpf_probe_read_kernel_str(s->fstype, sizeof(s->fstype), name);
+		s->fstype_type = (__u64)type;
+		s->fstype_ptr = (__u64)name;
+	}
+	__builtin_memcpy(e->fstype, s->fstype, sizeof(e->fstype));
 }
 
 static __always_inline bool tf_pseudo_fs(struct dentry *d)
