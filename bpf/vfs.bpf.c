@@ -25,26 +25,48 @@
  * One open file's state, keyed by its struct file: the reads and writes since open, and its
  * identity and path, resolved once when it was opened (or at the first close seen, for a
  * file opened before tracing started) so its close does not walk the dentries again.
+ * Laid out as struct tf_vfs_event from ino to path (asserted below), three fields aside: an
+ * open's record is stored as the entry, and a close's is filled from it, in one copy each.
  */
 struct tf_vfs_io {
+	__u64 ino;
 	__u64 bytes_read;
 	__u64 bytes_written;
 	__u64 pos;
+	__u64 dentry;   /* (event: arg) the file's dentry when cached: a struct file's address
+			 * is reused after a close this hook did not see (process exit,
+			 * close_range...), and an entry whose dentry differs is another file's,
+			 * never reported as this */
+	__u32 dev;
 	__u32 reads;
 	__u32 writes;
-	__u64 ino;
-	__u32 dev;
-	__u8 has_path;  /* the fields below are set: TF_IO_AT_OPEN or TF_IO_AT_CLOSE */
 	__u8 path_kind; /* enum tf_path_kind */
-	__u8 unlinked;  /* 1: the path already tells (walked when the file had no name: it
-			 * ends in " (deleted)", or walked at close) */
+	__u8 has_path;  /* (event: path2_kind) the fields below are set: TF_IO_AT_OPEN or
+			 * TF_IO_AT_CLOSE */
+	__u8 unlinked;  /* (event: _pad[0]) 1: the path already tells (walked when the file had
+			 * no name: it ends in " (deleted)", or walked at close) */
 	__u8 _pad;
 	char fstype[16];
-	__u64 dentry;   /* the file's dentry when cached: a struct file's address is reused
-			 * after a close this hook did not see (process exit, close_range...), and
-			 * an entry whose dentry differs is another file's, never reported as this */
 	struct tf_str path;
 };
+
+#define TF_IO_SAME(f, ef)                                                                      \
+	_Static_assert(__builtin_offsetof(struct tf_vfs_io, f) ==                              \
+			       __builtin_offsetof(struct tf_vfs_event, ef) -                   \
+				       __builtin_offsetof(struct tf_vfs_event, ino),           \
+		       "tf_vfs_io." #f " is at tf_vfs_event." #ef)
+TF_IO_SAME(bytes_read, bytes_read);
+TF_IO_SAME(bytes_written, bytes_written);
+TF_IO_SAME(pos, pos);
+TF_IO_SAME(dentry, arg);
+TF_IO_SAME(dev, dev);
+TF_IO_SAME(reads, reads);
+TF_IO_SAME(writes, writes);
+TF_IO_SAME(path_kind, path_kind);
+TF_IO_SAME(has_path, path2_kind);
+TF_IO_SAME(unlinked, _pad[0]);
+TF_IO_SAME(fstype, fstype);
+TF_IO_SAME(path, path);
 
 #define TF_IO_AT_OPEN 1  /* resolved when the file was opened */
 #define TF_IO_AT_CLOSE 2 /* opened before tracing started: resolved at its close */
@@ -63,6 +85,20 @@ struct {
 	__type(key, __u32);
 	__type(value, struct tf_vfs_io);
 } tf_vfs_io_new SEC(".maps");
+
+/*
+ * Per CPU, the key of one closed file's entry kept rather than deleted: marked closed (no
+ * file has dentry 0, so tf_vfs_io_of never takes it for one), it is rewritten in place by the
+ * next open of a file at that address (a struct file is reused last freed, first allocated:
+ * a loop of open and close on one CPU opens every file at the same address). An open and
+ * close then cost a lookup, not a map insert and delete. At most one such entry per CPU.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} tf_vfs_io_spare SEC(".maps");
 
 /* close (tracepoint hook), between entry and exit: which file (0: none), since when */
 struct tf_vfs_closing {
@@ -128,7 +164,6 @@ static __always_inline struct tf_vfs_event *tf_vfs_new(__u16 op)
 
 	if (!e)
 		return NULL;
-	e->hdr.exit_ns = 0;
 	e->hdr.ret = 0;
 	e->hdr._pad[0] = e->hdr._pad[1] = 0;
 	e->ino = e->bytes_read = e->bytes_written = e->pos = e->arg = 0;
@@ -139,6 +174,8 @@ static __always_inline struct tf_vfs_event *tf_vfs_new(__u16 op)
 	tf_str_reset(&e->path);
 	tf_str_reset(&e->path2);
 	tf_vfs_init(e, op);
+	/* made at the exit (or the only hook) of its operation: one clock read for both */
+	e->hdr.exit_ns = e->hdr.ts_ns;
 	return e;
 }
 
@@ -175,35 +212,63 @@ static __always_inline void tf_vfs_unstash(void)
 	bpf_map_delete_elem(&tf_vfs_inflight, &tid);
 }
 
-/* Send e, its path taken from `path` (e->path, or the one cached with the open file). */
-static __always_inline void tf_vfs_emit_path(struct tf_vfs_event *e, long ret, struct tf_str *path)
+#define TF_VFS_FIXED offsetof(struct tf_vfs_event, path)
+
+/*
+ * Send e. The record (events.h: header and fixed part, path, path2) is e's own bytes up to
+ * path's data, then path2's head and bytes: when those fit in path's buffer after its bytes
+ * they are moved there, and the record goes out in one copy (bpf_ringbuf_output) instead of
+ * a reservation, three writes and a submit; a path too long for that takes the writes.
+ */
+static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
 {
-	__u32 l1, l2;
-	struct tf_rec r;
+	__u64 avail, flags = BPF_RB_NO_WAKEUP;
+	__u32 l1, l2, size;
 
 	e->hdr.ret = ret;
-	e->hdr.exit_ns = bpf_ktime_get_ns();
+	if (!e->hdr.exit_ns) /* stashed at the entry of its operation */
+		e->hdr.exit_ns = bpf_ktime_get_ns();
 	/* a mount-relative path cannot be matched here: the agent matches it once it has
 	 * prefixed the mount point */
-	if (e->path_kind != TF_PATH_MOUNT_REL && !tf_prefix_ok(SET, path)) {
+	if (e->path_kind != TF_PATH_MOUNT_REL && !tf_prefix_ok(SET, &e->path)) {
 		tf_count(SET, TF_STAT_FILTERED);
 		return;
 	}
-	tf_count_status(SET, path->status);
+	tf_count_status(SET, e->path.status);
 	tf_count_status(SET, e->path2.status);
-	l1 = tf_str_out_len(path);
+	l1 = tf_str_out_len(&e->path);
 	l2 = tf_str_out_len(&e->path2);
-	if (!tf_rec_begin(&r, SET, offsetof(struct tf_vfs_event, path) + 2 * TF_STRH_SIZE + l1 + l2))
-		return;
-	tf_rec_put(&r, e, offsetof(struct tf_vfs_event, path));
-	tf_rec_str(&r, path, l1, TF_PATH_MAX - 1);
-	tf_rec_str(&r, &e->path2, l2, TF_PATH_MAX - 1);
-	tf_rec_end(&r, SET);
-}
+	size = TF_VFS_FIXED + 2 * TF_STRH_SIZE + l1 + l2;
+	if (l1 + TF_STRH_SIZE + l2 > TF_PATH_MAX) {
+		struct tf_rec r;
 
-static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
-{
-	tf_vfs_emit_path(e, ret, &e->path);
+		if (!tf_rec_begin(&r, SET, size))
+			return;
+		tf_rec_put(&r, e, TF_VFS_FIXED);
+		tf_rec_str(&r, &e->path, l1, TF_PATH_MAX - 1);
+		tf_rec_str(&r, &e->path2, l2, TF_PATH_MAX - 1);
+		tf_rec_end(&r, SET);
+		return;
+	}
+	/* path2's head, then its bytes, right after path's bytes (path2 itself lies past
+	 * path's buffer: no overlap) */
+	l1 &= TF_PATH_MAX - 1;
+	__builtin_memcpy(&e->path.data[l1], &e->path2, TF_STRH_SIZE);
+	if (l2) {
+		l2 &= TF_PATH_MAX - 1;
+		bpf_probe_read_kernel(&e->path.data[(l1 + TF_STRH_SIZE) & (TF_PATH_MAX - 1)], l2,
+				      e->path2.data);
+	}
+	avail = bpf_ringbuf_query(&tf_events, BPF_RB_AVAIL_DATA);
+	if (avail < tf_cfg.wakeup_bytes && avail + size >= tf_cfg.wakeup_bytes)
+		flags = BPF_RB_FORCE_WAKEUP;
+	tf_barrier_var(size);
+	if (size > TF_VFS_FIXED + TF_STRH_SIZE + TF_PATH_MAX ||
+	    bpf_ringbuf_output(&tf_events, e, size, flags)) {
+		tf_count(SET, TF_STAT_DROPPED);
+		return;
+	}
+	tf_count(SET, TF_STAT_EVENTS);
 }
 
 /* The second half of an operation whose record was stashed by the first: send it. */
@@ -300,44 +365,96 @@ static __always_inline void tf_str_copy(struct tf_str *dst, const struct tf_str 
 	dst->len = n;
 }
 
-/* Keep an opened file's identity and path with its state, for its close. */
-static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e, __u8 when)
+/* This CPU's spare entry if it is key's and still closed (the spare is then taken), else
+ * NULL. */
+static __always_inline struct tf_vfs_io *tf_vfs_io_reuse(__u64 key)
 {
-	__u64 key = (__u64)f;
-	/* a new open file (a struct file's address is reused only after the old one is freed):
-	 * its totals start at zero */
-	struct tf_vfs_io *n = tf_vfs_io_fresh(f);
+	__u32 zero = 0;
+	__u64 *spare = bpf_map_lookup_elem(&tf_vfs_io_spare, &zero);
+	struct tf_vfs_io *io;
 
-	if (!n)
-		return;
-	n->ino = e->ino;
-	n->dev = e->dev;
-	n->has_path = when;
-	n->path_kind = e->path_kind;
-	{
-		bool torn = false; /* an O_TMPFILE's walk at open already said " (deleted)" */
-
-		n->unlinked = when == TF_IO_AT_CLOSE ||
-			      tf_dentry_unlinked(tf_file_dentry(f), &torn);
-	}
-	__builtin_memcpy(n->fstype, e->fstype, sizeof(n->fstype));
-	tf_str_copy(&n->path, &e->path);
-	bpf_map_update_elem(&tf_vfs_io, &key, n, BPF_ANY);
+	if (!spare || *spare != key)
+		return NULL;
+	*spare = 0;
+	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	return io && !io->dentry ? io : NULL;
 }
 
-/* Fill e's identity and path from an open file's cached state; false if it has none. */
+/* A closed file's entry: kept as this CPU's spare, unless the spare still holds another
+ * closed entry (then deleted, as every entry was before the spare). */
+static __always_inline void tf_vfs_io_release(struct tf_vfs_io *io, __u64 key)
+{
+	__u32 zero = 0;
+	__u64 *spare = bpf_map_lookup_elem(&tf_vfs_io_spare, &zero);
+
+	if (spare && *spare && *spare != key) {
+		struct tf_vfs_io *old = bpf_map_lookup_elem(&tf_vfs_io, spare);
+
+		if (old && !old->dentry)
+			spare = NULL;
+	}
+	if (!spare) {
+		bpf_map_delete_elem(&tf_vfs_io, &key);
+		return;
+	}
+	io->dentry = 0;
+	*spare = key;
+}
+
+/* Keep an opened file's identity and path with its state, for its close: e itself, from
+ * ino on, is the new entry (totals at zero), its three other fields set for the copy; it
+ * rewrites this CPU's spare entry when that one is at the file's address. */
+static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e, __u8 when)
+{
+	__u64 key = (__u64)f, arg = e->arg, n;
+	bool torn = false; /* an O_TMPFILE's walk at open already said " (deleted)" */
+	struct tf_vfs_io *io = tf_vfs_io_reuse(key);
+
+	/* a new open file (a struct file's address is reused only after the old one is freed) */
+	e->bytes_read = e->bytes_written = e->pos = 0;
+	e->reads = e->writes = 0;
+	e->arg = (__u64)tf_file_dentry(f);
+	e->path2_kind = when;
+	e->_pad[0] = when == TF_IO_AT_CLOSE || tf_dentry_unlinked(tf_file_dentry(f), &torn);
+	e->_pad[1] = 0;
+	if (io) {
+		n = e->path.len; /* 64 bits: the verifier keeps the bound checked below */
+		tf_barrier_var(n);
+		if (n > TF_PATH_MAX - 1)
+			n = TF_PATH_MAX - 1;
+		bpf_probe_read_kernel(io, offsetof(struct tf_vfs_io, path.data) + n, &e->ino);
+	} else {
+		bpf_map_update_elem(&tf_vfs_io, &key, &e->ino, BPF_ANY);
+	}
+	e->arg = arg;
+	e->path2_kind = 0;
+	e->_pad[0] = 0;
+}
+
+/* Fill e's identity, path and totals from an open file's cached state, in one copy; false
+ * if it has no path. */
 static __always_inline bool tf_vfs_from_cache(struct tf_vfs_event *e, struct tf_vfs_io *io)
 {
+	__u64 n;
+	__u8 kind;
+
 	if (!io || !io->has_path)
 		return false;
-	e->ino = io->ino;
-	e->dev = io->dev;
-	__builtin_memcpy(e->fstype, io->fstype, sizeof(e->fstype));
 	/* the name at open (a rename since is not seen): said so by the path kind (a
 	 * mount-relative path stays so: the agent still has to prefix its mount point) */
-	e->path_kind = io->has_path == TF_IO_AT_OPEN && io->path_kind != TF_PATH_MOUNT_REL
-			       ? TF_PATH_AT_OPEN
-			       : io->path_kind;
+	kind = io->has_path == TF_IO_AT_OPEN && io->path_kind != TF_PATH_MOUNT_REL
+		       ? TF_PATH_AT_OPEN
+		       : io->path_kind;
+	n = io->path.len; /* 64 bits: the verifier keeps the bound checked below */
+	tf_barrier_var(n);
+	if (n > TF_PATH_MAX - 1)
+		n = TF_PATH_MAX - 1;
+	bpf_probe_read_kernel(&e->ino, offsetof(struct tf_vfs_io, path.data) + n, io);
+	e->path.len = n;
+	e->arg = 0;
+	e->path_kind = kind;
+	e->path2_kind = 0;
+	e->_pad[0] = e->_pad[1] = 0;
 	return true;
 }
 
@@ -384,16 +501,14 @@ static __always_inline void tf_vfs_file(struct tf_vfs_event *e, struct file *f, 
 
 	tf_vfs_io_unlinked(io, f);
 	if (tf_vfs_from_cache(e, io)) {
-		tf_str_copy(&e->path, &io->path);
-	} else {
-		tf_fill_inode(e, d);
-		e->path_kind = tf_walk_path(&e->path, d, tf_file_mnt(f));
-	}
-	if (!take_io)
+		tf_vfs_io_release(io, key);
 		return;
-	if (io) {
+	}
+	tf_fill_inode(e, d);
+	e->path_kind = tf_walk_path(&e->path, d, tf_file_mnt(f));
+	if (io) { /* totals only: opened before tracing started */
 		tf_vfs_take_io(e, io);
-		bpf_map_delete_elem(&tf_vfs_io, &key);
+		tf_vfs_io_release(io, key);
 	}
 }
 
@@ -778,7 +893,6 @@ static __always_inline int tf_vfs_sc_open(long ret, int dfd, int p, int flags)
 
 	if (!tf_vfs_on())
 		return 0;
-	regs = tf_sc_regs();
 	if (ret >= 0) {
 		struct file *f = tf_fd_file(ret);
 
@@ -792,6 +906,7 @@ static __always_inline int tf_vfs_sc_open(long ret, int dfd, int p, int flags)
 	} else {
 		if (!(e = tf_vfs_new(TF_VFS_OPEN)))
 			return 0;
+		regs = tf_sc_regs();
 		e->path_kind = tf_user_path(&e->path, tf_sc_arg(regs, p),
 					    dfd >= 0 ? (int)tf_sc_arg(regs, dfd) : TF_AT_FDCWD, e);
 		if (flags >= 0)
@@ -954,12 +1069,13 @@ int vt_close(struct trace_event_raw_sys_exit *ctx)
 	key = c->file;
 	c->file = 0;
 	io = bpf_map_lookup_elem(&tf_vfs_io, &key);
+	if (io && !io->dentry) /* closed already (the same file through another fd): a spare */
+		io = NULL;
 	e = tf_vfs_new(TF_VFS_CLOSE);
 	if (e) {
 		e->hdr.ts_ns = c->ts_ns;
 		if (tf_vfs_from_cache(e, io)) {
-			tf_vfs_take_io(e, io);
-			tf_vfs_emit_path(e, ctx->ret, &io->path);
+			tf_vfs_emit(e, ctx->ret);
 		} else { /* its state was evicted between entry and exit: say the path is lost */
 			e->path.status = TF_ST_LOST;
 			e->path.err = -2; /* ENOENT */
@@ -967,6 +1083,6 @@ int vt_close(struct trace_event_raw_sys_exit *ctx)
 		}
 	}
 	if (io)
-		bpf_map_delete_elem(&tf_vfs_io, &key);
+		tf_vfs_io_release(io, key);
 	return 0;
 }

@@ -445,6 +445,50 @@ def test_a_reused_file_address_reports_only_its_own_bytes(hook: str, tmp_path: P
     assert not wrong, f"(iteration, bytes written, writes, bytes read) off: {wrong}"
 
 
+ALTERNATE = textwrap.dedent(
+    """
+    import os, sys
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # one CPU: its slab reuses
+    d, n = sys.argv[1], int(sys.argv[2])
+    for i in range(n):
+        fd = os.open(os.path.join(d, "w"), os.O_WRONLY)
+        os.write(fd, b"x" * (i + 1))
+        os.close(fd)
+        # opened where the file just closed was (the address a closed struct file leaves)
+        os.close(os.open(os.path.join(d, "r"), os.O_RDONLY))
+    """
+)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_a_file_opened_where_one_was_closed_starts_from_nothing(hook: str, tmp_path: Path) -> None:
+    """Open, write and close one file, then open and close another, n times on one CPU: the
+    second file is opened at the address the first one's struct file left, where the kernel
+    keeps the closed file's state for the next open to rewrite. Each close reports its own
+    file's path and bytes only: `w` i+1 bytes in one write, `r` nothing (not w's bytes)."""
+    n = 40
+    _engine(hook)
+    with mounted("tmpfs", tmp_path) as root:
+        (root / "w").write_bytes(b"")
+        (root / "r").write_bytes(b"")
+        w, r = str(root / "w"), str(root / "r")
+        with vfs_capture(hook, "tfvfsalt") as events:
+            run_as("tfvfsalt", ALTERNATE, str(root), str(n))
+
+            def closes() -> list[dict[str, Any]]:
+                got = [e["args"] for e in list(events) if e["syscall"] == "vfs_close"]
+                got = [a for a in got if a["path"]["value"] in (w, r)]
+                return got if len(got) >= 2 * n else []
+
+            got = wait_until(closes, scaled(30), f"{2 * n} closes of {w} and {r}")
+    seen = [(c["path"]["value"], c["bytes_written"]["value"], c["writes"]["value"],
+             c["bytes_read"]["value"], c["reads"]["value"]) for c in got]  # fmt: skip
+    want = [x for i in range(n) for x in ((w, i + 1, 1, 0, 0), (r, 0, 0, 0, 0))]
+    wrong = [(i, a, b) for i, (a, b) in enumerate(zip(seen, want, strict=True)) if a != b]
+    print(f"\nVFS {hook}: {len(got)} closes alternating two files, {len(wrong)} wrong")
+    assert not wrong, f"(index, got, expected): {wrong[:5]}"
+
+
 def _storm(hook: str, d: Path, engine: Any = None) -> tuple[int, int, list[Any]]:
     """Rename a file back and forth between two names in two directories in a tight loop on
     one CPU while another CPU opens and reads it (a torn read can pair one name with the

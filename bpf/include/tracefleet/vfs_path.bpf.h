@@ -36,6 +36,12 @@ struct tf_vfs_scratch {
 	char walk[2 * TF_SCRATCH];
 	char join[2 * TF_SCRATCH];
 	char name[TF_NAME_MAX];
+	/* the file-system type whose name is in fstype (its struct file_system_type and name
+	 * pointers: static, in the kernel or its module), so that a run of files on one file
+	 * system reads the name once per CPU, not once per file */
+	__u64 fstype_type;
+	__u64 fstype_ptr;
+	char fstype[16];
 	/* start of the path built so far in walk. Here, not in the walk's stack state: a map
 	 * value is a value the verifier does not track, so the bpf_loop step below is verified
 	 * in a few passes instead of once per range of offsets it can reach (15,500 instructions
@@ -62,12 +68,25 @@ static __always_inline void tf_fill_inode(struct tf_vfs_event *e, struct dentry 
 {
 	struct dentry *d = TF_KPTR(struct dentry, d0);
 	struct super_block *sb = d->d_sb;
+	struct file_system_type *type = sb->s_type;
+	const char *name = type->name;
 	struct inode *ino = d->d_inode;
+	struct tf_vfs_scratch *s = tf_scratch();
 
 	e->dev = sb->s_dev;
 	if (ino)
 		e->ino = ino->i_ino;
-	bpf_probe_read_kernel_str(e->fstype, sizeof(e->fstype), sb->s_type->name);
+	if (!s) {
+		bpf_probe_read_kernel_str(e->fstype, sizeof(e->fstype), name);
+		return;
+	}
+	if (s->fstype_type != (__u64)type || s->fstype_ptr != (__u64)name) {
+		__builtin_memset(s->fstype, 0, sizeof(s->fstype));
+		bpf_probe_read_kernel_str(s->fstype, sizeof(s->fstype), name);
+		s->fstype_type = (__u64)type;
+		s->fstype_ptr = (__u64)name;
+	}
+	__builtin_memcpy(e->fstype, s->fstype, sizeof(e->fstype));
 }
 
 static __always_inline bool tf_pseudo_fs(struct dentry *d)
@@ -118,6 +137,56 @@ static __always_inline long tf_dentry_name(struct tf_vfs_scratch *s, struct dent
 	    ((seq1 & 1) || seq1 != seq2 || p1 != p2 || (__u32)(n - 1) != len))
 		*torn = true;
 	return n - 1;
+}
+
+#ifndef E2BIG
+#define E2BIG 7
+#endif
+
+/*
+ * The walk's read of one name: like tf_dentry_name, but straight into its place in s->walk,
+ * ending at off (one helper call per component, not a read and a copy). walk[off] and the
+ * byte after it are kept: the read may put its NUL there. At most d_name.len + 1 bytes are
+ * read, so a name longer than its length (torn) shows as len + 1 bytes. Returns the name's
+ * length, -E2BIG if it does not fit before off (with its '/'), or -errno.
+ */
+static __always_inline long tf_walk_name(struct tf_vfs_scratch *s, struct dentry *d0, __u32 off,
+					 struct dentry **parent, bool *torn)
+{
+	struct dentry *d = TF_KPTR(struct dentry, d0);
+	unsigned int seq1 = d->d_seq.seqcount.sequence, seq2;
+	struct dentry *p1 = d->d_parent, *p2;
+	const unsigned char *name = d->d_name.name;
+	__u32 len = d->d_name.len, start, got;
+	char keep0, keep1;
+	long n;
+
+	*parent = p1;
+	if (len > TF_NAME_MAX - 1)
+		len = TF_NAME_MAX - 1; /* not a name's length: the read below tells */
+	if (off > TF_SCRATCH - 1 || off < len + 1)
+		return -E2BIG;
+	start = off - len;
+	keep0 = s->walk[off & (TF_SCRATCH - 1)];
+	keep1 = s->walk[(off + 1) & (2 * TF_SCRATCH - 1)];
+	n = bpf_probe_read_kernel_str(&s->walk[start & (TF_SCRATCH - 1)],
+				      (len & (TF_NAME_MAX - 1)) + 2, name);
+	seq2 = d->d_seq.seqcount.sequence;
+	p2 = d->d_parent;
+	s->walk[off & (TF_SCRATCH - 1)] = keep0;
+	s->walk[(off + 1) & (2 * TF_SCRATCH - 1)] = keep1;
+	if (n <= 0)
+		return n < 0 ? n : -EFAULT;
+	got = n - 1;
+	if (!tf_vfs_no_torn_check && ((seq1 & 1) || seq1 != seq2 || p1 != p2 || got != len))
+		*torn = true;
+	if (got < len) { /* ended early: move it up to off (through s->name: they overlap) */
+		got &= TF_NAME_MAX - 1;
+		bpf_probe_read_kernel(s->name, got, &s->walk[start & (TF_SCRATCH - 1)]);
+		bpf_probe_read_kernel(&s->walk[(off - got) & (TF_SCRATCH - 1)], got, s->name);
+		len = got;
+	}
+	return len;
 }
 
 /*
@@ -205,20 +274,18 @@ static long tf_walk_step(__u32 i, struct tf_walk *w)
 		w->vmnt = (__u64)up + bpf_core_field_offset(struct mount, mnt);
 		return 0;
 	}
-	n = tf_dentry_name(s, d, &p, &torn);
+	n = tf_walk_name(s, d, off, &p, &torn);
 	if (torn)
 		w->torn = 1;
+	if (n == -E2BIG) {
+		w->truncated = 1;
+		goto done;
+	}
 	if (n < 0) {
 		w->err = n;
 		goto done;
 	}
-	if (off < (__u32)n + 1 || off > TF_SCRATCH - 1) {
-		w->truncated = 1;
-		goto done;
-	}
-	off -= n;
-	bpf_probe_read_kernel(&s->walk[off & (TF_SCRATCH - 1)], n & (TF_NAME_MAX - 1), s->name);
-	off -= 1;
+	off -= n + 1;
 	s->walk[off & (TF_SCRATCH - 1)] = '/';
 	s->walk_off = off;
 	if (!p || p == d)
@@ -282,10 +349,9 @@ static __noinline int tf_walk_path_ex(struct tf_str *out, struct dentry *d,
 		start = TF_SCRATCH - TF_PATH_MAX;
 		len = TF_PATH_MAX - 1;
 	}
-	/* a fixed-size copy (walk has room past TF_SCRATCH); the NUL at walk[TF_SCRATCH - 1]
-	 * ends it, or the one written after the clamp */
-	bpf_probe_read_kernel(out->data, sizeof(out->data), &s->walk[start & (TF_SCRATCH - 1)]);
+	/* the path's bytes only; the NUL written after them ends it */
 	tf_barrier_var(len);
+	bpf_probe_read_kernel(out->data, len & (TF_PATH_MAX - 1), &s->walk[start & (TF_SCRATCH - 1)]);
 	out->data[len & (TF_PATH_MAX - 1)] = 0;
 	tf_path_result(out, len, w.err, w.torn, w.truncated);
 	return vmnt ? TF_PATH_WALK : TF_PATH_MOUNT_REL;
