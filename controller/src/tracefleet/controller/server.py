@@ -26,6 +26,7 @@ from tracefleet.controller.api import tls as tlsmod
 from tracefleet.controller.api.agent_api import AgentService, add_agent_service
 from tracefleet.controller.api.control_api import ControlService
 from tracefleet.controller.api.metrics import start_metrics
+from tracefleet.controller.api.wakeups import coalesce_grpc_wakeups
 from tracefleet.controller.common import env
 from tracefleet.controller.common.certs import ROLE_ADMIN, ROLE_READ
 from tracefleet.controller.domain import policy as pol
@@ -327,6 +328,7 @@ def _secure_socket(sock: UnixSocket) -> str:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    coalesce_grpc_wakeups(asyncio.get_running_loop())  # before gRPC's poller registers
     try:
         path = unix_path(args.listen)
         check_address(args.listen)
