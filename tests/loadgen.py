@@ -38,6 +38,7 @@ from tracefleet.agent.capture.engine import (
     add_all,
 )
 from tracefleet.agent.control.client import ClientOptions, ControlClient
+from tracefleet.controller.api.wakeups import coalesce_grpc_wakeups
 from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.labels import parse_labels
 from tracefleet.model.names import STRATEGY_SYNTHETIC
@@ -380,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     async def amain() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # one loop wakeup per burst of gRPC completions, as in the controller: a change is
+        # a read and a write on every simulated agent's stream
+        coalesce_grpc_wakeups(loop)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)

@@ -20,10 +20,7 @@ def register(ctl, name, labels, applied=0, sets=("file", "exec", "net", "vfs")):
 
 
 def drain(conn):
-    out = []
-    while not conn.outbox.empty():
-        out.append(conn.outbox.get_nowait())
-    return out
+    return conn.take()
 
 
 def desired_sets(msgs):
@@ -181,3 +178,22 @@ def test_user_event_sets_validated_bounded_and_sent_to_agents():
         ctl.configure("user:one_too_many", True)
     ctl.configure("user:checkout_latency", False)  # an existing one may still change
     assert desired_sets(drain(conn))[1]["user:checkout_latency"] is False
+
+
+def test_a_stream_writer_gets_what_was_sent_before_the_close_then_the_close():
+    import asyncio
+
+    async def scenario():
+        conn = Connection()
+        waiter = asyncio.ensure_future(conn.wait())
+        await asyncio.sleep(0)
+        assert not waiter.done()  # nothing sent yet: the writer sleeps
+        conn.send("a")
+        conn.send("b")
+        first = await waiter
+        conn.send("c")
+        conn.close()
+        conn.send("after the close")
+        return first, await conn.wait(), conn.take()
+
+    assert asyncio.run(scenario()) == (["a", "b"], ["c", None], [])

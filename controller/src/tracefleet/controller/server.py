@@ -26,6 +26,7 @@ from tracefleet.controller.api import tls as tlsmod
 from tracefleet.controller.api.agent_api import AgentService, add_agent_service
 from tracefleet.controller.api.control_api import ControlService
 from tracefleet.controller.api.metrics import start_metrics
+from tracefleet.controller.api.wakeups import coalesce_grpc_wakeups
 from tracefleet.controller.common import env
 from tracefleet.controller.common.certs import ROLE_ADMIN, ROLE_READ
 from tracefleet.controller.domain import policy as pol
@@ -327,6 +328,7 @@ def _secure_socket(sock: UnixSocket) -> str:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    coalesce_grpc_wakeups(asyncio.get_running_loop())  # before gRPC's poller registers
     try:
         path = unix_path(args.listen)
         check_address(args.listen)
@@ -474,6 +476,11 @@ async def serve(args: argparse.Namespace) -> int:
     # the agents' state (at 200 agents its pause went from 49 to 12 ms, during a change)
     gc.collect()
     gc.freeze()
+    # and the collector runs less often: a change allocates on every agent's stream, and the
+    # default thresholds (700, 10, 10) collected 15 times a change at 1,000 agents, ~20% of
+    # the controller's CPU for it (35-40 ms a change). Reference counting frees nearly
+    # everything; the cycles left (a stream's error, a cancelled task) wait a little longer.
+    gc.set_threshold(50_000, 20, 10)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -121,10 +121,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         reader = asyncio.create_task(self._read(context, node, conn))
         try:
             while True:
-                msg = await conn.outbox.get()
-                if msg is None:
+                msgs = await conn.wait()
+                closing = msgs[-1] is None  # close() comes last: nothing is sent after it
+                for msg in msgs[:-1] if closing else msgs:
+                    await context.write(msg)
+                if closing:
                     break
-                await context.write(msg)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

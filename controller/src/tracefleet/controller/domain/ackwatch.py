@@ -68,7 +68,7 @@ class AckWatches:
 
     def add(self, generation: int, names: Iterable[str] | None, nodes: dict[str, Any]) -> AckWatch:
         w = AckWatch(generation, names)
-        for name in sorted(nodes) if w.names is None else sorted(w.names):
+        for name in nodes if w.names is None else w.names:  # take() sorts what it hands out
             w.set(name, ack_state(nodes.get(name), generation))
         self.watches.add(w)
         return w
