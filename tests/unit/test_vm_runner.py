@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import hashlib
 import importlib.util
@@ -11,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -532,3 +534,35 @@ def test_merged_outcome_keeps_the_first_guests_failures() -> None:
     assert vm.merge_outcomes(ok_before, _outcome(5, [])).status == 0
     # the second guest crashing too is that run's failure
     assert vm.merge_outcomes(ok_before, _outcome(70, [])).status == 70
+
+
+def test_two_emulator_oopses_in_one_stage_still_finish_the_suite() -> None:
+    # ci11's 7.2 stage: int3 oops at 44 s, and the rerun's guest could oops as well (CI saw
+    # them at 2 s, 44 s and 500 s). Each rerun runs only what did not finish, within the limit.
+    R = vm.TestResult
+    oops = vm.GuestReport()
+    oops.kernel_problems = ["Oops: int3: 0000 [#1] SMP NOPTI", "Kernel panic"]
+
+    def crashed(done: list[str]) -> Any:
+        o = _outcome(vm.EXIT_GUEST_FAILED, [R(n, "passed") for n in done])
+        o.report = oops
+        return o
+
+    runs: list[tuple[float, list[str]]] = []
+    script = [crashed(["tests/bpf/t.py::b"]), _outcome(0, [R("tests/bpf/t.py::c", "passed")])]
+
+    def fake_run(args: argparse.Namespace, extra: list[str]) -> Any:
+        runs.append((args.timeout, extra))
+        return script[len(runs) - 1]
+
+    args = vm.build_parser().parse_args(["--kernel", "7.2", "--timeout", "100"])
+    out = vm.rerun_after_emulator_oops(args, [], crashed(["tests/bpf/t.py::a"]), fake_run)
+    assert out.status == 0
+    assert [r.nodeid for r in out.results] == [f"tests/bpf/t.py::{n}" for n in "abc"]
+    # the second rerun skips both tests already finished, in what the limit leaves
+    assert [e.count("--deselect") for _, e in runs] == [1, 2]
+    assert [t for t, _ in runs] == [97.0, 94.0]
+    # a crash of another kind is ours: never run again
+    runs.clear()
+    other = _outcome(vm.EXIT_GUEST_FAILED, [])
+    assert vm.rerun_after_emulator_oops(args, [], other, fake_run) is other and not runs
