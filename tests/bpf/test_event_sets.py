@@ -69,6 +69,27 @@ def test_file_syscalls_with_their_paths(capture, tmp_path: Path):
     assert all(e["pid"] == proc.pid for e in cap.events), "pid filter let others through"
 
 
+@pytest.mark.parametrize("event_set", ["file", "vfs"])
+def test_events_carry_the_callers_real_uid_and_gid(capture, event_set: str):
+    # a service dropped to its own user: who made the call, as `ps -o ruid,rgid` shows it
+    # (the real ids: the effective ones differ here, as in a setuid program)
+    f = "/etc/passwd"  # readable by any user (pytest's tmp_path is not)
+    proc = spawn(f"""
+        import os
+        os.setgroups([])
+        os.setresgid(5678, 8765, 8765)
+        os.setresuid(1234, 4321, 4321)
+        os.close(os.open({f!r}, os.O_RDONLY))
+    """)
+    cap = capture([event_set], filters=Filters(pids=(proc.pid,)))
+    go(proc)
+    call = "openat" if event_set == "file" else "vfs_open"
+    evs = cap.wait_for(lambda e: e["pid"] == proc.pid and e["syscall"] == call
+                       and f in str(e["args"]), timeout=10)  # fmt: skip
+    assert evs, f"no {call} of {f} from pid {proc.pid}"
+    assert [(e["uid"], e["gid"]) for e in evs] == [(1234, 5678)] * len(evs)
+
+
 def test_net_syscalls_with_decoded_addresses(capture):
     proc = spawn("""
         import socket

@@ -208,13 +208,14 @@ static __always_inline bool tf_prefix_ok(__u32 set, const struct tf_str *s)
 /* ppid, uid, gid: what users expect next to pid and comm */
 static __always_inline void tf_fill_ctx(struct tf_hdr *h)
 {
-	/* direct BTF loads, not two bpf_probe_read_kernel calls: this runs for every record */
+	/* direct BTF loads, not helper calls: this runs for every record. The real ids as
+	 * bpf_get_current_uid_gid gives them (it maps through init_user_ns: the identity). */
 	struct task_struct *task = bpf_get_current_task_btf();
-	__u64 ug = bpf_get_current_uid_gid();
+	const struct cred *cred = task->cred;
 
 	h->ppid = task->real_parent->tgid;
-	h->uid = (__u32)ug;
-	h->gid = ug >> 32;
+	h->uid = cred->uid.val;
+	h->gid = cred->gid.val;
 	h->ctx_ok = 1;
 }
 

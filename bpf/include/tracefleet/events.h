@@ -188,7 +188,7 @@ struct tf_hdr {
 	char comm[TF_COMM_LEN];
 	/* process context at syscall entry */
 	__u32 ppid;      /* tgid of real_parent */
-	__u32 uid;       /* real uid, gid (bpf_get_current_uid_gid) */
+	__u32 uid;       /* real uid, gid (the task's cred, as init_user_ns sees them) */
 	__u32 gid;
 	__u32 ctx_ok;    /* 1 when ppid/uid/gid were read (0 = unknown, not root) */
 	/* identity of the process's executable (task->mm->exe_file's inode); exe_ino 0: none
