@@ -196,8 +196,10 @@ def test_fork_exec_exit_and_kill_mid_syscall_leave_no_inflight_entry(capture, tm
     leaked: dict[str, set[int]] = {}
     deadline = time.monotonic() + scaled(5.0)  # the reaper runs once a second
     while True:
-        leaked = {"exec": _dead(_inflight_of(eng, "exec", tgids)),
-                  "file": set(range(max(0, eng.inflight_count("file") - before["file"])))}
+        leaked = {
+            "exec": _dead(_inflight_of(eng, "exec", tgids)),
+            "file": set(range(max(0, eng.inflight_count("file") - before["file"]))),
+        }
         if not any(leaked.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
