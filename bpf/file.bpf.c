@@ -6,6 +6,8 @@
 #define SET TF_SET_FILE
 #define NO TF_NOARG
 
+TF_THREAD_EXIT(SET)
+
 /*         name        nargs set  syscall          str0 str1 blob len out */
 TF_SYSCALL(openat,     4,    SET, TF_SC_OPENAT,     1,  NO,  NO,  NO, false)
 TF_SYSCALL(openat2,    4,    SET, TF_SC_OPENAT2,    1,  NO,  2,   3,  false)

@@ -7,6 +7,8 @@
 #define SET TF_SET_NET
 #define NO TF_NOARG
 
+TF_THREAD_EXIT(SET)
+
 /*         name     nargs set  syscall        str0 str1 blob len out */
 TF_SYSCALL(connect, 3,    SET, TF_SC_CONNECT, NO,  NO,  1,   2,  false)
 TF_SYSCALL(bind,    3,    SET, TF_SC_BIND,    NO,  NO,  1,   2,  false)

@@ -189,11 +189,17 @@ def test_fork_exec_exit_and_kill_mid_syscall_leave_no_inflight_entry(capture, tm
     churn_s = time.monotonic() - t0
     # entries whose thread no longer exists can never complete: the kernel deletes them at
     # the syscall's exit, and the engine's reaper (every second) those of threads that died
-    # without one; none may stay
+    # without one (exec's hash); none may stay. file keeps its calls in task storage, freed
+    # with the thread (a call still held then is counted lost): its in-flight count, which
+    # the agent cannot key by tid, must come back to where it was (other threads on the host
+    # may have calls in flight, before and after)
     leaked: dict[str, set[int]] = {}
     deadline = time.monotonic() + scaled(5.0)  # the reaper runs once a second
     while True:
-        leaked = {n: _dead(_inflight_of(eng, n, tgids)) for n in ("file", "exec")}
+        leaked = {
+            "exec": _dead(_inflight_of(eng, "exec", tgids)),
+            "file": set(range(max(0, eng.inflight_count("file") - before["file"]))),
+        }
         if not any(leaked.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -210,7 +216,7 @@ def test_fork_exec_exit_and_kill_mid_syscall_leave_no_inflight_entry(capture, tm
         f"entries of dead threads dropped by the engine's reaper: {reaped}"
     )
     assert not leaked["exec"], f"exec inflight entries of dead threads: {sorted(leaked['exec'])}"
-    assert not leaked["file"], f"file inflight entries of dead threads: {sorted(leaked['file'])}"
+    assert not leaked["file"], f"file calls in flight above before: {len(leaked['file'])}"
     assert k["exec"]["inflight_full"] == 0 and k["file"]["inflight_full"] == 0, k
 
 

@@ -137,21 +137,24 @@ enum tf_stat {
 	TF_STAT_ARG_LOST = 4,
 	TF_STAT_ARG_TRUNCATED = 5,
 	TF_STAT_FILTERED = 6,      /* syscalls skipped by a filter */
-	TF_STAT_INFLIGHT_FULL = 7, /* entries that found no room for per-thread state */
+	TF_STAT_INFLIGHT_FULL = 7, /* entries that found no room for per-thread state (hash
+				    * full; file, net: task storage not allocated) */
 	TF_STAT_ORPHAN_EXIT = 8,   /* exits with no matching entry (attached mid-syscall) */
 	TF_STAT_ARG_TORN = 9,      /* names changed while read (concurrent rename) */
 	TF_STAT_PASSED = 10,       /* syscall entries that passed the pid/comm/cgroup filters */
 	TF_STAT_PREFIX_FILTERED = 11, /* of those, dropped at exit by the path-prefix filter */
 	TF_STAT_ARG_MISMATCH = 12, /* re-read names that differ from the file the kernel opened */
 	TF_STAT_ARG_REREAD = 13,   /* structs re-read after the call (unverifiable) */
-	TF_STAT_INFLIGHT_STALE = 14, /* entries that found their tid's slot still taken by a
-				      * call that never exited (thread died mid-call): the old
-				      * call is lost here, counted */
+	TF_STAT_INFLIGHT_STALE = 14, /* calls that never exited, counted lost: an entry found
+				      * its thread's slot still taken (exec's hash: the thread
+				      * died mid-call and its tid was reused), or (file, net)
+				      * the thread exited with its slot taken */
 	TF_STAT_EXE_UNRESOLVED = 15, /* executables seen whose path could not be stored in
 				      * tf_exes (walk failed or torn, map refused): their
 				      * records' exe is unknown until a later record resolves it */
 	/* identity, per set, once no call is in flight: PASSED = EVENTS + DROPPED +
-	 * INFLIGHT_FULL + INFLIGHT_STALE + PREFIX_FILTERED + entries the agent deleted */
+	 * INFLIGHT_FULL + INFLIGHT_STALE + PREFIX_FILTERED + calls the agent counted lost
+	 * (entries it deleted; file/net: calls in flight when it detached the set) */
 	TF_STAT_MAX = 16,
 };
 
@@ -280,6 +283,10 @@ struct tf_filter {
 struct tf_control {
 	__u64 enabled_bits;
 	struct tf_filter filter[TF_SET_MAX];
+	/* per set, changed by the agent at each detach: the attachment a syscall set's
+	 * per-thread slot was taken under (syscall_event.bpf.h); a slot of an older one is
+	 * free, its call already counted by the agent */
+	__u32 epoch[TF_SET_MAX];
 };
 
 /* Load-time settings (.rodata), set by the agent before load. */

@@ -8,10 +8,16 @@
  *   tps_enter_<name>  tracepoint, sleepable copy           (sleepable; BPF_F_SLEEPABLE set by the agent)
  *   fs_enter_<name>   fentry.s on the syscall function      (fentry-sleepable)
  *   tp_exit_<name>    tracepoint at exit: return value, retry, emit (every strategy)
- * The per-thread record lives in tf_inflight between entry and exit. It is a plain hash, not
- * an LRU: an LRU evicts the oldest entries silently when full, so any process could hide a
- * call by parking enough threads in syscalls. Here a full map refuses the insert, counted
- * (TF_STAT_INFLIGHT_FULL); the agent sizes it and deletes the entries of dead threads.
+ *   tp_thread_exit    sched_process_exit: a thread dying mid-call (every strategy)
+ * The per-thread record lives in task-local storage (tf_slots) between entry and exit: one
+ * slot per thread, created at its first traced call and freed with the thread, so no process
+ * can fill it by parking threads in syscalls (a tid-keyed hash, as before, had a size to
+ * fill and cost ~8.5% of a traced openat+close loop in insert/delete and copying a zeroed
+ * template). A slot is taken under the set's attachment epoch (tf_control.epoch, changed
+ * by the agent at each detach): a slot of an older epoch is free (its call was counted by
+ * the agent at that detach). tf_inflight_n counts the calls in flight (+1 taken, -1
+ * completed or lost); every call that passed is written, dropped, filtered, counted lost
+ * (INFLIGHT_FULL: no slot; INFLIGHT_STALE: exit never ran), or in that count.
  */
 #ifndef __TRACEFLEET_SYSCALL_EVENT_BPF_H
 #define __TRACEFLEET_SYSCALL_EVENT_BPF_H
@@ -27,20 +33,58 @@
 
 #define TF_NOARG (-1)
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 4096); /* resized by the agent */
-	__type(key, __u32); /* tid */
-	__type(value, struct tf_event);
-} tf_inflight SEC(".maps");
+struct tf_slot {
+	__u32 epoch; /* tf_control.epoch of the attachment whose call holds it; 0: free */
+	__u32 _pad;
+	struct tf_event rec;
+};
 
-/* One all-zero record, the template each entry copies from. */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct tf_slot);
+} tf_slots SEC(".maps");
+
+/* Calls in flight, per CPU (a call may exit on another CPU): the agent sums them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct tf_event);
-} tf_zero_event SEC(".maps");
+	__type(value, __s64);
+} tf_inflight_n SEC(".maps");
+
+static __always_inline void tf_inflight_add(__s64 d)
+{
+	__u32 zero = 0;
+	__s64 *n = bpf_map_lookup_elem(&tf_inflight_n, &zero);
+
+	if (n)
+		*n += d;
+}
+
+static __always_inline __u32 tf_epoch(const struct tf_control *ctl, __u32 set)
+{
+	return ctl->epoch[set & (TF_SET_MAX - 1)];
+}
+
+/* The calling thread's slot with a call of the current attachment in it, or NULL. */
+static __always_inline struct tf_slot *tf_slot_taken(__u32 set)
+{
+	__u32 zero = 0;
+	struct tf_control *ctl = bpf_map_lookup_elem(&tf_control, &zero);
+	struct tf_slot *s = bpf_task_storage_get(&tf_slots, bpf_get_current_task_btf(), 0, 0);
+
+	if (!ctl || !s || !s->epoch || s->epoch != tf_epoch(ctl, set))
+		return NULL;
+	return s;
+}
+
+static __always_inline void tf_slot_release(struct tf_slot *s)
+{
+	s->epoch = 0;
+	tf_inflight_add(-1);
+}
 
 /*
  * s0, s1: indexes of string arguments; blob/blob_len: index of a struct argument and of its
@@ -52,20 +96,33 @@ static __always_inline int tf_sys_enter(const unsigned long *a, __u32 set, __u16
 					bool sleepable)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-	__u32 tid = (__u32)id, zero = 0;
-	struct tf_event *e, *tmpl;
+	struct tf_control *ctl = tf_should_trace(set, id >> 32);
+	struct tf_slot *slot;
+	struct tf_event *e;
+	__u32 epoch;
 
-	if (!tf_should_trace(set, id >> 32))
+	if (!ctl)
 		return 0;
 	tf_count(set, TF_STAT_PASSED);
-	tmpl = bpf_map_lookup_elem(&tf_zero_event, &zero);
-	if (!tmpl)
+	slot = bpf_task_storage_get(&tf_slots, bpf_get_current_task_btf(), 0,
+				    BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!slot) {
+		tf_count(set, TF_STAT_INFLIGHT_FULL); /* no memory, or storage busy on this CPU */
 		return 0;
-	if (!tf_inflight_insert(&tf_inflight, &tid, tmpl, set))
-		return 0;
-	e = bpf_map_lookup_elem(&tf_inflight, &tid);
-	if (!e)
-		return 0;
+	}
+	epoch = tf_epoch(ctl, set);
+	if (slot->epoch && slot->epoch == epoch)
+		tf_count(set, TF_STAT_INFLIGHT_STALE); /* its last call's exit never ran */
+	else
+		tf_inflight_add(1);
+	slot->epoch = epoch;
+	e = &slot->rec;
+	/* Only what a record carries from here needs resetting: the header and the strings'
+	 * heads (iargs are all written below; a string goes out with only its len bytes). */
+	__builtin_memset(&e->hdr, 0, sizeof(e->hdr));
+	__builtin_memset(&e->str[0], 0, TF_STRH_SIZE);
+	__builtin_memset(&e->str[1], 0, TF_STRH_SIZE);
+	__builtin_memset(&e->blob, 0, TF_STRH_SIZE);
 	tf_fill_hdr(&e->hdr, TF_KIND_SYSCALL, set, sc);
 	for (int i = 0; i < 6; i++)
 		e->iargs[i] = a[i];
@@ -157,11 +214,12 @@ static __always_inline void tf_emit_syscall(__u32 set, struct tf_event *e)
 static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, int blob_len,
 				       bool blob_out)
 {
-	__u32 tid = (__u32)bpf_get_current_pid_tgid();
-	struct tf_event *e = bpf_map_lookup_elem(&tf_inflight, &tid);
+	struct tf_slot *slot = tf_slot_taken(set);
+	struct tf_event *e;
 
-	if (!e)
+	if (!slot)
 		return 0;
+	e = &slot->rec;
 	e->hdr.ret = ret;
 	e->hdr.exit_ns = bpf_ktime_get_ns();
 	if (tf_cfg.strategy == TF_STRAT_EXIT_RETRY) {
@@ -187,7 +245,7 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, 
 	if (!tf_prefix_ok(set, &e->str[0])) {
 		tf_count(set, TF_STAT_FILTERED);
 		tf_count(set, TF_STAT_PREFIX_FILTERED);
-		bpf_map_delete_elem(&tf_inflight, &tid);
+		tf_slot_release(slot);
 		return 0;
 	}
 	for (int i = 0; i < TF_NSTR; i++)
@@ -195,7 +253,7 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, 
 	tf_count_status(set, e->blob.status);
 	tf_fill_exe(&e->hdr, set); /* here, not at a (maybe sleepable) entry: exe.bpf.h */
 	tf_emit_syscall(set, e);
-	bpf_map_delete_elem(&tf_inflight, &tid);
+	tf_slot_release(slot);
 	return 0;
 }
 
@@ -225,6 +283,21 @@ static __always_inline int tf_sys_exit(long ret, __u32 set, __u16 sc, int blob, 
 	int tp_exit_##name(struct trace_event_raw_sys_exit *ctx)                              \
 	{                                                                                     \
 		return tf_sys_exit(ctx->ret, set, sc, blob, blob_len, blob_out);                  \
+	}
+
+/* A thread that exits holding a slot of this attachment (killed mid-call, or its exit
+ * skipped): the call is lost, counted. A classic tracepoint: fentry/tp_btf need BTF
+ * attach permissions some hosts refuse. Fires once per thread (do_exit). */
+#define TF_THREAD_EXIT(set)                                                                 \
+	SEC("tp/sched/sched_process_exit")                                                  \
+	int tp_thread_exit(void *ctx)                                                       \
+	{                                                                                   \
+		struct tf_slot *slot = tf_slot_taken(set);                                  \
+		if (slot) {                                                                 \
+			tf_count(set, TF_STAT_INFLIGHT_STALE);                              \
+			tf_slot_release(slot);                                              \
+		}                                                                           \
+		return 0;                                                                   \
 	}
 
 #endif /* __TRACEFLEET_SYSCALL_EVENT_BPF_H */

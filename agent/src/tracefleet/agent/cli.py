@@ -106,7 +106,13 @@ DEFAULT_CONTROLLER = "unix:/run/tracefleet/controller.sock"
 INFLIGHT_RANGE = (64, 1 << 20)
 
 
-# per-thread in-flight slots per event set
+INFLIGHT_HELP = (
+    "calls in flight tracked by the exec and vfs event sets; beyond N they are counted lost, "
+    "never hidden (file and net keep one slot per thread, bounded by no N; default: "
+    "%(default)s)"
+)
+
+# per-thread in-flight slots of the exec and vfs sets
 _inflight_entries = int_in(
     "--inflight-entries",
     *INFLIGHT_RANGE,
@@ -769,8 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve Prometheus metrics while capturing (default: off)")  # fmt: skip
     sc.add_argument("--bpf-stats", action="store_true", help=BPF_STATS_HELP)
     sc.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
-                    help="calls in flight tracked per event set; beyond N they are counted "
-                    "lost, never hidden (default: %(default)s)")  # fmt: skip
+                    help=INFLIGHT_HELP)  # fmt: skip
     sc.add_argument("--ring-mib", type=_ring_mib, default=8, metavar="N", help=RING_MIB_HELP)
     _add_export_flags(sc)
     sc.add_argument("--ready-file", help=argparse.SUPPRESS)
@@ -800,8 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--hold-seconds", type=_seconds, default=30.0,
                     help="detach an event set after it stays disabled this long")  # fmt: skip
     sr.add_argument("--inflight-entries", type=_inflight_entries, default=4096, metavar="N",
-                    help="calls in flight tracked per event set; beyond N they are counted "
-                    "lost, never hidden (default: %(default)s)")  # fmt: skip
+                    help=INFLIGHT_HELP)  # fmt: skip
     sr.add_argument("--ring-mib", type=_ring_mib, default=8, metavar="N", help=RING_MIB_HELP)
     sr.add_argument("--tls-dir", default=os.environ.get(env.TLS_DIR, ""), metavar="DIR",
                     help=f"mTLS to the controller with DIR/ca.crt, tls.crt, tls.key, re-read "

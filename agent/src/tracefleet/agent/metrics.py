@@ -96,7 +96,8 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("node", "event_set"),
         "Syscalls that passed the filters but never reached the ring buffer, counted: "
-        "in-flight map full, a dead thread's slot retaken, entries deleted by the agent.",
+        "no in-flight slot, a call whose exit never ran (its thread died), calls the agent "
+        "dropped (in flight at a detach, dead threads' entries).",
     ),
     "tracefleet_agent_bpf_runs_missed_total": (
         "counter",

@@ -57,6 +57,9 @@ class Accounting:
         self.fallback_rejected: collections.Counter[tuple[str, str]] = collections.Counter()
         self.reaped: collections.Counter[str] = collections.Counter()  # reap_inflight()
         self.cleared: collections.Counter[str] = collections.Counter()  # detach clear-out
+        # task-storage sets: the kernel's in-flight count when the set was last detached
+        # (those calls went into ``cleared``); in flight now is the count above it
+        self._inflight_base: collections.Counter[str] = collections.Counter()
         self._last_agent_lost: dict[str, int] = {}  # reaped + cleared at the last collect()
         self._last_missed: dict[str, tuple[int, int]] = {}  # kernel_missed() at the last one
         # (set, namespace) -> events, when opted in (namespace_budget); "" = not in a pod
@@ -107,8 +110,29 @@ class Accounting:
         st = self._sets[name]
         if not st.loaded:
             return 0
+        if st.spec.inflight_counter:
+            return self._inflight_raw(st) - self._inflight_base[name]
         return sum(1 for _ in libbpf.map_keys(st.loaded.map_fd(st.spec.inflight_map),
                                               ctypes.c_uint32))  # fmt: skip
+
+    def _inflight_raw(self, st: SetState) -> int:
+        """The kernel's count of calls taken and not completed since load (per-CPU sum)."""
+        assert st.loaded
+        vals = (ctypes.c_int64 * self._ncpu)()
+        libbpf.map_lookup(st.loaded.map_fd(st.spec.inflight_counter), ctypes.c_uint32(0), vals)
+        return sum(vals)
+
+    def clear_detached(self, st: SetState) -> int:
+        """A task-storage set was detached and its epoch changed: the calls in flight can
+        never complete, so they move to ``cleared``; returns how many. An exit that was
+        already running completes one of them anyway: it is written, and the in-flight count
+        goes below this baseline by one, so the identity holds (and the next clear evens
+        ``cleared`` out)."""
+        raw = self._inflight_raw(st)
+        n = raw - self._inflight_base[st.spec.name]
+        self._inflight_base[st.spec.name] = raw
+        self.cleared[st.spec.name] += n
+        return n
 
     def accounting(self, name: str) -> dict[str, int]:
         """Where every call that passed the set's filters went (syscall sets: file, exec,

@@ -261,6 +261,7 @@ class BpfEngine(CaptureEngine):
         for st in self._sets.values():
             if st.enabled and st.loaded and st.loaded.attached:
                 ctl.enabled_bits |= 1 << int(st.spec.set_id)
+            ctl.epoch[int(st.spec.set_id)] = st.epoch
             build_filter(ctl, int(st.spec.set_id), st.filters)
         libbpf.map_update(self.shared.control, ctypes.c_uint32(0), ctl)
 
@@ -437,7 +438,14 @@ class BpfEngine(CaptureEngine):
 
     def _clear_inflight(self, st: SetState) -> None:
         """Per-thread state of a detached set can never complete: drop it (counted: those
-        calls passed the filters and are neither delivered nor dropped)."""
+        calls passed the filters and are neither delivered nor dropped). Task storage
+        cannot be enumerated: a new epoch frees its slots in the kernel (an exit still
+        running may have read the old one: Accounting.clear_detached)."""
+        if not st.spec.inflight_map:
+            st.epoch += 1
+            self._write_control()
+            self.acct.clear_detached(st)
+            return
         self.acct.cleared[st.spec.name] += self._drop_inflight(st)
 
     def reap_inflight(self) -> dict[str, int]:
@@ -451,8 +459,8 @@ class BpfEngine(CaptureEngine):
         out: dict[str, int] = {}
         with self._lock:
             for name, st in self._sets.items():
-                if not st.loaded:
-                    continue
+                if not st.loaded or not st.spec.inflight_map:
+                    continue  # task storage is freed with its thread (tp_thread_exit)
                 n = self._drop_inflight(st, lambda tid: not os.path.exists(f"/proc/{tid}"))
                 if n:
                     out[name] = n

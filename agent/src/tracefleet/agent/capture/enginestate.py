@@ -29,6 +29,9 @@ class SetState:
     error: str = ""
     attempts: list[Attempt] = field(default_factory=list)
     forced: Strategy | None = None
+    # attachment epoch (tf_control.epoch), changed at each detach: per-thread slots taken
+    # under an older one are free in the kernel, their calls counted lost by then
+    epoch: int = 1
 
 
 @dataclass

@@ -44,7 +44,11 @@ class EventSetSpec:
     object_file: str
     syscalls: dict[str, ArgSpec]
     extra_programs: tuple[str, ...] = ()  # attached with every strategy (e.g. exec hook)
-    inflight_map: str = "tf_inflight"
+    # per-thread state between entry and exit: a tid-keyed hash the agent sizes, counts and
+    # reaps (exec, vfs), or "" for task-local storage (syscall_event.bpf.h), whose calls in
+    # flight the kernel counts in ``inflight_counter`` (per CPU)
+    inflight_map: str = ""
+    inflight_counter: str = "tf_inflight_n"
     summary: str = ""
     # sets whose rungs are hooks rather than ways to read user memory (vfs): the rungs,
     # best first, and the programs of each
@@ -83,6 +87,7 @@ FILE = EventSetSpec(
     name="file",
     set_id=EventSetId.FILE,
     object_file="file.bpf.o",
+    extra_programs=("tp_thread_exit",),
     summary="path-taking file syscalls (open, unlink, rename, mkdir, chmod, stat, ...)",
     syscalls={
         "openat": ArgSpec(ints=(_DFD, ("flags", 2), ("mode", 3)), strs=("pathname",)),
@@ -127,12 +132,14 @@ EXEC = EventSetSpec(
     },
     extra_programs=("tp_sched_exec",),
     inflight_map="tf_exec_inflight",
+    inflight_counter="",
 )
 
 NET = EventSetSpec(
     name="net",
     set_id=EventSetId.NET,
     object_file="net.bpf.o",
+    extra_programs=("tp_thread_exit",),
     summary="connect, bind, accept4, sendto with the socket address",
     syscalls={
         "connect": ArgSpec(
@@ -191,6 +198,7 @@ VFS = EventSetSpec(
     "truncate, unlink, rename, mkdir, rmdir, link, symlink, setattr",
     syscalls={f"vfs_{op}": ArgSpec() for op in _VFS_OPS},
     inflight_map="tf_vfs_inflight",
+    inflight_counter="",
     ladder=(Strategy.FENTRY, Strategy.TRACEPOINT),
     hook_programs={
         Strategy.FENTRY: tuple(p for h in _VFS_HOOKS for p in h.programs),

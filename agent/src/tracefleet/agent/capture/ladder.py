@@ -338,7 +338,8 @@ def open_configured(
                            ("tf_exes", shared.exes)):  # fmt: skip
             if mfd >= 0 and mname in obj.maps:
                 obj.maps[mname].reuse_fd(mfd)
-        obj.maps[spec.inflight_map].set_max_entries(inflight_entries)
+        if spec.inflight_map:
+            obj.maps[spec.inflight_map].set_max_entries(inflight_entries)
     except BaseException:
         obj.close()
         raise

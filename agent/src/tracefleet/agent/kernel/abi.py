@@ -263,6 +263,7 @@ class TfControl(ctypes.Structure):
     _fields_ = [
         ("enabled_bits", u64),
         ("filter", TfFilter * TF_SET_MAX),
+        ("epoch", u32 * TF_SET_MAX),
     ]
 
 

@@ -105,8 +105,9 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "counter",
         ("node", "event_set", "reason"),
         "Syscalls that passed the filters but never reached the ring buffer, counted, as "
-        "reported; reason: inflight_full (in-flight map full), inflight_stale (a dead thread's "
-        "slot retaken), deleted (in-flight entries the agent deleted).",
+        "reported; reason: inflight_full (no in-flight slot), inflight_stale (a call whose exit "
+        "never ran: its thread died), deleted (calls the agent dropped: in flight at a detach, "
+        "dead threads' entries).",
     ),
     "tracefleet_controller_calls_prefix_filtered_total": (
         "counter",
