@@ -6,6 +6,7 @@ wake the deadline loop."""
 import asyncio
 
 from tests.loadgen import SyntheticEngine
+from tracefleet.agent.capture.engine import EventSetConfig
 from tracefleet.agent.control import client as client_mod
 from tracefleet.agent.control.client import ClientOptions, ControlClient
 from tracefleet.model import wire
@@ -117,3 +118,17 @@ def test_a_desired_state_without_a_ttl_leaves_the_deadline_loop_asleep():
         task.cancel()
 
     asyncio.run(main())
+
+
+def test_load_generator_engines_sharing_configs_keep_their_own_results():
+    """SyntheticEngine.apply() results are shared by config identity: engines with other
+    failing sets, or other configs, still get their own."""
+    on = {"file": EventSetConfig("file", True)}
+    same = SyntheticEngine(event_sets=("file",))
+    failing = SyntheticEngine(event_sets=("file",), fail_sets=("file",))
+    assert [s.attached for s in SyntheticEngine(event_sets=("file",)).apply(on)] == [True]
+    assert [s.attached for s in same.apply(on)] == [True] and same.enabled() == ["file"]
+    assert [s.attached for s in failing.apply(on)] == [False] and failing.enabled() == []
+    off = {"file": EventSetConfig("file", False)}
+    assert [s.enabled for s in same.apply(off)] == [False] and same.enabled() == []
+    assert same.apply_calls == 2
