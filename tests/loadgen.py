@@ -103,6 +103,21 @@ class SyntheticEngine(CaptureEngine):
 
     def apply(self, desired: Mapping[str, EventSetConfig]) -> Sequence[SetStatus]:
         self.apply_calls += 1
+        # the configs by identity: the clients of a process share the objects of one
+        # desired state, so 1,000 simulated agents applying a change build its result once
+        key = (self._sets, self.fail_sets, tuple((n, id(c)) for n, c in desired.items()))
+        hit = _APPLIED.get(key)
+        if hit is None:
+            if len(_APPLIED) >= _APPLIED_MAX:
+                _APPLIED.clear()
+            # the configs are kept with the result: their ids are not reused meanwhile
+            hit = _APPLIED[key] = (tuple(desired.values()), *self._apply(desired))
+        self._config = hit[1]
+        return list(hit[2])
+
+    def _apply(
+        self, desired: Mapping[str, EventSetConfig]
+    ) -> tuple[dict[str, EventSetConfig], tuple[SetStatus, ...]]:
         out = []
         config = {}
         for name in self._sets:
@@ -114,8 +129,7 @@ class SyntheticEngine(CaptureEngine):
             out.append(SetStatus(name, cfg.enabled, cfg.enabled, STRATEGY))
         for name in sorted(set(desired) - set(self._sets)):
             out.append(SetStatus(name, desired[name].enabled, False, "", "unknown event set"))
-        self._config = config
-        return out
+        return config, tuple(out)
 
     def enabled(self) -> list[str]:
         return [n for n, c in self._config.items() if c.enabled]
@@ -183,6 +197,15 @@ class SyntheticEngine(CaptureEngine):
             "ret": rng.randrange(0, 64),
             "args": {"path": {"value": path, "status": status, "strategy": STRATEGY}},
         }
+
+
+# SyntheticEngine.apply()'s results (configs kept, statuses) by the engine's sets, its
+# failing sets and the identities of the configs asked for; read only.
+_APPLIED: dict[
+    tuple[tuple[str, ...], frozenset[str], tuple[tuple[str, int], ...]],
+    tuple[tuple[EventSetConfig, ...], dict[str, EventSetConfig], tuple[SetStatus, ...]],
+] = {}
+_APPLIED_MAX = 64
 
 
 # One SetAggregate per (set, event count), shared by every engine of the process: collect()
