@@ -10,19 +10,28 @@ import grpc
 from tests.conftest import wait_until as _wait_until
 from tracefleet.controller.api.agent_api import AgentService, add_agent_service
 from tracefleet.controller.api.control_api import ControlService
-from tracefleet.controller.domain.controller import Controller, Timings
+from tracefleet.controller.domain.controller import DEFAULT_MAX_BATCH_RATE, Controller, Timings
 from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import control_pb2_grpc
 
 
 class InProcessController:
-    def __init__(self, db: str = ":memory:", port: int = 0, stale_after: float = 10.0) -> None:
+    def __init__(
+        self,
+        db: str = ":memory:",
+        port: int = 0,
+        stale_after: float = 10.0,
+        max_batch_rate: float = DEFAULT_MAX_BATCH_RATE,
+    ) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.store = Store(db)
         self.controller = Controller(
-            self.store, stale_after=stale_after, timings=Timings(sample_renew=0.5)
+            self.store,
+            stale_after=stale_after,
+            timings=Timings(sample_renew=0.5),
+            max_batch_rate=max_batch_rate,
         )
         self.port = self._run(self._start(port))
         self.address = f"127.0.0.1:{self.port}"

@@ -1,14 +1,19 @@
 """Fewer messages per agent (fleet scale): BatchAcks merged per node, idle agents reporting
-at the controller's idle gap rather than every interval."""
+at the controller's idle gap rather than every interval, a large fleet's batches spaced to
+the rate the controller merges."""
 
 import asyncio
 import threading
+
+import pytest
 
 from tests.loadgen import SyntheticEngine
 from tests.unit.controller_helpers import InProcessController, wait_until
 from tests.unit.test_controller_core import drain
 from tracefleet.agent.control.client import ClientOptions, ControlClient
+from tracefleet.controller.domain import controller as controller_mod
 from tracefleet.controller.domain.controller import Controller, Timings
+from tracefleet.controller.domain.events import Follower
 from tracefleet.controller.domain.fleet import Connection
 from tracefleet.controller.storage.store import Store
 from tracefleet.v1 import agent_pb2
@@ -94,6 +99,83 @@ def test_an_idle_agent_reports_at_the_controllers_idle_gap_and_resumes_when_enab
             lambda: ctl.controller.ledger.snapshot()["idle-1"].sets.get("file"),
             what="file events counted",
         )
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        t.join(timeout=20)
+        ctl.stop()
+
+
+def _pace(conn):
+    (ack,) = [m.batch_ack for m in drain(conn) if m.WhichOneof("kind") == "batch_ack"]
+    return ack.pace.ToNanoseconds() / 1e9 if ack.HasField("pace") else None
+
+
+@pytest.mark.parametrize(("agents", "pace"), [(2, 0.5), (8, 2.0), (400, 30.0)])
+def test_a_fleet_larger_than_the_batch_rate_is_told_to_space_its_batches(
+    monkeypatch: pytest.MonkeyPatch, agents: int, pace: float
+):
+    # 10,000 agents at a batch a second each: the control benchmark's fleet never converged.
+    # The controller spreads the fleet's batches to max_batch_rate a second in total (here
+    # 4), never further apart than the idle gap (liveness: stale_after / 3, here 30 s). A
+    # pace shorter than an agent's interval changes nothing there.
+    monkeypatch.setattr(controller_mod, "PACE_REFRESH", 0.0)  # follow every (dis)connect
+    for rate, want in ((4.0, pace), (0.0, None)):  # 0: no pace at all
+        ctl = Controller(Store(":memory:"), stale_after=300.0, max_batch_rate=rate)
+        for i in range(agents):
+            ctl.on_register(agent_pb2.Register(node_name=f"n{i}", instance_id="i"), Connection())
+        last = Connection()  # the fleet as the ack of one more registration sees it
+        ctl.on_register(agent_pb2.Register(node_name="last", instance_id="i"), last)
+        assert _pace(last) == want
+
+
+def test_an_agent_keeps_the_controllers_pace_while_on_and_every_interval_when_followed():
+    ctl = InProcessController(stale_after=300.0, max_batch_rate=2.0)  # 1 agent: 0.5 s apart
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+    client = ControlClient(
+        SyntheticEngine(rate=100, seed=4),
+        ctl.address,
+        "paced-1",
+        {"role": "db"},
+        ClientOptions(interval=0.05, offload_engine_calls=False, agent_version="test"),
+    )
+    t = threading.Thread(target=loop.run_until_complete, args=(client.run(stop),), daemon=True)
+    t.start()
+    try:
+        node = wait_until(lambda: ctl.controller.fleet.nodes.get("paced-1"), what="register")
+        res = ctl.call(ctl.controller.configure, "file", True, "role=db")
+        wait_until(lambda: node.applied_generation == res.generation, what="enable acked")
+        wait_until(lambda: client._pace == 0.5, what="the pace, with a BatchAck")
+        # 40 intervals of 50 ms: ~4 batches at the pace of 0.5 s, not 40
+        ticks, sent = client.stats.ticks, client.stats.batches_sent
+        wait_until(lambda: client.stats.ticks >= ticks + 40, what="40 intervals")
+        paced = client.stats.batches_sent - sent
+        assert 1 <= paced <= 8, f"{paced} batches in 40 intervals at a 0.5 s pace"
+        assert client.stats.paced_ticks >= 30
+        # someone follows the node's events: every interval, for prompt events
+        f = Follower(event_sets=frozenset({"file"}), pids=frozenset())
+
+        def follow() -> None:
+            ctl.controller.hub.add(f)
+            ctl.controller.refresh_sampling()
+
+        ctl.call(follow)
+        wait_until(lambda: client._lease is not None, what="sampling lease")
+        ticks, sent = client.stats.ticks, client.stats.batches_sent
+        wait_until(lambda: client.stats.ticks >= ticks + 20, what="20 intervals")
+        assert client.stats.batches_sent - sent >= 15, "a followed node kept the fleet's pace"
+        # the counts are whole: every event the engine made reached the ledger
+        ctl.call(lambda: (ctl.controller.hub.remove(f), ctl.controller.refresh_sampling()))
+        ctl.call(ctl.controller.configure, "file", False, "role=db")
+        engine = client.engine
+        assert isinstance(engine, SyntheticEngine)
+        wait_until(lambda: not engine.enabled(), what="disabled")
+
+        def counted() -> bool:
+            made = engine.totals()["file"].delivered
+            return ctl.controller.ledger.snapshot()["paced-1"].sets["file"].delivered == made
+
+        wait_until(counted, what="every event counted")
     finally:
         loop.call_soon_threadsafe(stop.set)
         t.join(timeout=20)

@@ -290,6 +290,8 @@ def test_controller_metric_names_and_labels():
     # n2 never acked generation 1
     assert _samples(fams["tracefleet_controller_pending_acks"])[0].value == 1
     assert _samples(fams["tracefleet_controller_agents_connected"])[0].value == 2
+    # 2 agents, 1,000 batches a second for the fleet: 2 ms apart (below any interval)
+    assert _samples(fams["tracefleet_controller_batch_pace_seconds"])[0].value == 0.002
     assert _samples(fams["tracefleet_controller_agent_applied_generation"], node="n1")[0].value == 1
     apply = fams["tracefleet_controller_enable_to_applied_seconds"]
     assert _samples(apply, "_count")[0].value == 1

@@ -30,7 +30,7 @@ from tracefleet.controller.api.wakeups import coalesce_grpc_wakeups
 from tracefleet.controller.common import env
 from tracefleet.controller.common.certs import ROLE_ADMIN, ROLE_READ
 from tracefleet.controller.domain import policy as pol
-from tracefleet.controller.domain.controller import Controller
+from tracefleet.controller.domain.controller import DEFAULT_MAX_BATCH_RATE, Controller
 from tracefleet.controller.domain.redaction import TextRedactor
 from tracefleet.controller.domain.rules import Rule
 from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
@@ -109,6 +109,19 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if not 1 <= value <= 10**7:
         raise argparse.ArgumentTypeError(f"must be 1..10000000, not {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    """A finite rate >= 0 per second, 0 meaning no limit (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a number per second >= 0 (0: no limit), not {text!r}"
+        )
     return value
 
 
@@ -256,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse to register more nodes than this (default: %(default)s)",
     )
     p.add_argument(
+        "--max-batch-rate",
+        type=_rate,
+        default=DEFAULT_MAX_BATCH_RATE,
+        metavar="PER_SECOND",
+        help="result batches a second the whole fleet may send: agents are told to space "
+        "theirs (BatchAck.pace) once the fleet is larger; counts stay exact, only coarser "
+        "in time; 0: every agent at its own interval (default: %(default)s)",
+    )
+    p.add_argument(
         "--window",
         type=_seconds,
         default=10.0,
@@ -375,6 +397,7 @@ async def serve(args: argparse.Namespace) -> int:
         window=args.window,
         max_nodes=args.max_nodes,
         forget_after=args.forget_after,
+        max_batch_rate=args.max_batch_rate,
     )
     controller.redactor = TextRedactor(policy.redact)
     health_servicer = health.aio.HealthServicer()

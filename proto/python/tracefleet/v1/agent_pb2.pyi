@@ -130,12 +130,14 @@ class SampleRequest(_message.Message):
     def __init__(self, event_sets: _Optional[_Iterable[str]] = ..., pids: _Optional[_Iterable[int]] = ..., sample_rate: _Optional[float] = ..., max_events_per_interval: _Optional[int] = ..., lease: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
-    __slots__ = ("instance_id", "seq")
+    __slots__ = ("instance_id", "seq", "pace")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     seq: int
-    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
+    pace: _duration_pb2.Duration
+    def __init__(self, instance_id: _Optional[str] = ..., seq: _Optional[int] = ..., pace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("generation",)

@@ -138,6 +138,7 @@ class ClientStats:
     events_sent: int = 0  # sampled events written
     ticks: int = 0  # collection intervals passed
     idle_ticks: int = 0  # of those, skipped while idle (DesiredState.idle_batch_interval)
+    paced_ticks: int = 0  # of those, skipped at the controller's pace (BatchAck.pace)
 
 
 def first_controller(node_name: str, count: int) -> int:
@@ -208,6 +209,9 @@ class ControlClient:
         # DesiredState.idle_batch_interval: batches this far apart while nothing is enabled
         # (0: every interval); a fleet of idle agents then costs the controller less
         self._idle_interval = 0.0
+        # BatchAck.pace: batches this far apart while no sampling lease is out (0: every
+        # interval); a large fleet then costs its controller a bounded rate of batches
+        self._pace = 0.0
         # NodeReport: the user_events the engine found (None: it does not look), and what
         # was last written on this stream (a report goes out only when it differs)
         self._user_events: Mapping[str, Any] | None = None
@@ -604,6 +608,7 @@ class ControlClient:
 
     def _on_batch_ack(self, ack: agent_pb2.BatchAck) -> None:
         self._acks_seen = True
+        self._pace = ack.pace.ToNanoseconds() / 1e9 if ack.HasField("pace") else 0.0
         n = self._outbox.ack(ack.instance_id, ack.seq)
         if n:
             self.stats.batches_acked += n
@@ -719,9 +724,15 @@ class ControlClient:
                 await self._refresh_report()
             except Exception:
                 log.exception("%s: refreshing the node report failed", self.node_name)
-            # idle: skip ticks (the next batch covers them) up to the controller's idle gap
-            if self._idle() and time.monotonic() - last < self._idle_interval - interval / 2:
-                self.stats.idle_ticks += 1
+            # skip ticks (the next batch covers them) up to the controller's idle gap, or
+            # its pace while sets are on; a sampling lease (someone follows) every interval
+            idle = self._idle()
+            gap = self._idle_interval if idle else 0.0 if self._lease else self._pace
+            if time.monotonic() - last < gap - interval / 2:
+                if idle:
+                    self.stats.idle_ticks += 1
+                else:
+                    self.stats.paced_ticks += 1
                 continue
             last = time.monotonic()
             try:

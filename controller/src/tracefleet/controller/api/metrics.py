@@ -215,6 +215,13 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         (),
         "Connected agents that have not acknowledged the desired generation yet.",
     ),
+    "tracefleet_controller_batch_pace_seconds": (
+        "gauge",
+        (),
+        "Seconds each agent is asked to leave between its result batches (BatchAck.pace), so "
+        "that the fleet sends at most --max-batch-rate a second; below an agent's interval, "
+        "it reports every interval.",
+    ),
     "tracefleet_controller_refused_total": (
         "counter",
         ("kind", "reason"),
@@ -437,6 +444,7 @@ class ControllerCollector(Collector):
         fams["tracefleet_controller_agents_stale"].add_metric([], counts[State.STALE])
         fams["tracefleet_controller_desired_generation"].add_metric([], generation)
         fams["tracefleet_controller_pending_acks"].add_metric([], pending)
+        fams["tracefleet_controller_batch_pace_seconds"].add_metric([], ctl.batch_pace())
 
 
 def _statuses(info: dict[str, Any]) -> Sequence[dict[str, Any]]:

@@ -55,6 +55,13 @@ MAX_TTL_SECONDS = 366 * 86400
 MAX_EVENT_SET_NAME = 64
 # Longest gap between the result batches of an idle agent (DesiredState.idle_batch_interval)
 MAX_IDLE_BATCH_INTERVAL = 30.0
+# Result batches a second the fleet may send this controller in total (BatchAck.pace): at
+# 10,000 agents, a batch a second each kept the controller and the agents' hosts busy merging
+# and building them, and acknowledgements of a change waited behind them (no convergence
+# in 60 s in the control benchmark; all acked in 2.5 s with the batches 10 s apart)
+DEFAULT_MAX_BATCH_RATE = 1000.0
+# How often the pace follows the number of connected agents
+PACE_REFRESH = 1.0
 # per-rule export: names of exporters configured on the agents (agent export.EXPORTER_NAME)
 MAX_EXPORTERS = 8
 EXPORTER_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
@@ -108,8 +115,11 @@ class Controller:
         timings: Timings | None = None,
         max_nodes: int = 10_000,
         forget_after: float = 0.0,
+        max_batch_rate: float = DEFAULT_MAX_BATCH_RATE,
     ) -> None:
         self.store = store
+        self.max_batch_rate = max_batch_rate  # 0: no pace (every agent at its interval)
+        self._pace = (-math.inf, 0.0)  # (monotonic time computed, seconds)
         # user sets an agent may report: those with a rule here (the operator named them)
         self.limits = Limits(REFUSALS, user_sets=lambda: self.rules)
         self.max_nodes = max_nodes
@@ -335,12 +345,32 @@ class Controller:
         ]
         return sum(self._send_ack(n, now) for n in due)
 
+    def batch_pace(self) -> float:
+        """Seconds between one agent's result batches that keep the fleet's total at
+        max_batch_rate, at most the idle gap (the liveness signal stays well inside
+        stale_after); 0 while the fleet is small enough for every interval."""
+        now = time.monotonic()
+        at, pace = self._pace
+        if now - at >= PACE_REFRESH:
+            n = len(self.fleet.connected())
+            pace = min(self.idle_batch_interval, n / self.max_batch_rate) if (
+                self.max_batch_rate > 0) else 0.0  # fmt: skip
+            self._pace = (now, pace)
+        return pace
+
+    def _batch_ack(self, instance: str, seq: int) -> agent_pb2.ControllerMessage:
+        ack = agent_pb2.BatchAck(instance_id=instance, seq=seq)
+        pace = self.batch_pace()
+        if pace > 0:
+            ack.pace.FromNanoseconds(int(pace * 1e9))
+        return agent_pb2.ControllerMessage(batch_ack=ack)
+
     def _send_ack(self, name: str, now: float) -> int:
         instance, seq = self._acks_due.pop(name)
         node = self.fleet.nodes.get(name)
         if node is None or node.conn is None:
             return 0  # resent batches are acked after the reconnect (duplicates)
-        node.conn.send(_batch_ack(instance, seq))
+        node.conn.send(self._batch_ack(instance, seq))
         self._last_ack[name] = now
         self._acked[name] = (instance, seq)
         self.batch_acks_sent += 1
@@ -645,7 +675,7 @@ class Controller:
             # first message of the stream: tells the agent this controller acknowledges
             # batches (seq 0: none of this instance applied yet)
             seq = self.ledger.committed_seq(reg.node_name, reg.instance_id)
-            conn.send(_batch_ack(reg.instance_id, seq))
+            conn.send(self._batch_ack(reg.instance_id, seq))
             self._acked[reg.node_name] = (reg.instance_id, seq)
         node = self.fleet.attach(reg.node_name, conn)
         # an agent whose window is small must not stall (or discard) waiting for an ack
@@ -738,7 +768,7 @@ class Controller:
         if outcome is Outcome.DUPLICATE:
             seq = self.ledger.committed_seq(node.name, batch.instance_id)
             if seq >= batch.seq and node.conn is not None:
-                node.conn.send(_batch_ack(batch.instance_id, seq))  # its ack was lost
+                node.conn.send(self._batch_ack(batch.instance_id, seq))  # its ack was lost
             self._notify("on_duplicate", node, batch)
             return outcome
         self._commit_wanted.set()
@@ -790,10 +820,6 @@ class Controller:
         if self.fleet.detach(node, conn):
             log.info("node %s disconnected", node.name)
             self.acks.changed(node)
-
-
-def _batch_ack(instance: str, seq: int) -> agent_pb2.ControllerMessage:
-    return agent_pb2.ControllerMessage(batch_ack=agent_pb2.BatchAck(instance_id=instance, seq=seq))
 
 
 def _redact_arg(redactor: TextRedactor, arg: types_pb2.EventArg) -> bool:
