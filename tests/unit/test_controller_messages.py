@@ -3,7 +3,9 @@ at the controller's idle gap rather than every interval, a large fleet's batches
 the rate the controller merges."""
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -68,20 +70,31 @@ def test_an_agent_with_a_small_ack_window_is_never_kept_waiting():
         assert _acks(conn) == [seq]
 
 
-def test_an_idle_agent_reports_at_the_controllers_idle_gap_and_resumes_when_enabled():
-    ctl = InProcessController(stale_after=300.0)  # idle gap: min(300 / 3, 30 s cap) = 30 s
+@contextlib.contextmanager
+def _agent(ctl: InProcessController, name: str, seed: int) -> Iterator[ControlClient]:
+    """A real control client (synthetic engine, 50 ms interval) connected to ``ctl``."""
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
     client = ControlClient(
-        SyntheticEngine(rate=100, seed=3),
+        SyntheticEngine(rate=100, seed=seed),
         ctl.address,
-        "idle-1",
+        name,
         {"role": "db"},
         ClientOptions(interval=0.05, offload_engine_calls=False, agent_version="test"),
     )
     t = threading.Thread(target=loop.run_until_complete, args=(client.run(stop),), daemon=True)
     t.start()
     try:
+        yield client
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        t.join(timeout=20)
+        ctl.stop()
+
+
+def test_an_idle_agent_reports_at_the_controllers_idle_gap_and_resumes_when_enabled():
+    ctl = InProcessController(stale_after=300.0)  # idle gap: min(300 / 3, 30 s cap) = 30 s
+    with _agent(ctl, "idle-1", 3) as client:
         node = wait_until(lambda: ctl.controller.fleet.nodes.get("idle-1"), what="register")
         wait_until(lambda: client.applied_generation == 0 and client.stats.acks, what="ack")
         assert ctl.controller.idle_batch_interval == 30.0
@@ -99,10 +112,6 @@ def test_an_idle_agent_reports_at_the_controllers_idle_gap_and_resumes_when_enab
             lambda: ctl.controller.ledger.snapshot()["idle-1"].sets.get("file"),
             what="file events counted",
         )
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        t.join(timeout=20)
-        ctl.stop()
 
 
 def _pace(conn):
@@ -130,18 +139,7 @@ def test_a_fleet_larger_than_the_batch_rate_is_told_to_space_its_batches(
 
 def test_an_agent_keeps_the_controllers_pace_while_on_and_every_interval_when_followed():
     ctl = InProcessController(stale_after=300.0, max_batch_rate=2.0)  # 1 agent: 0.5 s apart
-    loop = asyncio.new_event_loop()
-    stop = asyncio.Event()
-    client = ControlClient(
-        SyntheticEngine(rate=100, seed=4),
-        ctl.address,
-        "paced-1",
-        {"role": "db"},
-        ClientOptions(interval=0.05, offload_engine_calls=False, agent_version="test"),
-    )
-    t = threading.Thread(target=loop.run_until_complete, args=(client.run(stop),), daemon=True)
-    t.start()
-    try:
+    with _agent(ctl, "paced-1", 4) as client:
         node = wait_until(lambda: ctl.controller.fleet.nodes.get("paced-1"), what="register")
         res = ctl.call(ctl.controller.configure, "file", True, "role=db")
         wait_until(lambda: node.applied_generation == res.generation, what="enable acked")
@@ -176,7 +174,3 @@ def test_an_agent_keeps_the_controllers_pace_while_on_and_every_interval_when_fo
             return ctl.controller.ledger.snapshot()["paced-1"].sets["file"].delivered == made
 
         wait_until(counted, what="every event counted")
-    finally:
-        loop.call_soon_threadsafe(stop.set)
-        t.join(timeout=20)
-        ctl.stop()
