@@ -48,7 +48,8 @@ QUICK     ?=
 VM_TESTS  ?= $(addprefix tests/bpf/,test_capture_cold.py test_agent_cli.py \
                test_enable_bits.py test_event_sets.py test_exe.py test_export_file.py \
                test_fastring.py test_follow.py test_hardening.py test_hardening_user.py \
-               test_reliability_kernel.py test_user_events.py test_vfs.py)
+               test_reliability_kernel.py test_user_events.py test_vfs.py \
+               test_inflight_slots.py)
 VM_ARGS   ?= --memory 3G --timeout 3600 -- \
              -k 'not rename_storm and not bpf_run_time_stats \
                  and not (test_fastring and not lost_args) \
