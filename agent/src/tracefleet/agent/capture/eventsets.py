@@ -48,13 +48,17 @@ class EventSetSpec:
     # reaps (exec, vfs), or "" for task-local storage (syscall_event.bpf.h), whose calls in
     # flight the kernel counts in ``inflight_counter`` (per CPU)
     inflight_map: str = ""
-    inflight_counter: str = "tf_inflight_n"
     summary: str = ""
     # sets whose rungs are hooks rather than ways to read user memory (vfs): the rungs,
     # best first, and the programs of each
     ladder: tuple[Strategy, ...] = ()
     hook_programs: dict[Strategy, tuple[str, ...]] | None = None
     kernel_hooks: tuple[KernelHook, ...] = ()
+
+    @property
+    def inflight_counter(self) -> str:
+        """The per-CPU count of calls in flight of a task-storage set ("" for a hash set)."""
+        return "" if self.inflight_map else "tf_inflight_n"
 
     @property
     def calls_accounted(self) -> bool:
@@ -132,7 +136,6 @@ EXEC = EventSetSpec(
     },
     extra_programs=("tp_sched_exec",),
     inflight_map="tf_exec_inflight",
-    inflight_counter="",
 )
 
 NET = EventSetSpec(
@@ -198,7 +201,6 @@ VFS = EventSetSpec(
     "truncate, unlink, rename, mkdir, rmdir, link, symlink, setattr",
     syscalls={f"vfs_{op}": ArgSpec() for op in _VFS_OPS},
     inflight_map="tf_vfs_inflight",
-    inflight_counter="",
     ladder=(Strategy.FENTRY, Strategy.TRACEPOINT),
     hook_programs={
         Strategy.FENTRY: tuple(p for h in _VFS_HOOKS for p in h.programs),
