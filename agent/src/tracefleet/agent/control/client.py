@@ -68,6 +68,8 @@ from tracefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 
 log = logging.getLogger("tracefleet.agent.controlclient")
 T = TypeVar("T")
+K = TypeVar("K")
+V = TypeVar("V")
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -884,49 +886,55 @@ _DESIRED: dict[bytes, _Desired] = {}
 _ACKS: dict[tuple[int, tuple[SetStatus, ...]], agent_pb2.AgentMessage] = {}
 
 
-def _desired_of(ds: agent_pb2.DesiredState) -> _Desired:
-    key = ds.SerializeToString()
-    hit = _DESIRED.get(key)
+def _memo(table: dict[K, V], key: K, make: Callable[[], V]) -> V:
+    """``table[key]``, made on first use; a full table starts over (a few changes live)."""
+    hit = table.get(key)
     if hit is None:
-        if len(_DESIRED) >= _MEMO_MAX:
-            _DESIRED.clear()
-        hit = _DESIRED[key] = _Desired(
-            sets={
-                s.name: EventSetConfig(
-                    name=s.name,
-                    enabled=s.enabled,
-                    filters=wire.filters_from_pb(s.filters),
-                    sample_rate=s.sample_rate,
-                    export=tuple(s.export),
-                )
-                for s in ds.event_sets
-            },
-            deadlines={
-                s.name: s.expires_at_unix_ns / 1e9
-                for s in ds.event_sets
-                if s.enabled and s.expires_at_unix_ns > 0
-            },
-            idle_interval=(
-                ds.idle_batch_interval.ToTimedelta().total_seconds()
-                if ds.HasField("idle_batch_interval")
-                else 0.0
-            ),
-            redact_patterns=tuple(ds.redact_patterns),
-        )
+        if len(table) >= _MEMO_MAX:
+            table.clear()
+        hit = table[key] = make()
     return hit
+
+
+def _desired_of(ds: agent_pb2.DesiredState) -> _Desired:
+    return _memo(_DESIRED, ds.SerializeToString(), lambda: _decode_desired(ds))
+
+
+def _decode_desired(ds: agent_pb2.DesiredState) -> _Desired:
+    return _Desired(
+        sets={
+            s.name: EventSetConfig(
+                name=s.name,
+                enabled=s.enabled,
+                filters=wire.filters_from_pb(s.filters),
+                sample_rate=s.sample_rate,
+                export=tuple(s.export),
+            )
+            for s in ds.event_sets
+        },
+        deadlines={
+            s.name: s.expires_at_unix_ns / 1e9
+            for s in ds.event_sets
+            if s.enabled and s.expires_at_unix_ns > 0
+        },
+        idle_interval=(
+            ds.idle_batch_interval.ToTimedelta().total_seconds()
+            if ds.HasField("idle_batch_interval")
+            else 0.0
+        ),
+        redact_patterns=tuple(ds.redact_patterns),
+    )
 
 
 def _ack_message(generation: int, statuses: Sequence[SetStatus]) -> agent_pb2.AgentMessage:
     """The Ack of ``generation`` with ``statuses`` (shared: not to be changed)."""
-    key = (generation, tuple(statuses))
-    msg = _ACKS.get(key)
-    if msg is None:
-        if len(_ACKS) >= _MEMO_MAX:
-            _ACKS.clear()
-        msg = _ACKS[key] = agent_pb2.AgentMessage(
+    return _memo(
+        _ACKS,
+        (generation, tuple(statuses)),
+        lambda: agent_pb2.AgentMessage(
             ack=agent_pb2.Ack(generation=generation, statuses=[_status_pb(s) for s in statuses])
-        )
-    return msg
+        ),
+    )
 
 
 # entry point -------------------------------------------------------------------------------
