@@ -263,8 +263,10 @@ def _rounds(fleet: Fleet, selector: str, expect: int, rounds: int, follow: str,
             off, _ = fleet.wait_acked(gen, matched, t1, timeout)
             disable_acked.append(off)
             fleet.nodes(selector)  # the cost of one status call of this fleet
-            log(f"control:   round {r + 1}/{rounds}: all acked {done * 1e3:.0f} ms, first "
-                f"event {first * 1e3:.0f} ms, disable acked {off * 1e3:.0f} ms")  # fmt: skip
+            cpu = ", ".join(f"{k} {v * 1e3:.0f}" for k, v in _by_kind(windows[-1][1]).items())
+            log(f"control:   round {r + 1}/{rounds}: all acked {done * 1e3:.0f} ms (CPU ms: "
+                f"{cpu}), first event {first * 1e3:.0f} ms, disable acked {off * 1e3:.0f} "
+                "ms")  # fmt: skip
             if done != done:  # not converged: the next rounds would wait as long again
                 log(f"control:   the fleet did not converge in {timeout:.0f} s; its other "
                     "rounds are not run")  # fmt: skip
@@ -348,6 +350,14 @@ def cpu_window(
 
 def _kind(name: str) -> str:
     return name.rstrip("0123456789").rstrip()
+
+
+def _by_kind(cpu_s: dict[str, float]) -> dict[str, float]:
+    """CPU seconds of each kind of process (controller, load generator) in one window."""
+    out: dict[str, float] = {}
+    for name, v in cpu_s.items():
+        out[_kind(name)] = out.get(_kind(name), 0.0) + v
+    return out
 
 
 def change_cpu(windows: list[tuple[float, dict[str, float]]], agents: int,
@@ -534,6 +544,10 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                     dt = c1.t - c0.t
                     lg_s = sum(b.cpu_s - a.cpu_s for a, b in zip(l0, l1, strict=True))
                     steady = {"controller": (c1.cpu_s - c0.cpu_s) / dt, "load generator": lg_s / dt}
+                    # all load generators together, in % of one CPU: with PIN they share
+                    # PINNED_CPUS["load generator"], and an idle fleet near that leaves a change
+                    # no room
+                    res["loadgen_cpu_percent_steady"] = 100.0 * lg_s / dt
                     res["bare_change"] = _bare_changes(
                         fleet, names, 2 if quick else 4, procs_named(ctl.pid, pids), steady
                     )

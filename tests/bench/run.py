@@ -221,6 +221,10 @@ def render_control(r: dict[str, Any]) -> str:
                 f"{f['change_loadgen_cpu_ms']:.0f} ms in the load generators "
                 f"({f['change_loadgen_cpu_us_per_agent']:.0f} us/agent); limit: {f['limit']}"
             )
+        if "loadgen_cpu_percent_steady" in f:
+            out.append(f"  {name}: idle fleet, CPU of the controller "
+                       f"{f['controller_cpu_percent_steady']:.1f}%, of the load generators "
+                       f"{f['loadgen_cpu_percent_steady']:.1f}% (of one CPU)")  # fmt: skip
         if "bare_change" in f:
             b = f["bare_change"]
             cpu = ", ".join(f"{k} {v:.0f} us" for k, v in b["cpu_us_per_agent_per_change"].items())
