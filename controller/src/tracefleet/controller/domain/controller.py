@@ -27,6 +27,7 @@ from tracefleet.controller.domain.aggregate import (
     HistogramMismatch,
     SetSample,
 )
+from tracefleet.controller.domain.batchacks import BatchAcks
 from tracefleet.controller.domain.events import EventHub
 from tracefleet.controller.domain.fleet import Connection, Fleet, Node, Statuses, StatusTable
 from tracefleet.controller.domain.ledger import Ledger, Outcome
@@ -98,11 +99,13 @@ class Timings:
     # seconds a result batch may wait for the group commit of the ledger (and so for its
     # acknowledgement): one fsync per commit, not per batch
     commit: float = 0.05
-    # BatchAcks are merged: a node gets at most one per ack_every seconds, covering the
-    # highest seq committed (cumulative), unless ack_burst of its batches wait for one (an
-    # agent replaying its outbox must not stall on its send window)
+    # BatchAcks are merged (batchacks.py): a node gets at most one per ack_every seconds,
+    # or per ack_gaps of its own gaps between batches when it batches less often, covering
+    # the highest seq committed (cumulative), unless ack_burst of its batches wait for one
+    # (an agent replaying its outbox must not stall on its send window)
     ack_every: float = 2.0
     ack_burst: int = 8
+    ack_gaps: float = 3.0
 
 
 class Controller:
@@ -146,11 +149,8 @@ class Controller:
         self._commit_wanted = asyncio.Event()
         self.commit_seconds = 0.0  # time spent in ledger commits (all of them)
         self.commits = 0
-        # committed and not acknowledged yet, and the last acknowledged: node -> (instance, seq)
-        self._acks_due: dict[str, tuple[str, int]] = {}
-        self._acked: dict[str, tuple[str, int]] = {}
-        self._last_ack: dict[str, float] = {}  # node -> monotonic time of its last BatchAck
-        self._ack_burst: dict[str, int] = {}  # node -> batches held back at most (ack_window)
+        t = self.timings
+        self.batch_acks = BatchAcks(t.ack_every, t.ack_burst, t.ack_gaps, MAX_IDLE_BATCH_INTERVAL)
         self.batch_acks_sent = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._warned_hist: set[str] = set()
@@ -261,10 +261,7 @@ class Controller:
             raise RemoveError(f"the database cannot be written ({e}); try again") from None
         self.fleet.forget(name)
         self.ledger.forget(name)
-        self._acks_due.pop(name, None)
-        self._last_ack.pop(name, None)
-        self._ack_burst.pop(name, None)
-        self._acked.pop(name, None)
+        self.batch_acks.forget(name)
         self.acks.changed(node, forgotten=True)
         self._notify("on_forget", name)
 
@@ -318,13 +315,7 @@ class Controller:
         now = time.monotonic()
         sent = 0
         for name, instance, seq in acks:
-            self._acks_due[name] = (instance, seq)
-            last = self._acked.get(name)
-            waiting = seq - last[1] if last is not None and last[0] == instance else seq
-            if (
-                waiting >= self._ack_burst.get(name, self.timings.ack_burst)
-                or now - self._last_ack.get(name, -math.inf) >= self.timings.ack_every
-            ):
+            if self.batch_acks.committed(name, (instance, seq), now):
                 sent += self._send_ack(name, now)
         return sent
 
@@ -334,16 +325,12 @@ class Controller:
         rows = self.store.node_ledger(name)
         if rows is not None:
             self.ledger.replace_node(name, rows)
-            self._acks_due.pop(name, None)
+            self.batch_acks.drop_due(name)
 
     def send_due_acks(self, force: bool = False) -> int:
-        """Send the BatchAcks held back by ack_every whose time has come (all: force)."""
+        """Send the BatchAcks held back whose time has come (all: force)."""
         now = time.monotonic()
-        every = self.timings.ack_every
-        due = [
-            n for n in self._acks_due if force or now - self._last_ack.get(n, -math.inf) >= every
-        ]
-        return sum(self._send_ack(n, now) for n in due)
+        return sum(self._send_ack(n, now) for n in self.batch_acks.due(now, force))
 
     def batch_pace(self) -> float:
         """Seconds between one agent's result batches that keep the fleet's total at
@@ -366,13 +353,14 @@ class Controller:
         return agent_pb2.ControllerMessage(batch_ack=ack)
 
     def _send_ack(self, name: str, now: float) -> int:
-        instance, seq = self._acks_due.pop(name)
         node = self.fleet.nodes.get(name)
         if node is None or node.conn is None:
-            return 0  # resent batches are acked after the reconnect (duplicates)
-        node.conn.send(self._batch_ack(instance, seq))
-        self._last_ack[name] = now
-        self._acked[name] = (instance, seq)
+            self.batch_acks.drop_due(name)  # resent batches are acked after the reconnect
+            return 0
+        due = self.batch_acks.take(name, now)
+        if due is None:
+            return 0
+        node.conn.send(self._batch_ack(*due))
         self.batch_acks_sent += 1
         return 1
 
@@ -671,16 +659,15 @@ class Controller:
             self._reload_ledger(reg.node_name)
         except sqlite3.Error as e:  # the next commit's compare-and-swap still guards
             self._store_failed("reading a node's ledger", e)
+        # an agent whose window is small must not stall (or discard) waiting for an ack
+        self.batch_acks.register(reg.node_name, reg.ack_window)
         if reg.instance_id:
             # first message of the stream: tells the agent this controller acknowledges
             # batches (seq 0: none of this instance applied yet)
             seq = self.ledger.committed_seq(reg.node_name, reg.instance_id)
             conn.send(self._batch_ack(reg.instance_id, seq))
-            self._acked[reg.node_name] = (reg.instance_id, seq)
+            self.batch_acks.announced(reg.node_name, (reg.instance_id, seq))
         node = self.fleet.attach(reg.node_name, conn)
-        # an agent whose window is small must not stall (or discard) waiting for an ack
-        window = reg.ack_window or 2 * self.timings.ack_burst
-        self._ack_burst[node.name] = max(1, min(self.timings.ack_burst, window // 2))
         node.labels = dict(reg.labels)
         node.kernel_version = reg.kernel_version
         node.agent_version = reg.agent_version
@@ -772,6 +759,7 @@ class Controller:
             self._notify("on_duplicate", node, batch)
             return outcome
         self._commit_wanted.set()
+        self.batch_acks.batch(node.name, time.monotonic())
         self._notify("on_batch", node, batch)
         if not batch.replayed:
             samples = []
