@@ -59,9 +59,10 @@ VM_ARGS   ?= --memory 3G --timeout 3600 -- \
                  and not flood_in_one_set \
                  and not (test_agent_cli and not (probe_reports or sleepable_is_chosen))'
 
-# The 6.12 guest (user_events built in): its own short stage, user_events + cold openat.
+# The 6.12 guest (user_events built in): its own short stage, user_events + cold openat,
+# and swapped-out anonymous memory (zram is built in there; ~20 s of guest time).
 VM612_TESTS ?= tests/bpf/test_user_events.py tests/bpf/test_capture_cold.py
-VM612_K     ?= test_user_events or openat
+VM612_K     ?= test_user_events or openat or swapped_out
 
 # Goals that load BPF or install packages stop here, before anything runs (even under -j
 # or -n), when not run as root: the script says why and how (sudo only where it exists).
