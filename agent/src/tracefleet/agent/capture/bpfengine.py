@@ -26,12 +26,13 @@ from typing import Any
 
 from tracefleet.agent.capture import fastring
 from tracefleet.agent.capture.accounting import Accounting
-from tracefleet.agent.capture.consumer import EventSink, RingConsumer
+from tracefleet.agent.capture.consumer import RingConsumer
 from tracefleet.agent.capture.contain import ANY_SET, ErrorCounter
 from tracefleet.agent.capture.engine import (
     Aggregates,
     CaptureEngine,
     EventSetConfig,
+    EventSink,
     Filters,
     SetAggregate,
     SetStatus,

@@ -28,7 +28,7 @@ from tracefleet.agent.capture.decode import (
     decode_record,
     has_lost_arg,
 )
-from tracefleet.agent.capture.engine import Filters, SetAggregate
+from tracefleet.agent.capture.engine import EventSink, Filters, SetAggregate
 from tracefleet.agent.capture.eventsets import BY_ID, EVENT_SETS
 from tracefleet.agent.capture.exe import ExeResolver
 from tracefleet.agent.capture.fallback import RecordFallback
@@ -44,7 +44,6 @@ log = logging.getLogger("tracefleet.agent")
 _HDR_SIZE = ctypes.sizeof(TfHdr)
 _HDR = struct.Struct("=Q24x8xHHB")  # ts_ns, (exit_ns, cgroup_id, ret, pid, tid), kind, syscall, set
 
-EventSink = Callable[[dict[str, Any]], None]
 CreateMap = Callable[[int, str, int, int, int], int]  # type, name, key, value size, entries
 
 

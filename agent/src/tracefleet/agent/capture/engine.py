@@ -10,7 +10,7 @@ collector drive each through ``CaptureEngine`` only.
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +22,10 @@ from tracefleet.model.histogram import LATENCY_BUCKETS_SECONDS, Histogram
 from tracefleet.model.names import OUTCOMES
 
 if TYPE_CHECKING:  # annotations only: the contract names them, the engines import them
-    from tracefleet.agent.capture.consumer import EventSink
     from tracefleet.agent.capture.contain import ErrorCounter
+
+# what add_sink() takes: called with each decoded event (the model's JSON shape)
+EventSink = Callable[[dict[str, Any]], None]
 
 __all__ = ["LATENCY_BUCKETS_SECONDS", "OUTCOMES", "Filters", "Histogram"]
 
