@@ -140,6 +140,27 @@ def test_a_fleet_larger_than_the_batch_rate_is_told_to_space_its_batches(
         assert _pace(last) == want
 
 
+def test_a_fleet_too_large_for_the_rate_at_the_idle_gap_is_named_with_the_fix(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
+    # the pace stops at the idle gap (30 s here): 200 agents then send 6.7 batches a second
+    # against a rate of 4, which no agent can be told to fix; the operator is, once
+    monkeypatch.setattr(controller_mod, "PACE_REFRESH", 0.0)
+    ctl = Controller(Store(":memory:"), stale_after=90.0, max_batch_rate=4.0)
+    with caplog.at_level("WARNING", logger="tracefleet.controller"):
+        for i in range(130):  # 120 agents: 4 a second at the 30 s gap, within the rate
+            ctl.on_register(agent_pb2.Register(node_name=f"n{i}", instance_id="i"), Connection())
+            if i == 119:
+                assert not [r for r in caplog.records if "max-batch-rate" in r.message]
+        for i in range(130, 200):
+            ctl.on_register(agent_pb2.Register(node_name=f"n{i}", instance_id="i"), Connection())
+    warned = [r.message for r in caplog.records if "max-batch-rate" in r.message]
+    assert len(warned) == 1, warned  # once per crossing, not per registration
+    # the crossing: 122 agents at 30 s are 4.07 a second; 3 x 122 / 4 = 91.5 s
+    assert warned[0].startswith("122 connected agents send 4.1 result batches"), warned[0]
+    assert "raise --stale-after to at least 92 s, or --max-batch-rate to 5" in warned[0]
+
+
 def test_an_agent_keeps_the_controllers_pace_while_on_and_every_interval_when_followed():
     ctl = InProcessController(stale_after=300.0, max_batch_rate=2.0)  # 1 agent: 0.5 s apart
     with _agent(ctl, "paced-1", 4) as client:

@@ -123,6 +123,7 @@ class Controller:
         self.store = store
         self.max_batch_rate = max_batch_rate  # 0: no pace (every agent at its interval)
         self._pace = (-math.inf, 0.0)  # (monotonic time computed, seconds)
+        self._over_rate = False  # the fleet needs more batches a second than max_batch_rate
         # user sets an agent may report: those with a rule here (the operator named them)
         self.limits = Limits(REFUSALS, user_sets=lambda: self.rules)
         self.max_nodes = max_nodes
@@ -343,7 +344,23 @@ class Controller:
             pace = min(self.idle_batch_interval, n / self.max_batch_rate) if (
                 self.max_batch_rate > 0) else 0.0  # fmt: skip
             self._pace = (now, pace)
+            self._warn_over_rate(n)
         return pace
+
+    def _warn_over_rate(self, n: int) -> None:
+        """Once per crossing: the fleet is too large for --max-batch-rate at the idle gap
+        (the pace stops at it so that a live agent is never taken for stale)."""
+        gap = self.idle_batch_interval
+        over = self.max_batch_rate > 0 and gap > 0 and n / gap > self.max_batch_rate * 1.01
+        if over and not self._over_rate:
+            log.warning(
+                "%d connected agents send %.1f result batches a second at the idle gap of "
+                "%.1f s (a third of --stale-after), more than --max-batch-rate %g: raise "
+                "--stale-after to at least %d s, or --max-batch-rate to %d",
+                n, n / gap, gap, self.max_batch_rate,
+                math.ceil(3 * n / self.max_batch_rate), math.ceil(n / gap),
+            )  # fmt: skip
+        self._over_rate = over
 
     def _batch_ack(self, instance: str, seq: int) -> agent_pb2.ControllerMessage:
         ack = agent_pb2.BatchAck(instance_id=instance, seq=seq)
