@@ -72,7 +72,9 @@ def test_an_agent_with_a_small_ack_window_is_never_kept_waiting():
 
 
 @contextlib.contextmanager
-def _agent(ctl: InProcessController, name: str, seed: int) -> Iterator[ControlClient]:
+def _agent(
+    ctl: InProcessController, name: str, seed: int, interval: float = 0.05
+) -> Iterator[ControlClient]:
     """A real control client (synthetic engine, 50 ms interval) connected to ``ctl``."""
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -81,7 +83,7 @@ def _agent(ctl: InProcessController, name: str, seed: int) -> Iterator[ControlCl
         ctl.address,
         name,
         {"role": "db"},
-        ClientOptions(interval=0.05, offload_engine_calls=False, agent_version="test"),
+        ClientOptions(interval=interval, offload_engine_calls=False, agent_version="test"),
     )
     t = threading.Thread(target=loop.run_until_complete, args=(client.run(stop),), daemon=True)
     t.start()
@@ -159,6 +161,27 @@ def test_a_fleet_too_large_for_the_rate_at_the_idle_gap_is_named_with_the_fix(
     # the crossing: 122 agents at 30 s are 4.07 a second; 3 x 122 / 4 = 91.5 s
     assert warned[0].startswith("122 connected agents send 4.1 result batches"), warned[0]
     assert "raise --stale-after to at least 92 s, or --max-batch-rate to 5" in warned[0]
+
+
+def test_a_change_does_not_make_every_agent_send_a_batch_at_once():
+    # A change reaches the whole fleet at once: an agent must keep its own tick grid (its
+    # batch at its next interval), or every agent's batch would follow the change together
+    # and compete with the fleet's acks.
+    ctl = InProcessController(stale_after=300.0)
+    with _agent(ctl, "grid-1", 5, interval=2.0) as client:
+        node = wait_until(lambda: ctl.controller.fleet.nodes.get("grid-1"), what="register")
+        res = ctl.call(ctl.controller.configure, "file", True, "role=db")
+        wait_until(lambda: node.applied_generation == res.generation, what="enable acked")
+        sent = client.stats.batches_sent
+        wait_until(lambda: client.stats.batches_sent > sent, what="a batch (a tick)")
+        ticks, sent = client.stats.ticks, client.stats.batches_sent
+        res = ctl.call(ctl.controller.configure, "exec", True, "role=db")  # mid-interval
+        wait_until(lambda: node.applied_generation == res.generation, what="change acked")
+        time.sleep(0.2)
+        assert (client.stats.ticks, client.stats.batches_sent) == (ticks, sent), (
+            "the change made the agent tick and send at once"
+        )
+        wait_until(lambda: client.stats.batches_sent > sent, what="its next interval's batch")
 
 
 def test_an_agent_keeps_the_controllers_pace_while_on_and_every_interval_when_followed():

@@ -768,19 +768,19 @@ class ControlClient:
             early = await self._sleep(delay)
             if stop.is_set():
                 return
-            if skip:
-                # the ticks slept through (all, or those passed before an early wakeup)
-                passed = (
-                    skip
-                    if not early
-                    else min(skip, max(0, math.floor((time.monotonic() - next_t) / interval) + 1))
-                )
+            if early:
+                # the gap changed: count the ticks slept through so far, then sleep on to the
+                # next tick of this agent's grid with the new gap (never a tick now: a change
+                # reaches every agent at once, and their batches would follow it together)
+                passed = min(skip, max(0, math.floor((time.monotonic() - next_t) / interval) + 1))
                 self.stats.ticks += passed
                 self._count_skipped(passed, idle)
-                next_t += passed * interval
-                if early:  # the next tick on the grid looks at the new gap
-                    next_t -= interval
-                    continue
+                next_t += (passed - 1) * interval
+                continue
+            if skip:  # the ticks slept through
+                self.stats.ticks += skip
+                self._count_skipped(skip, idle)
+                next_t += skip * interval
             self.stats.ticks += 1
             try:  # also while idle: a registration is news even with nothing enabled
                 await self._refresh_report()
