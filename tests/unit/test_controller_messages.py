@@ -145,22 +145,31 @@ def test_a_fleet_larger_than_the_batch_rate_is_told_to_space_its_batches(
 def test_a_fleet_too_large_for_the_rate_at_the_idle_gap_is_named_with_the_fix(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ):
-    # the pace stops at the idle gap (30 s here): 200 agents then send 6.7 batches a second
-    # against a rate of 4, which no agent can be told to fix; the operator is, once
+    # The pace stops at the idle gap (liveness): past it the fleet sends more than the rate,
+    # which no agent can be told to fix; the operator is, once per crossing.
     monkeypatch.setattr(controller_mod, "PACE_REFRESH", 0.0)
-    ctl = Controller(Store(":memory:"), stale_after=90.0, max_batch_rate=4.0)
-    with caplog.at_level("WARNING", logger="tracefleet.controller"):
-        for i in range(130):  # 120 agents: 4 a second at the 30 s gap, within the rate
-            ctl.on_register(agent_pb2.Register(node_name=f"n{i}", instance_id="i"), Connection())
-            if i == 119:
-                assert not [r for r in caplog.records if "max-batch-rate" in r.message]
-        for i in range(130, 200):
-            ctl.on_register(agent_pb2.Register(node_name=f"n{i}", instance_id="i"), Connection())
-    warned = [r.message for r in caplog.records if "max-batch-rate" in r.message]
+
+    def warnings(stale_after: float, agents: int, quiet_until: int) -> list[str]:
+        caplog.clear()
+        ctl = Controller(Store(":memory:"), stale_after=stale_after, max_batch_rate=4.0)
+        with caplog.at_level("WARNING", logger="tracefleet.controller"):
+            for i in range(agents):
+                reg = agent_pb2.Register(node_name=f"n{i}", instance_id="i")
+                ctl.on_register(reg, Connection())
+                if i + 1 == quiet_until:  # within the rate so far
+                    assert not [r for r in caplog.records if "max-batch-rate" in r.message]
+        return [r.message for r in caplog.records if "max-batch-rate" in r.message]
+
+    # idle gap 20 s: 80 agents are 4 a second; the 82nd registration sees 81 (4.05 a second)
+    warned = warnings(60.0, 140, quiet_until=80)
     assert len(warned) == 1, warned  # once per crossing, not per registration
-    # the crossing: 122 agents at 30 s are 4.07 a second; 3 x 122 / 4 = 91.5 s
-    assert warned[0].startswith("122 connected agents send 4.1 result batches"), warned[0]
-    assert "raise --stale-after to at least 92 s, or --max-batch-rate to 5" in warned[0]
+    assert warned[0].startswith("81 connected agents send 4.0 result batches"), warned[0]
+    # 81 / 4 = 20.25 s of idle gap: --stale-after 3 x 20.25 = 60.75 s
+    assert warned[0].endswith("raise --stale-after to at least 61 s, or --max-batch-rate to 5")
+    # the idle gap at its 30 s cap: 122 agents need 30.5 s, which no --stale-after gives
+    (warned,) = warnings(300.0, 140, quiet_until=121)
+    assert warned.startswith("122 connected agents"), warned
+    assert warned.endswith(": raise --max-batch-rate to 5"), warned
 
 
 def test_a_change_does_not_make_every_agent_send_a_batch_at_once():

@@ -56,6 +56,9 @@ MAX_TTL_SECONDS = 366 * 86400
 MAX_EVENT_SET_NAME = 64
 # Longest gap between the result batches of an idle agent (DesiredState.idle_batch_interval)
 MAX_IDLE_BATCH_INTERVAL = 30.0
+# ... and at most this share of --stale-after: a live idle agent misses two batches before it
+# is taken for stale
+IDLE_BATCHES_PER_STALE = 3
 # Result batches a second the fleet may send this controller in total (BatchAck.pace): at
 # 10,000 agents, a batch a second each kept the controller and the agents' hosts busy merging
 # and building them, and acknowledgements of a change waited behind them (no convergence
@@ -132,7 +135,9 @@ class Controller:
         self.timings = timings or Timings()
         self.fleet = Fleet(stale_after=stale_after, window=window)
         # idle agents report this far apart: three chances before the node counts as stale
-        self.idle_batch_interval = min(MAX_IDLE_BATCH_INTERVAL, stale_after / 3)
+        self.idle_batch_interval = min(
+            MAX_IDLE_BATCH_INTERVAL, stale_after / IDLE_BATCHES_PER_STALE
+        )
         self.fleet.load(store.nodes())
         self.hub = EventHub()
         self.acks = AckWatches()
@@ -350,15 +355,19 @@ class Controller:
     def _warn_over_rate(self, n: int) -> None:
         """Once per crossing: the fleet is too large for --max-batch-rate at the idle gap
         (the pace stops at it so that a live agent is never taken for stale)."""
-        gap = self.idle_batch_interval
-        over = self.max_batch_rate > 0 and gap > 0 and n / gap > self.max_batch_rate * 1.01
+        gap, rate = self.idle_batch_interval, self.max_batch_rate
+        over = rate > 0 and gap > 0 and n / gap > rate * 1.01
         if over and not self._over_rate:
+            needed = n / rate  # the idle gap that keeps this fleet within the rate
+            fix = f"raise --max-batch-rate to {math.ceil(n / gap)}"
+            if needed <= MAX_IDLE_BATCH_INTERVAL:  # past that, a longer --stale-after won't
+                stale = math.ceil(IDLE_BATCHES_PER_STALE * needed)
+                fix = f"raise --stale-after to at least {stale} s, or " + fix[6:]
             log.warning(
                 "%d connected agents send %.1f result batches a second at the idle gap of "
-                "%.1f s (a third of --stale-after), more than --max-batch-rate %g: raise "
-                "--stale-after to at least %d s, or --max-batch-rate to %d",
-                n, n / gap, gap, self.max_batch_rate,
-                math.ceil(3 * n / self.max_batch_rate), math.ceil(n / gap),
+                "%.1f s (--stale-after / %d, at most %.0f s), more than --max-batch-rate %g: "
+                "%s", n, n / gap, gap, IDLE_BATCHES_PER_STALE, MAX_IDLE_BATCH_INTERVAL,
+                rate, fix,
             )  # fmt: skip
         self._over_rate = over
 
