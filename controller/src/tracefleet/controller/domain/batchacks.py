@@ -23,7 +23,6 @@ Seq = tuple[str, int]  # (agent instance, seq)
 @dataclass
 class _Node:
     burst: int  # batches held back at most
-    due: Seq | None = None  # committed, not acknowledged yet
     acked: Seq | None = None  # the last acknowledged (or announced at registration)
     last_ack: float = -math.inf  # monotonic time of the last BatchAck
     last_batch: float | None = None  # monotonic time of the last batch received
@@ -37,7 +36,8 @@ class BatchAcks:
         self.gaps = gaps
         self.linger_max = max(ack_every, linger_max)
         self._nodes: dict[str, _Node] = {}
-        self._held: dict[str, _Node] = {}  # the nodes with an ack due (scanned twice a second)
+        # committed, not acknowledged yet: node -> seq (scanned twice a second)
+        self._held: dict[str, Seq] = {}
 
     def register(self, name: str, ack_window: int) -> None:
         """A node (re)connected; ``ack_window``: batches its agent sends ahead of the acks
@@ -52,9 +52,7 @@ class BatchAcks:
 
     def drop_due(self, name: str) -> None:
         """What was due is no longer known to be committed (the ledger was read again)."""
-        n = self._held.pop(name, None)
-        if n is not None:
-            n.due = None
+        self._held.pop(name, None)
 
     def announced(self, name: str, seq: Seq) -> None:
         """The registration's BatchAck told the agent ``seq``."""
@@ -72,23 +70,24 @@ class BatchAcks:
     def committed(self, name: str, seq: Seq, now: float) -> bool:
         """``seq`` of the node is committed; True if its BatchAck should go now."""
         n = self._node(name)
-        n.due = seq
-        self._held[name] = n
+        self._held[name] = seq
         acked = n.acked
         waiting = seq[1] - acked[1] if acked is not None and acked[0] == seq[0] else seq[1]
         return waiting >= n.burst or now - n.last_ack >= n.linger
 
     def due(self, now: float, force: bool = False) -> list[str]:
         """Nodes whose held-back BatchAck's time has come (all with one held back: force)."""
-        return [name for name, n in self._held.items() if force or now - n.last_ack >= n.linger]
+        nodes = self._nodes
+        return [
+            name for name in self._held if force or now - nodes[name].last_ack >= nodes[name].linger
+        ]
 
     def take(self, name: str, now: float) -> Seq | None:
         """The seq to acknowledge now (None: nothing due), counted as sent."""
-        n = self._held.pop(name, None)
-        if n is None or n.due is None:
-            return None
-        seq, n.due = n.due, None
-        n.acked, n.last_ack = seq, now
+        seq = self._held.pop(name, None)
+        if seq is not None:
+            n = self._nodes[name]
+            n.acked, n.last_ack = seq, now
         return seq
 
     def _node(self, name: str) -> _Node:
