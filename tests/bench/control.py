@@ -372,10 +372,7 @@ def change_cpu(windows: list[tuple[float, dict[str, float]]], agents: int,
     wall = statistics.median(w for w, _ in windows)
     names = list(windows[0][1])
     kinds = list(dict.fromkeys(_kind(n) for n in names))
-    by_kind = {
-        k: statistics.median(sum(v for n, v in c.items() if _kind(n) == k) for _, c in windows)
-        for k in kinds
-    }
+    by_kind = {k: statistics.median(_by_kind(c)[k] for _, c in windows) for k in kinds}
     pinned = PINNED_CPUS if _pinning()[0] else {}
     room = {k: min(sum(_kind(n) == k for n in names), pinned.get(k, cpus)) for k in kinds}
     use = {k: by_kind[k] / (room[k] * wall) if wall > 0 else 0.0 for k in kinds}
@@ -547,7 +544,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                     # all load generators together, in % of one CPU: with PIN they share
                     # PINNED_CPUS["load generator"], and an idle fleet near that leaves a change
                     # no room
-                    res["loadgen_cpu_percent_steady"] = 100.0 * lg_s / dt
+                    res["loadgen_cpu_percent_steady"] = 100.0 * steady["load generator"]
                     res["bare_change"] = _bare_changes(
                         fleet, names, 2 if quick else 4, procs_named(ctl.pid, pids), steady
                     )
