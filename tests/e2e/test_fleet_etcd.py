@@ -7,6 +7,7 @@ both replicas' addresses moves to the survivor when its replica is SIGKILLed."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from tests.e2e.fleet_helpers import (
     nodes_by_name,
     wait_until,
 )
-from tests.etcd_cluster import etcd_cluster
+from tests.etcd_cluster import EtcdCluster, etcd_cluster
 from tracefleet.agent.control.client import first_controller
 from tracefleet.controller.domain.rules import Rule
 from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
@@ -40,6 +41,13 @@ def etcd3(tmp_path: Path) -> Iterator[list[str]]:
     """Client URLs of a fresh 3-member etcd cluster on loopback."""
     with etcd_cluster(tmp_path / "etcd", timeout=scaled(30)) as cluster:
         yield cluster.urls
+
+
+@pytest.fixture
+def etcd3_cluster(tmp_path: Path) -> Iterator[EtcdCluster]:
+    """A fresh 3-member etcd cluster on loopback, with its members' pids (to stop some)."""
+    with etcd_cluster(tmp_path / "etcd", timeout=scaled(30)) as cluster:
+        yield cluster
 
 
 def _agent(agent: AgentProc) -> dict:
@@ -338,3 +346,106 @@ def test_a_ledger_document_another_replica_changed_is_never_overwritten(etcd3):
     assert one.put_ledger(rows(2, 99)) == {"n1"}  # now one's read is stale
     fresh = EtcdStore(EtcdClient(etcd3), "/ledger-cas", Store(":memory:"))
     assert fresh.ledger() == rows(2, 15)
+
+
+def _replicas_with_agents(
+    tmp_path: Path, a_etcd: list[str], b_etcd: list[str]
+) -> tuple[ControllerProc, ControllerProc, AgentProc, AgentProc]:
+    """Replicas A and B on the given etcd endpoints, a simulated agent on each (role=db), and
+    `file` enabled through A and applied by both agents."""
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    a = ControllerProc(dirs[0], stale_after=10, extra_args=["--etcd", ",".join(a_etcd)])
+    b = ControllerProc(dirs[1], stale_after=10, extra_args=["--etcd", ",".join(b_etcd)])
+    a.start()
+    b.start()
+    on_a = AgentProc(tmp_path, a.address, "on-a", labels="role=db").start()
+    on_b = AgentProc(tmp_path, b.address, "on-b", labels="role=db").start()
+    for agent in (on_a, on_b):
+        wait_until(lambda ag=agent: _agent(ag).get("connected"), scaled(30), agent.name)
+    gen = cli_json(a.address, "enable", "file", "--selector", "role=db")["generation"]
+    _wait_applied((on_a, on_b), gen, ["file"])
+    return a, b, on_a, on_b
+
+
+def _wait_applied(agents: tuple[AgentProc, ...], gen: int, enabled: list[str]) -> None:
+    for agent in agents:
+        wait_until(
+            lambda ag=agent: (
+                _agent(ag).get("applied_generation") == gen
+                and sorted(_agent(ag).get("enabled") or []) == enabled
+            ),
+            scaled(30),
+            f"{agent.name} applied generation {gen} with {enabled} enabled",
+        )
+
+
+def _stop_all(procs: tuple[AgentProc | ControllerProc, ...]) -> None:
+    for p in procs:
+        if p.proc is not None and p.proc.poll() is None:
+            p.stop(signal.SIGKILL)
+
+
+def test_one_etcd_member_killed_the_replicas_carry_on(tmp_path, etcd3_cluster):
+    """SIGKILL the first etcd member replica A talks to (2 of 3 left: the quorum holds):
+    a change through A is made, shared with B through etcd, and applied by both agents."""
+    urls = etcd3_cluster.urls
+    a, b, on_a, on_b = _replicas_with_agents(tmp_path, urls[:2], urls[1:])
+    try:
+        os.kill(etcd3_cluster.pids[0], signal.SIGKILL)
+        res = cli_json(a.address, "enable", "net", "--selector", "role=db")
+        _wait_applied((on_a, on_b), res["generation"], ["file", "net"])
+        res2 = cli_json(b.address, "disable", "file")
+        assert res2["generation"] == res["generation"] + 1
+        _wait_applied((on_a, on_b), res2["generation"], ["net"])
+    finally:
+        _stop_all((on_a, on_b, a, b))
+
+
+def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_path, etcd3_cluster):
+    """Two of three etcd members stopped (SIGSTOP: they hang, as behind a partition): no
+    quorum. An enable and a disable, through either replica, are refused with an error that
+    names etcd and what to check, and neither is applied anywhere (a disable applied by one
+    replica alone would split the fleet); both replicas still answer `status`, their agents
+    stay connected with their last state, and each replica's log says etcd is unavailable.
+    With the members back, the next change takes the next generation and reaches both."""
+    urls, pids = etcd3_cluster.urls, etcd3_cluster.pids
+    a, b, on_a, on_b = _replicas_with_agents(tmp_path, urls[:2], urls[2:])
+    gen = _agent(on_a)["applied_generation"]
+    stopped = pids[1:]
+    try:
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        for ctl, args in (
+            (a, ("enable", "net", "--selector", "role=db")),
+            (b, ("disable", "file")),
+        ):
+            r = cli(ctl.address, *args)
+            assert r.returncode != 0, f"tracefleet {' '.join(args)} was accepted: {r.stdout}"
+            assert "etcd" in r.stderr and "majority" in r.stderr, r.stderr
+        for ctl, agent in ((a, on_a), (b, on_b)):
+            r = cli(ctl.address, "status", "-o", "json")
+            assert r.returncode == 0, r.stderr
+            node = nodes_by_name(json.loads(r.stdout))[agent.name]
+            assert node["state"] == "connected" and node["applied_generation"] == gen, node
+            assert _agent(agent).get("enabled") == ["file"]
+            assert "etcd unavailable" in ctl.log.read_text()
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        stopped = []
+        res = wait_until(lambda: _try_enable(a.address), scaled(60), "etcd to take writes again")
+        assert res["generation"] == gen + 1, "a refused change took a generation"
+        _wait_applied((on_a, on_b), gen + 1, ["file", "net"])
+        for ctl in (a, b):  # B learns of it from its own probe (the change came by watch)
+            wait_until(lambda c=ctl: "etcd available again" in c.log.read_text(), scaled(30),
+                       f"{ctl.address} to log that etcd is available again")  # fmt: skip
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        _stop_all((on_a, on_b, a, b))
+
+
+def _try_enable(address: str) -> dict | None:
+    r = cli(address, "enable", "net", "--selector", "role=db", "-o", "json")
+    return json.loads(r.stdout) if r.returncode == 0 else None

@@ -493,8 +493,11 @@ class Controller:
                 gen, (rule,) = self.store.put_rules([new], after=self.generation)
             except sqlite3.Error as e:
                 self._store_failed("storing a rule", e)
-                if new.active:  # more tracing must be durable: refused
-                    raise self._unavailable("enabling", event_set, e) from None
+                # more tracing must be durable; and replicas share every change or none
+                if new.active or self.store.shared:
+                    raise self._unavailable(
+                        "enabling" if enabled else "disabling", event_set, e
+                    ) from None
                 gen = self.generation + 1  # less tracing: applied now, saved later
                 rule = self._unsaved[event_set] = new.with_changes(generation=gen)
             self.rules[event_set] = rule
@@ -524,8 +527,15 @@ class Controller:
         self.push_all()
 
     def _unavailable(self, doing: str, event_set: str, e: Exception) -> StoreUnavailable:
+        store = self.store
+        if store.shared:  # EtcdError names what to check
+            return StoreUnavailable(
+                f"the shared store ({store.path}) cannot be written ({e}): {doing} "
+                f"{event_set} is refused, through every replica, until it can (TTL expiry "
+                "still applies); retry then"
+            )
         return StoreUnavailable(
-            f"the controller's database {self.store.path} cannot be written ({e}): "
+            f"the controller's database {store.path} cannot be written ({e}): "
             f"{doing} {event_set} is refused until it can (disable and TTL expiry still "
             "apply); free space or fix the file system, then retry"
         )

@@ -27,6 +27,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
@@ -46,6 +47,10 @@ class EtcdError(sqlite3.OperationalError):
     """etcd cannot be reached or refused a request."""
 
 
+class _Unavailable(Exception):
+    """No endpoint could serve a call (internal: raised to callers as EtcdError)."""
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
 
@@ -61,10 +66,22 @@ def _prefix_end(prefix: str) -> str:
     return base64.b64encode(bytes(raw)).decode()
 
 
-class EtcdClient:
-    """etcd v3 over its JSON gateway; tries the endpoints in turn."""
+PROBE_EVERY = 1.0  # seconds between checks of an unavailable etcd
+UNAVAILABLE_ADVICE = (
+    "check that a majority of the etcd members answer (etcdctl endpoint health --cluster)"
+)
 
-    def __init__(self, endpoints: Iterable[str], timeout: float = 5.0) -> None:
+
+class EtcdClient:
+    """etcd v3 over its JSON gateway; tries the endpoints in turn.
+
+    Calls block their caller (the controller's event loop), so an etcd that does not answer
+    (no quorum, members behind a partition) must cost one timeout, not one per call: after a
+    call finds no endpoint able to serve it, the client is *unavailable* and every call fails
+    at once, while a thread probes etcd with a quorum read every PROBE_EVERY seconds and
+    makes it available again when one succeeds. Both transitions are logged once."""
+
+    def __init__(self, endpoints: Iterable[str], timeout: float = 3.0) -> None:
         self.endpoints = [e.rstrip("/") for e in endpoints if e.strip()]
         if not self.endpoints:
             raise ValueError("no etcd endpoint: pass --etcd http://HOST:2379[,http://...]")
@@ -73,8 +90,28 @@ class EtcdClient:
                 raise ValueError(f"etcd endpoint {e!r}: use http://HOST:PORT")
         self.timeout = timeout
         self._next = 0
+        self._lock = threading.Lock()
+        self._down: tuple[float, str] | None = None  # (since, why) while unavailable
+        self.outages = 0
+
+    @property
+    def available(self) -> bool:
+        return self._down is None
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        down = self._down
+        if down is not None:
+            raise EtcdError(
+                f"etcd unavailable for {time.monotonic() - down[0]:.0f}s ({down[1]}); "
+                + UNAVAILABLE_ADVICE
+            )
+        try:
+            return self._call(path, body)
+        except _Unavailable as e:
+            self._went_down(str(e))
+            raise EtcdError(f"{e}; {UNAVAILABLE_ADVICE}") from None
+
+    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         errors = []
         data = json.dumps(body).encode()
         for i in range(len(self.endpoints)):
@@ -85,13 +122,44 @@ class EtcdClient:
                     out: dict[str, Any] = json.loads(resp.read())
             except urllib.error.HTTPError as e:  # etcd answered: an error of the request
                 detail = e.read()[:300].decode(errors="replace")
+                if e.code in (502, 503, 504):  # no leader, request timed out: try another
+                    errors.append(f"{endpoint}: HTTP {e.code} {detail}")
+                    continue
                 raise EtcdError(f"etcd {endpoint}{path}: HTTP {e.code} {detail}") from None
             except (OSError, ValueError) as e:
                 errors.append(f"{endpoint}: {e}")
                 continue
             self._next = (self._next + i) % len(self.endpoints)
             return out
-        raise EtcdError("no etcd endpoint answered (" + "; ".join(errors) + ")")
+        raise _Unavailable("no etcd endpoint answered (" + "; ".join(errors) + ")")
+
+    def _went_down(self, why: str) -> None:
+        with self._lock:
+            if self._down is not None:
+                return
+            self._down = (time.monotonic(), why)
+            self.outages += 1
+        log.warning(
+            "etcd unavailable (%s): changes of event sets are refused, agents keep their "
+            "last state and their result batches wait unacknowledged; %s. Checking again "
+            "every %.0f s", why, UNAVAILABLE_ADVICE, PROBE_EVERY,
+        )  # fmt: skip
+        threading.Thread(target=self._probe, name="etcd-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        # a linearizable read needs the quorum, as a write does
+        body = {"key": _b64("/tracefleet-probe")}
+        while True:
+            time.sleep(PROBE_EVERY)
+            try:
+                self._call("/v3/kv/range", body)
+            except (_Unavailable, EtcdError):
+                continue
+            with self._lock:
+                down, self._down = self._down, None
+            if down is not None:
+                log.warning("etcd available again after %.1f s", time.monotonic() - down[0])
+            return
 
     def get(self, key: str) -> tuple[str | None, int]:
         """(value, mod_revision) of ``key``; (None, 0) if absent."""
@@ -224,6 +292,8 @@ def _doc_rows(node: str, doc: dict[str, Any]) -> LedgerRows:
 
 class EtcdStore:
     """The Store interface: desired state and nodes in etcd, the ledger in ``local``."""
+
+    shared = True  # with other replicas: a change not saved here would reach only this one's
 
     def __init__(self, client: EtcdClient, prefix: str, local: Store) -> None:
         self.client = client

@@ -127,6 +127,10 @@ def corrupt(path: str, why: str) -> StoreError:
 
 
 class Store:
+    # one controller's own file: a change it cannot save may still narrow tracing at once
+    # (a disable, applied now and saved later); a shared store refuses every change instead
+    shared = False
+
     def __init__(self, path: str) -> None:
         self.path = path
         if path != ":memory:":
