@@ -449,3 +449,40 @@ def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_pa
 def _try_enable(address: str) -> dict | None:
     r = cli(address, "enable", "net", "--selector", "role=db", "-o", "json")
     return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def test_rules_and_ttls_survive_a_replica_sigkill(tmp_path, etcd3):
+    """Through replica A: `file` on (no TTL), `exec` for an hour, `net` for seconds. A is
+    SIGKILLed: B shows the three rules with the deadlines A set, and B (A is gone) switches
+    `net` off when its TTL runs out, under a new generation stored in etcd."""
+    a, b, on_a, on_b = _replicas_with_agents(tmp_path, etcd3[:1], etcd3[1:2])
+    try:
+        hour = cli_json(a.address, "enable", "exec", "--selector", "role=db", "--ttl", "1h")
+        ttl = f"{scaled(10):.0f}s"
+        short = cli_json(a.address, "enable", "net", "--selector", "role=db", "--ttl", ttl)
+        deadlines = {"exec": hour["expires_at"], "net": short["expires_at"]}
+        assert all(deadlines.values()), deadlines
+        a.stop(signal.SIGKILL)
+        rules = {r["event_set"]: r for r in cli_json(b.address, "status")["rules"]}
+        assert sorted(rules) == ["exec", "file", "net"]
+        assert {s: rules[s].get("expires_at") for s in deadlines} == deadlines
+        assert rules["file"]["enabled"] and not rules["file"].get("expires_at")
+
+        def net_expired() -> dict | None:
+            st = cli_json(b.address, "status")
+            net = {r["event_set"]: r for r in st["rules"]}["net"]
+            return st if net.get("expired") else None
+
+        st = wait_until(net_expired, scaled(60), "B to expire net")
+        assert st["generation"] > short["generation"]
+        store = EtcdStore(EtcdClient(etcd3[1:2]), "/tracefleet", Store(":memory:"))
+        stored = {r.event_set: r for r in store.rules()}
+        assert stored["net"].expired and not stored["exec"].expired
+        assert store.generation() == st["generation"]
+        wait_until(
+            lambda: sorted(_agent(on_b).get("enabled") or []) == ["exec", "file"],
+            scaled(30),
+            "on-b with exec and file on, net off",
+        )
+    finally:
+        _stop_all((on_a, on_b, a, b))
