@@ -125,8 +125,11 @@ def test_acks_stale_and_replaced_streams():
     assert conn.closed and not conn2.closed
     ctl.on_disconnect(node, conn)  # the old stream ending does not detach the new one
     assert node.conn is conn2
+    assert ctl.fleet.connected() == [node] and ctl.fleet.disconnected() == []
     ctl.on_disconnect(node, conn2)
     assert node.conn is None and ctl.fleet.state(node) == State.DISCONNECTED
+    assert ctl.fleet.connected() == [] and ctl.fleet.disconnected() == [node]
+    assert ctl.fleet.connected_count() == 0
 
 
 def test_sampled_events_reach_matching_followers_and_trigger_sampling():
@@ -156,6 +159,17 @@ def test_sampled_events_reach_matching_followers_and_trigger_sampling():
     ctl.refresh_sampling()
     (stop,) = drain(conn)
     assert stop.sample_request.lease.seconds == 0
+    ctl.refresh_sampling()  # nobody follows, no lease out: nothing sent
+    assert drain(conn) == []
+    # a node registering while someone follows gets its lease at once, and loses it when
+    # the follower goes, though no refresh ran in between
+    ctl.hub.add(f)
+    _, conn2 = register(ctl, "db-2", {})
+    assert [m.sample_request.lease.seconds > 0 for m in drain(conn2) if m.HasField(
+        "sample_request")] == [True]  # fmt: skip
+    ctl.hub.remove(f)
+    ctl.refresh_sampling()
+    assert [m.sample_request.lease.seconds for m in drain(conn2)] == [0]
 
 
 def test_user_event_sets_validated_bounded_and_sent_to_agents():

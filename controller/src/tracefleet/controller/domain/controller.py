@@ -165,6 +165,7 @@ class Controller:
         self._unsaved: dict[str, Rule] = {}
         self._generation_unsaved = False
         self.store_errors = 0  # failed writes, all kinds
+        self._leases_out = False  # a SampleRequest lease may be held by an agent
         # sampled events are redacted again here: no operator sees what an agent left in
         self.redactor = TextRedactor(default_patterns())
         self.redacted_here = 0  # argument values this controller had to mask itself
@@ -244,8 +245,8 @@ class Controller:
         self.expire(now)
         self._save_unsaved()
         if self.forget_after > 0:
-            for node in list(self.fleet.nodes.values()):
-                if node.conn is None and now - node.last_seen > self.forget_after:
+            for node in self.fleet.disconnected():
+                if now - node.last_seen > self.forget_after:
                     try:
                         self.remove_node(node.name)
                     except RemoveError as e:
@@ -345,7 +346,7 @@ class Controller:
         now = time.monotonic()
         at, pace = self._pace
         if now - at >= PACE_REFRESH:
-            n = len(self.fleet.connected())
+            n = self.fleet.connected_count()
             pace = min(self.idle_batch_interval, n / self.max_batch_rate) if (
                 self.max_batch_rate > 0) else 0.0  # fmt: skip
             self._pace = (now, pace)
@@ -663,6 +664,9 @@ class Controller:
         )
 
     def refresh_sampling(self) -> None:
+        if not self.hub.followers and not self._leases_out:
+            return  # nobody follows and no agent holds a lease: a pass would find nothing
+        self._leases_out = bool(self.hub.followers)
         for node in self.fleet.connected():
             conn = node.conn
             assert conn is not None
@@ -746,6 +750,7 @@ class Controller:
         if sample is not None:
             conn.send(sample)
             conn.sampling = True
+            self._leases_out = True
         return node
 
     def on_ack(self, node: Node, ack: agent_pb2.Ack) -> None:
