@@ -4,17 +4,19 @@ replicated mode (tests/bench/replicated.py)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import json
 import shutil
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import wait_until
 from tests.e2e.fleet_helpers import free_port
-from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdError
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,19 @@ def etcd_cluster(
                 if p.poll() is not None:
                     raise RuntimeError(f"etcd member exited ({p.returncode}); logs in {tmp}")
             for url in urls:  # every member answers, and a write has its quorum
-                try:
-                    EtcdClient([url], timeout=2).put_if(f"/health/{url}", "ok", 0)
-                    EtcdClient([url], timeout=2).get(f"/health/{url}")
-                except EtcdError:
-                    return False
+                key = base64.b64encode(f"/health/{url}".encode()).decode()
+                for path, body in (("/v3/kv/put", {"key": key, "value": key}),
+                                   ("/v3/kv/range", {"key": key})):  # fmt: skip
+                    # plain requests: EtcdClient would log a member still starting as an
+                    # outage of the cluster and start probing it
+                    req = urllib.request.Request(
+                        url + path, data=json.dumps(body).encode(), method="POST"
+                    )
+                    try:
+                        with urllib.request.urlopen(req, timeout=2) as resp:
+                            resp.read()
+                    except (OSError, ValueError):
+                        return False
             return True
 
         wait_until(healthy, timeout, f"a {members}-member etcd cluster")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from tests.e2e.fleet_helpers import (
     ControllerProc,
     cli,
     cli_json,
+    free_port,
     nodes_by_name,
     wait_until,
 )
@@ -349,14 +351,16 @@ def test_a_ledger_document_another_replica_changed_is_never_overwritten(etcd3):
 
 
 def _replicas_with_agents(
-    tmp_path: Path, a_etcd: list[str], b_etcd: list[str]
+    tmp_path: Path, a_etcd: list[str], b_etcd: list[str], a_metrics: int = 0
 ) -> tuple[ControllerProc, ControllerProc, AgentProc, AgentProc]:
     """Replicas A and B on the given etcd endpoints, a simulated agent on each (role=db), and
-    `file` enabled through A and applied by both agents."""
+    `file` enabled through A and applied by both agents. a_metrics: A's /metrics port."""
     dirs = [tmp_path / "a", tmp_path / "b"]
     for d in dirs:
         d.mkdir()
-    a = ControllerProc(dirs[0], stale_after=10, extra_args=["--etcd", ",".join(a_etcd)])
+    metrics = ["--metrics-listen", f"127.0.0.1:{a_metrics}"] if a_metrics else []
+    a = ControllerProc(dirs[0], stale_after=10,
+                       extra_args=["--etcd", ",".join(a_etcd), *metrics])  # fmt: skip
     b = ControllerProc(dirs[1], stale_after=10, extra_args=["--etcd", ",".join(b_etcd)])
     a.start()
     b.start()
@@ -411,8 +415,10 @@ def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_pa
     stay connected with their last state, and each replica's log says etcd is unavailable.
     With the members back, the next change takes the next generation and reaches both."""
     urls, pids = etcd3_cluster.urls, etcd3_cluster.pids
-    a, b, on_a, on_b = _replicas_with_agents(tmp_path, urls[:2], urls[2:])
+    port = free_port()
+    a, b, on_a, on_b = _replicas_with_agents(tmp_path, urls[:2], urls[2:], a_metrics=port)
     gen = _agent(on_a)["applied_generation"]
+    assert _etcd_available(port) == 1.0
     stopped = pids[1:]
     try:
         for pid in stopped:
@@ -431,6 +437,7 @@ def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_pa
             assert node["state"] == "connected" and node["applied_generation"] == gen, node
             assert _agent(agent).get("enabled") == ["file"]
             assert "etcd unavailable" in ctl.log.read_text()
+        assert _etcd_available(port) == 0.0
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         stopped = []
@@ -440,10 +447,21 @@ def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_pa
         for ctl in (a, b):  # B learns of it from its own probe (the change came by watch)
             wait_until(lambda c=ctl: "etcd available again" in c.log.read_text(), scaled(30),
                        f"{ctl.address} to log that etcd is available again")  # fmt: skip
+        assert _etcd_available(port) == 1.0
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
         _stop_all((on_a, on_b, a, b))
+
+
+def _etcd_available(port: int) -> float:
+    """tracefleet_controller_etcd_available on a replica's /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    (line,) = [
+        x for x in text.splitlines() if x.startswith("tracefleet_controller_etcd_available ")
+    ]
+    return float(line.split()[1])
 
 
 def _try_enable(address: str) -> dict | None:

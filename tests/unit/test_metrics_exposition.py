@@ -284,9 +284,12 @@ def test_controller_metric_names_and_labels():
     ctl, totals, _ = _controller_fed()
     text = _scrape(cm.ControllerCollector(ctl, totals))
     seen = _check_conventions(text, "controller", cm.ALLOWED_LABELS)
-    assert seen == set(cm.METRICS), f"missing: {set(cm.METRICS) - seen}"
+    replicated_only = {"tracefleet_controller_etcd_available"}  # not with its own database
+    assert seen == set(cm.METRICS) - replicated_only, f"missing: {set(cm.METRICS) - seen}"
     fams = _families(text)
     assert _samples(fams["tracefleet_controller_desired_generation"])[0].value == 1
+    writes = fams["tracefleet_controller_store_write_failures"]
+    assert _samples(writes, "_total")[0].value == 0
     # n2 never acked generation 1
     assert _samples(fams["tracefleet_controller_pending_acks"])[0].value == 1
     assert _samples(fams["tracefleet_controller_agents_connected"])[0].value == 2
@@ -297,6 +300,16 @@ def test_controller_metric_names_and_labels():
     assert _samples(apply, "_count")[0].value == 1
     (info,) = _samples(fams["tracefleet_controller_strategy_info"])
     assert info.labels == {"node": "n1", "event_set": "file", "strategy": "sleepable"}
+
+
+def test_controller_says_whether_etcd_serves_it(monkeypatch):
+    ctl, totals, _ = _controller_fed()
+    for available in (True, False):
+        monkeypatch.setattr(type(ctl.store), "shared", True)
+        monkeypatch.setattr(type(ctl.store), "available", available)
+        fams = _families(_scrape(cm.ControllerCollector(ctl, totals)))
+        (sample,) = _samples(fams["tracefleet_controller_etcd_available"])
+        assert sample.value == int(available)
 
 
 def test_controller_merges_batches_exactly():

@@ -222,6 +222,19 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str]] = {
         "that the fleet sends at most --max-batch-rate a second; below an agent's interval, "
         "it reports every interval.",
     ),
+    "tracefleet_controller_store_write_failures_total": (
+        "counter",
+        (),
+        "Writes to the controller's store (its database, or etcd in the replicated mode) that "
+        "failed: rules refused or saved later, result batches left unacknowledged and retried.",
+    ),
+    "tracefleet_controller_etcd_available": (
+        "gauge",
+        (),
+        "Replicated mode: 1 while etcd serves this replica, 0 from a call no member could "
+        "serve (no quorum, members unreachable) until a quorum read succeeds; changes of "
+        "event sets are refused meanwhile.",
+    ),
     "tracefleet_controller_refused_total": (
         "counter",
         ("kind", "reason"),
@@ -445,6 +458,9 @@ class ControllerCollector(Collector):
         fams["tracefleet_controller_desired_generation"].add_metric([], generation)
         fams["tracefleet_controller_pending_acks"].add_metric([], pending)
         fams["tracefleet_controller_batch_pace_seconds"].add_metric([], ctl.batch_pace())
+        fams["tracefleet_controller_store_write_failures_total"].add_metric([], ctl.store_errors)
+        if ctl.store.shared:
+            fams["tracefleet_controller_etcd_available"].add_metric([], int(ctl.store.available))
 
 
 def _statuses(info: dict[str, Any]) -> Sequence[dict[str, Any]]:

@@ -67,32 +67,39 @@ def _prefix_end(prefix: str) -> str:
 
 
 PROBE_EVERY = 1.0  # seconds between checks of an unavailable etcd
+RETRY_GAP = 0.2  # seconds between rounds over the endpoints while none can serve a call
 UNAVAILABLE_ADVICE = (
     "check that a majority of the etcd members answer (etcdctl endpoint health --cluster)"
 )
+# etcd answers at once "no leader" (503) from a member cut off from its quorum, instead of
+# holding the request until its own timeout (7 s); a watch on such a member is cancelled,
+# and taken up on another
+HEADERS = {"Content-Type": "application/json", "Grpc-Metadata-hasleader": "true"}
 
 
 class EtcdClient:
     """etcd v3 over its JSON gateway; tries the endpoints in turn.
 
-    Calls block their caller (the controller's event loop), so an etcd that does not answer
-    (no quorum, members behind a partition) must cost one timeout, not one per call: after a
-    call finds no endpoint able to serve it, the client is *unavailable* and every call fails
-    at once, while a thread probes etcd with a quorum read every PROBE_EVERY seconds and
-    makes it available again when one succeeds. Both transitions are logged once."""
+    Calls block their caller (the controller's event loop). A call rides through a leader
+    election (members answer "no leader" for a second or two) by going round the endpoints
+    again for up to ``wait`` seconds. When etcd still cannot serve it (no quorum, members
+    unreachable) the client is *unavailable*: the outage costs that one wait, not one per
+    call, as every later call fails at once while a thread probes etcd with a quorum read
+    every PROBE_EVERY seconds and makes it available again when one succeeds. Both
+    transitions are logged once."""
 
-    def __init__(self, endpoints: Iterable[str], timeout: float = 3.0) -> None:
+    def __init__(self, endpoints: Iterable[str], timeout: float = 3.0, wait: float = 5.0) -> None:
         self.endpoints = [e.rstrip("/") for e in endpoints if e.strip()]
         if not self.endpoints:
             raise ValueError("no etcd endpoint: pass --etcd http://HOST:2379[,http://...]")
         for e in self.endpoints:
             if not e.startswith(("http://", "https://")):
                 raise ValueError(f"etcd endpoint {e!r}: use http://HOST:PORT")
-        self.timeout = timeout
+        self.timeout = timeout  # one request to one member
+        self.wait = wait  # one call, over every endpoint and round
         self._next = 0
         self._lock = threading.Lock()
         self._down: tuple[float, str] | None = None  # (since, why) while unavailable
-        self.outages = 0
 
     @property
     def available(self) -> bool:
@@ -106,39 +113,52 @@ class EtcdClient:
                 + UNAVAILABLE_ADVICE
             )
         try:
-            return self._call(path, body)
+            return self._call(path, body, self.wait)
         except _Unavailable as e:
             self._went_down(str(e))
             raise EtcdError(f"{e}; {UNAVAILABLE_ADVICE}") from None
 
-    def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        errors = []
+    def _call(self, path: str, body: dict[str, Any], wait: float) -> dict[str, Any]:
         data = json.dumps(body).encode()
-        for i in range(len(self.endpoints)):
-            endpoint = self.endpoints[(self._next + i) % len(self.endpoints)]
-            req = urllib.request.Request(f"{endpoint}{path}", data=data, method="POST")
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    out: dict[str, Any] = json.loads(resp.read())
-            except urllib.error.HTTPError as e:  # etcd answered: an error of the request
-                detail = e.read()[:300].decode(errors="replace")
-                if e.code in (502, 503, 504):  # no leader, request timed out: try another
-                    errors.append(f"{endpoint}: HTTP {e.code} {detail}")
+        deadline = time.monotonic() + wait
+        n = len(self.endpoints)
+        while True:
+            errors = []  # of this round
+            for i in range(n):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                endpoint = self.endpoints[(self._next + i) % n]
+                req = urllib.request.Request(
+                    f"{endpoint}{path}", data=data, method="POST", headers=HEADERS
+                )
+                try:
+                    with urllib.request.urlopen(req, timeout=min(self.timeout, remaining)) as r:
+                        out: dict[str, Any] = json.loads(r.read())
+                except urllib.error.HTTPError as e:  # etcd answered
+                    detail = e.read()[:300].decode(errors="replace")
+                    if e.code in (502, 503, 504):  # no leader, timed out: another may serve
+                        errors.append(f"{endpoint}: HTTP {e.code} {detail}")
+                        continue
+                    raise EtcdError(f"etcd {endpoint}{path}: HTTP {e.code} {detail}") from None
+                except (OSError, ValueError) as e:
+                    errors.append(f"{endpoint}: {e}")
                     continue
-                raise EtcdError(f"etcd {endpoint}{path}: HTTP {e.code} {detail}") from None
-            except (OSError, ValueError) as e:
-                errors.append(f"{endpoint}: {e}")
-                continue
-            self._next = (self._next + i) % len(self.endpoints)
-            return out
-        raise _Unavailable("no etcd endpoint answered (" + "; ".join(errors) + ")")
+                self._next = (self._next + i) % n
+                return out
+            if deadline - time.monotonic() <= RETRY_GAP:
+                raise _Unavailable(
+                    f"no etcd endpoint could serve a request within {wait:g}s ("
+                    + "; ".join(errors)
+                    + ")"
+                )
+            time.sleep(RETRY_GAP)
 
     def _went_down(self, why: str) -> None:
         with self._lock:
             if self._down is not None:
                 return
             self._down = (time.monotonic(), why)
-            self.outages += 1
         log.warning(
             "etcd unavailable (%s): changes of event sets are refused, agents keep their "
             "last state and their result batches wait unacknowledged; %s. Checking again "
@@ -152,7 +172,7 @@ class EtcdClient:
         while True:
             time.sleep(PROBE_EVERY)
             try:
-                self._call("/v3/kv/range", body)
+                self._call("/v3/kv/range", body, self.timeout)
             except (_Unavailable, EtcdError):
                 continue
             with self._lock:
@@ -211,19 +231,26 @@ class EtcdClient:
         """Call on_value(value, mod_revision) for every put of ``key`` from start_revision on,
         until ``stop``; reconnects (to the next endpoint) after a failure."""
         revision = start_revision
+        failures = 0  # in a row: logged at the 1st, 2nd, 4th, ... (an outage may be long)
         while not stop.is_set():
             endpoint = self.endpoints[self._next % len(self.endpoints)]
             body = {"create_request": {"key": _b64(key), "start_revision": str(revision)}}
             req = urllib.request.Request(
-                f"{endpoint}/v3/watch", data=json.dumps(body).encode(), method="POST"
-            )
+                f"{endpoint}/v3/watch", data=json.dumps(body).encode(), method="POST",
+                headers=HEADERS,
+            )  # fmt: skip
             try:
                 # no read timeout: the stream is quiet until something changes
                 with urllib.request.urlopen(req, timeout=None) as resp:
                     for line in resp:
                         if stop.is_set():
                             return
-                        result = json.loads(line).get("result") or {}
+                        msg = json.loads(line)
+                        result = msg.get("result") or {}
+                        if "error" in msg or result.get("canceled"):  # e.g. no leader
+                            reason = msg.get("error") or result.get("cancel_reason")
+                            raise ValueError(f"watch ended by etcd: {reason}")
+                        failures = 0
                         for ev in result.get("events") or []:
                             kv = ev.get("kv") or {}
                             if ev.get("type") == "DELETE" or "value" not in kv:
@@ -231,7 +258,10 @@ class EtcdClient:
                             revision = int(kv["mod_revision"]) + 1
                             on_value(_unb64(kv["value"]), int(kv["mod_revision"]))
             except (OSError, ValueError) as e:
-                log.warning("etcd watch of %s on %s: %s; watching again", key, endpoint, e)
+                failures += 1
+                if failures & (failures - 1) == 0:
+                    log.warning("etcd watch of %s on %s: %s; watching again (%d time(s) in a "
+                                "row)", key, endpoint, e, failures)  # fmt: skip
             except Exception:
                 log.exception("etcd watch of %s: a change could not be applied", key)
             self._next += 1
@@ -294,6 +324,10 @@ class EtcdStore:
     """The Store interface: desired state and nodes in etcd, the ledger in ``local``."""
 
     shared = True  # with other replicas: a change not saved here would reach only this one's
+
+    @property
+    def available(self) -> bool:
+        return self.client.available
 
     def __init__(self, client: EtcdClient, prefix: str, local: Store) -> None:
         self.client = client
