@@ -446,8 +446,12 @@ def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_pa
         for ctl, agent in ((a, on_a), (b, on_b)):
             r = cli(ctl.address, "status", "-o", "json")
             assert r.returncode == 0, r.stderr
-            node = nodes_by_name(json.loads(r.stdout))[agent.name]
+            st = json.loads(r.stdout)
+            assert "etcd unavailable" in st["changes_refused"], st["changes_refused"]
+            node = nodes_by_name(st)[agent.name]
             assert node["state"] == "connected" and node["applied_generation"] == gen, node
+            text = cli(ctl.address, "status").stdout
+            assert "changes refused: etcd unavailable" in text, text
             assert _agent(agent).get("enabled") == ["file"]
             assert "etcd unavailable" in ctl.log.read_text()
         assert _etcd_available(port) == 0.0
@@ -461,6 +465,7 @@ def test_etcd_quorum_lost_changes_are_refused_and_agents_keep_their_state(tmp_pa
             wait_until(lambda c=ctl: "etcd available again" in c.log.read_text(), scaled(30),
                        f"{ctl.address} to log that etcd is available again")  # fmt: skip
         assert _etcd_available(port) == 1.0
+        assert cli_json(a.address, "status")["changes_refused"] == ""
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)

@@ -306,7 +306,7 @@ def test_controller_says_whether_etcd_serves_it(monkeypatch):
     ctl, totals, _ = _controller_fed()
     for available in (True, False):
         monkeypatch.setattr(type(ctl.store), "shared", True)
-        monkeypatch.setattr(type(ctl.store), "available", available)
+        monkeypatch.setattr(type(ctl.store), "problem", "" if available else "etcd unavailable")
         fams = _families(_scrape(cm.ControllerCollector(ctl, totals)))
         (sample,) = _samples(fams["tracefleet_controller_etcd_available"])
         assert sample.value == int(available)

@@ -182,16 +182,18 @@ class Rule(_message.Message):
     def __init__(self, event_set: _Optional[str] = ..., enabled: _Optional[bool] = ..., selector: _Optional[str] = ..., filters: _Optional[_Union[_types_pb2.Filters, _Mapping]] = ..., canary_percent: _Optional[int] = ..., sample_rate: _Optional[float] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expired: _Optional[bool] = ..., generation: _Optional[int] = ..., matched_nodes: _Optional[_Iterable[str]] = ..., export: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("generation", "nodes", "rules", "known_event_sets")
+    __slots__ = ("generation", "nodes", "rules", "known_event_sets", "changes_refused")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     NODES_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     KNOWN_EVENT_SETS_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_REFUSED_FIELD_NUMBER: _ClassVar[int]
     generation: int
     nodes: _containers.RepeatedCompositeFieldContainer[NodeStatus]
     rules: _containers.RepeatedCompositeFieldContainer[Rule]
     known_event_sets: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, generation: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., known_event_sets: _Optional[_Iterable[str]] = ...) -> None: ...
+    changes_refused: str
+    def __init__(self, generation: _Optional[int] = ..., nodes: _Optional[_Iterable[_Union[NodeStatus, _Mapping]]] = ..., rules: _Optional[_Iterable[_Union[Rule, _Mapping]]] = ..., known_event_sets: _Optional[_Iterable[str]] = ..., changes_refused: _Optional[str] = ...) -> None: ...
 
 class StreamEventsRequest(_message.Message):
     __slots__ = ("nodes", "event_sets", "pids", "sample_rate")

@@ -184,6 +184,7 @@ class ControlService(control_pb2_grpc.ControlServiceServicer):
             nodes=nodes,
             rules=[self._rule_pb(r) for r in sorted(ctl.rules.values(), key=lambda r: r.event_set)],
             known_event_sets=ctl.known_event_sets(),
+            changes_refused=ctl.store.problem,
         )
 
     def _rule_pb(self, r: Rule) -> control_pb2.Rule:

@@ -460,7 +460,7 @@ class ControllerCollector(Collector):
         fams["tracefleet_controller_batch_pace_seconds"].add_metric([], ctl.batch_pace())
         fams["tracefleet_controller_store_write_failures_total"].add_metric([], ctl.store_errors)
         if ctl.store.shared:
-            fams["tracefleet_controller_etcd_available"].add_metric([], int(ctl.store.available))
+            fams["tracefleet_controller_etcd_available"].add_metric([], int(not ctl.store.problem))
 
 
 def _statuses(info: dict[str, Any]) -> Sequence[dict[str, Any]]:

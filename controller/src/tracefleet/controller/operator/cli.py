@@ -825,6 +825,8 @@ def cmd_status(ctx: Ctx) -> int:
             "",
             render.table(STATUS_HEADERS, rows),
         ]
+        if st.changes_refused:  # the controller's own text (no agent's)
+            out[1:1] = [f"changes refused: {st.changes_refused}; agents keep their last state"]
         errors = [
             f"  {n.name}: {s.name}: {human.escape(s.error)}"  # the agent's text
             for n in st.nodes

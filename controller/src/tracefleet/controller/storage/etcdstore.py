@@ -102,16 +102,20 @@ class EtcdClient:
         self._down: tuple[float, str] | None = None  # (since, why) while unavailable
 
     @property
-    def available(self) -> bool:
-        return self._down is None
+    def problem(self) -> str:
+        """Why etcd cannot serve this client now, with what to check; "" while it can."""
+        down = self._down
+        if down is None:
+            return ""
+        return (
+            f"etcd unavailable for {time.monotonic() - down[0]:.0f}s ({down[1]}); "
+            + UNAVAILABLE_ADVICE
+        )
 
     def call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        down = self._down
-        if down is not None:
-            raise EtcdError(
-                f"etcd unavailable for {time.monotonic() - down[0]:.0f}s ({down[1]}); "
-                + UNAVAILABLE_ADVICE
-            )
+        problem = self.problem
+        if problem:
+            raise EtcdError(problem)
         try:
             return self._call(path, body, self.wait)
         except _Unavailable as e:
@@ -326,8 +330,8 @@ class EtcdStore:
     shared = True  # with other replicas: a change not saved here would reach only this one's
 
     @property
-    def available(self) -> bool:
-        return self.client.available
+    def problem(self) -> str:
+        return self.client.problem
 
     def __init__(self, client: EtcdClient, prefix: str, local: Store) -> None:
         self.client = client

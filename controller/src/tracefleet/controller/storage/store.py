@@ -130,7 +130,7 @@ class Store:
     # one controller's own file: a change it cannot save may still narrow tracing at once
     # (a disable, applied now and saved later); a shared store refuses every change instead
     shared = False
-    available = True  # failures are per write (disk full): there is no outage state
+    problem = ""  # why it cannot be written now; a file's failures are per write (disk full)
 
     def __init__(self, path: str) -> None:
         self.path = path
