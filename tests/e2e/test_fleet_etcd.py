@@ -32,7 +32,8 @@ from tests.e2e.fleet_helpers import (
 from tests.etcd_cluster import EtcdCluster, etcd_cluster
 from tracefleet.agent.control.client import first_controller
 from tracefleet.controller.domain.rules import Rule
-from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
+from tracefleet.controller.storage.etcdclient import EtcdClient
+from tracefleet.controller.storage.etcdstore import EtcdStore
 from tracefleet.controller.storage.store import Store
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

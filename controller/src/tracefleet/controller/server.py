@@ -33,7 +33,8 @@ from tracefleet.controller.domain import policy as pol
 from tracefleet.controller.domain.controller import DEFAULT_MAX_BATCH_RATE, Controller
 from tracefleet.controller.domain.redaction import TextRedactor
 from tracefleet.controller.domain.rules import Rule
-from tracefleet.controller.storage.etcdstore import EtcdClient, EtcdStore
+from tracefleet.controller.storage.etcdclient import EtcdClient
+from tracefleet.controller.storage.etcdstore import EtcdStore
 from tracefleet.controller.storage.store import Store, StoreError
 from tracefleet.model.netaddr import (
     check_address,
