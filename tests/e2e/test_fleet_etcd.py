@@ -327,7 +327,7 @@ def test_replica_sigkill_under_load_keeps_every_count_exact(tmp_path, etcd3):
 def test_a_ledger_document_another_replica_changed_is_never_overwritten(etcd3):
     """Two replicas' stores on one prefix: a node's ledger document written by one is not
     overwritten by the other from a stale read (put_ledger names the node instead), and
-    is written once read again (node_ledger)."""
+    is written once read again (node_ledgers)."""
     from tracefleet.controller.storage.store import SET_ACCOUNTING, LedgerRows
 
     zeros = (0,) * len(SET_ACCOUNTING)
@@ -344,7 +344,7 @@ def test_a_ledger_document_another_replica_changed_is_never_overwritten(etcd3):
     assert one.ledger().cursors == [] and two.ledger().cursors == []
     assert one.put_ledger(rows(1, 10)) == set()
     assert two.put_ledger(rows(1, 7)) == {"n1"}  # two never saw one's write
-    assert two.node_ledger("n1") == rows(1, 10)
+    assert two.node_ledgers(["n1"]) == {"n1": rows(1, 10)}
     assert two.put_ledger(rows(2, 15)) == set()
     assert one.put_ledger(rows(2, 99)) == {"n1"}  # now one's read is stale
     fresh = EtcdStore(EtcdClient(etcd3), "/ledger-cas", Store(":memory:"))

@@ -386,8 +386,8 @@ def test_a_commit_another_replica_overtook_acknowledges_nothing_and_takes_its_ro
                 return {r[0] for r in rows.node_batches}
             return super().put_ledger(rows)
 
-        def node_ledger(self, name: str) -> LedgerRows | None:
-            return theirs if self.overtaken else None
+        def node_ledgers(self, names: list[str]) -> dict[str, LedgerRows]:
+            return dict.fromkeys(names, theirs) if self.overtaken else {}
 
     async def scenario() -> None:
         store = Shared(":memory:")
@@ -407,5 +407,54 @@ def test_a_commit_another_replica_overtook_acknowledges_nothing_and_takes_its_ro
         again = batch(5)
         again.instance_id, again.seq = "i1", 2
         assert ctl.on_batch(node, again) is Outcome.DUPLICATE
+
+    asyncio.run(scenario())
+
+
+def test_nodes_registering_together_have_their_ledgers_read_in_one_request():
+    """A shared store: each registering node's ledger is read again (another replica may
+    have counted its batches), and the nodes registering within Timings.commit in one
+    read (a failover moves hundreds of agents at once: a read each was one etcd request
+    each); the rows read are what the controller counts from. A controller's own database
+    reads nothing."""
+    import asyncio
+
+    from tracefleet.controller.domain.controller import Controller
+    from tracefleet.controller.domain.fleet import Connection
+    from tracefleet.controller.storage.store import SET_ACCOUNTING, LedgerRows
+
+    reads: list[list[str]] = []
+
+    class Shared(Store):
+        shared = True
+
+        def node_ledgers(self, names: list[str]) -> dict[str, LedgerRows]:
+            reads.append(list(names))
+            return {
+                n: LedgerRows(
+                    set_totals=[(n, "file", 10 * i, 0, 0, *(0,) * len(SET_ACCOUNTING))],
+                    node_batches=[(n, i, 0, 0)],
+                    cursors=[(n, "i1", i, 1.0)],
+                )
+                for i, n in enumerate(names, 1)
+            }
+
+    async def register(ctl: Controller, name: str) -> None:
+        read = ctl.ledger_read(name)
+        if read is not None:
+            await read
+        ctl.on_register(agent_pb2.Register(node_name=name, instance_id="i1"), Connection(),
+                        ledger_read=read is not None)  # fmt: skip
+
+    async def scenario() -> None:
+        ctl = Controller(Shared(":memory:"))
+        await asyncio.gather(*(register(ctl, f"n{i}") for i in range(1, 6)))
+        assert reads == [["n1", "n2", "n3", "n4", "n5"]]
+        assert ctl.ledger.committed_seq("n3", "i1") == 3
+        assert ctl.ledger.snapshot()["n3"].sets["file"].delivered == 30
+        await register(ctl, "n6")  # alone, later: a read of its own
+        assert reads[1:] == [["n6"]]
+        own = Controller(Store(":memory:"))
+        assert own.ledger_read("n1") is None
 
     asyncio.run(scenario())

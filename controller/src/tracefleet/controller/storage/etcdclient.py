@@ -173,6 +173,23 @@ class EtcdClient:
             return None, 0
         return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
 
+    def get_many(self, keys: list[str]) -> list[tuple[str | None, int]]:
+        """get() of each key, TXN_OPS keys a request (a read-only transaction)."""
+        out: list[tuple[str | None, int]] = []
+        for i in range(0, len(keys), TXN_OPS):
+            chunk = keys[i : i + TXN_OPS]
+            ops = [{"request_range": {"key": b64(k)}} for k in chunk]
+            responses = self.call("/v3/kv/txn", {"success": ops}).get("responses") or []
+            if len(responses) != len(chunk):
+                raise EtcdError(f"etcd answered {len(responses)} reads of {len(chunk)}")
+            for r in responses:
+                kvs = (r.get("response_range") or {}).get("kvs") or []
+                out.append(
+                    (_unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])) if kvs
+                    else (None, 0)
+                )  # fmt: skip
+        return out
+
     def range_prefix(self, prefix: str) -> list[tuple[str, str, int]]:
         """(key, value, mod_revision) of every key under ``prefix``."""
         body = {"key": b64(prefix), "range_end": _prefix_end(prefix)}

@@ -10,7 +10,7 @@ The ledger of result batches (exactly-once totals and the batch cursors of each 
 instance) is one document per node (``PREFIX/ledger/NODE``: its totals and cursors together,
 so a cursor never moves without its counts), written by compare-and-swap on the revision this
 replica last read or wrote. A node that registers has its document read again
-(``node_ledger``): the batches its previous replica committed are then duplicates here, so an
+(``node_ledgers``): the batches its previous replica committed are then duplicates here, so an
 agent moving between replicas is counted exactly once; a document another replica changed
 since is not overwritten (``put_ledger`` returns the node, the controller re-reads it and
 makes the agent resend).
@@ -272,8 +272,10 @@ class EtcdStore:
             rows.cursors += one.cursors
         return rows
 
-    def node_ledger(self, name: str) -> LedgerRows:
-        return self._take_doc(name, *self.client.get(self._ledger_key(name)))
+    def node_ledgers(self, names: list[str]) -> dict[str, LedgerRows]:
+        """Read in one request per TXN_OPS nodes: a mass failover registers many at once."""
+        docs = self.client.get_many([self._ledger_key(n) for n in names])
+        return {n: self._take_doc(n, *doc) for n, doc in zip(names, docs, strict=True)}
 
     def put_ledger(self, rows: LedgerRows) -> set[str]:
         """Write the changed nodes' documents, each only if no other replica changed it

@@ -343,10 +343,10 @@ class Store:
             )
         return set()
 
-    def node_ledger(self, name: str) -> LedgerRows | None:
-        """A node's ledger as another writer may have left it (None: nobody else writes
-        this file, the controller's memory is current)."""
-        return None
+    def node_ledgers(self, names: list[str]) -> dict[str, LedgerRows]:
+        """Nodes' ledgers as another writer may have left them (none here: nobody else
+        writes this file, the controller's memory is current)."""
+        return {}
 
     def ledger(self) -> LedgerRows:
         q = self._db.execute
