@@ -495,7 +495,9 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
                 counts = loadgen_split(n)
                 procs = len(counts)
                 log(f"control: {n} simulated agents in {procs} load-generator process(es)")
-                names = [f"sim{n}p{i}-{j:04d}" for i, c in enumerate(counts) for j in range(c)]
+                # the load generator names a process's only agent by its prefix alone
+                names = [f"sim{n}p{i}-{j:04d}" if c > 1 else f"sim{n}p{i}"
+                         for i, c in enumerate(counts) for j in range(c)]  # fmt: skip
                 lg_logs = [tmp / f"loadgen-{n}-{i}.log" for i in range(procs)]
                 with contextlib.ExitStack() as stack:
                     lgs = [
