@@ -40,6 +40,13 @@ def _unb64(text: str) -> str:
     return base64.b64decode(text).decode()
 
 
+def _value_rev(kvs: list[dict[str, Any]]) -> tuple[str | None, int]:
+    """(value, mod_revision) of a range's first key; (None, 0) if there is none."""
+    if not kvs:
+        return None, 0
+    return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
+
+
 def _prefix_end(prefix: str) -> str:
     """The range_end that selects every key starting with ``prefix``."""
     raw = bytearray(prefix.encode())
@@ -107,8 +114,8 @@ class EtcdClient:
         data = json.dumps(body).encode()
         deadline = time.monotonic() + wait
         n = len(self.endpoints)
+        errors: list[str] = []  # the last n name the last round tried
         while True:
-            errors = []  # of this round
             for i in range(n):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -134,7 +141,7 @@ class EtcdClient:
             if deadline - time.monotonic() <= RETRY_GAP:
                 raise _Unavailable(
                     f"no etcd endpoint could serve a request within {wait:g}s ("
-                    + "; ".join(errors)
+                    + "; ".join(errors[-n:])
                     + ")"
                 )
             time.sleep(RETRY_GAP)
@@ -168,10 +175,7 @@ class EtcdClient:
 
     def get(self, key: str) -> tuple[str | None, int]:
         """(value, mod_revision) of ``key``; (None, 0) if absent."""
-        kvs = self.call("/v3/kv/range", {"key": b64(key)}).get("kvs") or []
-        if not kvs:
-            return None, 0
-        return _unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])
+        return _value_rev(self.call("/v3/kv/range", {"key": b64(key)}).get("kvs") or [])
 
     def get_many(self, keys: list[str]) -> list[tuple[str | None, int]]:
         """get() of each key, TXN_OPS keys a request (a read-only transaction)."""
@@ -182,12 +186,8 @@ class EtcdClient:
             responses = self.call("/v3/kv/txn", {"success": ops}).get("responses") or []
             if len(responses) != len(chunk):
                 raise EtcdError(f"etcd answered {len(responses)} reads of {len(chunk)}")
-            for r in responses:
-                kvs = (r.get("response_range") or {}).get("kvs") or []
-                out.append(
-                    (_unb64(kvs[0].get("value", "")), int(kvs[0]["mod_revision"])) if kvs
-                    else (None, 0)
-                )  # fmt: skip
+            out += [_value_rev((r.get("response_range") or {}).get("kvs") or [])
+                    for r in responses]  # fmt: skip
         return out
 
     def range_prefix(self, prefix: str) -> list[tuple[str, str, int]]:
