@@ -75,26 +75,11 @@ def test_a_change_through_one_replica_reaches_the_agents_of_the_other(tmp_path, 
         res = cli_json(a.address, "enable", "file", "--selector", "role=db")
         assert res["matched_nodes"] == ["on-a"]  # A's own agents; B pushes to its own
         gen = res["generation"]
-        for agent in (on_a, on_b):
-            wait_until(
-                lambda ag=agent: (
-                    _agent(ag).get("applied_generation") == gen
-                    and _agent(ag).get("enabled") == ["file"]
-                ),
-                scaled(30),
-                f"{agent.name} applied generation {gen} with file enabled",
-            )
+        _wait_applied((on_a, on_b), gen, ["file"])
         # the other way, under a later generation
         res2 = cli_json(b.address, "disable", "file")
         assert res2["generation"] > gen
-        wait_until(
-            lambda: (
-                _agent(on_a).get("applied_generation") == res2["generation"]
-                and _agent(on_a).get("enabled") == []
-            ),
-            scaled(30),
-            "on-a applied the disable made through replica B",
-        )
+        _wait_applied((on_a,), res2["generation"], [])
         # both replicas' nodes are in etcd's registry (saved within a flush period)
         store = EtcdStore(EtcdClient(etcd3), "/tracefleet", Store(":memory:"))
         wait_until(

@@ -440,11 +440,7 @@ def test_nodes_registering_together_have_their_ledgers_read_in_one_request():
             }
 
     async def register(ctl: Controller, name: str) -> None:
-        read = ctl.ledger_read(name)
-        if read is not None:
-            await read
-        ctl.on_register(agent_pb2.Register(node_name=name, instance_id="i1"), Connection(),
-                        ledger_read=read is not None)  # fmt: skip
+        await ctl.register(agent_pb2.Register(node_name=name, instance_id="i1"), Connection())
 
     async def scenario() -> None:
         ctl = Controller(Shared(":memory:"))
@@ -455,6 +451,7 @@ def test_nodes_registering_together_have_their_ledgers_read_in_one_request():
         await register(ctl, "n6")  # alone, later: a read of its own
         assert reads[1:] == [["n6"]]
         own = Controller(Store(":memory:"))
-        assert own.ledger_read("n1") is None
+        await register(own, "n1")  # its own database: nothing read, registered at once
+        assert "n1" in own.fleet.nodes
 
     asyncio.run(scenario())

@@ -110,11 +110,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             self.ctl.limits.refuse("agent_too_many_nodes", message)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
             return
-        read = self.ctl.ledger_read(name)
-        if read is not None:
-            await read
         conn = Connection()
-        node = self.ctl.on_register(first.register, conn, ledger_read=read is not None)
+        node = await self.ctl.register(first.register, conn)
         log.info(
             "node %s connected (%s, applied generation %d)",
             node.name,

@@ -166,7 +166,7 @@ class Controller:
         self._generation_unsaved = False
         self.store_errors = 0  # failed writes, all kinds
         self._leases_out = False  # a SampleRequest lease may be held by an agent
-        self._ledgers_wanted: dict[str, list[asyncio.Future[None]]] = {}  # see ledger_read
+        self._ledgers_wanted: dict[str, list[asyncio.Future[None]]] = {}  # see register
         # sampled events are redacted again here: no operator sees what an agent left in
         self.redactor = TextRedactor(default_patterns())
         self.redacted_here = 0  # argument values this controller had to mask itself
@@ -334,13 +334,20 @@ class Controller:
             self.ledger.replace_node(name, rows)
             self.batch_acks.drop_due(name)
 
-    def ledger_read(self, name: str) -> asyncio.Future[None] | None:
-        """A node about to register: with a shared store, its ledger is read again first
-        (another replica may have counted its batches since); the nodes registering
-        within Timings.commit of each other are read in one request (a failover moves
-        hundreds within a second or two, one a loop turn: read one by one, 1,000 took 2.9 s
-        of the event loop). Await the future, then on_register(..., ledger_read=True).
-        None: nothing to read (this controller's own database)."""
+    async def register(self, reg: agent_pb2.Register, conn: Connection) -> Node:
+        """on_register, once a shared store's copy of the node's ledger is read again
+        (another replica may have counted its batches since) with those of the nodes
+        registering within Timings.commit of it, in one request: a failover moves
+        hundreds within a second or two, one a loop turn, and read one by one 1,000 took
+        2.9 s of the event loop."""
+        read = self._ledger_read(reg.node_name)
+        if read is not None:
+            await read
+        return self.on_register(reg, conn, ledger_read=read is not None)
+
+    def _ledger_read(self, name: str) -> asyncio.Future[None] | None:
+        """A future done once the node's ledger is read again; None: nothing to read (this
+        controller's own database)."""
         if not self.store.shared:
             return None
         loop = asyncio.get_running_loop()
