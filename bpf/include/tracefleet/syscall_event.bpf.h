@@ -196,18 +196,45 @@ static __always_inline void tf_check_open(struct tf_event *e, long fd)
 		e->str[0].status = TF_ST_MISMATCH;
 }
 
-/* The record: hdr and iargs, then str[0], str[1] and blob, each only as long as its data. */
+/* Copy a string's head (16 bytes) to dst, which may be unaligned. */
+static __always_inline void tf_put_head(char *dst, const void *head)
+{
+	_Static_assert(TF_STRH_SIZE == 16, "a head is two words");
+	((__u64 *)dst)[0] = ((const __u64 *)head)[0];
+	((__u64 *)dst)[1] = ((const __u64 *)head)[1];
+}
+
+/*
+ * The record: hdr and iargs, then str[0], str[1] and blob, each only as long as its data.
+ * Most calls have no second string (and many no blob): their heads are then copied into the
+ * slot right after str[0]'s bytes, which no longer matter, so the record goes out in one
+ * write (two with a blob) instead of three: a helper call is ~60 ns on the bench VM.
+ */
 static __always_inline void tf_emit_syscall(__u32 set, struct tf_event *e)
 {
 	__u32 l0 = tf_str_out_len(&e->str[0]), l1 = tf_str_out_len(&e->str[1]);
 	__u32 lb = tf_blob_out_len(&e->blob);
+	__u64 fixed = offsetof(struct tf_event, str) + TF_STRH_SIZE;
 	struct tf_rec r;
 
 	if (!tf_rec_begin(&r, set, offsetof(struct tf_event, str) + 3 * TF_STRH_SIZE + l0 + l1 + lb))
 		return;
-	tf_rec_fixed_str(&r, e, offsetof(struct tf_event, str), l0, TF_PATH_MAX - 1);
-	tf_rec_str(&r, &e->str[1], l1, TF_PATH_MAX - 1);
-	tf_rec_str(&r, &e->blob, lb, TF_BLOB_MAX);
+	if (l1 == 0 && l0 <= TF_PATH_MAX - 2 * TF_STRH_SIZE) {
+		char *tail = &e->str[0].data[l0 & (TF_PATH_MAX - 1)];
+
+		tf_put_head(tail, &e->str[1]);
+		if (lb == 0) {
+			tf_put_head(tail + TF_STRH_SIZE, &e->blob);
+			tf_rec_put(&r, e, fixed + l0 + 2 * TF_STRH_SIZE);
+		} else {
+			tf_rec_put(&r, e, fixed + l0 + TF_STRH_SIZE);
+			tf_rec_str(&r, &e->blob, lb, TF_BLOB_MAX);
+		}
+	} else {
+		tf_rec_fixed_str(&r, e, offsetof(struct tf_event, str), l0, TF_PATH_MAX - 1);
+		tf_rec_str(&r, &e->str[1], l1, TF_PATH_MAX - 1);
+		tf_rec_str(&r, &e->blob, lb, TF_BLOB_MAX);
+	}
 	tf_rec_end(&r, set);
 }
 
