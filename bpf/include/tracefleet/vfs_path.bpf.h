@@ -368,8 +368,10 @@ static __always_inline struct file *tf_fd_file(int fd)
 
 	if (fd < 0 || (unsigned int)fd >= fdt->max_fds)
 		return NULL;
-	/* an element at a variable index: the one read that stays a helper call */
-	bpf_probe_read_kernel(&f, sizeof(f), &fdt->fd[fd]);
+	/* an element at a variable index, which a BTF load cannot reach: loaded as the first
+	 * member (a pointer) of a struct list_head cast at its address, a plain load with the
+	 * fault handling of BTF loads (a fault reads 0), not a helper call */
+	f = (struct file *)TF_KPTR(struct list_head, (__u64)fdt->fd + (__u64)fd * sizeof(f))->next;
 	return f ? TF_KPTR(struct file, f) : NULL;
 }
 
