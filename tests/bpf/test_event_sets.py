@@ -118,6 +118,33 @@ def test_net_syscalls_with_decoded_addresses(capture):
                                                      "port": 9}  # fmt: skip
 
 
+def test_paths_of_every_length_are_captured_whole_or_marked_truncated(capture):
+    # A path is read onto the stack when it fits 128 bytes and again into place when not
+    # (common.bpf.h tf_probe_user_str): each length at and around those edges, and at the
+    # 255-byte limit, comes back byte for byte, a longer one marked truncated.
+    base = "/proc/tf-nonexistent-dir/"
+    lengths = (1, 7, 8, 9, 119, 120, 126, 127, 128, 129, 200, 254, 255, 256, 300)
+    filler = "".join(chr(97 + i % 26) for i in range(300))
+    # each one distinct in its first bytes (a truncated one too); the short ones relative
+    paths = {n: ((base if n > 40 else "") + f"L{n}-" + filler)[:n] for n in lengths}
+    assert all(len(p) == n for n, p in paths.items()) and len(set(paths.values())) == len(paths)
+    proc = spawn(f"""
+        import os
+        for p in {list(paths.values())!r} + ["/proc/tf-nonexistent-dir/end"]:
+            try: os.stat(p)
+            except OSError: pass
+    """)
+    cap = capture(["file"], filters=Filters(pids=(proc.pid,)))
+    go(proc)
+    cap.wait_for(lambda e: e["pid"] == proc.pid
+                 and e["args"].get("pathname", {}).get("value", "").endswith("/end"))  # fmt: skip
+    got = [e["args"]["pathname"] for e in cap.events
+           if e["pid"] == proc.pid and e["syscall"] == "newfstatat"]  # fmt: skip
+    for n, p in paths.items():
+        want = ("ok", p) if n <= 255 else ("truncated", p[:255])
+        assert [(a["status"], a["value"]) for a in got if a["value"] == want[1]] == [want], n
+
+
 def test_exec_argv_and_truncation_marked(capture):
     long_arg = "y" * 300
     proc = spawn(f"""
