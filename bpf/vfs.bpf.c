@@ -67,6 +67,11 @@ TF_IO_SAME(has_path, path2_kind);
 TF_IO_SAME(unlinked, _pad[0]);
 TF_IO_SAME(fstype, fstype);
 TF_IO_SAME(path, path);
+/* an entry copied to or from a record in words (tf_copy_words): whole, its last word too */
+#define TF_IO_WORDS (sizeof(struct tf_vfs_io) / 8)
+_Static_assert(sizeof(struct tf_vfs_io) % 8 == 0 &&
+		       sizeof(struct tf_vfs_io) >= __builtin_offsetof(struct tf_vfs_io, path.data) + TF_PATH_MAX,
+	       "tf_vfs_io is whole words, up to its path's last byte");
 
 #define TF_IO_AT_OPEN 1  /* resolved when the file was opened */
 #define TF_IO_AT_CLOSE 2 /* opened before tracing started: resolved at its close */
@@ -422,7 +427,8 @@ static __always_inline void tf_vfs_cache(struct file *f, struct tf_vfs_event *e,
 		tf_barrier_var(n);
 		if (n > TF_PATH_MAX - 1)
 			n = TF_PATH_MAX - 1;
-		bpf_probe_read_kernel(io, offsetof(struct tf_vfs_io, path.data) + n, &e->ino);
+		tf_copy_words(io, &e->ino, offsetof(struct tf_vfs_io, path.data) + n,
+			      TF_IO_WORDS);
 	} else {
 		bpf_map_update_elem(&tf_vfs_io, &key, &e->ino, BPF_ANY);
 	}
@@ -449,7 +455,7 @@ static __always_inline bool tf_vfs_from_cache(struct tf_vfs_event *e, struct tf_
 	tf_barrier_var(n);
 	if (n > TF_PATH_MAX - 1)
 		n = TF_PATH_MAX - 1;
-	bpf_probe_read_kernel(&e->ino, offsetof(struct tf_vfs_io, path.data) + n, io);
+	tf_copy_words(&e->ino, io, offsetof(struct tf_vfs_io, path.data) + n, TF_IO_WORDS);
 	e->path.len = n;
 	e->arg = 0;
 	e->path_kind = kind;
