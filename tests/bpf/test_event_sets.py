@@ -121,9 +121,12 @@ def test_net_syscalls_with_decoded_addresses(capture):
 def test_paths_of_every_length_are_captured_whole_or_marked_truncated(capture):
     # A path is read onto the stack when it fits 128 bytes and again into place when not
     # (common.bpf.h tf_probe_user_str): each length at and around those edges, and at the
-    # 255-byte limit, comes back byte for byte, a longer one marked truncated.
+    # limit (TF_PATH_MAX - 1 bytes), comes back byte for byte, a longer one marked truncated.
+    from tracefleet.agent.kernel.abi import TF_PATH_MAX
+
+    most = TF_PATH_MAX - 1  # a path's bytes, its NUL aside
     base = "/proc/tf-nonexistent-dir/"
-    lengths = (1, 7, 8, 9, 119, 120, 126, 127, 128, 129, 200, 254, 255, 256, 300)
+    lengths = (1, 7, 8, 9, 119, 120, 126, 127, 128, 129, 200, most - 1, most, most + 1, 300)
     filler = "".join(chr(97 + i % 26) for i in range(300))
     # each one distinct in its first bytes (a truncated one too); the short ones relative
     paths = {n: ((base if n > 40 else "") + f"L{n}-" + filler)[:n] for n in lengths}
@@ -141,7 +144,7 @@ def test_paths_of_every_length_are_captured_whole_or_marked_truncated(capture):
     got = [e["args"]["pathname"] for e in cap.events
            if e["pid"] == proc.pid and e["syscall"] == "newfstatat"]  # fmt: skip
     for n, p in paths.items():
-        want = ("ok", p) if n <= 255 else ("truncated", p[:255])
+        want = ("ok", p) if n <= most else ("truncated", p[:most])
         assert [(a["status"], a["value"]) for a in got if a["value"] == want[1]] == [want], n
 
 

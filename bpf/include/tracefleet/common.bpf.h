@@ -327,8 +327,7 @@ static __always_inline long tf_probe_user_str(char *dst, unsigned long uptr)
 	if (n < 0)
 		return n;
 	if (n < (long)sizeof(buf)) { /* its NUL fitted: the whole string is here */
-		for (int i = 0; i < TF_STR_STACK / 8; i++)
-			((__u64 *)dst)[i] = buf[i];
+		tf_copy_words(dst, buf, sizeof(buf), TF_STR_STACK / 8);
 		return n;
 	}
 	return bpf_probe_read_user_str(dst, TF_PATH_MAX, (void *)uptr);

@@ -196,14 +196,6 @@ static __always_inline void tf_check_open(struct tf_event *e, long fd)
 		e->str[0].status = TF_ST_MISMATCH;
 }
 
-/* Copy a string's head (16 bytes) to dst, which may be unaligned. */
-static __always_inline void tf_put_head(char *dst, const void *head)
-{
-	_Static_assert(TF_STRH_SIZE == 16, "a head is two words");
-	((__u64 *)dst)[0] = ((const __u64 *)head)[0];
-	((__u64 *)dst)[1] = ((const __u64 *)head)[1];
-}
-
 /*
  * The record: hdr and iargs, then str[0], str[1] and blob, each only as long as its data.
  * Most calls have no second string (and many no blob): their heads are then copied into the
@@ -222,9 +214,10 @@ static __always_inline void tf_emit_syscall(__u32 set, struct tf_event *e)
 	if (l1 == 0 && l0 <= TF_PATH_MAX - 2 * TF_STRH_SIZE) {
 		char *tail = &e->str[0].data[l0 & (TF_PATH_MAX - 1)];
 
-		tf_put_head(tail, &e->str[1]);
+		/* (tail may be unaligned: word stores are fine there) */
+		tf_copy_words(tail, &e->str[1], TF_STRH_SIZE, TF_STRH_SIZE / 8);
 		if (lb == 0) {
-			tf_put_head(tail + TF_STRH_SIZE, &e->blob);
+			tf_copy_words(tail + TF_STRH_SIZE, &e->blob, TF_STRH_SIZE, TF_STRH_SIZE / 8);
 			tf_rec_put(&r, e, fixed + l0 + 2 * TF_STRH_SIZE);
 		} else {
 			tf_rec_put(&r, e, fixed + l0 + TF_STRH_SIZE);
