@@ -45,6 +45,7 @@ from tests.bench.common import (
     summary,
 )
 from tests.conftest import LOADGEN
+from tests.ports import free_port
 
 # simulated agents per load-generator process: TRACEFLEET_BENCH_PER_LOADGEN, else one process
 # per CPU the load generators may use, of at most MAX_PER_LOADGEN agents (40 processes of 250
@@ -65,14 +66,6 @@ PINNED_CPUS = {"controller": 1, "replica A": 1, "replica B": 1,
 # of load generator for their batches alone, beyond a 2-CPU machine
 INTERVAL = float(os.environ.get("TRACEFLEET_BENCH_INTERVAL", "1"))
 NOFILE = 65536  # the controller holds one socket per agent (10,000 need more than 1,024)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _raise_nofile(nofile: int) -> None:
@@ -455,7 +448,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
         if env_fleets
         else (100, 1000, 10000)
     )
-    port = _free_port()
+    port = free_port()
     addr = f"127.0.0.1:{port}"
     ctl_pin, lg_pin, pinning = _pinning()
     out: dict[str, Any] = {"controller": addr, "fleets": {}, "pinning": pinning,

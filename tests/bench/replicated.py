@@ -38,7 +38,6 @@ from tests.bench.control import (
     NOFILE,
     Fleet,
     _check_alive,
-    _free_port,
     _pinning,
     _proc,
     _raise_nofile,
@@ -49,6 +48,7 @@ from tests.bench.control import (
 )
 from tests.conftest import LOADGEN
 from tests.etcd_cluster import etcd_cluster
+from tests.ports import free_port
 from tracefleet.agent.control.client import first_controller
 
 ROUND_TIMEOUT = 60.0  # as the single-controller fleets: 60x the 1,000-agent goal
@@ -197,7 +197,7 @@ def measure(quick: bool, tmp: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         etcd = stack.enter_context(etcd_cluster(tmp / "etcd"))
         urls = etcd.urls
-        addrs = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+        addrs = [f"127.0.0.1:{free_port()}" for _ in range(2)]
         ctls = [
             stack.enter_context(_proc(
                 [*ctl_pin, PY, "-m", "tracefleet.controller.server", "--listen", addr,

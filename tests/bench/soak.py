@@ -30,7 +30,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+from tests.ports import free_port  # noqa: E402
+
 PY = sys.executable
 LOADGEN = ROOT / "tests" / "loadgen.py"  # as tests.conftest.LOADGEN; this script runs standalone
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -187,12 +190,6 @@ def judge(series: list[Sample], warmup: float) -> list[Verdict]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def _daemons(procs: dict[str, subprocess.Popen[bytes]]) -> Iterator[None]:
     try:
@@ -256,7 +253,7 @@ def run_soak(cfg: SoakConfig, tmp: Path, progress: Any = None) -> SoakResult:
     say = progress or (lambda _msg: None)
     started = time.gmtime()
     tmp.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     procs: dict[str, subprocess.Popen[bytes]] = {}
 

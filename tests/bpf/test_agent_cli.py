@@ -181,7 +181,7 @@ def _scrape(port: int) -> dict[str, float]:
 def test_bpf_run_time_stats_only_with_the_flag(host, tmp_path: Path, flag: bool):
     """Serving metrics leaves the kernel's host-wide BPF statistics off unless --bpf-stats
     asks; with it, the kernel counts the runs of tracefleet's programs."""
-    from tests.e2e.fleet_helpers import free_port
+    from tests.ports import free_port
 
     port, ready = free_port(), tmp_path / "ready"
     proc = subprocess.Popen(

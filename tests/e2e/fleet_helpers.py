@@ -6,24 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 from tests.conftest import LOADGEN, wait_until
+from tests.ports import free_port
 
 PY = sys.executable
 # the emulated guest is ~10x slower (more on a busy host): importing grpc alone, for the
 # controller or one CLI call, can take 30 s there
 SLOW = 10 if os.environ.get("TRACEFLEET_IN_VM") else 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ControllerProc:

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BPF_DIR, require_root
-from tests.e2e.fleet_helpers import ControllerProc, free_port, stop_process, wait_until
+from tests.e2e.fleet_helpers import ControllerProc, stop_process, wait_until
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]

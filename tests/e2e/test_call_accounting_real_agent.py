@@ -31,7 +31,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, WORKLOADS, require_root, scaled, wait_until
-from tests.e2e.fleet_helpers import cli, free_port, stop_process
+from tests.e2e.fleet_helpers import cli, stop_process
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]

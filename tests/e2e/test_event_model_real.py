@@ -25,7 +25,8 @@ from typing import Any, TextIO
 import pytest
 
 from tests.conftest import BPF_DIR, WORKLOADS, require_root, wait_until
-from tests.e2e.fleet_helpers import ControllerProc, free_port, nodes_by_name, status
+from tests.e2e.fleet_helpers import ControllerProc, nodes_by_name, status
+from tests.ports import free_port
 from tracefleet.model import human
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -25,11 +26,11 @@ from tests.e2e.fleet_helpers import (
     ControllerProc,
     cli,
     cli_json,
-    free_port,
     nodes_by_name,
     wait_until,
 )
 from tests.etcd_cluster import EtcdCluster, etcd_cluster
+from tests.ports import free_port
 from tracefleet.agent.control.client import first_controller
 from tracefleet.controller.domain.rules import Rule
 from tracefleet.controller.storage.etcdclient import EtcdClient
@@ -387,6 +388,25 @@ def _leader(urls: list[str]) -> int:
         ids.append((st["header"]["member_id"], st["leader"]))
     (leader,) = {lead for _, lead in ids}
     return [member for member, _ in ids].index(leader)
+
+
+def test_an_etcd_member_whose_port_is_taken_is_started_again_on_new_ports(tmp_path, monkeypatch):
+    """The cluster every etcd test starts: a member whose port another process took between
+    the pick and its listen ("address already in use") does not fail the test; all members
+    start again on new ports."""
+    import tests.etcd_cluster as ec
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", free_port()))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        picks = iter([taken])
+        monkeypatch.setattr(ec, "free_port", lambda: next(picks, None) or free_port())
+        with etcd_cluster(tmp_path / "etcd", timeout=scaled(30)) as cluster:
+            assert all(f":{taken}" not in url for url in cluster.urls), cluster.urls
+            assert next(picks, None) is None, "the taken port was never tried"
+            for url in cluster.urls:  # every member serves the cluster's data
+                assert urllib.request.urlopen(url + "/health", timeout=scaled(5)).status == 200
 
 
 def test_one_etcd_member_killed_the_replicas_carry_on(tmp_path, etcd3_cluster):

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, REPO, WORKLOADS, require_root
-from tests.e2e.fleet_helpers import PY, cli, free_port, wait_until
+from tests.e2e.fleet_helpers import PY, cli, wait_until
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import scaled, wait_until
-from tests.e2e.fleet_helpers import cli, free_port
+from tests.e2e.fleet_helpers import cli
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 AGENTS = 20

@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import BPF_DIR, require_root, scaled, wait_until
-from tests.e2e.fleet_helpers import cli, free_port, stop_process
+from tests.e2e.fleet_helpers import cli, stop_process
 from tests.e2e.test_reliability_controller_restart import Ctl
+from tests.ports import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.bpf, pytest.mark.slow]
 AGENT = [sys.executable, "-m", "tracefleet.agent"]

@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from tests.conftest import wait_until
-from tests.e2e.fleet_helpers import free_port
 from tests.e2e.security_helpers import (
     RawAgent,
     start_controller,
     tf,
 )
+from tests.ports import free_port
 from tracefleet.v1 import agent_pb2, types_pb2
 
 

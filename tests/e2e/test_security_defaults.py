@@ -12,13 +12,14 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import require_root
-from tests.e2e.fleet_helpers import PY, free_port
+from tests.e2e.fleet_helpers import PY
 from tests.e2e.security_helpers import (
     RawAgent,
     as_user,
     start_controller,
     tf,
 )
+from tests.ports import free_port
 from tracefleet.v1 import agent_pb2, types_pb2
 
 RAW_CONFIGURE = """

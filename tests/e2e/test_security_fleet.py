@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.fleet_helpers import PY, ClientThread, free_port, wait_until
+from tests.e2e.fleet_helpers import PY, ClientThread, wait_until
 from tests.loadgen import SyntheticEngine
+from tests.ports import free_port
 from tracefleet.agent.control.client import ClientOptions, ControlClient
 from tracefleet.agent.control.tls import AgentTLS
 from tracefleet.controller.api.auth import token_digest

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.fleet_helpers import PY, ClientThread, free_port, wait_until
+from tests.e2e.fleet_helpers import PY, ClientThread, wait_until
 from tests.fake_kube_api import (
     AGENT_USER,
     API_AUDIENCE,
@@ -24,6 +24,7 @@ from tests.fake_kube_api import (
     jwt,
 )
 from tests.loadgen import SyntheticEngine
+from tests.ports import free_port
 from tracefleet.agent.control.client import ClientOptions, ControlClient
 from tracefleet.agent.control.tls import AgentTLS
 from tracefleet.controller.common import certs

@@ -2,11 +2,11 @@
 
 import io
 import json
-import socket
 
 import pytest
 import yaml
 
+from tests.ports import free_port
 from tests.unit.controller_helpers import InProcessController
 from tracefleet.controller.common import env
 from tracefleet.controller.operator import cli
@@ -23,12 +23,6 @@ def run(*argv):
     out, err = io.StringIO(), io.StringIO()
     code = cli.main(list(argv), out=out, err=err)
     return code, out.getvalue(), err.getvalue()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_controller_exits_3_with_the_fix():
