@@ -6,6 +6,7 @@ both replicas' addresses moves to the survivor when its replica is SIGKILLed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -33,7 +34,7 @@ from tests.etcd_cluster import EtcdCluster, etcd_cluster
 from tests.ports import free_port
 from tracefleet.agent.control.client import first_controller
 from tracefleet.controller.domain.rules import Rule
-from tracefleet.controller.storage.etcdclient import EtcdClient
+from tracefleet.controller.storage.etcdclient import EtcdClient, b64
 from tracefleet.controller.storage.etcdstore import EtcdStore
 from tracefleet.controller.storage.store import Store
 
@@ -308,6 +309,66 @@ def test_replica_sigkill_under_load_keeps_every_count_exact(tmp_path, etcd3):
     assert exact(live) == []
     assert exact(restarted) == []
     assert all(c.stats.events_discarded == 0 for c in clients)
+
+
+@contextlib.contextmanager
+def _watching(client: EtcdClient, key: str, revision: int) -> Iterator[list[tuple[str, int]]]:
+    """client.watch(key) from ``revision`` in a thread; the (value, mod_revision) it hands
+    over, as they come."""
+    got: list[tuple[str, int]] = []
+    stop = threading.Event()
+    t = threading.Thread(
+        target=client.watch, args=(key, revision, lambda v, r: got.append((v, r)), stop)
+    )
+    t.start()
+    try:
+        yield got
+    finally:
+        stop.set()
+
+
+def _put(client: EtcdClient, key: str, value: str) -> int:
+    body = {"key": b64(key), "value": b64(value)}
+    return int(client.call("/v3/kv/put", body)["header"]["revision"])
+
+
+def test_a_watch_on_a_hung_etcd_member_moves_to_another(etcd3_cluster):
+    """The member a replica's watch is on hangs (SIGSTOP: the stream stays open, nothing
+    comes): a change made through the other members still reaches the watch, without the
+    member coming back."""
+    urls, pids = etcd3_cluster.urls, etcd3_cluster.pids
+    writer = EtcdClient(urls[1:])
+    rev = _put(writer, "/w/desired", "one")
+    watcher = EtcdClient(urls[:2])  # watches on urls[0] first
+    with _watching(watcher, "/w/desired", rev + 1) as got:
+        os.kill(pids[0], signal.SIGSTOP)
+        try:
+            time.sleep(1)  # the watch is open on the stopped member
+            rev2 = _put(writer, "/w/desired", "two")
+            wait_until(lambda: got, scaled(60), "the change, through the other members")
+            assert got == [("two", rev2)]
+        finally:
+            os.kill(pids[0], signal.SIGCONT)
+
+
+def test_a_watch_from_a_compacted_revision_reads_the_key_and_carries_on(etcd3):
+    """etcd compacted its history past the revision a watch starts from (a replica that was
+    away while the cluster compacted): the watch hands over the key's value as it is now,
+    then the changes after it, instead of being cancelled again and again."""
+    client = EtcdClient(etcd3)
+    rev1 = _put(client, "/c/desired", "one")
+    for i in range(5):
+        _put(client, "/c/other", str(i))
+    rev2 = _put(client, "/c/desired", "two")
+    for i in range(5):
+        last = _put(client, "/c/other", str(i))
+    client.call("/v3/kv/compaction", {"revision": str(last), "physical": True})
+    with _watching(client, "/c/desired", rev1 + 1) as got:
+        wait_until(lambda: got, scaled(30), "the key's value as it is now")
+        assert got == [("two", rev2)]
+        rev3 = _put(client, "/c/desired", "three")
+        wait_until(lambda: len(got) == 2, scaled(30), "the change after the compaction")
+        assert got == [("two", rev2), ("three", rev3)]
 
 
 def test_a_ledger_document_another_replica_changed_is_never_overwritten(etcd3):

@@ -22,6 +22,7 @@ from typing import Any
 log = logging.getLogger("tracefleet.controller.etcd")
 
 TXN_OPS = 100  # etcd refuses a transaction of more than 128 operations (--max-txn-ops)
+WATCH_IDLE = 5.0  # seconds a watch may stay quiet before it is made again (see watch())
 
 
 class EtcdError(sqlite3.OperationalError):
@@ -231,7 +232,13 @@ class EtcdClient:
         stop: threading.Event,
     ) -> None:  # fmt: skip
         """Call on_value(value, mod_revision) for every put of ``key`` from start_revision on,
-        until ``stop``; reconnects (to the next endpoint) after a failure."""
+        until ``stop``; reconnects (to the next endpoint) after a failure.
+
+        A member can hang with the stream open (its process stopped, its host gone without a
+        reset): a watch quiet for WATCH_IDLE seconds is made again on the same member, which
+        must answer within WATCH_IDLE or the watch moves to the next one. A watch from a
+        revision etcd has compacted is cancelled by etcd: the key is read, its value handed
+        over if it changed since, and watched from there."""
         revision = start_revision
         failures = 0  # in a row: logged at the 1st, 2nd, 4th, ... (an outage may be long)
         while not stop.is_set():
@@ -241,17 +248,23 @@ class EtcdClient:
                 f"{endpoint}/v3/watch", data=json.dumps(body).encode(), method="POST",
                 headers=HEADERS,
             )  # fmt: skip
+            created = False
+            why: Exception | None = None
             try:
-                # no read timeout: the stream is quiet until something changes
-                with urllib.request.urlopen(req, timeout=None) as resp:
+                with urllib.request.urlopen(req, timeout=WATCH_IDLE) as resp:
                     for line in resp:
                         if stop.is_set():
                             return
                         msg = json.loads(line)
                         result = msg.get("result") or {}
+                        compacted = int(result.get("compact_revision") or 0)
+                        if compacted and result.get("canceled"):
+                            revision = self._catch_up(key, revision, compacted, on_value)
+                            break
                         if "error" in msg or result.get("canceled"):  # e.g. no leader
                             reason = msg.get("error") or result.get("cancel_reason")
                             raise ValueError(f"watch ended by etcd: {reason}")
+                        created = True
                         failures = 0
                         for ev in result.get("events") or []:
                             kv = ev.get("kv") or {}
@@ -259,12 +272,36 @@ class EtcdClient:
                                 continue
                             revision = int(kv["mod_revision"]) + 1
                             on_value(_unb64(kv["value"]), int(kv["mod_revision"]))
-            except (OSError, ValueError) as e:
+                    else:
+                        raise ValueError("the member closed the watch")
+                continue  # compacted: watched again from the revision read
+            except TimeoutError as e:
+                if created:
+                    continue  # quiet for WATCH_IDLE: made again here, to learn it answers
+                why = e
+            except (OSError, ValueError, EtcdError) as e:
+                why = e
+            except Exception:
+                log.exception("etcd watch of %s: a change could not be applied", key)
+            if stop.is_set():
+                return
+            if why is not None:
                 failures += 1
                 if failures & (failures - 1) == 0:
                     log.warning("etcd watch of %s on %s: %s; watching again (%d time(s) in a "
-                                "row)", key, endpoint, e, failures)  # fmt: skip
-            except Exception:
-                log.exception("etcd watch of %s: a change could not be applied", key)
+                                "row)", key, endpoint, why, failures)  # fmt: skip
             self._next += 1
             stop.wait(0.5)
+
+    def _catch_up(
+        self, key: str, revision: int, compacted: int, on_value: Callable[[str, int], None]
+    ) -> int:
+        """After etcd compacted past ``revision``: hand over the key's value if it changed
+        since, and return the revision to watch from."""
+        value, mod = self.get(key)
+        log.warning("etcd watch of %s: revision %d was compacted (now %d); read the key "
+                    "again", key, revision, compacted)  # fmt: skip
+        if value is not None and mod >= revision:
+            on_value(value, mod)
+            return max(mod + 1, compacted)
+        return max(revision, compacted)
