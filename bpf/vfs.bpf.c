@@ -227,7 +227,6 @@ static __always_inline void tf_vfs_unstash(void)
  */
 static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
 {
-	__u64 avail, flags = BPF_RB_NO_WAKEUP;
 	__u32 l1, l2, size;
 
 	e->hdr.ret = ret;
@@ -264,16 +263,12 @@ static __always_inline void tf_vfs_emit(struct tf_vfs_event *e, long ret)
 		bpf_probe_read_kernel(&e->path.data[(l1 + TF_STRH_SIZE) & (TF_PATH_MAX - 1)], l2,
 				      e->path2.data);
 	}
-	avail = bpf_ringbuf_query(&tf_events, BPF_RB_AVAIL_DATA);
-	if (avail < tf_cfg.wakeup_bytes && avail + size >= tf_cfg.wakeup_bytes)
-		flags = BPF_RB_FORCE_WAKEUP;
 	tf_barrier_var(size);
-	if (size > TF_VFS_FIXED + TF_STRH_SIZE + TF_PATH_MAX ||
-	    bpf_ringbuf_output(&tf_events, e, size, flags)) {
+	if (size > TF_VFS_FIXED + TF_STRH_SIZE + TF_PATH_MAX) { /* for the verifier: clamped */
 		tf_count(SET, TF_STAT_DROPPED);
 		return;
 	}
-	tf_count(SET, TF_STAT_EVENTS);
+	tf_rec_output(SET, e, size);
 }
 
 /* The second half of an operation whose record was stashed by the first: send it. */
