@@ -340,13 +340,14 @@ def test_a_watch_on_a_hung_etcd_member_moves_to_another(etcd3_cluster):
     writer = EtcdClient(urls[1:])
     rev = _put(writer, "/w/desired", "one")
     watcher = EtcdClient(urls[:2])  # watches on urls[0] first
-    with _watching(watcher, "/w/desired", rev + 1) as got:
+    with _watching(watcher, "/w/desired", rev) as got:
+        # its first value handed over: the stream is open on urls[0] before it is stopped
+        wait_until(lambda: got, scaled(30), "the watch on the first member")
         os.kill(pids[0], signal.SIGSTOP)
         try:
-            time.sleep(1)  # the watch is open on the stopped member
             rev2 = _put(writer, "/w/desired", "two")
-            wait_until(lambda: got, scaled(60), "the change, through the other members")
-            assert got == [("two", rev2)]
+            wait_until(lambda: len(got) == 2, scaled(60), "the change, through the others")
+            assert got == [("one", rev), ("two", rev2)]
         finally:
             os.kill(pids[0], signal.SIGCONT)
 
